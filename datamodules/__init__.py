@@ -1,0 +1,8 @@
+"""litplug datamodules: embedded digits, synthetic data, MNIST/CIFAR-10 from disk."""
+
+from .base import TensorDataModule
+from .digits import Digits
+from .synthetic import SyntheticClassification
+from .vision import CIFAR10, MNIST
+
+__all__ = ["CIFAR10", "MNIST", "Digits", "SyntheticClassification", "TensorDataModule"]

@@ -1,0 +1,132 @@
+"""In-memory datamodule base: subclasses load tensors once, this class splits, adds label noise,
+normalises and serves seeded loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+
+class ImageTensors(Dataset):
+    """Images kept as stored (e.g. uint8), scaled to [0, 1] and normalised per item.
+
+    ``x`` has shape [N, C, H, W] (or [N, D] for tabular data with ``scale=1``)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> None:
+        self.x, self.y, self.scale = x, y, scale
+        view = (-1,) + (1,) * (x.dim() - 2) if x.dim() > 2 else (-1,)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(view)
+        self.std = torch.tensor(std, dtype=torch.float32).view(view)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.x[i].float() * self.scale - self.mean) / self.std, self.y[i]
+
+
+def check_fraction(name: str, value: float, low_open: bool = True) -> None:
+    ok = (0.0 < value < 1.0) if low_open else (0.0 <= value < 1.0)
+    if not ok:
+        bound = "(0, 1)" if low_open else "[0, 1)"
+        raise ValueError(f"`{name}` must be in {bound}, got {value}")
+
+
+def flip_labels(y: torch.Tensor, rate: float, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """Replace a ``rate`` fraction of labels by a uniformly drawn *different* class."""
+    y = y.clone()
+    n_flip = int(round(rate * len(y)))
+    idx = torch.randperm(len(y), generator=generator)[:n_flip]
+    offset = torch.randint(1, num_classes, (n_flip,), generator=generator)
+    y[idx] = (y[idx] + offset) % num_classes
+    return y
+
+
+class TensorDataModule(LightningDataModule):
+    """Base class. Subclasses set ``num_classes``, ``input_shape``, ``mean``, ``std`` and
+    ``pixel_range`` (the valid range of raw inputs before normalisation) and implement
+    :meth:`load` returning ``(x_train, y_train, x_test, y_test, scale)``.
+
+    Batches are ``(x, y)`` with ``x = (raw * scale - mean) / std``.
+    """
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pixel_range: tuple[float, float] = (0.0, 1.0)
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        label_noise: float = 0.0,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        check_fraction("val_fraction", val_fraction)
+        check_fraction("label_noise", label_noise, low_open=False)
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.label_noise = label_noise
+        self.seed = seed
+        self.num_workers = num_workers
+        self.train_set: ImageTensors | None = None
+        self.val_set: ImageTensors | None = None
+        self.test_set: ImageTensors | None = None
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x_train, y_train, x_test, y_test, scale = self.load()
+        gen = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(len(y_train), generator=gen)
+        n_val = max(1, int(round(self.val_fraction * len(y_train))))
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        y_fit = y_train[train_idx]
+        if self.label_noise > 0:
+            y_fit = flip_labels(y_fit, self.label_noise, self.num_classes, gen)
+        make = lambda x, y: ImageTensors(x, y, self.mean, self.std, scale)  # noqa: E731
+        self.train_set = make(x_train[train_idx], y_fit)
+        self.val_set = make(x_train[val_idx], y_train[val_idx])
+        self.test_set = make(x_test, y_test)
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            self.setup()
+            return self._loader(getattr(self, "train_set" if shuffle else "val_set"), shuffle)
+        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=gen,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

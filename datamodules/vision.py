@@ -1,0 +1,145 @@
+"""MNIST and CIFAR-10, read from torchvision's on-disk layout.
+
+The files are parsed here (idx for MNIST, pickled batches for CIFAR-10: a few lines each) rather
+than through ``torchvision.datasets`` because reading must not depend on a torchvision build that
+matches the installed torch; torchvision (extra ``vision``) is used only for ``download=True``.
+A folder downloaded by torchvision works as is:
+
+    root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+    root/cifar-10-batches-py/{data_batch_1..5,test_batch}
+
+Example:
+    >>> dm = MNIST(root="data", download=False)  # doctest: +SKIP
+    >>> dm.mean, dm.std, dm.pixel_range  # doctest: +SKIP
+    ((0.1307,), (0.3081,), (0.0, 1.0))
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import TensorDataModule
+
+
+def _download(dataset: str, root: Path) -> None:
+    try:
+        import torchvision.datasets as tvd
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(f"`download=True` needs torchvision: pip install 'litplug[vision]' ({err})") from err
+    getattr(tvd, dataset)(str(root), train=True, download=True)
+    getattr(tvd, dataset)(str(root), train=False, download=True)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (MNIST's format: magic, dims as big-endian int32, then uint8 data)."""
+    candidates = [path, path.with_name(path.name + ".gz")]
+    for candidate in candidates:
+        if candidate.exists():
+            opener = gzip.open if candidate.suffix == ".gz" else open
+            with opener(candidate, "rb") as f:
+                data = f.read()
+            break
+    else:
+        raise FileNotFoundError(f"MNIST file not found: {path} (or .gz); pass `download=True` or fix `root`")
+    magic = int.from_bytes(data[0:4], "big")
+    if magic >> 8 != 0x08:  # 0x08 = unsigned byte
+        raise ValueError(f"{path} is not an unsigned-byte idx file (magic {magic:#x})")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+class MNIST(TensorDataModule):
+    """MNIST (28x28 grey, 10 classes), normalised with the usual mean/std.
+
+    Args:
+        root: folder holding ``MNIST/raw`` (torchvision's layout).
+        download: fetch the files with torchvision if missing.
+        batch_size, val_fraction, label_noise, seed, num_workers: as in ``Digits``; validation
+            is carved from the 60k training images.
+    """
+
+    num_classes = 10
+    input_shape = (1, 28, 28)
+    mean = (0.1307,)
+    std = (0.3081,)
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        val_fraction: float = 1 / 12,
+        label_noise: float = 0.0,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, val_fraction, label_noise, seed, num_workers)
+        self.root = Path(root)
+        self.download = download
+
+    def prepare_data(self) -> None:
+        if self.download and not (self.root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").exists():
+            _download("MNIST", self.root)
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        raw = self.root / "MNIST" / "raw"
+        arrays = [read_idx(raw / f"{split}-{kind}") for split in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+        x_tr, y_tr, x_te, y_te = (torch.from_numpy(a.copy()) for a in arrays)
+        return x_tr.unsqueeze(1), y_tr.long(), x_te.unsqueeze(1), y_te.long(), 1.0 / 255.0
+
+
+class CIFAR10(TensorDataModule):
+    """CIFAR-10 (3x32x32, 10 classes), normalised with the usual per-channel mean/std.
+
+    Args:
+        root: folder holding ``cifar-10-batches-py`` (torchvision's layout).
+        download: fetch the files with torchvision if missing.
+        batch_size, val_fraction, label_noise, seed, num_workers: as in ``Digits``.
+    """
+
+    num_classes = 10
+    input_shape = (3, 32, 32)
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        label_noise: float = 0.0,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, val_fraction, label_noise, seed, num_workers)
+        self.root = Path(root)
+        self.download = download
+
+    def prepare_data(self) -> None:
+        if self.download and not (self.root / "cifar-10-batches-py" / "test_batch").exists():
+            _download("CIFAR10", self.root)
+
+    def _read(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        folder = self.root / "cifar-10-batches-py"
+        xs, ys = [], []
+        for name in names:
+            path = folder / name
+            if not path.exists():
+                raise FileNotFoundError(f"CIFAR-10 file not found: {path}; pass `download=True` or fix `root`")
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        x_tr, y_tr = self._read([f"data_batch_{i}" for i in range(1, 6)])
+        x_te, y_te = self._read(["test_batch"])
+        return x_tr, y_tr, x_te, y_te, 1.0 / 255.0

@@ -1,0 +1,7 @@
+"""litplug LightningModules and backbones."""
+
+from .base import TrainingModule
+from .classifier import Classifier
+from .networks import MLP, ConvNet
+
+__all__ = ["MLP", "Classifier", "ConvNet", "TrainingModule"]

@@ -1,0 +1,122 @@
+"""Test helpers shared by every test file (importable as ``harness``; pytest puts tests/ on the
+path).
+
+Multi-process runs: Lightning's ``ddp`` and ``ModelParallelStrategy`` launchers re-run
+``sys.argv`` for every rank, which cannot work from inside pytest. ``run_distributed`` therefore
+starts ``tests/launch.py`` in a subprocess; that script imports a *worker function* from a test
+file and calls it on every rank. The worker builds its Trainer with ``make_strategy(name)``, runs,
+and returns anything picklable; ``run_distributed`` returns the list of results ordered by rank.
+
+    def ddp_worker(strategy, tmp_dir, lr):          # in tests/callbacks/test_x.py
+        trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, ...)
+        trainer.fit(model, dm)
+        return {"weights": ...}
+
+    def test_x_ddp(tmp_path):
+        r0, r1 = run_distributed(ddp_worker, "ddp", tmp_path, lr=0.1)
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
+
+TESTS_DIR = Path(__file__).resolve().parent
+StrategyName = Literal["ddp", "fsdp2"]
+
+
+def make_strategy(name: StrategyName) -> Strategy:
+    """``ddp`` (gloo) or ``fsdp2`` (ModelParallelStrategy, data parallel over 2 ranks)."""
+    if name == "ddp":
+        return DDPStrategy(process_group_backend="gloo")
+    if name == "fsdp2":
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def run_distributed(
+    worker: Callable[..., Any], strategy: StrategyName, tmp_path: Path, timeout: float = 600, **kwargs: Any
+) -> list[Any]:
+    """Run ``worker(strategy=<Strategy>, tmp_dir=<Path>, **kwargs)`` on 2 CPU ranks; return the
+    per-rank results. ``kwargs`` must be JSON-serialisable. Raises with the workers' output on
+    failure."""
+    file = Path(inspect.getsourcefile(worker)).resolve()
+    out = Path(tmp_path) / f"dist_{worker.__name__}_{strategy}"
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(TESTS_DIR / "launch.py"), str(file), worker.__name__, strategy, str(out), json.dumps(kwargs)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed worker failed (rc={proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-10000:]}")
+    results = []
+    for rank in range(2):
+        path = out / f"rank{rank}.pt"
+        if not path.exists():
+            raise RuntimeError(f"rank {rank} wrote no result:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        results.append(torch.load(path, weights_only=False))
+    return results
+
+
+def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of all TensorBoard event files under ``log_dir``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for event_file in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(event_file), size_guidance={"scalars": 0, "histograms": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return scalars
+
+
+def read_histograms(log_dir: str | Path) -> dict[str, list[Any]]:
+    """All histogram events under ``log_dir``: tag -> [HistogramEvent]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    hists: dict[str, list[Any]] = {}
+    for event_file in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(event_file), size_guidance={"histograms": 0})
+        acc.Reload()
+        for tag in acc.Tags()["histograms"]:
+            hists.setdefault(tag, []).extend(acc.Histograms(tag))
+    return hists
+
+
+def fast_trainer(tmp_path: Path, **kwargs: Any) -> Trainer:
+    """A quiet CPU Trainer for tests: no progress bar, no model summary, no checkpoints unless
+    asked for, logs (TensorBoard) under ``tmp_path``."""
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached full copy of a module's state dict (gathers DTensors to full tensors)."""
+    out = {}
+    for name, value in module.state_dict().items():
+        if hasattr(value, "full_tensor"):
+            value = value.full_tensor()
+        out[name] = value.detach().clone()
+    return out
