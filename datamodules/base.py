@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class ImageTensors(Dataset):
@@ -26,6 +26,25 @@ class ImageTensors(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.x[i].float() * self.scale - self.mean) / self.std, self.y[i]
+
+
+class EpochShuffle(Sampler[int]):
+    """Random order drawn from ``(seed, epoch)``. Lightning calls ``set_epoch`` every epoch, so a
+    run resumed from a checkpoint sees the same order as an uninterrupted one (a plain
+    ``RandomSampler`` restarts its generator instead)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
 
 
 def check_fraction(name: str, value: float, low_open: bool = True) -> None:
@@ -102,16 +121,11 @@ class TensorDataModule(LightningDataModule):
         self.val_set = make(x_train[val_idx], y_train[val_idx])
         self.test_set = make(x_test, y_test)
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            self.setup()
-            return self._loader(getattr(self, "train_set" if shuffle else "val_set"), shuffle)
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=gen,
+            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
