@@ -11,8 +11,9 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
-from litplug.datamodules import Digits
-from litplug.modules import MLP, Classifier
+from litplug.callbacks import GradientAscentSearch
+from litplug.datamodules import Digits, OfflineDesigns
+from litplug.modules import MLP, Classifier, Regressor
 
 
 def small_classifier() -> LightningModule:
@@ -35,3 +36,14 @@ class Case:
 
 
 CASES: dict[str, Case] = {}
+
+
+def small_regressor() -> LightningModule:
+    return Regressor(MLP(input_shape=[4], num_outputs=1, hidden=[32], batch_norm=True))
+
+
+def offline_sphere() -> LightningDataModule:
+    return OfflineDesigns("sphere", dim=4, num_samples=600, batch_size=32)
+
+
+CASES["GradientAscentSearch"] = Case(lambda: GradientAscentSearch(num_designs=16, steps=10), model=small_regressor, data=offline_sphere)
