@@ -54,59 +54,10 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-class MNIST(TensorDataModule):
-    """MNIST (28x28 grey, 10 classes), normalised with the usual mean/std.
+class _FolderDataModule(TensorDataModule):
+    """A dataset read from ``root`` in torchvision's layout; ``marker`` is a file it must hold."""
 
-    Args:
-        root: folder holding ``MNIST/raw`` (torchvision's layout).
-        download: fetch the files with torchvision if missing.
-        batch_size, val_fraction, label_noise, seed, num_workers: as in ``Digits``; validation
-            is carved from the 60k training images.
-    """
-
-    num_classes = 10
-    input_shape = (1, 28, 28)
-    mean = (0.1307,)
-    std = (0.3081,)
-
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 128,
-        val_fraction: float = 1 / 12,
-        label_noise: float = 0.0,
-        seed: int = 0,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(batch_size, val_fraction, label_noise, seed, num_workers)
-        self.root = Path(root)
-        self.download = download
-
-    def prepare_data(self) -> None:
-        if self.download and not (self.root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").exists():
-            _download("MNIST", self.root)
-
-    def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        raw = self.root / "MNIST" / "raw"
-        arrays = [read_idx(raw / f"{split}-{kind}") for split in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
-        x_tr, y_tr, x_te, y_te = (torch.from_numpy(a.copy()) for a in arrays)
-        return x_tr.unsqueeze(1), y_tr.long(), x_te.unsqueeze(1), y_te.long(), 1.0 / 255.0
-
-
-class CIFAR10(TensorDataModule):
-    """CIFAR-10 (3x32x32, 10 classes), normalised with the usual per-channel mean/std.
-
-    Args:
-        root: folder holding ``cifar-10-batches-py`` (torchvision's layout).
-        download: fetch the files with torchvision if missing.
-        batch_size, val_fraction, label_noise, seed, num_workers: as in ``Digits``.
-    """
-
-    num_classes = 10
-    input_shape = (3, 32, 32)
-    mean = (0.4914, 0.4822, 0.4465)
-    std = (0.2470, 0.2435, 0.2616)
+    marker: str
 
     def __init__(
         self,
@@ -123,8 +74,49 @@ class CIFAR10(TensorDataModule):
         self.download = download
 
     def prepare_data(self) -> None:
-        if self.download and not (self.root / "cifar-10-batches-py" / "test_batch").exists():
-            _download("CIFAR10", self.root)
+        if self.download and not (self.root / self.marker).exists():
+            _download(type(self).__name__, self.root)
+
+
+class MNIST(_FolderDataModule):
+    """MNIST (28x28 grey, 10 classes), normalised with the usual mean/std.
+
+    Args:
+        root: folder holding ``MNIST/raw`` (torchvision's layout).
+        download: fetch the files with torchvision if missing.
+        batch_size, val_fraction, label_noise, seed, num_workers: as in ``Digits``; validation
+            is carved from the 60k training images (10%).
+    """
+
+    num_classes = 10
+    input_shape = (1, 28, 28)
+    mean = (0.1307,)
+    std = (0.3081,)
+
+    marker = "MNIST/raw/t10k-labels-idx1-ubyte"
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        raw = self.root / "MNIST" / "raw"
+        arrays = [read_idx(raw / f"{split}-{kind}") for split in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+        x_tr, y_tr, x_te, y_te = (torch.from_numpy(a.copy()) for a in arrays)
+        return x_tr.unsqueeze(1), y_tr.long(), x_te.unsqueeze(1), y_te.long(), 1.0 / 255.0
+
+
+class CIFAR10(_FolderDataModule):
+    """CIFAR-10 (3x32x32, 10 classes), normalised with the usual per-channel mean/std.
+
+    Args:
+        root: folder holding ``cifar-10-batches-py`` (torchvision's layout).
+        download: fetch the files with torchvision if missing.
+        batch_size, val_fraction, label_noise, seed, num_workers: as in ``Digits``.
+    """
+
+    num_classes = 10
+    input_shape = (3, 32, 32)
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+
+    marker = "cifar-10-batches-py/test_batch"
 
     def _read(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         folder = self.root / "cifar-10-batches-py"

@@ -18,12 +18,17 @@ def check_optimizer(optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCalla
     try:
         opt = optimizer(dummy)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"`optimizer` rejected its arguments: {err}") from err
+        raise ValueError(f"`optimizer` rejected its arguments{_keywords(optimizer)}: {err}") from err
     if lr_scheduler is not None:
         try:
             lr_scheduler(opt)
         except (ValueError, TypeError) as err:
-            raise ValueError(f"`lr_scheduler` rejected its arguments: {err}") from err
+            raise ValueError(f"`lr_scheduler` rejected its arguments{_keywords(lr_scheduler)}: {err}") from err
+
+
+def _keywords(factory: Any) -> str:
+    keywords = getattr(factory, "keywords", None)  # functools.partial, as jsonargparse builds them
+    return " (" + ", ".join(f"{k}={v!r}" for k, v in keywords.items()) + ")" if keywords else ""
 
 
 def shard_backbone(backbone: nn.Module, mesh: Any) -> None:
