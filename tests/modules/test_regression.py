@@ -1,5 +1,5 @@
 """Regressor: losses and shapes by hand, a real fit whose logged val/mse and val/spearman match
-references computed on the validation set (scipy), and the offline configs through the CLI."""
+references computed on the validation set (scipy), and the offline configs."""
 
 import importlib.util
 from pathlib import Path
@@ -60,7 +60,9 @@ def test_fit_logs_mse_and_spearman(tmp_path):
     assert scalars["train/loss"][-1][1] < scalars["train/loss"][0][1]
 
 
-def test_offline_configs_parse_and_the_sphere_config_runs(tmp_path, monkeypatch):
+def test_offline_configs_fit_their_task(tmp_path, monkeypatch):
+    # tests/test_cli.py runs every complete config and its saved copy; here: the backbone matches
+    # the task, and the IGNITE/SAM fragments append after the search callback.
     monkeypatch.chdir(tmp_path)
     tasks = ["sphere"] + (sorted(BOTORCH_TASKS) if importlib.util.find_spec("botorch") else [])
     for task in tasks:
@@ -70,11 +72,5 @@ def test_offline_configs_parse_and_the_sphere_config_runs(tmp_path, monkeypatch)
     for fragment, name in (("ignite", "SurrogateSharpness"), ("sam", "SAM")):
         if hasattr(litplug.callbacks, name):  # from the sharpness family
             cli = LitplugCLI(args=["--config", str(CONFIGS / "sphere.yaml"), "--config", str(CONFIGS / f"{fragment}.yaml")], run=False)
-            assert [type(c).__name__ for c in cli.trainer.callbacks][:2] == ["GradientAscentSearch", getattr(litplug.callbacks, name).__name__]
-    args = ["fit", "--config", str(CONFIGS / "sphere.yaml"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--data.init_args.num_samples", "400"]
-    LitplugCLI(args=args)
-    run_dir = tmp_path / "runs" / "litplug" / "version_0"
-    assert "offline/score_max" in read_scalars(run_dir)
-    # The saved config re-runs unchanged.
-    LitplugCLI(args=["fit", "--config", str(run_dir / "config.yaml"), "--trainer.logger", "false"])
+            names = [type(c).__name__ for c in cli.trainer.callbacks]
+            assert names[:2] == ["GradientAscentSearch", getattr(litplug.callbacks, name).__name__]
