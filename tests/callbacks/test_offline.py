@@ -109,15 +109,17 @@ def test_search_improves_on_the_sphere_logs_once_and_leaves_training_untouched(t
     assert torch.equal(torch.get_rng_state(), rng_after)
 
 
-def test_bf16_mixed_and_random_start(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_and_random_start(precision, tmp_path):
     seed_everything(0)
     search = GradientAscentSearch(num_designs=16, steps=5, step_size=0.05, start="random", seed=3)
-    trainer = fast_trainer(tmp_path, max_steps=3, precision="bf16-mixed", callbacks=[search])
+    trainer = fast_trainer(tmp_path, max_steps=3, precision=precision, callbacks=[search])
     dm = sphere()
     trainer.fit(small_surrogate(4), dm)
     assert search.designs.dtype == torch.float64 and search.designs.shape == (16, 4)
     start = starting_designs(dm.designs, dm.scores, 16, "random", seed=3)
     assert search.results["offline/start_max"] == pytest.approx(dm.score(start).max().item())
+    assert not torch.allclose(dm.standardise(search.designs), start, atol=1e-3)  # the designs moved
 
 
 def distributed_worker(strategy, tmp_dir):
