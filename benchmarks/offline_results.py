@@ -4,8 +4,9 @@ For every task, trains the surrogate of ``configs/offline/<task>.yaml`` over ``-
 (seed of the data sample, the split, the initialisation and the shuffling), plain, with IGNITE
 (``configs/offline/ignite.yaml``: ``SurrogateSharpness``) and with SAM
 (``configs/offline/sam.yaml``), runs ``GradientAscentSearch`` at the end of each fit, and prints
-the normalised 100th-percentile score (mean +- std over seeds) as a Markdown table, then the
-50th-percentile score and the best offline design for reference. A column whose callback is not
+the normalised 100th-percentile score (mean +- std over seeds, and the change of the mean against
+the baseline) as a Markdown table, then the 50th-percentile score and the best offline design for
+reference. A column whose callback is not
 available (the sharpness family not installed) says so.
 
     python benchmarks/offline_results.py                    # 4 tasks x 3 variants x 5 seeds
@@ -82,7 +83,12 @@ def main() -> None:
     def cell(task: str, variant: str, key: str) -> str:
         if not available[variant]:
             return f"n/a ({VARIANTS[variant][1]} not installed)"
-        return mean_std([r[key] for r in results[(task, variant)]])
+        values = [r[key] for r in results[(task, variant)]]
+        text = mean_std(values)
+        if variant != "baseline":  # relative change of the mean against the baseline's
+            base = statistics.mean(r[key] for r in results[(task, "baseline")])
+            text += f" ({100 * (statistics.mean(values) / base - 1):+.1f}%)"
+        return text
 
     print(f"\nNormalised 100th-percentile score, mean ± std over {opts.seeds} seeds (1 = best design of the full dataset)\n")
     print("| task | " + " | ".join(VARIANTS) + " | best offline design |")
