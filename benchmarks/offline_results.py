@@ -29,7 +29,7 @@ from litplug.callbacks import GradientAscentSearch
 from litplug.cli import LitplugCLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "offline"
-VARIANTS = {"baseline": None, "+IGNITE": ("ignite.yaml", "SurrogateSharpness"), "+SAM": ("sam.yaml", "SAM")}
+VARIANTS = {"baseline": None, "+IGNITE": ("ignite.yaml", "SurrogateSharpness"), "+SAM": ("sam.yaml", "SharpnessAwareMinimization")}
 
 
 def run(task: str, variant: str, seed: int, epochs: int | None) -> dict[str, float]:
