@@ -146,3 +146,24 @@ def test_distributed_search_is_identical_on_ranks_and_logged_once(strategy, tmp_
     for key, value in r0["state"].items():
         assert torch.equal(value, r1["state"][key]), key
     assert r0["logged"] == [(r0["step"], pytest.approx(r0["results"]["offline/score_max"], abs=1e-6))]
+
+
+def test_with_ignite_surrogate_training(tmp_path):
+    import litplug.callbacks
+
+    if not hasattr(litplug.callbacks, "SurrogateSharpness"):
+        pytest.skip("SurrogateSharpness (sharpness family) not in this checkout")
+    seed_everything(0)
+    search = GradientAscentSearch(num_designs=16, steps=20, step_size=0.05)
+    ignite = litplug.callbacks.SurrogateSharpness(lambda_init=0.5)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = fast_trainer(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=1, callbacks=[ignite, search])
+    model = small_surrogate(4)
+    trainer.fit(model, sphere())
+    scalars = read_scalars(tmp_path / "tb")
+    assert len(scalars["ignite/lambda"]) == trainer.global_step
+    assert scalars["offline/score_max"] == [(trainer.global_step, pytest.approx(search.results["offline/score_max"], abs=1e-6))]
+    seed_everything(0)
+    plain = small_surrogate(4)
+    fast_trainer(tmp_path / "plain", max_epochs=2).fit(plain, sphere())
+    assert any(not torch.equal(a, b) for a, b in zip(state_of(model).values(), state_of(plain).values()))  # IGNITE changed training
