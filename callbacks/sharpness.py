@@ -382,7 +382,8 @@ class SharpnessAwareMinimization(_ExtraPasses):
     logged values are averaged over ranks (``sync_dist``). FSDP1 and DeepSpeed are rejected at setup.
 
     Logs ``sam/sharpness`` (L(w + e) - L(w)), ``sam/grad_norm`` (``||T g||``),
-    ``sam/perturbation_norm`` (``||e||``) on perturbed steps.
+    ``sam/perturbation_norm`` (``||e||``) on perturbed steps (with ``every_n_steps > 1``,
+    Lightning's step logging repeats the latest value on the plain steps in between).
 
     Args:
         rho: radius of the perturbation, > 0.
