@@ -1,3 +1,5 @@
 """litplug callbacks, importable by short name (``from litplug.callbacks import EMA``)."""
 
-__all__: list[str] = []
+from .sharpness import SAM, SharpnessAwareMinimization, SharpnessMonitor, SurrogateSharpness
+
+__all__: list[str] = ["SAM", "SharpnessAwareMinimization", "SharpnessMonitor", "SurrogateSharpness"]

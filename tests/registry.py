@@ -35,3 +35,26 @@ class Case:
 
 
 CASES: dict[str, Case] = {}
+
+
+def _sam() -> Callback:
+    from litplug.callbacks import SAM
+
+    return SAM(rho=0.05, every_n_steps=2)
+
+
+def _surrogate() -> Callback:
+    from litplug.callbacks import SurrogateSharpness
+
+    return SurrogateSharpness(rho=0.05, epsilon=0.01, lambda_init=0.1, lambda_lr=0.1)
+
+
+def _monitor() -> Callback:
+    from litplug.callbacks import SharpnessMonitor
+
+    return SharpnessMonitor(rho=0.05)
+
+
+CASES["SharpnessAwareMinimization"] = Case(_sam, trainer={"gradient_clip_val": 1.0})
+CASES["SurrogateSharpness"] = Case(_surrogate)
+CASES["SharpnessMonitor"] = Case(_monitor)

@@ -2,6 +2,7 @@
 ranks with identical weights on both, and that a run interrupted at an epoch boundary and resumed
 from its checkpoint ends exactly like an uninterrupted one."""
 
+import copy
 import inspect
 
 import pytest
@@ -40,7 +41,8 @@ def _fit(case, tmp_dir, epochs, **kwargs):
 def ddp_worker(strategy, tmp_dir):
     out = {}
     for name, case in CASES.items():
-        trainer, model, data, callback = _fit(case, tmp_dir / name, 2, strategy=strategy, devices=2)
+        # A Strategy instance belongs to one Trainer: each case gets a fresh copy.
+        trainer, model, data, callback = _fit(case, tmp_dir / name, 2, strategy=copy.deepcopy(strategy), devices=2)
         trainer.fit(model, data)
         out[name] = state_of(model)
     return out
