@@ -1,3 +1,5 @@
 """litplug callbacks, importable by short name (``from litplug.callbacks import EMA``)."""
 
-__all__: list[str] = []
+from .averaging import EMA, SWA
+
+__all__: list[str] = ["EMA", "SWA"]

@@ -35,3 +35,9 @@ class Case:
 
 
 CASES: dict[str, Case] = {}
+
+# Weight averaging (callbacks/averaging.py). SWA snapshots from epoch 0 so both epochs update.
+from litplug.callbacks import EMA, SWA  # noqa: E402
+
+CASES["EMA"] = Case(lambda: EMA(decay=0.9, warmup=True))
+CASES["SWA"] = Case(lambda: SWA(start=0))
