@@ -179,11 +179,23 @@ class _WeightAveraging(Callback):
         self._pending: dict[str, Tensor] | None = None
         self._backup: list[list[Tensor]] | None = None
         self._holds_average = False  # the model's weights currently are the average
+        self._module: pl.LightningModule | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Two callbacks putting their average into the model would restore each other's weights.
+        swapping = [c for c in trainer.callbacks if isinstance(c, _WeightAveraging) and "average" in (c.evaluate_with, c.final_weights)]
+        if len(swapping) > 1:
+            raise ValueError(
+                f"{len(swapping)} weight-averaging callbacks ({', '.join(type(c).__name__ for c in swapping)}) put their "
+                "average into the model; set `evaluate_with='live'` and `final_weights='live'` on all but one"
+            )
 
     # -- binding the average to the model's tensors (by name) --------------------------------
     def _bind(self, pl_module: pl.LightningModule) -> list[_Group]:
         if self._groups is not None:
             return self._groups
+        self._module = pl_module
         named = list(pl_module.named_parameters()) + list(pl_module.named_buffers())
         groups: dict[tuple, _Group] = {}
         avg_dtype = getattr(torch, self.dtype) if self.dtype else None
@@ -251,7 +263,7 @@ class _WeightAveraging(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._groups, self._holds_average = None, False
+        self._groups, self._holds_average, self._module = None, False, pl_module
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -274,6 +286,7 @@ class _WeightAveraging(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.updates > 0 and not self._holds_average:
+            self._sync_buffers(trainer, pl_module)
             self._use_average(pl_module)
             self._finalize(trainer, pl_module)
             if self.final_weights == "average":
@@ -282,6 +295,19 @@ class _WeightAveraging(Callback):
                 self._restore_live()
         if self.export_path:
             self._export(pl_module)
+
+    def _sync_buffers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Buffers (BatchNorm statistics) are updated from each rank's own batches, so their
+        averages differ by rank; DDP broadcasts rank 0's buffers before every forward, so rank 0's
+        average is the one the model uses: broadcast it once, at the end of ``fit``."""
+        if trainer.world_size <= 1:
+            return
+        buffers = {name for name, _ in pl_module.named_buffers()}
+        for g in self._bind(pl_module):
+            if g.floating:
+                for name, avg in zip(g.names, g.average):
+                    if name in buffers:
+                        avg.copy_(trainer.strategy.broadcast(avg, src=0))
 
     def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Hook for SWA's BatchNorm pass, run at the end of ``fit`` while the model holds the
@@ -303,7 +329,9 @@ class _WeightAveraging(Callback):
         from torch.distributed.tensor import DTensor
 
         if self._groups is None:
-            return dict(self._pending or {})
+            if self._module is None:
+                return dict(self._pending or {})
+            self._bind(self._module)
         out = {}
         for g in self._groups:
             for name, tensor, spec in zip(g.names, getattr(g, which), g.dtensor_specs):
@@ -486,6 +514,7 @@ class SWA(_WeightAveraging):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         max_epochs = trainer.max_epochs
@@ -509,6 +538,19 @@ class SWA(_WeightAveraging):
         pl_module.log("swa/updates", float(self.updates), on_step=True, on_epoch=False)
 
     @override
+    def _sync_buffers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Buffers (BatchNorm statistics) are updated from each rank's own batches, so their
+        averages differ by rank; DDP broadcasts rank 0's buffers before every forward, so rank 0's
+        average is the one the model uses: broadcast it once, at the end of ``fit``."""
+        if trainer.world_size <= 1:
+            return
+        buffers = {name for name, _ in pl_module.named_buffers()}
+        for g in self._bind(pl_module):
+            if g.floating:
+                for name, avg in zip(g.names, g.average):
+                    if name in buffers:
+                        avg.copy_(trainer.strategy.broadcast(avg, src=0))
+
     def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.update_bn:
             return
