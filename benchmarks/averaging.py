@@ -30,19 +30,21 @@ from litplug.modules import MLP, Classifier
 DECAY = 0.999
 
 
-def timeit(fn: Callable[[], None], repeats: int, budget_s: float = 4.0) -> float:
-    """Median seconds per call over ``repeats`` calls (fewer if over ``budget_s``), after warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
+def interleaved(fns: dict[str, Callable[[], None]], rounds: int = 15, budget_s: float = 20.0) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin (one call each per round) so
+    that drifting machine load hits every implementation alike."""
+    for fn in fns.values():
+        fn(), fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s and len(times) >= 5:
+    for r in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s and r >= 4:
             break
-    return statistics.median(times)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def load_timm_ema():
@@ -78,83 +80,81 @@ def update_times(make: Callable[[], nn.Module], timm_ema) -> dict[str, float | N
     module = Wrap(make())
     n = sum(p.numel() for p in module.parameters())
     flat, flat_avg = torch.randn(n), torch.randn(n)
-    out: dict[str, float | None] = {"tensors": float(len(list(module.parameters()))), "elements": float(n)}
-    out["floor"] = timeit(lambda: flat_avg.lerp_(flat, 1 - DECAY), 200)
+    fns: dict[str, Callable[[], None]] = {"floor": lambda: flat_avg.lerp_(flat, 1 - DECAY)}
 
     ema = EMA(decay=DECAY)
-    ema._bind(module)
-    ema._update(module, 1.0)
-    out["litplug"] = timeit(lambda: ema._update(module, 1 - DECAY), 200)
+    ema._update(module, 1.0)  # binds to the module's tensors and takes the first (copy) update
+    fns["litplug"] = lambda: ema._update(module, 1 - DECAY)
 
     lightning = EMAWeightAveraging(decay=DECAY)
     lightning.setup(None, module, "fit")  # builds its AveragedModel (a deep copy)
-    out["lightning"] = timeit(lambda: lightning._average_model.update_parameters(module), 30)
+    fns["lightning"] = lambda: lightning._average_model.update_parameters(module)
 
     if timm_ema is not None:
         timm = timm_ema(module, decay=DECAY)
         step = iter(range(10**9))
-        out["timm"] = timeit(lambda: timm.update(module, step=next(step)), 200)
-    else:
-        out["timm"] = None
+        fns["timm"] = lambda: timm.update(module, step=next(step))
+    out: dict[str, float | None] = {"timm": None, **interleaved(fns)}
+    out["elements"] = float(n)
     return out
 
 
-class StepTimer(Callback):
-    """Seconds from batch start to batch end (forward, backward, step, then the callbacks before it)."""
+class Stopwatch(Callback):
+    """Two of these sandwich the callback under test: ``first`` marks the batch start and the end
+    of the training step, ``last`` the end of the callback's ``on_train_batch_end``."""
 
-    def __init__(self) -> None:
-        self.times: list[float] = []
+    def __init__(self, marks: list[list[float]], first: bool) -> None:
+        self.marks, self.first = marks, first
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
+        if self.first:
+            self.marks.append([time.perf_counter()])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.append(time.perf_counter() - self._t0)
+        self.marks[-1].append(time.perf_counter())
 
 
-def digits_step(callback: Callback | None) -> float:
+def digits_step(callback: Callback | None) -> tuple[float, float]:
+    """Median seconds of the training step and of the callback's hook after it, in one run."""
     seed_everything(0)
-    timer = StepTimer()
+    marks: list[list[float]] = []
     model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[256, 256]), num_classes=10)
+    callbacks = [Stopwatch(marks, True), *([callback] if callback else []), Stopwatch(marks, False)]
     trainer = Trainer(
         max_epochs=2, limit_val_batches=0, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[c for c in (callback, timer) if c],
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )  # fmt: skip
     trainer.fit(model, Digits(batch_size=64))
-    return statistics.median(timer.times[5:])
+    marks = marks[5:]
+    return statistics.median(m[1] - m[0] for m in marks), statistics.median(m[2] - m[1] for m in marks)
 
 
 def main() -> None:
     torch.manual_seed(0)
     timm_ema, timm_note = load_timm_ema()
+    torch.set_num_threads(1)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, decay {DECAY}; {timm_note}")
     print("\nTime per EMA update (median), and ratio to the flat-buffer floor")
-    print(f"{'model':<28}{'impl':<12}{'ms/update':>10}{'x floor':>9}{'litplug faster by':>19}")
+    print(f"{'model':<34}{'impl':<12}{'ms/update':>10}{'x floor':>9}{'litplug faster by':>19}")
     for label, make in (("(a) 1,000 small tensors", many_small), ("(b) 8 large tensors", few_large)):
         r = update_times(make, timm_ema)
         label = f"{label} ({r['elements'] / 1e6:.2f} M)"
         for impl in ("floor", "litplug", "lightning", "timm"):
             t = r[impl]
             if t is None:
-                print(f"{label:<28}{impl:<12}{'unavailable':>10}")
+                print(f"{label:<34}{impl:<12}{'unavailable':>10}")
                 continue
             speedup = f"{t / r['litplug']:.1f}x" if impl in ("lightning", "timm") else ""
-            print(f"{label:<28}{impl:<12}{t * 1e3:>10.3f}{t / r['floor']:>9.2f}{speedup:>19}")
+            print(f"{label:<34}{impl:<12}{t * 1e3:>10.3f}{t / r['floor']:>9.2f}{speedup:>19}")
             label = ""
 
-    print("\nWhole training step on digits (MLP 256x256, batch 64; median s/step over 2 epochs)")
-    runs = {"plain": None, "litplug EMA": EMA(decay=DECAY), "Lightning EMA": EMAWeightAveraging(decay=DECAY)}
-    times = {name: [] for name in runs}
-    for _ in range(3):  # interleaved repeats against drifting machine load
-        for name in runs:
-            cb = runs[name]
-            fresh = None if cb is None else (EMA(decay=DECAY) if isinstance(cb, EMA) else EMAWeightAveraging(decay=DECAY))
-            times[name].append(digits_step(fresh))
-    base = statistics.median(times["plain"])
-    print(f"{'run':<16}{'ms/step':>10}{'overhead':>10}")
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        print(f"{name:<16}{t * 1e3:>10.3f}{(t / base - 1) * 100:>9.1f}%")
+    print("\nWhole training step on digits (MLP 256x256, batch 64, Adam; medians over 2 epochs = 46 steps)")
+    print("the callback's on_train_batch_end is timed inside the same run as the step it follows")
+    print(f"{'run':<16}{'step ms':>10}{'hook ms':>10}{'overhead':>10}")
+    makers = {"plain": lambda: None, "litplug EMA": lambda: EMA(decay=DECAY), "Lightning EMA": lambda: EMAWeightAveraging(decay=DECAY)}
+    for name, make in makers.items():
+        step, hook = digits_step(make())
+        print(f"{name:<16}{step * 1e3:>10.3f}{hook * 1e3:>10.3f}{hook / step * 100:>9.1f}%")
 
 
 if __name__ == "__main__":

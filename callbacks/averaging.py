@@ -455,8 +455,7 @@ class EMA(_WeightAveraging):
         decay = self.current_decay()
         self._update(pl_module, 1.0 - decay)
         self._last_step = step
-        pl_module.log("ema/decay", decay, on_step=True, on_epoch=False)
-        pl_module.log("ema/updates", float(self.updates), on_step=True, on_epoch=False)
+        pl_module.log_dict({"ema/decay": decay, "ema/updates": float(self.updates)}, on_step=True, on_epoch=False)
 
 
 # ----------------------------------------------------------------------------- SWA
@@ -534,8 +533,7 @@ class SWA(_WeightAveraging):
         weight = 1.0 / (self.updates + 1)
         self._update(pl_module, weight)
         self._last_step = epoch  # for SWA the counter is the epoch of the last snapshot
-        pl_module.log("swa/weight", weight, on_step=True, on_epoch=False)
-        pl_module.log("swa/updates", float(self.updates), on_step=True, on_epoch=False)
+        pl_module.log_dict({"swa/weight": weight, "swa/updates": float(self.updates)}, on_step=True, on_epoch=False)
 
     @override
     def _sync_buffers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
