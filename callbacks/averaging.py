@@ -183,6 +183,13 @@ class _WeightAveraging(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            raise ValueError(
+                f"{type(self).__name__} supports single-device, DDP and ModelParallelStrategy (FSDP2) training, "
+                f"not {type(trainer.strategy).__name__} (flat or partitioned parameters: unverified)"
+            )
         # Two callbacks putting their average into the model would restore each other's weights.
         swapping = [c for c in trainer.callbacks if isinstance(c, _WeightAveraging) and "average" in (c.evaluate_with, c.final_weights)]
         if len(swapping) > 1:

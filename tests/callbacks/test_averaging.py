@@ -37,6 +37,9 @@ class Probe(Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         self.val_end.append(state_of(pl_module))
 
+    def on_test_epoch_start(self, trainer, pl_module):
+        self.test_start = state_of(pl_module)
+
 
 def fit(tmp_path, callback, epochs=2, batches=4, model=None, probe=None, **kwargs):
     seed_everything(0)
@@ -97,13 +100,6 @@ def test_fp32_average_keeps_updates_a_bf16_average_loses():
     torch.testing.assert_close(avg32[0], torch.full((8,), expected), rtol=0, atol=1e-5)
 
 
-def test_offloaded_average_matches():
-    live = [torch.randn(6, dtype=torch.float64)]
-    avg, ref = [torch.zeros(6, dtype=torch.float64)], live[0] * 0.5
-    average_update_(avg, live, 0.5, staging=[torch.empty(6, dtype=torch.float64)])
-    torch.testing.assert_close(avg[0], ref)
-
-
 def test_update_bn_matches_torch_swa_utils():
     torch.manual_seed(0)
     net = MLP(input_shape=[4], num_outputs=2, hidden=[8], batch_norm=True)
@@ -144,6 +140,15 @@ def test_bad_arguments_raise(make, match):
 def test_swa_start_beyond_max_epochs_fails_at_setup(tmp_path):
     with pytest.raises(ValueError, match="`start` = 5"):
         fit(tmp_path, SWA(start=5), epochs=3)
+
+
+def test_unverified_sharding_strategies_raise(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = fast_trainer(tmp_path, callbacks=[EMA()])
+    trainer.strategy.__class__ = type("FakeFSDP", (FSDPStrategy,), {})  # FSDP1 itself needs CUDA to build
+    with pytest.raises(ValueError, match="FakeFSDP"):
+        EMA().setup(trainer, small_classifier(), "fit")
 
 
 def test_mismatched_saved_average_raises():
@@ -208,6 +213,11 @@ def test_ema_live_final_weights_every_n_steps(tmp_path):
     avg = ema.averaged_state_dict("")
     k = "backbone.2.weight"
     torch.testing.assert_close(avg[k], 0.5 * probe.after_step[2][k] + 0.5 * probe.after_step[5][k])
+    # test on the average, then back to the live weights
+    ema.evaluate_with = "average"
+    trainer.test(model, Digits(batch_size=32), verbose=False)
+    assert_states_equal(probe.test_start, ema.averaged_state_dict(""))
+    assert_states_equal(probe.after_step[-1], state_of(model))
 
 
 def test_ema_bf16_model_fp32_average(tmp_path):
