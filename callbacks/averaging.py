@@ -8,10 +8,13 @@ Method card
     * SWA (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima"): the uniform mean of
       one snapshot per epoch from ``start`` on, ``avg <- avg + (w - avg) / (n + 1)``; BatchNorm
       statistics are recomputed for the averaged weights with one pass over the training data.
-    * Cost: one multi-tensor ``lerp`` over the model per update (``torch._foreach_lerp_``; no Python
-      loop per tensor) and one extra copy of the weights (in ``dtype`` on ``device``). Validation
-      and test run on the average by default: the live weights are copied aside and restored
-      bit-exactly afterwards.
+    * Cost: one extra copy of the weights (in ``dtype`` on ``device``) and, per update, one
+      ``lerp_`` over a flat buffer: at the first update the callback re-lays the module's
+      (non-sharded, contiguous) parameters of each dtype/device into one contiguous buffer, in
+      place (same ``Parameter`` objects and values; a moved module is re-bound by name). Sharded
+      (FSDP2) parameters, buffers and mixed-dtype averages use multi-tensor ``torch._foreach_*``
+      ops instead; never a Python loop per tensor. Validation and test run on the average by
+      default: the live weights are copied aside and restored bit-exactly afterwards.
 
 Functional core: :func:`ema_decay`, :func:`average_update_`, :func:`update_bn_`; the callbacks
 :class:`EMA` and :class:`SWA` wire it into the Trainer.
@@ -133,6 +136,25 @@ class _Group:
     floating: bool
     dtensor_specs: list[Any] = field(default_factory=list)  # (mesh, placements, shape, stride) or None
     staging: list[Tensor] | None = None  # for an average on another device than the weights
+    sources: list[Tensor] = field(default_factory=list)  # the module's own tensors (Parameters, buffers)
+    flat_live: Tensor | None = None  # set when the live tensors are views of one buffer ...
+    flat_average: Tensor | None = None  # ... and so are the averages: an update is one lerp_
+
+
+@torch.no_grad()
+def _flatten(g: _Group) -> None:
+    """Re-lay the group's parameters (same Parameter objects, same values) into one contiguous
+    buffer, and the averages into another, so that an update is a single ``lerp_``."""
+    sizes = [t.numel() for t in g.live]
+    flat_live = torch.empty(sum(sizes), dtype=g.live[0].dtype, device=g.live[0].device)
+    views = [v.view_as(t) for v, t in zip(flat_live.split(sizes), g.live)]
+    torch._foreach_copy_(views, g.live)
+    for param, view in zip(g.sources, views):
+        param.data = view
+    g.live = [p.detach() for p in g.sources]
+    g.flat_live = flat_live
+    g.flat_average = torch.empty_like(flat_live, dtype=g.average[0].dtype, device=g.average[0].device)
+    g.average = [v.view_as(t) for v, t in zip(g.flat_average.split(sizes), g.live)]
 
 
 def _local(t: Tensor) -> Tensor:
@@ -201,7 +223,18 @@ class _WeightAveraging(Callback):
     # -- binding the average to the model's tensors (by name) --------------------------------
     def _bind(self, pl_module: pl.LightningModule) -> list[_Group]:
         if self._groups is not None:
+            # A moved module (``.to(device)``, Lightning's teardown) has new storage: rebind by name.
+            if all(_local(g.sources[0]).data_ptr() == g.live[0].data_ptr() for g in self._groups):
+                return self._groups
+            saved = {n: a for g in self._groups for n, a in zip(g.names, g.average)}
+            self._groups = None
+            for g in self._build(pl_module):
+                for name, avg in zip(g.names, g.average):
+                    avg.copy_(saved[name])
             return self._groups
+        return self._build(pl_module)
+
+    def _build(self, pl_module: pl.LightningModule) -> list[_Group]:
         self._module = pl_module
         named = list(pl_module.named_parameters()) + list(pl_module.named_buffers())
         groups: dict[tuple, _Group] = {}
@@ -211,8 +244,10 @@ class _WeightAveraging(Callback):
             floating = local.is_floating_point()
             dtype = (avg_dtype or local.dtype) if floating else local.dtype
             device = torch.device(self.device) if self.device else local.device
-            key = (floating, dtype, device, local.dtype, local.device)
+            is_param = isinstance(tensor, nn.Parameter) and not hasattr(tensor, "to_local")
+            key = (floating, dtype, device, local.dtype, local.device, is_param)
             group = groups.setdefault(key, _Group([], [], [], floating))
+            group.sources.append(tensor)
             spec = (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride()) if hasattr(tensor, "to_local") else None
             group.names.append(name)
             group.live.append(local)
@@ -222,6 +257,10 @@ class _WeightAveraging(Callback):
         for g in self._groups:
             if g.floating and g.average[0].device != g.live[0].device:
                 g.staging = [torch.empty_like(a) for a in g.average]
+            elif g.floating and g.average[0].dtype == g.live[0].dtype and all(
+                isinstance(t, nn.Parameter) and not hasattr(t, "to_local") and t.is_contiguous() for t in g.sources
+            ):
+                _flatten(g)
         if self._pending is not None:
             self._load_average(self._pending)
             self._pending = None
@@ -248,7 +287,10 @@ class _WeightAveraging(Callback):
     # -- the update ----------------------------------------------------------------------------
     def _update(self, pl_module: pl.LightningModule, weight: float) -> None:
         for g in self._bind(pl_module):
-            average_update_(g.average, g.live, weight if g.floating else 1.0, g.staging)
+            if g.flat_live is not None:
+                average_update_([g.flat_average], [g.flat_live], weight)
+            else:
+                average_update_(g.average, g.live, weight if g.floating else 1.0, g.staging)
         self.updates += 1
 
     # -- swapping ------------------------------------------------------------------------------
