@@ -418,6 +418,12 @@ class _WeightAveraging(Callback):
         self._groups, self._backup, self._holds_average = None, None, False
 
 
+def _logs_now(trainer: pl.Trainer) -> bool:
+    # A step value logged when the Trainer does not write logs (every `log_every_n_steps`) is
+    # overwritten unseen, and `self.log` costs more than an EMA update of a small model.
+    return bool(getattr(trainer._logger_connector, "should_update_logs", True))
+
+
 @rank_zero_only
 def _save_rank_zero(state: dict[str, Tensor], path: str) -> None:
     from pathlib import Path
@@ -504,7 +510,8 @@ class EMA(_WeightAveraging):
         decay = self.current_decay()
         self._update(pl_module, 1.0 - decay)
         self._last_step = step
-        pl_module.log_dict({"ema/decay": decay, "ema/updates": float(self.updates)}, on_step=True, on_epoch=False)
+        if _logs_now(trainer):
+            pl_module.log_dict({"ema/decay": decay, "ema/updates": float(self.updates)}, on_step=True, on_epoch=False)
 
 
 # ----------------------------------------------------------------------------- SWA
@@ -582,7 +589,8 @@ class SWA(_WeightAveraging):
         weight = 1.0 / (self.updates + 1)
         self._update(pl_module, weight)
         self._last_step = epoch  # for SWA the counter is the epoch of the last snapshot
-        pl_module.log_dict({"swa/weight": weight, "swa/updates": float(self.updates)}, on_step=True, on_epoch=False)
+        if _logs_now(trainer):
+            pl_module.log_dict({"swa/weight": weight, "swa/updates": float(self.updates)}, on_step=True, on_epoch=False)
 
     @override
     def _sync_buffers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
