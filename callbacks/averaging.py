@@ -170,8 +170,6 @@ class _WeightAveraging(Callback):
     """Shared machinery of :class:`EMA` and :class:`SWA`: the average keyed by tensor name, the
     validation/test swap, the final weights, the export and the checkpointed state."""
 
-    prefix = "avg"
-
     def __init__(
         self,
         dtype: DType | None,
@@ -464,8 +462,6 @@ class EMA(_WeightAveraging):
         >>> ema = EMA(decay=0.999, warmup=True, dtype="float32", export_path="runs/ema.pt")
     """
 
-    prefix = "ema"
-
     def __init__(
         self,
         decay: float = 0.999,
@@ -539,8 +535,6 @@ class SWA(_WeightAveraging):
     Example:
         >>> swa = SWA(start=0.75, update_bn=True)
     """
-
-    prefix = "swa"
 
     def __init__(
         self,
