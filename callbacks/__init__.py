@@ -1,5 +1,6 @@
 """litplug callbacks, importable by short name (``from litplug.callbacks import EMA``)."""
 
+from .averaging import EMA, SWA
 from .sharpness import SAM, SharpnessAwareMinimization, SharpnessMonitor, SurrogateSharpness
 
-__all__: list[str] = ["SAM", "SharpnessAwareMinimization", "SharpnessMonitor", "SurrogateSharpness"]
+__all__: list[str] = ["EMA", "SAM", "SWA", "SharpnessAwareMinimization", "SharpnessMonitor", "SurrogateSharpness"]

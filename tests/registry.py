@@ -11,6 +11,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
+from litplug.callbacks import EMA, SAM, SWA, SharpnessMonitor, SurrogateSharpness
 from litplug.datamodules import Digits
 from litplug.modules import MLP, Classifier
 
@@ -36,25 +37,11 @@ class Case:
 
 CASES: dict[str, Case] = {}
 
+# Sharpness (callbacks/sharpness.py).
+CASES["SharpnessAwareMinimization"] = Case(lambda: SAM(rho=0.05, every_n_steps=2), trainer={"gradient_clip_val": 1.0})
+CASES["SurrogateSharpness"] = Case(lambda: SurrogateSharpness(rho=0.05, epsilon=0.01, lambda_init=0.1, lambda_lr=0.1))
+CASES["SharpnessMonitor"] = Case(lambda: SharpnessMonitor(rho=0.05))
 
-def _sam() -> Callback:
-    from litplug.callbacks import SAM
-
-    return SAM(rho=0.05, every_n_steps=2)
-
-
-def _surrogate() -> Callback:
-    from litplug.callbacks import SurrogateSharpness
-
-    return SurrogateSharpness(rho=0.05, epsilon=0.01, lambda_init=0.1, lambda_lr=0.1)
-
-
-def _monitor() -> Callback:
-    from litplug.callbacks import SharpnessMonitor
-
-    return SharpnessMonitor(rho=0.05)
-
-
-CASES["SharpnessAwareMinimization"] = Case(_sam, trainer={"gradient_clip_val": 1.0})
-CASES["SurrogateSharpness"] = Case(_surrogate)
-CASES["SharpnessMonitor"] = Case(_monitor)
+# Weight averaging (callbacks/averaging.py). SWA snapshots from epoch 0 so both epochs update.
+CASES["EMA"] = Case(lambda: EMA(decay=0.9, warmup=True))
+CASES["SWA"] = Case(lambda: SWA(start=0))

@@ -2,12 +2,11 @@
 ranks with identical weights on both, and that a run interrupted at an epoch boundary and resumed
 from its checkpoint ends exactly like an uninterrupted one."""
 
-import copy
 import inspect
 
 import pytest
 import torch
-from harness import fast_trainer, run_distributed, state_of
+from harness import fast_trainer, make_strategy, run_distributed, state_of
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from registry import CASES
@@ -41,8 +40,8 @@ def _fit(case, tmp_dir, epochs, **kwargs):
 def ddp_worker(strategy, tmp_dir):
     out = {}
     for name, case in CASES.items():
-        # A Strategy instance belongs to one Trainer: each case gets a fresh copy.
-        trainer, model, data, callback = _fit(case, tmp_dir / name, 2, strategy=copy.deepcopy(strategy), devices=2)
+        # A Strategy instance is bound to its first Trainer: every case gets a fresh one.
+        trainer, model, data, callback = _fit(case, tmp_dir / name, 2, strategy=make_strategy("ddp"), devices=2)
         trainer.fit(model, data)
         out[name] = state_of(model)
     return out
