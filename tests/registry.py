@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
-from litplug.callbacks import GradientAscentSearch
+from litplug.callbacks import EMA, SAM, SWA, GradientAscentSearch, SharpnessMonitor, SurrogateSharpness
 from litplug.datamodules import Digits, OfflineDesigns
 from litplug.modules import MLP, Classifier, Regressor
 
@@ -37,7 +37,17 @@ class Case:
 
 CASES: dict[str, Case] = {}
 
+# Sharpness (callbacks/sharpness.py).
+CASES["SharpnessAwareMinimization"] = Case(lambda: SAM(rho=0.05, every_n_steps=2), trainer={"gradient_clip_val": 1.0})
+CASES["SurrogateSharpness"] = Case(lambda: SurrogateSharpness(rho=0.05, epsilon=0.01, lambda_init=0.1, lambda_lr=0.1))
+CASES["SharpnessMonitor"] = Case(lambda: SharpnessMonitor(rho=0.05))
 
+# Weight averaging (callbacks/averaging.py). SWA snapshots from epoch 0 so both epochs update.
+CASES["EMA"] = Case(lambda: EMA(decay=0.9, warmup=True))
+CASES["SWA"] = Case(lambda: SWA(start=0))
+
+
+# Offline optimisation (callbacks/offline.py): a surrogate on the built-in sphere task.
 def small_regressor() -> LightningModule:
     return Regressor(MLP(input_shape=[4], num_outputs=1, hidden=[32], batch_norm=True))
 

@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from harness import fast_trainer, run_distributed, state_of
+from harness import fast_trainer, make_strategy, run_distributed, state_of
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from registry import CASES
@@ -40,7 +40,8 @@ def _fit(case, tmp_dir, epochs, **kwargs):
 def ddp_worker(strategy, tmp_dir):
     out = {}
     for name, case in CASES.items():
-        trainer, model, data, callback = _fit(case, tmp_dir / name, 2, strategy=strategy, devices=2)
+        # A Strategy instance is bound to its first Trainer: every case gets a fresh one.
+        trainer, model, data, callback = _fit(case, tmp_dir / name, 2, strategy=make_strategy("ddp"), devices=2)
         trainer.fit(model, data)
         out[name] = state_of(model)
     return out

@@ -1,0 +1,628 @@
+"""Weight averaging: exponential moving average (EMA) and stochastic weight averaging (SWA).
+
+Method card
+    * EMA (Polyak & Juditsky 1992; the warmup rule of timm / ema-pytorch): after every optimizer
+      step ``avg <- decay_t * avg + (1 - decay_t) * w``, with
+      ``decay_t = min(decay, 1 - (1 + t / gamma) ** -power)`` under warmup, ``t`` the number of
+      updates done before this one. The first update copies the weights (``decay_0 = 0``).
+    * SWA (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima"): the uniform mean of
+      one snapshot per epoch from ``start`` on, ``avg <- avg + (w - avg) / (n + 1)``; BatchNorm
+      statistics are recomputed for the averaged weights with one pass over the training data.
+    * Cost: one extra copy of the weights (in ``dtype`` on ``device``) and, per update, one
+      ``lerp_`` over a flat buffer: at the first update the callback re-lays the module's
+      (non-sharded, contiguous) parameters of each dtype/device into one contiguous buffer, in
+      place (same ``Parameter`` objects and values; a moved module is re-bound by name). Sharded
+      (FSDP2) parameters, buffers and mixed-dtype averages use multi-tensor ``torch._foreach_*``
+      ops instead; never a Python loop per tensor. Validation and test run on the average by
+      default: the live weights are copied aside and restored bit-exactly afterwards.
+
+Functional core: :func:`ema_decay`, :func:`average_update_`, :func:`update_bn_`; the callbacks
+:class:`EMA` and :class:`SWA` wire it into the Trainer.
+
+Example:
+    >>> from lightning.pytorch import Trainer
+    >>> from litplug.callbacks import EMA
+    >>> from litplug.datamodules import Digits
+    >>> from litplug.modules import MLP, Classifier
+    >>> ema = EMA(decay=0.99, warmup=True)
+    >>> model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10))
+    >>> Trainer(max_epochs=2, callbacks=[ema], logger=False).fit(model, Digits())  # doctest: +SKIP
+    >>> MLP(input_shape=[1, 8, 8], num_outputs=10).load_state_dict(ema.averaged_state_dict())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor, nn
+from typing_extensions import override
+
+Which = Literal["average", "live"]
+DType = Literal["float32", "float64", "bfloat16", "float16"]
+_WHICH = ("average", "live")
+_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+# ----------------------------------------------------------------------------- functional core
+def ema_decay(t: int, decay: float, warmup: bool = False, gamma: float = 1.0, power: float = 2 / 3) -> float:
+    """Decay of the EMA update number ``t`` (0-based): 0 for the first update (a copy), then
+    ``decay``, or ``min(decay, 1 - (1 + t / gamma) ** -power)`` with ``warmup``.
+
+    Example:
+        >>> ema_decay(0, 0.999), ema_decay(1, 0.999), round(ema_decay(1, 0.999, warmup=True), 4)
+        (0.0, 0.999, 0.37)
+    """
+    if t <= 0:
+        return 0.0
+    if not warmup:
+        return decay
+    return min(decay, 1.0 - (1.0 + t / gamma) ** -power)
+
+
+@torch.no_grad()
+def average_update_(
+    average: list[Tensor], current: list[Tensor], weight: float, staging: list[Tensor] | None = None
+) -> None:
+    """``average <- average + weight * (current - average)`` in place, for whole lists at once.
+
+    EMA uses ``weight = 1 - decay``, SWA ``weight = 1 / (n + 1)``; ``weight == 1`` copies exactly.
+    Tensors are paired by position (callers pair them by name). If the dtypes differ (an fp32
+    average of a bf16 model) the update is computed in the average's dtype; if the devices differ
+    (an average offloaded to the CPU) ``current`` is first copied into ``staging`` (tensors like
+    ``average``; allocated here if not given).
+
+    Example:
+        >>> avg, cur = [torch.zeros(2)], [torch.ones(2)]
+        >>> average_update_(avg, cur, 0.25); avg
+        [tensor([0.2500, 0.2500])]
+    """
+    if not average:
+        return
+    if weight == 1.0:
+        torch._foreach_copy_(average, current)
+        return
+    if average[0].device != current[0].device:
+        if staging is None:
+            staging = [torch.empty_like(a) for a in average]
+        torch._foreach_copy_(staging, current)
+        current = staging
+    if average[0].dtype == current[0].dtype:
+        torch._foreach_lerp_(average, current, weight)
+    else:
+        torch._foreach_mul_(average, 1.0 - weight)
+        torch._foreach_add_(average, current, alpha=weight)
+
+
+@torch.no_grad()
+def update_bn_(module: nn.Module, batches: Iterable[Any]) -> bool:
+    """Recompute the running statistics of every BatchNorm layer of ``module`` as the plain mean
+    over ``batches`` (``module(batch[0])`` for tuples/lists, ``module(batch)`` otherwise).
+
+    Returns whether ``module`` has any BatchNorm layer (nothing runs if not). Like
+    ``torch.optim.swa_utils.update_bn`` but over an already device-placed iterable, so the caller
+    decides how many batches (``limit_train_batches``) and how to move them.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return False
+    momenta = {m: m.momentum for m in norms}
+    was_training = module.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average = plain mean over the batches
+    module.train()
+    for batch in batches:
+        module(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    for m, momentum in momenta.items():
+        m.momentum = momentum
+    module.train(was_training)
+    return True
+
+
+# ----------------------------------------------------------------------------- shared wrapper
+@dataclass
+class _Group:
+    """Tensors of one (dtype, device) kind: the model's (local shards) and their averages."""
+
+    names: list[str]
+    live: list[Tensor]
+    average: list[Tensor]
+    floating: bool
+    dtensor_specs: list[Any] = field(default_factory=list)  # (mesh, placements, shape, stride) or None
+    staging: list[Tensor] | None = None  # for an average on another device than the weights
+    sources: list[Tensor] = field(default_factory=list)  # the module's own tensors (Parameters, buffers)
+    flat_live: Tensor | None = None  # set when the live tensors are views of one buffer ...
+    flat_average: Tensor | None = None  # ... and so are the averages: an update is one lerp_
+
+
+@torch.no_grad()
+def _flatten(g: _Group) -> None:
+    """Re-lay the group's parameters (same Parameter objects, same values) into one contiguous
+    buffer, and the averages into another, so that an update is a single ``lerp_``."""
+    sizes = [t.numel() for t in g.live]
+    flat_live = torch.empty(sum(sizes), dtype=g.live[0].dtype, device=g.live[0].device)
+    views = [v.view_as(t) for v, t in zip(flat_live.split(sizes), g.live)]
+    torch._foreach_copy_(views, g.live)
+    for param, view in zip(g.sources, views):
+        param.data = view
+    g.live = [p.detach() for p in g.sources]
+    g.flat_live = flat_live
+    g.flat_average = torch.empty_like(flat_live, dtype=g.average[0].dtype, device=g.average[0].device)
+    g.average = [v.view_as(t) for v, t in zip(g.flat_average.split(sizes), g.live)]
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}")
+
+
+class _WeightAveraging(Callback):
+    """Shared machinery of :class:`EMA` and :class:`SWA`: the average keyed by tensor name, the
+    validation/test swap, the final weights, the export and the checkpointed state."""
+
+    def __init__(
+        self,
+        dtype: DType | None,
+        device: str | None,
+        evaluate_with: Which,
+        final_weights: Which,
+        export_path: str | None,
+    ) -> None:
+        super().__init__()
+        if dtype is not None:
+            _check_choice("dtype", dtype, _DTYPES)
+        if device is not None:
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"`device` must name a torch device such as 'cpu' or 'cuda:0', got {device!r}") from err
+        _check_choice("evaluate_with", evaluate_with, _WHICH)
+        _check_choice("final_weights", final_weights, _WHICH)
+        self.dtype = dtype
+        self.device = device
+        self.evaluate_with = evaluate_with
+        self.final_weights = final_weights
+        self.export_path = export_path
+        self.updates = 0
+        self._last_step = -1
+        self._groups: list[_Group] | None = None
+        self._pending: dict[str, Tensor] | None = None
+        self._backup: list[list[Tensor]] | None = None
+        self._holds_average = False  # the model's weights currently are the average
+        self._module: pl.LightningModule | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            raise ValueError(
+                f"{type(self).__name__} supports single-device, DDP and ModelParallelStrategy (FSDP2) training, "
+                f"not {type(trainer.strategy).__name__} (flat or partitioned parameters: unverified)"
+            )
+        # Two callbacks putting their average into the model would restore each other's weights.
+        swapping = [c for c in trainer.callbacks if isinstance(c, _WeightAveraging) and "average" in (c.evaluate_with, c.final_weights)]
+        if len(swapping) > 1:
+            raise ValueError(
+                f"{len(swapping)} weight-averaging callbacks ({', '.join(type(c).__name__ for c in swapping)}) put their "
+                "average into the model; set `evaluate_with='live'` and `final_weights='live'` on all but one"
+            )
+
+    # -- binding the average to the model's tensors (by name) --------------------------------
+    def _bind(self, pl_module: pl.LightningModule) -> list[_Group]:
+        if self._groups is not None:
+            # A moved module (``.to(device)``, Lightning's teardown) has new storage: rebind by name.
+            if all(_local(g.sources[0]).data_ptr() == g.live[0].data_ptr() for g in self._groups):
+                return self._groups
+            saved = {n: a for g in self._groups for n, a in zip(g.names, g.average)}
+            self._groups = None
+            for g in self._build(pl_module):
+                for name, avg in zip(g.names, g.average):
+                    avg.copy_(saved[name])
+            return self._groups
+        return self._build(pl_module)
+
+    def _build(self, pl_module: pl.LightningModule) -> list[_Group]:
+        self._module = pl_module
+        named = list(pl_module.named_parameters()) + list(pl_module.named_buffers())
+        groups: dict[tuple, _Group] = {}
+        avg_dtype = getattr(torch, self.dtype) if self.dtype else None
+        for name, tensor in named:
+            local = _local(tensor.detach())
+            floating = local.is_floating_point()
+            dtype = (avg_dtype or local.dtype) if floating else local.dtype
+            device = torch.device(self.device) if self.device else local.device
+            is_param = isinstance(tensor, nn.Parameter) and not hasattr(tensor, "to_local")
+            key = (floating, dtype, device, local.dtype, local.device, is_param)
+            group = groups.setdefault(key, _Group([], [], [], floating))
+            group.sources.append(tensor)
+            spec = (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride()) if hasattr(tensor, "to_local") else None
+            group.names.append(name)
+            group.live.append(local)
+            group.average.append(torch.empty_like(local, dtype=dtype, device=device))
+            group.dtensor_specs.append(spec)
+        self._groups = list(groups.values())
+        for g in self._groups:
+            if g.floating and g.average[0].device != g.live[0].device:
+                g.staging = [torch.empty_like(a) for a in g.average]
+            elif g.floating and g.average[0].dtype == g.live[0].dtype and all(
+                isinstance(t, nn.Parameter) and not hasattr(t, "to_local") and t.is_contiguous() for t in g.sources
+            ):
+                _flatten(g)
+        if self._pending is not None:
+            self._load_average(self._pending)
+            self._pending = None
+        return self._groups
+
+    def _load_average(self, state: dict[str, Tensor]) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        assert self._groups is not None
+        names = {n for g in self._groups for n in g.names}
+        if set(state) != names:
+            missing, extra = sorted(names - set(state)), sorted(set(state) - names)
+            raise ValueError(f"the saved average does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for g in self._groups:
+            for name, avg, spec in zip(g.names, g.average, g.dtensor_specs):
+                value = state[name]
+                if spec is not None:  # the full average was saved: keep this rank's shard
+                    mesh, placements, _, _ = spec
+                    value = distribute_tensor(value.to(avg.device), mesh, placements, src_data_rank=None).to_local()
+                if value.shape != avg.shape:
+                    raise ValueError(f"the saved average of {name!r} has shape {tuple(value.shape)}, the model {tuple(avg.shape)}")
+                avg.copy_(value)
+
+    # -- the update ----------------------------------------------------------------------------
+    def _update(self, pl_module: pl.LightningModule, weight: float) -> None:
+        for g in self._bind(pl_module):
+            if g.flat_live is not None:
+                average_update_([g.flat_average], [g.flat_live], weight)
+            else:
+                average_update_(g.average, g.live, weight if g.floating else 1.0, g.staging)
+        self.updates += 1
+
+    # -- swapping ------------------------------------------------------------------------------
+    def _use_average(self, pl_module: pl.LightningModule) -> None:
+        if self.updates == 0 or self._holds_average or self._backup is not None:
+            return  # no update yet: the model keeps its trained weights
+        groups = self._bind(pl_module)
+        self._backup = [[t.clone() for t in g.live] for g in groups]
+        for g in groups:
+            torch._foreach_copy_(g.live, g.average)
+
+    def _restore_live(self) -> None:
+        if self._backup is None:
+            return
+        assert self._groups is not None
+        for g, backup in zip(self._groups, self._backup):
+            torch._foreach_copy_(g.live, backup)
+        self._backup = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._groups, self._holds_average, self._module = None, False, pl_module
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.evaluate_with == "average":
+            self._use_average(pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_live()
+
+    @override
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.evaluate_with == "average":
+            self._use_average(pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_live()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.updates > 0 and not self._holds_average:
+            self._sync_buffers(trainer, pl_module)
+            self._use_average(pl_module)
+            self._finalize(trainer, pl_module)
+            if self.final_weights == "average":
+                self._backup, self._holds_average = None, True
+            else:
+                self._restore_live()
+        if self.export_path:
+            self._export(pl_module)
+
+    def _sync_buffers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Buffers (BatchNorm statistics) are updated from each rank's own batches, so their
+        averages differ by rank; DDP broadcasts rank 0's buffers before every forward, so rank 0's
+        average is the one the model uses: broadcast it once, at the end of ``fit``."""
+        if trainer.world_size <= 1:
+            return
+        buffers = {name for name, _ in pl_module.named_buffers()}
+        for g in self._bind(pl_module):
+            if g.floating:
+                for name, avg in zip(g.names, g.average):
+                    if name in buffers:
+                        avg.copy_(trainer.strategy.broadcast(avg, src=0))
+
+    def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hook for SWA's BatchNorm pass, run at the end of ``fit`` while the model holds the
+        average (the live weights are set aside)."""
+
+    # -- export --------------------------------------------------------------------------------
+    def averaged_state_dict(self, prefix: str = "backbone.") -> dict[str, Tensor]:
+        """The averaged weights as a plain state dict (full tensors on the CPU) of the submodule
+        under ``prefix`` (``"backbone."`` loads into the bare backbone; ``""`` gives the whole
+        LightningModule). Before the first update it holds the live weights, which is what the
+        model keeps then. Under FSDP2 this all-gathers, so every rank must call it."""
+        full = self._full_average() if self.updates > 0 else self._full_live()
+        keys = [k for k in full if k.startswith(prefix)]
+        if not keys:
+            raise ValueError(f"no averaged tensor is named with the prefix {prefix!r}; names start with {sorted(full)[:3]}")
+        return {k[len(prefix) :]: full[k] for k in keys}
+
+    def _full(self, which: str) -> dict[str, Tensor]:
+        from torch.distributed.tensor import DTensor
+
+        if self._groups is None:
+            if self._module is None:
+                return dict(self._pending or {})
+            self._bind(self._module)
+        out = {}
+        for g in self._groups:
+            for name, tensor, spec in zip(g.names, getattr(g, which), g.dtensor_specs):
+                if spec is not None:
+                    mesh, placements, shape, stride = spec
+                    tensor = DTensor.from_local(tensor, mesh, placements, shape=shape, stride=stride).full_tensor()
+                out[name] = tensor.detach().to("cpu", copy=True)
+        return out
+
+    def _full_average(self) -> dict[str, Tensor]:
+        return self._full("average")
+
+    def _full_live(self) -> dict[str, Tensor]:
+        return self._full("live")
+
+    def _export(self, pl_module: pl.LightningModule) -> None:
+        self._bind(pl_module)
+        prefix = "backbone." if isinstance(getattr(pl_module, "backbone", None), nn.Module) else ""
+        state = self.averaged_state_dict(prefix)
+        _save_rank_zero(state, self.export_path)
+
+    # -- checkpointed state --------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # Full tensors (gathered under FSDP2: dump_checkpoint runs on every rank), so a resumed run
+        # on any world size re-shards them locally.
+        average = self._full_average() if self.updates > 0 else {}
+        return {"updates": self.updates, "last_step": self._last_step, "average": average}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.updates = int(state_dict["updates"])
+        self._last_step = int(state_dict["last_step"])
+        self._pending = dict(state_dict["average"]) if self.updates > 0 else None
+        self._groups, self._backup, self._holds_average = None, None, False
+
+
+def _logs_now(trainer: pl.Trainer) -> bool:
+    # A step value logged when the Trainer does not write logs (every `log_every_n_steps`) is
+    # overwritten unseen, and `self.log` costs more than an EMA update of a small model.
+    return bool(getattr(trainer._logger_connector, "should_update_logs", True))
+
+
+@rank_zero_only
+def _save_rank_zero(state: dict[str, Tensor], path: str) -> None:
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+# ----------------------------------------------------------------------------- EMA
+class EMA(_WeightAveraging):
+    """Exponential moving average of the weights, updated after optimizer steps.
+
+    ``avg <- decay_t * avg + (1 - decay_t) * w`` over all floating parameters and buffers of the
+    LightningModule (integer buffers such as ``num_batches_tracked`` are copied), paired by name.
+    The first update copies the weights; before it, validation uses the live weights.
+
+    Distributed: DDP adds no communication (every rank updates its identical replica). FSDP2
+    (``ModelParallelStrategy``): the average is kept per local shard (``p.to_local()``), no
+    all-gather in the update or the swap; ``state_dict`` (checkpoints) and the export gather full
+    tensors, once per checkpoint.
+
+    Args:
+        decay: EMA decay in (0, 1).
+        warmup: use ``decay_t = min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)``.
+        warmup_gamma: > 0, the ``gamma`` of the warmup rule.
+        warmup_power: > 0, the ``power`` of the warmup rule (2/3 for short runs, 3/4 for long).
+        update_after_step: first update after this many optimizer steps (>= 0).
+        every_n_steps: update after every n-th optimizer step (>= 1).
+        dtype: dtype of the average of floating tensors (``"float32"`` for a bf16 model, so small
+            updates are not rounded away); ``None`` keeps the model's dtype.
+        device: where the average lives (``"cpu"`` offloads it); ``None`` = beside the weights.
+        evaluate_with: weights used for validation and test: ``"average"`` or ``"live"``.
+        final_weights: weights the model holds after ``fit``: ``"average"`` or ``"live"``.
+        export_path: if set, ``fit`` ends by writing the averaged backbone's state dict there
+            (``torch.save``; loadable with ``backbone.load_state_dict(torch.load(path))``).
+
+    Example:
+        >>> ema = EMA(decay=0.999, warmup=True, dtype="float32", export_path="runs/ema.pt")
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        warmup: bool = False,
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        update_after_step: int = 0,
+        every_n_steps: int = 1,
+        dtype: DType | None = None,
+        device: str | None = None,
+        evaluate_with: Which = "average",
+        final_weights: Which = "average",
+        export_path: str | None = None,
+    ) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"`decay` must be in (0, 1), got {decay}")
+        if warmup_gamma <= 0:
+            raise ValueError(f"`warmup_gamma` must be > 0, got {warmup_gamma}")
+        if warmup_power <= 0:
+            raise ValueError(f"`warmup_power` must be > 0, got {warmup_power}")
+        if update_after_step < 0:
+            raise ValueError(f"`update_after_step` must be >= 0, got {update_after_step}")
+        if every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be >= 1, got {every_n_steps}")
+        super().__init__(dtype, device, evaluate_with, final_weights, export_path)
+        self.decay = decay
+        self.warmup = warmup
+        self.warmup_gamma = warmup_gamma
+        self.warmup_power = warmup_power
+        self.update_after_step = update_after_step
+        self.every_n_steps = every_n_steps
+
+    def current_decay(self) -> float:
+        """Decay of the next update."""
+        return ema_decay(self.updates, self.decay, self.warmup, self.warmup_gamma, self.warmup_power)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step  # optimizer steps so far; unchanged on accumulation batches
+        if step == self._last_step or step <= self.update_after_step or step % self.every_n_steps:
+            return
+        decay = self.current_decay()
+        self._update(pl_module, 1.0 - decay)
+        self._last_step = step
+        if _logs_now(trainer):
+            pl_module.log_dict({"ema/decay": decay, "ema/updates": float(self.updates)}, on_step=True, on_epoch=False)
+
+
+# ----------------------------------------------------------------------------- SWA
+class SWA(_WeightAveraging):
+    """Stochastic weight averaging: the uniform mean of one snapshot per ``every_n_epochs``
+    epochs from epoch ``start`` on, taken after the epoch's last optimizer step (before its
+    validation), then BatchNorm statistics recomputed for the averaged weights at the end of
+    ``fit`` with one pass over the training data (``limit_train_batches`` respected).
+
+    Floating parameters and buffers are averaged, integer buffers copied, paired by name. Before
+    the first snapshot, validation uses the live weights. Use a constant or cyclic learning rate
+    over the averaging phase (e.g. ``SWALR``) as in the paper.
+
+    Distributed: DDP and FSDP2 add no communication to the snapshots (FSDP2 keeps the average
+    per local shard). The BatchNorm pass runs on each rank's share of the data, then averages the
+    BatchNorm buffers over ranks with one all-reduce so the replicas agree.
+
+    Args:
+        start: first averaged epoch: an epoch index (int >= 0) or a fraction of ``max_epochs``
+            (float in [0, 1)); must lie before ``max_epochs`` (checked at setup).
+        every_n_epochs: snapshot every n-th epoch from ``start`` (>= 1).
+        update_bn: recompute BatchNorm statistics for the final averaged weights.
+        dtype, device, evaluate_with, final_weights, export_path: as in :class:`EMA`.
+
+    Example:
+        >>> swa = SWA(start=0.75, update_bn=True)
+    """
+
+    def __init__(
+        self,
+        start: int | float = 0.75,
+        every_n_epochs: int = 1,
+        update_bn: bool = True,
+        dtype: DType | None = None,
+        device: str | None = None,
+        evaluate_with: Which = "average",
+        final_weights: Which = "average",
+        export_path: str | None = None,
+    ) -> None:
+        if isinstance(start, bool) or not isinstance(start, (int, float)):
+            raise ValueError(f"`start` must be an epoch index (int >= 0) or a fraction in [0, 1), got {start!r}")
+        if isinstance(start, float) and not 0.0 <= start < 1.0:
+            raise ValueError(f"`start` as a fraction of max_epochs must be in [0, 1), got {start}")
+        if isinstance(start, int) and start < 0:
+            raise ValueError(f"`start` as an epoch index must be >= 0, got {start}")
+        if every_n_epochs < 1:
+            raise ValueError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}")
+        super().__init__(dtype, device, evaluate_with, final_weights, export_path)
+        self.start = start
+        self.every_n_epochs = every_n_epochs
+        self.update_bn = update_bn
+        self._start_epoch = start if isinstance(start, int) else 0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        max_epochs = trainer.max_epochs
+        if max_epochs is None or max_epochs < 1:
+            raise ValueError(f"SWA needs `max_epochs` >= 1 on the Trainer, got {max_epochs}")
+        self._start_epoch = int(self.start * max_epochs) if isinstance(self.start, float) else self.start
+        if self._start_epoch >= max_epochs:
+            raise ValueError(f"`start` = {self.start} is epoch {self._start_epoch}, beyond the last epoch {max_epochs - 1} (max_epochs={max_epochs})")
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        epoch = trainer.current_epoch
+        if batch_idx + 1 < trainer.num_training_batches or epoch < self._start_epoch or (epoch - self._start_epoch) % self.every_n_epochs:
+            return
+        if epoch == self._last_step:
+            return
+        weight = 1.0 / (self.updates + 1)
+        self._update(pl_module, weight)
+        self._last_step = epoch  # for SWA the counter is the epoch of the last snapshot
+        if _logs_now(trainer):
+            pl_module.log_dict({"swa/weight": weight, "swa/updates": float(self.updates)}, on_step=True, on_epoch=False)
+
+    @override
+    def _sync_buffers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Buffers (BatchNorm statistics) are updated from each rank's own batches, so their
+        averages differ by rank; DDP broadcasts rank 0's buffers before every forward, so rank 0's
+        average is the one the model uses: broadcast it once, at the end of ``fit``."""
+        if trainer.world_size <= 1:
+            return
+        buffers = {name for name, _ in pl_module.named_buffers()}
+        for g in self._bind(pl_module):
+            if g.floating:
+                for name, avg in zip(g.names, g.average):
+                    if name in buffers:
+                        avg.copy_(trainer.strategy.broadcast(avg, src=0))
+
+    def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.update_bn:
+            return
+        limit = trainer.num_training_batches
+        loader = trainer.train_dataloader
+
+        def batches() -> Iterable[Any]:
+            for i, batch in enumerate(loader):
+                if i >= limit:
+                    break
+                yield trainer.strategy.batch_to_device(batch)
+
+        if not update_bn_(pl_module, batches()):
+            return
+        stats = {}
+        for prefix, m in pl_module.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                for name, buf in m.named_buffers(recurse=False):
+                    if trainer.world_size > 1 and buf.is_floating_point():
+                        buf.copy_(trainer.strategy.reduce(buf.clone(), reduce_op="mean"))
+                    stats[f"{prefix}.{name}" if prefix else name] = buf
+        assert self._groups is not None
+        for g in self._groups:  # the recomputed statistics become part of the average
+            for name, avg in zip(g.names, g.average):
+                if name in stats:
+                    avg.copy_(stats[name])

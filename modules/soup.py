@@ -1,0 +1,218 @@
+"""Model soups: average the weights of several fine-tuned models (Wortsman et al. 2022, "Model
+soups: averaging weights of multiple fine-tuned models improves accuracy without increasing
+inference time").
+
+Method card
+    * uniform soup: the mean of all ingredients' weights.
+    * greedy soup: sort the ingredients by their held-out metric, start from the best, and add
+      the next one only if the soup of the kept ones plus it *strictly* improves the held-out
+      metric. Never worse than the best ingredient on the held-out split.
+    * Ingredients share one architecture and, to land in one basin, one starting point
+      (fine-tunes of the same pre-trained / same seeded model with different hyperparameters).
+    * Cost: one evaluation per ingredient, plus one per candidate (greedy); inference cost of
+      the soup = one model.
+
+Functional core: :func:`load_ingredient`, :func:`uniform_soup`, :func:`greedy_soup`;
+:class:`ModelSoup` runs them on the validation split under ``litplug validate``.
+
+Example:
+    >>> soup = uniform_soup([{"w": torch.zeros(2)}, {"w": torch.ones(2)}])
+    >>> soup["w"]
+    tensor([0.5000, 0.5000])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor, nn
+from typing_extensions import override
+
+from .classifier import Classifier
+
+State = dict[str, Tensor]
+Metric = Literal["val/acc", "val/loss"]
+
+
+# ----------------------------------------------------------------------------- functional core
+def load_ingredient(path: str, prefix: str = "backbone.") -> State:
+    """The backbone weights in ``path``: a Lightning checkpoint (``state_dict`` keys under
+    ``prefix`` are kept, the prefix removed) or a plain state dict (e.g. ``EMA``'s export)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        state = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f"checkpoint {path} has no weights under {prefix!r} in its `state_dict`")
+        return state
+    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return dict(obj)
+    raise ValueError(f"{path} is neither a Lightning checkpoint nor a plain state dict of tensors")
+
+
+def check_compatible(reference: State, state: State, where: str) -> None:
+    """Raise ``ValueError`` naming the first parameter where ``state`` differs from ``reference``
+    (a missing or extra name, or a different shape)."""
+    for name, ref in reference.items():
+        if name not in state:
+            raise ValueError(f"{where}: parameter {name!r} (shape {tuple(ref.shape)}) is missing")
+        if state[name].shape != ref.shape:
+            raise ValueError(f"{where}: parameter {name!r} has shape {tuple(state[name].shape)}, expected {tuple(ref.shape)}")
+    extra = [k for k in state if k not in reference]
+    if extra:
+        raise ValueError(f"{where}: unexpected parameter {extra[0]!r} (shape {tuple(state[extra[0]].shape)})")
+
+
+def uniform_soup(states: Sequence[State]) -> State:
+    """Mean of the floating tensors of ``states`` (computed in float64, returned in the first
+    state's dtypes); integer tensors (``num_batches_tracked``) are taken from the first."""
+    if not states:
+        raise ValueError("`states` must hold at least one state dict")
+    out = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            out[name] = torch.stack([s[name].double() for s in states]).mean(0).to(first.dtype)
+        else:
+            out[name] = first.clone()
+    return out
+
+
+def greedy_soup(
+    states: Sequence[State], evaluate: Callable[[State], float], maximize: bool = True
+) -> tuple[State, list[int], list[float]]:
+    """Greedy soup of Wortsman et al. 2022.
+
+    Args:
+        states: the ingredients.
+        evaluate: held-out metric of a state dict.
+        maximize: whether larger metric values are better.
+
+    Returns:
+        ``(soup, kept, scores)``: the soup, the indices of the kept ingredients in the order they
+        were added, and every ingredient's own score.
+    """
+    scores = [evaluate(s) for s in states]
+    order = sorted(range(len(states)), key=lambda i: scores[i], reverse=maximize)
+    kept = [order[0]]
+    best = scores[order[0]]
+    soup = states[order[0]]
+    for i in order[1:]:
+        candidate = uniform_soup([states[j] for j in kept + [i]])
+        score = evaluate(candidate)
+        if (score > best) if maximize else (score < best):
+            kept, best, soup = kept + [i], score, candidate
+    return soup, kept, scores
+
+
+# ----------------------------------------------------------------------------- module
+class ModelSoup(Classifier):
+    """A classifier whose weights are a soup of fine-tuned checkpoints, built on the validation
+    split when validation starts (``litplug validate --config configs/digits/soup.yaml``).
+
+    Logs to the logger ``soup/ingredient_<metric>`` (step = ingredient index, in the order of
+    ``checkpoints``), ``soup/kept`` (1 if the ingredient is in the soup) and ``soup/<metric>``;
+    the validation epoch then logs ``val/acc`` and ``val/loss`` of the soup as usual. The soup's
+    backbone weights are written to ``output_path`` (a plain state dict).
+
+    Distributed: single process or DDP (the held-out counts are summed over ranks with one
+    all-reduce per evaluation). FSDP2 is not supported (raises at setup).
+
+    Args:
+        backbone: the architecture of the ingredients (its own weights are replaced).
+        checkpoints: ingredient files: Lightning ``.ckpt`` (``backbone.*`` keys) or plain
+            backbone state dicts (e.g. ``EMA(export_path=...)``).
+        recipe: ``"greedy"`` or ``"uniform"``.
+        metric: held-out metric used by the greedy recipe and logged: ``"val/acc"`` (maximised)
+            or ``"val/loss"`` (minimised).
+        num_classes: number of classes.
+        output_path: where to write the soup's backbone state dict (``None``: do not write).
+
+    Example:
+        >>> soup = ModelSoup(MLP(), ["a.ckpt", "b.ckpt"], recipe="greedy")  # doctest: +SKIP
+        >>> Trainer().validate(soup, Digits())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        checkpoints: list[str],
+        recipe: Literal["greedy", "uniform"] = "greedy",
+        metric: Metric = "val/acc",
+        num_classes: int = 10,
+        output_path: str | None = "runs/soup.pt",
+    ) -> None:
+        if recipe not in ("greedy", "uniform"):
+            raise ValueError(f"`recipe` must be 'greedy' or 'uniform', got {recipe!r}")
+        if metric not in ("val/acc", "val/loss"):
+            raise ValueError(f"`metric` must be 'val/acc' or 'val/loss', got {metric!r}")
+        if not checkpoints:
+            raise ValueError("`checkpoints` must name at least one ingredient")
+        super().__init__(backbone, num_classes)
+        reference = {k: v for k, v in backbone.state_dict().items()}
+        self.ingredients = []
+        for path in checkpoints:
+            state = load_ingredient(path)
+            check_compatible(reference, state, f"checkpoint {path}")
+            self.ingredients.append(state)
+        self.checkpoints = list(checkpoints)
+        self.recipe = recipe
+        self.metric = metric
+        self.output_path = output_path
+        self.kept: list[int] = []
+        self.scores: list[float] = []
+        self.soup_score: float | None = None
+        self._built = False
+
+    @override
+    def configure_model(self) -> None:
+        if self.device_mesh is not None:
+            raise ValueError("ModelSoup does not support ModelParallelStrategy (FSDP2); use a single device or DDP")
+
+    @torch.no_grad()
+    def evaluate_state(self, state: State) -> float:
+        """Load ``state`` into the backbone and return ``metric`` on the validation split."""
+        self.backbone.load_state_dict(state)
+        was_training = self.training
+        self.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        loader = self.trainer.val_dataloaders
+        for batch in loader[0] if isinstance(loader, (list, tuple)) else loader:
+            x, y = self.trainer.strategy.batch_to_device(batch)
+            logits = self(x)
+            totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            totals[1] += (logits.argmax(-1) == y).sum()
+            totals[2] += len(y)
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        self.train(was_training)
+        return float(totals[1] / totals[2]) if self.metric == "val/acc" else float(totals[0] / totals[2])
+
+    @override
+    def on_validation_start(self) -> None:
+        if self._built:
+            return
+        maximize = self.metric == "val/acc"
+        if self.recipe == "greedy":
+            soup, self.kept, self.scores = greedy_soup(self.ingredients, self.evaluate_state, maximize)
+        else:
+            self.scores = [self.evaluate_state(s) for s in self.ingredients]
+            soup, self.kept = uniform_soup(self.ingredients), list(range(len(self.ingredients)))
+        self.soup_score = self.evaluate_state(soup)
+        self._built = True
+        name = self.metric.split("/")[-1]
+        if self.logger is not None:
+            for i, score in enumerate(self.scores):
+                self.logger.log_metrics({f"soup/ingredient_{name}": score, "soup/kept": float(i in self.kept)}, step=i)
+            self.logger.log_metrics({f"soup/{name}": self.soup_score}, step=len(self.scores))
+        if self.output_path:
+            _save(self.backbone.state_dict(), self.output_path)
+
+
+@rank_zero_only
+def _save(state: State, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
+

@@ -1,0 +1,501 @@
+"""Tests of litplug.callbacks.sharpness: the functional core against closed forms, one Trainer step
+against the update computed by hand, the peer (pytorch_optimizer.SAM), precision / accumulation /
+clipping / BatchNorm / logging behaviour, DDP and FSDP2 on 2 CPU ranks."""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import fast_trainer, read_scalars, run_distributed
+from lightning.pytorch import Callback, LightningModule, seed_everything
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
+from torch.utils.data import DataLoader, TensorDataset
+
+from litplug.callbacks import SAM, SharpnessAwareMinimization, SharpnessMonitor, SurrogateSharpness
+from litplug.callbacks.sharpness import dual_ascent, global_norm, ignite_gradient, sam_gradient, sam_perturbation
+from litplug.datamodules import SyntheticClassification
+from litplug.modules import MLP, Classifier
+
+# ------------------------------------------------------------------------------------------
+# helpers (module level: the distributed workers import them)
+# ------------------------------------------------------------------------------------------
+
+
+class Counting(Classifier):
+    """Classifier that counts its training_step calls."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        return super().training_step(batch, batch_idx)
+
+
+def tiny(optimizer=None, batch_norm=False, seed=0):
+    torch.manual_seed(seed)
+    optimizer = optimizer or partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+    return Counting(MLP(input_shape=[4], num_outputs=3, hidden=[6], batch_norm=batch_norm), num_classes=3, optimizer=optimizer)
+
+
+def data(n=16, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def loader(x, y, batch_size):
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class Probe(Callback):
+    """Records, per optimizer step, the weights at batch start, the gradient and weights that
+    on_before_optimizer_step sees (and how often it is called), and the weights after the step."""
+
+    def __init__(self):
+        self.start, self.grads, self.at_step, self.after, self.batches = [], [], [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.start.append([_full(p.detach()).clone() for p in pl_module.parameters()])
+        self.batches.append([t.detach().cpu().clone() for t in batch])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append([_full(p.grad).clone() for p in pl_module.parameters()])
+        self.at_step.append([_full(p.detach()).clone() for p in pl_module.parameters()])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append([_full(p.detach()).clone() for p in pl_module.parameters()])
+
+
+def hand_grads(net, batches, rho, adaptive, a):
+    """(1 - a) g + a grad L(w + e) computed from the equations, on a copy of ``net``."""
+    net = copy.deepcopy(net)
+    params = list(net.parameters())
+
+    def grads():
+        net.zero_grad()
+        loss = sum(F.cross_entropy(net(x), y) for x, y in batches) / len(batches)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    _, g = grads()
+    t = [p.detach().abs() if adaptive else torch.ones_like(p) for p in params]
+    norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
+    with torch.no_grad():
+        for p, ti, gi in zip(params, t, g):
+            p.add_(rho * ti**2 * gi / (norm + 1e-12))
+    _, g2 = grads()
+    return [(1 - a) * gi + a * g2i for gi, g2i in zip(g, g2)]
+
+
+def hand_step(net, final, optimizer):
+    net = copy.deepcopy(net)
+    opt = optimizer(net.parameters())
+    for p, g in zip(net.parameters(), final):
+        p.grad = g.clone()
+    opt.step()
+    return [p.detach() for p in net.parameters()]
+
+
+# ------------------------------------------------------------------------------------------
+# functional core
+# ------------------------------------------------------------------------------------------
+
+
+def test_sam_perturbation_closed_form_and_loss_scale_invariance():
+    p = [torch.tensor([1.0, -2.0]), torch.tensor([[0.5]])]
+    g = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]
+    e, n = sam_perturbation(p, g, rho=0.1)
+    assert n == pytest.approx(5.0)
+    torch.testing.assert_close(e[0], torch.tensor([0.06, 0.0]))
+    torch.testing.assert_close(e[1], torch.tensor([[0.08]]))
+    ea, na = sam_perturbation(p, g, rho=0.1, adaptive=True)
+    assert na == pytest.approx((3.0**2 + 2.0**2) ** 0.5)  # ||(|w| g)|| = ||(3, 0, 2)||
+    torch.testing.assert_close(ea[0], 0.1 * torch.tensor([3.0, 0.0]) / 13**0.5)
+    torch.testing.assert_close(ea[1], 0.1 * torch.tensor([[0.25 * 4.0]]) / 13**0.5)
+    for adaptive in (False, True):
+        e1, _ = sam_perturbation(p, g, 0.1, adaptive)
+        e2, _ = sam_perturbation(p, [1024 * t for t in g], 0.1, adaptive)
+        for a, b in zip(e1, e2):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    assert global_norm([torch.tensor([3.0]), torch.tensor([4.0])]) == pytest.approx(5.0)
+
+
+def test_combination_rules():
+    g, gp = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, -2.0])]
+    torch.testing.assert_close(sam_gradient(g, gp, 0.5)[0], torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(sam_gradient(g, gp, 1.0)[0], gp[0])
+    out = ignite_gradient([torch.tensor([1.0])], [torch.tensor([2.0])], [torch.tensor([5.0])], lam=2.0, rho=0.1, radius=0.2)
+    torch.testing.assert_close(out[0], torch.tensor([1.0 + 2.0 * 0.1 / 0.2 * 3.0]))
+    lam = torch.tensor(0.01)
+    assert dual_ascent(lam, torch.tensor(1.0), rho=0.5, epsilon=0.1, lr=0.1) == pytest.approx(0.01 + 0.1 * 0.4)
+    assert dual_ascent(lam, torch.tensor(0.0), rho=0.5, epsilon=1.0, lr=1.0) == 0.0  # clamped at 0
+    assert dual_ascent(lam, torch.tensor(float("inf")), rho=0.5, epsilon=0.1, lr=0.1) == pytest.approx(0.01)
+
+
+# ------------------------------------------------------------------------------------------
+# one Trainer step against the equations
+# ------------------------------------------------------------------------------------------
+
+OPTIMIZERS = {
+    "sgd": partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+    "adamw": partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("adaptive,a", [(False, 1.0), (True, 1.0), (False, 0.5)])
+def test_one_step_equals_hand_computed_update(tmp_path, opt, adaptive, a):
+    x, y = data()
+    model = tiny(OPTIMIZERS[opt])
+    w0 = copy.deepcopy(model.backbone)
+    probe = Probe()
+    trainer = fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(rho=0.2, adaptive=adaptive, penalty_weight=a), probe])
+    trainer.fit(model, loader(x, y, 16))
+    final = hand_grads(w0, [(x, y)], 0.2, adaptive, a)
+    expected = hand_step(w0, final, OPTIMIZERS[opt])
+    assert model.calls == 2 and trainer.global_step == 1 and len(probe.grads) == 1
+    for got, want in zip(probe.grads[0], final):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for got, want in zip(probe.at_step[0], probe.start[0]):
+        assert torch.equal(got, want)  # weights restored bit-exactly before the step
+    for got, want in zip(model.backbone.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_exclude_and_rho_to_zero(tmp_path):
+    x, y = data()
+    # exclude: biases are not perturbed, and the norm is over the weights only
+    model = tiny()
+    w0 = copy.deepcopy(model.backbone)
+    probe = Probe()
+    fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(rho=0.3, exclude=["*.bias"]), probe]).fit(model, loader(x, y, 16))
+    net = copy.deepcopy(w0)
+    params = list(net.parameters())
+    F.cross_entropy(net(x), y).backward()
+    g = [p.grad.clone() for p in params]
+    weights = [i for i, (n, _) in enumerate(net.named_parameters()) if not n.endswith("bias")]
+    norm = torch.sqrt(sum((g[i] ** 2).sum() for i in weights))
+    with torch.no_grad():
+        for i in weights:
+            params[i].add_(0.3 * g[i] / norm)
+    net.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    for got, p in zip(probe.grads[0], params):
+        torch.testing.assert_close(got, p.grad, rtol=1e-6, atol=1e-6)
+    # rho -> 0 reproduces the base optimizer over several steps
+    runs = []
+    for callbacks in ([SAM(rho=1e-9)], []):
+        model = tiny()
+        fast_trainer(tmp_path, max_epochs=2, callbacks=callbacks).fit(model, loader(x, y, 4))
+        runs.append([p.detach() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class PeerSAM(LightningModule):
+    """pytorch_optimizer.SAM in manual optimization: the path users take without litplug."""
+
+    def __init__(self, backbone, rho, adaptive, lr=0.1, momentum=0.9):
+        super().__init__()
+        self.automatic_optimization = False
+        self.backbone, self.rho, self.adaptive, self.lr, self.momentum = backbone, rho, adaptive, lr, momentum
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers().optimizer
+        loss = F.cross_entropy(self.backbone(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.first_step(zero_grad=True)
+        self.manual_backward(F.cross_entropy(self.backbone(x), y))
+        opt.second_step(zero_grad=True)
+        return loss
+
+    def configure_optimizers(self):
+        from pytorch_optimizer import SAM as PeerOptimizer
+
+        return PeerOptimizer(
+            self.parameters(), torch.optim.SGD, rho=self.rho, adaptive=self.adaptive, lr=self.lr, momentum=self.momentum
+        )
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_matches_pytorch_optimizer_sam(tmp_path, adaptive):
+    pytest.importorskip("pytorch_optimizer")
+    x, y = data(32)
+    model = tiny()
+    peer = PeerSAM(copy.deepcopy(model.backbone), rho=0.1, adaptive=adaptive)
+    fast_trainer(tmp_path, max_epochs=2, callbacks=[SAM(rho=0.1, adaptive=adaptive)]).fit(model, loader(x, y, 8))
+    fast_trainer(tmp_path, max_epochs=2).fit(peer, loader(x, y, 8))
+    for a, b in zip(model.backbone.parameters(), peer.backbone.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Lightning behaviour: accumulation, precision, clipping, BatchNorm, logging, every_n_steps
+# ------------------------------------------------------------------------------------------
+
+
+def test_accumulation_reruns_all_micro_batches(tmp_path):
+    x, y = data()
+    full, accum = tiny(), tiny()
+    w0 = copy.deepcopy(full.backbone)
+    probe_full, probe_accum = Probe(), Probe()
+    fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(rho=0.2), probe_full]).fit(full, loader(x, y, 16))
+    trainer = fast_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, callbacks=[SAM(rho=0.2), probe_accum])
+    trainer.fit(accum, loader(x, y, 8))
+    assert accum.calls == 4 and trainer.global_step == 1 and len(probe_accum.grads) == 1
+    # two half batches with a mean loss = one full batch: same final gradient and update
+    final = hand_grads(w0, [(x[:8], y[:8]), (x[8:], y[8:])], 0.2, False, 1.0)
+    for a, b, c in zip(probe_accum.grads[0], probe_full.grads[0], final):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_clipping_applies_to_final_gradient(tmp_path):
+    x, y = data()
+    model = tiny(partial(torch.optim.SGD, lr=1.0))
+    w0 = copy.deepcopy(model.backbone)
+    fast_trainer(tmp_path, max_steps=1, gradient_clip_val=1e-3, callbacks=[SAM(rho=0.2)]).fit(model, loader(x, y, 16))
+    final = hand_grads(w0, [(x, y)], 0.2, False, 1.0)
+    norm = torch.sqrt(sum((g**2).sum() for g in final))
+    assert norm > 1e-2
+    for p, p0, g in zip(model.backbone.parameters(), w0.parameters(), final):
+        torch.testing.assert_close(p0.detach() - p.detach(), g * 1e-3 / (norm + 1e-6), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_final_gradient(tmp_path, precision):
+    x, y = data()
+    w0 = copy.deepcopy(tiny().backbone)
+    final = hand_grads(w0, [(x, y)], 0.2, False, 0.5)
+    model, probe = tiny(), Probe()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if precision == "16-mixed" else None
+    plugin = MixedPrecision(precision, "cpu", scaler)
+    fast_trainer(tmp_path, max_steps=1, plugins=[plugin], callbacks=[SAM(rho=0.2, penalty_weight=0.5), probe]).fit(model, loader(x, y, 16))
+    # unscaled once, on the sum of both passes: equal to the fp32 equations up to half-precision error
+    num = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(probe.grads[0], final)))
+    assert num / torch.sqrt(sum((b**2).sum() for b in final)) < 0.05
+    if scaler is not None:
+        assert scaler.get_scale() == 2.0**12  # no inf: the step was taken and the scale kept
+
+
+def test_fp16_overflow_skips_step_and_keeps_weights(tmp_path):
+    x, y = data()
+    model = tiny()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow
+    trainer = fast_trainer(tmp_path, max_steps=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)], callbacks=[SAM(rho=0.2)])
+    trainer.fit(model, loader(x, y, 16))
+    assert scaler.get_scale() < 2.0**40
+    for p, p0 in zip(model.parameters(), w0):
+        assert torch.equal(p.detach(), p0)
+
+
+def test_batchnorm_stats_logging_and_every_n_steps(tmp_path):
+    x, y = data()
+    # BatchNorm running statistics: the second pass leaves them as one plain step does
+    stats = {}
+    for name, callbacks in (("plain", []), ("sam", [SAM(rho=0.2)]), ("unfrozen", [SAM(rho=0.2, freeze_bn_stats=False)])):
+        model = tiny(batch_norm=True)
+        fast_trainer(tmp_path, max_steps=1, callbacks=callbacks).fit(model, loader(x, y, 16))
+        bn = model.backbone[1][1]
+        stats[name] = (bn.running_mean.clone(), int(bn.num_batches_tracked))
+    assert torch.equal(stats["sam"][0], stats["plain"][0]) and stats["sam"][1] == stats["plain"][1] == 1
+    assert stats["unfrozen"][1] == 2
+    # logging: the module's train/loss once per step with the unperturbed value; sam/* present
+    logs = {}
+    for name, callbacks in (("plain", []), ("sam", [SAM(rho=0.2, every_n_steps=2)])):
+        model = tiny()
+        logger = TensorBoardLogger(tmp_path, name=name)
+        trainer = fast_trainer(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=1, callbacks=callbacks)
+        trainer.fit(model, loader(x, y, 4))
+        logs[name] = read_scalars(logger.log_dir)
+    assert model.calls == 8 + 4  # 8 steps, every second one perturbed
+    assert [s for s, _ in logs["sam"]["train/loss"]] == list(range(8))
+    assert logs["sam"]["train/loss"][0][1] == pytest.approx(logs["plain"]["train/loss"][0][1])
+    sharpness = dict(logs["sam"]["sam/sharpness"])
+    assert all(sharpness[s] != sharpness[s - 1] for s in (2, 4, 6))  # new value on each perturbed step
+    assert all(v == pytest.approx(0.2, rel=1e-4) for _, v in logs["sam"]["sam/perturbation_norm"])
+    assert all(v > 0 for _, v in logs["sam"]["sam/grad_norm"])
+
+
+def test_sam_with_ema_averages_restored_weights(tmp_path):
+    x, y = data()
+    probe = Probe()
+    model = tiny()
+    fast_trainer(tmp_path, max_epochs=1, callbacks=[SAM(rho=0.2), probe]).fit(model, loader(x, y, 4))
+    model_ema = tiny()
+    ema = EMAWeightAveraging(decay=0.5)
+    fast_trainer(tmp_path, max_epochs=1, callbacks=[SAM(rho=0.2), ema]).fit(model_ema, loader(x, y, 4))
+    avg = probe.after[0]
+    for weights in probe.after[1:]:
+        avg = [0.5 * a + 0.5 * w for a, w in zip(avg, weights)]
+    for p, a in zip(model_ema.parameters(), avg):
+        torch.testing.assert_close(p.detach(), a, rtol=1e-6, atol=1e-7)
+
+
+def test_surrogate_sharpness_one_step_equals_equations(tmp_path):
+    x, y = data()
+    model = tiny(partial(torch.optim.SGD, lr=0.1))
+    w0 = copy.deepcopy(model.backbone)
+    probe = Probe()
+    cb = SurrogateSharpness(rho=0.5, radius=0.1, epsilon=0.01, lambda_init=2.0, lambda_lr=0.5)
+    trainer = fast_trainer(tmp_path, max_steps=1, callbacks=[cb, probe])
+    trainer.fit(model, loader(x, y, 16))
+    net = copy.deepcopy(w0)
+    params = list(net.parameters())
+
+    def grad(fn):
+        net.zero_grad()
+        fn().backward()
+        return [p.grad.clone() for p in params]
+
+    g_loss = grad(lambda: F.cross_entropy(net(x), y))
+    g_g = grad(lambda: net(x).mean())
+    norm = torch.sqrt(sum((g**2).sum() for g in g_g))
+    with torch.no_grad():
+        for p, g in zip(params, g_g):
+            p.add_(0.1 * g / norm)
+    g_hat = grad(lambda: net(x).mean())
+    final = ignite_gradient(g_loss, g_g, g_hat, lam=2.0, rho=0.5, radius=0.1)
+    for got, want in zip(probe.grads[0], final):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(probe.at_step[0], probe.start[0]):
+        assert torch.equal(got, want)
+    assert float(cb.state_dict()["lambda"]) == pytest.approx(max(0.0, 2.0 + 0.5 * (0.5 * float(norm) - 0.01)), rel=1e-5)
+    assert model.calls == 1  # G is the model's forward, not training_step
+
+
+def test_monitor_leaves_training_untouched_and_logs_layers(tmp_path):
+    x, y = data()
+    runs = []
+    for callbacks in ([], [SharpnessMonitor(rho=0.1)]):
+        model = tiny(partial(torch.optim.Adam, lr=0.01), batch_norm=True)
+        logger = TensorBoardLogger(tmp_path, name=str(len(callbacks)))
+        trainer = fast_trainer(tmp_path, max_epochs=2, logger=logger, callbacks=callbacks)
+        trainer.fit(model, loader(x, y, 4))
+        runs.append((model, read_scalars(logger.log_dir), trainer.optimizers[0].state_dict()))
+    (plain, _, opt_plain), (monitored, logs, opt_mon) = runs
+    for a, b in zip(plain.state_dict().values(), monitored.state_dict().values()):
+        assert torch.equal(a, b)
+    for s_plain, s_mon in zip(opt_plain["state"].values(), opt_mon["state"].values()):
+        assert all(torch.equal(s_plain[k], s_mon[k]) for k in s_plain)
+    assert len(logs["sharpness/model"]) == 2 and all(v > 0 for _, v in logs["sharpness/model"])
+    assert {"sharpness/layer/backbone.1.0", "sharpness/layer/backbone.1.1", "sharpness/layer/backbone.2"} <= set(logs)
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make,arg",
+    [
+        (lambda: SAM(rho=0.0), "rho"),
+        (lambda: SAM(penalty_weight=0.0), "penalty_weight"),
+        (lambda: SAM(penalty_weight=1.5), "penalty_weight"),
+        (lambda: SAM(every_n_steps=0), "every_n_steps"),
+        (lambda: SurrogateSharpness(radius=0.0), "radius"),
+        (lambda: SurrogateSharpness(lambda_init=-1.0), "lambda_init"),
+        (lambda: SharpnessMonitor(num_batches=0), "num_batches"),
+    ],
+)
+def test_bad_arguments(make, arg):
+    with pytest.raises(ValueError, match=f"`{arg}`"):
+        make()
+
+
+def test_setup_errors(tmp_path):
+    x, y = data()
+    with pytest.raises(ValueError, match="`exclude`.*'\\*.nope'"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(exclude=["*.nope"])]).fit(tiny(), loader(x, y, 16))
+    with pytest.raises(ValueError, match="automatic optimization"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[SAM()]).fit(PeerSAM(tiny().backbone, 0.1, False), loader(x, y, 16))
+    with pytest.raises(ValueError, match="Only one sharpness penalty"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(), SurrogateSharpness()]).fit(tiny(), loader(x, y, 16))
+
+
+# ------------------------------------------------------------------------------------------
+# DDP and FSDP2 on 2 CPU ranks
+# ------------------------------------------------------------------------------------------
+
+
+def dist_worker(strategy, tmp_dir):
+    out = {}
+    cases = {
+        "local": lambda: SAM(rho=0.2, sync_first_pass=False),
+        "synced": lambda: SAM(rho=0.2, sync_first_pass=True),
+        "ignite": lambda: SurrogateSharpness(rho=0.5, radius=0.1, lambda_init=1.0, lambda_lr=0.5),
+    }
+    for name, make in cases.items():
+        seed_everything(0)
+        model, probe, cb = tiny(), Probe(), make()
+        w0 = {k: _full(v).detach().clone() for k, v in model.backbone.state_dict().items()}
+        dm = SyntheticClassification(num_samples=128, input_shape=[4], num_classes=3, batch_size=8)
+        trainer = fast_trainer(tmp_dir / name, strategy=copy.deepcopy(strategy), devices=2, max_steps=3, callbacks=[cb, probe, SharpnessMonitor()])
+        trainer.fit(model, dm)
+        weights = [_full(p.detach()).clone() for p in model.parameters()]
+        out[name] = {"w0": w0, "batches": probe.batches, "grads": probe.grads, "weights": weights, "calls": model.calls}
+        out[name]["state"] = cb.state_dict()
+    return out
+
+
+def _reference_backbone(w0):
+    net = MLP(input_shape=[4], num_outputs=3, hidden=[6])
+    net.load_state_dict(w0)
+    return net
+
+
+def _grads_at(net, batch):
+    net.zero_grad()
+    F.cross_entropy(net(batch[0]), batch[1]).backward()
+    return [p.grad.clone() for p in net.parameters()]
+
+
+def _check_distributed(r0, r1, local_perturbation):
+    for name in ("local", "synced", "ignite"):
+        for a, b in zip(r0[name]["weights"], r1[name]["weights"]):
+            assert torch.equal(a, b), f"{name}: ranks differ"
+        for a, b in zip(r0[name]["grads"][0], r1[name]["grads"][0]):
+            assert torch.equal(a, b), f"{name}: final gradients differ"
+    assert torch.equal(r0["ignite"]["state"]["lambda"], r1["ignite"]["state"]["lambda"])
+    assert r0["local"]["calls"] == 6 + 4  # 3 steps x 2 passes, then the monitor: L(w), model, 2 layers
+    for name, local in (("local", local_perturbation), ("synced", False)):
+        net = _reference_backbone(r0[name]["w0"])
+        batches = [r0[name]["batches"][0], r1[name]["batches"][0]]
+        if local:  # each rank's SAM gradient with its own perturbation, averaged
+            per_rank = [hand_grads(net, [b], 0.2, False, 1.0) for b in batches]
+            want = [(a + b) / 2 for a, b in zip(*per_rank)]
+        else:  # one perturbation from the global (mean) gradient
+            g = [(a + b) / 2 for a, b in zip(*[_grads_at(copy.deepcopy(net), b) for b in batches])]
+            norm = torch.sqrt(sum((t**2).sum() for t in g))
+            with torch.no_grad():
+                for p, t in zip(net.parameters(), g):
+                    p.add_(0.2 * t / norm)
+            want = [(a + b) / 2 for a, b in zip(*[_grads_at(copy.deepcopy(net), b) for b in batches])]
+        for got, w in zip(r0[name]["grads"][0], want):
+            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ddp(tmp_path):
+    r0, r1 = run_distributed(dist_worker, "ddp", tmp_path)
+    _check_distributed(r0, r1, local_perturbation=True)
+
+
+def test_fsdp2(tmp_path):
+    r0, r1 = run_distributed(dist_worker, "fsdp2", tmp_path)
+    # FSDP2 reduce-scatters every backward: the perturbation always comes from the global gradient
+    _check_distributed(r0, r1, local_perturbation=False)
