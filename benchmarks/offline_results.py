@@ -4,8 +4,9 @@ For every task, trains the surrogate of ``configs/offline/<task>.yaml`` over ``-
 (seed of the data sample, the split, the initialisation and the shuffling), plain, with IGNITE
 (``configs/offline/ignite.yaml``: ``SurrogateSharpness``) and with SAM
 (``configs/offline/sam.yaml``), runs ``GradientAscentSearch`` at the end of each fit, and prints
-the normalised 100th-percentile score (mean +- std over seeds, and the change of the mean against
-the baseline) as a Markdown table, then the 50th-percentile score and the best offline design for
+the normalised 100th-percentile score (mean +- std over seeds; for IGNITE and SAM also the change
+of the mean against the baseline and how many seeds improve on the baseline run with the same seed,
+which shares its data and initialisation) as a Markdown table, then the 50th-percentile score and the best offline design for
 reference. A column whose callback is not
 available (the sharpness family not installed) says so.
 
@@ -85,9 +86,10 @@ def main() -> None:
             return f"n/a ({VARIANTS[variant][1]} not installed)"
         values = [r[key] for r in results[(task, variant)]]
         text = mean_std(values)
-        if variant != "baseline":  # relative change of the mean against the baseline's
-            base = statistics.mean(r[key] for r in results[(task, "baseline")])
-            text += f" ({100 * (statistics.mean(values) / base - 1):+.1f}%)"
+        if variant != "baseline":  # change of the mean, and seeds (same data and init) that improve
+            base = [r[key] for r in results[(task, "baseline")]]
+            wins = sum(v > b for v, b in zip(values, base))
+            text += f" ({100 * (statistics.mean(values) / statistics.mean(base) - 1):+.1f}%, {wins}/{len(base)})"
         return text
 
     print(f"\nNormalised 100th-percentile score, mean ± std over {opts.seeds} seeds (1 = best design of the full dataset)\n")
