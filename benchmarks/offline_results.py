@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -40,7 +41,7 @@ VARIANTS = {
 }
 
 
-def run(task: str, variant: str, seed: int, epochs: int | None) -> dict[str, float]:
+def run(task: str, variant: str, seed: int, epochs: int | None, root: str) -> dict[str, float]:
     args = ["fit", "--config", str(CONFIGS / f"{task}.yaml")]
     if VARIANTS[variant]:
         args += ["--config", str(CONFIGS / VARIANTS[variant][0])]
@@ -51,6 +52,7 @@ def run(task: str, variant: str, seed: int, epochs: int | None) -> dict[str, flo
         "--trainer.enable_checkpointing", "false",
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", root,  # where the CLI saves config.yaml
     ]  # fmt: skip
     if epochs is not None:
         args += ["--trainer.max_epochs", str(epochs)]
@@ -86,7 +88,8 @@ def main() -> None:
                 continue
             for seed in range(opts.seeds):
                 start = time.perf_counter()
-                res = run(task, variant, seed, opts.epochs)
+                with tempfile.TemporaryDirectory() as root:
+                    res = run(task, variant, seed, opts.epochs, root)
                 seconds[variant] += time.perf_counter() - start
                 results.setdefault((task, variant), []).append(res)
                 print(f"{task:>10} {variant:>9} seed {seed}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in res.items()), flush=True)
