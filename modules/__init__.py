@@ -3,5 +3,6 @@
 from .base import TrainingModule
 from .classifier import Classifier
 from .networks import MLP, ConvNet
+from .unlearning import Unlearner
 
-__all__ = ["MLP", "Classifier", "ConvNet", "TrainingModule"]
+__all__ = ["MLP", "Classifier", "ConvNet", "TrainingModule", "Unlearner"]
