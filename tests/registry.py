@@ -11,8 +11,9 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
-from litplug.datamodules import Digits
-from litplug.modules import MLP, Classifier
+from litplug.callbacks import UnlearningMask
+from litplug.datamodules import Digits, ForgetRetain
+from litplug.modules import MLP, Classifier, Unlearner
 
 
 def small_classifier() -> LightningModule:
@@ -35,3 +36,19 @@ class Case:
 
 
 CASES: dict[str, Case] = {}
+
+
+def small_unlearner() -> LightningModule:
+    return Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32], batch_norm=True), None, "gradient_difference")
+
+
+def forget_digits() -> LightningDataModule:
+    return ForgetRetain(Digits(batch_size=32), scenario="class", forget_classes=[0])
+
+
+CASES["UnlearningMask"] = Case(
+    callback=lambda: UnlearningMask("saliency", ratio=0.5, num_batches=2),
+    model=small_unlearner,
+    data=forget_digits,
+    trainer={"gradient_clip_val": 1.0},
+)
