@@ -370,7 +370,8 @@ class UnlearningMask(Callback):
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._mask_grads()
-        closure = kwargs.get("closure", args[0] if args else None)
+        # torch passes the optimizer itself as args[0]; a positional closure is args[1]
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
             return None
 
@@ -381,7 +382,7 @@ class UnlearningMask(Callback):
 
         if "closure" in kwargs:
             return args, {**kwargs, "closure": masked_closure}
-        return (masked_closure, *args[1:]), kwargs
+        return (args[0], masked_closure, *args[2:]), kwargs
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         with torch.no_grad():
@@ -393,7 +394,7 @@ class UnlearningMask(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pl_module.log("unlearn/mask_ratio", self.num_selected / max(1, self.num_entries))
+        pl_module.log("unlearn/mask_ratio", self.num_selected / max(1, self.num_entries), sync_dist=True)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -273,9 +273,9 @@ class Unlearner(TrainingModule):
             metrics["forget_test_acc"] = acc["forget_test"]
         metrics["MIA"] = mia_efficacy(data["retain"][0], data["test"][0], data["forget"][0], self.seed)
         for key, value in metrics.items():
-            self.log(f"unlearn/{stage}/{key}", value)  # identical on every rank: no sync needed
+            self.log(f"unlearn/{stage}/{key}", value, sync_dist=True)  # identical on every rank already
         if stage == "val" and self._fit_start:
-            self.log("unlearn/run_time", time.perf_counter() - self._fit_start - self._eval_seconds)
+            self.log("unlearn/run_time", time.perf_counter() - self._fit_start - self._eval_seconds, sync_dist=True)
 
     @override
     def on_validation_epoch_start(self) -> None:
