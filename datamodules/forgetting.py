@@ -4,7 +4,7 @@ Example:
     >>> from litplug.datamodules import Digits
     >>> dm = ForgetRetain(Digits(batch_size=32), scenario="class", forget_classes=[3])
     >>> dm.setup()
-    >>> batch = next(iter(dm.train_dataloader()))
+    >>> batch, _, _ = next(iter(dm.train_dataloader()))
     >>> sorted(batch), bool((batch["forget"][1] == 3).all())
     (['forget', 'retain'], True)
 """
