@@ -133,3 +133,28 @@ def test_metrics_logged_and_forgetting_happens(tmp_path):
     for key in ("UA", "RA", "TA", "MIA", "forget_test_acc"):
         assert len(scalars[f"unlearn/val/{key}"]) >= 2 and f"unlearn/test/{key}" in scalars
     assert scalars["unlearn/run_time"][-1][1] > 0
+
+
+def test_every_results_config_instantiates(tmp_path):
+    from pathlib import Path
+
+    from litplug.callbacks import UnlearningMask
+    from litplug.cli import LitplugCLI
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "digits" / "unlearning"
+    original = LitplugCLI(args=["--config", str(root / "original.yaml"), "--trainer.logger", "false"], run=False)
+    assert isinstance(original.model, Classifier)
+    torch.save(original.model.backbone.state_dict(), tmp_path / "orig.pt")
+    rows = sorted((root / "methods").glob("*.yaml"))
+    assert len(rows) == 11
+    for scenario in ("class", "random"):
+        # every row on class forgetting; random.yaml differs only in data, so two rows suffice there
+        for row in rows if scenario == "class" else [root / "methods" / "retrain.yaml", root / "methods" / "random_label_saliency.yaml"]:
+            extra = [] if row.stem == "retrain" else ["--model.init_args.checkpoint", str(tmp_path / "orig.pt")]
+            args = ["--config", str(root / f"{scenario}.yaml"), "--config", str(row), "--trainer.logger", "false"] + extra
+            cli = LitplugCLI(args=args, run=False)
+            assert isinstance(cli.model, Unlearner) and isinstance(cli.datamodule, ForgetRetain)
+            assert cli.model.method == row.stem.replace("_saliency", "").replace("_attribution", "")
+            assert cli.datamodule.scenario == scenario
+            masks = [c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]
+            assert [m.criterion for m in masks] == [c for c in ("saliency", "attribution") if c in row.stem]
