@@ -366,6 +366,17 @@ def dist_worker(strategy, tmp_dir):
             "frozen_ok": capture.frozen_ok,
             "weights": state_of(model),
         }
+    # resume from a checkpoint of the last run (sharded under FSDP2): masks are loaded, not recomputed
+    trainer.save_checkpoint(tmp_dir / "last.ckpt")
+    resumed = UnlearningMask("saliency", ratio=0.37, num_batches=5)
+    resumed._scores = None  # calling it would fail
+    trainer = fast_trainer(
+        tmp_dir / "resumed", strategy=make_strategy("fsdp2" if isinstance(strategy, ModelParallelStrategy) else "ddp"), devices=2,
+        max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[resumed],
+    )  # fmt: skip
+    model = Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), None, "gradient_difference")
+    trainer.fit(model, ForgetRetain(Digits(batch_size=16), scenario="random", forget_fraction=0.2), ckpt_path=str(tmp_dir / "last.ckpt"))
+    out["resumed_masks"] = resumed.state_dict()["masks"]
     return out
 
 
@@ -383,6 +394,9 @@ def test_distributed_masks(tmp_path, strategy):
         if criterion == "magnitude":  # global ranking with ties equals the single-process one
             for n, ref in zip(a["names"], a["reference"]):
                 assert torch.equal(a["masks"][n], ref)
+        if criterion == "saliency":
+            for n in a["names"]:
+                assert torch.equal(r0["resumed_masks"][n], a["masks"][n]) and torch.equal(r1["resumed_masks"][n], a["masks"][n])
         if strategy == "fsdp2":  # shard-local masks: each rank holds half the rows
             for n in a["names"]:
                 rows = a["masks"][n].shape[0]
