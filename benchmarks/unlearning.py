@@ -1,5 +1,5 @@
 """Speed of litplug's unlearning masks, measured side by side in one run (CPU, digits, an MLP
-64-1024-1024-10, batch 64, Adam).
+64-1024-1024-10, batch 256, Adam).
 
 1. Per-step cost of mask enforcement: median wall time of a training step (forward, backward,
    optimizer step) in a Lightning ``Trainer`` with ``Unlearner(method="finetune")``, without and
@@ -36,7 +36,7 @@ def make_model() -> Unlearner:
 
 
 def data() -> ForgetRetain:
-    return ForgetRetain(Digits(batch_size=64), "class", [3])
+    return ForgetRetain(Digits(batch_size=256), "class", [3])
 
 
 class StepTimer(Callback):

@@ -17,8 +17,8 @@ then row-major position in the full parameter); NaN scores count as 0. The rest 
    inf/NaN cannot leak), before Lightning clips gradients: clipping measures the masked gradient.
 2. An optimizer step pre-hook zeroes them again *after* the closure: Lightning passes the
    forward/backward/``on_before_optimizer_step``/clipping closure *into* ``optimizer.step``, so a
-   plain pre-hook would run before the gradients exist; the hook wraps the closure instead and
-   also masks right away (manual optimisation, AMP's scaler, which run the closure first). This
+   plain pre-hook would run before the gradients exist; the hook wraps the closure instead, or
+   masks right away when there is none (manual optimisation, AMP's scaler run it first). This
    catches callbacks that rewrite gradients later in ``on_before_optimizer_step`` (e.g. SAM).
 3. An optimizer step post-hook copies the original values back into frozen entries, which stay
    bit-identical whatever weight decay, momentum or Adam state do.
@@ -26,8 +26,8 @@ then row-major position in the full parameter); NaN scores count as 0. The rest 
 Free entries get exactly the update they would get without the machinery. Parameters outside
 ``scope`` (biases and norm parameters for ``"weights"``) are not masked; buffers never are.
 Cost: one pass over the forget (and, for ``attribution``, retain) set at fit start; per step,
-one ``masked_fill_`` per gradient and one ``where`` per parameter; memory: a bool mask and a copy
-of each masked parameter.
+two ``masked_fill_`` per gradient and one ``where`` per parameter (three memory-bound passes,
+against about ten for an Adam step); memory: a bool mask and a copy of each masked parameter.
 
 DDP: the score gradients are summed over ranks (``all_reduce``, each rank scoring its share of
 the batches) before ranking, so every rank holds the same mask. FSDP2 (``ModelParallelStrategy``,
@@ -369,10 +369,10 @@ class UnlearningMask(Callback):
             enforce_masked_grads_([None if p.grad is None else _local(p.grad) for p in self._params], self._frozen)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self._mask_grads()
         # torch passes the optimizer itself as args[0]; a positional closure is args[1]
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
+            self._mask_grads()
             return None
 
         def masked_closure() -> Any:
