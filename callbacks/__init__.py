@@ -2,5 +2,14 @@
 
 from .averaging import EMA, SWA
 from .sharpness import SAM, SharpnessAwareMinimization, SharpnessMonitor, SurrogateSharpness
+from .unlearning import UnlearningMask
 
-__all__: list[str] = ["EMA", "SAM", "SWA", "SharpnessAwareMinimization", "SharpnessMonitor", "SurrogateSharpness"]
+__all__: list[str] = [
+    "EMA",
+    "SAM",
+    "SWA",
+    "SharpnessAwareMinimization",
+    "SharpnessMonitor",
+    "SurrogateSharpness",
+    "UnlearningMask",
+]

@@ -2,7 +2,8 @@
 
 from .base import TensorDataModule
 from .digits import Digits
+from .forgetting import ForgetRetain
 from .synthetic import SyntheticClassification
 from .vision import CIFAR10, MNIST
 
-__all__ = ["CIFAR10", "MNIST", "Digits", "SyntheticClassification", "TensorDataModule"]
+__all__ = ["CIFAR10", "MNIST", "Digits", "ForgetRetain", "SyntheticClassification", "TensorDataModule"]
