@@ -150,10 +150,16 @@ def _loss_of(output: Any) -> Tensor:
 
 @contextmanager
 def _muted(pl_module: LightningModule, objective: Callable[..., Tensor] | None, freeze_bn_stats: bool) -> Iterator[None]:
-    """Mute ``self.log``/``self.log_dict``, optionally swap ``training_step`` for ``objective``, and
-    (``freeze_bn_stats``) put the running statistics of normalisation layers back afterwards."""
+    """Mute ``self.log``/``self.log_dict``, optionally swap ``training_step`` for ``objective``, put
+    torchmetrics states back (a train metric updated in ``training_step`` counts the batch once)
+    and (``freeze_bn_stats``) the running statistics of normalisation layers."""
     norms = [m for m in pl_module.modules() if getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None]
     saved = [[b.clone() for b in m.buffers(recurse=False)] for m in norms] if freeze_bn_stats else []
+    metrics = [m for m in pl_module.modules() if isinstance(getattr(m, "metric_state", None), dict)]
+    metric_states = [
+        ({k: v.clone() if isinstance(v, Tensor) else list(v) for k, v in m.metric_state.items()}, m._update_count, m._computed)
+        for m in metrics
+    ]
     patched: dict[str, Any] = {"log": _no_log, "log_dict": _no_log}
     if objective is not None:
         patched["training_step"] = objective
@@ -167,6 +173,10 @@ def _muted(pl_module: LightningModule, objective: Callable[..., Tensor] | None, 
                 pl_module.__dict__[key] = previous[key]
             else:
                 del pl_module.__dict__[key]
+        for m, (states, count, computed) in zip(metrics, metric_states):
+            for k, v in states.items():
+                setattr(m, k, v)
+            m._update_count, m._computed = count, computed
         with torch.no_grad():
             for m, buffers in zip(norms, saved):
                 for b, s in zip(m.buffers(recurse=False), buffers):

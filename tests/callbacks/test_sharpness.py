@@ -303,8 +303,29 @@ def test_fp16_overflow_skips_step_and_keeps_weights(tmp_path):
         assert torch.equal(p.detach(), p0)
 
 
-def test_batchnorm_stats_logging_and_every_n_steps(tmp_path):
+class WithTrainMetric(Counting):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.train_acc = MulticlassAccuracy(3, average="micro")
+
+    def training_step(self, batch, batch_idx):
+        self.train_acc.update(self(batch[0]).argmax(-1), batch[1])
+        return super().training_step(batch, batch_idx)
+
+
+def test_batchnorm_stats_metrics_logging_and_every_n_steps(tmp_path):
     x, y = data()
+    # a torchmetrics train metric updated in training_step counts each batch once
+    metric_states = []
+    for callbacks in ([], [SAM(rho=0.2)]):
+        torch.manual_seed(0)
+        model = WithTrainMetric(MLP(input_shape=[4], num_outputs=3, hidden=[6]), num_classes=3)
+        fast_trainer(tmp_path, max_steps=1, callbacks=callbacks).fit(model, loader(x, y, 16))
+        metric_states.append((model.train_acc.update_count, {k: v.clone() for k, v in model.train_acc.metric_state.items()}))
+    assert metric_states[0][0] == metric_states[1][0] == 1
+    assert all(torch.equal(v, metric_states[1][1][k]) for k, v in metric_states[0][1].items())
     # BatchNorm running statistics: the second pass leaves them as one plain step does
     stats = {}
     for name, callbacks in (("plain", []), ("sam", [SAM(rho=0.2)]), ("unfrozen", [SAM(rho=0.2, freeze_bn_stats=False)])):
@@ -434,18 +455,26 @@ def test_setup_errors(tmp_path):
 
 
 def dist_worker(strategy, tmp_dir):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
     out = {}
     cases = {
-        "local": lambda: SAM(rho=0.2, sync_first_pass=False),
-        "synced": lambda: SAM(rho=0.2, sync_first_pass=True),
-        "ignite": lambda: SurrogateSharpness(rho=0.5, radius=0.1, lambda_init=1.0, lambda_lr=0.5),
+        "local": (lambda: SAM(rho=0.2, sync_first_pass=False), {}),
+        "synced": (lambda: SAM(rho=0.2, sync_first_pass=True), {}),
+        "ignite": (lambda: SurrogateSharpness(rho=0.5, radius=0.1, lambda_init=1.0, lambda_lr=0.5), {}),
+        "accumulate": (lambda: SAM(rho=0.2, adaptive=True), {"accumulate_grad_batches": 2, "gradient_clip_val": 0.1}),
     }
-    for name, make in cases.items():
+    if not isinstance(strategy, ModelParallelStrategy):
+        cases["bf16"] = (lambda: SAM(rho=0.2), {"precision": "bf16-mixed"})
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        cases["fp16"] = (lambda: SAM(rho=0.2, penalty_weight=0.5), {"plugins": [MixedPrecision("16-mixed", "cpu", scaler)]})
+    for name, (make, kwargs) in cases.items():
         seed_everything(0)
         model, probe, cb = tiny(), Probe(), make()
         w0 = {k: _full(v).detach().clone() for k, v in model.backbone.state_dict().items()}
         dm = SyntheticClassification(num_samples=128, input_shape=[4], num_classes=3, batch_size=8)
-        trainer = fast_trainer(tmp_dir / name, strategy=copy.deepcopy(strategy), devices=2, max_steps=3, callbacks=[cb, probe, SharpnessMonitor()])
+        callbacks = [cb, probe, SharpnessMonitor()]
+        trainer = fast_trainer(tmp_dir / name, strategy=copy.deepcopy(strategy), devices=2, max_steps=3, callbacks=callbacks, **kwargs)
         trainer.fit(model, dm)
         weights = [_full(p.detach()).clone() for p in model.parameters()]
         out[name] = {"w0": w0, "batches": probe.batches, "grads": probe.grads, "weights": weights, "calls": model.calls}
@@ -466,11 +495,14 @@ def _grads_at(net, batch):
 
 
 def _check_distributed(r0, r1, local_perturbation):
-    for name in ("local", "synced", "ignite"):
+    assert set(r0) == set(r1)
+    for name in r0:
         for a, b in zip(r0[name]["weights"], r1[name]["weights"]):
             assert torch.equal(a, b), f"{name}: ranks differ"
         for a, b in zip(r0[name]["grads"][0], r1[name]["grads"][0]):
             assert torch.equal(a, b), f"{name}: final gradients differ"
+        assert all(torch.isfinite(w).all() for w in r0[name]["weights"]), name
+    assert r0["accumulate"]["calls"] == 3 * 2 * 2 + 4  # 3 steps x 2 micro-batches x 2 passes, monitor
     assert torch.equal(r0["ignite"]["state"]["lambda"], r1["ignite"]["state"]["lambda"])
     assert r0["local"]["calls"] == 6 + 4  # 3 steps x 2 passes, then the monitor: L(w), model, 2 layers
     for name, local in (("local", local_perturbation), ("synced", False)):
