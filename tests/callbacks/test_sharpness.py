@@ -531,3 +531,41 @@ def test_fsdp2(tmp_path):
     r0, r1 = run_distributed(dist_worker, "fsdp2", tmp_path)
     # FSDP2 reduce-scatters every backward: the perturbation always comes from the global gradient
     _check_distributed(r0, r1, local_perturbation=False)
+
+
+# ------------------------------------------------------------------------------------------
+# configs
+# ------------------------------------------------------------------------------------------
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
+
+
+def _cli(*configs, run=True, extra=()):
+    from litplug.cli import LitplugCLI
+
+    args = [a for c in configs for a in ("--config", str(CONFIGS / c))] + list(extra)
+    return LitplugCLI(args=["fit", *args] if run else args, run=run)
+
+
+@pytest.mark.parametrize("fragments", [("sam", "sharpness_monitor"), ("ignite",)])
+def test_callback_configs_compose(tmp_path, fragments):
+    extra = ["--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"]
+    extra += ["--trainer.default_root_dir", str(tmp_path), "--test_after_fit", "false"]
+    cli = _cli("digits/classifier.yaml", *[f"callbacks/{f}.yaml" for f in fragments], extra=extra)
+    kinds = {type(cb).__name__ for cb in cli.trainer.callbacks}
+    assert {"sam": "SharpnessAwareMinimization", "ignite": "SurrogateSharpness"}[fragments[0]] in kinds
+    assert ("SharpnessMonitor" in kinds) == (len(fragments) == 2)
+    assert cli.trainer.global_step == 2
+
+
+def test_label_noise_and_fragment_configs_parse():
+    expected = {"sgd": None, "sam": (0.1, False, 1.0), "asam": (1.0, True, 1.0), "gnp": (0.1, False, 0.5)}
+    for method, want in expected.items():
+        cli = _cli(f"digits/label_noise/{method}.yaml", run=False)
+        assert cli.datamodule.label_noise == 0.4
+        sam = [cb for cb in cli.trainer.callbacks if isinstance(cb, SharpnessAwareMinimization)]
+        assert [(c.rho, c.adaptive, c.penalty_weight) for c in sam] == ([want] if want else [])
+    for fragment, want in {"asam": (0.5, True, 1.0), "gnp": (0.05, False, 0.5)}.items():
+        cli = _cli("digits/classifier.yaml", f"callbacks/{fragment}.yaml", run=False)
+        sam = [cb for cb in cli.trainer.callbacks if isinstance(cb, SharpnessAwareMinimization)]
+        assert [(c.rho, c.adaptive, c.penalty_weight) for c in sam] == [want]
