@@ -79,12 +79,21 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def sam_perturbation(
-    params: Sequence[Tensor], grads: Sequence[Tensor], rho: float, adaptive: bool = False, eps: float = EPS
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    rho: float,
+    adaptive: bool = False,
+    eps: float = EPS,
+    inplace: bool = False,
 ) -> tuple[list[Tensor], Tensor]:
     """``e = rho * T^2 g / (||T g|| + eps)`` with ``T = 1`` (SAM) or ``T = |w|`` (adaptive SAM).
 
     The norm is global over all ``params``; ``e`` is scale-invariant in ``g`` (up to ``eps``), so
     loss-scaled fp16 gradients give the same perturbation.
+
+    Args:
+        inplace: for SAM (not adaptive), write ``e`` into ``grads`` (no allocation; when ``g`` is
+            not needed afterwards).
 
     Returns:
         ``(e, ||T g||)``; for DTensors, ``e`` holds the local shards.
@@ -100,7 +109,7 @@ def sam_perturbation(
     if adaptive:
         e = torch._foreach_mul([_local(t) for t in tg], [_local(p).abs() for p in params])
     else:
-        e = [_local(g).clone() for g in grads]
+        e = [_local(g) if inplace else _local(g).clone() for g in grads]
     torch._foreach_mul_(e, scale.to(e[0].device) if e else scale)
     return e, norm
 
@@ -445,15 +454,15 @@ class SharpnessAwareMinimization(_ExtraPasses):
         params, grads = self._grads()
         if not params:
             return
-        e, norm = sam_perturbation(params, grads, self.rho, self.adaptive)
-        scale = self._loss_scale(trainer, norm)
-        if self.adaptive:
-            e_norm = self.rho * global_norm([p.abs().square() * g for p, g in zip(params, grads)]) / (norm + EPS)
-        else:
-            e_norm = self.rho * norm / (norm + EPS)
-        backup = self._perturb(params, e)
-        del e
         a = self.penalty_weight
+        if self.adaptive:
+            e_norm = self.rho * global_norm([p.abs().square() * g for p, g in zip(params, grads)])
+        # With a = 1, g is not needed after the perturbation: e is built in the gradient buffers.
+        e, norm = sam_perturbation(params, grads, self.rho, self.adaptive, inplace=a == 1.0)
+        e_norm = e_norm / (norm + EPS) if self.adaptive else self.rho * norm / (norm + EPS)
+        scale = self._loss_scale(trainer, norm)
+        backup = self._perturb(params, e)
+        del e, grads
         for _, p in pl_module.named_parameters():
             if p.grad is not None:
                 if a == 1.0:

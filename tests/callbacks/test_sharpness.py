@@ -128,6 +128,10 @@ def test_sam_perturbation_closed_form_and_loss_scale_invariance():
         e2, _ = sam_perturbation(p, [1024 * t for t in g], 0.1, adaptive)
         for a, b in zip(e1, e2):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    g_copy = [t.clone() for t in g]
+    e_inplace, _ = sam_perturbation(p, g_copy, rho=0.1, inplace=True)
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(e_inplace, g_copy))
+    assert all(torch.equal(a, b) for a, b in zip(e_inplace, e))
     assert global_norm([torch.tensor([3.0]), torch.tensor([4.0])]) == pytest.approx(5.0)
 
 
