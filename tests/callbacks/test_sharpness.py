@@ -403,6 +403,52 @@ def test_surrogate_sharpness_one_step_equals_equations(tmp_path):
     assert model.calls == 1  # G is the model's forward, not training_step
 
 
+@pytest.mark.parametrize("variant", ["accumulate", "16-mixed", "bf16-mixed"])
+def test_surrogate_sharpness_accumulation_and_precision(tmp_path, variant):
+    x, y = data()
+
+    def final_grads(batch_size, **kwargs):
+        model, probe = tiny(partial(torch.optim.SGD, lr=0.1)), Probe()
+        cb = SurrogateSharpness(rho=0.5, radius=0.1, epsilon=0.01, lambda_init=2.0, lambda_lr=0.5)
+        fast_trainer(tmp_path, max_steps=1, callbacks=[cb, probe], **kwargs).fit(model, loader(x, y, batch_size))
+        return probe.grads[0], float(cb.state_dict()["lambda"]), model.calls
+
+    reference, lam, _ = final_grads(16)
+    if variant == "accumulate":
+        got, got_lam, calls = final_grads(8, accumulate_grad_batches=2)
+        assert calls == 2
+        for a, b in zip(got, reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert got_lam == pytest.approx(lam, rel=1e-5)
+    else:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if variant == "16-mixed" else None
+        got, got_lam, _ = final_grads(16, plugins=[MixedPrecision(variant, "cpu", scaler)])
+        err = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(got, reference)))
+        # The finite difference (lambda rho / radius = 10) magnifies bf16's 8-bit mantissa rounding.
+        tol = 0.05 if variant == "16-mixed" else 0.15
+        assert err / torch.sqrt(sum((b**2).sum() for b in reference)) < tol
+        assert got_lam == pytest.approx(lam, rel=0.05)  # ||grad G|| unscaled before the dual step
+
+
+def test_monitor_measure_restores_rng_weights_and_grads():
+    x, y = data()
+    torch.manual_seed(0)
+    model = Counting(MLP(input_shape=[4], num_outputs=3, hidden=[6], dropout=0.5, batch_norm=True), num_classes=3)
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monitor = SharpnessMonitor(rho=0.1)
+    monitor._held = [(x, y)]
+    rng = torch.get_rng_state()
+    values = monitor.measure(model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    assert model.training and all(m.training for m in model.modules())
+    assert set(values) == {"model", "layer/backbone.1.0", "layer/backbone.1.1", "layer/backbone.2"}
+
+
 def test_monitor_leaves_training_untouched_and_logs_layers(tmp_path):
     x, y = data()
     runs = []
