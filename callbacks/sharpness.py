@@ -209,6 +209,8 @@ class _ExtraPasses(Callback):
         self._batches: list[tuple[Any, int]] = []
         self._first_losses: list[Tensor] = []
         self._active = False
+        self._in_closure = False
+        self._outside = 0  # backward passes of this step that ran outside the optimizer closure
         self._params: list[tuple[str, nn.Parameter]] = []
         self._step_takes_batch_idx = True
         self._unpatch: Callable[[], None] | None = None
@@ -280,6 +282,7 @@ class _ExtraPasses(Callback):
             self._batches.clear()
             self._first_losses.clear()
             self._active = self._should_perturb(trainer)
+            self._outside = 0
         if self._active:
             self._batches.append((batch, batch_idx))
 
@@ -287,6 +290,15 @@ class _ExtraPasses(Callback):
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         if self._active:
             self._first_losses.append(loss.detach())
+            self._outside += not self._in_closure
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self._active and self._outside and self._outside >= len(self._batches):
+            raise RuntimeError(
+                f"{type(self).__name__} found an optimizer step whose closure did not run inside `optimizer.step`:"
+                " an `optimizer_step` override must pass `closure=optimizer_closure` to `optimizer.step`."
+            )
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -295,8 +307,12 @@ class _ExtraPasses(Callback):
         self._logs = {}
 
     def _closure(self, trainer: Trainer, closure: Callable[[], Any]) -> Any:
-        with _block_parallel_sync_behavior(trainer.strategy, block=not self._sync_first_pass):
-            result = closure()
+        self._in_closure = True
+        try:
+            with _block_parallel_sync_behavior(trainer.strategy, block=not self._sync_first_pass):
+                result = closure()
+        finally:
+            self._in_closure = False
         if result is not None:  # None: training_step returned None and Lightning skipped backward
             self._combine(trainer, trainer.lightning_module)
         return result

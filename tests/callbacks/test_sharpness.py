@@ -489,12 +489,22 @@ def test_bad_arguments(make, arg):
         make()
 
 
+class ClosureFirst(Classifier):
+    """Runs the closure itself before `optimizer.step()`: no closure reaches the optimizer."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer_closure()
+        optimizer.step()
+
+
 def test_setup_errors(tmp_path):
     x, y = data()
     with pytest.raises(ValueError, match="`exclude`.*'\\*.nope'"):
         fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(exclude=["*.nope"])]).fit(tiny(), loader(x, y, 16))
     with pytest.raises(ValueError, match="automatic optimization"):
         fast_trainer(tmp_path, max_steps=1, callbacks=[SAM()]).fit(PeerSAM(tiny().backbone, 0.1, False), loader(x, y, 16))
+    with pytest.raises(RuntimeError, match="closure=optimizer_closure"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[SAM()]).fit(ClosureFirst(MLP(input_shape=[4], num_outputs=3, hidden=[6]), 3), loader(x, y, 16))
     with pytest.raises(ValueError, match="Only one sharpness penalty"):
         fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(), SurrogateSharpness()]).fit(tiny(), loader(x, y, 16))
 
