@@ -515,8 +515,6 @@ def test_setup_errors(tmp_path):
 
 
 def dist_worker(strategy, tmp_dir):
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
     out = {}
     cases = {
         "local": (lambda: SAM(rho=0.2, sync_first_pass=False), {}),
@@ -524,10 +522,9 @@ def dist_worker(strategy, tmp_dir):
         "ignite": (lambda: SurrogateSharpness(rho=0.5, radius=0.1, lambda_init=1.0, lambda_lr=0.5), {}),
         "accumulate": (lambda: SAM(rho=0.2, adaptive=True), {"accumulate_grad_batches": 2, "gradient_clip_val": 0.1}),
     }
-    if not isinstance(strategy, ModelParallelStrategy):
-        cases["bf16"] = (lambda: SAM(rho=0.2), {"precision": "bf16-mixed"})
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-        cases["fp16"] = (lambda: SAM(rho=0.2, penalty_weight=0.5), {"plugins": [MixedPrecision("16-mixed", "cpu", scaler)]})
+    cases["bf16"] = (lambda: SAM(rho=0.2), {"precision": "bf16-mixed"})
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    cases["fp16"] = (lambda: SAM(rho=0.2, penalty_weight=0.5), {"plugins": [MixedPrecision("16-mixed", "cpu", scaler)]})
     for name, (make, kwargs) in cases.items():
         seed_everything(0)
         model, probe, cb = tiny(), Probe(), make()
