@@ -585,7 +585,9 @@ class SurrogateSharpness(_ExtraPasses):
         params, grad_loss = self._grads()
         if not params:
             return
-        all_grads = {id(p): p.grad for _, p in pl_module.named_parameters() if p.grad is not None}
+        # Copies: under DDP with gradient_as_bucket_view the gradients can be views of the buckets
+        # that the next synchronised backward overwrites.
+        all_grads = {id(p): p.grad.clone() for _, p in pl_module.named_parameters() if p.grad is not None}
         for _, p in pl_module.named_parameters():
             p.grad = None
         objective = self._objective(pl_module)

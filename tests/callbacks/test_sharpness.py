@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, seed_everything
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from litplug.callbacks import SAM, SharpnessAwareMinimization, SharpnessMonitor, SurrogateSharpness
@@ -525,13 +526,19 @@ def dist_worker(strategy, tmp_dir):
     cases["bf16"] = (lambda: SAM(rho=0.2), {"precision": "bf16-mixed"})
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     cases["fp16"] = (lambda: SAM(rho=0.2, penalty_weight=0.5), {"plugins": [MixedPrecision("16-mixed", "cpu", scaler)]})
+    if isinstance(strategy, DDPStrategy):
+        bucket_view = DDPStrategy(process_group_backend="gloo", gradient_as_bucket_view=True)
+        cases["ignite_bucket_view"] = (cases["ignite"][0], {"strategy": bucket_view})
+        cases["gnp_bucket_view"] = (lambda: SAM(rho=0.2, penalty_weight=0.5), {"strategy": bucket_view})
+        cases["gnp"] = (lambda: SAM(rho=0.2, penalty_weight=0.5), {})
     for name, (make, kwargs) in cases.items():
+        kwargs = {**kwargs, "strategy": copy.deepcopy(kwargs.get("strategy", strategy))}
         seed_everything(0)
         model, probe, cb = tiny(), Probe(), make()
         w0 = {k: _full(v).detach().clone() for k, v in model.backbone.state_dict().items()}
         dm = SyntheticClassification(num_samples=128, input_shape=[4], num_classes=3, batch_size=8)
         callbacks = [cb, probe, SharpnessMonitor()]
-        trainer = fast_trainer(tmp_dir / name, strategy=copy.deepcopy(strategy), devices=2, max_steps=3, callbacks=callbacks, **kwargs)
+        trainer = fast_trainer(tmp_dir / name, devices=2, max_steps=3, callbacks=callbacks, **kwargs)
         trainer.fit(model, dm)
         weights = [_full(p.detach()).clone() for p in model.parameters()]
         out[name] = {"w0": w0, "batches": probe.batches, "grads": probe.grads, "weights": weights, "calls": model.calls}
@@ -582,6 +589,10 @@ def _check_distributed(r0, r1, local_perturbation):
 def test_ddp(tmp_path):
     r0, r1 = run_distributed(dist_worker, "ddp", tmp_path)
     _check_distributed(r0, r1, local_perturbation=True)
+    for name in ("ignite", "gnp"):  # gradients as views of DDP's buckets: same result
+        for a, b in zip(r0[name]["grads"] + [r0[name]["weights"]], r0[f"{name}_bucket_view"]["grads"] + [r0[f"{name}_bucket_view"]["weights"]]):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_fsdp2(tmp_path):
