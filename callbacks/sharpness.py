@@ -20,6 +20,7 @@ DDP (or FSDP2's reduce-scatter) is left to the last backward of the step, on the
 gradient, so it happens once.
 
 Example:
+    >>> import torch
     >>> from lightning.pytorch import Trainer
     >>> from litplug.callbacks import SAM
     >>> from litplug.datamodules import Digits
@@ -162,7 +163,9 @@ def _muted(pl_module: LightningModule, objective: Callable[..., Tensor] | None, 
     """Mute ``self.log``/``self.log_dict``, optionally swap ``training_step`` for ``objective``, put
     torchmetrics states back (a train metric updated in ``training_step`` counts the batch once)
     and (``freeze_bn_stats``) the running statistics of normalisation layers."""
-    norms = [m for m in pl_module.modules() if getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None]
+    norms = [
+        m for m in pl_module.modules() if getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None
+    ]
     saved = [[b.clone() for b in m.buffers(recurse=False)] for m in norms] if freeze_bn_stats else []
     metrics = [m for m in pl_module.modules() if isinstance(getattr(m, "metric_state", None), dict)]
     metric_states = [

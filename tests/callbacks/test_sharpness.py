@@ -288,7 +288,8 @@ def test_mixed_precision_final_gradient(tmp_path, precision):
     model, probe = tiny(), Probe()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if precision == "16-mixed" else None
     plugin = MixedPrecision(precision, "cpu", scaler)
-    fast_trainer(tmp_path, max_steps=1, plugins=[plugin], callbacks=[SAM(rho=0.2, penalty_weight=0.5), probe]).fit(model, loader(x, y, 16))
+    callbacks = [SAM(rho=0.2, penalty_weight=0.5), probe]
+    fast_trainer(tmp_path, max_steps=1, plugins=[plugin], callbacks=callbacks).fit(model, loader(x, y, 16))
     # unscaled once, on the sum of both passes: equal to the fp32 equations up to half-precision error
     num = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(probe.grads[0], final)))
     assert num / torch.sqrt(sum((b**2).sum() for b in final)) < 0.05
@@ -505,7 +506,8 @@ def test_setup_errors(tmp_path):
     with pytest.raises(ValueError, match="automatic optimization"):
         fast_trainer(tmp_path, max_steps=1, callbacks=[SAM()]).fit(PeerSAM(tiny().backbone, 0.1, False), loader(x, y, 16))
     with pytest.raises(RuntimeError, match="closure=optimizer_closure"):
-        fast_trainer(tmp_path, max_steps=1, callbacks=[SAM()]).fit(ClosureFirst(MLP(input_shape=[4], num_outputs=3, hidden=[6]), 3), loader(x, y, 16))
+        model = ClosureFirst(MLP(input_shape=[4], num_outputs=3, hidden=[6]), 3)
+        fast_trainer(tmp_path, max_steps=1, callbacks=[SAM()]).fit(model, loader(x, y, 16))
     with pytest.raises(ValueError, match="Only one sharpness penalty"):
         fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(), SurrogateSharpness()]).fit(tiny(), loader(x, y, 16))
 
@@ -590,7 +592,8 @@ def test_ddp(tmp_path):
     r0, r1 = run_distributed(dist_worker, "ddp", tmp_path)
     _check_distributed(r0, r1, local_perturbation=True)
     for name in ("ignite", "gnp"):  # gradients as views of DDP's buckets: same result
-        for a, b in zip(r0[name]["grads"] + [r0[name]["weights"]], r0[f"{name}_bucket_view"]["grads"] + [r0[f"{name}_bucket_view"]["weights"]]):
+        plain, view = r0[name], r0[f"{name}_bucket_view"]
+        for a, b in zip(plain["grads"] + [plain["weights"]], view["grads"] + [view["weights"]]):
             for x, y in zip(a, b):
                 torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
 
@@ -617,7 +620,8 @@ def _cli(*configs, run=True, extra=()):
 
 @pytest.mark.parametrize("fragments", [("sam", "sharpness_monitor"), ("ignite",)])
 def test_callback_configs_compose(tmp_path, fragments):
-    extra = ["--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"]
+    extra = ["--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    extra += ["--trainer.limit_val_batches", "0"]
     extra += ["--trainer.default_root_dir", str(tmp_path), "--test_after_fit", "false"]
     cli = _cli("digits/classifier.yaml", *[f"callbacks/{f}.yaml" for f in fragments], extra=extra)
     kinds = {type(cb).__name__ for cb in cli.trainer.callbacks}
