@@ -302,6 +302,8 @@ class _ExtraPasses(Callback):
                 f"{type(self).__name__} found an optimizer step whose closure did not run inside `optimizer.step`:"
                 " an `optimizer_step` override must pass `closure=optimizer_closure` to `optimizer.step`."
             )
+        self._batches.clear()  # let the step's batches go before the next ones are loaded
+        self._first_losses.clear()
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

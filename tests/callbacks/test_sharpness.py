@@ -65,6 +65,10 @@ class Probe(Callback):
 
     def __init__(self):
         self.start, self.grads, self.at_step, self.after, self.batches = [], [], [], [], []
+        self.backwards = 0
+
+    def on_after_backward(self, trainer, pl_module):
+        self.backwards += 1
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.start.append([_full(p.detach()).clone() for p in pl_module.parameters()])
@@ -170,6 +174,7 @@ def test_one_step_equals_hand_computed_update(tmp_path, opt, adaptive, a):
     final = hand_grads(w0, [(x, y)], 0.2, adaptive, a)
     expected = hand_step(w0, final, OPTIMIZERS[opt])
     assert model.calls == 2 and trainer.global_step == 1 and len(probe.grads) == 1
+    assert probe.backwards == 1  # other callbacks' backward hooks are not called by the second pass
     for got, want in zip(probe.grads[0], final):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for got, want in zip(probe.at_step[0], probe.start[0]):
@@ -261,6 +266,7 @@ def test_accumulation_reruns_all_micro_batches(tmp_path):
     trainer = fast_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, callbacks=[SAM(rho=0.2), probe_accum])
     trainer.fit(accum, loader(x, y, 8))
     assert accum.calls == 4 and trainer.global_step == 1 and len(probe_accum.grads) == 1
+    assert probe_accum.backwards == 2
     # two half batches with a mean loss = one full batch: same final gradient and update
     final = hand_grads(w0, [(x[:8], y[:8]), (x[8:], y[8:])], 0.2, False, 1.0)
     for a, b, c in zip(probe_accum.grads[0], probe_full.grads[0], final):
