@@ -181,6 +181,20 @@ def test_one_step_equals_hand_computed_update(tmp_path, opt, adaptive, a):
         assert torch.equal(got, want)  # weights restored bit-exactly before the step
     for got, want in zip(model.backbone.parameters(), expected):
         torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+    # logged sharpness L(w + e) - L(w) and ||T g||
+    net = copy.deepcopy(w0)
+    params = list(net.parameters())
+    loss = F.cross_entropy(net(x), y)
+    g = torch.autograd.grad(loss, params)
+    t = [p.detach().abs() if adaptive else torch.ones_like(p) for p in params]
+    norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
+    with torch.no_grad():
+        for p, ti, gi in zip(params, t, g):
+            p.add_(0.2 * ti**2 * gi / norm)
+        sharpness = F.cross_entropy(net(x), y) - loss
+    metrics = trainer.callback_metrics
+    assert float(metrics["sam/sharpness"]) == pytest.approx(float(sharpness), rel=1e-4, abs=1e-6)
+    assert float(metrics["sam/grad_norm"]) == pytest.approx(float(norm), rel=1e-5)
 
 
 def test_exclude_and_rho_to_zero(tmp_path):
