@@ -1,3 +1,5 @@
 """litplug callbacks, importable by short name (``from litplug.callbacks import EMA``)."""
 
-__all__: list[str] = []
+from .certified import IBPWarmup
+
+__all__: list[str] = ["IBPWarmup"]
