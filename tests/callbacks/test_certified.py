@@ -144,7 +144,7 @@ def _certified_mlp():
 def ddp_worker(strategy, tmp_dir):
     seed_everything(0)
     model = _certified_mlp()
-    callback = IBPWarmup(start_epoch=0, ramp_epochs=2, regularizer_weight=0.5)
+    callback = IBPWarmup(start_epoch=0, ramp_epochs=2, regularizer_weight=0.0, ibp_init=False)
     trainer = fast_trainer(tmp_dir, strategy=strategy, devices=2, max_epochs=3, callbacks=[callback], use_distributed_sampler=False)
     trainer.fit(model, _data(int(os.environ.get("LOCAL_RANK", 0))))
     return {"state": state_of(model.backbone), "batches": callback.batches, "eps": model.current_eps}
@@ -154,7 +154,7 @@ def test_ddp_matches_single_process_on_the_global_batch(tmp_path):
     r0, r1 = run_distributed(ddp_worker, "ddp", tmp_path)
     seed_everything(0)
     model = _certified_mlp()
-    callback = IBPWarmup(start_epoch=0, ramp_epochs=2, regularizer_weight=0.5)
+    callback = IBPWarmup(start_epoch=0, ramp_epochs=2, regularizer_weight=0.0, ibp_init=False)
     fast_trainer(tmp_path, max_epochs=3, callbacks=[callback]).fit(model, _data())
     assert r0["batches"] == r1["batches"] == callback.batches == 6
     assert r0["eps"] == r1["eps"] == model.current_eps == pytest.approx(0.05)
