@@ -11,8 +11,9 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
+from litplug.callbacks import IBPWarmup
 from litplug.datamodules import Digits
-from litplug.modules import MLP, Classifier
+from litplug.modules import MLP, CertifiedClassifier, Classifier
 
 
 def small_classifier() -> LightningModule:
@@ -35,3 +36,12 @@ class Case:
 
 
 CASES: dict[str, Case] = {}
+
+
+def certified_classifier() -> LightningModule:
+    backbone = MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32], batch_norm=True)
+    return CertifiedClassifier(backbone, num_classes=10, eps=0.1)
+
+
+# Epoch 0 natural, epoch 1 the eps ramp with regularizers: resume restores the schedule position.
+CASES["IBPWarmup"] = Case(callback=lambda: IBPWarmup(start_epoch=1, ramp_epochs=1), model=certified_classifier)

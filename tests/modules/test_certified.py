@@ -1,6 +1,7 @@
 """CertifiedClassifier: loss, evaluation metrics, normalisation, purity of training_step, errors."""
 
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,42 @@ def test_fit_logs_and_verified_samples_survive_pgd(tmp_path):
     assert not (result["verified"] & ~result["pgd_correct"]).any()  # a verified sample is never broken
     assert not (result["verified"] & ~clean_ok).any()
     assert result["pgd_correct"].float().mean() <= clean_ok.float().mean()
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(f"{p.parent.name}/{p.name}" for p in CONFIG_DIR.glob("*/ibp*.yaml") if p.parent.name != "callbacks")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_configs_instantiate(config):
+    from litplug.cli import LitplugCLI
+
+    cli = LitplugCLI(args=["--config", str(CONFIG_DIR / config), "--trainer.logger", "false"], run=False)
+    assert isinstance(cli.model, CertifiedClassifier)
+    assert sum(isinstance(c, IBPWarmup) for c in cli.trainer.callbacks) == 1
+    assert cli.model.eps == pytest.approx({"0.3": 0.3, "0.4": 0.4, "2_255": 2 / 255, "8_255": 8 / 255}.get(config.split("eps")[-1][:-5], cli.model.eps))
+
+
+def test_callback_fragment_appends(tmp_path):
+    import yaml
+
+    from litplug.cli import LitplugCLI
+
+    base = yaml.safe_load((CONFIG_DIR / "digits/ibp.yaml").read_text())
+    base["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    args = ["--config", str(tmp_path / "base.yaml"), "--config", str(CONFIG_DIR / "callbacks/ibp_warmup.yaml"), "--trainer.logger", "false"]
+    cli = LitplugCLI(args=args, run=False)
+    assert [type(c).__name__ for c in cli.trainer.callbacks[:2]] == ["LearningRateMonitor", "IBPWarmup"]
+
+
+def test_short_digits_run_from_config(tmp_path):
+    from litplug.cli import LitplugCLI
+
+    config = str(Path(__file__).resolve().parents[2] / "configs/digits/ibp.yaml")
+    args = ["--config", config, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    cli = LitplugCLI(args=args, run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.callbacks[0].batches == 6
+    assert cli.model.current_eps > 0
