@@ -114,7 +114,10 @@ class IBPWarmup(Callback):
     logs ``certified/reg_weight``.
 
     Distributed: no collective; every rank computes the same schedule. IBP initialisation runs at
-    ``setup`` of the first fit, before DDP broadcasts rank 0's weights.
+    ``setup`` of the first fit, before DDP broadcasts rank 0's weights. Under DDP the warmup
+    regularizers are ratios of per-rank batch statistics, so with them a 2-rank run is close to,
+    not identical with, one process on the global batch. FSDP2: as the module (CertifiedClassifier
+    rejects it).
 
     Args:
         start_epoch: epochs of natural training (eps 0) before the ramp, >= 0.
