@@ -289,6 +289,7 @@ class BoundedNetwork:
             return _dropout(args[0], p, training)
         if fn in _LINEAR_FUNCTIONS:
             x, weight, bias, *rest = (*args, None) if len(args) == 2 else args
+            kwargs = dict(kwargs)
             bias = kwargs.pop("bias", bias)
             if isinstance(weight, Interval) or isinstance(bias, Interval):
                 raise UnsupportedOperationError(f"{_name(fn)} with a perturbed weight is not supported")

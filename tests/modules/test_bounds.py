@@ -219,3 +219,31 @@ def test_warmup_regularizers_closed_form():
     _, relu3 = warmup_regularizers([(centre_param + lower, centre_param + upper)], r0, 0.5)
     relu3.backward()
     assert torch.isfinite(centre_param.grad).all()
+
+
+class Functional(nn.Module):
+    """F.conv2d / F.linear on parameters (what tracing a custom layer yields), elided at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4))
+        self.b = nn.Parameter(torch.randn(3))
+        self.c = nn.Parameter(torch.randn(2, 1, 3, 3))
+
+    def forward(self, x):
+        h = F.relu(F.conv2d(x, self.c, padding=1)).flatten(1)[:, :4]
+        return F.linear(h, self.w, bias=self.b)
+
+
+def test_functional_layers_and_elision_through_f_linear():
+    torch.manual_seed(0)
+    net, x, y = Functional(), torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        lower, upper = interval_bounds(net, x, x)
+        torch.testing.assert_close(lower, net(x))
+        margins = margin_bounds(net, x, y, 0.1)
+        lo, up = interval_bounds(net, x - 0.1, x + 0.1)
+        for _ in range(100):
+            z = net(x + (torch.rand_like(x) * 2 - 1) * 0.1)
+            assert (z >= lo - 1e-5).all() and (z <= up + 1e-5).all()
+            assert (z.gather(1, y[:, None]) - z >= margins - 1e-5).all()
