@@ -14,6 +14,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,9 +30,11 @@ def run_one(config: str, eps: float) -> None:
 
     torch.set_num_threads(1)
     start = time.perf_counter()
+    out_dir = tempfile.mkdtemp(prefix="certified_table_")  # the CLI saves config.yaml there
     cli = LitplugCLI(
         args=["--config", str(ROOT / config), "--model.init_args.eps", str(eps), "--trainer.logger", "false",
-              "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"],
+              "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", out_dir],
         run=False,
     )
     cli.trainer.fit(cli.model, cli.datamodule)
