@@ -1,6 +1,7 @@
 """litplug callbacks, importable by short name (``from litplug.callbacks import EMA``)."""
 
 from .averaging import EMA, SWA
+from .certified import IBPWarmup
 from .sharpness import SAM, SharpnessAwareMinimization, SharpnessMonitor, SurrogateSharpness
 from .unlearning import UnlearningMask
 
@@ -8,6 +9,7 @@ __all__: list[str] = [
     "EMA",
     "SAM",
     "SWA",
+    "IBPWarmup",
     "SharpnessAwareMinimization",
     "SharpnessMonitor",
     "SurrogateSharpness",

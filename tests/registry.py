@@ -11,9 +11,9 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
-from litplug.callbacks import EMA, SAM, SWA, SharpnessMonitor, SurrogateSharpness, UnlearningMask
+from litplug.callbacks import EMA, SAM, SWA, IBPWarmup, SharpnessMonitor, SurrogateSharpness, UnlearningMask
 from litplug.datamodules import Digits, ForgetRetain
-from litplug.modules import MLP, Classifier, Unlearner
+from litplug.modules import MLP, CertifiedClassifier, Classifier, Unlearner
 
 
 def small_classifier() -> LightningModule:
@@ -62,3 +62,12 @@ CASES["UnlearningMask"] = Case(
     data=forget_digits,
     trainer={"gradient_clip_val": 1.0},
 )
+
+# Certified training (callbacks/certified.py).
+def certified_classifier() -> LightningModule:
+    backbone = MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32], batch_norm=True)
+    return CertifiedClassifier(backbone, num_classes=10, eps=0.1)
+
+
+# Epoch 0 natural, epoch 1 the eps ramp with regularizers: resume restores the schedule position.
+CASES["IBPWarmup"] = Case(callback=lambda: IBPWarmup(start_epoch=1, ramp_epochs=1), model=certified_classifier)
