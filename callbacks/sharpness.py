@@ -20,6 +20,7 @@ DDP (or FSDP2's reduce-scatter) is left to the last backward of the step, on the
 gradient, so it happens once.
 
 Example:
+    >>> import torch
     >>> from lightning.pytorch import Trainer
     >>> from litplug.callbacks import SAM
     >>> from litplug.datamodules import Digits
@@ -79,12 +80,21 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def sam_perturbation(
-    params: Sequence[Tensor], grads: Sequence[Tensor], rho: float, adaptive: bool = False, eps: float = EPS
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    rho: float,
+    adaptive: bool = False,
+    eps: float = EPS,
+    inplace: bool = False,
 ) -> tuple[list[Tensor], Tensor]:
     """``e = rho * T^2 g / (||T g|| + eps)`` with ``T = 1`` (SAM) or ``T = |w|`` (adaptive SAM).
 
     The norm is global over all ``params``; ``e`` is scale-invariant in ``g`` (up to ``eps``), so
     loss-scaled fp16 gradients give the same perturbation.
+
+    Args:
+        inplace: for SAM (not adaptive), write ``e`` into ``grads`` (no allocation; when ``g`` is
+            not needed afterwards).
 
     Returns:
         ``(e, ||T g||)``; for DTensors, ``e`` holds the local shards.
@@ -100,7 +110,7 @@ def sam_perturbation(
     if adaptive:
         e = torch._foreach_mul([_local(t) for t in tg], [_local(p).abs() for p in params])
     else:
-        e = [_local(g).clone() for g in grads]
+        e = [_local(g) if inplace else _local(g).clone() for g in grads]
     torch._foreach_mul_(e, scale.to(e[0].device) if e else scale)
     return e, norm
 
@@ -150,10 +160,18 @@ def _loss_of(output: Any) -> Tensor:
 
 @contextmanager
 def _muted(pl_module: LightningModule, objective: Callable[..., Tensor] | None, freeze_bn_stats: bool) -> Iterator[None]:
-    """Mute ``self.log``/``self.log_dict``, optionally swap ``training_step`` for ``objective``, and
-    (``freeze_bn_stats``) put the running statistics of normalisation layers back afterwards."""
-    norms = [m for m in pl_module.modules() if getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None]
+    """Mute ``self.log``/``self.log_dict``, optionally swap ``training_step`` for ``objective``, put
+    torchmetrics states back (a train metric updated in ``training_step`` counts the batch once)
+    and (``freeze_bn_stats``) the running statistics of normalisation layers."""
+    norms = [
+        m for m in pl_module.modules() if getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None
+    ]
     saved = [[b.clone() for b in m.buffers(recurse=False)] for m in norms] if freeze_bn_stats else []
+    metrics = [m for m in pl_module.modules() if isinstance(getattr(m, "metric_state", None), dict)]
+    metric_states = [
+        ({k: v.clone() if isinstance(v, Tensor) else list(v) for k, v in m.metric_state.items()}, m._update_count, m._computed)
+        for m in metrics
+    ]
     patched: dict[str, Any] = {"log": _no_log, "log_dict": _no_log}
     if objective is not None:
         patched["training_step"] = objective
@@ -167,6 +185,10 @@ def _muted(pl_module: LightningModule, objective: Callable[..., Tensor] | None, 
                 pl_module.__dict__[key] = previous[key]
             else:
                 del pl_module.__dict__[key]
+        for m, (states, count, computed) in zip(metrics, metric_states):
+            for k, v in states.items():
+                setattr(m, k, v)
+            m._update_count, m._computed = count, computed
         with torch.no_grad():
             for m, buffers in zip(norms, saved):
                 for b, s in zip(m.buffers(recurse=False), buffers):
@@ -190,6 +212,8 @@ class _ExtraPasses(Callback):
         self._batches: list[tuple[Any, int]] = []
         self._first_losses: list[Tensor] = []
         self._active = False
+        self._in_closure = False
+        self._outside = 0  # backward passes of this step that ran outside the optimizer closure
         self._params: list[tuple[str, nn.Parameter]] = []
         self._step_takes_batch_idx = True
         self._unpatch: Callable[[], None] | None = None
@@ -261,6 +285,7 @@ class _ExtraPasses(Callback):
             self._batches.clear()
             self._first_losses.clear()
             self._active = self._should_perturb(trainer)
+            self._outside = 0
         if self._active:
             self._batches.append((batch, batch_idx))
 
@@ -268,6 +293,17 @@ class _ExtraPasses(Callback):
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         if self._active:
             self._first_losses.append(loss.detach())
+            self._outside += not self._in_closure
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self._active and self._outside and self._outside >= len(self._batches):
+            raise RuntimeError(
+                f"{type(self).__name__} found an optimizer step whose closure did not run inside `optimizer.step`:"
+                " an `optimizer_step` override must pass `closure=optimizer_closure` to `optimizer.step`."
+            )
+        self._batches.clear()  # let the step's batches go before the next ones are loaded
+        self._first_losses.clear()
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -276,8 +312,12 @@ class _ExtraPasses(Callback):
         self._logs = {}
 
     def _closure(self, trainer: Trainer, closure: Callable[[], Any]) -> Any:
-        with _block_parallel_sync_behavior(trainer.strategy, block=not self._sync_first_pass):
-            result = closure()
+        self._in_closure = True
+        try:
+            with _block_parallel_sync_behavior(trainer.strategy, block=not self._sync_first_pass):
+                result = closure()
+        finally:
+            self._in_closure = False
         if result is not None:  # None: training_step returned None and Lightning skipped backward
             self._combine(trainer, trainer.lightning_module)
         return result
@@ -435,15 +475,15 @@ class SharpnessAwareMinimization(_ExtraPasses):
         params, grads = self._grads()
         if not params:
             return
-        e, norm = sam_perturbation(params, grads, self.rho, self.adaptive)
-        scale = self._loss_scale(trainer, norm)
-        if self.adaptive:
-            e_norm = self.rho * global_norm([p.abs().square() * g for p, g in zip(params, grads)]) / (norm + EPS)
-        else:
-            e_norm = self.rho * norm / (norm + EPS)
-        backup = self._perturb(params, e)
-        del e
         a = self.penalty_weight
+        if self.adaptive:
+            e_norm = self.rho * global_norm([p.abs().square() * g for p, g in zip(params, grads)])
+        # With a = 1, g is not needed after the perturbation: e is built in the gradient buffers.
+        e, norm = sam_perturbation(params, grads, self.rho, self.adaptive, inplace=a == 1.0)
+        e_norm = e_norm / (norm + EPS) if self.adaptive else self.rho * norm / (norm + EPS)
+        scale = self._loss_scale(trainer, norm)
+        backup = self._perturb(params, e)
+        del e, grads
         for _, p in pl_module.named_parameters():
             if p.grad is not None:
                 if a == 1.0:
@@ -550,7 +590,9 @@ class SurrogateSharpness(_ExtraPasses):
         params, grad_loss = self._grads()
         if not params:
             return
-        all_grads = {id(p): p.grad for _, p in pl_module.named_parameters() if p.grad is not None}
+        # Copies: under DDP with gradient_as_bucket_view the gradients can be views of the buckets
+        # that the next synchronised backward overwrites.
+        all_grads = {id(p): p.grad.clone() for _, p in pl_module.named_parameters() if p.grad is not None}
         for _, p in pl_module.named_parameters():
             p.grad = None
         objective = self._objective(pl_module)

@@ -1,9 +1,24 @@
-"""litplug LightningModules and backbones."""
+"""litplug LightningModules, backbones and the interval bound engine."""
 
 from .base import TrainingModule
+from .bounds import interval_bounds, margin_bounds
+from .certified import CertifiedClassifier
 from .classifier import Classifier
-from .networks import MLP, ConvNet
+from .networks import CNN7, MLP, ConvNet
 from .regression import Regressor
 from .soup import ModelSoup
+from .unlearning import Unlearner
 
-__all__ = ["MLP", "Classifier", "ConvNet", "ModelSoup", "Regressor", "TrainingModule"]
+__all__ = [
+    "CNN7",
+    "MLP",
+    "CertifiedClassifier",
+    "Classifier",
+    "ConvNet",
+    "ModelSoup",
+    "Regressor",
+    "TrainingModule",
+    "Unlearner",
+    "interval_bounds",
+    "margin_bounds",
+]

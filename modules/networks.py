@@ -149,3 +149,44 @@ class ConvNet(nn.Sequential):
         super().__init__(*layers)
         self.input_shape = shape
         self.num_outputs = num_outputs
+
+
+class CNN7(nn.Sequential):
+    """``cnn_7layer_bn2`` of Shi et al. 2021 ("Fast Certified Robust Training with Short Warmup"):
+    five ``Conv3x3 -> BatchNorm2d -> ReLU`` blocks with ``width, width, 2w (stride 2), 2w, 2w``
+    channels, then ``Linear(linear_size) -> BatchNorm1d -> ReLU`` and the output layer.
+
+    Args:
+        input_shape: ``[channels, height, width]`` (``[1, 28, 28]`` MNIST, ``[3, 32, 32]`` CIFAR-10).
+        num_outputs: number of classes.
+        width: channels of the first convolutions (the paper: 64).
+        linear_size: width of the hidden linear layer (the paper: 512).
+
+    Example:
+        >>> CNN7(input_shape=[1, 8, 8], num_outputs=10, width=4, linear_size=16)(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (3, 32, 32),
+        num_outputs: int = 10,
+        width: int = 64,
+        linear_size: int = 512,
+    ) -> None:
+        shape = _check_shape("input_shape", input_shape)
+        if len(shape) != 3:
+            raise ValueError(f"`input_shape` must be [channels, height, width], got {list(shape)}")
+        _check_positive("num_outputs", num_outputs)
+        _check_positive("width", width)
+        _check_positive("linear_size", linear_size)
+        c_in, h, w = shape
+        layers: list[nn.Module] = []
+        for c_out, stride in [(width, 1), (width, 1), (2 * width, 2), (2 * width, 1), (2 * width, 1)]:
+            layers.append(nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()))
+            c_in, h, w = c_out, (h - 1) // stride + 1, (w - 1) // stride + 1
+        layers.append(nn.Sequential(nn.Flatten(), nn.Linear(c_in * h * w, linear_size), nn.BatchNorm1d(linear_size), nn.ReLU()))
+        layers.append(nn.Linear(linear_size, num_outputs))
+        super().__init__(*layers)
+        self.input_shape = shape
+        self.num_outputs = num_outputs

@@ -11,9 +11,9 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
-from litplug.callbacks import EMA, SAM, SWA, GradientAscentSearch, SharpnessMonitor, SurrogateSharpness
-from litplug.datamodules import Digits, OfflineDesigns
-from litplug.modules import MLP, Classifier, Regressor
+from litplug.callbacks import EMA, SAM, SWA, GradientAscentSearch, IBPWarmup, SharpnessMonitor, SurrogateSharpness, UnlearningMask
+from litplug.datamodules import Digits, ForgetRetain, OfflineDesigns
+from litplug.modules import MLP, CertifiedClassifier, Classifier, Regressor, Unlearner
 
 
 def small_classifier() -> LightningModule:
@@ -45,6 +45,32 @@ CASES["SharpnessMonitor"] = Case(lambda: SharpnessMonitor(rho=0.05))
 # Weight averaging (callbacks/averaging.py). SWA snapshots from epoch 0 so both epochs update.
 CASES["EMA"] = Case(lambda: EMA(decay=0.9, warmup=True))
 CASES["SWA"] = Case(lambda: SWA(start=0))
+
+
+# Unlearning (callbacks/unlearning.py): the mask needs forget data and an Unlearner.
+def small_unlearner() -> LightningModule:
+    return Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32], batch_norm=True), None, "gradient_difference")
+
+
+def forget_digits() -> LightningDataModule:
+    return ForgetRetain(Digits(batch_size=32), scenario="class", forget_classes=[0])
+
+
+CASES["UnlearningMask"] = Case(
+    callback=lambda: UnlearningMask("saliency", ratio=0.5, num_batches=2),
+    model=small_unlearner,
+    data=forget_digits,
+    trainer={"gradient_clip_val": 1.0},
+)
+
+# Certified training (callbacks/certified.py).
+def certified_classifier() -> LightningModule:
+    backbone = MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32], batch_norm=True)
+    return CertifiedClassifier(backbone, num_classes=10, eps=0.1)
+
+
+# Epoch 0 natural, epoch 1 the eps ramp with regularizers: resume restores the schedule position.
+CASES["IBPWarmup"] = Case(callback=lambda: IBPWarmup(start_epoch=1, ramp_epochs=1), model=certified_classifier)
 
 
 # Offline optimisation (callbacks/offline.py): a surrogate on the built-in sphere task.

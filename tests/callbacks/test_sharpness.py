@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, seed_everything
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from litplug.callbacks import SAM, SharpnessAwareMinimization, SharpnessMonitor, SurrogateSharpness
@@ -64,6 +65,10 @@ class Probe(Callback):
 
     def __init__(self):
         self.start, self.grads, self.at_step, self.after, self.batches = [], [], [], [], []
+        self.backwards = 0
+
+    def on_after_backward(self, trainer, pl_module):
+        self.backwards += 1
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.start.append([_full(p.detach()).clone() for p in pl_module.parameters()])
@@ -128,6 +133,10 @@ def test_sam_perturbation_closed_form_and_loss_scale_invariance():
         e2, _ = sam_perturbation(p, [1024 * t for t in g], 0.1, adaptive)
         for a, b in zip(e1, e2):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    g_copy = [t.clone() for t in g]
+    e_inplace, _ = sam_perturbation(p, g_copy, rho=0.1, inplace=True)
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(e_inplace, g_copy))
+    assert all(torch.equal(a, b) for a, b in zip(e_inplace, e))
     assert global_norm([torch.tensor([3.0]), torch.tensor([4.0])]) == pytest.approx(5.0)
 
 
@@ -165,12 +174,27 @@ def test_one_step_equals_hand_computed_update(tmp_path, opt, adaptive, a):
     final = hand_grads(w0, [(x, y)], 0.2, adaptive, a)
     expected = hand_step(w0, final, OPTIMIZERS[opt])
     assert model.calls == 2 and trainer.global_step == 1 and len(probe.grads) == 1
+    assert probe.backwards == 1  # other callbacks' backward hooks are not called by the second pass
     for got, want in zip(probe.grads[0], final):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for got, want in zip(probe.at_step[0], probe.start[0]):
         assert torch.equal(got, want)  # weights restored bit-exactly before the step
     for got, want in zip(model.backbone.parameters(), expected):
         torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+    # logged sharpness L(w + e) - L(w) and ||T g||
+    net = copy.deepcopy(w0)
+    params = list(net.parameters())
+    loss = F.cross_entropy(net(x), y)
+    g = torch.autograd.grad(loss, params)
+    t = [p.detach().abs() if adaptive else torch.ones_like(p) for p in params]
+    norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
+    with torch.no_grad():
+        for p, ti, gi in zip(params, t, g):
+            p.add_(0.2 * ti**2 * gi / norm)
+        sharpness = F.cross_entropy(net(x), y) - loss
+    metrics = trainer.callback_metrics
+    assert float(metrics["sam/sharpness"]) == pytest.approx(float(sharpness), rel=1e-4, abs=1e-6)
+    assert float(metrics["sam/grad_norm"]) == pytest.approx(float(norm), rel=1e-5)
 
 
 def test_exclude_and_rho_to_zero(tmp_path):
@@ -256,6 +280,7 @@ def test_accumulation_reruns_all_micro_batches(tmp_path):
     trainer = fast_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, callbacks=[SAM(rho=0.2), probe_accum])
     trainer.fit(accum, loader(x, y, 8))
     assert accum.calls == 4 and trainer.global_step == 1 and len(probe_accum.grads) == 1
+    assert probe_accum.backwards == 2
     # two half batches with a mean loss = one full batch: same final gradient and update
     final = hand_grads(w0, [(x[:8], y[:8]), (x[8:], y[8:])], 0.2, False, 1.0)
     for a, b, c in zip(probe_accum.grads[0], probe_full.grads[0], final):
@@ -283,7 +308,8 @@ def test_mixed_precision_final_gradient(tmp_path, precision):
     model, probe = tiny(), Probe()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if precision == "16-mixed" else None
     plugin = MixedPrecision(precision, "cpu", scaler)
-    fast_trainer(tmp_path, max_steps=1, plugins=[plugin], callbacks=[SAM(rho=0.2, penalty_weight=0.5), probe]).fit(model, loader(x, y, 16))
+    callbacks = [SAM(rho=0.2, penalty_weight=0.5), probe]
+    fast_trainer(tmp_path, max_steps=1, plugins=[plugin], callbacks=callbacks).fit(model, loader(x, y, 16))
     # unscaled once, on the sum of both passes: equal to the fp32 equations up to half-precision error
     num = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(probe.grads[0], final)))
     assert num / torch.sqrt(sum((b**2).sum() for b in final)) < 0.05
@@ -303,8 +329,29 @@ def test_fp16_overflow_skips_step_and_keeps_weights(tmp_path):
         assert torch.equal(p.detach(), p0)
 
 
-def test_batchnorm_stats_logging_and_every_n_steps(tmp_path):
+class WithTrainMetric(Counting):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.train_acc = MulticlassAccuracy(3, average="micro")
+
+    def training_step(self, batch, batch_idx):
+        self.train_acc.update(self(batch[0]).argmax(-1), batch[1])
+        return super().training_step(batch, batch_idx)
+
+
+def test_batchnorm_stats_metrics_logging_and_every_n_steps(tmp_path):
     x, y = data()
+    # a torchmetrics train metric updated in training_step counts each batch once
+    metric_states = []
+    for callbacks in ([], [SAM(rho=0.2)]):
+        torch.manual_seed(0)
+        model = WithTrainMetric(MLP(input_shape=[4], num_outputs=3, hidden=[6]), num_classes=3)
+        fast_trainer(tmp_path, max_steps=1, callbacks=callbacks).fit(model, loader(x, y, 16))
+        metric_states.append((model.train_acc.update_count, {k: v.clone() for k, v in model.train_acc.metric_state.items()}))
+    assert metric_states[0][0] == metric_states[1][0] == 1
+    assert all(torch.equal(v, metric_states[1][1][k]) for k, v in metric_states[0][1].items())
     # BatchNorm running statistics: the second pass leaves them as one plain step does
     stats = {}
     for name, callbacks in (("plain", []), ("sam", [SAM(rho=0.2)]), ("unfrozen", [SAM(rho=0.2, freeze_bn_stats=False)])):
@@ -378,6 +425,52 @@ def test_surrogate_sharpness_one_step_equals_equations(tmp_path):
     assert model.calls == 1  # G is the model's forward, not training_step
 
 
+@pytest.mark.parametrize("variant", ["accumulate", "16-mixed", "bf16-mixed"])
+def test_surrogate_sharpness_accumulation_and_precision(tmp_path, variant):
+    x, y = data()
+
+    def final_grads(batch_size, **kwargs):
+        model, probe = tiny(partial(torch.optim.SGD, lr=0.1)), Probe()
+        cb = SurrogateSharpness(rho=0.5, radius=0.1, epsilon=0.01, lambda_init=2.0, lambda_lr=0.5)
+        fast_trainer(tmp_path, max_steps=1, callbacks=[cb, probe], **kwargs).fit(model, loader(x, y, batch_size))
+        return probe.grads[0], float(cb.state_dict()["lambda"]), model.calls
+
+    reference, lam, _ = final_grads(16)
+    if variant == "accumulate":
+        got, got_lam, calls = final_grads(8, accumulate_grad_batches=2)
+        assert calls == 2
+        for a, b in zip(got, reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert got_lam == pytest.approx(lam, rel=1e-5)
+    else:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if variant == "16-mixed" else None
+        got, got_lam, _ = final_grads(16, plugins=[MixedPrecision(variant, "cpu", scaler)])
+        err = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(got, reference)))
+        # The finite difference (lambda rho / radius = 10) magnifies bf16's 8-bit mantissa rounding.
+        tol = 0.05 if variant == "16-mixed" else 0.15
+        assert err / torch.sqrt(sum((b**2).sum() for b in reference)) < tol
+        assert got_lam == pytest.approx(lam, rel=0.05)  # ||grad G|| unscaled before the dual step
+
+
+def test_monitor_measure_restores_rng_weights_and_grads():
+    x, y = data()
+    torch.manual_seed(0)
+    model = Counting(MLP(input_shape=[4], num_outputs=3, hidden=[6], dropout=0.5, batch_norm=True), num_classes=3)
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monitor = SharpnessMonitor(rho=0.1)
+    monitor._held = [(x, y)]
+    rng = torch.get_rng_state()
+    values = monitor.measure(model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    assert model.training and all(m.training for m in model.modules())
+    assert set(values) == {"model", "layer/backbone.1.0", "layer/backbone.1.1", "layer/backbone.2"}
+
+
 def test_monitor_leaves_training_untouched_and_logs_layers(tmp_path):
     x, y = data()
     runs = []
@@ -418,12 +511,23 @@ def test_bad_arguments(make, arg):
         make()
 
 
+class ClosureFirst(Classifier):
+    """Runs the closure itself before `optimizer.step()`: no closure reaches the optimizer."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer_closure()
+        optimizer.step()
+
+
 def test_setup_errors(tmp_path):
     x, y = data()
     with pytest.raises(ValueError, match="`exclude`.*'\\*.nope'"):
         fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(exclude=["*.nope"])]).fit(tiny(), loader(x, y, 16))
     with pytest.raises(ValueError, match="automatic optimization"):
         fast_trainer(tmp_path, max_steps=1, callbacks=[SAM()]).fit(PeerSAM(tiny().backbone, 0.1, False), loader(x, y, 16))
+    with pytest.raises(RuntimeError, match="closure=optimizer_closure"):
+        model = ClosureFirst(MLP(input_shape=[4], num_outputs=3, hidden=[6]), 3)
+        fast_trainer(tmp_path, max_steps=1, callbacks=[SAM()]).fit(model, loader(x, y, 16))
     with pytest.raises(ValueError, match="Only one sharpness penalty"):
         fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(), SurrogateSharpness()]).fit(tiny(), loader(x, y, 16))
 
@@ -436,16 +540,27 @@ def test_setup_errors(tmp_path):
 def dist_worker(strategy, tmp_dir):
     out = {}
     cases = {
-        "local": lambda: SAM(rho=0.2, sync_first_pass=False),
-        "synced": lambda: SAM(rho=0.2, sync_first_pass=True),
-        "ignite": lambda: SurrogateSharpness(rho=0.5, radius=0.1, lambda_init=1.0, lambda_lr=0.5),
+        "local": (lambda: SAM(rho=0.2, sync_first_pass=False), {}),
+        "synced": (lambda: SAM(rho=0.2, sync_first_pass=True), {}),
+        "ignite": (lambda: SurrogateSharpness(rho=0.5, radius=0.1, lambda_init=1.0, lambda_lr=0.5), {}),
+        "accumulate": (lambda: SAM(rho=0.2, adaptive=True), {"accumulate_grad_batches": 2, "gradient_clip_val": 0.1}),
     }
-    for name, make in cases.items():
+    cases["bf16"] = (lambda: SAM(rho=0.2), {"precision": "bf16-mixed"})
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    cases["fp16"] = (lambda: SAM(rho=0.2, penalty_weight=0.5), {"plugins": [MixedPrecision("16-mixed", "cpu", scaler)]})
+    if isinstance(strategy, DDPStrategy):
+        bucket_view = DDPStrategy(process_group_backend="gloo", gradient_as_bucket_view=True)
+        cases["ignite_bucket_view"] = (cases["ignite"][0], {"strategy": bucket_view})
+        cases["gnp_bucket_view"] = (lambda: SAM(rho=0.2, penalty_weight=0.5), {"strategy": bucket_view})
+        cases["gnp"] = (lambda: SAM(rho=0.2, penalty_weight=0.5), {})
+    for name, (make, kwargs) in cases.items():
+        kwargs = {**kwargs, "strategy": copy.deepcopy(kwargs.get("strategy", strategy))}
         seed_everything(0)
         model, probe, cb = tiny(), Probe(), make()
         w0 = {k: _full(v).detach().clone() for k, v in model.backbone.state_dict().items()}
         dm = SyntheticClassification(num_samples=128, input_shape=[4], num_classes=3, batch_size=8)
-        trainer = fast_trainer(tmp_dir / name, strategy=copy.deepcopy(strategy), devices=2, max_steps=3, callbacks=[cb, probe, SharpnessMonitor()])
+        callbacks = [cb, probe, SharpnessMonitor()]
+        trainer = fast_trainer(tmp_dir / name, devices=2, max_steps=3, callbacks=callbacks, **kwargs)
         trainer.fit(model, dm)
         weights = [_full(p.detach()).clone() for p in model.parameters()]
         out[name] = {"w0": w0, "batches": probe.batches, "grads": probe.grads, "weights": weights, "calls": model.calls}
@@ -466,11 +581,14 @@ def _grads_at(net, batch):
 
 
 def _check_distributed(r0, r1, local_perturbation):
-    for name in ("local", "synced", "ignite"):
+    assert set(r0) == set(r1)
+    for name in r0:
         for a, b in zip(r0[name]["weights"], r1[name]["weights"]):
             assert torch.equal(a, b), f"{name}: ranks differ"
         for a, b in zip(r0[name]["grads"][0], r1[name]["grads"][0]):
             assert torch.equal(a, b), f"{name}: final gradients differ"
+        assert all(torch.isfinite(w).all() for w in r0[name]["weights"]), name
+    assert r0["accumulate"]["calls"] == 3 * 2 * 2 + 4  # 3 steps x 2 micro-batches x 2 passes, monitor
     assert torch.equal(r0["ignite"]["state"]["lambda"], r1["ignite"]["state"]["lambda"])
     assert r0["local"]["calls"] == 6 + 4  # 3 steps x 2 passes, then the monitor: L(w), model, 2 layers
     for name, local in (("local", local_perturbation), ("synced", False)):
@@ -493,9 +611,53 @@ def _check_distributed(r0, r1, local_perturbation):
 def test_ddp(tmp_path):
     r0, r1 = run_distributed(dist_worker, "ddp", tmp_path)
     _check_distributed(r0, r1, local_perturbation=True)
+    for name in ("ignite", "gnp"):  # gradients as views of DDP's buckets: same result
+        plain, view = r0[name], r0[f"{name}_bucket_view"]
+        for a, b in zip(plain["grads"] + [plain["weights"]], view["grads"] + [view["weights"]]):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_fsdp2(tmp_path):
     r0, r1 = run_distributed(dist_worker, "fsdp2", tmp_path)
     # FSDP2 reduce-scatters every backward: the perturbation always comes from the global gradient
     _check_distributed(r0, r1, local_perturbation=False)
+
+
+# ------------------------------------------------------------------------------------------
+# configs
+# ------------------------------------------------------------------------------------------
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
+
+
+def _cli(*configs, run=True, extra=()):
+    from litplug.cli import LitplugCLI
+
+    args = [a for c in configs for a in ("--config", str(CONFIGS / c))] + list(extra)
+    return LitplugCLI(args=["fit", *args] if run else args, run=run)
+
+
+@pytest.mark.parametrize("fragments", [("sam", "sharpness_monitor"), ("ignite",)])
+def test_callback_configs_compose(tmp_path, fragments):
+    extra = ["--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    extra += ["--trainer.limit_val_batches", "0"]
+    extra += ["--trainer.default_root_dir", str(tmp_path), "--test_after_fit", "false"]
+    cli = _cli("digits/classifier.yaml", *[f"callbacks/{f}.yaml" for f in fragments], extra=extra)
+    kinds = {type(cb).__name__ for cb in cli.trainer.callbacks}
+    assert {"sam": "SharpnessAwareMinimization", "ignite": "SurrogateSharpness"}[fragments[0]] in kinds
+    assert ("SharpnessMonitor" in kinds) == (len(fragments) == 2)
+    assert cli.trainer.global_step == 2
+
+
+def test_label_noise_and_fragment_configs_parse():
+    expected = {"sgd": None, "sam": (0.1, False, 1.0), "asam": (1.0, True, 1.0), "gnp": (0.1, False, 0.5)}
+    for method, want in expected.items():
+        cli = _cli(f"digits/label_noise/{method}.yaml", run=False)
+        assert cli.datamodule.label_noise == 0.4
+        sam = [cb for cb in cli.trainer.callbacks if isinstance(cb, SharpnessAwareMinimization)]
+        assert [(c.rho, c.adaptive, c.penalty_weight) for c in sam] == ([want] if want else [])
+    for fragment, want in {"asam": (0.5, True, 1.0), "gnp": (0.05, False, 0.5)}.items():
+        cli = _cli("digits/classifier.yaml", f"callbacks/{fragment}.yaml", run=False)
+        sam = [cb for cb in cli.trainer.callbacks if isinstance(cb, SharpnessAwareMinimization)]
+        assert [(c.rho, c.adaptive, c.penalty_weight) for c in sam] == [want]

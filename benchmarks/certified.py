@@ -1,0 +1,126 @@
+"""Speed of certified (IBP) training and evaluation, measured side by side in one run.
+
+    PYTHONPATH=. python benchmarks/certified.py            # CNN7 (the paper's cnn_7layer_bn2), batch 32, CPU
+    python -m litplug ... is not needed: the script builds the modules directly.
+
+Rows: plain training step (cross-entropy), litplug IBP training step (CertifiedClassifier at the
+target eps, without and with the warmup regularizers of the ramp), and auto_LiRPA's IBP step
+when auto_LiRPA imports (the peer; its 0.3 release does not import with numpy 2, in which case the
+row says so). Then evaluation throughput: plain forward vs CertifiedClassifier.certify (verified
+accuracy) in samples/s. Times are medians of ``--steps`` forward+backward passes on fixed weights, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from litplug.modules import CNN7, CertifiedClassifier
+
+
+def median_times(fns: list[Callable[[], object]], steps: int, warmup: int = 2) -> list[float]:
+    """Median seconds per call of each function, calls interleaved round by round so that load
+    changes on a shared machine hit every row alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(steps):
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--linear", type=int, default=512)
+    parser.add_argument("--shape", type=int, nargs=3, default=[3, 32, 32])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--eps", type=float, default=8 / 255)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.rand(args.batch, *args.shape)
+    y = torch.randint(0, 10, (args.batch,))
+
+    model = CertifiedClassifier(
+        CNN7(args.shape, 10, args.width, args.linear), eps=args.eps, mean=(0.0,), std=(1.0,), pixel_range=(0.0, 1.0)
+    ).train()
+    # Forward + backward on fixed weights (no optimizer step): every row times the same network,
+    # and weights drifting under different losses cannot skew the comparison.
+    def natural() -> None:
+        model.zero_grad()
+        F.cross_entropy(model.backbone(x), y).backward()
+
+    def ibp(regularizer_weight: float) -> Callable[[], None]:
+        def step() -> None:
+            model.current_eps, model.regularizer_weight = args.eps, regularizer_weight
+            model.zero_grad()
+            model.training_step((x, y), 0).backward()
+
+        return step
+
+    peer = auto_lirpa_step(model.backbone, x, y, args.eps)
+    fns = [natural, ibp(0.0), ibp(0.25)] + ([peer] if callable(peer) else [])
+    times = median_times(fns, args.steps)
+    rows: list[tuple[str, float | str]] = [
+        ("plain training step (cross-entropy)", times[0]),
+        ("litplug IBP step (after warmup)", times[1]),
+        ("litplug IBP step + warmup regularizers", times[2]),
+        ("auto_LiRPA IBP step", times[3] if callable(peer) else peer),
+    ]
+
+    print(f"\nCNN7(width={args.width}, linear={args.linear}) input {args.shape}, batch {args.batch}, {args.threads} CPU threads")
+    print(f"{'training step':42s} {'ms':>9s} {'x plain':>8s}")
+    base = times[0]
+    for name, value in rows:
+        if isinstance(value, str):
+            print(f"{name:42s} {'-':>9s} {'-':>8s}  ({value})")
+        else:
+            print(f"{name:42s} {value * 1e3:9.1f} {value / base:8.2f}")
+
+    model.eval()
+    xe = torch.rand(4 * args.batch, *args.shape)
+    ye = torch.randint(0, 10, (4 * args.batch,))
+    with torch.no_grad():
+        t_plain, t_cert = median_times([lambda: model.backbone(xe), lambda: model.certify(xe, ye)], args.steps)
+    print(f"\n{'evaluation (batch %d)' % len(xe):42s} {'samples/s':>9s} {'x plain':>8s}")
+    print(f"{'plain forward':42s} {len(xe) / t_plain:9.0f} {1.0:8.2f}")
+    print(f"{'CertifiedClassifier.certify (verified)':42s} {len(xe) / t_cert:9.0f} {t_plain / t_cert:8.2f}")
+
+
+def auto_lirpa_step(backbone: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> Callable[[], None] | str:
+    try:
+        from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+    except Exception as err:  # noqa: BLE001 - any import failure means "peer unavailable"
+        return f"auto_LiRPA unavailable: {type(err).__name__}: {err}"[:120]
+    import copy
+
+    net = copy.deepcopy(backbone).train()
+    bounded = BoundedModule(net, torch.zeros_like(x))
+    eye = torch.eye(10)
+    spec = eye[y].unsqueeze(1) - eye.unsqueeze(0)
+    spec = spec[(eye[y] == 0)].view(len(y), 9, 10)
+
+    def step() -> None:
+        bounded.zero_grad()
+        box = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1)))
+        bounded(box)
+        lower, _ = bounded.compute_bounds(x=(box,), C=spec, method="IBP", bound_upper=False)
+        F.cross_entropy(torch.cat([torch.zeros_like(lower[:, :1]), -lower], 1), torch.zeros_like(y)).backward()
+
+    return step
+
+
+if __name__ == "__main__":
+    main()

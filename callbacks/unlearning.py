@@ -1,0 +1,428 @@
+"""Weight masks for machine unlearning: only a scored top fraction of the weights may change.
+
+Method card. At the start of training, every entry of the parameters in ``scope`` gets a score:
+
+- ``saliency``: |g_f|, the gradient of the forget loss at the original weights (SalUn, Fan et al.
+  2024, "SalUn: Empowering machine unlearning via gradient-based weight saliency");
+- ``attribution``: |(theta - g_r / mu) * g_f| with g_r the retain-loss gradient (WAGLE, Jia et al.
+  2024, "WAGLE: Strategic weight attribution for effective and modular unlearning");
+- ``magnitude``: |theta| (the prune-first-then-unlearn view of Jia et al. 2023);
+- ``random``: seeded uniform scores (a control).
+
+Exactly ``k = int(N * ratio)`` entries (N = entries in scope) with the highest scores stay
+updatable; ties are broken by the lower global index (parameters in ``named_parameters`` order,
+then row-major position in the full parameter); NaN scores count as 0. The rest is frozen:
+
+1. ``on_before_optimizer_step`` zeroes the gradient at frozen entries (``masked_fill_``, so
+   inf/NaN cannot leak), before Lightning clips gradients: clipping measures the masked gradient.
+2. An optimizer step pre-hook zeroes them again *after* the closure: Lightning passes the
+   forward/backward/``on_before_optimizer_step``/clipping closure *into* ``optimizer.step``, so a
+   plain pre-hook would run before the gradients exist; the hook wraps the closure instead, or
+   masks right away when there is none (manual optimisation, AMP's scaler run it first). This
+   catches callbacks that rewrite gradients later in ``on_before_optimizer_step`` (e.g. SAM).
+3. An optimizer step post-hook copies the original values back into frozen entries, which stay
+   bit-identical whatever weight decay, momentum or Adam state do.
+
+Free entries get exactly the update they would get without the machinery. Parameters outside
+``scope`` (biases and norm parameters for ``"weights"``) are not masked; buffers never are.
+Cost: one pass over the forget (and, for ``attribution``, retain) set at fit start; per step,
+two ``masked_fill_`` per gradient and one ``where`` per parameter (three memory-bound passes,
+against about ten for an Adam step); memory: a bool mask and a copy of each masked parameter.
+
+DDP: the score gradients are summed over ranks (``all_reduce``, each rank scoring its share of
+the batches) before ranking, so every rank holds the same mask. FSDP2 (``ModelParallelStrategy``,
+``Shard(0)`` DTensor parameters): masks, originals and scores are shard-local; the global k-th
+score is found by a 4-pass radix select over the float bits (four ``all_reduce`` of 256 counts)
+and ties are split with one ``all_gather`` of per-parameter tie counts; no parameter is gathered.
+``state_dict`` holds the full masks (gathered per parameter as bytes under FSDP2) so a resumed run
+slices them back and never recomputes them. FSDP1 and DeepSpeed (flattened parameters) are refused.
+
+Example:
+    >>> from lightning.pytorch import Trainer
+    >>> from litplug.callbacks import UnlearningMask
+    >>> trainer = Trainer(callbacks=[UnlearningMask("saliency", ratio=0.5)])  # doctest: +SKIP
+    >>> trainer.fit(unlearner, ForgetRetain(Digits(), "class", [3]))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from itertools import islice
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+from typing_extensions import override
+
+Criterion = Literal["saliency", "attribution", "magnitude", "random"]
+Scope = Literal["weights", "all"]
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --- functional core -----------------------------------------------------------------------
+def _sortable_keys(score: torch.Tensor) -> torch.Tensor:
+    # For non-negative float32 the int32 bit pattern orders like the value (+inf on top).
+    return score.detach().float().abs().nan_to_num(nan=0.0).contiguous().view(torch.int32)
+
+
+def kth_largest_key(keys: Sequence[torch.Tensor], k: int, all_reduce: Reduce | None = None) -> tuple[int, int]:
+    """Radix select (8 bits per pass) of the ``k``-th largest int32 key (keys >= 0) over the
+    tensors ``keys``, summed over processes by ``all_reduce`` (a 256-count histogram per pass).
+    Returns ``(t, m)``: the key ``t`` and how many entries equal to ``t`` complete the top k."""
+    prefix, need = 0, k
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(256, dtype=torch.long)
+        for key in keys:
+            cand = key if shift == 24 else key[(key >> (shift + 8)) == prefix]
+            hist += torch.bincount(((cand >> shift) & 0xFF).long().flatten(), minlength=256).cpu()
+        if all_reduce is not None:
+            hist = all_reduce(hist)
+        at_least = hist.flip(0).cumsum(0)  # at_least[j] = entries whose digit >= 255 - j
+        j = int(torch.nonzero(at_least >= need)[0])
+        digit = 255 - j
+        need -= int(at_least[j] - hist[digit])
+        prefix = (prefix << 8) | digit
+    return prefix, need
+
+
+def topk_masks(
+    scores: Sequence[torch.Tensor],
+    k: int,
+    all_reduce: Reduce | None = None,
+    all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rank: int = 0,
+) -> list[torch.Tensor]:
+    """Boolean masks selecting exactly the ``k`` highest scores over all tensors of ``scores``.
+
+    Ties at the threshold go to the lower global index: tensor order, then rank order (the
+    ``Shard(0)`` row blocks of one parameter), then row-major order. In a sharded setting, each
+    process passes its local shards; ``all_reduce`` sums a tensor over processes and
+    ``all_gather`` stacks one per process (``[world, ...]``); ``rank`` is this process's index
+    in that stack. Scores are compared as float32
+    after ``abs``; NaN counts as 0.
+
+    Example:
+        >>> [m.tolist() for m in topk_masks([torch.tensor([1.0, 3.0]), torch.tensor([3.0, 2.0])], 2)]
+        [[False, True], [True, False]]
+    """
+    keys = [_sortable_keys(s) for s in scores]
+    if k <= 0:
+        return [torch.zeros_like(key, dtype=torch.bool) for key in keys]
+    threshold, need = kth_largest_key(keys, k, all_reduce)
+    ties = torch.tensor([int((key == threshold).sum()) for key in keys], dtype=torch.long)
+    table = all_gather(ties) if all_gather is not None else ties.view(1, -1)  # [world, tensors]
+    # quota[r, i]: ties taken from tensor i on process r, in (tensor, rank) order
+    quota = torch.zeros_like(table)
+    for i in range(table.shape[1]):
+        for r in range(table.shape[0]):
+            quota[r, i] = min(int(table[r, i]), need)
+            need -= int(quota[r, i])
+    masks = []
+    for i, key in enumerate(keys):
+        eq = key == threshold
+        take = eq & (eq.flatten().cumsum(0) <= quota[rank, i]).view_as(eq)
+        masks.append((key > threshold) | take)
+    return masks
+
+
+def saliency_scores(grads_forget: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """SalUn: ``|g_f|``."""
+    return [g.abs() for g in grads_forget]
+
+
+def attribution_scores(
+    params: Sequence[torch.Tensor], grads_forget: Sequence[torch.Tensor], grads_retain: Sequence[torch.Tensor], mu: float
+) -> list[torch.Tensor]:
+    """WAGLE: ``|(theta - g_r / mu) * g_f|``."""
+    return [((p - gr / mu) * gf).abs() for p, gf, gr in zip(params, grads_forget, grads_retain)]
+
+
+def enforce_masked_grads_(grads: Sequence[torch.Tensor | None], frozen: Sequence[torch.Tensor]) -> None:
+    """Zero the gradients at frozen entries in place (inf/NaN included)."""
+    for g, f in zip(grads, frozen):
+        if g is not None:
+            g.masked_fill_(f, 0)
+
+
+def restore_frozen_(params: Sequence[torch.Tensor], originals: Sequence[torch.Tensor], frozen: Sequence[torch.Tensor]) -> None:
+    """Copy ``originals`` back into the frozen entries of ``params`` in place (bit-exact)."""
+    for p, o, f in zip(params, originals, frozen):
+        torch.where(f, o, p, out=p)
+
+
+# --- helpers for DTensor (FSDP2) parameters ------------------------------------------------
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _local_rows(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The rows of ``full`` that ``param``'s local ``Shard(0)`` block holds (``full`` if plain)."""
+    if not hasattr(param, "device_mesh"):
+        return full
+    mesh = param.device_mesh
+    chunks = torch.chunk(full, mesh.size(), dim=0)
+    r = mesh.get_local_rank()
+    return chunks[r] if r < len(chunks) else full[:0]
+
+
+class UnlearningMask(Callback):
+    """Keep exactly ``int(N * ratio)`` parameter entries updatable, chosen by ``criterion`` on
+    the original weights; freeze the rest bit-exactly (see the module docstring).
+
+    Logs ``unlearn/mask_ratio`` (k / N, every epoch) and a TensorBoard histogram
+    ``unlearn/layer_updatable_fraction`` of the per-parameter updatable fractions (at fit start).
+
+    Args:
+        criterion: ``saliency``, ``attribution``, ``magnitude`` or ``random``.
+        ratio: fraction of the entries in scope kept updatable, in (0, 1].
+        scope: ``weights`` (parameters with >= 2 dims) or ``all`` trainable parameters.
+        mu: WAGLE's step-size constant for ``attribution`` (> 0).
+        num_batches: forget/retain batches used for the gradients (None: the whole sets).
+        seed: seed of the ``random`` criterion.
+    """
+
+    def __init__(
+        self,
+        criterion: Criterion = "saliency",
+        ratio: float = 0.5,
+        scope: Scope = "weights",
+        mu: float = 1e-6,
+        num_batches: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if criterion not in ("saliency", "attribution", "magnitude", "random"):
+            raise ValueError(f"`criterion` must be one of saliency, attribution, magnitude, random; got {criterion!r}")
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"`ratio` must be in (0, 1], got {ratio}")
+        if scope not in ("weights", "all"):
+            raise ValueError(f"`scope` must be 'weights' or 'all', got {scope!r}")
+        if not mu > 0:
+            raise ValueError(f"`mu` must be > 0, got {mu}")
+        if num_batches is not None and num_batches < 1:
+            raise ValueError(f"`num_batches` must be >= 1 or None, got {num_batches}")
+        self.criterion, self.ratio, self.scope, self.mu = criterion, ratio, scope, mu
+        self.num_batches, self.seed = num_batches, seed
+        self.masks: dict[str, torch.Tensor] | None = None  # local (shard) masks, True = updatable
+        self._loaded: dict[str, torch.Tensor] | None = None  # full masks from a checkpoint
+        self.num_selected = 0
+        self.num_entries = 0
+        self.layer_fractions: dict[str, float] = {}
+        self._params: list[nn.Parameter] = []
+        self._frozen: list[torch.Tensor] = []
+        self._originals: list[torch.Tensor] = []
+        self._handles: list[Any] = []
+
+    # --- setup ------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            raise ValueError(
+                f"UnlearningMask does not support {type(trainer.strategy).__name__} (flattened parameters); "
+                "use DDP or FSDP2 (ModelParallelStrategy)"
+            )
+        if stage == "fit" and self.criterion in ("saliency", "attribution") and self.masks is None:
+            dm = trainer.datamodule
+            if dm is None or not hasattr(dm, "forget_dataloader") or not hasattr(dm, "retain_dataloader"):
+                raise ValueError(
+                    f"UnlearningMask(criterion={self.criterion!r}) needs a datamodule with forget_dataloader() and "
+                    "retain_dataloader() (ForgetRetain)"
+                )
+
+    def _scoped(self, pl_module: LightningModule) -> list[tuple[str, nn.Parameter]]:
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        if self.scope == "weights":
+            named = [(n, p) for n, p in named if p.dim() >= 2]
+        if not named:
+            raise ValueError(f"UnlearningMask(scope={self.scope!r}) found no trainable parameters in scope")
+        for n, p in named:
+            if hasattr(p, "placements"):
+                from torch.distributed.tensor import Shard
+
+                if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                    raise ValueError(
+                        f"UnlearningMask supports FSDP2 parameters sharded as (Shard(0),) on a 1-D mesh; {n} has "
+                        f"{tuple(p.placements)} (tensor/hybrid parallelism is not supported)"
+                    )
+        return named
+
+    # --- scoring ----------------------------------------------------------------------------
+    def _gradients(self, trainer: Trainer, pl_module: LightningModule, split: str) -> tuple[list[torch.Tensor], list[str]]:
+        """Local gradients of the mean CE over the ``split`` set, reduced over ranks."""
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        loader = getattr(trainer.datamodule, f"{split}_dataloader")()
+        batches = list(islice(loader, self.num_batches))
+        world, rank = trainer.world_size, trainer.global_rank
+        sharded = any(hasattr(p, "placements") for _, p in named)
+        total = sum(len(b[1]) for b in batches)
+        mine = batches[rank::world]
+        saved = [p.grad for _, p in named]
+        for _, p in named:
+            p.grad = None
+        for i in range(math.ceil(len(batches) / world)):  # the same count on every rank (FSDP2)
+            x, y = mine[i] if i < len(mine) else batches[0]
+            weight = (1.0 if i < len(mine) else 0.0) * (world if sharded else 1) / total  # FSDP2 averages
+            out = pl_module(x.to(pl_module.device))
+            (F.cross_entropy(out.float(), y.to(pl_module.device), reduction="sum") * weight).backward()
+        grads = []
+        for _, p in named:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if world > 1 and not sharded:
+                dist.all_reduce(g)
+            grads.append(_local(g).detach().clone())
+        for (_, p), g in zip(named, saved):
+            p.grad = g
+        names = [n for n, _ in named]
+        return grads, names
+
+    @torch.no_grad()
+    def _random_scores(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+        scores = []
+        for i, p in enumerate(params):
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+            full = torch.rand(p.shape, generator=gen)  # one parameter at a time, then our rows
+            scores.append(_local_rows(full, p).to(_local(p).device))
+        return scores
+
+    def _scores(self, trainer: Trainer, pl_module: LightningModule, named: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:
+        params = [p for _, p in named]
+        if self.criterion == "magnitude":
+            return [_local(p).detach().abs() for p in params]
+        if self.criterion == "random":
+            return self._random_scores(params)
+        was_training = pl_module.training
+        pl_module.eval()  # no dropout, no BatchNorm statistics update while scoring
+        try:
+            with torch.enable_grad():
+                gf, names = self._gradients(trainer, pl_module, "forget")
+                gr = self._gradients(trainer, pl_module, "retain")[0] if self.criterion == "attribution" else None
+        finally:
+            pl_module.train(was_training)
+        index = {n: i for i, n in enumerate(names)}
+        gf = [gf[index[n]] for n, _ in named]
+        if self.criterion == "saliency":
+            return saliency_scores(gf)
+        gr = [gr[index[n]] for n, _ in named]
+        return attribution_scores([_local(p).detach() for p in params], gf, gr, self.mu)
+
+    def _collectives(self, named: list[tuple[str, nn.Parameter]]) -> tuple[Reduce | None, Any, int]:
+        sharded = [p for _, p in named if hasattr(p, "device_mesh")]
+        if not sharded:
+            return None, None, 0
+        group = sharded[0].device_mesh.get_group()
+        world = dist.get_world_size(group)
+
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(t, group=group)
+            return t
+
+        def all_gather(t: torch.Tensor) -> torch.Tensor:
+            out = [torch.zeros_like(t) for _ in range(world)]
+            dist.all_gather(out, t, group=group)
+            return torch.stack(out)
+
+        return all_reduce, all_gather, dist.get_rank(group)
+
+    # --- hooks ------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        named = self._scoped(pl_module)
+        all_reduce, all_gather, rank = self._collectives(named)
+        self.num_entries = sum(p.numel() for _, p in named)
+        self.num_selected = int(self.num_entries * self.ratio)
+        if self._loaded is not None:
+            missing = sorted(set(n for n, _ in named) - set(self._loaded))
+            if missing:
+                raise ValueError(f"the checkpoint's UnlearningMask state has no mask for {missing}")
+            self.masks = {n: _local_rows(self._loaded[n], p).to(_local(p).device) for n, p in named}
+        elif self.masks is None:
+            scores = self._scores(trainer, pl_module, named)
+            masks = topk_masks(scores, self.num_selected, all_reduce, all_gather, rank)
+            self.masks = {n: m for (n, _), m in zip(named, masks)}
+        counts = torch.tensor([int(self.masks[n].sum()) for n, _ in named], dtype=torch.long)
+        if all_reduce is not None:
+            counts = all_reduce(counts)
+        self.layer_fractions = {n: int(c) / p.numel() for (n, p), c in zip(named, counts)}
+        self._params = [p for _, p in named]
+        self._frozen = [~self.masks[n] for n, _ in named]
+        self._originals = [_local(p).detach().clone() for p in self._params]
+        for optimizer in trainer.optimizers:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            self._handles.append(optimizer.register_step_post_hook(self._post_step))
+        self._log_histogram(trainer)
+
+    def _log_histogram(self, trainer: Trainer) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                values = torch.tensor(list(self.layer_fractions.values()))
+                logger.experiment.add_histogram("unlearn/layer_updatable_fraction", values, trainer.global_step)
+
+    def _mask_grads(self) -> None:
+        with torch.no_grad():
+            enforce_masked_grads_([None if p.grad is None else _local(p.grad) for p in self._params], self._frozen)
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # torch passes the optimizer itself as args[0]; a positional closure is args[1]
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._mask_grads()
+            return None
+
+        def masked_closure() -> Any:
+            result = closure()
+            self._mask_grads()
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": masked_closure}
+        return (args[0], masked_closure, *args[2:]), kwargs
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        with torch.no_grad():
+            restore_frozen_([_local(p) for p in self._params], self._originals, self._frozen)
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        self._mask_grads()
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.log("unlearn/mask_ratio", self.num_selected / max(1, self.num_entries), sync_dist=True)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.on_train_end(trainer, pl_module)
+
+    # --- state ------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.masks is None:
+            return {}
+        full = {}
+        for (n, mask), p in zip(self.masks.items(), self._params):
+            if hasattr(p, "device_mesh"):  # collective: every rank runs state_dict when saving
+                from torch.distributed.tensor import DTensor
+
+                dt = DTensor.from_local(mask.to(torch.uint8), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                mask = dt.full_tensor().bool()
+            full[n] = mask.detach().cpu().clone()
+        return {"masks": full, "num_selected": self.num_selected, "num_entries": self.num_entries}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._loaded = dict(state_dict["masks"])
+            self.masks = None

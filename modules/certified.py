@@ -1,0 +1,267 @@
+"""Certified (IBP) training of a classifier: :class:`CertifiedClassifier`.
+
+Method card: Gowal et al. 2018 (IBP training) with the loss of Shi et al. 2021. The robust loss is
+the cross-entropy of the negated margin lower bounds, ``CE(-m, y)`` with
+``m_j <= z_y - z_j`` over the pixel-space L-inf ball of radius ``eps_t`` (``m_y = 0``), computed
+by :mod:`litplug.modules.bounds` with last-layer elision. The training loss is
+``kappa * CE(z, y) + (1 - kappa) * CE(-m, y)`` with ``kappa = 1 - (1 - kappa_final) * eps_t / eps``,
+so a scheduled ``eps_t = 0`` is natural training. Cost: about two forward/backward passes of the
+network per step while ``eps_t > 0`` (centre and radius), none extra at ``eps_t = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from .bounds import bounded, input_box, margin_spec, warmup_regularizers
+from .classifier import Classifier
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def pgd_attack(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """L-inf PGD (Madry et al. 2018) inside the box ``[lower, upper]`` from the clean ``x``
+    (deterministic: no random start), step ``2.5 * radius / steps``, maximising cross-entropy."""
+    step = 2.5 * (upper - lower) / 2 / steps
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y, lower, upper, step = (t.clone() for t in (x, y, lower, upper, step))
+        adv = x.clone()
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(F.cross_entropy(model(adv), y), adv)
+            adv = torch.minimum(torch.maximum(adv.detach() + step * grad.sign(), lower), upper)
+    return adv.detach()
+
+
+def linearized_tightness(model: nn.Module, x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Tightness of Mao et al. 2023 ("Understanding Certified Training with Interval Bound
+    Propagation"): for the network linearised at ``x`` (eval mode, activation pattern fixed), the
+    ratio of the optimal box radius ``|J| r`` to the IBP radius of the same linear network,
+    averaged over samples and outputs (1 = IBP exact, small = loose)."""
+    engine = bounded(model)
+    with torch.inference_mode(False), torch.enable_grad():
+        x, radius = x.clone().requires_grad_(True), radius.clone()
+        out = model(x)
+        optimal = []
+        for k in range(out.shape[-1]):
+            (grad,) = torch.autograd.grad(out[:, k].sum(), x, retain_graph=True)
+            optimal.append((grad.abs() * radius).flatten(1).sum(1))
+        optimal_r = torch.stack(optimal, 1)
+    with torch.no_grad():
+        ibp_r = engine.linearized_radius(x.detach(), radius)
+    return (optimal_r / ibp_r.clamp(min=1e-12)).mean()
+
+
+class CertifiedClassifier(Classifier):
+    """A classifier trained to be verifiably robust with interval bound propagation.
+
+    It implements the *certified interface* driven by :class:`litplug.callbacks.IBPWarmup`
+    (``eps``, ``current_eps``, ``regularizer_weight``, ``regularizer_tolerance``, ``backbone``).
+    Without that callback it trains at ``current_eps = eps`` from the first step.
+
+    Logs ``train/loss``, ``certified/eps``, ``certified/kappa``, ``certified/robust_loss``,
+    ``certified/unstable_relu`` (fraction of ReLUs whose bounds straddle 0),
+    ``certified/reg_tightness`` and ``certified/reg_relu`` (when the warmup regularizers are on);
+    on validation/test ``{val,test}/acc`` (clean), ``{val,test}/verified_acc`` (all margin lower
+    bounds > 0 at ``eps``), ``{val,test}/pgd_acc`` (when ``pgd_steps > 0``),
+    ``certified/verified_acc`` (validation) and, every ``tightness_every_n_epochs``,
+    ``certified/tightness`` on the first validation batch.
+
+    The pixel-space ``eps`` is mapped through ``mean``/``std`` and clamped to ``pixel_range``;
+    left as ``None`` they are read from ``trainer.datamodule`` at setup (litplug datamodules
+    carry them) and saved in checkpoints.
+
+    ``training_step`` is a pure function of (weights, batch, ``current_eps``,
+    ``regularizer_weight``): the schedule moves in the callback's batch-start hook, so a callback
+    that re-runs the step (SAM) sees the same objective twice.
+
+    Distributed: DDP adds no collective beyond the gradient all-reduce; bounds are per rank and
+    batch norm uses the rank's clean batch (use no BN for results identical to one process on the
+    global batch). FSDP2 (ModelParallelStrategy) is rejected at setup: the bound engine reads full
+    weights. Verified accuracy is computed in float32 with autocast off, so mixed precision never
+    inflates it.
+
+    Args:
+        backbone: ``torch.fx``-traceable network (checked at construction).
+        num_classes: number of classes (>= 2).
+        eps: target L-inf radius in pixel space (>= 0).
+        kappa_final: weight of the clean loss once ``current_eps`` reaches ``eps``, in [0, 1].
+        pgd_steps: PGD steps for ``pgd_acc`` in validation/test (0 disables the attack).
+        mean, std, pixel_range: input normalisation; ``None`` reads them from the datamodule.
+        tightness_every_n_epochs: how often to log ``certified/tightness`` (0 disables it).
+        optimizer, lr_scheduler: as in :class:`~litplug.modules.Classifier`.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from litplug.callbacks import IBPWarmup
+        >>> from litplug.datamodules import Digits
+        >>> from litplug.modules import MLP, CertifiedClassifier
+        >>> model = CertifiedClassifier(MLP(input_shape=[1, 8, 8], num_outputs=10), num_classes=10, eps=0.1)
+        >>> Trainer(max_epochs=10, callbacks=[IBPWarmup(ramp_epochs=5)]).fit(model, Digits())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int = 10,
+        eps: float = 0.1,
+        kappa_final: float = 0.0,
+        pgd_steps: int = 0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        pixel_range: tuple[float, float] | None = None,
+        tightness_every_n_epochs: int = 1,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        if not eps >= 0:
+            raise ValueError(f"`eps` must be >= 0, got {eps}")
+        if not 0.0 <= kappa_final <= 1.0:
+            raise ValueError(f"`kappa_final` must be in [0, 1], got {kappa_final}")
+        if pgd_steps < 0:
+            raise ValueError(f"`pgd_steps` must be >= 0, got {pgd_steps}")
+        if tightness_every_n_epochs < 0:
+            raise ValueError(f"`tightness_every_n_epochs` must be >= 0, got {tightness_every_n_epochs}")
+        if std is not None and any(s <= 0 for s in std):
+            raise ValueError(f"`std` must be positive, got {list(std)}")
+        if pixel_range is not None and not pixel_range[0] < pixel_range[1]:
+            raise ValueError(f"`pixel_range` must be (low, high) with low < high, got {pixel_range}")
+        super().__init__(backbone, num_classes, optimizer, lr_scheduler)
+        bounded(backbone)  # raises UnsupportedOperationError naming the op before training starts
+        self.eps = float(eps)
+        self.kappa_final = kappa_final
+        self.pgd_steps = pgd_steps
+        self.tightness_every_n_epochs = tightness_every_n_epochs
+        self.normalization: dict[str, Any] | None = None
+        if mean is not None or std is not None or pixel_range is not None:
+            self.normalization = {
+                "mean": tuple(mean if mean is not None else (0.0,)),
+                "std": tuple(std if std is not None else (1.0,)),
+                "pixel_range": tuple(pixel_range if pixel_range is not None else (-math.inf, math.inf)),
+            }
+        # The certified interface (set by IBPWarmup at every batch start).
+        self.current_eps = self.eps
+        self.regularizer_weight = 0.0
+        self.regularizer_tolerance = 0.5
+        self.val_verified, self.test_verified = MeanMetric(), MeanMetric()
+        self.val_pgd, self.test_pgd = MeanMetric(), MeanMetric()
+
+    @property
+    def kappa(self) -> float:
+        """Weight of the clean loss at the current eps: 1 at ``eps_t = 0``, ``kappa_final`` at ``eps``."""
+        progress = min(self.current_eps / self.eps, 1.0) if self.eps > 0 else 1.0
+        return 1.0 - (1.0 - self.kappa_final) * progress
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self.normalization is None:
+            dm = getattr(self.trainer, "datamodule", None)
+            if dm is None or not all(hasattr(dm, a) for a in ("mean", "std", "pixel_range")):
+                raise ValueError(
+                    "CertifiedClassifier needs the input normalisation to map the pixel-space `eps`: pass `mean`, `std` "
+                    "and `pixel_range`, or use a datamodule that has these attributes"
+                )
+            self.normalization = {"mean": tuple(dm.mean), "std": tuple(dm.std), "pixel_range": tuple(dm.pixel_range)}
+
+    @override
+    def configure_model(self) -> None:
+        if self.device_mesh is not None:
+            raise ValueError(
+                "CertifiedClassifier does not support ModelParallelStrategy (FSDP2): the interval bound engine needs "
+                "full weights; use strategy='ddp'"
+            )
+        super().configure_model()
+
+    def box(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised input box of the pixel-space ``eps`` ball around the normalised batch ``x``."""
+        assert self.normalization is not None, "setup() has not run: pass mean/std/pixel_range"
+        return input_box(x, eps, **self.normalization)
+
+    def robust_terms(self, x: torch.Tensor, y: torch.Tensor, eps: float, record_relu: bool = False) -> Any:
+        """Bounds on the margins of ``(x, y)`` at ``eps`` (see :class:`~litplug.modules.bounds.BoundResult`)."""
+        lower, upper = self.box(x, eps)
+        return bounded(self.backbone)(lower, upper, clean=x, spec=margin_spec(y, self.num_classes), record_relu=record_relu)
+
+    @override
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        eps, kappa = self.current_eps, self.kappa
+        self.log("certified/eps", eps)
+        self.log("certified/kappa", kappa)
+        if eps == 0:
+            loss = self.loss(self(x), y)
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+        result = self.robust_terms(x, y, eps, record_relu=True)
+        robust = F.cross_entropy(-result.lower, y)
+        loss = kappa * F.cross_entropy(result.clean, y) + (1 - kappa) * robust
+        if self.regularizer_weight > 0:
+            lower, upper = self.box(x, eps)
+            tight, relu = warmup_regularizers(result.relu, (upper - lower) / 2, self.regularizer_tolerance)
+            loss = loss + self.regularizer_weight * (tight + relu)
+            self.log("certified/reg_tightness", tight)
+            self.log("certified/reg_relu", relu)
+        if result.relu:
+            unstable = sum(((lo < 0) & (up > 0)).sum() for lo, up in result.relu)
+            total = sum(lo.numel() for lo, _ in result.relu)
+            self.log("certified/unstable_relu", unstable.float() / total, sync_dist=True)
+        self.log("certified/robust_loss", robust, sync_dist=True)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def certify(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample ``verified`` (all margins > 0 at ``eps``, float32, autocast off) and, with
+        ``pgd_steps > 0``, ``pgd_correct``."""
+        out: dict[str, torch.Tensor] = {}
+        with torch.autocast(x.device.type, enabled=False):
+            x32 = x.float()
+            margins = self.robust_terms(x32, y, self.eps).lower
+            others = torch.ones_like(margins, dtype=torch.bool).scatter_(1, y[:, None], False)
+            out["verified"] = ((margins > 0) | ~others).all(1)
+            if self.pgd_steps > 0:
+                lower, upper = self.box(x32, self.eps)
+                adv = pgd_attack(self.backbone, x32, y, lower, upper, self.pgd_steps)
+                out["pgd_correct"] = self(adv).argmax(1) == y
+        return out
+
+    def _evaluate(self, batch: Batch, stage: str, metric: Any) -> None:  # type: ignore[override]
+        super()._evaluate(batch, stage, metric)
+        x, y = batch
+        result = self.certify(x, y)
+        verified = self.val_verified if stage == "val" else self.test_verified
+        verified.update(result["verified"].float())
+        self.log(f"{stage}/verified_acc", verified)
+        if stage == "val":
+            self.log("certified/verified_acc", verified)
+        if "pgd_correct" in result:
+            pgd = self.val_pgd if stage == "val" else self.test_pgd
+            pgd.update(result["pgd_correct"].float())
+            self.log(f"{stage}/pgd_acc", pgd)
+
+    @override
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        every = self.tightness_every_n_epochs
+        if batch_idx == 0 and every > 0 and self.current_epoch % every == 0 and self.eps > 0:
+            x = batch[0].float()
+            lower, upper = self.box(x, self.eps)
+            self.log("certified/tightness", linearized_tightness(self.backbone, x, (upper - lower) / 2), sync_dist=True)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["certified_normalization"] = self.normalization
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.normalization = checkpoint.get("certified_normalization", self.normalization)

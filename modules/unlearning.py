@@ -1,0 +1,301 @@
+"""Machine unlearning: start from a trained model and make it forget part of its training data.
+
+Method card. Given the original weights (``checkpoint``) and a ``ForgetRetain`` datamodule whose
+batches carry a forget and a retain part, each step minimises one of (CE = cross-entropy):
+
+- ``retrain``: CE(retain) from scratch (the gold standard; ``checkpoint`` must be None);
+- ``finetune``: CE(retain) from the original weights;
+- ``gradient_ascent``: -CE(forget);
+- ``gradient_difference``: -CE(forget) + gamma CE(retain);
+- ``random_label``: CE(forget with every label replaced by a random *other* class) + CE(retain)
+  (Golatkar et al. 2020; the unlearning step of SalUn, Fan et al. 2024);
+- ``npo``: -(2 / beta) mean log sigmoid(-beta (log p(y|x) - log p_orig(y|x))) on forget, against
+  the frozen original model (Negative Preference Optimization, Zhang et al. 2024), + gamma CE(retain);
+- ``l1_sparse``: CE(retain) + alpha_t ||theta||_1 with alpha_t = alpha (1 - t / T) decaying
+  linearly to 0 over the T optimizer steps of the run (Jia et al. 2023, "Model sparsity can
+  simplify machine unlearning"); the L1 subgradient alpha_t sign(theta) is added to the gradients
+  after backward, so it needs no full parameters under FSDP2.
+
+Metrics (validation and test, logged as ``unlearn/{val,test}/…``, in percent): UA = 100 - forget
+accuracy, RA = retain accuracy, TA = held-out accuracy (without forgotten classes for class
+forgetting), ``forget_test_acc`` (class forgetting: held-out accuracy on the forgotten classes),
+MIA = MIA-efficacy: a confidence-based membership-inference SVM (scikit-learn) fit on retain
+(member) vs held-out (non-member) true-class confidences, applied to the forget set; the percentage
+of forget samples it calls non-members (Jia et al. 2023). ``unlearn/run_time`` is the wall time of
+``fit`` so far in seconds, without validation.
+
+DDP/FSDP2: per-sample confidences and correctness are all-gathered once per evaluation epoch
+(Lightning's ``DistributedSampler`` pads each loader, so a few samples can count twice); the
+scores are then computed identically on every rank. The NPO reference model is a plain replicated
+copy on every rank (not sharded).
+
+Example:
+    >>> from lightning.pytorch import Trainer
+    >>> from litplug.datamodules import Digits, ForgetRetain
+    >>> from litplug.modules import MLP, Unlearner
+    >>> model = Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10), "original.ckpt", "random_label")  # doctest: +SKIP
+    >>> Trainer(max_epochs=2).fit(model, ForgetRetain(Digits(), "class", [3]))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from typing_extensions import override
+
+from .base import TrainingModule
+
+Method = Literal["retrain", "finetune", "gradient_ascent", "gradient_difference", "random_label", "npo", "l1_sparse"]
+METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
+
+
+def npo_loss(logp: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO loss ``-(2 / beta) mean log sigmoid(-beta (logp - logp_ref))`` over per-sample
+    log-likelihoods of the true labels (Zhang et al. 2024, eq. 3). Its gradient is the gradient of
+    ``-CE`` scaled by ``2 sigmoid(beta (logp - logp_ref))``, which vanishes once a sample is forgotten."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - logp_ref)).mean()
+
+
+def random_other_labels(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """Replace every label by a uniformly drawn *different* class."""
+    offset = torch.randint(1, num_classes, y.shape, generator=generator).to(y.device)
+    return (y + offset) % num_classes
+
+
+def l1_alpha(alpha: float, step: int, total_steps: int) -> float:
+    """Linearly decaying L1 weight ``alpha (1 - step / total_steps)``, 0 from ``total_steps`` on."""
+    return alpha * max(0.0, 1.0 - step / max(1, total_steps))
+
+
+def mia_efficacy(member: torch.Tensor, non_member: torch.Tensor, target: torch.Tensor, seed: int = 0) -> float:
+    """Confidence-based MIA-efficacy (Jia et al. 2023, after Song & Mittal 2021), in percent.
+
+    An RBF SVM (``C=3``, as in Unlearn-Sparse) is fit on true-class confidences of ``member``
+    (label 1) vs ``non_member`` (label 0) samples, the larger group subsampled (seeded) to the
+    size of the smaller; returns the percentage of ``target`` samples predicted non-member.
+    Higher means the forget set looks less like training data."""
+    from sklearn.svm import SVC
+
+    if len(target) == 0 or len(member) == 0 or len(non_member) == 0:
+        return float("nan")
+    gen = torch.Generator().manual_seed(seed)
+    n = min(len(member), len(non_member))
+    member = member[torch.randperm(len(member), generator=gen)[:n]]
+    non_member = non_member[torch.randperm(len(non_member), generator=gen)[:n]]
+    x = torch.cat([member, non_member]).double().view(-1, 1).cpu().numpy()
+    y = torch.cat([torch.ones(n), torch.zeros(n)]).numpy()
+    clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
+    pred = clf.predict(target.double().view(-1, 1).cpu().numpy())
+    return float(100.0 * (pred == 0).mean())
+
+
+def load_backbone_weights(backbone: nn.Module, checkpoint: str) -> None:
+    """Load ``checkpoint`` (a Lightning checkpoint of a litplug module, or a plain state dict of
+    the backbone) into ``backbone``; a ``ValueError`` naming ``checkpoint`` if it does not fit."""
+    if not os.path.isfile(checkpoint):
+        raise ValueError(f"`checkpoint` must be a checkpoint file, got {checkpoint!r} (not found or a directory)")
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"`checkpoint` {checkpoint!r} could not be read: {err}") from err
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"`checkpoint` {checkpoint!r} holds no state dict")
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"`checkpoint` {checkpoint!r} does not fit the backbone: {err}") from err
+
+
+class Unlearner(TrainingModule):
+    """Unlearn the forget set of a ``ForgetRetain`` datamodule with one of ``METHODS`` (see the
+    module docstring for the losses and metrics).
+
+    Args:
+        backbone: the network (same architecture as the original model).
+        checkpoint: path of the original model (Lightning checkpoint or backbone state dict);
+            None only for ``retrain`` (which must start from scratch).
+        method: one of ``retrain``, ``finetune``, ``gradient_ascent``, ``gradient_difference``,
+            ``random_label``, ``npo``, ``l1_sparse``.
+        num_classes: number of classes (>= 2).
+        gamma: weight of the retain loss for ``gradient_difference`` and ``npo`` (>= 0).
+        beta: NPO temperature (> 0).
+        alpha: initial L1 weight of ``l1_sparse`` (>= 0).
+        seed: seed of the random labels and of the MIA subsampling.
+        optimizer: optimizer callable (default Adam, lr 1e-3).
+        lr_scheduler: optional scheduler callable.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        checkpoint: str | None = None,
+        method: Method = "finetune",
+        num_classes: int = 10,
+        gamma: float = 1.0,
+        beta: float = 0.1,
+        alpha: float = 5e-4,
+        seed: int = 0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
+        if num_classes < 2:
+            raise ValueError(f"`num_classes` must be >= 2, got {num_classes}")
+        if gamma < 0:
+            raise ValueError(f"`gamma` must be >= 0, got {gamma}")
+        if beta <= 0:
+            raise ValueError(f"`beta` must be > 0, got {beta}")
+        if alpha < 0:
+            raise ValueError(f"`alpha` must be >= 0, got {alpha}")
+        if method == "retrain" and checkpoint is not None:
+            raise ValueError(f"`checkpoint` must be None for method='retrain' (it trains from scratch), got {checkpoint!r}")
+        super().__init__(backbone, optimizer, lr_scheduler)
+        if checkpoint is not None:
+            load_backbone_weights(backbone, checkpoint)
+        self.checkpoint = checkpoint
+        self.method = method
+        self.num_classes = num_classes
+        self.gamma, self.beta, self.alpha, self.seed = gamma, beta, alpha, seed
+        # A list, not a submodule: the frozen reference stays out of parameters(), the optimizer,
+        # FSDP2 sharding and the checkpoint (it is rebuilt from `checkpoint`).
+        self._reference: list[nn.Module] = []
+        if method == "npo":
+            reference = copy.deepcopy(backbone).eval().requires_grad_(False)
+            self._reference.append(reference)
+        self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._fit_start = 0.0
+        self._eval_seconds = 0.0
+        self._eval_start = 0.0
+
+    # --- training -------------------------------------------------------------------------
+    def _ce(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def unlearning_loss(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The loss of ``self.method`` on a ``{"forget": (x, y), "retain": (x, y)}`` batch."""
+        method = self.method
+        if method in ("retrain", "finetune", "l1_sparse"):
+            return self._ce(batch["retain"])
+        if method == "gradient_ascent":
+            return -self._ce(batch["forget"])
+        if method == "gradient_difference":
+            return -self._ce(batch["forget"]) + self.gamma * self._ce(batch["retain"])
+        if method == "random_label":
+            x, y = batch["forget"]
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 101 + self.global_rank)
+            return F.cross_entropy(self(x), random_other_labels(y, self.num_classes, gen)) + self._ce(batch["retain"])
+        # npo
+        x, y = batch["forget"]
+        logp = -F.cross_entropy(self(x), y, reduction="none")
+        with torch.no_grad():
+            logp_ref = -F.cross_entropy(self._reference[0](x), y, reduction="none")
+        loss = npo_loss(logp, logp_ref, self.beta)
+        return loss + self.gamma * self._ce(batch["retain"]) if self.gamma > 0 else loss
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.unlearning_loss(batch)
+        self.log("unlearn/train_loss", loss, prog_bar=True)
+        return loss
+
+    @override
+    def on_after_backward(self) -> None:
+        if self.method != "l1_sparse" or self.alpha == 0:
+            return
+        alpha_t = l1_alpha(self.alpha, self.global_step, self.trainer.estimated_stepping_batches)
+        scale = alpha_t / self.trainer.accumulate_grad_batches  # the CE gradient is averaged the same way
+        with torch.no_grad():
+            for p in self.backbone.parameters():
+                if p.grad is not None:
+                    p.grad.add_(p.sign(), alpha=scale)
+        self.log("unlearn/l1_alpha", alpha_t)
+
+    @override
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._fit_start, self._eval_seconds = time.perf_counter(), 0.0
+
+    @override
+    def on_fit_start(self) -> None:
+        for reference in self._reference:
+            reference.to(self.device)
+
+    # --- evaluation -----------------------------------------------------------------------
+    def _eval_names(self) -> list[str]:
+        names = getattr(self.trainer.datamodule, "eval_names", None)
+        if names is None:
+            raise ValueError("Unlearner needs a ForgetRetain datamodule (validation/test loaders forget/retain/test)")
+        return names
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> None:
+        x, y = batch
+        with torch.no_grad():
+            logits = self(x).float()
+            conf = logits.softmax(-1).gather(1, y.view(-1, 1)).squeeze(1)
+            correct = (logits.argmax(-1) == y).float()
+        name = self._eval_names()[dataloader_idx]
+        self._outputs.setdefault(name, []).append((conf, correct))
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx)
+
+    def _gathered(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = self._outputs.get(name, [])
+        conf = torch.cat([c for c, _ in pairs]) if pairs else torch.zeros(0, device=self.device)
+        correct = torch.cat([k for _, k in pairs]) if pairs else torch.zeros(0, device=self.device)
+        if self.trainer.world_size > 1:
+            conf, correct = (self.all_gather(t).reshape(-1) for t in (conf, correct))
+        return conf, correct
+
+    def _report(self, stage: str) -> None:
+        data = {name: self._gathered(name) for name in self._eval_names()}
+        self._outputs = {}
+        acc = {name: 100.0 * correct.mean().item() if len(correct) else float("nan") for name, (_, correct) in data.items()}
+        metrics = {"UA": 100.0 - acc["forget"], "RA": acc["retain"], "TA": acc["test"]}
+        if "forget_test" in acc:
+            metrics["forget_test_acc"] = acc["forget_test"]
+        metrics["MIA"] = mia_efficacy(data["retain"][0], data["test"][0], data["forget"][0], self.seed)
+        for key, value in metrics.items():
+            self.log(f"unlearn/{stage}/{key}", value, sync_dist=True)  # identical on every rank already
+        if stage == "val" and self._fit_start:
+            self.log("unlearn/run_time", time.perf_counter() - self._fit_start - self._eval_seconds, sync_dist=True)
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._outputs, self._eval_start = {}, time.perf_counter()
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._eval_seconds += time.perf_counter() - self._eval_start
+        if not self.trainer.sanity_checking:
+            self._report("val")
+        self._outputs = {}
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._outputs = {}
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._report("test")
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self(batch[0]).argmax(dim=-1)

@@ -1,0 +1,76 @@
+"""ForgetRetain: deterministic forget/retain splits, loaders, saved indices, bad input."""
+
+import pytest
+import torch
+
+from litplug.datamodules import Digits, ForgetRetain
+
+
+def _labels(subset):
+    return torch.stack([subset.dataset.y[i] for i in subset.indices])
+
+
+def test_class_split_and_loaders():
+    dm = ForgetRetain(Digits(batch_size=32), scenario="class", forget_classes=[2, 5])
+    dm.setup()
+    n = len(dm.datamodule.train_set)
+    assert sorted(dm.forget_indices.tolist() + dm.retain_indices.tolist()) == list(range(n))
+    assert set(_labels(dm.forget_set).tolist()) == {2, 5}
+    assert not set(_labels(dm.retain_set).tolist()) & {2, 5}
+    batch, _, _ = next(iter(dm.train_dataloader()))  # CombinedLoader yields (batch, idx, loader idx)
+    assert set(batch) == {"forget", "retain"} and len(batch["retain"][1]) == 32
+    # max_size_cycle: one epoch is one pass over the (larger) retain set
+    train = dm.train_dataloader()
+    iter(train)
+    assert len(train) == len(dm.retain_dataloader())
+    for loaders in (dm.val_dataloader(), dm.test_dataloader()):
+        assert list(loaders) == dm.eval_names == ["forget", "retain", "test", "forget_test"]
+        test_y = torch.cat([y for _, y in loaders["test"]])
+        forgotten_y = torch.cat([y for _, y in loaders["forget_test"]])
+        assert not set(test_y.tolist()) & {2, 5} and set(forgotten_y.tolist()) == {2, 5}
+    assert len(dm.test_dataloader()["test"].dataset) + len(dm.test_dataloader()["forget_test"].dataset) == len(dm.datamodule.test_set)
+
+
+def test_random_split_is_seeded_and_saved():
+    a = ForgetRetain(Digits(), scenario="random", forget_fraction=0.1, seed=3)
+    b = ForgetRetain(Digits(), scenario="random", forget_fraction=0.1, seed=3)
+    c = ForgetRetain(Digits(), scenario="random", forget_fraction=0.1, seed=4)
+    for dm in (a, b, c):
+        dm.setup()
+    n = len(a.datamodule.train_set)
+    assert len(a.forget_indices) == int(0.1 * n) and len(a.retain_indices) == n - int(0.1 * n)
+    assert torch.equal(a.forget_indices, b.forget_indices)
+    assert not torch.equal(a.forget_indices, c.forget_indices)
+    assert a.eval_names == ["forget", "retain", "test"]
+    restored = ForgetRetain(Digits(), scenario="random", forget_fraction=0.1, seed=99)
+    restored.load_state_dict(a.state_dict())
+    restored.setup()  # saved indices win over a re-split
+    assert torch.equal(restored.forget_indices, a.forget_indices)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"scenario": "class", "forget_classes": [10]}, "forget_classes"),
+        ({"scenario": "class", "forget_classes": [-1]}, "forget_classes"),
+        ({"scenario": "class", "forget_classes": []}, "forget_classes"),
+        ({"scenario": "class", "forget_classes": list(range(10))}, "forget_classes"),
+        ({"scenario": "random", "forget_fraction": 0.0}, "forget_fraction"),
+        ({"scenario": "random", "forget_fraction": 1.0}, "forget_fraction"),
+        ({"scenario": "replay"}, "scenario"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ForgetRetain(Digits(), **kwargs)
+
+
+def test_fraction_leaving_an_empty_split():
+    dm = ForgetRetain(Digits(), scenario="random", forget_fraction=1e-4)
+    with pytest.raises(ValueError, match="forget_fraction.*empty split"):
+        dm.setup()
+
+
+def test_rejects_non_litplug_datamodule():
+    with pytest.raises(ValueError, match="datamodule"):
+        ForgetRetain(object())

@@ -1,0 +1,249 @@
+"""Unit tests of the interval bound engine (litplug.modules.bounds)."""
+
+import math
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from litplug.modules import CNN7, MLP, ConvNet
+from litplug.modules.bounds import (
+    BoundedNetwork,
+    UnsupportedOperationError,
+    input_box,
+    interval_bounds,
+    margin_bounds,
+    margin_spec,
+    warmup_regularizers,
+)
+
+
+class Residual(nn.Module):
+    """Exercises the functional ops: residual add, concat, reshape, pooling, activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 1))
+        self.pool = nn.MaxPool2d(2)
+        self.avg = nn.AvgPool2d(2)
+        self.adapt = nn.AdaptiveAvgPool2d(2)
+        self.conv1d = nn.Conv1d(8, 3, 2)
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Identity(), nn.Linear(64 + 16 + 24, 5))
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        h = h + self.block(h)
+        h = torch.tanh(h) - 0.5 * torch.sigmoid(h)
+        a = self.pool(h).flatten(1)
+        b = self.adapt(self.avg(h) * 2.0).reshape(x.size(0), -1)
+        c = F.relu(self.conv1d(h.view(x.size(0), 8, 32)[:, :, :9])).flatten(1)
+        return self.head(torch.cat([a, b, c], dim=1))
+
+
+def _nets():
+    torch.manual_seed(0)
+    return {
+        "mlp": MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32, 16], batch_norm=True),
+        "convnet": ConvNet(input_shape=[1, 8, 8], num_outputs=10, channels=[4, 8], hidden=16),
+        "cnn7": CNN7(input_shape=[1, 8, 8], num_outputs=10, width=4, linear_size=16),
+        "sigmoid": MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16], activation="sigmoid"),
+    }
+
+
+def _warm_bn(net, x):
+    net.train()
+    with torch.no_grad():
+        net(x)
+    return net.eval()
+
+
+@pytest.mark.parametrize("name", ["mlp", "convnet", "cnn7", "sigmoid"])
+def test_sound_and_exact_at_zero(name):
+    net = _warm_bn(_nets()[name], torch.rand(64, 1, 8, 8))
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        lower, upper = interval_bounds(net, x, x)
+        torch.testing.assert_close(lower, net(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(upper, net(x), rtol=0, atol=1e-5)
+        lower, upper = interval_bounds(net, x - 0.05, x + 0.05)
+        for i in range(100):
+            noise = torch.rand_like(x) * 2 - 1
+            z = net(x + 0.05 * (noise.sign() if i % 2 else noise))  # box vertices and interior points
+            assert (z >= lower - 1e-5).all() and (z <= upper + 1e-5).all()
+
+
+def test_functional_ops_sound_in_train_mode_with_clean_batch():
+    torch.manual_seed(1)
+    net = Residual().train()
+    x = torch.rand(16, 2, 8, 8)
+    engine = BoundedNetwork(net)
+    torch.manual_seed(5)
+    result = engine(x - 0.02, x + 0.02, clean=x)
+    # Train-mode BN uses the clean batch's statistics: the same affine map for every perturbation.
+    bn = net.bn
+    with torch.no_grad():
+        h = net.conv(x)
+        scale = bn.weight / torch.sqrt(h.var((0, 2, 3), unbiased=False) + bn.eps)
+        shift = bn.bias - h.mean((0, 2, 3)) * scale
+
+        def fixed(inp):  # the network with BN frozen to the clean batch's affine map, same dropout mask
+            saved, net.bn = net.bn, _Affine(scale, shift)
+            torch.manual_seed(5)
+            out = net(inp)
+            net.bn = saved
+            return out
+
+        ref = fixed(x)
+        torch.testing.assert_close(result.clean, ref, rtol=1e-4, atol=1e-5)
+        for _ in range(100):
+            z = fixed(x + (torch.rand_like(x) * 2 - 1) * 0.02)
+            assert (z >= result.lower - 1e-5).all() and (z <= result.upper + 1e-5).all()
+
+
+class _Affine(nn.Module):
+    def __init__(self, scale, shift):
+        super().__init__()
+        self.scale, self.shift = scale, shift
+
+    def forward(self, x):
+        return x * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
+
+
+def test_bounds_widen_monotonically_with_eps():
+    net = _warm_bn(_nets()["cnn7"], torch.rand(64, 1, 8, 8))
+    x = torch.rand(4, 1, 8, 8)
+    widths = []
+    with torch.no_grad():
+        for eps in [0.0, 0.01, 0.02, 0.05, 0.1]:
+            lower, upper = interval_bounds(net, x - eps, x + eps)
+            widths.append(upper - lower)
+    for a, b in zip(widths, widths[1:]):
+        assert (b >= a - 1e-6).all()
+    assert (widths[-1] > widths[1]).any()
+
+
+def test_closed_form_linear_network():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3))
+    x = torch.randn(6, 5)
+    eps = torch.rand(6, 5) * 0.3
+    lower, upper = interval_bounds(net, x - eps, x + eps)
+    w1, b1, w2, b2 = net[0].weight, net[0].bias, net[1].weight, net[1].bias
+    centre = (x @ w1.T + b1) @ w2.T + b2
+    radius = eps @ w1.abs().T @ w2.abs().T  # IBP is layer-wise, not |W2 W1|
+    torch.testing.assert_close(lower, centre - radius)
+    torch.testing.assert_close(upper, centre + radius)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn7"])
+def test_elided_margins_tighter_than_naive_and_sound(name):
+    net = _warm_bn(_nets()[name], torch.rand(64, 1, 8, 8))
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    with torch.no_grad():
+        margins = margin_bounds(net, x, y, eps=0.03, pixel_range=(0.0, 1.0))
+        lo, up = interval_bounds(net, *input_box(x, 0.03, pixel_range=(0.0, 1.0)))
+        naive = lo.gather(1, y[:, None]) - up
+        others = torch.ones_like(margins, dtype=torch.bool).scatter_(1, y[:, None], False)
+        assert (margins[others] >= naive[others] - 1e-5).all()
+        assert (margins[others] > naive[others] + 1e-4).any()
+        assert (margins.gather(1, y[:, None]) == 0).all()
+        for _ in range(100):
+            z = net((x + (torch.rand_like(x) * 2 - 1) * 0.03).clamp(0, 1))
+            assert (z.gather(1, y[:, None]) - z >= margins - 1e-4).all()
+
+
+def test_input_box_maps_pixel_eps_through_mean_std_and_clamps():
+    mean, std = (0.5, 0.2, -1.0), (0.25, 2.0, 0.5)
+    pixels = torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1).repeat(2, 1, 2, 2)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    x = (pixels - m) / s
+    lower, upper = input_box(x, 0.1, mean, std, (0.0, 1.0))
+    expected_low = (torch.tensor([0.0, 0.4, 0.9]).view(1, 3, 1, 1) - m) / s
+    expected_high = (torch.tensor([0.1, 0.6, 1.0]).view(1, 3, 1, 1) - m) / s
+    torch.testing.assert_close(lower, expected_low.expand_as(x))
+    torch.testing.assert_close(upper, expected_high.expand_as(x))
+    with pytest.raises(ValueError, match="eps"):
+        input_box(x, -0.1)
+
+
+def test_margin_spec_rows():
+    spec = margin_spec(torch.tensor([1]), 3)
+    assert spec.tolist() == [[[-1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, -1.0]]]
+
+
+def test_unsupported_ops_are_named():
+    with pytest.raises(UnsupportedOperationError, match=r"GELU at module '1'"):
+        BoundedNetwork(nn.Sequential(nn.Linear(2, 2), nn.GELU()))
+
+    class Softmaxed(nn.Module):
+        def forward(self, x):
+            return torch.softmax(x, -1)
+
+    with pytest.raises(UnsupportedOperationError, match="softmax"):
+        BoundedNetwork(Softmaxed())
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(UnsupportedOperationError, match="torch.fx"):
+        BoundedNetwork(Branchy())
+
+
+def test_warmup_regularizers_closed_form():
+    r0 = torch.full((4,), 0.1)
+    # radius 0.4 -> ratio 0.25 < tau 0.5: tightness = (0.5 - 0.25) / 0.5
+    lower = torch.tensor([[-0.4, 0.1, -0.5, -0.3]])
+    upper = lower + 0.8
+    tight, relu = warmup_regularizers([(lower, upper)], r0, 0.5)
+    assert math.isclose(float(tight), 0.5, rel_tol=1e-5)
+    # one active neuron (l = 0.1 > 0), no inactive one (u < 0 never): the balance term is 0
+    assert float(relu) == 0.0
+    lower2 = torch.tensor([[0.2, 0.1, -1.2, -0.9]])
+    upper2 = lower2 + 0.1
+    _, relu2 = warmup_regularizers([(lower2, upper2)], r0, 0.5)
+    centre = (lower2 + upper2) / 2
+    act, inact = centre * (lower2 > 0), centre * (upper2 < 0)
+    mean_ratio = act.mean() / -inact.mean()
+    spread = (centre - centre.mean()) ** 2
+    var_ratio = (spread * (lower2 > 0)).sum() / (spread * (upper2 < 0)).sum()
+    fold = lambda r: min(float(r), 1 / float(r))  # noqa: E731
+    expected = (max(0.5 - fold(mean_ratio), 0) + max(0.5 - fold(var_ratio), 0)) / 0.5
+    assert math.isclose(float(relu2), expected, rel_tol=1e-5)
+    # An empty group gives a finite gradient.
+    centre_param = torch.zeros(1, 4, requires_grad=True)
+    _, relu3 = warmup_regularizers([(centre_param + lower, centre_param + upper)], r0, 0.5)
+    relu3.backward()
+    assert torch.isfinite(centre_param.grad).all()
+
+
+class Functional(nn.Module):
+    """F.conv2d / F.linear on parameters (what tracing a custom layer yields), elided at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4))
+        self.b = nn.Parameter(torch.randn(3))
+        self.c = nn.Parameter(torch.randn(2, 1, 3, 3))
+
+    def forward(self, x):
+        h = F.relu(F.conv2d(x, self.c, padding=1)).flatten(1)[:, :4]
+        return F.linear(h, self.w, bias=self.b)
+
+
+def test_functional_layers_and_elision_through_f_linear():
+    torch.manual_seed(0)
+    net, x, y = Functional(), torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        lower, upper = interval_bounds(net, x, x)
+        torch.testing.assert_close(lower, net(x))
+        margins = margin_bounds(net, x, y, 0.1)
+        lo, up = interval_bounds(net, x - 0.1, x + 0.1)
+        for _ in range(100):
+            z = net(x + (torch.rand_like(x) * 2 - 1) * 0.1)
+            assert (z >= lo - 1e-5).all() and (z <= up + 1e-5).all()
+            assert (z.gather(1, y[:, None]) - z >= margins - 1e-5).all()

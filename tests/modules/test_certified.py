@@ -1,0 +1,151 @@
+"""CertifiedClassifier: loss, evaluation metrics, normalisation, purity of training_step, errors."""
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import fast_trainer, read_scalars
+from lightning.pytorch import seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+
+from litplug.callbacks import IBPWarmup
+from litplug.datamodules import Digits
+from litplug.modules import MLP, CertifiedClassifier
+from litplug.modules.bounds import UnsupportedOperationError, margin_bounds
+
+NORM = dict(mean=(0.0,), std=(1.0,), pixel_range=(0.0, 1.0))
+
+
+def _model(**kwargs):
+    backbone = MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32], batch_norm=True)
+    return CertifiedClassifier(backbone, num_classes=10, eps=kwargs.pop("eps", 0.1), **kwargs)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="`eps` must be >= 0, got -0.1"):
+        _model(eps=-0.1)
+    with pytest.raises(ValueError, match=r"`kappa_final` must be in \[0, 1\], got 1.5"):
+        _model(kappa_final=1.5)
+    with pytest.raises(ValueError, match="`pgd_steps`"):
+        _model(pgd_steps=-1)
+    with pytest.raises(UnsupportedOperationError, match="GELU"):
+        CertifiedClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.GELU()), eps=0.1)
+
+
+def test_fsdp2_rejected_at_setup():
+    model = _model(**NORM)
+    model._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
+    with pytest.raises(ValueError, match="ModelParallelStrategy"):
+        model.configure_model()
+
+
+def test_loss_closed_form_and_training_step_is_pure():
+    torch.manual_seed(0)
+    model = _model(kappa_final=0.2, **NORM).train()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    model.current_eps = 0.05
+    assert model.kappa == pytest.approx(1 - 0.8 * 0.5)
+    loss1 = model.training_step((x, y), 0)
+    loss2 = model.training_step((x, y), 0)  # what SAM does: the same objective twice
+    assert torch.equal(loss1, loss2)
+    with torch.no_grad():
+        clean = model.backbone(x)  # train-mode BN: the clean batch's statistics, as in the bounds
+        margins = margin_bounds(model.backbone, x, y, 0.05, **NORM)
+    expected = model.kappa * F.cross_entropy(clean, y) + (1 - model.kappa) * F.cross_entropy(-margins, y)
+    torch.testing.assert_close(loss1.detach(), expected, rtol=1e-5, atol=1e-6)
+    model.current_eps = 0.0  # natural training
+    assert model.kappa == 1.0
+    torch.testing.assert_close(model.training_step((x, y), 0).detach(), F.cross_entropy(model.backbone(x), y).detach())
+
+
+def test_normalisation_learned_from_datamodule_and_checked():
+    class Shifted(Digits):
+        mean = (0.3,)
+        std = (0.5,)
+
+    model = _model()
+    trainer = fast_trainer(".", max_steps=1, limit_val_batches=1)
+    trainer.fit(model, Shifted(batch_size=32))
+    assert model.normalization == {"mean": (0.3,), "std": (0.5,), "pixel_range": (0.0, 1.0)}
+    lower, upper = model.box(torch.full((1, 1, 8, 8), (0.95 - 0.3) / 0.5), 0.1)
+    torch.testing.assert_close(lower, torch.full((1, 1, 8, 8), (0.85 - 0.3) / 0.5))
+    torch.testing.assert_close(upper, torch.full((1, 1, 8, 8), (1.0 - 0.3) / 0.5))  # clamped to the pixel range
+
+    class Bare(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.rand(1, 8, 8), 0
+
+    with pytest.raises(ValueError, match="normalisation"):
+        fast_trainer(".", max_steps=1).fit(_model(), torch.utils.data.DataLoader(Bare(), batch_size=4))
+
+
+def test_fit_logs_and_verified_samples_survive_pgd(tmp_path):
+    seed_everything(0)
+    model = _model(eps=0.05, pgd_steps=5, optimizer=partial(torch.optim.Adam, lr=3e-3))
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    trainer = fast_trainer(
+        tmp_path, max_epochs=4, logger=logger, log_every_n_steps=1, limit_val_batches=2, callbacks=[IBPWarmup(start_epoch=1, ramp_epochs=2)]
+    )
+    dm = Digits(batch_size=64)
+    trainer.fit(model, dm)
+    scalars = read_scalars(tmp_path)
+    for tag in ["certified/eps", "certified/kappa", "certified/robust_loss", "certified/verified_acc", "certified/unstable_relu",
+                "certified/tightness", "certified/reg_tightness", "certified/reg_relu", "val/pgd_acc", "val/acc"]:
+        assert tag in scalars, tag
+    eps = [v for _, v in sorted(scalars["certified/eps"])]
+    assert eps[0] == 0.0 and eps[-1] == pytest.approx(0.05)
+    assert all(0 < v <= 1 for _, v in scalars["certified/tightness"])
+
+    model.eval()
+    x, y = next(iter(dm.test_dataloader()))
+    result = model.certify(x, y)
+    clean_ok = model(x).argmax(1) == y
+    assert result["verified"].any()
+    assert not (result["verified"] & ~result["pgd_correct"]).any()  # a verified sample is never broken
+    assert not (result["verified"] & ~clean_ok).any()
+    assert result["pgd_correct"].float().mean() <= clean_ok.float().mean()
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(f"{p.parent.name}/{p.name}" for p in CONFIG_DIR.glob("*/ibp*.yaml") if p.parent.name != "callbacks")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_configs_instantiate(config):
+    from litplug.cli import LitplugCLI
+
+    cli = LitplugCLI(args=["--config", str(CONFIG_DIR / config), "--trainer.logger", "false"], run=False)
+    assert isinstance(cli.model, CertifiedClassifier)
+    assert sum(isinstance(c, IBPWarmup) for c in cli.trainer.callbacks) == 1
+    assert cli.model.eps == pytest.approx({"0.3": 0.3, "0.4": 0.4, "2_255": 2 / 255, "8_255": 8 / 255}.get(config.split("eps")[-1][:-5], cli.model.eps))
+
+
+def test_callback_fragment_appends(tmp_path):
+    import yaml
+
+    from litplug.cli import LitplugCLI
+
+    base = yaml.safe_load((CONFIG_DIR / "digits/ibp.yaml").read_text())
+    base["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    args = ["--config", str(tmp_path / "base.yaml"), "--config", str(CONFIG_DIR / "callbacks/ibp_warmup.yaml"), "--trainer.logger", "false"]
+    cli = LitplugCLI(args=args, run=False)
+    assert [type(c).__name__ for c in cli.trainer.callbacks[:2]] == ["LearningRateMonitor", "IBPWarmup"]
+
+
+def test_short_digits_run_from_config(tmp_path):
+    from litplug.cli import LitplugCLI
+
+    config = str(Path(__file__).resolve().parents[2] / "configs/digits/ibp.yaml")
+    args = ["--config", config, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    cli = LitplugCLI(args=args, run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.callbacks[0].batches == 6
+    assert cli.model.current_eps > 0

@@ -1,0 +1,160 @@
+"""Unlearner: method losses against closed forms, L1 schedule, MIA-efficacy, checkpoint loading,
+metrics in TensorBoard, bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import fast_trainer, read_scalars
+from lightning.pytorch import seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from litplug.datamodules import Digits, ForgetRetain
+from litplug.modules import MLP, Classifier, Unlearner
+from litplug.modules.unlearning import l1_alpha, mia_efficacy, npo_loss, random_other_labels
+
+
+def _mlp():
+    return MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16])
+
+
+def test_npo_loss_closed_form_and_gradient():
+    logp = torch.tensor([-1.0, -0.2], requires_grad=True)
+    ref = torch.tensor([-0.5, -0.2])
+    beta = 0.5
+    expected = -(2 / beta) * (math.log(1 / (1 + math.exp(0.5 * -0.5))) + math.log(0.5)) / 2
+    loss = npo_loss(logp, ref, beta)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, logp)
+    # d/dlogp_i = 2 sigmoid(beta (logp_i - ref_i)) / n: gradient ascent weighted, 1/n at the start
+    torch.testing.assert_close(grad, 2 * torch.sigmoid(beta * (logp.detach() - ref)) / 2)
+    assert grad[1].item() == pytest.approx(0.5)
+
+
+def test_random_other_labels():
+    y = torch.arange(10).repeat(50)
+    new = random_other_labels(y, 10, torch.Generator().manual_seed(0))
+    assert (new != y).all() and new.min() >= 0 and new.max() < 10
+    assert len(set(new[y == 0].tolist())) == 9  # every other class is drawn
+
+
+def test_l1_alpha_decays_linearly_to_zero():
+    assert [l1_alpha(1.0, t, 4) for t in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+
+
+def test_mia_efficacy():
+    gen = torch.Generator().manual_seed(0)
+    member = 0.9 + 0.1 * torch.rand(200, generator=gen)
+    non_member = 0.5 * torch.rand(100, generator=gen)
+    assert mia_efficacy(member, non_member, 0.95 + 0.05 * torch.rand(50, generator=gen)) == 0.0
+    assert mia_efficacy(member, non_member, 0.3 * torch.rand(50, generator=gen)) == 100.0
+    assert math.isnan(mia_efficacy(member, non_member, torch.zeros(0)))
+
+
+def _one_step(method, tmp_path, alpha=0.0, lr=1.0):
+    seed_everything(0)
+    model = Unlearner(_mlp(), None if method == "retrain" else str(tmp_path / "orig.pt"), method, alpha=alpha,
+                      optimizer=lambda p: torch.optim.SGD(p, lr=lr))  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = fast_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model, ForgetRetain(Digits(batch_size=16), "class", [4]))
+    return model, before
+
+
+def test_l1_sparse_adds_alpha_sign(tmp_path):
+    torch.save(_mlp().state_dict(), tmp_path / "orig.pt")
+    finetuned, before = _one_step("finetune", tmp_path)
+    sparse, _ = _one_step("l1_sparse", tmp_path, alpha=0.01)
+    for n, p in sparse.named_parameters():
+        # one SGD step (lr 1, alpha_0 = alpha at step 0): the extra move is -alpha sign(theta_0)
+        torch.testing.assert_close(p.detach() - dict(finetuned.named_parameters())[n].detach(), -0.01 * before[n].sign(), atol=1e-6, rtol=0)
+
+
+def test_losses_match_definitions(tmp_path):
+    torch.save(_mlp().state_dict(), tmp_path / "orig.pt")
+    dm = ForgetRetain(Digits(batch_size=16), "class", [4])
+    dm.setup()
+    batch, _, _ = next(iter(dm.train_dataloader()))
+    model = Unlearner(_mlp(), str(tmp_path / "orig.pt"), "gradient_difference", gamma=0.5)
+    (xf, yf), (xr, yr) = batch["forget"], batch["retain"]
+    ce_f, ce_r = F.cross_entropy(model(xf), yf), F.cross_entropy(model(xr), yr)
+    torch.testing.assert_close(model.unlearning_loss(batch), -ce_f + 0.5 * ce_r)
+    model.method = "gradient_ascent"
+    torch.testing.assert_close(model.unlearning_loss(batch), -ce_f)
+    for method in ("finetune", "l1_sparse"):
+        model.method = method
+        torch.testing.assert_close(model.unlearning_loss(batch), ce_r)
+    npo = Unlearner(_mlp(), str(tmp_path / "orig.pt"), "npo", beta=0.3, gamma=0.0)
+    # at the original weights log p = log p_ref, so NPO = (2 / beta) log 2
+    assert npo.unlearning_loss(batch).item() == pytest.approx(2 / 0.3 * math.log(2), rel=1e-5)
+
+
+def test_checkpoint_from_classifier_and_errors(tmp_path):
+    clf = Classifier(_mlp())
+    trainer = fast_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(clf, Digits())
+    trainer.save_checkpoint(tmp_path / "clf.ckpt")
+    model = Unlearner(_mlp(), str(tmp_path / "clf.ckpt"), "finetune")
+    for key, value in clf.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value)
+    with pytest.raises(ValueError, match="`checkpoint`.*does not fit the backbone"):
+        Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32]), str(tmp_path / "clf.ckpt"), "finetune")
+    with pytest.raises(ValueError, match="`checkpoint`"):
+        Unlearner(_mlp(), str(tmp_path / "missing.ckpt"), "finetune")
+    with pytest.raises(ValueError, match="`checkpoint` must be None"):
+        Unlearner(_mlp(), str(tmp_path / "clf.ckpt"), "retrain")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"method": "forget"}, "method"), ({"gamma": -1.0}, "gamma"), ({"beta": 0.0}, "beta"), ({"alpha": -1.0}, "alpha"), ({"num_classes": 1}, "num_classes")],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Unlearner(_mlp(), **kwargs)
+
+
+def test_metrics_logged_and_forgetting_happens(tmp_path):
+    seed_everything(0)
+    clf = Classifier(_mlp(), optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    trainer = fast_trainer(tmp_path, max_epochs=3, limit_val_batches=0)
+    trainer.fit(clf, Digits())
+    trainer.save_checkpoint(tmp_path / "clf.ckpt")
+    model = Unlearner(_mlp(), str(tmp_path / "clf.ckpt"), "npo", optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    data = ForgetRetain(Digits(), "class", [4])
+    trainer = fast_trainer(tmp_path, max_epochs=2, limit_train_batches=6, logger=TensorBoardLogger(tmp_path, name="tb"))
+    start = trainer.validate(model, data, verbose=False)[0]
+    trainer.fit(model, data)
+    end = trainer.test(model, data, verbose=False)[0]
+    assert start["unlearn/val/UA"] < 20 < 90 < end["unlearn/test/UA"]
+    assert end["unlearn/test/forget_test_acc"] < 10 and end["unlearn/test/RA"] > 60 and end["unlearn/test/TA"] > 60
+    scalars = read_scalars(tmp_path / "tb")
+    for key in ("UA", "RA", "TA", "MIA", "forget_test_acc"):
+        assert len(scalars[f"unlearn/val/{key}"]) >= 2 and f"unlearn/test/{key}" in scalars
+    assert scalars["unlearn/run_time"][-1][1] > 0
+
+
+def test_every_results_config_instantiates(tmp_path):
+    from pathlib import Path
+
+    from litplug.callbacks import UnlearningMask
+    from litplug.cli import LitplugCLI
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "digits" / "unlearning"
+    original = LitplugCLI(args=["--config", str(root / "original.yaml"), "--trainer.logger", "false"], run=False)
+    assert isinstance(original.model, Classifier)
+    torch.save(original.model.backbone.state_dict(), tmp_path / "orig.pt")
+    rows = sorted((root / "methods").glob("*.yaml"))
+    assert len(rows) == 11
+    for scenario in ("class", "random"):
+        # every row on class forgetting; random.yaml differs only in data, so two rows suffice there
+        for row in rows if scenario == "class" else [root / "methods" / "retrain.yaml", root / "methods" / "random_label_saliency.yaml"]:
+            extra = [] if row.stem == "retrain" else ["--model.init_args.checkpoint", str(tmp_path / "orig.pt")]
+            args = ["--config", str(root / f"{scenario}.yaml"), "--config", str(row), "--trainer.logger", "false"] + extra
+            cli = LitplugCLI(args=args, run=False)
+            assert isinstance(cli.model, Unlearner) and isinstance(cli.datamodule, ForgetRetain)
+            assert cli.model.method == row.stem.replace("_saliency", "").replace("_attribution", "")
+            assert cli.datamodule.scenario == scenario
+            masks = [c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]
+            assert [m.criterion for m in masks] == [c for c in ("saliency", "attribution") if c in row.stem]
