@@ -30,11 +30,11 @@ def test_every_public_callback_is_registered():
 def _fit(case, tmp_dir, epochs, **kwargs):
     seed_everything(0)
     model, data = case.model(), case.data()
-    callback = case.callback()
+    callbacks = case.callbacks()
     trainer = fast_trainer(
-        tmp_dir, max_epochs=epochs, limit_train_batches=STEPS_PER_EPOCH, limit_val_batches=2, callbacks=[callback], **case.trainer, **kwargs
+        tmp_dir, max_epochs=epochs, limit_train_batches=STEPS_PER_EPOCH, limit_val_batches=2, callbacks=list(callbacks), **case.trainer, **kwargs
     )
-    return trainer, model, data, callback
+    return trainer, model, data, callbacks
 
 
 def ddp_worker(strategy, tmp_dir):
@@ -56,8 +56,8 @@ def test_every_callback_under_ddp(tmp_path):
             assert torch.equal(value, r1[name][key]), f"{name}: ranks differ at {key}"
 
 
-def _callback_state(callback):
-    return {k: (v.clone() if torch.is_tensor(v) else v) for k, v in callback.state_dict().items()}
+def _callback_state(callbacks):
+    return [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in c.state_dict().items()} for c in callbacks]
 
 
 def _assert_same(a, b, where):
