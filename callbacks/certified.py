@@ -181,8 +181,6 @@ class IBPWarmup(Callback):
                 f"IBPWarmup needs a module with the certified interface; {type(pl_module).__name__} lacks {missing} "
                 "(see the IBPWarmup docstring)"
             )
-        if any(isinstance(c, IBPWarmup) and c is not self for c in trainer.callbacks):
-            raise ValueError("only one IBPWarmup per Trainer: two would both drive the eps schedule and re-initialise the weights")
         # On resume the checkpoint (restored after setup) overwrites these weights.
         if stage == "fit" and self.ibp_init and self.batches == 0:
             ibp_init_(pl_module.backbone)

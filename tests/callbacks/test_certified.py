@@ -163,15 +163,3 @@ def test_ddp_matches_single_process_on_the_global_batch(tmp_path):
         assert torch.equal(r0["state"][key], r1["state"][key])
         torch.testing.assert_close(r0["state"][key], value, rtol=1e-4, atol=1e-5)
 
-
-def test_two_ibp_warmups_are_refused(tmp_path):
-    from harness import fast_trainer
-
-    from litplug.callbacks import IBPWarmup
-    from litplug.datamodules import Digits
-    from litplug.modules import MLP, CertifiedClassifier
-
-    model = CertifiedClassifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), num_classes=10, eps=0.1)
-    trainer = fast_trainer(tmp_path, max_steps=1, callbacks=[IBPWarmup(), IBPWarmup()])
-    with pytest.raises(ValueError, match="only one IBPWarmup"):
-        trainer.fit(model, Digits())
