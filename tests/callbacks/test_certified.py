@@ -162,3 +162,4 @@ def test_ddp_matches_single_process_on_the_global_batch(tmp_path):
     for key, value in single.items():
         assert torch.equal(r0["state"][key], r1["state"][key])
         torch.testing.assert_close(r0["state"][key], value, rtol=1e-4, atol=1e-5)
+
