@@ -499,7 +499,9 @@ class SharpnessAwareMinimization(_ExtraPasses):
         }
 
 
-SAM = SharpnessAwareMinimization
+class SAM(SharpnessAwareMinimization):
+    """Short name of :class:`SharpnessAwareMinimization` (a subclass, not an alias, so that
+    ``class_path: SAM`` resolves in YAML)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -645,7 +645,7 @@ def test_callback_configs_compose(tmp_path, fragments):
     extra += ["--trainer.default_root_dir", str(tmp_path), "--test_after_fit", "false"]
     cli = _cli("digits/classifier.yaml", *[f"callbacks/{f}.yaml" for f in fragments], extra=extra)
     kinds = {type(cb).__name__ for cb in cli.trainer.callbacks}
-    assert {"sam": "SharpnessAwareMinimization", "ignite": "SurrogateSharpness"}[fragments[0]] in kinds
+    assert {"sam": "SAM", "ignite": "SurrogateSharpness"}[fragments[0]] in kinds
     assert ("SharpnessMonitor" in kinds) == (len(fragments) == 2)
     assert cli.trainer.global_step == 2
 
