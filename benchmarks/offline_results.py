@@ -37,7 +37,7 @@ VARIANTS = {
     "baseline": None,
     "+IGNITE": ("ignite.yaml", "SurrogateSharpness"),
     "+IGNITE, lambda_lr 0.1": ("ignite_fast_dual.yaml", "SurrogateSharpness"),
-    "+SAM": ("sam.yaml", "SharpnessAwareMinimization"),
+    "+SAM": ("sam.yaml", "SAM"),
 }
 
 

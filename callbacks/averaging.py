@@ -586,20 +586,6 @@ class SWA(_WeightAveraging):
         if _logs_now(trainer):
             pl_module.log_dict({"swa/weight": weight, "swa/updates": float(self.updates)}, on_step=True, on_epoch=False)
 
-    @override
-    def _sync_buffers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Buffers (BatchNorm statistics) are updated from each rank's own batches, so their
-        averages differ by rank; DDP broadcasts rank 0's buffers before every forward, so rank 0's
-        average is the one the model uses: broadcast it once, at the end of ``fit``."""
-        if trainer.world_size <= 1:
-            return
-        buffers = {name for name, _ in pl_module.named_buffers()}
-        for g in self._bind(pl_module):
-            if g.floating:
-                for name, avg in zip(g.names, g.average):
-                    if name in buffers:
-                        avg.copy_(trainer.strategy.broadcast(avg, src=0))
-
     def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.update_bn:
             return

@@ -64,7 +64,45 @@ def flip_labels(y: torch.Tensor, rate: float, num_classes: int, generator: torch
     return y
 
 
-class TensorDataModule(LightningDataModule):
+class SeededDataModule(LightningDataModule):
+    """Validated loader settings and seeded loaders over ``train_set``/``val_set``/``test_set``,
+    which subclasses build in ``setup``. Training order comes from :class:`EpochShuffle`."""
+
+    train_set: Dataset | None = None
+    val_set: Dataset | None = None
+    test_set: Dataset | None = None
+
+    def __init__(self, batch_size: int, val_fraction: float, seed: int, num_workers: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        check_fraction("val_fraction", val_fraction)
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_set, shuffle=False)
+
+
+class TensorDataModule(SeededDataModule):
     """Base class. Subclasses set ``num_classes``, ``input_shape``, ``mean``, ``std`` and
     ``pixel_range`` (the valid range of raw inputs before normalisation) and implement
     :meth:`load` returning ``(x_train, y_train, x_test, y_test, scale)``.
@@ -86,21 +124,9 @@ class TensorDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
-        check_fraction("val_fraction", val_fraction)
+        super().__init__(batch_size, val_fraction, seed, num_workers)
         check_fraction("label_noise", label_noise, low_open=False)
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
         self.label_noise = label_noise
-        self.seed = seed
-        self.num_workers = num_workers
-        self.train_set: ImageTensors | None = None
-        self.val_set: ImageTensors | None = None
-        self.test_set: ImageTensors | None = None
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
         raise NotImplementedError
@@ -120,23 +146,6 @@ class TensorDataModule(LightningDataModule):
         self.train_set = make(x_train[train_idx], y_fit)
         self.val_set = make(x_train[val_idx], y_train[val_idx])
         self.test_set = make(x_test, y_test)
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         self.setup()

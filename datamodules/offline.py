@@ -33,10 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from .base import EpochShuffle, check_fraction
+from .base import SeededDataModule
 
 # name -> (BoTorch class, default dim); `sphere` is built in.
 BOTORCH_TASKS: dict[str, tuple[str, int]] = {
@@ -96,7 +95,7 @@ def withhold_top(scores: torch.Tensor, keep_percentile: float) -> torch.Tensor:
     return scores <= threshold
 
 
-class OfflineDesigns(LightningDataModule):
+class OfflineDesigns(SeededDataModule):
     """An offline dataset of ``task`` (module docstring): batches ``(x, y)`` of standardised
     designs ``[B, dim]`` and standardised scores ``[B]`` (mean 0, std 1 over the kept data).
 
@@ -127,23 +126,14 @@ class OfflineDesigns(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, val_fraction, seed, num_workers)
         if not 0.0 < keep_percentile < 100.0:
             raise ValueError(f"`keep_percentile` must be in (0, 100), got {keep_percentile}")
         if num_samples < 20:
             raise ValueError(f"`num_samples` must be >= 20, got {num_samples}")
-        check_fraction("val_fraction", val_fraction)
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
         self.task = make_task(task, dim)
         self.num_samples = num_samples
         self.keep_percentile = keep_percentile
-        self.val_fraction = val_fraction
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_workers = num_workers
         self.input_shape = (self.task.dim,)
         self.designs: torch.Tensor | None = None
 
@@ -183,20 +173,3 @@ class OfflineDesigns(LightningDataModule):
         ``x`` (float64, on the CPU): 1 is the best design of the full dataset, withheld ones
         included. For final evaluation only."""
         return (self.task.objective(self.unstandardise(x)) - self.y_min) / (self.y_max - self.y_min)
-
-    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.val_set, shuffle=False)
