@@ -128,3 +128,16 @@ def test_python_dash_m_entry_point():
     assert proc.returncode == 0, proc.stderr
     for sub in ("fit", "validate", "test", "predict"):
         assert sub in proc.stdout
+
+
+def test_strategy_fragments_build_their_strategy(tmp_path, monkeypatch):
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    monkeypatch.chdir(tmp_path)
+    for fragment, kind in (("ddp", DDPStrategy), ("fsdp2", ModelParallelStrategy), ("cpu", type(None))):
+        args = ["--config", str(CONFIGS / "digits" / "classifier.yaml"), "--config", str(CONFIGS / "trainer" / f"{fragment}.yaml")]
+        trainer = LitplugCLI(args=args, run=False).trainer
+        if kind is type(None):
+            assert trainer.num_devices == 1
+        else:
+            assert isinstance(trainer.strategy, kind) and trainer.num_devices == 2
