@@ -22,9 +22,10 @@ def test_unlearning_mask_with_sam_and_ema_from_yaml(tmp_path, monkeypatch):
     args = ["fit"] + [a for f in fragments for a in ("--config", str(CONFIGS / f))]
     cli = LitplugCLI(args=[*args, "--trainer.max_epochs=2", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=2", *QUIET])
 
-    by_type = {type(c): c for c in cli.trainer.callbacks}
-    mask_cb, ema = by_type[UnlearningMask], by_type[EMA]
-    assert SharpnessAwareMinimization in by_type and ema.updates == 8
+    (mask_cb,) = [c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]
+    (ema,) = [c for c in cli.trainer.callbacks if isinstance(c, EMA)]
+    assert any(isinstance(c, SharpnessAwareMinimization) for c in cli.trainer.callbacks)
+    assert ema.updates == 8
     masks = mask_cb.state_dict()["masks"]
     final = cli.model.state_dict()  # fit ended on the EMA average (final_weights: average)
     exported = torch.load(tmp_path / "runs/ema_backbone.pt", weights_only=True)
