@@ -149,13 +149,11 @@ def test_distributed_search_is_identical_on_ranks_and_logged_once(strategy, tmp_
 
 
 def test_with_ignite_surrogate_training(tmp_path):
-    import litplug.callbacks
+    from litplug.callbacks import SurrogateSharpness
 
-    if not hasattr(litplug.callbacks, "SurrogateSharpness"):
-        pytest.skip("SurrogateSharpness (sharpness family) not in this checkout")
     seed_everything(0)
     search = GradientAscentSearch(num_designs=16, steps=20, step_size=0.05)
-    ignite = litplug.callbacks.SurrogateSharpness(lambda_init=0.5)
+    ignite = SurrogateSharpness(lambda_init=0.5)
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = fast_trainer(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=1, callbacks=[ignite, search])
     model = small_surrogate(4)
