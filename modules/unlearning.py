@@ -7,8 +7,8 @@ batches carry a forget and a retain part, each step minimises one of (CE = cross
 - ``finetune``: CE(retain) from the original weights;
 - ``gradient_ascent``: -CE(forget);
 - ``gradient_difference``: -CE(forget) + gamma CE(retain);
-- ``random_label``: CE(forget with every label replaced by a random *other* class) + CE(retain)
-  (Golatkar et al. 2020; the unlearning step of SalUn, Fan et al. 2024);
+- ``random_label``: CE(forget with every label replaced by a random *other* class) + gamma CE(retain)
+  (Golatkar et al. 2020; the unlearning step of SalUn, Fan et al. 2024, eq. 6 with alpha = gamma);
 - ``npo``: -(2 / beta) mean log sigmoid(-beta (log p(y|x) - log p_orig(y|x))) on forget, against
   the frozen original model (Negative Preference Optimization, Zhang et al. 2024), + gamma CE(retain);
 - ``l1_sparse``: CE(retain) + alpha_t ||theta||_1 with alpha_t = alpha (1 - t / T) decaying
@@ -127,7 +127,7 @@ class Unlearner(TrainingModule):
         method: one of ``retrain``, ``finetune``, ``gradient_ascent``, ``gradient_difference``,
             ``random_label``, ``npo``, ``l1_sparse``.
         num_classes: number of classes (>= 2).
-        gamma: weight of the retain loss for ``gradient_difference`` and ``npo`` (>= 0).
+        gamma: weight of the retain loss for ``gradient_difference``, ``random_label`` and ``npo`` (>= 0).
         beta: NPO temperature (> 0).
         alpha: initial L1 weight of ``l1_sparse`` (>= 0).
         seed: seed of the random labels and of the MIA subsampling.
@@ -195,7 +195,8 @@ class Unlearner(TrainingModule):
         if method == "random_label":
             x, y = batch["forget"]
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 101 + self.global_rank)
-            return F.cross_entropy(self(x), random_other_labels(y, self.num_classes, gen)) + self._ce(batch["retain"])
+            forget = F.cross_entropy(self(x), random_other_labels(y, self.num_classes, gen))
+            return forget + self.gamma * self._ce(batch["retain"]) if self.gamma > 0 else forget
         # npo
         x, y = batch["forget"]
         logp = -F.cross_entropy(self(x), y, reduction="none")

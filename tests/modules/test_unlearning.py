@@ -85,6 +85,15 @@ def test_losses_match_definitions(tmp_path):
     for method in ("finetune", "l1_sparse"):
         model.method = method
         torch.testing.assert_close(model.unlearning_loss(batch), ce_r)
+    # random_label: CE on random other labels + gamma CE(retain) (SalUn eq. 6, alpha = gamma)
+    model.method = "random_label"
+    y_rand = random_other_labels(yf, 10, torch.Generator().manual_seed(0))
+    assert (y_rand != yf).all()
+    ce_rand = F.cross_entropy(model(xf), y_rand)
+    torch.testing.assert_close(model.unlearning_loss(batch), ce_rand + 0.5 * ce_r)
+    model.gamma = 0.0
+    torch.testing.assert_close(model.unlearning_loss(batch), ce_rand)
+    model.gamma = 0.5
     npo = Unlearner(_mlp(), str(tmp_path / "orig.pt"), "npo", beta=0.3, gamma=0.0)
     # at the original weights log p = log p_ref, so NPO = (2 / beta) log 2
     assert npo.unlearning_loss(batch).item() == pytest.approx(2 / 0.3 * math.log(2), rel=1e-5)
