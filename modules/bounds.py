@@ -409,10 +409,10 @@ def _dropout(x: Interval, p: float, training: bool) -> Interval:
 def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x: Interval) -> Interval:
     dims = [0] + list(range(2, x.centre.dim()))
     shape = [1, -1] + [1] * (x.centre.dim() - 2)
-    if m.training or m.running_mean is None:
+    batch_stats = m.training or m.running_mean is None
+    if batch_stats:
         ref = x.clean if x.clean is not None else x.centre
-        mean = ref.mean(dims)
-        var = ref.var(dims, unbiased=False)
+        var, mean = torch.var_mean(ref, dims, unbiased=False)  # one pass over the batch
     else:
         mean, var = m.running_mean, m.running_var
     scale = torch.rsqrt(var + m.eps)
@@ -421,9 +421,33 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x: Interval) -> Interval:
     shift = -mean * scale
     if m.bias is not None:
         shift = shift + m.bias
-    # The clean path runs the module itself, so running statistics update exactly once per step.
-    clean = m(x.clean) if x.clean is not None else None
-    return Interval(x.centre * scale.view(shape) + shift.view(shape), x.radius * scale.abs().view(shape), clean)
+    scale_v, shift_v = scale.view(shape), shift.view(shape)
+    clean = None
+    if x.clean is not None:
+        # The clean batch through the same affine map (its own statistics in train mode: what
+        # the module computes), and the running statistics updated once per step as the module
+        # would, without computing the batch statistics a second time.
+        clean = torch.addcmul(shift_v, x.clean, scale_v)
+        if batch_stats and m.training:
+            _update_running_stats(m, mean, var, x.clean.numel() // x.clean.shape[1])
+    return Interval(torch.addcmul(shift_v, x.centre, scale_v), x.radius * scale.abs().view(shape), clean)
+
+
+@torch.no_grad()
+def _update_running_stats(m: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """What ``m.forward`` does to the running statistics in train mode (unbiased running variance,
+    cumulative average when ``momentum`` is None)."""
+    if not m.track_running_stats:
+        return
+    factor = 0.0 if m.momentum is None else m.momentum
+    if m.num_batches_tracked is not None:
+        m.num_batches_tracked.add_(1)
+        if m.momentum is None:
+            factor = 1.0 / float(m.num_batches_tracked)
+    if m.running_mean is None:
+        return
+    m.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+    m.running_var.mul_(1 - factor).add_(var.detach() * (n / max(n - 1, 1)), alpha=factor)
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, BoundedNetwork] = weakref.WeakKeyDictionary()

@@ -1,5 +1,6 @@
 """Unit tests of the interval bound engine (litplug.modules.bounds)."""
 
+import copy
 import math
 import operator
 
@@ -247,3 +248,18 @@ def test_functional_layers_and_elision_through_f_linear():
             z = net(x + (torch.rand_like(x) * 2 - 1) * 0.1)
             assert (z >= lo - 1e-5).all() and (z <= up + 1e-5).all()
             assert (z.gather(1, y[:, None]) - z >= margins - 1e-5).all()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_train_mode_batch_norm_updates_running_stats_as_the_module(momentum):
+    # The engine computes the clean batch's statistics once and updates the running statistics
+    # itself: the same result as calling the module on the clean batch.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8, momentum=momentum))
+    ref = copy.deepcopy(net)
+    x = torch.randn(5, 2, 6, 6)
+    for _ in range(2):
+        clean = BoundedNetwork(net)(x - 0.1, x + 0.1, clean=x).clean
+        torch.testing.assert_close(clean, ref(x), rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
