@@ -263,3 +263,61 @@ def test_train_mode_batch_norm_updates_running_stats_as_the_module(momentum):
         torch.testing.assert_close(clean, ref(x), rtol=1e-5, atol=1e-5)
     for (name, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_fused_functions_gradcheck():
+    from litplug.modules.bounds import _IntervalBatchNorm, _IntervalLinear, _IntervalReLU
+
+    torch.manual_seed(0)
+
+    def t(*shape, positive=False):
+        v = torch.rand(*shape, dtype=torch.float64) if positive else torch.randn(*shape, dtype=torch.float64)
+        return v.requires_grad_(True)
+
+    check = lambda fn, inputs: torch.autograd.gradcheck(fn, inputs, fast_mode=True)  # noqa: E731
+    assert check(_IntervalLinear.apply, (t(6, 5), t(3, 5, positive=True), t(4, 5), t(4)))
+    assert check(_IntervalLinear.apply, (t(4, 2, 5), t(2, 2, 5, positive=True), t(3, 5), None))
+    for tracked in (True, False):
+        n = 2 if tracked else 4
+        assert check(lambda s, r: _IntervalReLU.apply(s, r, tracked), (t(4, 5), t(n, 5, positive=True)))
+        for shape in ((4, 2, 3, 3), (4, 3), (4, 2, 5)):
+            stack, radius = t(*shape), t(n, *shape[1:], positive=True)
+            gamma, beta = t(shape[1]), t(shape[1])
+            bn = lambda s, r, g, b: _IntervalBatchNorm.apply(s, r, g, b, 1e-5, tracked)[:2]  # noqa: E731
+            assert check(bn, (stack, radius, gamma, beta))
+            assert check(lambda s, r: bn(s, r, None, None), (stack, radius))
+
+
+@pytest.mark.parametrize("name", ["residual", "cnn7", "mlp"])
+def test_fused_engine_matches_plain_autograd(name, monkeypatch):
+    # The fused Linear/ReLU/BatchNorm functions are an optimisation only: bounds, clean output,
+    # ReLU bounds and every gradient equal those of autograd on the plain formulas.
+    import litplug.modules.bounds as bounds_module
+
+    torch.manual_seed(0)
+    net = (Residual() if name == "residual" else _nets()[name]).double().train()
+    shape = (2, 8, 8) if name == "residual" else (1, 8, 8)
+    x = torch.rand(6, *shape, dtype=torch.float64)
+    y = torch.randint(0, 5 if name == "residual" else 10, (6,))
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(bounds_module, "_FUSED", fused)
+        net.zero_grad()
+        torch.manual_seed(3)  # the same dropout mask
+        engine = BoundedNetwork(net)
+        out = engine(x - 0.05, x + 0.05, clean=x, spec=margin_spec(y, 5 if name == "residual" else 10).double(), record_relu=True)
+        tight, balance = warmup_regularizers(out.relu, torch.full_like(x, 0.05), 0.5)
+        loss = F.cross_entropy(-out.lower, y) + F.cross_entropy(out.clean, y) + tight + balance
+        loss = loss + sum(lo.square().mean() + up.mean() for lo, up in out.relu)  # gradients into the ReLU bounds
+        loss.backward()
+        results.append((out, loss.detach(), [p.grad.clone() for p in net.parameters()]))
+    (a, loss_a, grads_a), (b, loss_b, grads_b) = results
+    torch.testing.assert_close(a.lower, b.lower, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(a.clean, b.clean, rtol=1e-10, atol=1e-10)
+    for (la, ua), (lb, ub) in zip(a.relu, b.relu):
+        torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ua, ub, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-10, atol=1e-10)
+    scale = max(float(g.abs().max()) for g in grads_b)  # biases before batch norm: true gradient 0
+    for (pname, _), ga, gb in zip(net.named_parameters(), grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10 * scale, msg=pname)
