@@ -5,8 +5,17 @@
 
 Rows: plain training step (cross-entropy), litplug IBP training step (CertifiedClassifier at the
 target eps, without and with the warmup regularizers of the ramp), and auto_LiRPA's IBP step
-when auto_LiRPA imports (the peer; its 0.3 release does not import with numpy 2, in which case the
-row says so). Then evaluation throughput: plain forward vs CertifiedClassifier.certify (verified
+(the peer) when auto_LiRPA is installed, else the row says why not. Its newest PyPI release, 0.3,
+declares torch<1.13 and needs numpy<2, so it runs from a side venv (the script puts back the two
+torch internals it calls, see ``_torch_compat_for_auto_lirpa``), from the repository root:
+
+    python3 -m venv /tmp/lirpa-venv
+    /tmp/lirpa-venv/bin/pip install torch==2.13.0
+    /tmp/lirpa-venv/bin/pip install --no-deps auto_LiRPA==0.3   # its declared deps would pull an old torch
+    /tmp/lirpa-venv/bin/pip install -e . 'numpy<2' appdirs tqdm
+    /tmp/lirpa-venv/bin/python benchmarks/certified.py
+
+Then evaluation throughput: plain forward vs CertifiedClassifier.certify (verified
 accuracy) in samples/s. Times are medians of ``--steps`` forward+backward passes on fixed weights, interleaved.
 """
 
@@ -99,21 +108,54 @@ def main() -> None:
     print(f"{'CertifiedClassifier.certify (verified)':42s} {len(xe) / t_cert:9.0f} {t_plain / t_cert:8.2f}")
 
 
+def _torch_compat_for_auto_lirpa() -> None:
+    """auto_LiRPA 0.3 (2022, the newest release on PyPI) targets torch < 1.13 and calls two torch
+    internals that later torch removed; restore them in torch (auto_LiRPA's code is untouched):
+    ``torch.onnx.symbolic_helper._set_opset_version`` and ``torch._C.Node.__getitem__`` (what
+    torch's own ``_node_get`` does)."""
+    import torch.onnx.symbolic_helper as helper
+
+    if not hasattr(helper, "_set_opset_version"):
+        try:
+            from torch.onnx._globals import GLOBALS  # torch 1.13 - 2.8
+        except ImportError:
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+        def _set_opset_version(version: int) -> None:
+            GLOBALS.export_onnx_opset_version = version
+
+        helper._set_opset_version = _set_opset_version
+    if not hasattr(torch._C.Node, "__getitem__"):
+        torch._C.Node.__getitem__ = lambda node, key: getattr(node, node.kindOf(key))(key)
+
+
 def auto_lirpa_step(backbone: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> Callable[[], None] | str:
+    """auto_LiRPA's IBP training step as in Shi et al. 2021's code: a clean forward (which sets the
+    train-mode batch-norm statistics from the clean batch, as litplug does), IBP lower bounds of the
+    9 margins ``z_y - z_j`` with the spec folded into the last linear layer, robust cross-entropy,
+    backward. Margins agree with litplug's ``margin_bounds`` to float rounding in eval and train mode."""
+    import importlib.util
+
+    if importlib.util.find_spec("auto_LiRPA") is None:
+        return "auto_LiRPA not installed; see this script's docstring for its side venv"
     try:
+        _torch_compat_for_auto_lirpa()
         from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
     except Exception as err:  # noqa: BLE001 - any import failure means "peer unavailable"
         return f"auto_LiRPA unavailable: {type(err).__name__}: {err}"[:120]
     import copy
 
-    net = copy.deepcopy(backbone).train()
+    # Convert an eval-mode copy (auto_LiRPA's advice for batch norm), then train. The BoundedModule
+    # shares the copy's parameters and keeps its own running statistics.
+    net = copy.deepcopy(backbone).eval()
     bounded = BoundedModule(net, torch.zeros_like(x))
+    bounded.train()
     eye = torch.eye(10)
     spec = eye[y].unsqueeze(1) - eye.unsqueeze(0)
     spec = spec[(eye[y] == 0)].view(len(y), 9, 10)
 
     def step() -> None:
-        bounded.zero_grad()
+        net.zero_grad()  # not bounded.zero_grad(): BoundedModule.parameters() fails on torch >= 2.0
         box = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1)))
         bounded(box)
         lower, _ = bounded.compute_bounds(x=(box,), C=spec, method="IBP", bound_upper=False)
