@@ -421,6 +421,21 @@ def _same(x: Interval, fn: Callable[[torch.Tensor], torch.Tensor], per_sample: b
 _FUSED = True  # tests switch the fused functions off to compare them with plain autograd
 
 
+_SCRATCH: dict[int, dict[str, torch.Tensor]] = {}  # id(weight) -> buffers, dropped with the weight
+
+
+def _scratch(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """A buffer shaped like ``weight`` that lives as long as the weight (reused across steps)."""
+    buffers = _SCRATCH.get(id(weight))
+    if buffers is None:
+        buffers = _SCRATCH[id(weight)] = {}
+        weakref.finalize(weight, _SCRATCH.pop, id(weight), None)
+    buf = buffers.get(name)
+    if buf is None or buf.shape != weight.shape or buf.dtype != weight.dtype or buf.device != weight.device:
+        buf = buffers[name] = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return buf
+
+
 def _plain_float(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """The fused autograd functions below handle float32/64 tensors of one dtype, autocast off."""
     return (
@@ -435,28 +450,33 @@ class _IntervalLinear(torch.autograd.Function):
     """``(stack, r) -> (stack W^T + b, r |W|^T)`` with one weight-sized gradient buffer.
 
     Autograd's path materialises ``|W|``'s gradient, ``sign(W)``, their product and the sum with
-    the centre path's weight gradient: five weight-sized tensors per step, which dominate the step
-    for a wide layer (CNN7's 32768 x 512 ``Linear``). Here ``dL/dW = sign(W) * (g_r^T r) + g_s^T s``
-    is accumulated in place in one buffer (the sign is the only other weight-sized tensor).
+    the centre path's weight gradient: five fresh weight-sized tensors per step, which dominate the
+    step for a wide layer (CNN7's 32768 x 512 ``Linear``). Here ``dL/dW = sign(W) * (g_r^T r) + g_s^T
+    s`` is accumulated in place in the one gradient buffer, and ``|W|``, ``sign(W)`` are written
+    into scratch buffers kept per weight (fresh large tensors cost page faults on every step).
+    The scratch ``|W|`` is read again in backward: the weight is a saved tensor, so autograd has
+    checked that it was not modified since; any call in between wrote ``|W|`` of the same values.
     """
 
     @staticmethod
     def forward(ctx: Any, stack: torch.Tensor, radius: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
-        abs_weight = weight.abs()
-        ctx.save_for_backward(stack, radius, weight, abs_weight)
+        abs_weight = torch.abs(weight, out=_scratch(weight, "abs"))
+        ctx.save_for_backward(stack, radius, weight)
         ctx.has_bias = bias is not None
         return F.linear(stack, weight, bias), F.linear(radius, abs_weight)
 
     @staticmethod
     def backward(ctx: Any, g_stack: torch.Tensor, g_radius: torch.Tensor) -> Any:
-        stack, radius, weight, abs_weight = ctx.saved_tensors
+        stack, radius, weight = ctx.saved_tensors
+        abs_weight = _scratch(weight, "abs")
         grad_stack = g_stack @ weight if ctx.needs_input_grad[0] else None
         grad_radius = g_radius @ abs_weight if ctx.needs_input_grad[1] else None
         grad_weight = grad_bias = None
         gs, s = g_stack.reshape(-1, g_stack.shape[-1]), stack.reshape(-1, stack.shape[-1])
         if ctx.needs_input_grad[2]:
             gr, r = g_radius.reshape(-1, g_radius.shape[-1]), radius.reshape(-1, radius.shape[-1])
-            grad_weight = torch.mm(gr.t(), r).mul_(weight.sign()).addmm_(gs.t(), s)
+            sign = torch.sign(weight, out=_scratch(weight, "sign"))
+            grad_weight = torch.mm(gr.t(), r).mul_(sign).addmm_(gs.t(), s)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = gs.sum(0)
         return grad_stack, grad_radius, grad_weight, grad_bias

@@ -213,7 +213,8 @@ class CertifiedClassifier(Classifier):
             self.log("certified/reg_tightness", tight)
             self.log("certified/reg_relu", relu)
         if result.relu:
-            unstable = sum(((lo < 0) & (up > 0)).sum() for lo, up in result.relu)
+            with torch.no_grad():  # count_nonzero: no int64 copy of the masks, as .sum() makes
+                unstable = sum(torch.count_nonzero((lo < 0) & (up > 0)) for lo, up in result.relu)
             total = sum(lo.numel() for lo, _ in result.relu)
             self.log("certified/unstable_relu", unstable.float() / total, sync_dist=True)
         self.log("certified/robust_loss", robust, sync_dist=True)

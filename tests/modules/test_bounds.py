@@ -321,3 +321,23 @@ def test_fused_engine_matches_plain_autograd(name, monkeypatch):
     scale = max(float(g.abs().max()) for g in grads_b)  # biases before batch norm: true gradient 0
     for (pname, _), ga, gb in zip(net.named_parameters(), grads_a, grads_b):
         torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10 * scale, msg=pname)
+
+
+def test_fused_linear_detects_weight_modified_before_backward():
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.rand(5, 4)
+    out = BoundedNetwork(net)(x - 0.1, x + 0.1, clean=x)
+    with torch.no_grad():
+        net[0].weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out.lower.sum() + out.upper.sum()).backward()
+    # two bound computations before one backward share the scratch |W| correctly
+    net.zero_grad()
+    a, b = BoundedNetwork(net)(x - 0.1, x + 0.1), BoundedNetwork(net)(x - 0.2, x + 0.2)
+    (a.upper.sum() + b.upper.sum()).backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    BoundedNetwork(net)(x - 0.1, x + 0.1).upper.sum().backward()
+    BoundedNetwork(net)(x - 0.2, x + 0.2).upper.sum().backward()
+    for g, p in zip(grads, net.parameters()):
+        torch.testing.assert_close(g, p.grad)
