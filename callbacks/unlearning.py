@@ -13,21 +13,28 @@ Exactly ``k = int(N * ratio)`` entries (N = entries in scope) with the highest s
 updatable; ties are broken by the lower global index (parameters in ``named_parameters`` order,
 then row-major position in the full parameter); NaN scores count as 0. The rest is frozen:
 
-1. ``on_before_optimizer_step`` zeroes the gradient at frozen entries (``masked_fill_``, so
-   inf/NaN cannot leak), before Lightning clips gradients: clipping measures the masked gradient.
+1. ``on_before_optimizer_step`` zeroes the gradient at frozen entries, before Lightning clips
+   gradients: clipping measures the masked gradient. Masking multiplies the gradient's *bits*,
+   seen as integers, by a 0/1 integer mask, so inf/NaN cannot leak (a float multiply would keep
+   them) and it runs at memory speed (``masked_fill_`` and ``where`` are ~6x slower on CPU).
 2. An optimizer step pre-hook zeroes them again *after* the closure: Lightning passes the
    forward/backward/``on_before_optimizer_step``/clipping closure *into* ``optimizer.step``, so a
    plain pre-hook would run before the gradients exist; the hook wraps the closure instead, or
    masks right away when there is none (manual optimisation, AMP's scaler run it first). This
-   catches callbacks that rewrite gradients later in ``on_before_optimizer_step`` (e.g. SAM).
-3. An optimizer step post-hook copies the original values back into frozen entries, which stay
-   bit-identical whatever weight decay, momentum or Adam state do.
+   catches callbacks that rewrite gradients later in ``on_before_optimizer_step`` (e.g. SAM). A
+   gradient that is still the tensor step 1 masked, at the same version counter, is skipped: no
+   pass over it unless something (clipping, a recomputation) wrote to it since.
+3. An optimizer step post-hook puts the original values back into frozen entries, which stay
+   bit-identical whatever weight decay, momentum or Adam state do: ``bits(p) = frozen + bits(p) *
+   keep`` (one ``addcmul``), where ``frozen`` holds the original bits at frozen entries, 0 elsewhere.
 
 Free entries get exactly the update they would get without the machinery. Parameters outside
 ``scope`` (biases and norm parameters for ``"weights"``) are not masked; buffers never are.
 Cost: one pass over the forget (and, for ``attribution``, retain) set at fit start; per step,
-two ``masked_fill_`` per gradient and one ``where`` per parameter (three memory-bound passes,
-against about ten for an Adam step); memory: a bool mask and a copy of each masked parameter.
+one multiply per gradient (a second one only for gradients rewritten after it, e.g. by clipping
+or SAM) and one ``addcmul`` per parameter: two memory-speed passes, against about ten for an Adam
+step; memory per masked entry: a bool mask, an integer mask and the frozen bits (1 + 2 x the
+parameter's width in bytes).
 
 DDP: the score gradients are summed over ranks (``all_reduce``, each rank scoring its share of
 the batches) before ranking, so every rank holds the same mask. FSDP2 (``ModelParallelStrategy``,
@@ -141,17 +148,40 @@ def attribution_scores(
     return [((p - gr / mu) * gf).abs() for p, gf, gr in zip(params, grads_forget, grads_retain)]
 
 
-def enforce_masked_grads_(grads: Sequence[torch.Tensor | None], frozen: Sequence[torch.Tensor]) -> None:
-    """Zero the gradients at frozen entries in place (inf/NaN included)."""
-    for g, f in zip(grads, frozen):
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s memory seen as integers of the same width (a view: writes go to ``t``)."""
+    return t.view(_INT_OF_WIDTH[t.element_size()])
+
+
+def keep_bits(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """0/1 integers of ``like``'s width (1 where ``mask``: updatable), to multiply the *bits* of
+    tensors of ``like``'s dtype with: integer arithmetic on the bit patterns is exact, so a frozen
+    entry becomes +0.0 even if it held inf or NaN, and a free entry keeps its bits."""
+    return mask.to(device=like.device, dtype=_INT_OF_WIDTH[like.element_size()])
+
+
+def frozen_bits(original: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The bits of ``original`` at frozen entries, 0 at free ones (for :func:`restore_frozen_`)."""
+    return _bits(original) * (1 - keep)
+
+
+def enforce_masked_grads_(grads: Sequence[torch.Tensor | None], keep: Sequence[torch.Tensor]) -> None:
+    """Set the gradients' frozen entries to +0.0 in place, inf/NaN included: their bits times
+    :func:`keep_bits` (exact, and about 6x faster on CPU than ``masked_fill_``)."""
+    for g, k in zip(grads, keep):
         if g is not None:
-            g.masked_fill_(f, 0)
+            _bits(g).mul_(k)
 
 
-def restore_frozen_(params: Sequence[torch.Tensor], originals: Sequence[torch.Tensor], frozen: Sequence[torch.Tensor]) -> None:
-    """Copy ``originals`` back into the frozen entries of ``params`` in place (bit-exact)."""
-    for p, o, f in zip(params, originals, frozen):
-        torch.where(f, o, p, out=p)
+def restore_frozen_(params: Sequence[torch.Tensor], frozen: Sequence[torch.Tensor], keep: Sequence[torch.Tensor]) -> None:
+    """Put the original values back into the frozen entries of ``params`` in place, bit-exact, in
+    one pass: ``bits(p) = frozen + bits(p) * keep`` (:func:`frozen_bits`, :func:`keep_bits`)."""
+    for p, o, k in zip(params, frozen, keep):
+        b = _bits(p)
+        torch.addcmul(o, b, k, out=b)
 
 
 # --- helpers for DTensor (FSDP2) parameters ------------------------------------------------
@@ -212,9 +242,10 @@ class UnlearningMask(Callback):
         self.num_entries = 0
         self.layer_fractions: dict[str, float] = {}
         self._params: list[nn.Parameter] = []
-        self._frozen: list[torch.Tensor] = []
-        self._originals: list[torch.Tensor] = []
+        self._keep: list[torch.Tensor] = []  # keep_bits of each masked parameter
+        self._frozen_bits: list[torch.Tensor] = []  # original values at frozen entries, 0 elsewhere
         self._handles: list[Any] = []
+        self._masked: list[tuple[torch.Tensor, int] | None] = []  # (gradient, version) after the last masking
 
     # --- setup ------------------------------------------------------------------------------
     @override
@@ -349,8 +380,9 @@ class UnlearningMask(Callback):
             counts = all_reduce(counts)
         self.layer_fractions = {n: int(c) / p.numel() for (n, p), c in zip(named, counts)}
         self._params = [p for _, p in named]
-        self._frozen = [~self.masks[n] for n, _ in named]
-        self._originals = [_local(p).detach().clone() for p in self._params]
+        locals_ = [_local(p).detach() for p in self._params]
+        self._keep = [keep_bits(self.masks[n], t) for (n, _), t in zip(named, locals_)]
+        self._frozen_bits = [frozen_bits(t, k) for t, k in zip(locals_, self._keep)]
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
@@ -365,8 +397,22 @@ class UnlearningMask(Callback):
                 logger.experiment.add_histogram("unlearn/layer_updatable_fraction", values, trainer.global_step)
 
     def _mask_grads(self) -> None:
+        """Zero the frozen entries of every gradient not already masked in this step (the same
+        tensor, not written to since: its version counter is unchanged)."""
+        grads = [p.grad for p in self._params]
+        todo = [
+            None if g is None or (seen is not None and seen[0] is g and seen[1] == g._version) else _local(g)
+            for g, seen in zip(grads, self._masked or [None] * len(grads))
+        ]
         with torch.no_grad():
-            enforce_masked_grads_([None if p.grad is None else _local(p.grad) for p in self._params], self._frozen)
+            enforce_masked_grads_(todo, self._grad_keep(todo))
+        self._masked = [None if g is None else (g, g._version) for g in grads]
+
+    def _grad_keep(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Bit masks for gradients; recast (rarely) when a gradient's width differs from its parameter's."""
+        return [
+            k if g is None or g.element_size() == k.element_size() else keep_bits(k.bool(), g) for g, k in zip(grads, self._keep)
+        ]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # torch passes the optimizer itself as args[0]; a positional closure is args[1]
@@ -385,8 +431,9 @@ class UnlearningMask(Callback):
         return (args[0], masked_closure, *args[2:]), kwargs
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._masked = []  # the next step's gradients are new
         with torch.no_grad():
-            restore_frozen_([_local(p) for p in self._params], self._originals, self._frozen)
+            restore_frozen_([_local(p) for p in self._params], self._frozen_bits, self._keep)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:

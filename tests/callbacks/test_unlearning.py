@@ -329,7 +329,7 @@ class _Capture(Callback):
         self.reference = topk_masks([f.abs() for f in full], mask.num_selected)
         self.names = names
         self.local_shapes = {n: tuple(m.shape) for n, m in mask.masks.items()}
-        self.start = {n: mask._originals[i].clone() for i, n in enumerate(names)}
+        self.start = {n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone() for n, p in zip(names, mask._params)}
         self.frozen_ok = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -402,3 +402,20 @@ def test_distributed_masks(tmp_path, strategy):
                 rows = a["masks"][n].shape[0]
                 assert a["local_shapes"][n][0] + b["local_shapes"][n][0] == rows
                 assert a["local_shapes"][n][0] < rows
+
+
+def test_second_masking_pass_only_for_rewritten_gradients(tmp_path, monkeypatch):
+    # The post-closure pass skips gradients that the first pass masked and nothing wrote to since;
+    # clipping (an in-place rewrite) makes it mask again.
+    import litplug.callbacks.unlearning as unlearning
+
+    calls = []
+    real = unlearning.enforce_masked_grads_
+    monkeypatch.setattr(unlearning, "enforce_masked_grads_", lambda grads, keep: (calls.append(sum(g is not None for g in grads)), real(grads, keep)))
+    for clip, per_step in ((None, [1, 0]), (0.5, [1, 1])):
+        calls.clear()
+        seed_everything(0)
+        mask = UnlearningMask("magnitude", ratio=0.5, scope="all")
+        trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[mask, FrozenChecker(mask)], gradient_clip_val=clip)
+        trainer.fit(Toy(OPTIMIZERS["adamw"]), toy_loader())
+        assert calls == per_step * 8, (clip, calls)
