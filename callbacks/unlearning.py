@@ -14,7 +14,8 @@ updatable; ties are broken by the lower global index (parameters in ``named_para
 then row-major position in the full parameter); NaN scores count as 0. The rest is frozen:
 
 1. ``on_before_optimizer_step`` zeroes the gradient at frozen entries, before Lightning clips
-   gradients: clipping measures the masked gradient. Masking multiplies the gradient's *bits*,
+   gradients: clipping measures the masked gradient (with a GradScaler, also after every
+   backward, before the scaler looks for inf/NaN). Masking multiplies the gradient's *bits*,
    seen as integers, by a 0/1 integer mask, so inf/NaN cannot leak (a float multiply would keep
    them) and it runs at memory speed (``masked_fill_`` and ``where`` are ~6x slower on CPU).
 2. An optimizer step pre-hook zeroes them again *after* the closure: Lightning passes the
@@ -434,6 +435,13 @@ class UnlearningMask(Callback):
         self._masked = []  # the next step's gradients are new
         with torch.no_grad():
             restore_frozen_([_local(p) for p in self._params], self._frozen_bits, self._keep)
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # With a GradScaler (16-mixed), Lightning unscales and checks for inf/NaN *before*
+        # on_before_optimizer_step: mask first, so that frozen entries cannot make it skip the step.
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            self._mask_grads()
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:

@@ -419,3 +419,31 @@ def test_second_masking_pass_only_for_rewritten_gradients(tmp_path, monkeypatch)
         trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[mask, FrozenChecker(mask)], gradient_clip_val=clip)
         trainer.fit(Toy(OPTIMIZERS["adamw"]), toy_loader())
         assert calls == per_step * 8, (clip, calls)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "16-mixed"])
+def test_frozen_entries_bit_exact_under_reduced_precision(tmp_path, precision):
+    # bf16-true: bf16 weights and gradients (the bit masks are 16-bit); 16-mixed: inf at frozen
+    # entries (written before the mask's hooks run) never reaches the GradScaler's inf check, and
+    # the scaler's in-place unscaling is masked again.
+    from lightning.pytorch.plugins import MixedPrecision
+
+    seed_everything(0)
+    mask = UnlearningMask("magnitude", ratio=0.5, scope="all")
+    checker = FrozenChecker(mask, poison=float("inf"))
+    kwargs = {"precision": precision}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    if precision == "16-mixed":
+        kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler)]}
+    model = _unlearner("finetune")
+    trainer = fast_trainer(tmp_path, max_steps=6, callbacks=[checker, mask], gradient_clip_val=1.0, **kwargs)
+    trainer.fit(model, _data())
+    assert checker.steps == 6
+    if precision == "16-mixed":
+        assert scaler.get_scale() == 2.0**8  # no step was skipped for an inf
+    start = checker.start["backbone.1.0.weight"]
+    now = dict(model.named_parameters())["backbone.1.0.weight"].detach()
+    if precision == "bf16-true":
+        assert now.dtype == torch.bfloat16
+    free = mask.masks["backbone.1.0.weight"]
+    assert not torch.equal(now[free], start[free])  # training did move the free entries
