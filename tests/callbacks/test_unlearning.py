@@ -342,9 +342,11 @@ class _Capture(Callback):
 
 def dist_worker(strategy, tmp_dir):
     out = {}
-    for criterion in ("magnitude", "saliency"):
+    # the two runs also cover the methods with extra state: npo (a frozen reference model on every
+    # rank) and l1_sparse (an L1 term over sharded parameters under FSDP2)
+    for criterion, method in (("magnitude", "npo"), ("saliency", "l1_sparse")):
         seed_everything(0)
-        model = Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), None, "gradient_difference")
+        model = Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), None, method)
         with torch.no_grad():  # coarse weights: many ties at the threshold, across shards
             for p in model.parameters():
                 p.copy_(torch.round(p * 8) / 8)
