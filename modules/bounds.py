@@ -5,7 +5,11 @@ Verifiably Robust Models". An input box ``[l, u]`` is carried through the networ
 form ``(c, r) = ((u + l) / 2, (u - l) / 2)``: an affine layer maps it to ``(W c + b, |W| r)``, a
 monotone activation ``f`` to the box of ``[f(c - r), f(c + r)]``. The result contains the output of
 every input inside the box. One batched pass computes centre and radius (two matmuls per layer, no
-per-sample loop); optionally the clean batch is carried along (batch-norm statistics in train mode).
+per-sample loop); optionally the clean batch is carried along (batch-norm statistics in train mode),
+stacked with the centres in one tensor so that each affine layer runs once on both. With gradients
+on, ``Linear``, ``ReLU`` and train-mode batch norm run fused autograd functions (hand-written
+backward passes, checked against plain autograd in the tests) that avoid the weight-sized and
+activation-sized temporaries autograd would create.
 
 Margins ``z_y - z_j`` are bounded with last-layer elision: the specification matrix ``C`` (rows
 ``e_y - e_j``) is folded into the last linear layer, ``(C W) h + C b``, which is never looser than
