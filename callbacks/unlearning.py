@@ -26,15 +26,17 @@ then row-major position in the full parameter); NaN scores count as 0. The rest 
    gradient that is still the tensor step 1 masked, at the same version counter, is skipped: no
    pass over it unless something (clipping, a recomputation) wrote to it since.
 3. An optimizer step post-hook puts the original values back into frozen entries, which stay
-   bit-identical whatever weight decay, momentum or Adam state do: ``bits(p) = frozen + bits(p) *
+   bit-identical whatever weight decay, momentum or Adam state do (skipped where the step
+   provably cannot move them: plain SGD/Adam/AdamW without weight decay, not maximising, with
+   optimizer state at +0.0 on frozen entries when training starts; see ``_skips_restore``): ``bits(p) = frozen + bits(p) *
    keep`` (one ``addcmul``), where ``frozen`` holds the original bits at frozen entries, 0 elsewhere.
 
 Free entries get exactly the update they would get without the machinery. Parameters outside
 ``scope`` (biases and norm parameters for ``"weights"``) are not masked; buffers never are.
 Cost: one pass over the forget (and, for ``attribution``, retain) set at fit start; per step,
 one multiply per gradient (a second one only for gradients rewritten after it, e.g. by clipping
-or SAM) and one ``addcmul`` per parameter: two memory-speed passes, against about ten for an Adam
-step; memory per masked entry: a bool mask, an integer mask and the frozen bits (1 + 2 x the
+or SAM) and one ``addcmul`` per parameter (the restore, unless skipped as in 3.): two
+memory-speed passes, against about ten for an Adam step; memory per masked entry: a bool mask, an integer mask and the frozen bits (1 + 2 x the
 parameter's width in bytes).
 
 DDP: the score gradients are summed over ranks (``all_reduce``, each rank scoring its share of
@@ -247,6 +249,7 @@ class UnlearningMask(Callback):
         self._frozen_bits: list[torch.Tensor] = []  # original values at frozen entries, 0 elsewhere
         self._handles: list[Any] = []
         self._masked: list[tuple[torch.Tensor, int] | None] = []  # (gradient, version) after the last masking
+        self._restoring: set[int] = set()  # ids of optimizers whose steps are followed by a restore
 
     # --- setup ------------------------------------------------------------------------------
     @override
@@ -384,6 +387,7 @@ class UnlearningMask(Callback):
         locals_ = [_local(p).detach() for p in self._params]
         self._keep = [keep_bits(self.masks[n], t) for (n, _), t in zip(named, locals_)]
         self._frozen_bits = [frozen_bits(t, k) for t, k in zip(locals_, self._keep)]
+        self._restoring = {id(opt) for opt in trainer.optimizers if not self._frozen_state_is_zero(opt)}
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
@@ -397,13 +401,14 @@ class UnlearningMask(Callback):
                 values = torch.tensor(list(self.layer_fractions.values()))
                 logger.experiment.add_histogram("unlearn/layer_updatable_fraction", values, trainer.global_step)
 
-    def _mask_grads(self) -> None:
+    def _mask_grads(self, every: bool = False) -> None:
         """Zero the frozen entries of every gradient not already masked in this step (the same
-        tensor, not written to since: its version counter is unchanged)."""
+        tensor, not written to since: its version counter is unchanged), or of ``every`` one."""
         grads = [p.grad for p in self._params]
+        seen_before = [None] * len(grads) if every or not self._masked else self._masked
         todo = [
             None if g is None or (seen is not None and seen[0] is g and seen[1] == g._version) else _local(g)
-            for g, seen in zip(grads, self._masked or [None] * len(grads))
+            for g, seen in zip(grads, seen_before)
         ]
         with torch.no_grad():
             enforce_masked_grads_(todo, self._grad_keep(todo))
@@ -424,15 +429,42 @@ class UnlearningMask(Callback):
 
         def masked_closure() -> Any:
             result = closure()
-            self._mask_grads()
+            # No restore after this step: every gradient must be zero at frozen entries now, even
+            # one rewritten behind autograd's version counter (through .data).
+            self._mask_grads(every=self._skips_restore(optimizer))
             return result
 
         if "closure" in kwargs:
             return args, {**kwargs, "closure": masked_closure}
         return (args[0], masked_closure, *args[2:]), kwargs
 
+    def _skips_restore(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer``'s step provably leaves frozen entries bit-identical, so that the
+        restore can be skipped: plain SGD, Adam or AdamW (not subclasses), no weight decay, not
+        maximising, and state that was all +0.0 at frozen entries when training started (then it
+        stays +0.0: the gradients there are +0.0 at every step, and the update is ``p + (-0.0)``).
+        Sticky: once an optimizer needed a restore it always gets one."""
+        if id(optimizer) in self._restoring:
+            return False
+        ok = type(optimizer) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) and all(
+            not group.get("weight_decay", 0) and not group.get("maximize", False) for group in optimizer.param_groups
+        )
+        if not ok:
+            self._restoring.add(id(optimizer))
+        return ok
+
+    def _frozen_state_is_zero(self, optimizer: torch.optim.Optimizer) -> bool:
+        for p, keep in zip(self._params, self._keep):
+            for value in optimizer.state.get(p, {}).values():
+                local = _local(value) if torch.is_tensor(value) else None
+                if local is not None and local.shape == keep.shape and bool((_bits(local) * (1 - keep)).any()):
+                    return False
+        return True
+
     def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self._masked = []  # the next step's gradients are new
+        if self._skips_restore(optimizer):
+            return
         with torch.no_grad():
             restore_frozen_([_local(p) for p in self._params], self._frozen_bits, self._keep)
 

@@ -449,3 +449,38 @@ def test_frozen_entries_bit_exact_under_reduced_precision(tmp_path, precision):
         assert now.dtype == torch.bfloat16
     free = mask.masks["backbone.1.0.weight"]
     assert not torch.equal(now[free], start[free])  # training did move the free entries
+
+
+NO_DECAY = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "adam_amsgrad": lambda p: torch.optim.Adam(p, lr=0.05, amsgrad=True),
+    "adamw_no_decay": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.0),
+    "sgd_maximize": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, maximize=True),
+}
+
+
+@pytest.mark.parametrize("opt", sorted(NO_DECAY))
+@pytest.mark.parametrize("warm", [0, 3])
+def test_restore_skipped_only_where_the_step_cannot_move_frozen_entries(tmp_path, opt, warm, monkeypatch):
+    # Plain SGD/Adam/AdamW without weight decay, from optimizer state that is +0.0 at frozen
+    # entries, leave them bit-identical by themselves; warmed state or maximize need the restore.
+    # Frozen entries hold inf/NaN gradients and exact -0.0 / +0.0 weights (the sign of zero is the
+    # first thing an inexact shortcut would lose).
+    import litplug.callbacks.unlearning as unlearning
+
+    restores = []
+    real = unlearning.restore_frozen_
+    monkeypatch.setattr(unlearning, "restore_frozen_", lambda *a: (restores.append(1), real(*a)))
+    seed_everything(0)
+    mask = UnlearningMask("magnitude", ratio=0.5, scope="all")
+    checker = FrozenChecker(mask, poison=float("nan"))
+    model = Toy(NO_DECAY[opt], warm_steps=warm)
+    with torch.no_grad():
+        model.w[0, :2] = torch.tensor([-0.0, 0.0])  # the smallest magnitudes: frozen
+    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[checker, mask], gradient_clip_val=0.5)
+    trainer.fit(model, toy_loader())
+    assert checker.steps == 8
+    assert not mask.masks["w"][0, :2].any()
+    assert torch.equal(model.w.detach()[0, :2].view(torch.int32), torch.tensor([-0.0, 0.0]).view(torch.int32))
+    skipped = warm == 0 and opt != "sgd_maximize"
+    assert len(restores) == (0 if skipped else 8)
