@@ -120,3 +120,18 @@ def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             value = value.full_tensor()
         out[name] = value.detach().clone()
     return out
+
+
+def write_idx(path: Path, array: Any, compress: bool = False) -> None:
+    """Write ``array`` (uint8 values) as an IDX file, MNIST's on-disk format (``.gz`` if ``compress``)."""
+    import gzip
+
+    import numpy as np
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.asarray(array).astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)

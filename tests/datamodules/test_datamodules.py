@@ -1,11 +1,11 @@
 """Digits, synthetic data, and MNIST/CIFAR-10 read from tiny files in torchvision's on-disk format."""
 
-import gzip
 import pickle
 
 import numpy as np
 import pytest
 import torch
+from harness import write_idx
 
 from litplug.datamodules import CIFAR10, MNIST, Digits, SyntheticClassification
 
@@ -72,16 +72,6 @@ def test_synthetic_is_seeded_and_shaped():
         SyntheticClassification(num_classes=1)
 
 
-def _write_idx(path, array, compress):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if compress:
-        with gzip.open(str(path) + ".gz", "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-
-
 @pytest.mark.parametrize("compress", [False, True])
 def test_mnist_reads_idx_files(tmp_path, compress):
     raw = tmp_path / "MNIST" / "raw"
@@ -90,8 +80,8 @@ def test_mnist_reads_idx_files(tmp_path, compress):
     images = {"train": rng.integers(0, 256, (24, 28, 28)), "t10k": rng.integers(0, 256, (6, 28, 28))}
     labels = {"train": np.arange(24) % 10, "t10k": np.arange(6) % 10}
     for split in ("train", "t10k"):
-        _write_idx(raw / f"{split}-images-idx3-ubyte", images[split], compress)
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels[split], compress)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images[split], compress)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels[split], compress)
     dm = MNIST(root=str(tmp_path), batch_size=6, val_fraction=0.25)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 6, 6)

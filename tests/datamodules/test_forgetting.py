@@ -74,3 +74,42 @@ def test_fraction_leaving_an_empty_split():
 def test_rejects_non_litplug_datamodule():
     with pytest.raises(ValueError, match="datamodule"):
         ForgetRetain(object())
+
+
+def test_forget_retain_over_mnist_and_cifar10_files(tmp_path):
+    # ForgetRetain wraps the file-backed datamodules as it wraps Digits; an Unlearner with a
+    # saliency mask runs on the tiny real-format MNIST files end to end.
+    import pickle
+
+    import numpy as np
+    from harness import fast_trainer, write_idx
+
+    from litplug.callbacks import UnlearningMask
+    from litplug.datamodules import CIFAR10, MNIST
+    from litplug.modules import MLP, Unlearner
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("t10k", 20)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), False)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10, False)
+    dm = ForgetRetain(MNIST(root=str(tmp_path), batch_size=8, val_fraction=0.25), scenario="class", forget_classes=[3])
+    dm.setup()
+    assert {int(y) for _, ys in dm.forget_dataloader() for y in ys} == {3}
+    assert 3 not in {int(y) for _, ys in dm.retain_dataloader() for y in ys}
+    assert {int(y) for _, ys in dm.test_dataloader()["forget_test"] for y in ys} == {3}
+    mask = UnlearningMask("saliency", ratio=0.5)
+    model = Unlearner(MLP(input_shape=[1, 28, 28], num_outputs=10, hidden=[16]), None, "random_label")
+    fast_trainer(tmp_path, max_epochs=1, callbacks=[mask]).fit(model, dm)
+    assert mask.num_selected == int(mask.num_entries * 0.5)
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (10, 3072)).astype(np.uint8), "labels": list(range(10))}, f)
+    dm = ForgetRetain(CIFAR10(root=str(tmp_path), batch_size=8, val_fraction=0.2), scenario="random", forget_fraction=0.25, seed=1)
+    dm.setup()
+    n = len(dm.datamodule.train_set)
+    assert len(dm.forget_indices) == int(n * 0.25) and len(dm.forget_indices) + len(dm.retain_indices) == n
