@@ -26,18 +26,19 @@ then row-major position in the full parameter); NaN scores count as 0. The rest 
    gradient that is still the tensor step 1 masked, at the same version counter, is skipped: no
    pass over it unless something (clipping, a recomputation) wrote to it since.
 3. An optimizer step post-hook puts the original values back into frozen entries, which stay
-   bit-identical whatever weight decay, momentum or Adam state do (skipped where the step
-   provably cannot move them: plain SGD/Adam/AdamW without weight decay, not maximising, with
-   optimizer state at +0.0 on frozen entries when training starts; see ``_skips_restore``): ``bits(p) = frozen + bits(p) *
-   keep`` (one ``addcmul``), where ``frozen`` holds the original bits at frozen entries, 0 elsewhere.
+   bit-identical whatever weight decay, momentum or Adam state do: ``bits(p) = frozen + bits(p) *
+   keep`` (one ``addcmul``), where ``frozen`` holds the original bits at frozen entries, 0
+   elsewhere. It is skipped where the step provably cannot move them (plain SGD/Adam/AdamW
+   without weight decay, not maximising, optimizer state at +0.0 on frozen entries when training
+   starts; see ``_skips_restore``); such steps get every gradient masked again in step 2.
 
 Free entries get exactly the update they would get without the machinery. Parameters outside
 ``scope`` (biases and norm parameters for ``"weights"``) are not masked; buffers never are.
 Cost: one pass over the forget (and, for ``attribution``, retain) set at fit start; per step,
-one multiply per gradient (a second one only for gradients rewritten after it, e.g. by clipping
-or SAM) and one ``addcmul`` per parameter (the restore, unless skipped as in 3.): two
-memory-speed passes, against about ten for an Adam step; memory per masked entry: a bool mask, an integer mask and the frozen bits (1 + 2 x the
-parameter's width in bytes).
+one multiply per gradient, a second one for gradients rewritten after it (e.g. by clipping or
+SAM; for all of them where the restore is skipped), and one ``addcmul`` per parameter (the
+restore, unless skipped as in 3.): two memory-speed passes, against about ten for an Adam step. Memory per masked entry: a bool mask,
+an integer mask and the frozen bits (1 + 2 x the parameter's width in bytes).
 
 DDP: the score gradients are summed over ranks (``all_reduce``, each rank scoring its share of
 the batches) before ranking, so every rank holds the same mask. FSDP2 (``ModelParallelStrategy``,
@@ -423,8 +424,8 @@ class UnlearningMask(Callback):
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # torch passes the optimizer itself as args[0]; a positional closure is args[1]
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
-            self._mask_grads()
+        if closure is None:  # the closure already ran (manual optimisation, AMP's scaler)
+            self._mask_grads(every=self._skips_restore(optimizer))
             return None
 
         def masked_closure() -> Any:
