@@ -440,10 +440,12 @@ def _scratch(weight: torch.Tensor, name: str) -> torch.Tensor:
     return buf
 
 
-def _plain_float(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """The fused autograd functions below handle float32/64 tensors of one dtype, autocast off."""
+def _fused(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether to use the fused autograd functions below: gradients on, float32/64 tensors of one
+    dtype, autocast off (elsewhere plain autograd is as good)."""
     return (
         _FUSED
+        and torch.is_grad_enabled()
         and x.dtype in (torch.float32, torch.float64)
         and (weight is None or (weight.dtype == x.dtype and not hasattr(weight, "placements")))
         and not torch.is_autocast_enabled(x.device.type)
@@ -594,7 +596,7 @@ class _IntervalBatchNorm(torch.autograd.Function):
 def _affine(x: Interval, fn: Callable, weight: torch.Tensor, bias: torch.Tensor | None, linear: bool = False) -> Interval:
     """``(W c + b, |W| r)``; centre and clean batch share one call. ``linear``: ``fn`` is
     ``F.linear``, which has a fused autograd path (see :class:`_IntervalLinear`)."""
-    if linear and torch.is_grad_enabled() and _plain_float(x.stack, weight):
+    if linear and _fused(x.stack, weight):
         stack, radius = _IntervalLinear.apply(x.stack, x.radius, weight, bias)
         return Interval(stack, radius, x.tracked)
     return Interval(fn(x.stack, weight, bias), fn(x.radius, weight.abs(), None), x.tracked)
@@ -617,32 +619,30 @@ def _dropout(x: Interval, p: float, training: bool) -> Interval:
 
 
 def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x: Interval) -> Interval:
-    dims = [0] + list(range(2, x.centre.dim()))
-    shape = [1, -1] + [1] * (x.centre.dim() - 2)
     batch_stats = m.training or m.running_mean is None
-    if batch_stats and torch.is_grad_enabled() and _plain_float(x.stack, m.weight):
+    if batch_stats and _fused(x.stack, m.weight):
         stack, radius, mean, var = _IntervalBatchNorm.apply(x.stack, x.radius, m.weight, m.bias, m.eps, x.tracked)
-        if x.tracked and m.training:
-            _update_running_stats(m, mean, var, x.clean.numel() // x.clean.shape[1])
-        return Interval(stack, radius, x.tracked)
-    if batch_stats:
-        ref = x.clean if x.clean is not None else x.centre
-        var, mean = torch.var_mean(ref, dims, unbiased=False)  # one pass over the batch
     else:
-        mean, var = m.running_mean, m.running_var
-    scale = torch.rsqrt(var + m.eps)
-    if m.weight is not None:
-        scale = scale * m.weight
-    shift = -mean * scale
-    if m.bias is not None:
-        shift = shift + m.bias
-    scale_v, shift_v = scale.view(shape), shift.view(shape)
+        shape = [1, -1] + [1] * (x.stack.dim() - 2)
+        if batch_stats:
+            ref = x.clean if x.tracked else x.centre
+            var, mean = torch.var_mean(ref, [0, *range(2, ref.dim())], unbiased=False)  # one pass over the batch
+        else:
+            mean, var = m.running_mean, m.running_var
+        scale = torch.rsqrt(var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight
+        shift = -mean * scale
+        if m.bias is not None:
+            shift = shift + m.bias
+        stack = torch.addcmul(shift.view(shape), x.stack, scale.view(shape))
+        radius = x.radius * scale.abs().view(shape)
     # The clean batch goes through the same affine map (its own statistics in train mode: what the
     # module computes), and the running statistics are updated once per step as the module would,
     # without computing the batch statistics a second time.
     if x.tracked and batch_stats and m.training:
-        _update_running_stats(m, mean, var, ref.numel() // ref.shape[1])
-    return Interval(torch.addcmul(shift_v, x.stack, scale_v), x.radius * scale.abs().view(shape), x.tracked)
+        _update_running_stats(m, mean, var, x.clean.numel() // x.clean.shape[1])
+    return Interval(stack, radius, x.tracked)
 
 
 @torch.no_grad()
