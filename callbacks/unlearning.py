@@ -458,7 +458,7 @@ class UnlearningMask(Callback):
         for p, keep in zip(self._params, self._keep):
             for value in optimizer.state.get(p, {}).values():
                 local = _local(value) if torch.is_tensor(value) else None
-                if local is not None and local.shape == keep.shape and bool((_bits(local) * (1 - keep)).any()):
+                if local is not None and local.shape == keep.shape and bool(frozen_bits(local, keep).any()):
                     return False
         return True
 
