@@ -768,18 +768,80 @@ def warmup_regularizers(
     r0 = input_radius.mean()
     tight, balance = zero, zero
     for lower, upper in relu_bounds:
-        centre, radius = (upper + lower) / 2, (upper - lower) / 2
-        tight = tight + F.relu(tolerance - r0 / radius.mean().clamp(min=1e-12)) / tolerance
-        active, inactive = (lower > 0).to(centre.dtype), (upper < 0).to(centre.dtype)
-        spread = (centre - centre.mean()) ** 2
+        statistics = _ReLUStatistics.apply if _fused(lower, None) else _relu_statistics
+        stats, counts = statistics(lower, upper)
+        mean_radius, mean_active, mean_inactive, spread_active, spread_inactive = stats.unbind()
+        tight = tight + F.relu(tolerance - r0 / mean_radius.clamp(min=1e-12)) / tolerance
         # Denominators are clamped (not masked after the fact) so that an empty group gives a
         # zero term with a finite gradient.
-        mean_ratio = (centre * active).mean() / (-(centre * inactive).mean()).clamp(min=1e-12)
-        var_ratio = (spread * active).sum() / (spread * inactive).sum().clamp(min=1e-12)
+        mean_ratio = mean_active / (-mean_inactive).clamp(min=1e-12)
+        var_ratio = spread_active / spread_inactive.clamp(min=1e-12)
         mean_ratio = torch.minimum(mean_ratio, 1 / mean_ratio.clamp(min=1e-12))
         var_ratio = torch.minimum(var_ratio, 1 / var_ratio.clamp(min=1e-12))
         term = (F.relu(tolerance - mean_ratio) + F.relu(tolerance - var_ratio)) / tolerance
-        both = (active.sum() > 0) & (inactive.sum() > 0)
-        balance = balance + torch.where(both, term, zero)
+        balance = balance + torch.where((counts > 0).all(), term, zero)
     n = len(relu_bounds)
     return tight / n, balance / n
+
+
+def _relu_statistics(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the regularizers need of one ReLU's box (centres ``c``, radii ``r``, ``N`` entries):
+    ``[mean(r), sum(c [l > 0]) / N, sum(c [u < 0]) / N, sum((c - mean c)^2 [l > 0]),
+    sum((c - mean c)^2 [u < 0])]`` and the two group sizes."""
+    centre, radius = (upper + lower) / 2, (upper - lower) / 2
+    active, inactive = (lower > 0).to(centre.dtype), (upper < 0).to(centre.dtype)
+    spread = (centre - centre.mean()) ** 2
+    stats = torch.stack([radius.mean(), (centre * active).mean(), (centre * inactive).mean(), (spread * active).sum(), (spread * inactive).sum()])
+    return stats, torch.stack([active.sum(), inactive.sum()])
+
+
+class _ReLUStatistics(torch.autograd.Function):
+    """:func:`_relu_statistics` with a hand-written backward: a few passes over the box instead
+    of autograd's two dozen (the regularizers cost a fifth of an IBP step otherwise).
+
+    With ``d = c - mean(c)``, ``S_a = sum(d [l > 0])`` (``S_i`` likewise) and the gradients ``g_0 ..
+    g_4`` of the five statistics: ``dL/dc = [l > 0] (g_1 / N + 2 g_3 d) + [u < 0] (g_2 / N + 2 g_4 d)
+    - 2 (g_3 S_a + g_4 S_i) / N`` (the groups are disjoint), and ``dL/du, dL/dl = dL/dc / 2 +- g_0 / (2 N)``.
+    Only ``l`` and ``u`` are saved (the ReLU keeps them anyway); the backward recomputes the rest.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, lower: torch.Tensor, upper: torch.Tensor) -> Any:
+        n = lower.numel()
+        mean = (upper.sum() + lower.sum()) / (2 * n)
+        deviation, active, inactive = _deviation_and_groups(lower, upper, mean)
+        square = deviation.square()
+        flat = deviation.view(-1)
+        sums = torch.stack([torch.dot(flat, active.view(-1)), torch.dot(flat, inactive.view(-1))])
+        spreads = [torch.dot(square.view(-1), active.view(-1)), torch.dot(square.view(-1), inactive.view(-1))]
+        counts = torch.stack([active.sum(), inactive.sum()])  # float sums: count_nonzero of floats is slow
+        mean_radius = (upper.sum() - lower.sum()) / (2 * n)
+        means = (sums + mean * counts) / n
+        ctx.save_for_backward(lower, upper, mean, sums)
+        ctx.mark_non_differentiable(counts)
+        return torch.stack([mean_radius, *means.unbind(), *spreads]), counts
+
+    @staticmethod
+    def backward(ctx: Any, g_stats: torch.Tensor, _g_counts: Any) -> Any:
+        lower, upper, mean, sums = ctx.saved_tensors
+        n = lower.numel()
+        deviation, active, inactive = _deviation_and_groups(lower, upper, mean)
+        # Python scalars: products with 0-dim tensors are several times slower on CPU than with
+        # numbers (this costs one small device sync per layer on GPU).
+        g_radius, g_mean_a, g_mean_i, g_spread_a, g_spread_i = g_stats.tolist()
+        sum_a, sum_i = sums.tolist()
+        slope = torch.mul(active, g_spread_a).add_(inactive, alpha=g_spread_i)
+        g_half = torch.mul(active, g_mean_a / (2 * n)).add_(inactive, alpha=g_mean_i / (2 * n))
+        g_half.addcmul_(deviation, slope).sub_((g_spread_a * sum_a + g_spread_i * sum_i) / n)
+        shift = g_radius / (2 * n)
+        return g_half - shift, g_half.add_(shift)
+
+
+def _deviation_and_groups(lower: torch.Tensor, upper: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``c - mean(c)`` and the 0/1 masks ``l > 0``, ``u < 0`` in the box's dtype (products with
+    float masks are about 3x faster than with bool ones on CPU)."""
+    deviation = torch.add(upper, lower).mul_(0.5)
+    deviation.sub_(mean)
+    active = torch.gt(lower, 0, out=torch.empty_like(lower))
+    inactive = torch.lt(upper, 0, out=torch.empty_like(upper))
+    return deviation, active, inactive

@@ -266,7 +266,7 @@ def test_train_mode_batch_norm_updates_running_stats_as_the_module(momentum):
 
 
 def test_fused_functions_gradcheck():
-    from litplug.modules.bounds import _IntervalBatchNorm, _IntervalLinear, _IntervalReLU
+    from litplug.modules.bounds import _IntervalBatchNorm, _IntervalLinear, _IntervalReLU, _ReLUStatistics
 
     torch.manual_seed(0)
 
@@ -286,6 +286,11 @@ def test_fused_functions_gradcheck():
             bn = lambda s, r, g, b: _IntervalBatchNorm.apply(s, r, g, b, 1e-5, tracked)[:2]  # noqa: E731
             assert check(bn, (stack, radius, gamma, beta))
             assert check(lambda s, r: bn(s, r, None, None), (stack, radius))
+    lower = torch.randn(3, 2, 4, dtype=torch.float64)
+    upper = lower + torch.rand_like(lower)
+    assert (lower > 0).any() and (upper < 0).any()
+    stats = lambda lo, up: _ReLUStatistics.apply(lo, up)[0]  # noqa: E731
+    assert check(stats, (lower.requires_grad_(True), upper.requires_grad_(True)))
 
 
 @pytest.mark.parametrize("name", ["residual", "cnn7", "mlp"])
