@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"plain IBP, long warmup": "configs/digits/ibp_long_warmup.yaml", "Shi et al. recipe": "configs/digits/ibp.yaml"}
@@ -61,6 +62,38 @@ def cell(values: list[float], scale: float = 100.0, unit: str = "%", digits: int
     return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}{unit}"
 
 
+def run_all(todo: list[tuple[Any, str, float, int]], jobs: int, out: Path | None = None) -> dict[Any, list[dict]]:
+    """Run each ``(key, config, eps, seed)`` in its own process, ``jobs`` at a time; the results
+    grouped by key. Each run is also printed to stderr (and appended to ``out``) as a JSON line."""
+    todo = list(todo)
+    results: dict[Any, list[dict]] = {}
+    running: list[tuple[tuple[Any, str, float, int], subprocess.Popen]] = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            run = todo.pop(0)
+            cmd = [sys.executable, __file__, "--one", run[1], str(run[2]), str(run[3])]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            running.append((run, proc))
+        (key, config, eps, seed), proc = running.pop(0)
+        stdout, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"run {key!r} ({config}) eps={eps} seed={seed} failed with exit code {proc.returncode}")
+        result = json.loads(stdout.strip().splitlines()[-1])
+        results.setdefault(key, []).append(result)
+        record = {"run": str(key), "config": config, "eps": eps, "seed": seed, **result}
+        print(json.dumps(record), file=sys.stderr)
+        if out:
+            with out.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+    return results
+
+
+def accuracy_cells(rs: list[dict]) -> str:
+    """``clean | verified | PGD | fit time`` cells of a markdown row."""
+    return (f"{cell([r['test/acc'] for r in rs])} | {cell([r['test/verified_acc'] for r in rs])} "
+            f"| {cell([r['test/pgd_acc'] for r in rs])} | {statistics.fmean(r['seconds'] for r in rs):.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. n-1 per cell (mean +- sample std)")
@@ -75,35 +108,15 @@ def main() -> None:
         return
     if extra:
         parser.error(f"unrecognized arguments: {extra}")
-    todo = [(name, eps, seed) for eps in args.eps for name in args.recipes for seed in range(args.seeds)]
-    results: dict[tuple[str, float], list[dict]] = {}
-    running: list[tuple[tuple[str, float, int], subprocess.Popen]] = []
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            name, eps, seed = todo.pop(0)
-            cmd = [sys.executable, __file__, "--one", config_for(name, eps), str(eps), str(seed)]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            running.append(((name, eps, seed), proc))
-        (name, eps, seed), proc = running.pop(0)
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"run {name!r} eps={eps} seed={seed} failed with exit code {proc.returncode}")
-        result = json.loads(out.strip().splitlines()[-1])
-        results.setdefault((name, eps), []).append(result)
-        record = {"recipe": name, "config": config_for(name, eps), "eps": eps, "seed": seed, **result}
-        print(json.dumps(record), file=sys.stderr)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+    todo = [((name, eps), config_for(name, eps), eps, seed) for eps in args.eps for name in args.recipes for seed in range(args.seeds)]
+    results = run_all(todo, args.jobs, args.out)
     print(f"{args.seeds} seed(s) per cell: mean ± sample std\n")
     print("| eps | recipe | epochs | clean acc | verified acc | PGD acc | fit time (s) |")
     print("|---|---|---|---|---|---|---|")
     for eps in args.eps:
         for name in args.recipes:
             rs = results[(name, eps)]
-            print(f"| {eps} | {name} | {rs[0]['epochs']} | {cell([r['test/acc'] for r in rs])} "
-                  f"| {cell([r['test/verified_acc'] for r in rs])} | {cell([r['test/pgd_acc'] for r in rs])} "
-                  f"| {statistics.fmean(r['seconds'] for r in rs):.0f} |")
+            print(f"| {eps} | {name} | {rs[0]['epochs']} | {accuracy_cells(rs)} |")
 
 
 if __name__ == "__main__":
