@@ -810,10 +810,10 @@ class _ReLUStatistics(torch.autograd.Function):
         n = lower.numel()
         mean = (upper.sum() + lower.sum()) / (2 * n)
         deviation, active, inactive = _deviation_and_groups(lower, upper, mean)
-        square = deviation.square()
-        flat = deviation.view(-1)
-        sums = torch.stack([torch.dot(flat, active.view(-1)), torch.dot(flat, inactive.view(-1))])
-        spreads = [torch.dot(square.view(-1), active.view(-1)), torch.dot(square.view(-1), inactive.view(-1))]
+        flat, square = deviation.reshape(-1), deviation.square().reshape(-1)
+        masks = active.reshape(-1), inactive.reshape(-1)
+        sums = torch.stack([torch.dot(flat, mask) for mask in masks])
+        spreads = [torch.dot(square, mask) for mask in masks]
         counts = torch.stack([active.sum(), inactive.sum()])  # float sums: count_nonzero of floats is slow
         mean_radius = (upper.sum() - lower.sum()) / (2 * n)
         means = (sums + mean * counts) / n
