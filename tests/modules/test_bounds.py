@@ -346,3 +346,22 @@ def test_fused_linear_detects_weight_modified_before_backward():
     BoundedNetwork(net)(x - 0.2, x + 0.2).upper.sum().backward()
     for g, p in zip(grads, net.parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_relu_statistics_match_autograd(memory_format):
+    # The warmup regularizers' fused statistics equal autograd's on the same formulas, values and
+    # gradients, for contiguous and channels-last boxes.
+    from litplug.modules.bounds import _relu_statistics, _ReLUStatistics
+
+    torch.manual_seed(0)
+    lower = torch.randn(4, 3, 5, 5, dtype=torch.float64).to(memory_format=memory_format)
+    upper = lower + torch.rand_like(lower)
+    results = []
+    for statistics in (_ReLUStatistics.apply, _relu_statistics):
+        lo, up = lower.clone().requires_grad_(True), upper.clone().requires_grad_(True)
+        stats, counts = statistics(lo, up)
+        (stats * torch.arange(1.0, 6.0, dtype=stats.dtype)).sum().backward()
+        results.append((stats.detach(), counts, lo.grad, up.grad))
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
