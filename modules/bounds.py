@@ -808,14 +808,15 @@ class _ReLUStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, lower: torch.Tensor, upper: torch.Tensor) -> Any:
         n = lower.numel()
-        mean = (upper.sum() + lower.sum()) / (2 * n)
+        sum_upper, sum_lower = upper.sum(), lower.sum()
+        mean = (sum_upper + sum_lower) / (2 * n)
         deviation, active, inactive = _deviation_and_groups(lower, upper, mean)
         flat, square = deviation.reshape(-1), deviation.square().reshape(-1)
         masks = active.reshape(-1), inactive.reshape(-1)
         sums = torch.stack([torch.dot(flat, mask) for mask in masks])
         spreads = [torch.dot(square, mask) for mask in masks]
         counts = torch.stack([active.sum(), inactive.sum()])  # float sums: count_nonzero of floats is slow
-        mean_radius = (upper.sum() - lower.sum()) / (2 * n)
+        mean_radius = (sum_upper - sum_lower) / (2 * n)
         means = (sums + mean * counts) / n
         ctx.save_for_backward(lower, upper, mean, sums)
         ctx.mark_non_differentiable(counts)

@@ -157,8 +157,7 @@ def test_digits_config_meets_its_target(tmp_path, monkeypatch):
     from litplug.cli import main
 
     monkeypatch.chdir(tmp_path)
-    config = Path(__file__).resolve().parents[2] / "configs/digits/ibp.yaml"
-    main(["fit", "--config", str(config), "--trainer.enable_progress_bar=false"])
+    main(["fit", "--config", str(CONFIG_DIR / "digits/ibp.yaml"), "--trainer.enable_progress_bar=false"])
     scalars = read_scalars(tmp_path / "runs")
     assert scalars["test/acc"][-1][1] >= 0.95
     assert scalars["test/verified_acc"][-1][1] >= 0.85
