@@ -32,7 +32,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,6 +42,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
+
+from litplug.validation import check_bool, check_choice, check_fraction, check_int, check_number, check_path, check_positive_int, check_str
 
 Which = Literal["average", "live"]
 DType = Literal["float32", "float64", "bfloat16", "float16"]
@@ -161,11 +163,6 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}")
-
-
 class _WeightAveraging(Callback):
     """Shared machinery of :class:`EMA` and :class:`SWA`: the average keyed by tensor name, the
     validation/test swap, the final weights, the export and the checkpointed state."""
@@ -179,15 +176,15 @@ class _WeightAveraging(Callback):
         export_path: str | None,
     ) -> None:
         super().__init__()
-        if dtype is not None:
-            _check_choice("dtype", dtype, _DTYPES)
-        if device is not None:
+        check_choice("dtype", dtype, _DTYPES, allow_none=True)
+        if check_str("device", device, allow_none=True) is not None:
             try:
                 torch.device(device)
             except (RuntimeError, TypeError) as err:
                 raise ValueError(f"`device` must name a torch device such as 'cpu' or 'cuda:0', got {device!r}") from err
-        _check_choice("evaluate_with", evaluate_with, _WHICH)
-        _check_choice("final_weights", final_weights, _WHICH)
+        check_choice("evaluate_with", evaluate_with, _WHICH)
+        check_choice("final_weights", final_weights, _WHICH)
+        check_path("export_path", export_path, allow_none=True)
         self.dtype = dtype
         self.device = device
         self.evaluate_with = evaluate_with
@@ -476,16 +473,12 @@ class EMA(_WeightAveraging):
         final_weights: Which = "average",
         export_path: str | None = None,
     ) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"`decay` must be in (0, 1), got {decay}")
-        if warmup_gamma <= 0:
-            raise ValueError(f"`warmup_gamma` must be > 0, got {warmup_gamma}")
-        if warmup_power <= 0:
-            raise ValueError(f"`warmup_power` must be > 0, got {warmup_power}")
-        if update_after_step < 0:
-            raise ValueError(f"`update_after_step` must be >= 0, got {update_after_step}")
-        if every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be >= 1, got {every_n_steps}")
+        check_number("decay", decay, 0, 1, low_open=True, high_open=True)
+        check_bool("warmup", warmup)
+        check_number("warmup_gamma", warmup_gamma, low=0, low_open=True)
+        check_number("warmup_power", warmup_power, low=0, low_open=True)
+        check_int("update_after_step", update_after_step, low=0)
+        check_positive_int("every_n_steps", every_n_steps)
         super().__init__(dtype, device, evaluate_with, final_weights, export_path)
         self.decay = decay
         self.warmup = warmup
@@ -547,14 +540,14 @@ class SWA(_WeightAveraging):
         final_weights: Which = "average",
         export_path: str | None = None,
     ) -> None:
-        if isinstance(start, bool) or not isinstance(start, (int, float)):
-            raise ValueError(f"`start` must be an epoch index (int >= 0) or a fraction in [0, 1), got {start!r}")
-        if isinstance(start, float) and not 0.0 <= start < 1.0:
-            raise ValueError(f"`start` as a fraction of max_epochs must be in [0, 1), got {start}")
-        if isinstance(start, int) and start < 0:
-            raise ValueError(f"`start` as an epoch index must be >= 0, got {start}")
-        if every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}")
+        if isinstance(start, float):
+            check_fraction("start", start)  # a fraction of max_epochs
+        elif not isinstance(start, bool) and isinstance(start, int):
+            check_int("start", start, low=0)  # an epoch index
+        else:
+            raise TypeError(f"`start` must be an epoch index (an int >= 0) or a fraction of max_epochs (a float in [0, 1)), got {start!r} ({type(start).__name__})")
+        check_positive_int("every_n_epochs", every_n_epochs)
+        check_bool("update_bn", update_bn)
         super().__init__(dtype, device, evaluate_with, final_weights, export_path)
         self.start = start
         self.every_n_epochs = every_n_epochs

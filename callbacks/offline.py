@@ -34,6 +34,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from litplug.validation import check_choice, check_int, check_number, check_positive_int
+
 
 def gradient_ascent(
     surrogate: Callable[[torch.Tensor], torch.Tensor],
@@ -110,14 +112,11 @@ class GradientAscentSearch(Callback):
         start: Literal["top", "random"] = "top",
         seed: int = 0,
     ) -> None:
-        if num_designs < 1:
-            raise ValueError(f"`num_designs` must be >= 1, got {num_designs}")
-        if steps < 0:
-            raise ValueError(f"`steps` must be >= 0, got {steps}")
-        if not step_size > 0:
-            raise ValueError(f"`step_size` must be > 0, got {step_size}")
-        if start not in ("top", "random"):
-            raise ValueError(f"`start` must be 'top' or 'random', got {start!r}")
+        check_positive_int("num_designs", num_designs)
+        check_int("steps", steps, low=0)
+        check_number("step_size", step_size, low=0, low_open=True)
+        check_choice("start", start, ("top", "random"))
+        check_int("seed", seed)
         self.num_designs = num_designs
         self.steps = steps
         self.step_size = step_size

@@ -45,6 +45,8 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 from typing_extensions import override
 
+from litplug.validation import check_bool, check_list, check_number, check_positive_int, check_str
+
 __all__ = [
     "SAM",
     "SharpnessAwareMinimization",
@@ -207,6 +209,8 @@ class _ExtraPasses(Callback):
 
     def __init__(self, freeze_bn_stats: bool = True, exclude: Sequence[str] = ()) -> None:
         super().__init__()
+        check_bool("freeze_bn_stats", freeze_bn_stats)
+        check_list("exclude", exclude, check_str)
         self.freeze_bn_stats = freeze_bn_stats
         self.exclude = list(exclude)
         self._batches: list[tuple[Any, int]] = []
@@ -452,12 +456,11 @@ class SharpnessAwareMinimization(_ExtraPasses):
         exclude: Sequence[str] = (),
         freeze_bn_stats: bool = True,
     ) -> None:
-        if not rho > 0:
-            raise ValueError(f"`rho` must be > 0, got {rho}")
-        if not 0 < penalty_weight <= 1:
-            raise ValueError(f"`penalty_weight` must be in (0, 1], got {penalty_weight}")
-        if every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be >= 1, got {every_n_steps}")
+        check_number("rho", rho, low=0, low_open=True)
+        check_bool("adaptive", adaptive)
+        check_number("penalty_weight", penalty_weight, 0, 1, low_open=True)
+        check_positive_int("every_n_steps", every_n_steps)
+        check_bool("sync_first_pass", sync_first_pass)
         super().__init__(freeze_bn_stats=freeze_bn_stats, exclude=exclude)
         self.rho = rho
         self.adaptive = adaptive
@@ -560,16 +563,14 @@ class SurrogateSharpness(_ExtraPasses):
         adaptive_lambda: bool = True,
         input_index: int | str = 0,
     ) -> None:
-        if not rho > 0:
-            raise ValueError(f"`rho` must be > 0, got {rho}")
-        if not radius > 0:
-            raise ValueError(f"`radius` must be > 0, got {radius}")
-        if not epsilon >= 0:
-            raise ValueError(f"`epsilon` must be >= 0, got {epsilon}")
-        if not lambda_init >= 0:
-            raise ValueError(f"`lambda_init` must be >= 0, got {lambda_init}")
-        if not lambda_lr >= 0:
-            raise ValueError(f"`lambda_lr` must be >= 0, got {lambda_lr}")
+        check_number("rho", rho, low=0, low_open=True)
+        check_number("radius", radius, low=0, low_open=True)
+        check_number("epsilon", epsilon, low=0)
+        check_number("lambda_init", lambda_init, low=0)
+        check_number("lambda_lr", lambda_lr, low=0)
+        check_bool("adaptive_lambda", adaptive_lambda)
+        if isinstance(input_index, bool) or not isinstance(input_index, (int, str)):
+            raise TypeError(f"`input_index` must be an int (a position in the batch) or a str (a key), got {input_index!r} ({type(input_index).__name__})")
         super().__init__(freeze_bn_stats=True)
         self.rho = rho
         self.radius = radius
@@ -662,12 +663,10 @@ class SharpnessMonitor(Callback):
 
     def __init__(self, every_n_epochs: int = 1, rho: float = 0.05, layerwise: bool = True, num_batches: int = 1) -> None:
         super().__init__()
-        if every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}")
-        if not rho > 0:
-            raise ValueError(f"`rho` must be > 0, got {rho}")
-        if num_batches < 1:
-            raise ValueError(f"`num_batches` must be >= 1, got {num_batches}")
+        check_positive_int("every_n_epochs", every_n_epochs)
+        check_number("rho", rho, low=0, low_open=True)
+        check_bool("layerwise", layerwise)
+        check_positive_int("num_batches", num_batches)
         self.every_n_epochs = every_n_epochs
         self.rho = rho
         self.layerwise = layerwise

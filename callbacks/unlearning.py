@@ -69,6 +69,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
+from litplug.validation import check_choice, check_int, check_number, check_positive_int
+
 Criterion = Literal["saliency", "attribution", "magnitude", "random"]
 Scope = Literal["weights", "all"]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -228,16 +230,12 @@ class UnlearningMask(Callback):
         num_batches: int | None = None,
         seed: int = 0,
     ) -> None:
-        if criterion not in ("saliency", "attribution", "magnitude", "random"):
-            raise ValueError(f"`criterion` must be one of saliency, attribution, magnitude, random; got {criterion!r}")
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"`ratio` must be in (0, 1], got {ratio}")
-        if scope not in ("weights", "all"):
-            raise ValueError(f"`scope` must be 'weights' or 'all', got {scope!r}")
-        if not mu > 0:
-            raise ValueError(f"`mu` must be > 0, got {mu}")
-        if num_batches is not None and num_batches < 1:
-            raise ValueError(f"`num_batches` must be >= 1 or None, got {num_batches}")
+        check_choice("criterion", criterion, ("saliency", "attribution", "magnitude", "random"))
+        check_number("ratio", ratio, 0, 1, low_open=True)
+        check_choice("scope", scope, ("weights", "all"))
+        check_number("mu", mu, low=0, low_open=True)
+        check_positive_int("num_batches", num_batches, allow_none=True)
+        check_int("seed", seed)
         self.criterion, self.ratio, self.scope, self.mu = criterion, ratio, scope, mu
         self.num_batches, self.seed = num_batches, seed
         self.masks: dict[str, torch.Tensor] | None = None  # local (shard) masks, True = updatable

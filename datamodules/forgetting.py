@@ -19,6 +19,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from litplug.validation import check_choice, check_int, check_list, check_number
+
 from .base import EpochShuffle, TensorDataModule
 
 Scenario = Literal["class", "random"]
@@ -61,10 +63,11 @@ class ForgetRetain(LightningDataModule):
     ) -> None:
         super().__init__()
         if not isinstance(datamodule, TensorDataModule):
-            raise ValueError(f"`datamodule` must be a litplug TensorDataModule, got {type(datamodule).__name__}")
-        if scenario not in ("class", "random"):
-            raise ValueError(f"`scenario` must be 'class' or 'random', got {scenario!r}")
-        forget_classes = [int(c) for c in forget_classes]
+            raise TypeError(f"`datamodule` must be a litplug TensorDataModule, got {type(datamodule).__name__}")
+        check_choice("scenario", scenario, ("class", "random"))
+        forget_classes = check_list("forget_classes", forget_classes, check_int)
+        check_number("forget_fraction", forget_fraction, 0, 1, low_open=True, high_open=True)
+        check_int("seed", seed)
         num_classes = datamodule.num_classes
         if scenario == "class":
             bad = [c for c in forget_classes if not 0 <= c < num_classes]
@@ -72,8 +75,6 @@ class ForgetRetain(LightningDataModule):
                 raise ValueError(f"`forget_classes` must be a non-empty list of classes in [0, {num_classes}), got {forget_classes}")
             if len(set(forget_classes)) == num_classes:
                 raise ValueError(f"`forget_classes` must leave at least one class to retain, got {forget_classes}")
-        elif not 0.0 < forget_fraction < 1.0:
-            raise ValueError(f"`forget_fraction` must be in (0, 1), got {forget_fraction}")
         self.datamodule = datamodule
         self.scenario = scenario
         self.forget_classes = forget_classes

@@ -65,7 +65,10 @@ class TrainingModule(LightningModule):
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
-            raise ValueError(f"`backbone` must be an nn.Module, got {type(backbone).__name__}")
+            raise TypeError(f"`backbone` must be an nn.Module, got {type(backbone).__name__}")
+        for name, factory in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
+            if factory is not None and not callable(factory):
+                raise TypeError(f"`{name}` must be a callable (an optimizer class or a partial of one), got {factory!r}")
         check_optimizer(optimizer, lr_scheduler)
         self.backbone = backbone
         self.optimizer = optimizer

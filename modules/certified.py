@@ -22,6 +22,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from litplug.validation import check_int, check_list, check_number
+
 from .bounds import bounded, input_box, margin_spec, warmup_regularizers
 from .classifier import Classifier
 
@@ -125,18 +127,18 @@ class CertifiedClassifier(Classifier):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if not eps >= 0:
-            raise ValueError(f"`eps` must be >= 0, got {eps}")
-        if not 0.0 <= kappa_final <= 1.0:
-            raise ValueError(f"`kappa_final` must be in [0, 1], got {kappa_final}")
-        if pgd_steps < 0:
-            raise ValueError(f"`pgd_steps` must be >= 0, got {pgd_steps}")
-        if tightness_every_n_epochs < 0:
-            raise ValueError(f"`tightness_every_n_epochs` must be >= 0, got {tightness_every_n_epochs}")
-        if std is not None and any(s <= 0 for s in std):
-            raise ValueError(f"`std` must be positive, got {list(std)}")
-        if pixel_range is not None and not pixel_range[0] < pixel_range[1]:
-            raise ValueError(f"`pixel_range` must be (low, high) with low < high, got {pixel_range}")
+        check_number("eps", eps, low=0)
+        check_number("kappa_final", kappa_final, 0, 1)
+        check_int("pgd_steps", pgd_steps, low=0)
+        check_int("tightness_every_n_epochs", tightness_every_n_epochs, low=0)
+        if mean is not None:
+            check_list("mean", mean, check_number, nonempty=True)
+        if std is not None:
+            check_list("std", std, lambda n, v: check_number(n, v, low=0, low_open=True), nonempty=True)
+        if pixel_range is not None:
+            ends = check_list("pixel_range", pixel_range, lambda n, v: check_number(n, v, allow_inf=True))
+            if len(ends) != 2 or not ends[0] < ends[1]:
+                raise ValueError(f"`pixel_range` must be [low, high] with low < high, got {list(pixel_range)!r}")
         super().__init__(backbone, num_classes, optimizer, lr_scheduler)
         bounded(backbone)  # raises UnsupportedOperationError naming the op before training starts
         self.eps = float(eps)

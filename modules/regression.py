@@ -19,6 +19,8 @@ from torch import nn
 from torchmetrics import MeanSquaredError, SpearmanCorrCoef
 from typing_extensions import override
 
+from litplug.validation import check_choice
+
 from .base import TrainingModule
 
 _LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
@@ -46,8 +48,7 @@ class Regressor(TrainingModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if loss not in _LOSSES:
-            raise ValueError(f"`loss` must be one of {sorted(_LOSSES)}, got {loss!r}")
+        check_choice("loss", loss, sorted(_LOSSES))
         super().__init__(backbone, optimizer, lr_scheduler)
         self.loss_name = loss
         self.val_mse, self.test_mse = MeanSquaredError(), MeanSquaredError()

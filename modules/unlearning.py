@@ -50,6 +50,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
+from litplug.validation import check_choice, check_int, check_number, check_path
+
 from .base import TrainingModule
 
 Method = Literal["retrain", "finetune", "gradient_ascent", "gradient_difference", "random_label", "npo", "l1_sparse"]
@@ -148,16 +150,13 @@ class Unlearner(TrainingModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
-        if num_classes < 2:
-            raise ValueError(f"`num_classes` must be >= 2, got {num_classes}")
-        if gamma < 0:
-            raise ValueError(f"`gamma` must be >= 0, got {gamma}")
-        if beta <= 0:
-            raise ValueError(f"`beta` must be > 0, got {beta}")
-        if alpha < 0:
-            raise ValueError(f"`alpha` must be >= 0, got {alpha}")
+        check_path("checkpoint", checkpoint, allow_none=True)
+        check_choice("method", method, METHODS)
+        check_int("num_classes", num_classes, low=2)
+        check_number("gamma", gamma, low=0)
+        check_number("beta", beta, low=0, low_open=True)
+        check_number("alpha", alpha, low=0)
+        check_int("seed", seed)
         if method == "retrain" and checkpoint is not None:
             raise ValueError(f"`checkpoint` must be None for method='retrain' (it trains from scratch), got {checkpoint!r}")
         super().__init__(backbone, optimizer, lr_scheduler)

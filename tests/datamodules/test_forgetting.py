@@ -72,7 +72,7 @@ def test_fraction_leaving_an_empty_split():
 
 
 def test_rejects_non_litplug_datamodule():
-    with pytest.raises(ValueError, match="datamodule"):
+    with pytest.raises(TypeError, match="datamodule"):
         ForgetRetain(object())
 
 
