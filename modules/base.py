@@ -66,9 +66,10 @@ class TrainingModule(LightningModule):
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"`backbone` must be an nn.Module, got {type(backbone).__name__}")
-        for name, factory in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
-            if factory is not None and not callable(factory):
-                raise TypeError(f"`{name}` must be a callable (an optimizer class or a partial of one), got {factory!r}")
+        if not callable(optimizer):
+            raise TypeError(f"`optimizer` must be a callable params -> Optimizer (an optimizer class or a partial of one), got {optimizer!r}")
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise TypeError(f"`lr_scheduler` must be None or a callable optimizer -> LRScheduler, got {lr_scheduler!r}")
         check_optimizer(optimizer, lr_scheduler)
         self.backbone = backbone
         self.optimizer = optimizer
