@@ -8,6 +8,10 @@
 ``class_path``); the default logger is TensorBoard under ``runs/``; the saved ``config.yaml`` is
 overwritten when a run reuses a log folder.
 
+A ``--config`` path under ``configs/`` that does not exist in the working directory is read from
+the configs shipped inside the installed package, so ``litplug fit --config
+configs/digits/classifier.yaml`` runs from any directory.
+
 Errors in the user's input (a bad value or type, an unknown class name, a YAML error or a missing
 ``--config`` file, a missing or unreadable ``--ckpt_path``) are printed by the ``litplug``
 command in a few lines on stderr, with exit status 2; ``--debug`` (or ``LITPLUG_DEBUG=1``) shows
@@ -35,6 +39,8 @@ import litplug.callbacks  # noqa: F401
 import litplug.datamodules  # noqa: F401
 import litplug.modules  # noqa: F401
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED_CONFIGS = PACKAGE_DIR / "configs"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Lightning's own values of --ckpt_path, resolved by the Trainer.
 _CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
@@ -81,7 +87,7 @@ class LitplugCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         if isinstance(args, dict) or hasattr(args, "as_dict"):  # a dict or Namespace
             return super().parse_arguments(parser, args)
-        args = list(sys.argv[1:] if args is None else args)
+        args = resolve_shipped_configs(list(sys.argv[1:] if args is None else args))
         if self.usage_errors:
             check_config_files(args)
         try:
@@ -125,6 +131,18 @@ class LitplugCLI(LightningCLI):
 
 
 # ----------------------------------------------------------------------------- input checks
+def resolve_shipped_configs(args: list[str]) -> list[str]:
+    """Point ``--config configs/...`` at the package's shipped configs when the path does not
+    exist relative to the working directory."""
+    out = list(args)
+    for i, (flag, value) in _config_arguments(out):
+        path = Path(value)
+        if not path.exists() and path.parts[:1] == ("configs",) and (PACKAGE_DIR / path).is_file():
+            resolved = str(PACKAGE_DIR / path)
+            out[i] = resolved if flag is None else f"{flag}={resolved}"
+    return out
+
+
 def _config_arguments(args: list[str]) -> list[tuple[int, tuple[str | None, str]]]:
     """``(index, (flag or None, value))`` of every ``--config`` / ``-c`` value in ``args``."""
     found = []
@@ -145,7 +163,8 @@ def check_config_files(args: list[str]) -> None:
             continue  # inline YAML, e.g. --config '{trainer: {max_epochs: 1}}'
         path = Path(value)
         if not path.is_file():
-            raise UsageError(f"--config {value}: no such file (working directory {Path.cwd()})")
+            where = f"neither in {Path.cwd()} nor among the configs shipped in {SHIPPED_CONFIGS}" if path.parts[:1] == ("configs",) else f"(working directory {Path.cwd()})"
+            raise UsageError(f"--config {value}: no such file {where}")
         try:
             yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
