@@ -163,8 +163,13 @@ def check_config_files(args: list[str]) -> None:
             continue  # inline YAML, e.g. --config '{trainer: {max_epochs: 1}}'
         path = Path(value)
         if not path.is_file():
-            where = f"neither in {Path.cwd()} nor among the configs shipped in {SHIPPED_CONFIGS}" if path.parts[:1] == ("configs",) else f"(working directory {Path.cwd()})"
-            raise UsageError(f"--config {value}: no such file {where}")
+            shipped = path.parts[:1] == ("configs",)
+            where = f"in {Path.cwd()} nor among the configs shipped in {SHIPPED_CONFIGS}" if shipped else f"(working directory {Path.cwd()})"
+            folder = path.parent if path.parent.is_dir() or not shipped else PACKAGE_DIR / path.parent
+            names = [f.name for f in folder.glob("*.yaml")] if folder.is_dir() else []
+            close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+            hint = f"; did you mean {(path.parent / close[0]).as_posix()}?" if close else ""
+            raise UsageError(f"--config {value}: no such file {where}{hint}")
         try:
             yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:

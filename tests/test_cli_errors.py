@@ -58,6 +58,8 @@ def test_yaml_error_names_the_file_and_line(tmp_path, capsys):
 
 def test_missing_config_file(capsys):
     assert "--config nowhere.yaml: no such file" in usage_error(capsys, "--config", "nowhere.yaml")
+    err = usage_error(capsys, "--config", "configs/digits/clasifier.yaml")  # not here, not shipped: a typo
+    assert "no such file" in err and "did you mean configs/digits/classifier.yaml?" in err
 
 
 def test_missing_and_truncated_checkpoints_name_the_file(tmp_path, capsys):
