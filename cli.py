@@ -105,7 +105,7 @@ class LitplugCLI(LightningCLI):
         try:
             super()._parse_ckpt_path()
         except Exception as err:
-            raise UsageError(f"--ckpt_path {ckpt_path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+            raise UsageError(f"--ckpt_path {ckpt_path}: cannot be loaded ({type(err).__name__}: {err})") from err
 
     def instantiate_classes(self) -> None:
         try:
