@@ -27,7 +27,6 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import nn
 
 import litplug.callbacks
