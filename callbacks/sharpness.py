@@ -45,6 +45,8 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 from typing_extensions import override
 
+from ..protocols import module_loss, require_loss
+
 __all__ = [
     "SAM",
     "SharpnessAwareMinimization",
@@ -229,7 +231,8 @@ class _ExtraPasses(Callback):
         name = type(self).__name__
         if not pl_module.automatic_optimization:
             raise ValueError(
-                f"{name} needs automatic optimization; {type(pl_module).__name__} sets `automatic_optimization = False`."
+                f"{name} does not support manual optimisation (it wraps the optimizer closure Lightning builds in"
+                f" automatic optimisation); {type(pl_module).__name__} sets `automatic_optimization = False`."
                 " Let Lightning optimise (return the loss from `training_step`), or call `pytorch_optimizer.SAM`'s"
                 " first_step/second_step yourself in manual optimization."
             )
@@ -642,9 +645,12 @@ class SharpnessMonitor(Callback):
     (``sharpness/layer/<name>``: only that layer perturbed, along its own gradient), which shows
     the "straggler" layers of "In Search of the Successful Interpolation". The held batches are
     the first ``num_batches`` training batches of the run (kept in the callback state, so a resumed
-    run measures the same ones). The loss is the module's ``training_step`` (its logging muted), in
-    eval mode and full precision; weights, gradients, RNG state, buffers and optimizer state are
-    restored, so training is unchanged.
+    run measures the same ones). The loss is the module's own (:func:`litplug.protocols.module_loss`:
+    its ``batch_loss`` if it has one, else its ``training_step`` with logging muted), in eval mode
+    and full precision; the monitor never steps an optimizer. Manual optimisation needs
+    ``batch_loss`` (its ``training_step`` steps optimizers) and is refused at setup without it.
+    Weights, gradients, RNG state, buffers and optimizer state are restored, so training is
+    unchanged.
 
     Distributed: each rank measures on its own held batches with its own gradient (DDP; no
     collective besides the logged mean) or the reduce-scattered gradient (FSDP2: one backward and
@@ -679,8 +685,13 @@ class SharpnessMonitor(Callback):
         if len(self._held) < self.num_batches:
             self._held.append(_clone(batch))
 
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            require_loss(pl_module, "SharpnessMonitor")
+
     def _loss(self, pl_module: LightningModule) -> Tensor:
-        losses = [_loss_of(pl_module.training_step(batch, i)).float() for i, batch in enumerate(self._held)]
+        losses = [module_loss(pl_module, batch, i).float() for i, batch in enumerate(self._held)]
         return torch.stack(losses).mean()
 
     @override
