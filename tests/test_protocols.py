@@ -96,3 +96,68 @@ def test_saliency_mask_scores_the_modules_own_loss(tmp_path):
         p = dict(model.named_parameters())[n].detach()
         assert torch.equal(p[~e], start[n][~e]), f"{n}: a frozen entry moved"
         assert not torch.equal(p, start[n]), f"{n}: nothing moved"
+
+
+# --- manual optimisation ------------------------------------------------------------------
+
+
+def test_monitor_never_steps_an_optimizer(tmp_path):
+    """Manual optimisation with batch_loss: measured on it, one optimizer step per batch; without
+    batch_loss the monitor refuses at setup (re-running training_step would step)."""
+    seed_everything(0)
+    model = Manual()
+    monitor = SharpnessMonitor(rho=0.1, num_batches=2)
+    trainer = fast_trainer(tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=0, callbacks=[monitor])
+    trainer.fit(model, features())
+    assert model.steps == 8 and trainer.global_step == 8
+    assert torch.isfinite(trainer.callback_metrics["sharpness/model"])
+    with pytest.raises(ValueError, match="SharpnessMonitor needs a loss on a batch; ManualNoLoss uses manual optimisation"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[SharpnessMonitor()]).fit(ManualNoLoss(), features())
+    with pytest.raises(ValueError, match="UnlearningMask\\(criterion='saliency'\\) needs a loss on a batch; ManualNoLoss uses manual"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[UnlearningMask("saliency")]).fit(ManualNoLoss(), features())
+
+
+
+def test_ibp_warmup_and_search_drive_manually_optimised_modules(tmp_path):
+    from lightning.pytorch import LightningModule
+
+    class Certified(LightningModule):
+        """The certified interface, optimised by hand."""
+
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.backbone = torch.nn.Linear(6, 3)
+            self.eps, self.current_eps, self.regularizer_weight, self.regularizer_tolerance = 0.2, 0.2, 0.0, 0.5
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.seen.append(self.current_eps)
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self.backbone(x), y) + self.current_eps * self.backbone.weight.abs().mean())
+            opt.step()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model = Certified()
+    fast_trainer(tmp_path, max_epochs=3, limit_train_batches=2, callbacks=[IBPWarmup(start_epoch=1, ramp_epochs=1, schedule="linear")]).fit(model, features())
+    assert model.seen == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.2, 0.2])
+
+    class ManualRegressor(Regressor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(self.batch_loss(batch))
+            opt.step()
+
+    search = GradientAscentSearch(num_designs=4, steps=3)
+    regressor = ManualRegressor(MLP(input_shape=[4], num_outputs=1, hidden=[8]))
+    fast_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[search]).fit(regressor, OfflineDesigns("sphere", dim=4, num_samples=64))
+    assert search.designs is not None and set(search.results) >= {"offline/score_max", "offline/score_median"}
