@@ -15,6 +15,9 @@ Method card
       (FSDP2) parameters, buffers and mixed-dtype averages use multi-tensor ``torch._foreach_*``
       ops instead; never a Python loop per tensor. Validation and test run on the average by
       default: the live weights are copied aside and restored bit-exactly afterwards.
+    * Checkpoints: a checkpoint's ``state_dict`` holds the weights its metrics were measured on:
+      with ``evaluate_with="average"`` the average (the live weights go into the callback's state
+      and a resumed ``fit`` puts them back); ``validate``/``test(ckpt_path=...)`` evaluate it.
 
 Functional core: :func:`ema_decay`, :func:`average_update_`, :func:`update_bn_`; the callbacks
 :class:`EMA` and :class:`SWA` wire it into the Trainer.
@@ -312,9 +315,15 @@ class _WeightAveraging(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._groups, self._holds_average, self._module = None, False, pl_module
 
+    def _evaluates_average(self, trainer: pl.Trainer) -> bool:
+        # `validate`/`test(ckpt_path=...)` evaluate the checkpoint's `state_dict`: the weights its
+        # metrics were measured on (see `on_save_checkpoint`), not this callback's latest average.
+        from_checkpoint = trainer.ckpt_path is not None and trainer.state.fn != "fit"
+        return self.evaluate_with == "average" and not from_checkpoint
+
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.evaluate_with == "average":
+        if self._evaluates_average(trainer):
             self._use_average(pl_module)
 
     @override
@@ -323,7 +332,7 @@ class _WeightAveraging(Callback):
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.evaluate_with == "average":
+        if self._evaluates_average(trainer):
             self._use_average(pl_module)
 
     @override
@@ -373,15 +382,20 @@ class _WeightAveraging(Callback):
         return {k[len(prefix) :]: full[k] for k in keys}
 
     def _full(self, which: str) -> dict[str, Tensor]:
-        from torch.distributed.tensor import DTensor
-
         if self._groups is None:
             if self._module is None:
                 return dict(self._pending or {})
             self._bind(self._module)
+        return self._gather([getattr(g, which) for g in self._groups])
+
+    def _gather(self, lists: list[list[Tensor]]) -> dict[str, Tensor]:
+        """Full CPU copies of per-group tensor lists (local shards gathered under FSDP2), by name."""
+        from torch.distributed.tensor import DTensor
+
+        assert self._groups is not None
         out = {}
-        for g in self._groups:
-            for name, tensor, spec in zip(g.names, getattr(g, which), g.dtensor_specs):
+        for g, tensors in zip(self._groups, lists):
+            for name, tensor, spec in zip(g.names, tensors, g.dtensor_specs):
                 if spec is not None:
                     mesh, placements, shape, stride = spec
                     tensor = DTensor.from_local(tensor, mesh, placements, shape=shape, stride=stride).full_tensor()
@@ -407,6 +421,56 @@ class _WeightAveraging(Callback):
         # on any world size re-shards them locally.
         average = self._full_average() if self.updates > 0 else {}
         return {"updates": self.updates, "last_step": self._last_step, "average": average}
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """With ``evaluate_with="average"``, the checkpoint's ``state_dict`` holds the average (the
+        weights validation measured, so the ones ``ModelCheckpoint`` ranks) and the callback's
+        state the live weights (``"live"``, full tensors), which a resumed ``fit`` puts back."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        model_state = checkpoint.get("state_dict")
+        if self.evaluate_with != "average" or self.updates == 0 or self._holds_average or state is None or model_state is None:
+            return
+        groups = self._bind(pl_module)
+        # Mid-validation the model holds the average and the live weights are set aside.
+        live_lists = self._backup if self._backup is not None else [g.live for g in groups]
+        state["live"] = self._gather(live_lists)  # collective under FSDP2: every rank saves
+        full_average = state["average"]
+        for g in groups:
+            for name, avg, spec in zip(g.names, g.average, g.dtensor_specs):
+                old = model_state.get(name)
+                if old is None:
+                    continue
+                if hasattr(old, "device_mesh"):  # a sharded (distributed) checkpoint: this rank's shard
+                    from torch.distributed.tensor import DTensor
+
+                    local = old.to_local()
+                    mesh, placements, shape, stride = spec
+                    model_state[name] = DTensor.from_local(
+                        avg.detach().to(device=local.device, dtype=local.dtype, copy=True), mesh, placements, shape=shape, stride=stride
+                    )
+                else:
+                    model_state[name] = full_average[name].to(device=old.device, dtype=old.dtype, copy=True)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Resuming ``fit``: the model was loaded from the checkpoint's ``state_dict`` (the average,
+        see :meth:`on_save_checkpoint`); put the live weights of the callback's state back."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if not state or "live" not in state or trainer.state.fn != "fit":
+            return  # validate/test(ckpt_path=...) evaluate the state_dict
+        from torch.distributed.tensor import distribute_tensor
+
+        live = state["live"]
+        with torch.no_grad():
+            for name, tensor in list(pl_module.named_parameters()) + list(pl_module.named_buffers()):
+                if name not in live:
+                    continue
+                local = _local(tensor.detach())
+                value = live[name]
+                if hasattr(tensor, "device_mesh"):
+                    value = distribute_tensor(value.to(local.device), tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
+                local.copy_(value)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

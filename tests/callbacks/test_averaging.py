@@ -371,3 +371,32 @@ def test_ema_fsdp2_shard_local_equals_single_process_and_resumes(tmp_path):
     params = [k for k in r0["ema_avg"] if "running_" not in k and "num_batches" not in k]
     assert_states_equal(r0["resumed_avg"], r0["ema_avg"], params)
     assert_states_equal(r1["resumed_avg"], r1["ema_avg"], params)
+
+
+def test_checkpoints_hold_the_weights_their_metrics_were_measured_on(tmp_path):
+    """evaluate_with="average": a checkpoint's state_dict is the average that ModelCheckpoint
+    ranked; loading it fresh, or test(ckpt_path=...) with or without the callback (or on the
+    training Trainer, whose callback holds a later average), evaluates exactly those weights."""
+    seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="val/loss", save_top_k=-1, filename="{epoch}")
+    trainer = fast_trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2,
+                           callbacks=[EMA(decay=0.5), ckpt], enable_checkpointing=True)  # fmt: skip
+    model, data = small_classifier(), Digits(batch_size=16)
+    trainer.fit(model, data)
+    first = str(tmp_path / "ck" / "epoch=0.ckpt")
+    ranked = float(ckpt.best_k_models[first])
+
+    def fresh():
+        return Classifier.load_from_checkpoint(first, backbone=small_classifier().backbone, weights_only=False)
+
+    val = fast_trainer(tmp_path / "v", limit_val_batches=2).validate(fresh(), data, verbose=False)[0]["val/loss"]
+    assert val == ranked
+    test = [
+        fast_trainer(tmp_path / "t0", limit_test_batches=2).test(fresh(), data, verbose=False),
+        fast_trainer(tmp_path / "t1", limit_test_batches=2).test(small_classifier(), data, ckpt_path=first, verbose=False),
+        fast_trainer(tmp_path / "t2", limit_test_batches=2, callbacks=[EMA(decay=0.5)]).test(small_classifier(), data, ckpt_path=first, verbose=False),
+        trainer.test(model, data, ckpt_path=first, verbose=False),
+    ]
+    assert len({t[0]["test/loss"] for t in test}) == 1, test
+    live = torch.load(first, weights_only=False)["callbacks"]["EMA"]["live"]
+    assert not torch.equal(live["backbone.2.weight"], torch.load(first, weights_only=False)["state_dict"]["backbone.2.weight"])
