@@ -30,7 +30,8 @@ Example:
     >>> ema = EMA(decay=0.99, warmup=True)
     >>> model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10))
     >>> Trainer(max_epochs=2, callbacks=[ema], logger=False).fit(model, Digits())  # doctest: +SKIP
-    >>> MLP(input_shape=[1, 8, 8], num_outputs=10).load_state_dict(ema.averaged_state_dict())  # doctest: +SKIP
+    >>> model.load_state_dict(ema.averaged_state_dict())  # doctest: +SKIP
+    >>> model.backbone.load_state_dict(ema.averaged_state_dict("backbone."))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -370,11 +371,20 @@ class _WeightAveraging(Callback):
         average (the live weights are set aside)."""
 
     # -- export --------------------------------------------------------------------------------
-    def averaged_state_dict(self, prefix: str = "backbone.") -> dict[str, Tensor]:
-        """The averaged weights as a plain state dict (full tensors on the CPU) of the submodule
-        under ``prefix`` (``"backbone."`` loads into the bare backbone; ``""`` gives the whole
-        LightningModule). Before the first update it holds the live weights, which is what the
-        model keeps then. Under FSDP2 this all-gathers, so every rank must call it."""
+    def averaged_state_dict(self, prefix: str = "") -> dict[str, Tensor]:
+        """The averaged weights as a plain state dict (full tensors on the CPU).
+
+        Args:
+            prefix: ``""`` (default): the LightningModule's own parameter and buffer names (loads
+                with ``model.load_state_dict``); a prefix such as ``"backbone."``: the tensors
+                under it, named as in that submodule; ``"auto"``: the prefix ``export_path`` uses
+                (``"backbone."`` when the module has an ``nn.Module`` ``backbone``, else ``""``).
+
+        Before the first update it holds the live weights, which is what the model keeps then.
+        Under FSDP2 this all-gathers, so every rank must call it.
+        """
+        if prefix == "auto":
+            prefix = _export_prefix(self._module)
         full = self._full_average() if self.updates > 0 else self._full_live()
         keys = [k for k in full if k.startswith(prefix)]
         if not keys:
@@ -410,9 +420,7 @@ class _WeightAveraging(Callback):
 
     def _export(self, pl_module: pl.LightningModule) -> None:
         self._bind(pl_module)
-        prefix = "backbone." if isinstance(getattr(pl_module, "backbone", None), nn.Module) else ""
-        state = self.averaged_state_dict(prefix)
-        _save_rank_zero(state, self.export_path)
+        _save_rank_zero(self.averaged_state_dict(_export_prefix(pl_module)), self.export_path)
 
     # -- checkpointed state --------------------------------------------------------------------
     @override
@@ -478,6 +486,11 @@ class _WeightAveraging(Callback):
         self._last_step = int(state_dict["last_step"])
         self._pending = dict(state_dict["average"]) if self.updates > 0 else None
         self._groups, self._backup, self._holds_average = None, None, False
+
+
+def _export_prefix(pl_module: nn.Module | None) -> str:
+    """``"backbone."`` for a module with an ``nn.Module`` ``backbone`` (litplug's modules), else ``""``."""
+    return "backbone." if isinstance(getattr(pl_module, "backbone", None), nn.Module) else ""
 
 
 def _logs_now(trainer: pl.Trainer) -> bool:

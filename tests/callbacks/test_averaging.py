@@ -190,7 +190,8 @@ def test_ema_swaps_for_validation_exactly_and_ends_on_average(tmp_path):
     bare = MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16], batch_norm=True)
     bare.load_state_dict(exported)
     assert_states_equal({"backbone." + k: v for k, v in state_of(bare).items()}, final)
-    assert_states_equal(exported, ema.averaged_state_dict())
+    assert_states_equal(exported, ema.averaged_state_dict("auto"))
+    assert_states_equal(exported, ema.averaged_state_dict("backbone."))
 
 
 def test_ema_without_update_keeps_trained_weights(tmp_path):
@@ -200,7 +201,7 @@ def test_ema_without_update_keeps_trained_weights(tmp_path):
     assert ema.updates == 0
     assert_states_equal(probe.after_step[-1], state_of(model))
     assert_states_equal(probe.after_step[3], probe.val_start[0])  # validation used the live weights
-    assert_states_equal(ema.averaged_state_dict(""), state_of(model))
+    assert_states_equal(ema.averaged_state_dict(), state_of(model))
 
 
 def test_ema_live_final_weights_every_n_steps(tmp_path):
@@ -210,7 +211,7 @@ def test_ema_live_final_weights_every_n_steps(tmp_path):
     assert ema.updates == 2 and ema._last_step == 6  # after steps 3 and 6 of 8
     assert_states_equal(probe.after_step[-1], state_of(model))
     assert_states_equal(probe.after_step[3], probe.val_start[0])
-    avg = ema.averaged_state_dict("")
+    avg = ema.averaged_state_dict()
     k = "backbone.2.weight"
     torch.testing.assert_close(avg[k], 0.5 * probe.after_step[2][k] + 0.5 * probe.after_step[5][k])
     # test on the average, then back to the live weights, also after the module's storage moved
@@ -218,7 +219,7 @@ def test_ema_live_final_weights_every_n_steps(tmp_path):
     ema.evaluate_with = "average"
     model.to(torch.float64).to(torch.float32)
     trainer.test(model, Digits(batch_size=32), verbose=False)
-    assert_states_equal(probe.test_start, ema.averaged_state_dict(""))
+    assert_states_equal(probe.test_start, ema.averaged_state_dict())
     assert_states_equal(probe.after_step[-1], state_of(model))
 
 
@@ -314,7 +315,7 @@ def distributed_worker(strategy, tmp_dir, kind):
     trainer = fast_trainer(tmp_dir / "ema", strategy=strategy, devices=2, max_epochs=2, limit_train_batches=3, limit_val_batches=1, callbacks=[ema, ref])
     model = small_classifier()
     trainer.fit(model, Digits(batch_size=16))
-    avg = ema.averaged_state_dict("")
+    avg = ema.averaged_state_dict()
     # BatchNorm buffers are rank-local until the end of fit (then rank 0's are broadcast), so the
     # per-rank reference covers the parameters.
     params = [k for k, _ in model.named_parameters()]
@@ -400,3 +401,18 @@ def test_checkpoints_hold_the_weights_their_metrics_were_measured_on(tmp_path):
     assert len({t[0]["test/loss"] for t in test}) == 1, test
     live = torch.load(first, weights_only=False)["callbacks"]["EMA"]["live"]
     assert not torch.equal(live["backbone.2.weight"], torch.load(first, weights_only=False)["state_dict"]["backbone.2.weight"])
+
+
+def test_averaged_state_dict_uses_the_modules_own_names(tmp_path):
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    seed_everything(0)
+    ema = EMA(decay=0.5, export_path=str(tmp_path / "ema.pt"))
+    model = BoringModel()
+    fast_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[ema]).fit(model)
+    avg = ema.averaged_state_dict()
+    assert avg.keys() == model.state_dict().keys() == {"layer.weight", "layer.bias"}
+    BoringModel().load_state_dict(avg)
+    assert_states_equal(avg, ema.averaged_state_dict("auto"))  # no backbone: nothing stripped
+    assert_states_equal(avg, torch.load(tmp_path / "ema.pt"))
+    assert ema.averaged_state_dict("layer.").keys() == {"weight", "bias"}
