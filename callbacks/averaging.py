@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -602,9 +603,13 @@ class SWA(_WeightAveraging):
     per local shard). The BatchNorm pass runs on each rank's share of the data, then averages the
     BatchNorm buffers over ranks with one all-reduce so the replicas agree.
 
+    Data without a length (an ``IterableDataset``): the snapshot is taken when the epoch ends,
+    after its validation (which still sees the previous average).
+
     Args:
-        start: first averaged epoch: an epoch index (int >= 0) or a fraction of ``max_epochs``
-            (float in [0, 1)); must lie before ``max_epochs`` (checked at setup).
+        start: first averaged epoch: an epoch index (int >= 0; works with a ``max_steps``-only
+            Trainer) or a fraction of ``max_epochs`` (float in [0, 1)); must lie before
+            ``max_epochs`` when that is set (checked at setup).
         every_n_epochs: snapshot every n-th epoch from ``start`` (>= 1).
         update_bn: recompute BatchNorm statistics for the final averaged weights.
         dtype, device, evaluate_with, final_weights, export_path: as in :class:`EMA`.
@@ -643,25 +648,38 @@ class SWA(_WeightAveraging):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        max_epochs = trainer.max_epochs
-        if max_epochs is None or max_epochs < 1:
-            raise ValueError(f"SWA needs `max_epochs` >= 1 on the Trainer, got {max_epochs}")
-        self._start_epoch = int(self.start * max_epochs) if isinstance(self.start, float) else self.start
-        if self._start_epoch >= max_epochs:
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 1 else None
+        if isinstance(self.start, float):
+            if max_epochs is None:
+                raise ValueError(
+                    f"SWA(start={self.start}) is a fraction of `max_epochs`, which the Trainer does not set "
+                    f"(max_epochs={trainer.max_epochs}); give `start` as an epoch index (int) or set `max_epochs`"
+                )
+            self._start_epoch = int(self.start * max_epochs)
+        else:
+            self._start_epoch = self.start
+        if max_epochs is not None and self._start_epoch >= max_epochs:
             raise ValueError(f"`start` = {self.start} is epoch {self._start_epoch}, beyond the last epoch {max_epochs - 1} (max_epochs={max_epochs})")
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx + 1 == trainer.num_training_batches:  # the epoch's last batch (data with a length)
+            self._snapshot(trainer, pl_module, on_step=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not math.isfinite(trainer.num_training_batches):  # data without a length: the epoch has ended
+            self._snapshot(trainer, pl_module, on_step=False)
+
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         epoch = trainer.current_epoch
-        if batch_idx + 1 < trainer.num_training_batches or epoch < self._start_epoch or (epoch - self._start_epoch) % self.every_n_epochs:
-            return
-        if epoch == self._last_step:
+        if epoch < self._start_epoch or (epoch - self._start_epoch) % self.every_n_epochs or epoch == self._last_step:
             return
         weight = 1.0 / (self.updates + 1)
         self._update(pl_module, weight)
         self._last_step = epoch  # for SWA the counter is the epoch of the last snapshot
-        if _logs_now(trainer):
-            pl_module.log_dict({"swa/weight": weight, "swa/updates": float(self.updates)}, on_step=True, on_epoch=False)
+        if _logs_now(trainer) or not on_step:
+            pl_module.log_dict({"swa/weight": weight, "swa/updates": float(self.updates)}, on_step=on_step, on_epoch=not on_step)
 
     def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.update_bn:

@@ -416,3 +416,38 @@ def test_averaged_state_dict_uses_the_modules_own_names(tmp_path):
     assert_states_equal(avg, ema.averaged_state_dict("auto"))  # no backbone: nothing stripped
     assert_states_equal(avg, torch.load(tmp_path / "ema.pt"))
     assert ema.averaged_state_dict("layer.").keys() == {"weight", "bias"}
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """8 samples of 8x8 digits-like data, no length."""
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(8):
+            yield torch.rand(1, 8, 8, generator=g, dtype=torch.float64), int(torch.randint(0, 10, (), generator=g))
+
+
+class _EpochEnds(Callback):
+    def __init__(self):
+        self.weights = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.weights.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
+
+
+def test_swa_snapshots_data_without_length_and_integer_start_with_max_steps(tmp_path):
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_Stream(), batch_size=4)  # 2 batches per epoch, unknown to the Trainer
+    for name, kwargs in (("epochs", {"max_epochs": 3}), ("steps", {"max_steps": 6, "max_epochs": None})):
+        seed_everything(0)
+        swa, ends = SWA(start=1, update_bn=False, final_weights="live"), _EpochEnds()
+        model = small_classifier(batch_norm=False)
+        fast_trainer(tmp_path / name, precision="64-true", limit_val_batches=0, callbacks=[ends, swa], **kwargs).fit(model, loader)
+        assert swa.updates == 2, name  # epochs 1 and 2
+        avg = swa.averaged_state_dict()
+        for key in ends.weights[0]:
+            want = (ends.weights[1][key] + ends.weights[2][key]) / 2
+            torch.testing.assert_close(avg[key], want, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="SWA\\(start=0.5\\) is a fraction of `max_epochs`.*epoch index"):
+        fast_trainer(tmp_path, max_steps=2, max_epochs=None, callbacks=[SWA(start=0.5)]).fit(small_classifier(), loader)
