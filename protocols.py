@@ -139,8 +139,10 @@ def require(obj: Any, protocol: type, by: str, what: str = "module") -> None:
 def module_loss(pl_module: Any, batch: Any, batch_idx: int = 0) -> Tensor:
     """The loss of ``pl_module``'s own objective on ``batch``: ``pl_module.batch_loss(batch)``
     (:class:`HasBatchLoss`) if it defines one, else its ``training_step(batch, batch_idx)`` run
-    with ``self.log`` muted and torchmetrics and normalisation statistics put back (the mechanism
-    SAM's second pass uses). ``training_step`` must return the loss (or a dict with ``"loss"``).
+    with ``self.log`` muted and torchmetrics states put back (the mechanism SAM's second pass
+    uses). ``training_step`` must return the loss (or a dict with ``"loss"``). Callers that must
+    not update normalisation statistics put the module in eval mode first (in eval mode those
+    statistics are part of the graph, so they cannot be put back before the backward).
 
     A module with ``automatic_optimization = False`` steps its optimizers inside
     ``training_step``, so it must define ``batch_loss``; without it this raises (callbacks check
@@ -154,7 +156,7 @@ def module_loss(pl_module: Any, batch: Any, batch_idx: int = 0) -> Tensor:
     from .callbacks.sharpness import _loss_of, _muted
 
     takes_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
-    with _muted(pl_module, None, freeze_bn_stats=True):
+    with _muted(pl_module, None, freeze_bn_stats=False):
         return _loss_of(pl_module.training_step(batch, batch_idx) if takes_idx else pl_module.training_step(batch))
 
 

@@ -544,7 +544,8 @@ class SurrogateSharpness(_ExtraPasses):
         lambda_init: initial multiplier, >= 0.
         lambda_lr: dual ascent step, >= 0.
         adaptive_lambda: update ``lambda`` by dual ascent (else fixed at ``lambda_init``).
-        input_index: index (or key) of the inputs in a batch.
+        input_index: index (or key) of the inputs in a batch (a batch that is one tensor is the
+            inputs). The module's ``forward`` must take the inputs alone (checked at setup).
 
     Example:
         >>> trainer = Trainer(callbacks=[SurrogateSharpness(rho=0.05, epsilon=0.1)])  # doctest: +SKIP
@@ -584,9 +585,26 @@ class SurrogateSharpness(_ExtraPasses):
         self._lambda = torch.tensor(float(lambda_init))
         self._sync_logs = False  # lambda and ||grad G|| are the same on every rank
 
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        import inspect
+
+        required = [
+            p.name
+            for p in inspect.signature(pl_module.forward).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(required) > 1:
+            raise ValueError(
+                f"SurrogateSharpness needs a surrogate whose forward maps the inputs alone to predictions; "
+                f"{type(pl_module).__name__}.forward requires {required}"
+            )
+        super().setup(trainer, pl_module, stage)
+
     def _objective(self, pl_module: LightningModule) -> Callable[..., Tensor]:
         def mean_prediction(batch: Any, *rest: Any) -> Tensor:
-            return pl_module(batch[self.input_index]).float().mean()
+            inputs = batch if isinstance(batch, Tensor) else batch[self.input_index]
+            return pl_module(inputs).float().mean()
 
         return mean_prediction
 

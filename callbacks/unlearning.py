@@ -306,7 +306,7 @@ class UnlearningMask(Callback):
         for i in range(math.ceil(len(batches) / world)):  # the same count on every rank (FSDP2)
             j = mine[i] if i < len(mine) else 0
             weight = (sizes[j] if i < len(mine) else 0.0) * (world if sharded else 1) / total  # FSDP2 averages
-            batch = move_data_to_device(batches[j], pl_module.device)
+            batch = trainer.precision_plugin.convert_input(move_data_to_device(batches[j], pl_module.device))
             (module_loss(pl_module, batch, j).float() * weight).backward()
         grads = []
         for _, p in named:
