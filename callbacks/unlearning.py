@@ -9,6 +9,10 @@ Method card. At the start of training, every entry of the parameters in ``scope`
 - ``magnitude``: |theta| (the prune-first-then-unlearn view of Jia et al. 2023);
 - ``random``: seeded uniform scores (a control).
 
+The forget (retain) loss is the module's own: :func:`litplug.protocols.module_loss` on each batch
+of the datamodule's ``forget_dataloader()`` (``retain_dataloader()``), in eval mode, weighted by
+the batch's share of the samples, so ``g_f`` is the gradient of the mean loss over the whole set.
+
 Exactly ``k = int(N * ratio)`` entries (N = entries in scope) with the highest scores stay
 updatable; ties are broken by the lower global index (parameters in ``named_parameters`` order,
 then row-major position in the full parameter); NaN scores count as 0. The rest is frozen:
