@@ -215,6 +215,15 @@ class _WeightAveraging(Callback):
                 f"{type(self).__name__} supports single-device, DDP and ModelParallelStrategy (FSDP2) training, "
                 f"not {type(trainer.strategy).__name__} (flat or partitioned parameters: unverified)"
             )
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+        if self.evaluate_with == "average" and any(isinstance(c, ModelCheckpoint) and c.save_weights_only for c in trainer.callbacks):
+            rank_zero_warn(
+                f"{type(self).__name__}: Lightning calls no callback when it saves a weights-only checkpoint, so "
+                "ModelCheckpoint(save_weights_only=True) files hold the live weights, not the average validation "
+                "measured; save full checkpoints to get the average in `state_dict`"
+            )
         # Two callbacks putting their average into the model would restore each other's weights.
         swapping = [c for c in trainer.callbacks if isinstance(c, _WeightAveraging) and "average" in (c.evaluate_with, c.final_weights)]
         if len(swapping) > 1:

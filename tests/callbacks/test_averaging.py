@@ -380,10 +380,12 @@ def test_checkpoints_hold_the_weights_their_metrics_were_measured_on(tmp_path):
     training Trainer, whose callback holds a later average), evaluates exactly those weights."""
     seed_everything(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="val/loss", save_top_k=-1, filename="{epoch}")
+    weights = ModelCheckpoint(dirpath=tmp_path / "w", monitor="val/loss", mode="max", save_top_k=-1, filename="{epoch}", save_weights_only=True)
     trainer = fast_trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2,
-                           callbacks=[EMA(decay=0.5), ckpt], enable_checkpointing=True)  # fmt: skip
+                           callbacks=[EMA(decay=0.5), ckpt, weights], enable_checkpointing=True)  # fmt: skip
     model, data = small_classifier(), Digits(batch_size=16)
-    trainer.fit(model, data)
+    with pytest.warns(UserWarning, match="save_weights_only=True\\) files hold the live weights"):
+        trainer.fit(model, data)
     first = str(tmp_path / "ck" / "epoch=0.ckpt")
     ranked = float(ckpt.best_k_models[first])
 
@@ -399,8 +401,10 @@ def test_checkpoints_hold_the_weights_their_metrics_were_measured_on(tmp_path):
         trainer.test(model, data, ckpt_path=first, verbose=False),
     ]
     assert len({t[0]["test/loss"] for t in test}) == 1, test
-    live = torch.load(first, weights_only=False)["callbacks"]["EMA"]["live"]
-    assert not torch.equal(live["backbone.2.weight"], torch.load(first, weights_only=False)["state_dict"]["backbone.2.weight"])
+    full = torch.load(first, weights_only=False)
+    assert not torch.equal(full["callbacks"]["EMA"]["live"]["backbone.2.weight"], full["state_dict"]["backbone.2.weight"])
+    weights_only = torch.load(tmp_path / "w" / "epoch=0.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(weights_only[k], v) for k, v in full["callbacks"]["EMA"]["live"].items() if k in weights_only)
 
 
 def test_averaged_state_dict_uses_the_modules_own_names(tmp_path):
