@@ -604,7 +604,8 @@ class SurrogateSharpness(_ExtraPasses):
     def _objective(self, pl_module: LightningModule) -> Callable[..., Tensor]:
         def mean_prediction(batch: Any, *rest: Any) -> Tensor:
             inputs = batch if isinstance(batch, Tensor) else batch[self.input_index]
-            return pl_module(inputs).float().mean()
+            pred = pl_module(inputs)
+            return (pred if pred.dtype == torch.float64 else pred.float()).mean()  # fp16/bf16: a float32 mean
 
         return mean_prediction
 

@@ -212,12 +212,42 @@ def _sam_cell(column, tmp_dir, rho=0.05, lr=0.1):
     assert len(micro) == column.trainer.get("accumulate_grad_batches", 1)
 
 
-def _ignite_cell(column, tmp_dir):
-    cb = SurrogateSharpness(rho=0.05, epsilon=0.0, lambda_init=0.1, lambda_lr=0.1)
-    model, start, _ = _fit_cell(column, [cb], tmp_dir)
-    assert float(cb._lambda) > 0.1  # dual ascent on rho ||grad G|| > epsilon = 0
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert any(not torch.equal(p.detach(), q.detach()) for p, q in zip(model.parameters(), start.parameters()))
+def _ignite_cell(column, tmp_dir, rho=0.05, radius=0.05, lam=0.1, lr=0.1):
+    """One optimizer step equals IGNITE's update by hand, G the mean prediction on the inputs:
+    grad L(w) + (lam rho / radius) (grad G(w + radius grad G / ||grad G||) - grad G(w)), clipped."""
+    rec, cb = Recorder(), SurrogateSharpness(rho=rho, radius=radius, epsilon=0.0, lambda_init=lam, lambda_lr=0.1)
+    model, ref, _ = _fit_cell(column, [rec, cb], tmp_dir, max_steps=1)
+    assert float(cb._lambda) > lam  # dual ascent on rho ||grad G|| > epsilon = 0
+    micro = [apply_to_collection(b, torch.Tensor, lambda t: t.double() if t.is_floating_point() else t) for b in rec.batches]
+    params = [p for p in ref.parameters() if p.requires_grad]
+    w0 = [p.detach().clone() for p in params]
+
+    def grads(objective):
+        for p in params:
+            p.grad = None
+        for b in micro:
+            (objective(b) / len(micro)).backward()
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    def mean_prediction(b):
+        return ref(b if isinstance(b, torch.Tensor) else b[0]).mean()
+
+    ref.train()
+    g_loss = grads(lambda b: _loss_value(ref.training_step(b, 0)))
+    g_g = grads(mean_prediction)
+    norm = torch.sqrt(sum((t**2).sum() for t in g_g))
+    with torch.no_grad():
+        for p, t in zip(params, g_g):
+            p.add_(radius * t / (norm + 1e-12))
+    g_hat = grads(mean_prediction)
+    c = float(torch.tensor(lam, dtype=torch.float32) * rho / radius)  # the multiplier is float32 state
+    final = [gl + c * (gh - gg) for gl, gg, gh in zip(g_loss, g_g, g_hat)]
+    clip = column.trainer.get("gradient_clip_val")
+    if clip:
+        coef = min(1.0, clip / (float(torch.sqrt(sum((t**2).sum() for t in final))) + 1e-6))
+        final = [t * coef for t in final]
+    for p, w, t in zip([p for p in model.parameters() if p.requires_grad], w0, final):
+        torch.testing.assert_close(p.detach(), w - lr * t, rtol=1e-10, atol=1e-12)
 
 
 def _monitor_cell(column, tmp_dir):
