@@ -29,14 +29,12 @@ from torch import fx, nn
 from typing_extensions import override
 
 from litplug.validation import check_bool, check_choice, check_int, check_number, check_positive_int
+from ..protocols import CertifiedModule, require
 
 __all__ = ["IBPWarmup", "eps_schedule", "ibp_init_"]
 
 Schedule = Literal["smoothed", "linear"]
 _SCHEDULES = ("smoothed", "linear")
-_INTERFACE = ("eps", "current_eps", "regularizer_weight", "regularizer_tolerance", "backbone")
-
-
 def eps_schedule(progress: float, eps: float, schedule: Schedule = "smoothed", mid: float = 0.25, beta: float = 4.0) -> float:
     """Scheduled eps at ramp ``progress`` (clamped to [0, 1]) towards the target ``eps``.
 
@@ -99,7 +97,8 @@ def _feeds_residual(node: fx.Node, network: nn.Module) -> bool:
 class IBPWarmup(Callback):
     """Drive a module's certified training with the short-warmup recipe of Shi et al. 2021.
 
-    **Certified interface**: the callback works with any ``LightningModule`` that has
+    **Certified interface** (:class:`litplug.protocols.CertifiedModule`, checked at setup): the
+    callback works with any ``LightningModule`` that has
 
     * ``eps: float``: the target radius (read);
     * ``current_eps: float``: the radius its next ``training_step`` uses (set at every batch start);
@@ -171,12 +170,7 @@ class IBPWarmup(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        missing = [name for name in _INTERFACE if not hasattr(pl_module, name)]
-        if missing:
-            raise ValueError(
-                f"IBPWarmup needs a module with the certified interface; {type(pl_module).__name__} lacks {missing} "
-                "(see the IBPWarmup docstring)"
-            )
+        require(pl_module, CertifiedModule, "IBPWarmup")
         # On resume the checkpoint (restored after setup) overwrites these weights.
         if stage == "fit" and self.ibp_init and self.batches == 0:
             ibp_init_(pl_module.backbone)

@@ -35,6 +35,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from litplug.validation import check_choice, check_int, check_number, check_positive_int
+from ..protocols import OfflineDesignsData, require
 
 
 def gradient_ascent(
@@ -85,7 +86,8 @@ class GradientAscentSearch(Callback):
     ``trainer.callback_metrics``; the final raw designs in ``designs``.
 
     The datamodule must expose the offline data as ``OfflineDesigns`` does: ``designs``,
-    ``scores``, ``lower``, ``upper``, ``score(x)`` and ``unstandardise(x)``.
+    ``scores``, ``lower``, ``upper``, ``score(x)`` and ``unstandardise(x)``
+    (:class:`litplug.protocols.OfflineDesignsData`, checked at setup).
 
     Distributed: every rank runs the same search on the same (replicated) designs; under DDP the
     unwrapped module is called, so no collective is added; under FSDP2 each surrogate forward and
@@ -127,13 +129,7 @@ class GradientAscentSearch(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        dm = trainer.datamodule
-        needed = ("designs", "scores", "lower", "upper", "score", "unstandardise")
-        if dm is None or not all(hasattr(dm, name) for name in needed):
-            raise ValueError(
-                f"GradientAscentSearch needs an offline-design datamodule exposing {list(needed)} "
-                f"(e.g. litplug.datamodules.OfflineDesigns), got {type(dm).__name__}"
-            )
+        require(trainer.datamodule, OfflineDesignsData, "GradientAscentSearch", "datamodule")
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

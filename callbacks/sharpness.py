@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from litplug.validation import check_bool, check_list, check_number, check_positive_int, check_str
+from ..protocols import module_loss, require_loss
 
 __all__ = [
     "SAM",
@@ -233,7 +234,8 @@ class _ExtraPasses(Callback):
         name = type(self).__name__
         if not pl_module.automatic_optimization:
             raise ValueError(
-                f"{name} needs automatic optimization; {type(pl_module).__name__} sets `automatic_optimization = False`."
+                f"{name} does not support manual optimisation (it wraps the optimizer closure Lightning builds in"
+                f" automatic optimisation); {type(pl_module).__name__} sets `automatic_optimization = False`."
                 " Let Lightning optimise (return the loss from `training_step`), or call `pytorch_optimizer.SAM`'s"
                 " first_step/second_step yourself in manual optimization."
             )
@@ -544,7 +546,8 @@ class SurrogateSharpness(_ExtraPasses):
         lambda_init: initial multiplier, >= 0.
         lambda_lr: dual ascent step, >= 0.
         adaptive_lambda: update ``lambda`` by dual ascent (else fixed at ``lambda_init``).
-        input_index: index (or key) of the inputs in a batch.
+        input_index: index (or key) of the inputs in a batch (a batch that is one tensor is the
+            inputs). The module's ``forward`` must take the inputs alone (checked at setup).
 
     Example:
         >>> trainer = Trainer(callbacks=[SurrogateSharpness(rho=0.05, epsilon=0.1)])  # doctest: +SKIP
@@ -582,9 +585,27 @@ class SurrogateSharpness(_ExtraPasses):
         self._lambda = torch.tensor(float(lambda_init))
         self._sync_logs = False  # lambda and ||grad G|| are the same on every rank
 
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        import inspect
+
+        required = [
+            p.name
+            for p in inspect.signature(pl_module.forward).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(required) > 1:
+            raise ValueError(
+                f"SurrogateSharpness needs a surrogate whose forward maps the inputs alone to predictions; "
+                f"{type(pl_module).__name__}.forward requires {required}"
+            )
+        super().setup(trainer, pl_module, stage)
+
     def _objective(self, pl_module: LightningModule) -> Callable[..., Tensor]:
         def mean_prediction(batch: Any, *rest: Any) -> Tensor:
-            return pl_module(batch[self.input_index]).float().mean()
+            inputs = batch if isinstance(batch, Tensor) else batch[self.input_index]
+            pred = pl_module(inputs)
+            return (pred if pred.dtype == torch.float64 else pred.float()).mean()  # fp16/bf16: a float32 mean
 
         return mean_prediction
 
@@ -643,9 +664,12 @@ class SharpnessMonitor(Callback):
     (``sharpness/layer/<name>``: only that layer perturbed, along its own gradient), which shows
     the "straggler" layers of "In Search of the Successful Interpolation". The held batches are
     the first ``num_batches`` training batches of the run (kept in the callback state, so a resumed
-    run measures the same ones). The loss is the module's ``training_step`` (its logging muted), in
-    eval mode and full precision; weights, gradients, RNG state, buffers and optimizer state are
-    restored, so training is unchanged.
+    run measures the same ones). The loss is the module's own (:func:`litplug.protocols.module_loss`:
+    its ``batch_loss`` if it has one, else its ``training_step`` with logging muted), in eval mode
+    and full precision; the monitor never steps an optimizer. Manual optimisation needs
+    ``batch_loss`` (its ``training_step`` steps optimizers) and is refused at setup without it.
+    Weights, gradients, RNG state, buffers and optimizer state are restored, so training is
+    unchanged.
 
     Distributed: each rank measures on its own held batches with its own gradient (DDP; no
     collective besides the logged mean) or the reduce-scattered gradient (FSDP2: one backward and
@@ -678,8 +702,13 @@ class SharpnessMonitor(Callback):
         if len(self._held) < self.num_batches:
             self._held.append(_clone(batch))
 
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            require_loss(pl_module, "SharpnessMonitor")
+
     def _loss(self, pl_module: LightningModule) -> Tensor:
-        losses = [_loss_of(pl_module.training_step(batch, i)).float() for i, batch in enumerate(self._held)]
+        losses = [module_loss(pl_module, batch, i).float() for i, batch in enumerate(self._held)]
         return torch.stack(losses).mean()
 
     @override

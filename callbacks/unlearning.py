@@ -9,6 +9,10 @@ Method card. At the start of training, every entry of the parameters in ``scope`
 - ``magnitude``: |theta| (the prune-first-then-unlearn view of Jia et al. 2023);
 - ``random``: seeded uniform scores (a control).
 
+The forget (retain) loss is the module's own: :func:`litplug.protocols.module_loss` on each batch
+of the datamodule's ``forget_dataloader()`` (``retain_dataloader()``), in eval mode, weighted by
+the batch's share of the samples, so ``g_f`` is the gradient of the mean loss over the whole set.
+
 Exactly ``k = int(N * ratio)`` entries (N = entries in scope) with the highest scores stay
 updatable; ties are broken by the lower global index (parameters in ``named_parameters`` order,
 then row-major position in the full parameter); NaN scores count as 0. The rest is frozen:
@@ -64,12 +68,14 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 from typing_extensions import override
 
 from litplug.validation import check_choice, check_int, check_number, check_positive_int
+from ..protocols import ForgetRetainData, module_loss, require, require_loss
 
 Criterion = Literal["saliency", "attribution", "magnitude", "random"]
 Scope = Literal["weights", "all"]
@@ -261,12 +267,9 @@ class UnlearningMask(Callback):
                 "use DDP or FSDP2 (ModelParallelStrategy)"
             )
         if stage == "fit" and self.criterion in ("saliency", "attribution") and self.masks is None:
-            dm = trainer.datamodule
-            if dm is None or not hasattr(dm, "forget_dataloader") or not hasattr(dm, "retain_dataloader"):
-                raise ValueError(
-                    f"UnlearningMask(criterion={self.criterion!r}) needs a datamodule with forget_dataloader() and "
-                    "retain_dataloader() (ForgetRetain)"
-                )
+            by = f"UnlearningMask(criterion={self.criterion!r})"
+            require(trainer.datamodule, ForgetRetainData, by, "datamodule")
+            require_loss(pl_module, by)
 
     def _scoped(self, pl_module: LightningModule) -> list[tuple[str, nn.Parameter]]:
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
@@ -287,22 +290,25 @@ class UnlearningMask(Callback):
 
     # --- scoring ----------------------------------------------------------------------------
     def _gradients(self, trainer: Trainer, pl_module: LightningModule, split: str) -> tuple[list[torch.Tensor], list[str]]:
-        """Local gradients of the mean CE over the ``split`` set, reduced over ranks."""
+        """Local gradients of the module's mean loss (:func:`~litplug.protocols.module_loss`)
+        over the whole ``split`` set: each batch's mean loss weighted by its share of the samples;
+        reduced over ranks."""
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         loader = getattr(trainer.datamodule, f"{split}_dataloader")()
         batches = list(islice(loader, self.num_batches))
         world, rank = trainer.world_size, trainer.global_rank
         sharded = any(hasattr(p, "placements") for _, p in named)
-        total = sum(len(b[1]) for b in batches)
-        mine = batches[rank::world]
+        sizes = [extract_batch_size(b) for b in batches]
+        total = sum(sizes)
+        mine = list(range(len(batches)))[rank::world]
         saved = [p.grad for _, p in named]
         for _, p in named:
             p.grad = None
         for i in range(math.ceil(len(batches) / world)):  # the same count on every rank (FSDP2)
-            x, y = mine[i] if i < len(mine) else batches[0]
-            weight = (1.0 if i < len(mine) else 0.0) * (world if sharded else 1) / total  # FSDP2 averages
-            out = pl_module(x.to(pl_module.device))
-            (F.cross_entropy(out.float(), y.to(pl_module.device), reduction="sum") * weight).backward()
+            j = mine[i] if i < len(mine) else 0
+            weight = (sizes[j] if i < len(mine) else 0.0) * (world if sharded else 1) / total  # FSDP2 averages
+            batch = trainer.precision_plugin.convert_input(move_data_to_device(batches[j], pl_module.device))
+            (module_loss(pl_module, batch, j).float() * weight).backward()
         grads = []
         for _, p in named:
             g = p.grad if p.grad is not None else torch.zeros_like(p)

@@ -196,15 +196,18 @@ class CertifiedClassifier(Classifier):
         return bounded(self.backbone)(lower, upper, clean=x, spec=margin_spec(y, self.num_classes), record_relu=record_relu)
 
     @override
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def batch_loss(self, batch: Batch) -> torch.Tensor:
+        """The training objective at ``current_eps`` on an ``(x, y)`` batch
+        (:class:`litplug.protocols.HasBatchLoss`): what ``training_step`` returns, without its logs."""
+        return self._objective(batch)[0]
+
+    def _objective(self, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss and the values ``training_step`` logs: ``{name: (value, sync_dist)}``."""
         x, y = batch
         eps, kappa = self.current_eps, self.kappa
-        self.log("certified/eps", eps)
-        self.log("certified/kappa", kappa)
+        logs: dict[str, Any] = {"certified/eps": (eps, False), "certified/kappa": (kappa, False)}
         if eps == 0:
-            loss = self.loss(self(x), y)
-            self.log("train/loss", loss, prog_bar=True)
-            return loss
+            return self.loss(self(x), y), logs
         result = self.robust_terms(x, y, eps, record_relu=True)
         robust = F.cross_entropy(-result.lower, y)
         loss = kappa * F.cross_entropy(result.clean, y) + (1 - kappa) * robust
@@ -212,14 +215,21 @@ class CertifiedClassifier(Classifier):
             lower, upper = self.box(x, eps)
             tight, relu = warmup_regularizers(result.relu, (upper - lower) / 2, self.regularizer_tolerance)
             loss = loss + self.regularizer_weight * (tight + relu)
-            self.log("certified/reg_tightness", tight)
-            self.log("certified/reg_relu", relu)
+            logs["certified/reg_tightness"] = (tight, False)
+            logs["certified/reg_relu"] = (relu, False)
         if result.relu:
             with torch.no_grad():  # count_nonzero: no int64 copy of the masks, as .sum() makes
                 unstable = sum(torch.count_nonzero((lo < 0) & (up > 0)) for lo, up in result.relu)
             total = sum(lo.numel() for lo, _ in result.relu)
-            self.log("certified/unstable_relu", unstable.float() / total, sync_dist=True)
-        self.log("certified/robust_loss", robust, sync_dist=True)
+            logs["certified/unstable_relu"] = (unstable.float() / total, True)
+        logs["certified/robust_loss"] = (robust, True)
+        return loss, logs
+
+    @override
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, logs = self._objective(batch)
+        for name, (value, sync) in logs.items():
+            self.log(name, value, sync_dist=sync)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

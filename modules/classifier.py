@@ -49,10 +49,15 @@ class Classifier(TrainingModule):
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y)
 
+    def batch_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy on an ``(x, y)`` batch: the training objective
+        (:class:`litplug.protocols.HasBatchLoss`)."""
+        x, y = batch
+        return self.loss(self(x), y)
+
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = self.loss(self(x), y)
+        loss = self.batch_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -64,10 +64,15 @@ class Regressor(TrainingModule):
     def loss(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _LOSSES[self.loss_name](pred, y.float())
 
+    def batch_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Mean ``loss`` on an ``(x, y)`` batch: the training objective
+        (:class:`litplug.protocols.HasBatchLoss`)."""
+        x, y = batch
+        return self.loss(self.predict(x, y), y)
+
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = self.loss(self.predict(x, y), y)
+        loss = self.batch_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

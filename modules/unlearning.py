@@ -182,6 +182,12 @@ class Unlearner(TrainingModule):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
+    def batch_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy on one ``(x, y)`` batch of the forget or retain set, as
+        ``forget_dataloader()``/``retain_dataloader()`` yield it (:class:`litplug.protocols.HasBatchLoss`):
+        the loss whose gradients ``UnlearningMask`` scores."""
+        return self._ce(batch)
+
     def unlearning_loss(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The loss of ``self.method`` on a ``{"forget": (x, y), "retain": (x, y)}`` batch."""
         method = self.method
