@@ -661,3 +661,14 @@ def test_label_noise_and_fragment_configs_parse():
         cli = _cli("digits/classifier.yaml", f"callbacks/{fragment}.yaml", run=False)
         sam = [cb for cb in cli.trainer.callbacks if isinstance(cb, SharpnessAwareMinimization)]
         assert [(c.rho, c.adaptive, c.penalty_weight) for c in sam] == [want]
+
+
+def test_ignite_configs_carry_the_defaults():
+    """configs/callbacks/ignite.yaml and configs/offline/ignite.yaml state SurrogateSharpness's
+    defaults, whose dual step (0.1) enforces the constraint within a short run."""
+    defaults = SurrogateSharpness()
+    assert (defaults.rho, defaults.radius, defaults.epsilon, defaults.lambda_init, defaults.lambda_lr) == (0.05, 0.05, 0.1, 1e-3, 0.1)
+    keys = ("rho", "radius", "epsilon", "lambda_init", "lambda_lr", "adaptive_lambda", "input_index")
+    for configs in (("digits/classifier.yaml", "callbacks/ignite.yaml"), ("offline/sphere.yaml", "offline/ignite.yaml")):
+        (cb,) = [c for c in _cli(*configs, run=False).trainer.callbacks if isinstance(c, SurrogateSharpness)]
+        assert [getattr(cb, k) for k in keys] == [getattr(defaults, k) for k in keys]
