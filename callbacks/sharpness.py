@@ -562,10 +562,10 @@ class SurrogateSharpness(_ExtraPasses):
     Logs ``ignite/lambda`` (the multiplier used in the step) and ``ignite/output_grad_norm``
     (``||grad G(b)||``).
 
-    Defaults: the IGNITE authors' code (cuong-dm/IGNITE) publishes its per-task settings in
-    Python scripts that litplug could not read (the repository's shell scripts only call them), and
-    the paper's available text does not state the multiplier schedule, so the defaults are
-    litplug's: ``rho = radius = 0.05``, ``epsilon = 0.1``, ``lambda_init = 1e-3`` and
+    Defaults: the IGNITE authors' code (cuong-dm/IGNITE) sets its per-task values in Python
+    scripts (``scripts/IGNITE/*.py``, called by the repository's shell scripts) that were not
+    available when the defaults were chosen, nor was a statement of them in the paper, so the
+    defaults are litplug's: ``rho = radius = 0.05``, ``epsilon = 0.1``, ``lambda_init = 1e-3`` and
     ``lambda_lr = 0.1``. The dual step is the one that enforces the constraint within a short
     run: with ``1e-3`` the multiplier stays below ~0.06 over 540 steps while ``rho ||grad G||``
     stays at twice ``epsilon`` (no measurable effect on any offline task); with ``0.1`` it binds
