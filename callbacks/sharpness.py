@@ -500,9 +500,10 @@ class SharpnessAwareMinimization(_ExtraPasses):
         if not params:
             return
         a = self.penalty_weight
-        named_weight = {id(p) for n, p in self._params if "weight" in n}
-        scaled = [id(p) in named_weight for p in params]  # ASAM's rule: T = |w| + eta on weights
-        if self.adaptive:
+        scaled = None
+        if self.adaptive:  # ASAM's rule: T = |w| + eta on parameters named *weight*, 1 elsewhere
+            named_weight = {id(p) for n, p in self._params if "weight" in n}
+            scaled = [id(p) in named_weight for p in params]
             t2g = [(p.abs() + self.eta).square() * g if s else g for p, g, s in zip(params, grads, scaled)]
             e_norm = self.rho * global_norm(t2g)
             del t2g
