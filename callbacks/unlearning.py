@@ -37,8 +37,9 @@ Free entries get exactly the update they would get without the machinery. Parame
 
 Default scope, as in each criterion's reference code: ``saliency`` and ``attribution`` rank *all*
 parameters, biases and norm parameters included, against one global threshold (SalUn's
-``generate_mask.py`` in OPTML-Group/Unlearn-Saliency and WAGLE's ``src/unlearn/generate_mask.py`` score every
-entry of ``model.named_parameters()``), and so does ``random`` (WAGLE's random-mask control);
+``Classification/generate_mask.py`` in OPTML-Group/Unlearn-Saliency and WAGLE's
+``src/unlearn/generate_mask.py`` score every entry of ``model.named_parameters()``), and so does
+``random`` (WAGLE's random-mask control);
 ``magnitude`` ranks weights only (``scope="weights"``), as the pruning of Jia et al. 2023
 (OPTML-Group/Unlearn-Sparse, ``pruner.py``: global L1 pruning of conv weights; litplug's
 ``"weights"`` are all parameters with >= 2 dims). The forget-loss gradient is that of the mean loss
