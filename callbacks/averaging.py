@@ -522,6 +522,13 @@ class EMA(_WeightAveraging):
     LightningModule (integer buffers such as ``num_batches_tracked`` are copied), paired by name.
     The first update copies the weights; before it, validation uses the live weights.
 
+    Schedule: the update follows the optimizer step with 0-based index ``i`` (``global_step - 1``)
+    when ``i >= update_after_step`` and ``i % every_n_steps == 0``, i.e. after steps 1, n + 1,
+    2n + 1, ... (1-based) from step ``update_after_step + 1`` on, the rule of Lightning's
+    ``EMAWeightAveraging(update_every_n_steps=n, update_starting_at_step=update_after_step)``. The
+    phase is that of the step count, not of ``update_after_step`` (as in Lightning): with
+    ``update_after_step=2, every_n_steps=3`` the updates follow steps 4, 7, 10, ...
+
     Distributed: DDP adds no communication (every rank updates its identical replica). FSDP2
     (``ModelParallelStrategy``): the average is kept per local shard (``p.to_local()``), no
     all-gather in the update or the swap; ``state_dict`` (checkpoints) and the export gather full
@@ -532,8 +539,8 @@ class EMA(_WeightAveraging):
         warmup: use ``decay_t = min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)``.
         warmup_gamma: > 0, the ``gamma`` of the warmup rule.
         warmup_power: > 0, the ``power`` of the warmup rule (2/3 for short runs, 3/4 for long).
-        update_after_step: first update after this many optimizer steps (>= 0).
-        every_n_steps: update after every n-th optimizer step (>= 1).
+        update_after_step: no update after the first this-many optimizer steps (>= 0).
+        every_n_steps: update after optimizer steps 1, n + 1, 2n + 1, ... (>= 1; see Schedule).
         dtype: dtype of the average of floating tensors (``"float32"`` for a bf16 model, so small
             updates are not rounded away); ``None`` keeps the model's dtype.
         device: where the average lives (``"cpu"`` offloads it); ``None`` = beside the weights.
@@ -581,7 +588,8 @@ class EMA(_WeightAveraging):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step  # optimizer steps so far; unchanged on accumulation batches
-        if step == self._last_step or step <= self.update_after_step or step % self.every_n_steps:
+        index = step - 1  # 0-based index of the step just taken, as in Lightning's WeightAveraging
+        if step == self._last_step or index < self.update_after_step or index % self.every_n_steps:
             return
         decay = self.current_decay()
         self._update(pl_module, 1.0 - decay)

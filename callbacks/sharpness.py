@@ -89,8 +89,12 @@ def sam_perturbation(
     adaptive: bool = False,
     eps: float = EPS,
     inplace: bool = False,
+    eta: float = 0.0,
+    scaled: Sequence[bool] | None = None,
 ) -> tuple[list[Tensor], Tensor]:
-    """``e = rho * T^2 g / (||T g|| + eps)`` with ``T = 1`` (SAM) or ``T = |w|`` (adaptive SAM).
+    """``e = rho * T^2 g / (||T g|| + eps)`` with ``T = 1`` (SAM) or, for adaptive SAM,
+    ``T = |w| + eta`` on the parameters flagged in ``scaled`` (all when None) and ``T = 1`` on the
+    others.
 
     The norm is global over all ``params``; ``e`` is scale-invariant in ``g`` (up to ``eps``), so
     loss-scaled fp16 gradients give the same perturbation.
@@ -98,6 +102,8 @@ def sam_perturbation(
     Args:
         inplace: for SAM (not adaptive), write ``e`` into ``grads`` (no allocation; when ``g`` is
             not needed afterwards).
+        eta: added to ``|w|`` in adaptive SAM's ``T``.
+        scaled: per parameter, whether adaptive SAM scales it by ``|w| + eta``.
 
     Returns:
         ``(e, ||T g||)``; for DTensors, ``e`` holds the local shards.
@@ -107,11 +113,13 @@ def sam_perturbation(
         >>> e[0], n
         (tensor([0.3000, 0.4000]), tensor(5.))
     """
-    tg = [p.abs() * g for p, g in zip(params, grads)] if adaptive else list(grads)
+    flags = [True] * len(params) if scaled is None else list(scaled)
+    t = [p.abs() + eta if adaptive and f else None for p, f in zip(params, flags)]
+    tg = [g if ti is None else ti * g for ti, g in zip(t, grads)]
     norm = global_norm(tg)
     scale = rho / (norm + eps)
     if adaptive:
-        e = torch._foreach_mul([_local(t) for t in tg], [_local(p).abs() for p in params])
+        e = [_local(x).clone() if ti is None else _local(x) * _local(ti) for x, ti in zip(tg, t)]
     else:
         e = [_local(g) if inplace else _local(g).clone() for g in grads]
     torch._foreach_mul_(e, scale.to(e[0].device) if e else scale)
@@ -405,8 +413,9 @@ class SharpnessAwareMinimization(_ExtraPasses):
     """Sharpness-aware minimization as a callback (SAM, adaptive SAM, gradient-norm penalty).
 
     With ``g`` the gradient of the loss at ``w`` (after accumulation) and
-    ``e = rho T^2 g / (||T g|| + 1e-12)`` (``T = 1``, or ``T = |w|`` when ``adaptive``; the norm is
-    global over the perturbed parameters), the optimizer steps from ``w`` with::
+    ``e = rho T^2 g / (||T g|| + 1e-12)`` (``T = 1``; with ``adaptive``, ``T = |w| + eta`` for
+    parameters whose name contains ``weight`` and ``T = 1`` for the others; the norm is global over
+    the perturbed parameters), the optimizer steps from ``w`` with::
 
         (1 - a) * g + a * grad L(w + e),      a = penalty_weight
 
@@ -427,13 +436,24 @@ class SharpnessAwareMinimization(_ExtraPasses):
     from the global gradient and ``||T g||`` is the global norm (one scalar all-reduce). The three
     logged values are averaged over ranks (``sync_dist``). FSDP1 and DeepSpeed are rejected at setup.
 
+    Adaptive SAM follows the ASAM authors' code (SamsungLabs/ASAM, ``asam.py``): ``T = |w| + eta``
+    (``eta = 0.01``, their default) on parameters whose name in ``pl_module.named_parameters()``
+    contains ``weight`` (so BatchNorm/LayerNorm scales too; a module attribute named ``*weight*``
+    puts all its parameters there), ``T = 1`` on biases and the rest; their CIFAR example uses
+    ``rho = 0.5`` on CIFAR-10 and ``1.0`` on CIFAR-100 (``configs/callbacks/asam.yaml``: 0.5; that
+    script's command-line default is ``eta = 0``, against ``0.01`` in ``asam.py``).
+    ``pytorch_optimizer.SAM(adaptive=True)`` instead uses ``T = |w|`` on every parameter, so a
+    zero-initialised bias is never perturbed; litplug equals it with ``eta=0`` on a model whose
+    trainable parameters are all named ``*weight*``.
+
     Logs ``sam/sharpness`` (L(w + e) - L(w)), ``sam/grad_norm`` (``||T g||``),
     ``sam/perturbation_norm`` (``||e||``) on perturbed steps (with ``every_n_steps > 1``,
     Lightning's step logging repeats the latest value on the plain steps in between).
 
     Args:
         rho: radius of the perturbation, > 0.
-        adaptive: scale the perturbation by ``|w|`` (adaptive SAM).
+        adaptive: scale the perturbation by ``|w| + eta`` (adaptive SAM).
+        eta: ASAM's offset in ``T = |w| + eta``, >= 0 (used with ``adaptive``).
         penalty_weight: ``a`` in (0, 1].
         every_n_steps: perturb every k-th optimizer step, plain steps in between.
         sync_first_pass: all-reduce the first pass's gradient under DDP.
@@ -457,15 +477,18 @@ class SharpnessAwareMinimization(_ExtraPasses):
         sync_first_pass: bool = False,
         exclude: Sequence[str] = (),
         freeze_bn_stats: bool = True,
+        eta: float = 0.01,
     ) -> None:
         check_number("rho", rho, low=0, low_open=True)
         check_bool("adaptive", adaptive)
         check_number("penalty_weight", penalty_weight, 0, 1, low_open=True)
         check_positive_int("every_n_steps", every_n_steps)
         check_bool("sync_first_pass", sync_first_pass)
+        check_number("eta", eta, low=0)
         super().__init__(freeze_bn_stats=freeze_bn_stats, exclude=exclude)
         self.rho = rho
         self.adaptive = adaptive
+        self.eta = eta
         self.penalty_weight = penalty_weight
         self.every_n_steps = every_n_steps
         self.sync_first_pass = sync_first_pass
@@ -481,10 +504,15 @@ class SharpnessAwareMinimization(_ExtraPasses):
         if not params:
             return
         a = self.penalty_weight
-        if self.adaptive:
-            e_norm = self.rho * global_norm([p.abs().square() * g for p, g in zip(params, grads)])
+        scaled = None
+        if self.adaptive:  # ASAM's rule: T = |w| + eta on parameters named *weight*, 1 elsewhere
+            named_weight = {id(p) for n, p in self._params if "weight" in n}
+            scaled = [id(p) in named_weight for p in params]
+            t2g = [(p.abs() + self.eta).square() * g if s else g for p, g, s in zip(params, grads, scaled)]
+            e_norm = self.rho * global_norm(t2g)
+            del t2g
         # With a = 1, g is not needed after the perturbation: e is built in the gradient buffers.
-        e, norm = sam_perturbation(params, grads, self.rho, self.adaptive, inplace=a == 1.0)
+        e, norm = sam_perturbation(params, grads, self.rho, self.adaptive, inplace=a == 1.0, eta=self.eta, scaled=scaled)
         e_norm = e_norm / (norm + EPS) if self.adaptive else self.rho * norm / (norm + EPS)
         scale = self._loss_scale(trainer, norm)
         backup = self._perturb(params, e)
@@ -539,6 +567,15 @@ class SurrogateSharpness(_ExtraPasses):
     Logs ``ignite/lambda`` (the multiplier used in the step) and ``ignite/output_grad_norm``
     (``||grad G(b)||``).
 
+    Defaults: the IGNITE authors' code (cuong-dm/IGNITE) sets its per-task values in Python
+    scripts (``scripts/IGNITE/*.py``, called by the repository's shell scripts) that were not
+    available when the defaults were chosen, nor was a statement of them in the paper, so the
+    defaults are litplug's: ``rho = radius = 0.05``, ``epsilon = 0.1``, ``lambda_init = 1e-3`` and
+    ``lambda_lr = 0.1``. The dual step is the one that enforces the constraint within a short
+    run: with ``1e-3`` the multiplier stays below ~0.06 over 540 steps while ``rho ||grad G||``
+    stays at twice ``epsilon`` (no measurable effect on any offline task); with ``0.1`` it binds
+    (README, offline results: +20% on Ackley, -7.5% on Hartmann).
+
     Args:
         rho: sharpness radius in the constraint, > 0.
         radius: finite-difference step, > 0.
@@ -562,7 +599,7 @@ class SurrogateSharpness(_ExtraPasses):
         radius: float = 0.05,
         epsilon: float = 0.1,
         lambda_init: float = 1e-3,
-        lambda_lr: float = 1e-3,
+        lambda_lr: float = 0.1,
         adaptive_lambda: bool = True,
         input_index: int | str = 0,
     ) -> None:

@@ -38,6 +38,18 @@ then row-major position in the full parameter); NaN scores count as 0. The rest 
 
 Free entries get exactly the update they would get without the machinery. Parameters outside
 ``scope`` (biases and norm parameters for ``"weights"``) are not masked; buffers never are.
+
+Default scope, as in each criterion's reference code: ``saliency`` and ``attribution`` rank *all*
+parameters, biases and norm parameters included, against one global threshold (SalUn's
+``Classification/generate_mask.py`` in OPTML-Group/Unlearn-Saliency and WAGLE's
+``src/unlearn/generate_mask.py`` score every entry of ``model.named_parameters()``), and so does
+``random`` (WAGLE's random-mask control);
+``magnitude`` ranks weights only (``scope="weights"``), as the pruning of Jia et al. 2023
+(OPTML-Group/Unlearn-Sparse, ``pruner.py``: global L1 pruning of conv weights; litplug's
+``"weights"`` are all parameters with >= 2 dims). The forget-loss gradient is that of the mean loss
+over the whole forget set, as SalUn's paper defines it; SalUn's code sums per-batch means, so a
+partial last batch weighs more per sample (4x for a last batch a quarter full).
+
 Cost: one pass over the forget (and, for ``attribution``, retain) set at fit start; per step,
 one multiply per gradient, a second one for gradients rewritten after it (e.g. by clipping or
 SAM; for all of them where the restore is skipped), and one ``addcmul`` per parameter (the
@@ -79,6 +91,8 @@ from ..protocols import ForgetRetainData, module_loss, require, require_loss
 
 Criterion = Literal["saliency", "attribution", "magnitude", "random"]
 Scope = Literal["weights", "all"]
+# Default scope per criterion, as in the reference code (see the module docstring).
+DEFAULT_SCOPE: dict[str, Scope] = {"saliency": "all", "attribution": "all", "magnitude": "weights", "random": "all"}
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -221,7 +235,8 @@ class UnlearningMask(Callback):
     Args:
         criterion: ``saliency``, ``attribution``, ``magnitude`` or ``random``.
         ratio: fraction of the entries in scope kept updatable, in (0, 1].
-        scope: ``weights`` (parameters with >= 2 dims) or ``all`` trainable parameters.
+        scope: ``weights`` (parameters with >= 2 dims) or ``all`` trainable parameters; None:
+            the criterion's reference scope (``all``; ``weights`` for ``magnitude``).
         mu: WAGLE's step-size constant for ``attribution`` (> 0).
         num_batches: forget/retain batches used for the gradients (None: the whole sets).
         seed: seed of the ``random`` criterion.
@@ -231,18 +246,19 @@ class UnlearningMask(Callback):
         self,
         criterion: Criterion = "saliency",
         ratio: float = 0.5,
-        scope: Scope = "weights",
+        scope: Scope | None = None,
         mu: float = 1e-6,
         num_batches: int | None = None,
         seed: int = 0,
     ) -> None:
         check_choice("criterion", criterion, ("saliency", "attribution", "magnitude", "random"))
         check_number("ratio", ratio, 0, 1, low_open=True)
-        check_choice("scope", scope, ("weights", "all"))
+        check_choice("scope", scope, ("weights", "all"), allow_none=True)
         check_number("mu", mu, low=0, low_open=True)
         check_positive_int("num_batches", num_batches, allow_none=True)
         check_int("seed", seed)
-        self.criterion, self.ratio, self.scope, self.mu = criterion, ratio, scope, mu
+        self.criterion, self.ratio, self.mu = criterion, ratio, mu
+        self.scope: Scope = DEFAULT_SCOPE[criterion] if scope is None else scope
         self.num_batches, self.seed = num_batches, seed
         self.masks: dict[str, torch.Tensor] | None = None  # local (shard) masks, True = updatable
         self._loaded: dict[str, torch.Tensor] | None = None  # full masks from a checkpoint

@@ -208,12 +208,13 @@ def test_ema_live_final_weights_every_n_steps(tmp_path):
     probe = Probe()
     ema = EMA(decay=0.5, every_n_steps=3, final_weights="live", evaluate_with="live")
     trainer, model = fit(tmp_path, ema, probe=probe)
-    assert ema.updates == 2 and ema._last_step == 6  # after steps 3 and 6 of 8
+    assert ema.updates == 3 and ema._last_step == 7  # after steps 1, 4 and 7 of 8
     assert_states_equal(probe.after_step[-1], state_of(model))
     assert_states_equal(probe.after_step[3], probe.val_start[0])
     avg = ema.averaged_state_dict()
     k = "backbone.2.weight"
-    torch.testing.assert_close(avg[k], 0.5 * probe.after_step[2][k] + 0.5 * probe.after_step[5][k])
+    w = [probe.after_step[i][k] for i in (0, 3, 6)]
+    torch.testing.assert_close(avg[k], 0.5 * (0.5 * w[0] + 0.5 * w[1]) + 0.5 * w[2])
     # test on the average, then back to the live weights, also after the module's storage moved
     # (as Lightning's teardown on GPUs does): the callback rebinds its average by name
     ema.evaluate_with = "average"
@@ -221,6 +222,31 @@ def test_ema_live_final_weights_every_n_steps(tmp_path):
     trainer.test(model, Digits(batch_size=32), verbose=False)
     assert_states_equal(probe.test_start, ema.averaged_state_dict())
     assert_states_equal(probe.after_step[-1], state_of(model))
+
+
+@pytest.mark.parametrize("after,every", [(0, 3), (2, 3)])
+def test_ema_update_steps_match_lightning(tmp_path, after, every):
+    """EMA updates after the same optimizer steps as Lightning's EMAWeightAveraging (both run in
+    one Trainer): step index i = global_step - 1 with i >= update_after_step, i % n == 0."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    ours = EMA(decay=0.5, update_after_step=after, every_n_steps=every, final_weights="live", evaluate_with="live")
+    peer = EMAWeightAveraging(decay=0.5, update_every_n_steps=every, update_starting_at_step=after)
+
+    class Steps(Callback):
+        ours_at, peer_at = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if ours.updates > len(self.ours_at):
+                self.ours_at.append(trainer.global_step)
+            if int(peer._average_model.n_averaged) > len(self.peer_at):
+                self.peer_at.append(trainer.global_step)
+
+    steps = Steps()
+    seed_everything(0)
+    trainer = fast_trainer(tmp_path, max_epochs=1, limit_train_batches=11, limit_val_batches=0, callbacks=[ours, peer, steps])
+    trainer.fit(small_classifier(batch_norm=False), Digits(batch_size=32))
+    assert steps.ours_at == steps.peer_at == [t for t in range(1, 12) if t - 1 >= after and (t - 1) % every == 0]
 
 
 def test_ema_bf16_model_fp32_average(tmp_path):

@@ -82,8 +82,15 @@ class Probe(Callback):
         self.after.append([_full(p.detach()).clone() for p in pl_module.parameters()])
 
 
-def hand_grads(net, batches, rho, adaptive, a):
-    """(1 - a) g + a grad L(w + e) computed from the equations, on a copy of ``net``."""
+def asam_scale(net, adaptive, eta=0.01):
+    """T of the ASAM authors' ascent step (SamsungLabs/ASAM, asam.py): |w| + eta for parameters
+    whose name contains "weight", 1 for the others; 1 everywhere for SAM."""
+    return [p.detach().abs() + eta if adaptive and "weight" in n else torch.ones_like(p) for n, p in net.named_parameters()]
+
+
+def hand_grads(net, batches, rho, adaptive, a, eta=0.01):
+    """(1 - a) g + a grad L(w + e) computed from the equations, on a copy of ``net``. The ascent
+    step is the ASAM authors': g <- T g on weights, n = ||g|| over all, e = rho T g / n."""
     net = copy.deepcopy(net)
     params = list(net.parameters())
 
@@ -94,11 +101,12 @@ def hand_grads(net, batches, rho, adaptive, a):
         return loss.detach(), [p.grad.clone() for p in params]
 
     _, g = grads()
-    t = [p.detach().abs() if adaptive else torch.ones_like(p) for p in params]
-    norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
+    t = asam_scale(net, adaptive, eta)
+    tg = [ti * gi for ti, gi in zip(t, g)]
+    norm = torch.sqrt(sum((x**2).sum() for x in tg))
     with torch.no_grad():
-        for p, ti, gi in zip(params, t, g):
-            p.add_(rho * ti**2 * gi / (norm + 1e-12))
+        for p, ti, x in zip(params, t, tg):
+            p.add_(rho * ti * x / (norm + 1e-12))
     _, g2 = grads()
     return [(1 - a) * gi + a * g2i for gi, g2i in zip(g, g2)]
 
@@ -186,15 +194,17 @@ def test_one_step_equals_hand_computed_update(tmp_path, opt, adaptive, a):
     params = list(net.parameters())
     loss = F.cross_entropy(net(x), y)
     g = torch.autograd.grad(loss, params)
-    t = [p.detach().abs() if adaptive else torch.ones_like(p) for p in params]
+    t = asam_scale(net, adaptive)
     norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
+    e = [0.2 * ti**2 * gi / norm for ti, gi in zip(t, g)]
     with torch.no_grad():
-        for p, ti, gi in zip(params, t, g):
-            p.add_(0.2 * ti**2 * gi / norm)
+        for p, ei in zip(params, e):
+            p.add_(ei)
         sharpness = F.cross_entropy(net(x), y) - loss
     metrics = trainer.callback_metrics
     assert float(metrics["sam/sharpness"]) == pytest.approx(float(sharpness), rel=1e-4, abs=1e-6)
     assert float(metrics["sam/grad_norm"]) == pytest.approx(float(norm), rel=1e-5)
+    assert float(metrics["sam/perturbation_norm"]) == pytest.approx(float(torch.sqrt(sum((ei**2).sum() for ei in e))), rel=1e-5)
 
 
 def test_exclude_and_rho_to_zero(tmp_path):
@@ -256,11 +266,16 @@ class PeerSAM(LightningModule):
 
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_matches_pytorch_optimizer_sam(tmp_path, adaptive):
+    """Adaptive: pytorch_optimizer scales every parameter by |w|, the ASAM authors (and litplug)
+    only those named *weight*, by |w| + eta; with eta = 0 and the biases frozen they agree."""
     pytest.importorskip("pytorch_optimizer")
     x, y = data(32)
     model = tiny()
+    if adaptive:
+        for n, p in model.named_parameters():
+            p.requires_grad_("weight" in n)
     peer = PeerSAM(copy.deepcopy(model.backbone), rho=0.1, adaptive=adaptive)
-    fast_trainer(tmp_path, max_epochs=2, callbacks=[SAM(rho=0.1, adaptive=adaptive)]).fit(model, loader(x, y, 8))
+    fast_trainer(tmp_path, max_epochs=2, callbacks=[SAM(rho=0.1, adaptive=adaptive, eta=0.0)]).fit(model, loader(x, y, 8))
     fast_trainer(tmp_path, max_epochs=2).fit(peer, loader(x, y, 8))
     for a, b in zip(model.backbone.parameters(), peer.backbone.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -501,6 +516,7 @@ def test_monitor_leaves_training_untouched_and_logs_layers(tmp_path):
         (lambda: SAM(penalty_weight=0.0), "penalty_weight"),
         (lambda: SAM(penalty_weight=1.5), "penalty_weight"),
         (lambda: SAM(every_n_steps=0), "every_n_steps"),
+        (lambda: SAM(adaptive=True, eta=-0.1), "eta"),
         (lambda: SurrogateSharpness(radius=0.0), "radius"),
         (lambda: SurrogateSharpness(lambda_init=-1.0), "lambda_init"),
         (lambda: SharpnessMonitor(num_batches=0), "num_batches"),
@@ -661,3 +677,14 @@ def test_label_noise_and_fragment_configs_parse():
         cli = _cli("digits/classifier.yaml", f"callbacks/{fragment}.yaml", run=False)
         sam = [cb for cb in cli.trainer.callbacks if isinstance(cb, SharpnessAwareMinimization)]
         assert [(c.rho, c.adaptive, c.penalty_weight) for c in sam] == [want]
+
+
+def test_ignite_configs_carry_the_defaults():
+    """configs/callbacks/ignite.yaml and configs/offline/ignite.yaml state SurrogateSharpness's
+    defaults, whose dual step (0.1) enforces the constraint within a short run."""
+    defaults = SurrogateSharpness()
+    assert (defaults.rho, defaults.radius, defaults.epsilon, defaults.lambda_init, defaults.lambda_lr) == (0.05, 0.05, 0.1, 1e-3, 0.1)
+    keys = ("rho", "radius", "epsilon", "lambda_init", "lambda_lr", "adaptive_lambda", "input_index")
+    for configs in (("digits/classifier.yaml", "callbacks/ignite.yaml"), ("offline/sphere.yaml", "offline/ignite.yaml")):
+        (cb,) = [c for c in _cli(*configs, run=False).trainer.callbacks if isinstance(c, SurrogateSharpness)]
+        assert [getattr(cb, k) for k in keys] == [getattr(defaults, k) for k in keys]
