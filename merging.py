@@ -169,8 +169,9 @@ def ties_merge(
     length ``d`` (as the authors' code does, over the whole model, not per layer), then:
 
     1. trim: keep the ``k = int(density * d)`` entries of largest magnitude of each ``tau_t``
-       (entries tied with the ``k``-th largest magnitude are kept too, as in the authors' code),
-       zero the rest;
+       (entries tied with the ``k``-th largest magnitude are kept too), zero the rest. The
+       authors' ``topk_values_mask`` keeps the entries at or above the ``(d - k)``-th smallest
+       magnitude, i.e. ``k + 1`` entries when magnitudes are distinct; litplug keeps ``k``;
     2. elect: ``gamma = sign(sum_t trimmed_t)``; entries where the sum is exactly 0 take the sign
        of ``sum(gamma)`` (the authors' "majority" rule);
     3. disjoint merge: ``tau_m = sum_t [sign(trimmed_t) == gamma] trimmed_t / max(1, count)``
@@ -197,13 +198,11 @@ def ties_merge(
     taus = torch.stack([torch.cat([(ft[k].double() - base[k].double()).flatten() for k in names]) for ft in finetuned])
     d = taus.shape[1]
     keep = int(density * d)
-    if keep < d:
-        if keep == 0:
-            taus = torch.zeros_like(taus)
-        else:
-            # the (d - keep)-th smallest magnitude is the keep-th largest
-            threshold = taus.abs().kthvalue(d - keep, dim=1, keepdim=True).values
-            taus = taus * (taus.abs() >= threshold)
+    if keep == 0:
+        taus = torch.zeros_like(taus)
+    elif keep < d:
+        threshold = taus.abs().kthvalue(d - keep + 1, dim=1, keepdim=True).values  # the keep-th largest
+        taus = taus * (taus.abs() >= threshold)
     summed = taus.sum(0)
     sign = torch.sign(summed)
     sign[sign == 0] = torch.sign(sign.sum())
