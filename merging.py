@@ -557,8 +557,12 @@ def weight_matching(
         raise ValueError(f"`max_iter` must be >= 1, got {max_iter}")
     perms = [torch.arange(n) for n in spec.sizes]
     axes_of = spec.axes_of()
-    ref = {k: v.detach().double().cpu() for k, v in reference.items() if k in axes_of and k in spec.in_objective}
-    oth = {k: other[k].detach().double().cpu() for k in ref}
+    ref = {k: v.detach().cpu() for k, v in reference.items() if k in axes_of and k in spec.in_objective}
+    # products in the parameters' dtype (float64 only where a parameter is float64); the
+    # assignment problems and their scores in float64
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in ref.values()) else torch.float32
+    ref = {k: v.to(dtype) for k, v in ref.items()}
+    oth = {k: other[k].detach().cpu().to(dtype) for k in ref}
     gen = torch.Generator().manual_seed(seed)
     for _ in range(max_iter):
         progress = False
@@ -572,7 +576,7 @@ def weight_matching(
                 for g2, ax2 in axes_of[ax.name]:  # the other axes of this tensor, permuted as now
                     if ax2 != ax:
                         w = _permute_axis(w, ax2, perms[g2])
-                A += _unit_matrix(ref[ax.name], ax, n) @ _unit_matrix(w, ax, n).T
+                A += (_unit_matrix(ref[ax.name], ax, n) @ _unit_matrix(w, ax, n).T).double()
             rows, cols = linear_sum_assignment(A.numpy(), maximize=True)
             new = torch.as_tensor(cols, dtype=torch.long)
             old_score = A[torch.arange(n), perms[g]].sum().item()
