@@ -51,7 +51,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
@@ -66,6 +65,7 @@ __all__ = [
     "align",
     "apply_permutations",
     "barrier",
+    "evaluate_classifier",
     "fit_quadratic",
     "grid_pareto_front",
     "interpolate",
@@ -280,6 +280,10 @@ _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 _FIXED = -1  # the union-find root of axes that must not move (inputs, outputs)
 
 
+class _Unsupported(Exception):
+    """A node :func:`permutation_spec` cannot permute through (an error only if its input moves)."""
+
+
 class _Structure:
     """Union-find over permutation groups, filled while walking the fx graph."""
 
@@ -336,7 +340,8 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
     summands share one permutation; a summand that cannot move, such as the input, pins it).
     The network's inputs and outputs are never permuted. Anything else that would see a
     permuted tensor (LayerNorm, attention, concatenation, grouped convolutions, a module
-    called twice, ...) raises ``ValueError`` naming the node.
+    called twice, ...) raises ``ValueError`` naming the node; such an operation is accepted
+    where its input cannot move anyway (``log_softmax`` of the logits).
 
     Args:
         model: the network (traced with ``torch.fx.symbolic_trace``).
@@ -377,12 +382,12 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
         return _Label(_FIXED, 1, len(shape(node)))
 
     def refuse(node: fx.Node, what: str) -> None:
-        raise ValueError(f"align: node {node.name!r} ({what}) sees a permuted tensor and is not supported")
+        raise _Unsupported(what)
 
     def is_moving(lab: _Label | None) -> bool:
         return lab is not None and st.find(lab.group) != _FIXED
 
-    for node in gm.graph.nodes:
+    def visit(node: fx.Node) -> None:
         if node.op == "placeholder":
             labels[node] = fixed(node)
         elif node.op == "get_attr":
@@ -400,7 +405,7 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
                 called.add(node.target)
             prefix = f"{node.target}."
             if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                if isinstance(mod, nn.Linear) and len(shape(node.args[0])) != 2 and is_moving(inp):
+                if isinstance(mod, nn.Linear) and len(shape(node.args[0])) != 2:  # left unpermuted
                     refuse(node, f"Linear on a {len(shape(node.args[0]))}-d input")
                 if not isinstance(mod, nn.Linear) and mod.groups != 1:
                     refuse(node, f"{type(mod).__name__} with groups={mod.groups}")
@@ -439,7 +444,7 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
             target = node.target
             if not any(is_moving(lab) for lab in ins):
                 labels[node] = fixed(node)
-                continue
+                return
             tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
             if target in _ELEMENTWISE_FUNCTIONS or (node.op == "call_method" and target in _ELEMENTWISE_METHODS):
                 labels[node] = label(node.args[0])
@@ -458,7 +463,7 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
                     if not isinstance(const, (int, float)):
                         refuse(node, "addition of a constant tensor")
                     labels[node] = label(tensor_args[0])
-                    continue
+                    return
                 a, b = label(tensor_args[0]), label(tensor_args[1])
                 if a.block != b.block or shape(tensor_args[0]) != shape(tensor_args[1]):
                     refuse(node, f"addition of tensors of shapes {shape(tensor_args[0])} and {shape(tensor_args[1])}")
@@ -474,6 +479,21 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
                 refuse(node, f"{node.op} {name}")
         else:  # pragma: no cover - fx has no other ops
             raise ValueError(f"align: unexpected fx node {node.op}")
+
+    deferred: list[tuple[fx.Node, str, list[int]]] = []
+    for node in gm.graph.nodes:
+        try:
+            visit(node)
+        except _Unsupported as err:
+            # fine only if every input group ends up pinned anyway (e.g. log_softmax of the
+            # logits): pass the first moving group through so that pinning reaches it, and check
+            # at the end
+            moving = [lab for lab in tensor_inputs(node) if is_moving(lab)]
+            deferred.append((node, str(err), [lab.group for lab in moving]))
+            labels[node] = moving[0] if moving else fixed(node)
+    for node, what, groups in deferred:
+        if any(st.find(g) != _FIXED for g in groups):
+            raise ValueError(f"align: node {node.name!r} ({what}) sees a permuted tensor and is not supported")
 
     roots = sorted({st.find(g) for g in st.size} - {_FIXED})
     groups = [st.axes[r] for r in roots]

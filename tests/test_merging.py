@@ -150,6 +150,11 @@ def test_unsupported_structures_are_refused_by_name(model, match):
         permutation_spec(model().double(), X)
 
 
+def test_unsupported_operation_on_the_output_is_accepted():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3), nn.LogSoftmax(-1)).double()
+    assert permutation_spec(model, X).sizes == [8]
+
+
 def test_interpolate_and_task_arithmetic_closed_forms():
     base = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(4)}
     ft = [{"w": torch.tensor([2.0, 2.0]), "n": torch.tensor(9)}, {"w": torch.tensor([1.0, 5.0]), "n": torch.tensor(9)}]
