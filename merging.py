@@ -332,7 +332,8 @@ class _Label:
 def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec:
     """Derive which weight axes share a permutation from an ``torch.fx`` trace of ``model``.
 
-    Supported: ``Linear`` (on ``(N, C)`` inputs), ``Conv1d/2d/3d`` (``groups=1``),
+    Supported: ``Linear`` (on ``(N, C)`` inputs; on inputs of more dimensions it stays
+    unpermuted), ``Conv1d/2d/3d`` (``groups=1``),
     ``BatchNorm1d/2d/3d`` (weight, bias, running statistics), element-wise activations and
     dropout, per-channel pooling, ``Flatten``/``flatten``/``view``/``reshape`` to ``(N, -1)``
     after a convolution (a channel permutation then moves whole blocks of the next Linear's

@@ -25,7 +25,6 @@ import copy
 import math
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
