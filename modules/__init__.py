@@ -4,6 +4,7 @@ from .base import TrainingModule
 from .bounds import interval_bounds, margin_bounds
 from .certified import CertifiedClassifier
 from .classifier import Classifier
+from .merge import ModelMerge
 from .networks import CNN7, MLP, ConvNet
 from .regression import Regressor
 from .soup import ModelSoup
@@ -15,6 +16,7 @@ __all__ = [
     "CertifiedClassifier",
     "Classifier",
     "ConvNet",
+    "ModelMerge",
     "ModelSoup",
     "Regressor",
     "TrainingModule",
