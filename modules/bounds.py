@@ -149,7 +149,7 @@ class BoundedNetwork:
 
     Args:
         model: the network; must trace with ``torch.fx.symbolic_trace`` and map one tensor to one
-            tensor.
+            tensor. Held by weak reference: keep the network alive while bounding it.
 
     Raises:
         UnsupportedOperationError: naming the first operation that cannot be bounded and where it
@@ -164,7 +164,8 @@ class BoundedNetwork:
                 f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); the interval engine "
                 "needs a network without data-dependent control flow"
             ) from err
-        self.model = model
+        # A weak reference: the engine is cached per model (``bounded``) and must not keep it alive.
+        self._model = weakref.ref(model)
         self._linearize = False
         self.nodes = list(graph.nodes)
         inputs = [n for n in self.nodes if n.op == "placeholder"]
@@ -180,6 +181,14 @@ class BoundedNetwork:
             last.op == "call_function" and last.target is F.linear
         )
         self.elide = last if is_linear else None
+
+    @property
+    def model(self) -> nn.Module:
+        """The traced network (held by weak reference; the caller keeps it alive)."""
+        model = self._model()
+        if model is None:
+            raise ReferenceError("the network of this BoundedNetwork was garbage-collected; build a new one")
+        return model
 
     def num_outputs(self, x: torch.Tensor) -> int:
         """Width of the network's output on inputs like ``x`` (no module is called, so batch-norm
@@ -666,7 +675,8 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, BoundedNetwork] = weakref.WeakKeyDi
 
 
 def bounded(model: nn.Module) -> BoundedNetwork:
-    """The (cached) :class:`BoundedNetwork` of ``model``."""
+    """The (cached) :class:`BoundedNetwork` of ``model``. The cache holds neither the model nor
+    anything that references it strongly, so a model is freed when its last user lets it go."""
     engine = _CACHE.get(model)
     if engine is None:
         engine = _CACHE[model] = BoundedNetwork(model)
