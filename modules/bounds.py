@@ -176,6 +176,7 @@ class BoundedNetwork:
             raise UnsupportedOperationError("the network must return a single tensor")
         for node in self.nodes:
             self._check(node)
+        self._check_perturbed()
         last = self.output.args[0]
         is_linear = (last.op == "call_module" and type(model.get_submodule(last.target)) is nn.Linear) or (
             last.op == "call_function" and last.target is F.linear
@@ -217,6 +218,44 @@ class BoundedNetwork:
         elif node.op == "call_method":
             if node.target not in _SHAPE_METHODS | _MONOTONE_METHODS | _CENTRE_METHODS:
                 raise UnsupportedOperationError(f"unsupported operation Tensor.{node.target} at {where}")
+
+    def _check_perturbed(self) -> None:
+        """Refuse, before any bound is computed, the supported operations whose arguments make them
+        unboundable: a product of two perturbed tensors (e.g. ``h * h``, a product of activations),
+        a linear map whose weight or bias is perturbed, ``torch.cat`` of perturbed and constant
+        tensors. A node is perturbed when it depends on the network input."""
+        perturbed: set[fx.Node] = set()
+        for node in self.nodes:
+            if node.op == "placeholder":
+                perturbed.add(node)
+                continue
+            if node.op in ("get_attr", "output") or (node.op == "call_method" and node.target in _CENTRE_METHODS):
+                continue  # constants, or plain values read off the centre (sizes)
+            if not any(n in perturbed for n in node.all_input_nodes):
+                continue  # evaluated as in the network
+            perturbed.add(node)
+            if node.op != "call_function":
+                continue
+            fn, args, kwargs = node.target, node.args, node.kwargs
+            shown = ", ".join(a.name if isinstance(a, fx.Node) else repr(a) for a in args if not isinstance(a, (list, tuple)))
+            where = f"node {node.name!r} ({_name(fn)}({shown}))" if shown else f"node {node.name!r}"
+
+            def hit(a: Any) -> bool:
+                return isinstance(a, fx.Node) and a in perturbed
+
+            if fn in _MUL and len(args) >= 2 and hit(args[0]) and hit(args[1]):
+                raise UnsupportedOperationError(
+                    f"unsupported operation {_name(fn)} of two perturbed tensors (a product of activations) at {where}"
+                )
+            if fn in _LINEAR_FUNCTIONS:
+                weight = args[1] if len(args) > 1 else kwargs.get("weight")
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                if hit(weight) or hit(bias):
+                    raise UnsupportedOperationError(f"unsupported operation {_name(fn)} with a perturbed weight or bias at {where}")
+            if fn in _CAT:
+                parts = args[0] if args else kwargs.get("tensors", ())
+                if not all(hit(p) for p in parts):
+                    raise UnsupportedOperationError(f"unsupported operation {_name(fn)} of perturbed and constant tensors at {where}")
 
     def __call__(
         self,
