@@ -305,13 +305,23 @@ class _WeightAveraging(Callback):
 
     @staticmethod
     def _live_is_finite(pl_module: pl.LightningModule, groups: list[_Group]) -> bool:
-        """Whether every floating weight is finite: one max-abs pass and one host read (and, for
-        FSDP2 shards, one all-reduce of the verdict)."""
-        tensors = [t for g in groups if g.floating for t in ([g.flat_live] if g.flat_live is not None else g.live) if t.numel()]
-        if not tensors:
+        """Whether every floating weight is finite: a NaN or inf makes the sum of a flat buffer
+        (or the norm of each tensor) non-finite, so one reduction pass and one host read suffice
+        (and, for FSDP2 shards, one all-reduce of the verdict). Accumulated in at least float32;
+        weights so large that their sum overflows (> 1e38) count as non-finite too."""
+        sums: list[Tensor] = []
+        for g in groups:
+            if not g.floating:
+                continue
+            acc = torch.promote_types(g.live[0].dtype, torch.float32)
+            if g.flat_live is not None:
+                sums.append(g.flat_live.sum(dtype=acc))
+            elif any(t.numel() for t in g.live):
+                sums.extend(torch._foreach_norm([t for t in g.live if t.numel()], 2, dtype=acc))
+        if not sums:
             return True
-        peaks = torch._foreach_norm(tensors, float("inf"))
-        finite = bool(torch.isfinite(torch.stack([p.to(peaks[0].device) for p in peaks])).all())
+        total = sums[0] if len(sums) == 1 else torch.stack([t.to(sums[0].device, torch.float64) for t in sums]).sum()
+        finite = bool(torch.isfinite(total))
         if any(spec is not None for g in groups for spec in g.dtensor_specs):
             finite = pl_module.trainer.strategy.reduce_boolean_decision(finite, all=True)
         return finite
@@ -465,7 +475,8 @@ class EMA(_WeightAveraging):
 
     Non-finite weights (after a NaN/inf loss, or a step that overflowed) never enter the
     average: such an update is skipped with a warning and counted in ``skipped``; the average
-    keeps its last finite value (the check costs one max-abs pass over the weights per update).
+    keeps its last finite value (the check costs one summing pass over the weights and one host
+    read per update).
 
     Distributed: DDP adds no communication (every rank updates its identical replica). FSDP2
     (``ModelParallelStrategy``): the average is kept per local shard (``p.to_local()``), no
