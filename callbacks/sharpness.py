@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -446,6 +447,11 @@ class SharpnessAwareMinimization(_ExtraPasses):
     zero-initialised bias is never perturbed; litplug equals it with ``eta=0`` on a model whose
     trainable parameters are all named ``*weight*``.
 
+    A non-finite gradient norm (a NaN/inf loss, an fp16 overflow) gives no direction: the step is
+    then not perturbed (with a warning); the second pass still runs, at the unperturbed weights, so
+    that every rank makes the same collectives, and the final gradient is the plain one (which a
+    GradScaler then skips as usual). Checking costs one scalar host read per perturbed step.
+
     Logs ``sam/sharpness`` (L(w + e) - L(w)), ``sam/grad_norm`` (``||T g||``),
     ``sam/perturbation_norm`` (``||e||``) on perturbed steps (with ``every_n_steps > 1``,
     Lightning's step logging repeats the latest value on the plain steps in between).
@@ -514,6 +520,14 @@ class SharpnessAwareMinimization(_ExtraPasses):
         # With a = 1, g is not needed after the perturbation: e is built in the gradient buffers.
         e, norm = sam_perturbation(params, grads, self.rho, self.adaptive, inplace=a == 1.0, eta=self.eta, scaled=scaled)
         e_norm = e_norm / (norm + EPS) if self.adaptive else self.rho * norm / (norm + EPS)
+        if not bool(torch.isfinite(norm)):  # a non-finite gradient: no direction to perturb along
+            warnings.warn(
+                f"{type(self).__name__}: the gradient norm is not finite ({float(norm)}) at step {trainer.global_step}; "
+                "the weights are not perturbed in this step (the second pass runs at the unperturbed weights)",
+                stacklevel=1,
+            )
+            torch._foreach_zero_(e)
+            e_norm = torch.zeros_like(e_norm)
         scale = self._loss_scale(trainer, norm)
         backup = self._perturb(params, e)
         del e, grads
@@ -555,7 +569,9 @@ class SurrogateSharpness(_ExtraPasses):
     with ``lambda`` the current multiplier, then (``adaptive_lambda``) dual ascent
     ``lambda <- max(0, lambda + lambda_lr (rho ||grad G(b)|| - epsilon))``. The clamp at 0 keeps
     ``lambda`` a valid multiplier (the reference code omits it); a non-finite norm (a skipped fp16
-    step) leaves ``lambda`` unchanged. ``lambda`` is saved in the callback state. Weights are copied
+    step, or a non-finite model output) leaves ``lambda`` unchanged; the loss itself never enters
+    the dual step, so a NaN/inf loss cannot poison ``lambda``. ``lambda`` is saved in the callback
+    state. Weights are copied
     back before the optimizer step; the optimizer and its state are the base optimizer's.
     Cost: two extra forward/backward passes of the model per step (all micro-batches).
 
@@ -706,7 +722,8 @@ class SharpnessMonitor(Callback):
     and full precision; the monitor never steps an optimizer. Manual optimisation needs
     ``batch_loss`` (its ``training_step`` steps optimizers) and is refused at setup without it.
     Weights, gradients, RNG state, buffers and optimizer state are restored, so training is
-    unchanged.
+    unchanged. A non-finite loss or gradient on the held batches is logged as it is (NaN/inf)
+    and still leaves the weights bit-exact.
 
     Distributed: each rank measures on its own held batches with its own gradient (DDP; no
     collective besides the logged mean) or the reduce-scattered gradient (FSDP2: one backward and

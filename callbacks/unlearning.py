@@ -15,7 +15,9 @@ the batch's share of the samples, so ``g_f`` is the gradient of the mean loss ov
 
 Exactly ``k = int(N * ratio)`` entries (N = entries in scope) with the highest scores stay
 updatable; ties are broken by the lower global index (parameters in ``named_parameters`` order,
-then row-major position in the full parameter); NaN scores count as 0. The rest is frozen:
+then row-major position in the full parameter). A NaN or inf score (from a non-finite forget or
+retain loss, or weight) raises a ``ValueError`` naming the parameters at fit start, rather than
+ranking on it (the functional ``topk_masks`` counts NaN as 0). The rest is frozen:
 
 1. ``on_before_optimizer_step`` zeroes the gradient at frozen entries, before Lightning clips
    gradients: clipping measures the masked gradient (with a GradScaler, also after every
@@ -227,7 +229,9 @@ def _local_rows(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 class UnlearningMask(Callback):
     """Keep exactly ``int(N * ratio)`` parameter entries updatable, chosen by ``criterion`` on
-    the original weights; freeze the rest bit-exactly (see the module docstring).
+    the original weights; freeze the rest bit-exactly (see the module docstring). Non-finite
+    scores (NaN/inf from a non-finite loss or weight) raise a ``ValueError`` naming the
+    parameters at fit start; frozen entries stay bit-exact whatever the later gradients hold.
 
     Logs ``unlearn/mask_ratio`` (k / N, every epoch) and a TensorBoard histogram
     ``unlearn/layer_updatable_fraction`` of the per-parameter updatable fractions (at fit start).
@@ -366,6 +370,19 @@ class UnlearningMask(Callback):
         gr = [gr[index[n]] for n, _ in named]
         return attribution_scores([_local(p).detach() for p in params], gf, gr, self.mu)
 
+    def _check_finite(self, named: list[tuple[str, nn.Parameter]], scores: Sequence[torch.Tensor], all_reduce: Reduce | None) -> None:
+        """Raise if a score is NaN or inf (a non-finite forget/retain loss or weight): a mask
+        ranked on such scores would be arbitrary. FSDP2 shards agree through one all-reduce."""
+        bad = torch.tensor([int((~torch.isfinite(s)).sum()) for s in scores], dtype=torch.long)
+        if all_reduce is not None:
+            bad = all_reduce(bad.to(scores[0].device)).cpu()
+        if int(bad.sum()):
+            where = ", ".join(f"{n} ({int(c)} of {p.numel()})" for (n, p), c in zip(named, bad) if c)
+            raise ValueError(
+                f"UnlearningMask: {self.criterion!r} scores are not finite (NaN or inf) for {where}; check the "
+                "forget/retain losses and the original weights"
+            )
+
     def _collectives(self, named: list[tuple[str, nn.Parameter]]) -> tuple[Reduce | None, Any, int]:
         sharded = [p for _, p in named if hasattr(p, "device_mesh")]
         if not sharded:
@@ -398,6 +415,7 @@ class UnlearningMask(Callback):
             self.masks = {n: _local_rows(self._loaded[n], p).to(_local(p).device) for n, p in named}
         elif self.masks is None:
             scores = self._scores(trainer, pl_module, named)
+            self._check_finite(named, scores, all_reduce)
             masks = topk_masks(scores, self.num_selected, all_reduce, all_gather, rank)
             self.masks = {n: m for (n, _), m in zip(named, masks)}
         counts = torch.tensor([int(self.masks[n].sum()) for n, _ in named], dtype=torch.long)
