@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
 from typing import Literal
 
 from torch import Tensor, nn
@@ -31,6 +30,7 @@ from typing_extensions import override
 from ..merging import align, task_arithmetic, ties_merge
 from .classifier import Classifier
 from .soup import Metric, ModelSoup, _save, check_compatible, greedy_soup, load_ingredient, uniform_soup
+from litplug.validation import check_choice, check_list, check_number, check_str
 
 State = dict[str, Tensor]
 Recipe = Literal["uniform", "greedy", "task_arithmetic", "ties", "align_then_average"]
@@ -80,22 +80,21 @@ class ModelMerge(Classifier):
         num_classes: int = 10,
         output_path: str | None = "runs/merge.pt",
     ) -> None:
-        if recipe not in RECIPES:
-            raise ValueError(f"`recipe` must be one of {list(RECIPES)}, got {recipe!r}")
-        if metric not in ("val/acc", "val/loss"):
-            raise ValueError(f"`metric` must be 'val/acc' or 'val/loss', got {metric!r}")
-        if not checkpoints:
-            raise ValueError("`checkpoints` must name at least one ingredient")
+        check_choice("recipe", recipe, tuple(RECIPES))
+        check_choice("metric", metric, ("val/acc", "val/loss"))
+        check_list("checkpoints", checkpoints, check_str, nonempty=True)
+        check_str("base", base, allow_none=True)
         needs_base = recipe in ("task_arithmetic", "ties")
         if needs_base and base is None:
             raise ValueError(f"`base` (the pre-trained weights) is required by recipe {recipe!r}")
         if not needs_base and base is not None:
             raise ValueError(f"`base` is only used by recipes 'task_arithmetic' and 'ties', got recipe {recipe!r}")
-        scales = [scale] if isinstance(scale, (int, float)) else list(scale)
-        if not scales or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) for s in scales):
-            raise ValueError(f"`scale` must be a finite number or a non-empty list of them, got {scale!r}")
-        if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
-            raise ValueError(f"`density` must be in (0, 1], got {density!r}")
+        if isinstance(scale, (list, tuple)):
+            scales = check_list("scale", scale, check_number, nonempty=True)
+        else:
+            scales = [check_number("scale", scale)]
+        check_number("density", density, 0, 1, low_open=True)
+        check_str("output_path", output_path, allow_none=True)
         super().__init__(backbone, num_classes)
         reference = dict(backbone.state_dict())
         self.ingredients: list[State] = []

@@ -107,6 +107,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         "sync_first_pass": ANY,
         "exclude": Arg(ok={"empty": "no pattern: every parameter is perturbed"}),
         "freeze_bn_stats": ANY,
+        "eta": Arg(0, ok={"zero": "eta 0 is T = |w| (pytorch_optimizer's adaptive rule)"}),
     },
     "SurrogateSharpness": {
         "rho": POSITIVE,
@@ -158,6 +159,24 @@ SPEC: dict[str, dict[str, Arg]] = {
     "ConvNet": {"input_shape": ANY, "num_outputs": COUNT, "channels": ANY, "hidden": COUNT, "activation": ANY, "batch_norm": ANY},
     "CNN7": {"input_shape": ANY, "num_outputs": COUNT, "width": COUNT, "linear_size": COUNT},
     "Regressor": {"backbone": ANY, "loss": ANY, "optimizer": ANY, "lr_scheduler": ANY},
+    "ModelMerge": {
+        "backbone": ANY,
+        "checkpoints": ANY,
+        "recipe": ANY,
+        "base": ANY,
+        "scale": Arg(
+            ok={
+                "zero": "scale 0 returns the base",
+                "negative": "a negative scale subtracts task vectors (negation)",
+                "item_zero": "a 0 in the searched scales is the base",
+                "item_negative": "a negative searched scale is task negation",
+            }
+        ),
+        "density": Arg(0, 1, low_open=True),
+        "metric": ANY,
+        "num_classes": CLASSES,
+        "output_path": ANY,
+    },
     "ModelSoup": {"backbone": ANY, "checkpoints": ANY, "recipe": ANY, "metric": ANY, "num_classes": CLASSES, "output_path": ANY},
     "Unlearner": {
         "backbone": ANY,

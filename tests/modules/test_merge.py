@@ -122,7 +122,7 @@ def test_arguments_are_validated(files):
         ModelMerge(backbone, files["finetunes"], recipe="uniform", base=files["base"])
     with pytest.raises(ValueError, match=r"`density` must be in \(0, 1\], got 1.5"):
         ModelMerge(backbone, files["finetunes"], recipe="ties", base=files["base"], density=1.5)
-    with pytest.raises(ValueError, match="`scale` must be a finite number"):
+    with pytest.raises(ValueError, match="`scale` must be a non-empty list"):
         ModelMerge(backbone, files["finetunes"], recipe="task_arithmetic", base=files["base"], scale=[])
     with pytest.raises(ValueError, match=r"base .*: parameter '1.0.weight' has shape \(8, 64\)"):
         torch.save(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8], batch_norm=True).state_dict(), Path(files["base"]).with_name("narrow.pt"))
