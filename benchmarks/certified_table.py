@@ -1,4 +1,4 @@
-"""The README's certified-training table on digits: plain IBP with a long warmup
+"""The certified-training table on digits in benchmarks/RESULTS.md: plain IBP with a long warmup
 (configs/digits/ibp_long_warmup.yaml) vs the short-warmup recipe of Shi et al. 2021
 (configs/digits/ibp.yaml), for eps in {0.05, 0.1, 0.2}; clean, verified and PGD test accuracy,
 mean +- sample std over ``--seeds`` seeds (0 .. n-1, passed as ``--seed_everything``).

@@ -5,7 +5,7 @@
 #   2. benchmarks/sharpness.py on the GPU (the benchmark with a --device option).
 # Usage, from the repository root in the project's environment:
 #   bash benchmarks/gpu_check.sh            # writes runs/gpu_check/{env,tests,sharpness}.txt
-# Not yet run on a GPU.
+# This script has not been run on a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=runs/gpu_check

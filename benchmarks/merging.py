@@ -1,4 +1,4 @@
-"""Regenerate README's model-merging tables (embedded digits, plain-torch training loops).
+"""Regenerate the model-merging tables of benchmarks/RESULTS.md (embedded digits, plain-torch training loops).
 
 Sections (``--sections``, default all):
 

@@ -1,9 +1,9 @@
-"""Offline optimisation results: the README table of the offline family.
+"""Offline optimisation results: the offline tables of benchmarks/RESULTS.md.
 
 For every task, trains the surrogate of ``configs/offline/<task>.yaml`` over ``--seeds`` seeds
 (seed of the data sample, the split, the initialisation and the shuffling): plain, with IGNITE
 (``configs/offline/ignite.yaml``: ``SurrogateSharpness`` with its defaults, ``lambda_lr`` 0.1;
-``ignite_slow_dual.yaml``: the same with the previous default ``lambda_lr`` 1e-3) and with SAM
+``ignite_slow_dual.yaml``: the same with ``lambda_lr`` 1e-3) and with SAM
 (``configs/offline/sam.yaml``). ``GradientAscentSearch`` runs at the end of each fit. Prints the
 normalised 100th-percentile score as a Markdown table (mean +- std over seeds; for the variants
 also the change of the mean against the baseline and how many seeds beat the baseline run with

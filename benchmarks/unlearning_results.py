@@ -1,4 +1,4 @@
-"""Regenerate README's unlearning results table from the configs in configs/digits/unlearning/.
+"""Regenerate the unlearning results tables of benchmarks/RESULTS.md from the configs in configs/digits/unlearning/.
 
 For every seed: train the original model (original.yaml), then run every row
 (methods/<row>.yaml) on class-wise (class.yaml) and 10% random (random.yaml) forgetting, timing

@@ -2,7 +2,7 @@
 bf16-mixed, EMA offloaded to host memory, FSDP2 (ModelParallelStrategy) on one GPU, and the refusal
 of FSDP1 and DeepSpeed on the real strategies. Run them with ``bash benchmarks/gpu_check.sh``.
 
-Not yet run on a GPU: the CPU suite covers the same mechanisms (CPU GradScaler, bf16, gloo)."""
+These tests have not been run on a GPU; the CPU suite covers the same mechanisms (CPU GradScaler, bf16, gloo)."""
 
 from __future__ import annotations
 
