@@ -4,6 +4,7 @@ from .base import TrainingModule
 from .bounds import interval_bounds, margin_bounds
 from .certified import CertifiedClassifier
 from .classifier import Classifier
+from .language import CausalTransformer, LanguageModel
 from .networks import CNN7, MLP, ConvNet
 from .regression import Regressor
 from .soup import ModelSoup
@@ -11,10 +12,12 @@ from .unlearning import Unlearner
 
 __all__ = [
     "CNN7",
+    "CausalTransformer",
     "MLP",
     "CertifiedClassifier",
     "Classifier",
     "ConvNet",
+    "LanguageModel",
     "ModelSoup",
     "Regressor",
     "TrainingModule",
