@@ -167,3 +167,75 @@ def test_every_results_config_instantiates(tmp_path):
             assert cli.datamodule.scenario == scenario
             masks = [c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]
             assert [m.criterion for m in masks] == [c for c in ("saliency", "attribution") if c in row.stem]
+
+
+# --- language models ----------------------------------------------------------------------
+def _lm():
+    from litplug.modules import CausalTransformer
+
+    return CausalTransformer(vocab_size=8, max_len=12, dim=16, depth=1, heads=2)
+
+
+def _token_nll(net, tokens):
+    logits = net(tokens)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def test_language_model_losses_match_definitions(tmp_path):
+    from litplug.modules.language import sequence_log_likelihood
+
+    torch.manual_seed(0)
+    torch.save(_lm().state_dict(), tmp_path / "orig.pt")
+    forget, retain = torch.randint(0, 8, (4, 12)), torch.randint(0, 8, (6, 12))
+    batch = {"forget": forget, "retain": (retain,)}  # a bare tensor or a tuple of token ids
+    model = Unlearner(_lm(), str(tmp_path / "orig.pt"), "gradient_difference", gamma=0.5, objective="causal_lm")
+    nll_f, nll_r = _token_nll(model.backbone, forget), _token_nll(model.backbone, retain)
+    torch.testing.assert_close(model.batch_loss(forget), nll_f)
+    torch.testing.assert_close(model.unlearning_loss(batch), -nll_f + 0.5 * nll_r)
+    model.method = "gradient_ascent"
+    torch.testing.assert_close(model.unlearning_loss(batch), -nll_f)
+    npo = Unlearner(_lm(), str(tmp_path / "orig.pt"), "npo", beta=0.3, gamma=0.0, objective="causal_lm")
+    assert npo.unlearning_loss(batch).item() == pytest.approx(2 / 0.3 * math.log(2), rel=1e-5)
+    with torch.no_grad():  # move away from the reference: NPO compares whole-sequence log-likelihoods
+        for p in npo.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    logp = sequence_log_likelihood(npo.backbone(forget), forget)[0]
+    logp_ref = sequence_log_likelihood(npo._reference[0](forget), forget)[0]
+    assert logp.shape == (4,) and (logp - logp_ref).abs().min() > 1e-3
+    torch.testing.assert_close(npo.unlearning_loss(batch), npo_loss(logp, logp_ref, 0.3))
+    with pytest.raises(ValueError, match="random_label.*causal_lm"):
+        Unlearner(_lm(), None, "random_label", objective="causal_lm")
+    with pytest.raises(ValueError, match="objective"):
+        Unlearner(_lm(), objective="seq2seq")
+
+
+def test_loss_mia_auc():
+    from litplug.modules.unlearning import loss_mia_auc
+
+    assert loss_mia_auc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 2.0, 3.0])) == 100.0
+    assert loss_mia_auc(torch.tensor([5.0, 6.0]), torch.tensor([1.0, 2.0])) == 0.0
+    assert loss_mia_auc(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 3.0])) == pytest.approx(100 * (2 + 0.5) / 4)
+    assert math.isnan(loss_mia_auc(torch.zeros(0), torch.ones(3)))
+
+
+def test_hugging_face_causal_lm(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from torch.utils.data import TensorDataset
+
+    config = transformers.GPT2Config(vocab_size=16, n_positions=24, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(config)  # random init, nothing downloaded
+    torch.save(gpt2.state_dict(), tmp_path / "orig.pt")
+    tokens = torch.randint(0, 16, (80, 24), generator=torch.Generator().manual_seed(0))
+    data, held_out = TensorDataset(tokens[:64]), TensorDataset(tokens[64:])  # batches are [token ids]
+    dm = ForgetRetain(data, "random", forget_fraction=0.25, held_out=held_out, batch_size=16)
+    model = Unlearner(transformers.GPT2LMHeadModel(config), str(tmp_path / "orig.pt"), "npo", objective="causal_lm")
+    dm.setup()
+    batch = next(iter(dm.forget_dataloader()))
+    # the token-level NLL is the model's own loss (Hugging Face shifts labels the same way)
+    torch.testing.assert_close(model.batch_loss(batch), gpt2(batch[0], labels=batch[0]).loss)
+    trainer = fast_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, dm)
+    metrics = trainer.test(model, dm, verbose=False)[0]
+    assert {k.split("/")[-1] for k in metrics} == {"forget_loss", "retain_loss", "test_loss", "MIA"}
+    assert all(math.isfinite(v) for v in metrics.values())
