@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import fast_trainer, read_scalars
+from harness import fast_trainer, make_strategy, read_scalars, run_distributed
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -239,3 +239,73 @@ def test_hugging_face_causal_lm(tmp_path):
     metrics = trainer.test(model, dm, verbose=False)[0]
     assert {k.split("/")[-1] for k in metrics} == {"forget_loss", "retain_loss", "test_loss", "MIA"}
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def lm_recipe_worker(strategy, tmp_dir, method):
+    """The language-model recipe, small: train a causal transformer on a Markov corpus whose 8
+    marked sequences are seen 16x per epoch, then unlearn them; returns test metrics before and
+    after unlearning (on every rank)."""
+    from lightning.pytorch import Trainer
+
+    from litplug.datamodules import MarkovText
+    from litplug.modules import CausalTransformer, LanguageModel
+
+    quiet = dict(accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                 enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+    corpus = dict(vocab_size=16, seq_len=24, num_train=128, num_val=64, num_test=64, num_marked=8, marked_repeats=16)
+    net = lambda: CausalTransformer(16, 24, dim=32, depth=2, heads=4)  # noqa: E731
+    seed_everything(0)
+    original = LanguageModel(net(), optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    trainer = Trainer(max_epochs=8, strategy=strategy, **quiet)
+    batch_size = 8  # per rank
+    trainer.fit(original, MarkovText(**corpus, batch_size=batch_size))
+    trainer.save_checkpoint(tmp_dir / "original.ckpt")
+    model = Unlearner(net(), str(tmp_dir / "original.ckpt"), method, gamma=5.0, beta=0.1, objective="causal_lm",
+                      optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))  # fmt: skip
+    data = ForgetRetain(MarkovText(**corpus, batch_size=batch_size), "class", [1])
+    trainer = Trainer(max_steps=30, strategy=make_strategy("ddp"), **quiet)
+    before = trainer.test(model, data, verbose=False)[0]
+    trainer.fit(model, data)
+    after = trainer.test(model, data, verbose=False)[0]
+    return {"before": before, "after": after}
+
+
+def _check_recipe(result):
+    before = {k.split("/")[-1]: v for k, v in result["before"].items()}
+    after = {k.split("/")[-1]: v for k, v in result["after"].items()}
+    # the marked sequences are memorised: far below the loss of unseen sequences, recognised by loss
+    assert before["forget_loss"] < 0.5 * before["test_loss"] and before["MIA"] > 99
+    # after unlearning: forget loss at the level of unseen sequences, membership by loss near chance,
+    # retain loss within 10% of the original's
+    assert abs(after["forget_loss"] - after["test_loss"]) < 0.15 * after["test_loss"]
+    assert 25 < after["MIA"] < 75
+    assert after["retain_loss"] < 1.1 * before["retain_loss"]
+
+
+def test_lm_recipe_under_ddp(tmp_path):
+    r0, r1 = run_distributed(lm_recipe_worker, "ddp", tmp_path, method="npo")
+    assert r0 == r1  # metrics are gathered, then computed identically on every rank
+    _check_recipe(r0)
+
+
+def test_lm_configs_instantiate(tmp_path):
+    from pathlib import Path
+
+    from litplug.callbacks import UnlearningMask
+    from litplug.cli import LitplugCLI
+    from litplug.modules import LanguageModel
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    original = LitplugCLI(args=["--config", str(configs / "lm" / "original.yaml"), "--trainer.logger", "false"], run=False)
+    assert isinstance(original.model, LanguageModel)
+    torch.save(original.model.backbone.state_dict(), tmp_path / "orig.pt")
+    rows = sorted((configs / "lm" / "unlearning").glob("*.yaml"))
+    assert [r.stem for r in rows] == ["gradient_ascent", "gradient_difference", "npo"]
+    for row in rows:
+        for mask in ([], ["--config", str(configs / "callbacks" / "unlearning_mask.yaml")]) if row.stem == "npo" else ([],):
+            args = ["--config", str(configs / "lm" / "unlearning.yaml"), "--config", str(row), *mask, "--trainer.logger", "false",
+                    "--model.init_args.checkpoint", str(tmp_path / "orig.pt")]  # fmt: skip
+            cli = LitplugCLI(args=args, run=False)
+            assert cli.model.method == row.stem and cli.model.objective == "causal_lm"
+            assert cli.datamodule.forget_classes == [1] and type(cli.datamodule.datamodule).__name__ == "MarkovText"
+            assert len([c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]) == len(mask) // 2
