@@ -241,29 +241,28 @@ def test_hugging_face_causal_lm(tmp_path):
     assert all(math.isfinite(v) for v in metrics.values())
 
 
-def lm_recipe_worker(strategy, tmp_dir, method):
-    """The language-model recipe, small: train a causal transformer on a Markov corpus whose 8
-    marked sequences are seen 16x per epoch, then unlearn them; returns test metrics before and
-    after unlearning (on every rank)."""
+LM_CORPUS = dict(vocab_size=16, seq_len=24, num_train=128, num_val=64, num_test=64, num_marked=8, marked_repeats=16)
+
+
+def _small_lm():
+    from litplug.modules import CausalTransformer
+
+    return CausalTransformer(16, 24, dim=32, depth=2, heads=4)
+
+
+def lm_recipe_worker(strategy, tmp_dir, checkpoint, method):
+    """Step 2 of the language-model recipe, small, under ``strategy`` on 2 ranks: unlearn the 8
+    marked sequences from the original model; returns the test metrics before and after."""
     from lightning.pytorch import Trainer
 
     from litplug.datamodules import MarkovText
-    from litplug.modules import CausalTransformer, LanguageModel
 
-    quiet = dict(accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                 enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
-    corpus = dict(vocab_size=16, seq_len=24, num_train=128, num_val=64, num_test=64, num_marked=8, marked_repeats=16)
-    net = lambda: CausalTransformer(16, 24, dim=32, depth=2, heads=4)  # noqa: E731
     seed_everything(0)
-    original = LanguageModel(net(), optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
-    trainer = Trainer(max_epochs=8, strategy=strategy, **quiet)
-    batch_size = 8  # per rank
-    trainer.fit(original, MarkovText(**corpus, batch_size=batch_size))
-    trainer.save_checkpoint(tmp_dir / "original.ckpt")
-    model = Unlearner(net(), str(tmp_dir / "original.ckpt"), method, gamma=5.0, beta=0.1, objective="causal_lm",
+    model = Unlearner(_small_lm(), checkpoint, method, gamma=5.0, beta=0.1, objective="causal_lm",
                       optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))  # fmt: skip
-    data = ForgetRetain(MarkovText(**corpus, batch_size=batch_size), "class", [1])
-    trainer = Trainer(max_steps=30, strategy=make_strategy("ddp"), **quiet)
+    data = ForgetRetain(MarkovText(**LM_CORPUS, batch_size=8), "class", [1])  # 8 per rank: global batch 16
+    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=24, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
     before = trainer.test(model, data, verbose=False)[0]
     trainer.fit(model, data)
     after = trainer.test(model, data, verbose=False)[0]
@@ -283,7 +282,15 @@ def _check_recipe(result):
 
 
 def test_lm_recipe_under_ddp(tmp_path):
-    r0, r1 = run_distributed(lm_recipe_worker, "ddp", tmp_path, method="npo")
+    from litplug.datamodules import MarkovText
+    from litplug.modules import LanguageModel
+
+    # step 1, one process: the marked sequences are seen 16x per epoch and memorised
+    seed_everything(0)
+    original = LanguageModel(_small_lm(), optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    fast_trainer(tmp_path, max_epochs=5, limit_val_batches=0).fit(original, MarkovText(**LM_CORPUS, batch_size=16))
+    torch.save(original.backbone.state_dict(), tmp_path / "original.pt")
+    r0, r1 = run_distributed(lm_recipe_worker, "ddp", tmp_path, checkpoint=str(tmp_path / "original.pt"), method="npo")
     assert r0 == r1  # metrics are gathered, then computed identically on every rank
     _check_recipe(r0)
 
@@ -309,3 +316,4 @@ def test_lm_configs_instantiate(tmp_path):
             assert cli.model.method == row.stem and cli.model.objective == "causal_lm"
             assert cli.datamodule.forget_classes == [1] and type(cli.datamodule.datamodule).__name__ == "MarkovText"
             assert len([c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]) == len(mask) // 2
+
