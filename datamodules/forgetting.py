@@ -46,14 +46,14 @@ def dataset_labels(dataset: Dataset, label_fn: Callable[[Any], Any] | None = Non
 
 
 class ForgetRetain(LightningDataModule):
-    """Split the training set of ``data`` into a *forget* and a *retain* set.
+    """Split the training set of ``datamodule`` into a *forget* and a *retain* set.
 
     - ``scenario="class"``: every training sample of ``forget_classes`` is forgotten; the labels
       come from ``label_fn`` or the dataset's ``targets``/``labels`` attribute;
     - ``scenario="random"``: a seeded ``forget_fraction`` of the training samples is forgotten
       (needs nothing from the samples).
 
-    ``data`` is a litplug ``TensorDataModule``, any other ``LightningDataModule`` (its training
+    ``datamodule`` is a litplug ``TensorDataModule``, any other ``LightningDataModule`` (its training
     set is its ``train_dataloader().dataset``, which must be map-style, the held-out sets those
     of ``val_dataloader()``/``test_dataloader()`` where it defines them; the collate function
     and worker count of its training loader are reused) or a map-style ``Dataset`` (held-out
@@ -75,7 +75,7 @@ class ForgetRetain(LightningDataModule):
     Under DDP/FSDP2 Lightning shards every loader with a ``DistributedSampler``.
 
     Args:
-        data: a ``LightningDataModule`` (``Digits``, ``MNIST``, ``CIFAR10``, ``MarkovText``, any
+        datamodule: a ``LightningDataModule`` (``Digits``, ``MNIST``, ``CIFAR10``, ``MarkovText``, any
             other) or a map-style ``Dataset``.
         scenario: ``"class"`` or ``"random"`` forgetting.
         forget_classes: classes forgotten in the class scenario (in ``[0, num_classes)`` where the
@@ -84,7 +84,7 @@ class ForgetRetain(LightningDataModule):
         seed: seed of the random split and of the shuffling.
         label_fn: the label of one sample (``sample -> int``), for datasets without a ``targets``
             or ``labels`` attribute (class scenario).
-        held_out: held-out data when ``data`` is a ``Dataset`` (the ``test`` loaders of both
+        held_out: held-out data when ``datamodule`` is a ``Dataset`` (the ``test`` loaders of both
             validation and test).
         batch_size: batch size of every loader (None: the datamodule's ``batch_size`` or its
             training loader's; 64 for a ``Dataset``).
