@@ -261,8 +261,9 @@ def lm_recipe_worker(strategy, tmp_dir, checkpoint, method):
     model = Unlearner(_small_lm(), checkpoint, method, gamma=5.0, beta=0.1, objective="causal_lm",
                       optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))  # fmt: skip
     data = ForgetRetain(MarkovText(**LM_CORPUS, batch_size=8), "class", [1])  # 8 per rank: global batch 16
-    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=24, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=24, logger=TensorBoardLogger(tmp_dir, name="tb"),
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, log_every_n_steps=8)  # fmt: skip
     before = trainer.test(model, data, verbose=False)[0]
     trainer.fit(model, data)
     after = trainer.test(model, data, verbose=False)[0]
@@ -293,6 +294,10 @@ def test_lm_recipe_under_ddp(tmp_path):
     r0, r1 = run_distributed(lm_recipe_worker, "ddp", tmp_path, checkpoint=str(tmp_path / "original.pt"), method="npo")
     assert r0 == r1  # metrics are gathered, then computed identically on every rank
     _check_recipe(r0)
+    scalars = read_scalars(tmp_path / "dist_lm_recipe_worker_ddp" / "tb")
+    for key in ("forget_loss", "retain_loss", "test_loss", "MIA"):
+        assert scalars[f"unlearn/test/{key}"][-1][1] == pytest.approx(r0["after"][f"unlearn/test/{key}"])
+    assert "unlearn/train_loss" in scalars
 
 
 def test_lm_configs_instantiate(tmp_path):
@@ -316,4 +321,3 @@ def test_lm_configs_instantiate(tmp_path):
             assert cli.model.method == row.stem and cli.model.objective == "causal_lm"
             assert cli.datamodule.forget_classes == [1] and type(cli.datamodule.datamodule).__name__ == "MarkovText"
             assert len([c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]) == len(mask) // 2
-
