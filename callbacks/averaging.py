@@ -15,6 +15,9 @@ Method card
       (FSDP2) parameters, buffers and mixed-dtype averages use multi-tensor ``torch._foreach_*``
       ops instead; never a Python loop per tensor. Validation and test run on the average by
       default: the live weights are copied aside and restored bit-exactly afterwards.
+    * Checkpoints: a checkpoint's ``state_dict`` holds the weights its metrics were measured on:
+      with ``evaluate_with="average"`` the average (the live weights go into the callback's state
+      and a resumed ``fit`` puts them back); ``validate``/``test(ckpt_path=...)`` evaluate it.
 
 Functional core: :func:`ema_decay`, :func:`average_update_`, :func:`update_bn_`; the callbacks
 :class:`EMA` and :class:`SWA` wire it into the Trainer.
@@ -27,11 +30,13 @@ Example:
     >>> ema = EMA(decay=0.99, warmup=True)
     >>> model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10))
     >>> Trainer(max_epochs=2, callbacks=[ema], logger=False).fit(model, Digits())  # doctest: +SKIP
-    >>> MLP(input_shape=[1, 8, 8], num_outputs=10).load_state_dict(ema.averaged_state_dict())  # doctest: +SKIP
+    >>> model.load_state_dict(ema.averaged_state_dict())  # doctest: +SKIP
+    >>> model.backbone.load_state_dict(ema.averaged_state_dict("backbone."))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,9 +44,11 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
+
+from litplug.validation import check_bool, check_choice, check_fraction, check_int, check_number, check_path, check_positive_int, check_str
 
 Which = Literal["average", "live"]
 DType = Literal["float32", "float64", "bfloat16", "float16"]
@@ -161,11 +168,6 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}")
-
-
 class _WeightAveraging(Callback):
     """Shared machinery of :class:`EMA` and :class:`SWA`: the average keyed by tensor name, the
     validation/test swap, the final weights, the export and the checkpointed state."""
@@ -179,21 +181,22 @@ class _WeightAveraging(Callback):
         export_path: str | None,
     ) -> None:
         super().__init__()
-        if dtype is not None:
-            _check_choice("dtype", dtype, _DTYPES)
-        if device is not None:
+        check_choice("dtype", dtype, _DTYPES, allow_none=True)
+        if check_str("device", device, allow_none=True) is not None:
             try:
                 torch.device(device)
             except (RuntimeError, TypeError) as err:
                 raise ValueError(f"`device` must name a torch device such as 'cpu' or 'cuda:0', got {device!r}") from err
-        _check_choice("evaluate_with", evaluate_with, _WHICH)
-        _check_choice("final_weights", final_weights, _WHICH)
+        check_choice("evaluate_with", evaluate_with, _WHICH)
+        check_choice("final_weights", final_weights, _WHICH)
+        check_path("export_path", export_path, allow_none=True)
         self.dtype = dtype
         self.device = device
         self.evaluate_with = evaluate_with
         self.final_weights = final_weights
         self.export_path = export_path
         self.updates = 0
+        self.skipped = 0  # updates skipped because the weights were not finite
         self._last_step = -1
         self._groups: list[_Group] | None = None
         self._pending: dict[str, Tensor] | None = None
@@ -209,6 +212,15 @@ class _WeightAveraging(Callback):
             raise ValueError(
                 f"{type(self).__name__} supports single-device, DDP and ModelParallelStrategy (FSDP2) training, "
                 f"not {type(trainer.strategy).__name__} (flat or partitioned parameters: unverified)"
+            )
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+        if self.evaluate_with == "average" and any(isinstance(c, ModelCheckpoint) and c.save_weights_only for c in trainer.callbacks):
+            rank_zero_warn(
+                f"{type(self).__name__}: Lightning calls no callback when it saves a weights-only checkpoint, so "
+                "ModelCheckpoint(save_weights_only=True) files hold the live weights, not the average validation "
+                "measured; save full checkpoints to get the average in `state_dict`"
             )
         # Two callbacks putting their average into the model would restore each other's weights.
         swapping = [c for c in trainer.callbacks if isinstance(c, _WeightAveraging) and "average" in (c.evaluate_with, c.final_weights)]
@@ -283,13 +295,47 @@ class _WeightAveraging(Callback):
                 avg.copy_(value)
 
     # -- the update ----------------------------------------------------------------------------
-    def _update(self, pl_module: pl.LightningModule, weight: float) -> None:
-        for g in self._bind(pl_module):
+    def _update(self, pl_module: pl.LightningModule, weight: float) -> bool:
+        """Fold the live weights into the average; skip (and warn) if they are not finite."""
+        groups = self._bind(pl_module)
+        if not self._live_is_finite(pl_module, groups):
+            self.skipped += 1
+            rank_zero_warn(
+                f"{type(self).__name__}: the weights are not finite (NaN or inf) at step {pl_module.trainer.global_step}, "
+                f"e.g. after a non-finite loss; this update is skipped and the average keeps its last finite value "
+                f"({self.skipped} skipped so far)"
+            )
+            return False
+        for g in groups:
             if g.flat_live is not None:
                 average_update_([g.flat_average], [g.flat_live], weight)
             else:
                 average_update_(g.average, g.live, weight if g.floating else 1.0, g.staging)
         self.updates += 1
+        return True
+
+    @staticmethod
+    def _live_is_finite(pl_module: pl.LightningModule, groups: list[_Group]) -> bool:
+        """Whether every floating weight is finite: a NaN or inf makes the sum of a flat buffer
+        (or the norm of each tensor) non-finite, so one reduction pass and one host read suffice
+        (and, for FSDP2 shards, one all-reduce of the verdict). Accumulated in at least float32;
+        weights so large that their sum overflows (> 1e38) count as non-finite too."""
+        sums: list[Tensor] = []
+        for g in groups:
+            if not g.floating:
+                continue
+            acc = torch.promote_types(g.live[0].dtype, torch.float32)
+            if g.flat_live is not None:
+                sums.append(g.flat_live.sum(dtype=acc))
+            elif any(t.numel() for t in g.live):
+                sums.extend(torch._foreach_norm([t for t in g.live if t.numel()], 2, dtype=acc))
+        if not sums:
+            return True
+        total = sums[0] if len(sums) == 1 else torch.stack([t.to(sums[0].device, torch.float64) for t in sums]).sum()
+        finite = bool(torch.isfinite(total))
+        if any(spec is not None for g in groups for spec in g.dtensor_specs):
+            finite = pl_module.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        return finite
 
     # -- swapping ------------------------------------------------------------------------------
     def _use_average(self, pl_module: pl.LightningModule) -> None:
@@ -312,9 +358,15 @@ class _WeightAveraging(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._groups, self._holds_average, self._module = None, False, pl_module
 
+    def _evaluates_average(self, trainer: pl.Trainer) -> bool:
+        # `validate`/`test(ckpt_path=...)` evaluate the checkpoint's `state_dict`: the weights its
+        # metrics were measured on (see `on_save_checkpoint`), not this callback's latest average.
+        from_checkpoint = trainer.ckpt_path is not None and trainer.state.fn != "fit"
+        return self.evaluate_with == "average" and not from_checkpoint
+
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.evaluate_with == "average":
+        if self._evaluates_average(trainer):
             self._use_average(pl_module)
 
     @override
@@ -323,7 +375,7 @@ class _WeightAveraging(Callback):
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.evaluate_with == "average":
+        if self._evaluates_average(trainer):
             self._use_average(pl_module)
 
     @override
@@ -361,11 +413,20 @@ class _WeightAveraging(Callback):
         average (the live weights are set aside)."""
 
     # -- export --------------------------------------------------------------------------------
-    def averaged_state_dict(self, prefix: str = "backbone.") -> dict[str, Tensor]:
-        """The averaged weights as a plain state dict (full tensors on the CPU) of the submodule
-        under ``prefix`` (``"backbone."`` loads into the bare backbone; ``""`` gives the whole
-        LightningModule). Before the first update it holds the live weights, which is what the
-        model keeps then. Under FSDP2 this all-gathers, so every rank must call it."""
+    def averaged_state_dict(self, prefix: str = "") -> dict[str, Tensor]:
+        """The averaged weights as a plain state dict (full tensors on the CPU).
+
+        Args:
+            prefix: ``""`` (default): the LightningModule's own parameter and buffer names (loads
+                with ``model.load_state_dict``); a prefix such as ``"backbone."``: the tensors
+                under it, named as in that submodule; ``"auto"``: the prefix ``export_path`` uses
+                (``"backbone."`` when the module has an ``nn.Module`` ``backbone``, else ``""``).
+
+        Before the first update it holds the live weights, which is what the model keeps then.
+        Under FSDP2 this all-gathers, so every rank must call it.
+        """
+        if prefix == "auto":
+            prefix = _export_prefix(self._module)
         full = self._full_average() if self.updates > 0 else self._full_live()
         keys = [k for k in full if k.startswith(prefix)]
         if not keys:
@@ -373,15 +434,20 @@ class _WeightAveraging(Callback):
         return {k[len(prefix) :]: full[k] for k in keys}
 
     def _full(self, which: str) -> dict[str, Tensor]:
-        from torch.distributed.tensor import DTensor
-
         if self._groups is None:
             if self._module is None:
                 return dict(self._pending or {})
             self._bind(self._module)
+        return self._gather([getattr(g, which) for g in self._groups])
+
+    def _gather(self, lists: list[list[Tensor]]) -> dict[str, Tensor]:
+        """Full CPU copies of per-group tensor lists (local shards gathered under FSDP2), by name."""
+        from torch.distributed.tensor import DTensor
+
+        assert self._groups is not None
         out = {}
-        for g in self._groups:
-            for name, tensor, spec in zip(g.names, getattr(g, which), g.dtensor_specs):
+        for g, tensors in zip(self._groups, lists):
+            for name, tensor, spec in zip(g.names, tensors, g.dtensor_specs):
                 if spec is not None:
                     mesh, placements, shape, stride = spec
                     tensor = DTensor.from_local(tensor, mesh, placements, shape=shape, stride=stride).full_tensor()
@@ -396,9 +462,7 @@ class _WeightAveraging(Callback):
 
     def _export(self, pl_module: pl.LightningModule) -> None:
         self._bind(pl_module)
-        prefix = "backbone." if isinstance(getattr(pl_module, "backbone", None), nn.Module) else ""
-        state = self.averaged_state_dict(prefix)
-        _save_rank_zero(state, self.export_path)
+        _save_rank_zero(self.averaged_state_dict(_export_prefix(pl_module)), self.export_path)
 
     # -- checkpointed state --------------------------------------------------------------------
     @override
@@ -409,11 +473,66 @@ class _WeightAveraging(Callback):
         return {"updates": self.updates, "last_step": self._last_step, "average": average}
 
     @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """With ``evaluate_with="average"``, the checkpoint's ``state_dict`` holds the average (the
+        weights validation measured, so the ones ``ModelCheckpoint`` ranks) and the callback's
+        state the live weights (``"live"``, full tensors), which a resumed ``fit`` puts back."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        model_state = checkpoint.get("state_dict")
+        if self.evaluate_with != "average" or self.updates == 0 or self._holds_average or state is None or model_state is None:
+            return
+        groups = self._bind(pl_module)
+        # Mid-validation the model holds the average and the live weights are set aside.
+        live_lists = self._backup if self._backup is not None else [g.live for g in groups]
+        state["live"] = self._gather(live_lists)  # collective under FSDP2: every rank saves
+        full_average = state["average"]
+        for g in groups:
+            for name, avg, spec in zip(g.names, g.average, g.dtensor_specs):
+                old = model_state.get(name)
+                if old is None:
+                    continue
+                if hasattr(old, "device_mesh"):  # a sharded (distributed) checkpoint: this rank's shard
+                    from torch.distributed.tensor import DTensor
+
+                    local = old.to_local()
+                    mesh, placements, shape, stride = spec
+                    model_state[name] = DTensor.from_local(
+                        avg.detach().to(device=local.device, dtype=local.dtype, copy=True), mesh, placements, shape=shape, stride=stride
+                    )
+                else:
+                    model_state[name] = full_average[name].to(device=old.device, dtype=old.dtype, copy=True)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Resuming ``fit``: the model was loaded from the checkpoint's ``state_dict`` (the average,
+        see :meth:`on_save_checkpoint`); put the live weights of the callback's state back."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if not state or "live" not in state or trainer.state.fn != "fit":
+            return  # validate/test(ckpt_path=...) evaluate the state_dict
+        from torch.distributed.tensor import distribute_tensor
+
+        live = state["live"]
+        with torch.no_grad():
+            for name, tensor in list(pl_module.named_parameters()) + list(pl_module.named_buffers()):
+                if name not in live:
+                    continue
+                local = _local(tensor.detach())
+                value = live[name]
+                if hasattr(tensor, "device_mesh"):
+                    value = distribute_tensor(value.to(local.device), tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
+                local.copy_(value)
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.updates = int(state_dict["updates"])
         self._last_step = int(state_dict["last_step"])
         self._pending = dict(state_dict["average"]) if self.updates > 0 else None
         self._groups, self._backup, self._holds_average = None, None, False
+
+
+def _export_prefix(pl_module: nn.Module | None) -> str:
+    """``"backbone."`` for a module with an ``nn.Module`` ``backbone`` (litplug's modules), else ``""``."""
+    return "backbone." if isinstance(getattr(pl_module, "backbone", None), nn.Module) else ""
 
 
 def _logs_now(trainer: pl.Trainer) -> bool:
@@ -438,6 +557,18 @@ class EMA(_WeightAveraging):
     LightningModule (integer buffers such as ``num_batches_tracked`` are copied), paired by name.
     The first update copies the weights; before it, validation uses the live weights.
 
+    Schedule: the update follows the optimizer step with 0-based index ``i`` (``global_step - 1``)
+    when ``i >= update_after_step`` and ``i % every_n_steps == 0``, i.e. after steps 1, n + 1,
+    2n + 1, ... (1-based) from step ``update_after_step + 1`` on, the rule of Lightning's
+    ``EMAWeightAveraging(update_every_n_steps=n, update_starting_at_step=update_after_step)``. The
+    phase is that of the step count, not of ``update_after_step`` (as in Lightning): with
+    ``update_after_step=2, every_n_steps=3`` the updates follow steps 4, 7, 10, ...
+
+    Non-finite weights (after a NaN/inf loss, or a step that overflowed) never enter the
+    average: such an update is skipped with a warning and counted in ``skipped``; the average
+    keeps its last finite value (the check costs one summing pass over the weights and one host
+    read per update).
+
     Distributed: DDP adds no communication (every rank updates its identical replica). FSDP2
     (``ModelParallelStrategy``): the average is kept per local shard (``p.to_local()``), no
     all-gather in the update or the swap; ``state_dict`` (checkpoints) and the export gather full
@@ -448,8 +579,8 @@ class EMA(_WeightAveraging):
         warmup: use ``decay_t = min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)``.
         warmup_gamma: > 0, the ``gamma`` of the warmup rule.
         warmup_power: > 0, the ``power`` of the warmup rule (2/3 for short runs, 3/4 for long).
-        update_after_step: first update after this many optimizer steps (>= 0).
-        every_n_steps: update after every n-th optimizer step (>= 1).
+        update_after_step: no update after the first this-many optimizer steps (>= 0).
+        every_n_steps: update after optimizer steps 1, n + 1, 2n + 1, ... (>= 1; see Schedule).
         dtype: dtype of the average of floating tensors (``"float32"`` for a bf16 model, so small
             updates are not rounded away); ``None`` keeps the model's dtype.
         device: where the average lives (``"cpu"`` offloads it); ``None`` = beside the weights.
@@ -476,16 +607,12 @@ class EMA(_WeightAveraging):
         final_weights: Which = "average",
         export_path: str | None = None,
     ) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"`decay` must be in (0, 1), got {decay}")
-        if warmup_gamma <= 0:
-            raise ValueError(f"`warmup_gamma` must be > 0, got {warmup_gamma}")
-        if warmup_power <= 0:
-            raise ValueError(f"`warmup_power` must be > 0, got {warmup_power}")
-        if update_after_step < 0:
-            raise ValueError(f"`update_after_step` must be >= 0, got {update_after_step}")
-        if every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be >= 1, got {every_n_steps}")
+        check_number("decay", decay, 0, 1, low_open=True, high_open=True)
+        check_bool("warmup", warmup)
+        check_number("warmup_gamma", warmup_gamma, low=0, low_open=True)
+        check_number("warmup_power", warmup_power, low=0, low_open=True)
+        check_int("update_after_step", update_after_step, low=0)
+        check_positive_int("every_n_steps", every_n_steps)
         super().__init__(dtype, device, evaluate_with, final_weights, export_path)
         self.decay = decay
         self.warmup = warmup
@@ -501,7 +628,8 @@ class EMA(_WeightAveraging):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step  # optimizer steps so far; unchanged on accumulation batches
-        if step == self._last_step or step <= self.update_after_step or step % self.every_n_steps:
+        index = step - 1  # 0-based index of the step just taken, as in Lightning's WeightAveraging
+        if step == self._last_step or index < self.update_after_step or index % self.every_n_steps:
             return
         decay = self.current_decay()
         self._update(pl_module, 1.0 - decay)
@@ -519,15 +647,20 @@ class SWA(_WeightAveraging):
 
     Floating parameters and buffers are averaged, integer buffers copied, paired by name. Before
     the first snapshot, validation uses the live weights. Use a constant or cyclic learning rate
-    over the averaging phase (e.g. ``SWALR``) as in the paper.
+    over the averaging phase (e.g. ``SWALR``) as in the paper. A snapshot whose weights are not
+    finite is skipped with a warning (as in :class:`EMA`).
 
     Distributed: DDP and FSDP2 add no communication to the snapshots (FSDP2 keeps the average
     per local shard). The BatchNorm pass runs on each rank's share of the data, then averages the
     BatchNorm buffers over ranks with one all-reduce so the replicas agree.
 
+    Data without a length (an ``IterableDataset``): the snapshot is taken when the epoch ends,
+    after its validation (which still sees the previous average).
+
     Args:
-        start: first averaged epoch: an epoch index (int >= 0) or a fraction of ``max_epochs``
-            (float in [0, 1)); must lie before ``max_epochs`` (checked at setup).
+        start: first averaged epoch: an epoch index (int >= 0; works with a ``max_steps``-only
+            Trainer) or a fraction of ``max_epochs`` (float in [0, 1)); must lie before
+            ``max_epochs`` when that is set (checked at setup).
         every_n_epochs: snapshot every n-th epoch from ``start`` (>= 1).
         update_bn: recompute BatchNorm statistics for the final averaged weights.
         dtype, device, evaluate_with, final_weights, export_path: as in :class:`EMA`.
@@ -547,14 +680,14 @@ class SWA(_WeightAveraging):
         final_weights: Which = "average",
         export_path: str | None = None,
     ) -> None:
-        if isinstance(start, bool) or not isinstance(start, (int, float)):
-            raise ValueError(f"`start` must be an epoch index (int >= 0) or a fraction in [0, 1), got {start!r}")
-        if isinstance(start, float) and not 0.0 <= start < 1.0:
-            raise ValueError(f"`start` as a fraction of max_epochs must be in [0, 1), got {start}")
-        if isinstance(start, int) and start < 0:
-            raise ValueError(f"`start` as an epoch index must be >= 0, got {start}")
-        if every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}")
+        if isinstance(start, float):
+            check_fraction("start", start)  # a fraction of max_epochs
+        elif not isinstance(start, bool) and isinstance(start, int):
+            check_int("start", start, low=0)  # an epoch index
+        else:
+            raise TypeError(f"`start` must be an epoch index (an int >= 0) or a fraction of max_epochs (a float in [0, 1)), got {start!r} ({type(start).__name__})")
+        check_positive_int("every_n_epochs", every_n_epochs)
+        check_bool("update_bn", update_bn)
         super().__init__(dtype, device, evaluate_with, final_weights, export_path)
         self.start = start
         self.every_n_epochs = every_n_epochs
@@ -566,25 +699,38 @@ class SWA(_WeightAveraging):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        max_epochs = trainer.max_epochs
-        if max_epochs is None or max_epochs < 1:
-            raise ValueError(f"SWA needs `max_epochs` >= 1 on the Trainer, got {max_epochs}")
-        self._start_epoch = int(self.start * max_epochs) if isinstance(self.start, float) else self.start
-        if self._start_epoch >= max_epochs:
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 1 else None
+        if isinstance(self.start, float):
+            if max_epochs is None:
+                raise ValueError(
+                    f"SWA(start={self.start}) is a fraction of `max_epochs`, which the Trainer does not set "
+                    f"(max_epochs={trainer.max_epochs}); give `start` as an epoch index (int) or set `max_epochs`"
+                )
+            self._start_epoch = int(self.start * max_epochs)
+        else:
+            self._start_epoch = self.start
+        if max_epochs is not None and self._start_epoch >= max_epochs:
             raise ValueError(f"`start` = {self.start} is epoch {self._start_epoch}, beyond the last epoch {max_epochs - 1} (max_epochs={max_epochs})")
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx + 1 == trainer.num_training_batches:  # the epoch's last batch (data with a length)
+            self._snapshot(trainer, pl_module, on_step=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not math.isfinite(trainer.num_training_batches):  # data without a length: the epoch has ended
+            self._snapshot(trainer, pl_module, on_step=False)
+
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         epoch = trainer.current_epoch
-        if batch_idx + 1 < trainer.num_training_batches or epoch < self._start_epoch or (epoch - self._start_epoch) % self.every_n_epochs:
-            return
-        if epoch == self._last_step:
+        if epoch < self._start_epoch or (epoch - self._start_epoch) % self.every_n_epochs or epoch == self._last_step:
             return
         weight = 1.0 / (self.updates + 1)
         self._update(pl_module, weight)
         self._last_step = epoch  # for SWA the counter is the epoch of the last snapshot
-        if _logs_now(trainer):
-            pl_module.log_dict({"swa/weight": weight, "swa/updates": float(self.updates)}, on_step=True, on_epoch=False)
+        if _logs_now(trainer) or not on_step:
+            pl_module.log_dict({"swa/weight": weight, "swa/updates": float(self.updates)}, on_step=on_step, on_epoch=not on_step)
 
     def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.update_bn:

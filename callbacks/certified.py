@@ -28,13 +28,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import fx, nn
 from typing_extensions import override
 
+from litplug.validation import check_bool, check_choice, check_int, check_number, check_positive_int
+from ..protocols import CertifiedModule, require
+
 __all__ = ["IBPWarmup", "eps_schedule", "ibp_init_"]
 
 Schedule = Literal["smoothed", "linear"]
 _SCHEDULES = ("smoothed", "linear")
-_INTERFACE = ("eps", "current_eps", "regularizer_weight", "regularizer_tolerance", "backbone")
-
-
 def eps_schedule(progress: float, eps: float, schedule: Schedule = "smoothed", mid: float = 0.25, beta: float = 4.0) -> float:
     """Scheduled eps at ramp ``progress`` (clamped to [0, 1]) towards the target ``eps``.
 
@@ -97,7 +97,8 @@ def _feeds_residual(node: fx.Node, network: nn.Module) -> bool:
 class IBPWarmup(Callback):
     """Drive a module's certified training with the short-warmup recipe of Shi et al. 2021.
 
-    **Certified interface**: the callback works with any ``LightningModule`` that has
+    **Certified interface** (:class:`litplug.protocols.CertifiedModule`, checked at setup): the
+    callback works with any ``LightningModule`` that has
 
     * ``eps: float``: the target radius (read);
     * ``current_eps: float``: the radius its next ``training_step`` uses (set at every batch start);
@@ -149,20 +150,14 @@ class IBPWarmup(Callback):
         regularizer_weight: float = 0.5,
         tolerance: float = 0.5,
     ) -> None:
-        if start_epoch < 0:
-            raise ValueError(f"`start_epoch` must be >= 0, got {start_epoch}")
-        if ramp_epochs < 1:
-            raise ValueError(f"`ramp_epochs` must be >= 1, got {ramp_epochs}")
-        if schedule not in _SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {list(_SCHEDULES)}, got {schedule!r}")
-        if not 0.0 < mid < 1.0:
-            raise ValueError(f"`mid` must be in (0, 1), got {mid}")
-        if not beta >= 1.0:
-            raise ValueError(f"`beta` must be >= 1, got {beta}")
-        if not regularizer_weight >= 0.0:
-            raise ValueError(f"`regularizer_weight` must be >= 0, got {regularizer_weight}")
-        if not 0.0 < tolerance <= 1.0:
-            raise ValueError(f"`tolerance` must be in (0, 1], got {tolerance}")
+        check_int("start_epoch", start_epoch, low=0)
+        check_positive_int("ramp_epochs", ramp_epochs)
+        check_choice("schedule", schedule, _SCHEDULES)
+        check_number("mid", mid, 0, 1, low_open=True, high_open=True)
+        check_number("beta", beta, low=1)
+        check_bool("ibp_init", ibp_init)
+        check_number("regularizer_weight", regularizer_weight, low=0)
+        check_number("tolerance", tolerance, 0, 1, low_open=True)
         self.start_epoch = start_epoch
         self.ramp_epochs = ramp_epochs
         self.schedule = schedule
@@ -175,12 +170,7 @@ class IBPWarmup(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        missing = [name for name in _INTERFACE if not hasattr(pl_module, name)]
-        if missing:
-            raise ValueError(
-                f"IBPWarmup needs a module with the certified interface; {type(pl_module).__name__} lacks {missing} "
-                "(see the IBPWarmup docstring)"
-            )
+        require(pl_module, CertifiedModule, "IBPWarmup")
         # On resume the checkpoint (restored after setup) overwrites these weights.
         if stage == "fit" and self.ibp_init and self.batches == 0:
             ibp_init_(pl_module.backbone)

@@ -34,6 +34,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from litplug.validation import check_choice, check_int, check_number, check_positive_int
+from ..protocols import OfflineDesignsData, require
+
 
 def gradient_ascent(
     surrogate: Callable[[torch.Tensor], torch.Tensor],
@@ -83,7 +86,8 @@ class GradientAscentSearch(Callback):
     ``trainer.callback_metrics``; the final raw designs in ``designs``.
 
     The datamodule must expose the offline data as ``OfflineDesigns`` does: ``designs``,
-    ``scores``, ``lower``, ``upper``, ``score(x)`` and ``unstandardise(x)``.
+    ``scores``, ``lower``, ``upper``, ``score(x)`` and ``unstandardise(x)``
+    (:class:`litplug.protocols.OfflineDesignsData`, checked at setup).
 
     Distributed: every rank runs the same search on the same (replicated) designs; under DDP the
     unwrapped module is called, so no collective is added; under FSDP2 each surrogate forward and
@@ -110,14 +114,11 @@ class GradientAscentSearch(Callback):
         start: Literal["top", "random"] = "top",
         seed: int = 0,
     ) -> None:
-        if num_designs < 1:
-            raise ValueError(f"`num_designs` must be >= 1, got {num_designs}")
-        if steps < 0:
-            raise ValueError(f"`steps` must be >= 0, got {steps}")
-        if not step_size > 0:
-            raise ValueError(f"`step_size` must be > 0, got {step_size}")
-        if start not in ("top", "random"):
-            raise ValueError(f"`start` must be 'top' or 'random', got {start!r}")
+        check_positive_int("num_designs", num_designs)
+        check_int("steps", steps, low=0)
+        check_number("step_size", step_size, low=0, low_open=True)
+        check_choice("start", start, ("top", "random"))
+        check_int("seed", seed)
         self.num_designs = num_designs
         self.steps = steps
         self.step_size = step_size
@@ -128,13 +129,7 @@ class GradientAscentSearch(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        dm = trainer.datamodule
-        needed = ("designs", "scores", "lower", "upper", "score", "unstandardise")
-        if dm is None or not all(hasattr(dm, name) for name in needed):
-            raise ValueError(
-                f"GradientAscentSearch needs an offline-design datamodule exposing {list(needed)} "
-                f"(e.g. litplug.datamodules.OfflineDesigns), got {type(dm).__name__}"
-            )
+        require(trainer.datamodule, OfflineDesignsData, "GradientAscentSearch", "datamodule")
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

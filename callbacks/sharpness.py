@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -44,6 +45,9 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 from typing_extensions import override
+
+from litplug.validation import check_bool, check_list, check_number, check_positive_int, check_str
+from ..protocols import module_loss, require_loss
 
 __all__ = [
     "SAM",
@@ -86,8 +90,12 @@ def sam_perturbation(
     adaptive: bool = False,
     eps: float = EPS,
     inplace: bool = False,
+    eta: float = 0.0,
+    scaled: Sequence[bool] | None = None,
 ) -> tuple[list[Tensor], Tensor]:
-    """``e = rho * T^2 g / (||T g|| + eps)`` with ``T = 1`` (SAM) or ``T = |w|`` (adaptive SAM).
+    """``e = rho * T^2 g / (||T g|| + eps)`` with ``T = 1`` (SAM) or, for adaptive SAM,
+    ``T = |w| + eta`` on the parameters flagged in ``scaled`` (all when None) and ``T = 1`` on the
+    others.
 
     The norm is global over all ``params``; ``e`` is scale-invariant in ``g`` (up to ``eps``), so
     loss-scaled fp16 gradients give the same perturbation.
@@ -95,6 +103,8 @@ def sam_perturbation(
     Args:
         inplace: for SAM (not adaptive), write ``e`` into ``grads`` (no allocation; when ``g`` is
             not needed afterwards).
+        eta: added to ``|w|`` in adaptive SAM's ``T``.
+        scaled: per parameter, whether adaptive SAM scales it by ``|w| + eta``.
 
     Returns:
         ``(e, ||T g||)``; for DTensors, ``e`` holds the local shards.
@@ -104,11 +114,13 @@ def sam_perturbation(
         >>> e[0], n
         (tensor([0.3000, 0.4000]), tensor(5.))
     """
-    tg = [p.abs() * g for p, g in zip(params, grads)] if adaptive else list(grads)
+    flags = [True] * len(params) if scaled is None else list(scaled)
+    t = [p.abs() + eta if adaptive and f else None for p, f in zip(params, flags)]
+    tg = [g if ti is None else ti * g for ti, g in zip(t, grads)]
     norm = global_norm(tg)
     scale = rho / (norm + eps)
     if adaptive:
-        e = torch._foreach_mul([_local(t) for t in tg], [_local(p).abs() for p in params])
+        e = [_local(x).clone() if ti is None else _local(x) * _local(ti) for x, ti in zip(tg, t)]
     else:
         e = [_local(g) if inplace else _local(g).clone() for g in grads]
     torch._foreach_mul_(e, scale.to(e[0].device) if e else scale)
@@ -207,6 +219,8 @@ class _ExtraPasses(Callback):
 
     def __init__(self, freeze_bn_stats: bool = True, exclude: Sequence[str] = ()) -> None:
         super().__init__()
+        check_bool("freeze_bn_stats", freeze_bn_stats)
+        check_list("exclude", exclude, check_str)
         self.freeze_bn_stats = freeze_bn_stats
         self.exclude = list(exclude)
         self._batches: list[tuple[Any, int]] = []
@@ -229,7 +243,8 @@ class _ExtraPasses(Callback):
         name = type(self).__name__
         if not pl_module.automatic_optimization:
             raise ValueError(
-                f"{name} needs automatic optimization; {type(pl_module).__name__} sets `automatic_optimization = False`."
+                f"{name} does not support manual optimisation (it wraps the optimizer closure Lightning builds in"
+                f" automatic optimisation); {type(pl_module).__name__} sets `automatic_optimization = False`."
                 " Let Lightning optimise (return the loss from `training_step`), or call `pytorch_optimizer.SAM`'s"
                 " first_step/second_step yourself in manual optimization."
             )
@@ -399,8 +414,9 @@ class SharpnessAwareMinimization(_ExtraPasses):
     """Sharpness-aware minimization as a callback (SAM, adaptive SAM, gradient-norm penalty).
 
     With ``g`` the gradient of the loss at ``w`` (after accumulation) and
-    ``e = rho T^2 g / (||T g|| + 1e-12)`` (``T = 1``, or ``T = |w|`` when ``adaptive``; the norm is
-    global over the perturbed parameters), the optimizer steps from ``w`` with::
+    ``e = rho T^2 g / (||T g|| + 1e-12)`` (``T = 1``; with ``adaptive``, ``T = |w| + eta`` for
+    parameters whose name contains ``weight`` and ``T = 1`` for the others; the norm is global over
+    the perturbed parameters), the optimizer steps from ``w`` with::
 
         (1 - a) * g + a * grad L(w + e),      a = penalty_weight
 
@@ -421,13 +437,29 @@ class SharpnessAwareMinimization(_ExtraPasses):
     from the global gradient and ``||T g||`` is the global norm (one scalar all-reduce). The three
     logged values are averaged over ranks (``sync_dist``). FSDP1 and DeepSpeed are rejected at setup.
 
+    Adaptive SAM follows the ASAM authors' code (SamsungLabs/ASAM, ``asam.py``): ``T = |w| + eta``
+    (``eta = 0.01``, their default) on parameters whose name in ``pl_module.named_parameters()``
+    contains ``weight`` (so BatchNorm/LayerNorm scales too; a module attribute named ``*weight*``
+    puts all its parameters there), ``T = 1`` on biases and the rest; their CIFAR example uses
+    ``rho = 0.5`` on CIFAR-10 and ``1.0`` on CIFAR-100 (``configs/callbacks/asam.yaml``: 0.5; that
+    script's command-line default is ``eta = 0``, against ``0.01`` in ``asam.py``).
+    ``pytorch_optimizer.SAM(adaptive=True)`` instead uses ``T = |w|`` on every parameter, so a
+    zero-initialised bias is never perturbed; litplug equals it with ``eta=0`` on a model whose
+    trainable parameters are all named ``*weight*``.
+
+    A non-finite gradient norm (a NaN/inf loss, an fp16 overflow) gives no direction: the step is
+    then not perturbed (with a warning); the second pass still runs, at the unperturbed weights, so
+    that every rank makes the same collectives, and the final gradient is the plain one (which a
+    GradScaler then skips as usual). Checking costs one scalar host read per perturbed step.
+
     Logs ``sam/sharpness`` (L(w + e) - L(w)), ``sam/grad_norm`` (``||T g||``),
     ``sam/perturbation_norm`` (``||e||``) on perturbed steps (with ``every_n_steps > 1``,
     Lightning's step logging repeats the latest value on the plain steps in between).
 
     Args:
         rho: radius of the perturbation, > 0.
-        adaptive: scale the perturbation by ``|w|`` (adaptive SAM).
+        adaptive: scale the perturbation by ``|w| + eta`` (adaptive SAM).
+        eta: ASAM's offset in ``T = |w| + eta``, >= 0 (used with ``adaptive``).
         penalty_weight: ``a`` in (0, 1].
         every_n_steps: perturb every k-th optimizer step, plain steps in between.
         sync_first_pass: all-reduce the first pass's gradient under DDP.
@@ -451,16 +483,18 @@ class SharpnessAwareMinimization(_ExtraPasses):
         sync_first_pass: bool = False,
         exclude: Sequence[str] = (),
         freeze_bn_stats: bool = True,
+        eta: float = 0.01,
     ) -> None:
-        if not rho > 0:
-            raise ValueError(f"`rho` must be > 0, got {rho}")
-        if not 0 < penalty_weight <= 1:
-            raise ValueError(f"`penalty_weight` must be in (0, 1], got {penalty_weight}")
-        if every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be >= 1, got {every_n_steps}")
+        check_number("rho", rho, low=0, low_open=True)
+        check_bool("adaptive", adaptive)
+        check_number("penalty_weight", penalty_weight, 0, 1, low_open=True)
+        check_positive_int("every_n_steps", every_n_steps)
+        check_bool("sync_first_pass", sync_first_pass)
+        check_number("eta", eta, low=0)
         super().__init__(freeze_bn_stats=freeze_bn_stats, exclude=exclude)
         self.rho = rho
         self.adaptive = adaptive
+        self.eta = eta
         self.penalty_weight = penalty_weight
         self.every_n_steps = every_n_steps
         self.sync_first_pass = sync_first_pass
@@ -476,11 +510,24 @@ class SharpnessAwareMinimization(_ExtraPasses):
         if not params:
             return
         a = self.penalty_weight
-        if self.adaptive:
-            e_norm = self.rho * global_norm([p.abs().square() * g for p, g in zip(params, grads)])
+        scaled = None
+        if self.adaptive:  # ASAM's rule: T = |w| + eta on parameters named *weight*, 1 elsewhere
+            named_weight = {id(p) for n, p in self._params if "weight" in n}
+            scaled = [id(p) in named_weight for p in params]
+            t2g = [(p.abs() + self.eta).square() * g if s else g for p, g, s in zip(params, grads, scaled)]
+            e_norm = self.rho * global_norm(t2g)
+            del t2g
         # With a = 1, g is not needed after the perturbation: e is built in the gradient buffers.
-        e, norm = sam_perturbation(params, grads, self.rho, self.adaptive, inplace=a == 1.0)
+        e, norm = sam_perturbation(params, grads, self.rho, self.adaptive, inplace=a == 1.0, eta=self.eta, scaled=scaled)
         e_norm = e_norm / (norm + EPS) if self.adaptive else self.rho * norm / (norm + EPS)
+        if not bool(torch.isfinite(norm)):  # a non-finite gradient: no direction to perturb along
+            warnings.warn(
+                f"{type(self).__name__}: the gradient norm is not finite ({float(norm)}) at step {trainer.global_step}; "
+                "the weights are not perturbed in this step (the second pass runs at the unperturbed weights)",
+                stacklevel=1,
+            )
+            torch._foreach_zero_(e)
+            e_norm = torch.zeros_like(e_norm)
         scale = self._loss_scale(trainer, norm)
         backup = self._perturb(params, e)
         del e, grads
@@ -522,7 +569,9 @@ class SurrogateSharpness(_ExtraPasses):
     with ``lambda`` the current multiplier, then (``adaptive_lambda``) dual ascent
     ``lambda <- max(0, lambda + lambda_lr (rho ||grad G(b)|| - epsilon))``. The clamp at 0 keeps
     ``lambda`` a valid multiplier (the reference code omits it); a non-finite norm (a skipped fp16
-    step) leaves ``lambda`` unchanged. ``lambda`` is saved in the callback state. Weights are copied
+    step, or a non-finite model output) leaves ``lambda`` unchanged; the loss itself never enters
+    the dual step, so a NaN/inf loss cannot poison ``lambda``. ``lambda`` is saved in the callback
+    state. Weights are copied
     back before the optimizer step; the optimizer and its state are the base optimizer's.
     Cost: two extra forward/backward passes of the model per step (all micro-batches).
 
@@ -534,6 +583,15 @@ class SurrogateSharpness(_ExtraPasses):
     Logs ``ignite/lambda`` (the multiplier used in the step) and ``ignite/output_grad_norm``
     (``||grad G(b)||``).
 
+    Defaults: the IGNITE authors' code (cuong-dm/IGNITE) sets its per-task values in Python
+    scripts (``scripts/IGNITE/*.py``, called by the repository's shell scripts) that were not
+    available when the defaults were chosen, nor was a statement of them in the paper, so the
+    defaults are litplug's: ``rho = radius = 0.05``, ``epsilon = 0.1``, ``lambda_init = 1e-3`` and
+    ``lambda_lr = 0.1``. The dual step is the one that enforces the constraint within a short
+    run: with ``1e-3`` the multiplier stays below ~0.06 over 540 steps while ``rho ||grad G||``
+    stays at twice ``epsilon`` (no measurable effect on any offline task); with ``0.1`` it binds
+    (README, offline results: +20% on Ackley, -7.5% on Hartmann).
+
     Args:
         rho: sharpness radius in the constraint, > 0.
         radius: finite-difference step, > 0.
@@ -541,7 +599,8 @@ class SurrogateSharpness(_ExtraPasses):
         lambda_init: initial multiplier, >= 0.
         lambda_lr: dual ascent step, >= 0.
         adaptive_lambda: update ``lambda`` by dual ascent (else fixed at ``lambda_init``).
-        input_index: index (or key) of the inputs in a batch.
+        input_index: index (or key) of the inputs in a batch (a batch that is one tensor is the
+            inputs). The module's ``forward`` must take the inputs alone (checked at setup).
 
     Example:
         >>> trainer = Trainer(callbacks=[SurrogateSharpness(rho=0.05, epsilon=0.1)])  # doctest: +SKIP
@@ -556,20 +615,18 @@ class SurrogateSharpness(_ExtraPasses):
         radius: float = 0.05,
         epsilon: float = 0.1,
         lambda_init: float = 1e-3,
-        lambda_lr: float = 1e-3,
+        lambda_lr: float = 0.1,
         adaptive_lambda: bool = True,
         input_index: int | str = 0,
     ) -> None:
-        if not rho > 0:
-            raise ValueError(f"`rho` must be > 0, got {rho}")
-        if not radius > 0:
-            raise ValueError(f"`radius` must be > 0, got {radius}")
-        if not epsilon >= 0:
-            raise ValueError(f"`epsilon` must be >= 0, got {epsilon}")
-        if not lambda_init >= 0:
-            raise ValueError(f"`lambda_init` must be >= 0, got {lambda_init}")
-        if not lambda_lr >= 0:
-            raise ValueError(f"`lambda_lr` must be >= 0, got {lambda_lr}")
+        check_number("rho", rho, low=0, low_open=True)
+        check_number("radius", radius, low=0, low_open=True)
+        check_number("epsilon", epsilon, low=0)
+        check_number("lambda_init", lambda_init, low=0)
+        check_number("lambda_lr", lambda_lr, low=0)
+        check_bool("adaptive_lambda", adaptive_lambda)
+        if isinstance(input_index, bool) or not isinstance(input_index, (int, str)):
+            raise TypeError(f"`input_index` must be an int (a position in the batch) or a str (a key), got {input_index!r} ({type(input_index).__name__})")
         super().__init__(freeze_bn_stats=True)
         self.rho = rho
         self.radius = radius
@@ -581,9 +638,27 @@ class SurrogateSharpness(_ExtraPasses):
         self._lambda = torch.tensor(float(lambda_init))
         self._sync_logs = False  # lambda and ||grad G|| are the same on every rank
 
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        import inspect
+
+        required = [
+            p.name
+            for p in inspect.signature(pl_module.forward).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(required) > 1:
+            raise ValueError(
+                f"SurrogateSharpness needs a surrogate whose forward maps the inputs alone to predictions; "
+                f"{type(pl_module).__name__}.forward requires {required}"
+            )
+        super().setup(trainer, pl_module, stage)
+
     def _objective(self, pl_module: LightningModule) -> Callable[..., Tensor]:
         def mean_prediction(batch: Any, *rest: Any) -> Tensor:
-            return pl_module(batch[self.input_index]).float().mean()
+            inputs = batch if isinstance(batch, Tensor) else batch[self.input_index]
+            pred = pl_module(inputs)
+            return (pred if pred.dtype == torch.float64 else pred.float()).mean()  # fp16/bf16: a float32 mean
 
         return mean_prediction
 
@@ -642,9 +717,13 @@ class SharpnessMonitor(Callback):
     (``sharpness/layer/<name>``: only that layer perturbed, along its own gradient), which shows
     the "straggler" layers of "In Search of the Successful Interpolation". The held batches are
     the first ``num_batches`` training batches of the run (kept in the callback state, so a resumed
-    run measures the same ones). The loss is the module's ``training_step`` (its logging muted), in
-    eval mode and full precision; weights, gradients, RNG state, buffers and optimizer state are
-    restored, so training is unchanged.
+    run measures the same ones). The loss is the module's own (:func:`litplug.protocols.module_loss`:
+    its ``batch_loss`` if it has one, else its ``training_step`` with logging muted), in eval mode
+    and full precision; the monitor never steps an optimizer. Manual optimisation needs
+    ``batch_loss`` (its ``training_step`` steps optimizers) and is refused at setup without it.
+    Weights, gradients, RNG state, buffers and optimizer state are restored, so training is
+    unchanged. A non-finite loss or gradient on the held batches is logged as it is (NaN/inf)
+    and still leaves the weights bit-exact.
 
     Distributed: each rank measures on its own held batches with its own gradient (DDP; no
     collective besides the logged mean) or the reduce-scattered gradient (FSDP2: one backward and
@@ -662,12 +741,10 @@ class SharpnessMonitor(Callback):
 
     def __init__(self, every_n_epochs: int = 1, rho: float = 0.05, layerwise: bool = True, num_batches: int = 1) -> None:
         super().__init__()
-        if every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}")
-        if not rho > 0:
-            raise ValueError(f"`rho` must be > 0, got {rho}")
-        if num_batches < 1:
-            raise ValueError(f"`num_batches` must be >= 1, got {num_batches}")
+        check_positive_int("every_n_epochs", every_n_epochs)
+        check_number("rho", rho, low=0, low_open=True)
+        check_bool("layerwise", layerwise)
+        check_positive_int("num_batches", num_batches)
         self.every_n_epochs = every_n_epochs
         self.rho = rho
         self.layerwise = layerwise
@@ -679,8 +756,13 @@ class SharpnessMonitor(Callback):
         if len(self._held) < self.num_batches:
             self._held.append(_clone(batch))
 
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            require_loss(pl_module, "SharpnessMonitor")
+
     def _loss(self, pl_module: LightningModule) -> Tensor:
-        losses = [_loss_of(pl_module.training_step(batch, i)).float() for i, batch in enumerate(self._held)]
+        losses = [module_loss(pl_module, batch, i).float() for i, batch in enumerate(self._held)]
         return torch.stack(losses).mean()
 
     @override

@@ -9,9 +9,15 @@ Method card. At the start of training, every entry of the parameters in ``scope`
 - ``magnitude``: |theta| (the prune-first-then-unlearn view of Jia et al. 2023);
 - ``random``: seeded uniform scores (a control).
 
+The forget (retain) loss is the module's own: :func:`litplug.protocols.module_loss` on each batch
+of the datamodule's ``forget_dataloader()`` (``retain_dataloader()``), in eval mode, weighted by
+the batch's share of the samples, so ``g_f`` is the gradient of the mean loss over the whole set.
+
 Exactly ``k = int(N * ratio)`` entries (N = entries in scope) with the highest scores stay
 updatable; ties are broken by the lower global index (parameters in ``named_parameters`` order,
-then row-major position in the full parameter); NaN scores count as 0. The rest is frozen:
+then row-major position in the full parameter). A NaN or inf score (from a non-finite forget or
+retain loss, or weight) raises a ``ValueError`` naming the parameters at fit start, rather than
+ranking on it (the functional ``topk_masks`` counts NaN as 0). The rest is frozen:
 
 1. ``on_before_optimizer_step`` zeroes the gradient at frozen entries, before Lightning clips
    gradients: clipping measures the masked gradient (with a GradScaler, also after every
@@ -34,6 +40,18 @@ then row-major position in the full parameter); NaN scores count as 0. The rest 
 
 Free entries get exactly the update they would get without the machinery. Parameters outside
 ``scope`` (biases and norm parameters for ``"weights"``) are not masked; buffers never are.
+
+Default scope, as in each criterion's reference code: ``saliency`` and ``attribution`` rank *all*
+parameters, biases and norm parameters included, against one global threshold (SalUn's
+``Classification/generate_mask.py`` in OPTML-Group/Unlearn-Saliency and WAGLE's
+``src/unlearn/generate_mask.py`` score every entry of ``model.named_parameters()``), and so does
+``random`` (WAGLE's random-mask control);
+``magnitude`` ranks weights only (``scope="weights"``), as the pruning of Jia et al. 2023
+(OPTML-Group/Unlearn-Sparse, ``pruner.py``: global L1 pruning of conv weights; litplug's
+``"weights"`` are all parameters with >= 2 dims). The forget-loss gradient is that of the mean loss
+over the whole forget set, as SalUn's paper defines it; SalUn's code sums per-batch means, so a
+partial last batch weighs more per sample (4x for a last batch a quarter full).
+
 Cost: one pass over the forget (and, for ``attribution``, retain) set at fit start; per step,
 one multiply per gradient, a second one for gradients rewritten after it (e.g. by clipping or
 SAM; for all of them where the restore is skipped), and one ``addcmul`` per parameter (the
@@ -64,13 +82,19 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 from typing_extensions import override
 
+from litplug.validation import check_choice, check_int, check_number, check_positive_int
+from ..protocols import ForgetRetainData, module_loss, require, require_loss
+
 Criterion = Literal["saliency", "attribution", "magnitude", "random"]
 Scope = Literal["weights", "all"]
+# Default scope per criterion, as in the reference code (see the module docstring).
+DEFAULT_SCOPE: dict[str, Scope] = {"saliency": "all", "attribution": "all", "magnitude": "weights", "random": "all"}
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -205,7 +229,9 @@ def _local_rows(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 class UnlearningMask(Callback):
     """Keep exactly ``int(N * ratio)`` parameter entries updatable, chosen by ``criterion`` on
-    the original weights; freeze the rest bit-exactly (see the module docstring).
+    the original weights; freeze the rest bit-exactly (see the module docstring). Non-finite
+    scores (NaN/inf from a non-finite loss or weight) raise a ``ValueError`` naming the
+    parameters at fit start; frozen entries stay bit-exact whatever the later gradients hold.
 
     Logs ``unlearn/mask_ratio`` (k / N, every epoch) and a TensorBoard histogram
     ``unlearn/layer_updatable_fraction`` of the per-parameter updatable fractions (at fit start).
@@ -213,7 +239,8 @@ class UnlearningMask(Callback):
     Args:
         criterion: ``saliency``, ``attribution``, ``magnitude`` or ``random``.
         ratio: fraction of the entries in scope kept updatable, in (0, 1].
-        scope: ``weights`` (parameters with >= 2 dims) or ``all`` trainable parameters.
+        scope: ``weights`` (parameters with >= 2 dims) or ``all`` trainable parameters; None:
+            the criterion's reference scope (``all``; ``weights`` for ``magnitude``).
         mu: WAGLE's step-size constant for ``attribution`` (> 0).
         num_batches: forget/retain batches used for the gradients (None: the whole sets).
         seed: seed of the ``random`` criterion.
@@ -223,22 +250,19 @@ class UnlearningMask(Callback):
         self,
         criterion: Criterion = "saliency",
         ratio: float = 0.5,
-        scope: Scope = "weights",
+        scope: Scope | None = None,
         mu: float = 1e-6,
         num_batches: int | None = None,
         seed: int = 0,
     ) -> None:
-        if criterion not in ("saliency", "attribution", "magnitude", "random"):
-            raise ValueError(f"`criterion` must be one of saliency, attribution, magnitude, random; got {criterion!r}")
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"`ratio` must be in (0, 1], got {ratio}")
-        if scope not in ("weights", "all"):
-            raise ValueError(f"`scope` must be 'weights' or 'all', got {scope!r}")
-        if not mu > 0:
-            raise ValueError(f"`mu` must be > 0, got {mu}")
-        if num_batches is not None and num_batches < 1:
-            raise ValueError(f"`num_batches` must be >= 1 or None, got {num_batches}")
-        self.criterion, self.ratio, self.scope, self.mu = criterion, ratio, scope, mu
+        check_choice("criterion", criterion, ("saliency", "attribution", "magnitude", "random"))
+        check_number("ratio", ratio, 0, 1, low_open=True)
+        check_choice("scope", scope, ("weights", "all"), allow_none=True)
+        check_number("mu", mu, low=0, low_open=True)
+        check_positive_int("num_batches", num_batches, allow_none=True)
+        check_int("seed", seed)
+        self.criterion, self.ratio, self.mu = criterion, ratio, mu
+        self.scope: Scope = DEFAULT_SCOPE[criterion] if scope is None else scope
         self.num_batches, self.seed = num_batches, seed
         self.masks: dict[str, torch.Tensor] | None = None  # local (shard) masks, True = updatable
         self._loaded: dict[str, torch.Tensor] | None = None  # full masks from a checkpoint
@@ -263,12 +287,9 @@ class UnlearningMask(Callback):
                 "use DDP or FSDP2 (ModelParallelStrategy)"
             )
         if stage == "fit" and self.criterion in ("saliency", "attribution") and self.masks is None:
-            dm = trainer.datamodule
-            if dm is None or not hasattr(dm, "forget_dataloader") or not hasattr(dm, "retain_dataloader"):
-                raise ValueError(
-                    f"UnlearningMask(criterion={self.criterion!r}) needs a datamodule with forget_dataloader() and "
-                    "retain_dataloader() (ForgetRetain)"
-                )
+            by = f"UnlearningMask(criterion={self.criterion!r})"
+            require(trainer.datamodule, ForgetRetainData, by, "datamodule")
+            require_loss(pl_module, by)
 
     def _scoped(self, pl_module: LightningModule) -> list[tuple[str, nn.Parameter]]:
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
@@ -289,22 +310,25 @@ class UnlearningMask(Callback):
 
     # --- scoring ----------------------------------------------------------------------------
     def _gradients(self, trainer: Trainer, pl_module: LightningModule, split: str) -> tuple[list[torch.Tensor], list[str]]:
-        """Local gradients of the mean CE over the ``split`` set, reduced over ranks."""
+        """Local gradients of the module's mean loss (:func:`~litplug.protocols.module_loss`)
+        over the whole ``split`` set: each batch's mean loss weighted by its share of the samples;
+        reduced over ranks."""
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         loader = getattr(trainer.datamodule, f"{split}_dataloader")()
         batches = list(islice(loader, self.num_batches))
         world, rank = trainer.world_size, trainer.global_rank
         sharded = any(hasattr(p, "placements") for _, p in named)
-        total = sum(len(b[1]) for b in batches)
-        mine = batches[rank::world]
+        sizes = [extract_batch_size(b) for b in batches]
+        total = sum(sizes)
+        mine = list(range(len(batches)))[rank::world]
         saved = [p.grad for _, p in named]
         for _, p in named:
             p.grad = None
         for i in range(math.ceil(len(batches) / world)):  # the same count on every rank (FSDP2)
-            x, y = mine[i] if i < len(mine) else batches[0]
-            weight = (1.0 if i < len(mine) else 0.0) * (world if sharded else 1) / total  # FSDP2 averages
-            out = pl_module(x.to(pl_module.device))
-            (F.cross_entropy(out.float(), y.to(pl_module.device), reduction="sum") * weight).backward()
+            j = mine[i] if i < len(mine) else 0
+            weight = (sizes[j] if i < len(mine) else 0.0) * (world if sharded else 1) / total  # FSDP2 averages
+            batch = trainer.precision_plugin.convert_input(move_data_to_device(batches[j], pl_module.device))
+            (module_loss(pl_module, batch, j).float() * weight).backward()
         grads = []
         for _, p in named:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -346,6 +370,19 @@ class UnlearningMask(Callback):
         gr = [gr[index[n]] for n, _ in named]
         return attribution_scores([_local(p).detach() for p in params], gf, gr, self.mu)
 
+    def _check_finite(self, named: list[tuple[str, nn.Parameter]], scores: Sequence[torch.Tensor], all_reduce: Reduce | None) -> None:
+        """Raise if a score is NaN or inf (a non-finite forget/retain loss or weight): a mask
+        ranked on such scores would be arbitrary. FSDP2 shards agree through one all-reduce."""
+        bad = torch.tensor([int((~torch.isfinite(s)).sum()) for s in scores], dtype=torch.long)
+        if all_reduce is not None:
+            bad = all_reduce(bad.to(scores[0].device)).cpu()
+        if int(bad.sum()):
+            where = ", ".join(f"{n} ({int(c)} of {p.numel()})" for (n, p), c in zip(named, bad) if c)
+            raise ValueError(
+                f"UnlearningMask: {self.criterion!r} scores are not finite (NaN or inf) for {where}; check the "
+                "forget/retain losses and the original weights"
+            )
+
     def _collectives(self, named: list[tuple[str, nn.Parameter]]) -> tuple[Reduce | None, Any, int]:
         sharded = [p for _, p in named if hasattr(p, "device_mesh")]
         if not sharded:
@@ -378,6 +415,7 @@ class UnlearningMask(Callback):
             self.masks = {n: _local_rows(self._loaded[n], p).to(_local(p).device) for n, p in named}
         elif self.masks is None:
             scores = self._scores(trainer, pl_module, named)
+            self._check_finite(named, scores, all_reduce)
             masks = topk_masks(scores, self.num_selected, all_reduce, all_gather, rank)
             self.masks = {n: m for (n, _), m in zip(named, masks)}
         counts = torch.tensor([int(self.masks[n].sum()) for n, _ in named], dtype=torch.long)

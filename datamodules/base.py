@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from litplug.validation import check_fraction, check_int, check_positive_int
+
 
 class ImageTensors(Dataset):
     """Images kept as stored (e.g. uint8), scaled to [0, 1] and normalised per item.
@@ -47,13 +49,6 @@ class EpochShuffle(Sampler[int]):
         return iter(torch.randperm(self.n, generator=gen).tolist())
 
 
-def check_fraction(name: str, value: float, low_open: bool = True) -> None:
-    ok = (0.0 < value < 1.0) if low_open else (0.0 <= value < 1.0)
-    if not ok:
-        bound = "(0, 1)" if low_open else "[0, 1)"
-        raise ValueError(f"`{name}` must be in {bound}, got {value}")
-
-
 def flip_labels(y: torch.Tensor, rate: float, num_classes: int, generator: torch.Generator) -> torch.Tensor:
     """Replace a ``rate`` fraction of labels by a uniformly drawn *different* class."""
     y = y.clone()
@@ -74,11 +69,10 @@ class SeededDataModule(LightningDataModule):
 
     def __init__(self, batch_size: int, val_fraction: float, seed: int, num_workers: int) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
-        check_fraction("val_fraction", val_fraction)
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
+        check_positive_int("batch_size", batch_size)
+        check_fraction("val_fraction", val_fraction, low_open=True)
+        check_int("seed", seed)
+        check_int("num_workers", num_workers, low=0)
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.seed = seed
@@ -125,7 +119,7 @@ class TensorDataModule(SeededDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size, val_fraction, seed, num_workers)
-        check_fraction("label_noise", label_noise, low_open=False)
+        check_fraction("label_noise", label_noise)
         self.label_noise = label_noise
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:

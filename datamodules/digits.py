@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import TensorDataModule, check_fraction
+from litplug.validation import check_fraction
+
+from .base import TensorDataModule
 
 
 class Digits(TensorDataModule):
@@ -46,7 +48,7 @@ class Digits(TensorDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size, val_fraction, label_noise, seed, num_workers)
-        check_fraction("test_fraction", test_fraction)
+        check_fraction("test_fraction", test_fraction, low_open=True)
         self.test_fraction = test_fraction
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:

@@ -19,6 +19,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from litplug.validation import check_choice, check_int, check_list, check_number
+
 from .base import EpochShuffle, TensorDataModule
 
 Scenario = Literal["class", "random"]
@@ -111,13 +113,13 @@ class ForgetRetain(LightningDataModule):
                 f"`held_out` must be None or, when `datamodule` is a Dataset, a Dataset; got {type(held_out).__name__} "
                 f"with a {type(datamodule).__name__}"
             )
-        if scenario not in ("class", "random"):
-            raise ValueError(f"`scenario` must be 'class' or 'random', got {scenario!r}")
+        check_choice("scenario", scenario, ("class", "random"))
+        forget_classes = check_list("forget_classes", forget_classes, check_int)
+        check_number("forget_fraction", forget_fraction, 0, 1, low_open=True, high_open=True)
+        check_int("seed", seed)
         if label_fn is not None and not callable(label_fn):
             raise TypeError(f"`label_fn` must be None or a callable sample -> label, got {label_fn!r}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1 or None, got {batch_size}")
-        forget_classes = [int(c) for c in forget_classes]
+        check_int("batch_size", batch_size, low=1, allow_none=True)
         num_classes = getattr(datamodule, "num_classes", None)
         if scenario == "class":
             bad = [c for c in forget_classes if c < 0 or (num_classes is not None and c >= num_classes)]
@@ -126,8 +128,6 @@ class ForgetRetain(LightningDataModule):
                 raise ValueError(f"`forget_classes` must be a non-empty list of classes in {accepted}, got {forget_classes}")
             if num_classes is not None and len(set(forget_classes)) == num_classes:
                 raise ValueError(f"`forget_classes` must leave at least one class to retain, got {forget_classes}")
-        elif not 0.0 < forget_fraction < 1.0:
-            raise ValueError(f"`forget_fraction` must be in (0, 1), got {forget_fraction}")
         self.datamodule = datamodule
         self.scenario = scenario
         self.forget_classes = forget_classes

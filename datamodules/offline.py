@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
+from litplug.validation import check_choice, check_int, check_number, check_positive_int
+
 from .base import SeededDataModule
 
 # name -> (BoTorch class, default dim); `sphere` is built in.
@@ -127,10 +129,10 @@ class OfflineDesigns(SeededDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size, val_fraction, seed, num_workers)
-        if not 0.0 < keep_percentile < 100.0:
-            raise ValueError(f"`keep_percentile` must be in (0, 100), got {keep_percentile}")
-        if num_samples < 20:
-            raise ValueError(f"`num_samples` must be >= 20, got {num_samples}")
+        check_choice("task", task, list(TASKS))
+        check_positive_int("dim", dim, allow_none=True)
+        check_int("num_samples", num_samples, low=20)
+        check_number("keep_percentile", keep_percentile, 0, 100, low_open=True, high_open=True)
         self.task = make_task(task, dim)
         self.num_samples = num_samples
         self.keep_percentile = keep_percentile

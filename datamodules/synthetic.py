@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import TensorDataModule, check_fraction
+from litplug.validation import check_fraction, check_int, check_list, check_number, check_positive_int
+
+from .base import TensorDataModule
 
 
 class SyntheticClassification(TensorDataModule):
@@ -48,13 +50,11 @@ class SyntheticClassification(TensorDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size, val_fraction, label_noise, seed, num_workers)
-        if num_classes < 2:
-            raise ValueError(f"`num_classes` must be >= 2, got {num_classes}")
-        if num_samples < 4 * num_classes:
-            raise ValueError(f"`num_samples` must be >= 4 * num_classes = {4 * num_classes}, got {num_samples}")
-        if not input_shape or any(s < 1 for s in input_shape):
-            raise ValueError(f"`input_shape` must be a non-empty list of positive ints, got {list(input_shape)}")
-        check_fraction("test_fraction", test_fraction)
+        check_int("num_classes", num_classes, low=2)
+        check_int("num_samples", num_samples, low=4 * num_classes)  # at least 4 samples per class
+        check_list("input_shape", input_shape, check_positive_int, nonempty=True)
+        check_number("separation", separation, low=0)
+        check_fraction("test_fraction", test_fraction, low_open=True)
         self.num_samples = num_samples
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes

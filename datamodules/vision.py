@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from litplug.validation import check_bool, check_path
+
 from .base import TensorDataModule
 
 
@@ -70,6 +72,8 @@ class _FolderDataModule(TensorDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size, val_fraction, label_noise, seed, num_workers)
+        check_path("root", root)
+        check_bool("download", download)
         self.root = Path(root)
         self.download = download
 

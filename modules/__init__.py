@@ -5,6 +5,7 @@ from .bounds import interval_bounds, margin_bounds
 from .certified import CertifiedClassifier
 from .classifier import Classifier
 from .language import CausalTransformer, LanguageModel
+from .merge import ModelMerge
 from .networks import CNN7, MLP, ConvNet
 from .regression import Regressor
 from .soup import ModelSoup
@@ -18,6 +19,7 @@ __all__ = [
     "Classifier",
     "ConvNet",
     "LanguageModel",
+    "ModelMerge",
     "ModelSoup",
     "Regressor",
     "TrainingModule",

@@ -149,7 +149,7 @@ class BoundedNetwork:
 
     Args:
         model: the network; must trace with ``torch.fx.symbolic_trace`` and map one tensor to one
-            tensor.
+            tensor. Held by weak reference: keep the network alive while bounding it.
 
     Raises:
         UnsupportedOperationError: naming the first operation that cannot be bounded and where it
@@ -164,7 +164,8 @@ class BoundedNetwork:
                 f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); the interval engine "
                 "needs a network without data-dependent control flow"
             ) from err
-        self.model = model
+        # A weak reference: the engine is cached per model (``bounded``) and must not keep it alive.
+        self._model = weakref.ref(model)
         self._linearize = False
         self.nodes = list(graph.nodes)
         inputs = [n for n in self.nodes if n.op == "placeholder"]
@@ -175,11 +176,20 @@ class BoundedNetwork:
             raise UnsupportedOperationError("the network must return a single tensor")
         for node in self.nodes:
             self._check(node)
+        self._check_perturbed()
         last = self.output.args[0]
         is_linear = (last.op == "call_module" and type(model.get_submodule(last.target)) is nn.Linear) or (
             last.op == "call_function" and last.target is F.linear
         )
         self.elide = last if is_linear else None
+
+    @property
+    def model(self) -> nn.Module:
+        """The traced network (held by weak reference; the caller keeps it alive)."""
+        model = self._model()
+        if model is None:
+            raise ReferenceError("the network of this BoundedNetwork was garbage-collected; build a new one")
+        return model
 
     def num_outputs(self, x: torch.Tensor) -> int:
         """Width of the network's output on inputs like ``x`` (no module is called, so batch-norm
@@ -208,6 +218,44 @@ class BoundedNetwork:
         elif node.op == "call_method":
             if node.target not in _SHAPE_METHODS | _MONOTONE_METHODS | _CENTRE_METHODS:
                 raise UnsupportedOperationError(f"unsupported operation Tensor.{node.target} at {where}")
+
+    def _check_perturbed(self) -> None:
+        """Refuse, before any bound is computed, the supported operations whose arguments make them
+        unboundable: a product of two perturbed tensors (e.g. ``h * h``, a product of activations),
+        a linear map whose weight or bias is perturbed, ``torch.cat`` of perturbed and constant
+        tensors. A node is perturbed when it depends on the network input."""
+        perturbed: set[fx.Node] = set()
+        for node in self.nodes:
+            if node.op == "placeholder":
+                perturbed.add(node)
+                continue
+            if node.op in ("get_attr", "output") or (node.op == "call_method" and node.target in _CENTRE_METHODS):
+                continue  # constants, or plain values read off the centre (sizes)
+            if not any(n in perturbed for n in node.all_input_nodes):
+                continue  # evaluated as in the network
+            perturbed.add(node)
+            if node.op != "call_function":
+                continue
+            fn, args, kwargs = node.target, node.args, node.kwargs
+            shown = ", ".join(a.name if isinstance(a, fx.Node) else repr(a) for a in args if not isinstance(a, (list, tuple)))
+            where = f"node {node.name!r} ({_name(fn)}({shown}))" if shown else f"node {node.name!r}"
+
+            def hit(a: Any) -> bool:
+                return isinstance(a, fx.Node) and a in perturbed
+
+            if fn in _MUL and len(args) >= 2 and hit(args[0]) and hit(args[1]):
+                raise UnsupportedOperationError(
+                    f"unsupported operation {_name(fn)} of two perturbed tensors (a product of activations) at {where}"
+                )
+            if fn in _LINEAR_FUNCTIONS:
+                weight = args[1] if len(args) > 1 else kwargs.get("weight")
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                if hit(weight) or hit(bias):
+                    raise UnsupportedOperationError(f"unsupported operation {_name(fn)} with a perturbed weight or bias at {where}")
+            if fn in _CAT:
+                parts = args[0] if args else kwargs.get("tensors", ())
+                if not all(hit(p) for p in parts):
+                    raise UnsupportedOperationError(f"unsupported operation {_name(fn)} of perturbed and constant tensors at {where}")
 
     def __call__(
         self,
@@ -666,7 +714,8 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, BoundedNetwork] = weakref.WeakKeyDi
 
 
 def bounded(model: nn.Module) -> BoundedNetwork:
-    """The (cached) :class:`BoundedNetwork` of ``model``."""
+    """The (cached) :class:`BoundedNetwork` of ``model``. The cache holds neither the model nor
+    anything that references it strongly, so a model is freed when its last user lets it go."""
     engine = _CACHE.get(model)
     if engine is None:
         engine = _CACHE[model] = BoundedNetwork(model)

@@ -22,6 +22,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from litplug.validation import check_int, check_list, check_number
+
 from .bounds import bounded, input_box, margin_spec, warmup_regularizers
 from .classifier import Classifier
 
@@ -125,18 +127,18 @@ class CertifiedClassifier(Classifier):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if not eps >= 0:
-            raise ValueError(f"`eps` must be >= 0, got {eps}")
-        if not 0.0 <= kappa_final <= 1.0:
-            raise ValueError(f"`kappa_final` must be in [0, 1], got {kappa_final}")
-        if pgd_steps < 0:
-            raise ValueError(f"`pgd_steps` must be >= 0, got {pgd_steps}")
-        if tightness_every_n_epochs < 0:
-            raise ValueError(f"`tightness_every_n_epochs` must be >= 0, got {tightness_every_n_epochs}")
-        if std is not None and any(s <= 0 for s in std):
-            raise ValueError(f"`std` must be positive, got {list(std)}")
-        if pixel_range is not None and not pixel_range[0] < pixel_range[1]:
-            raise ValueError(f"`pixel_range` must be (low, high) with low < high, got {pixel_range}")
+        check_number("eps", eps, low=0)
+        check_number("kappa_final", kappa_final, 0, 1)
+        check_int("pgd_steps", pgd_steps, low=0)
+        check_int("tightness_every_n_epochs", tightness_every_n_epochs, low=0)
+        if mean is not None:
+            check_list("mean", mean, check_number, nonempty=True)
+        if std is not None:
+            check_list("std", std, lambda n, v: check_number(n, v, low=0, low_open=True), nonempty=True)
+        if pixel_range is not None:
+            ends = check_list("pixel_range", pixel_range, lambda n, v: check_number(n, v, allow_inf=True))
+            if len(ends) != 2 or not ends[0] < ends[1]:
+                raise ValueError(f"`pixel_range` must be [low, high] with low < high, got {list(pixel_range)!r}")
         super().__init__(backbone, num_classes, optimizer, lr_scheduler)
         bounded(backbone)  # raises UnsupportedOperationError naming the op before training starts
         self.eps = float(eps)
@@ -194,15 +196,18 @@ class CertifiedClassifier(Classifier):
         return bounded(self.backbone)(lower, upper, clean=x, spec=margin_spec(y, self.num_classes), record_relu=record_relu)
 
     @override
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def batch_loss(self, batch: Batch) -> torch.Tensor:
+        """The training objective at ``current_eps`` on an ``(x, y)`` batch
+        (:class:`litplug.protocols.HasBatchLoss`): what ``training_step`` returns, without its logs."""
+        return self._objective(batch)[0]
+
+    def _objective(self, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss and the values ``training_step`` logs: ``{name: (value, sync_dist)}``."""
         x, y = batch
         eps, kappa = self.current_eps, self.kappa
-        self.log("certified/eps", eps)
-        self.log("certified/kappa", kappa)
+        logs: dict[str, Any] = {"certified/eps": (eps, False), "certified/kappa": (kappa, False)}
         if eps == 0:
-            loss = self.loss(self(x), y)
-            self.log("train/loss", loss, prog_bar=True)
-            return loss
+            return self.loss(self(x), y), logs
         result = self.robust_terms(x, y, eps, record_relu=True)
         robust = F.cross_entropy(-result.lower, y)
         loss = kappa * F.cross_entropy(result.clean, y) + (1 - kappa) * robust
@@ -210,14 +215,21 @@ class CertifiedClassifier(Classifier):
             lower, upper = self.box(x, eps)
             tight, relu = warmup_regularizers(result.relu, (upper - lower) / 2, self.regularizer_tolerance)
             loss = loss + self.regularizer_weight * (tight + relu)
-            self.log("certified/reg_tightness", tight)
-            self.log("certified/reg_relu", relu)
+            logs["certified/reg_tightness"] = (tight, False)
+            logs["certified/reg_relu"] = (relu, False)
         if result.relu:
             with torch.no_grad():  # count_nonzero: no int64 copy of the masks, as .sum() makes
                 unstable = sum(torch.count_nonzero((lo < 0) & (up > 0)) for lo, up in result.relu)
             total = sum(lo.numel() for lo, _ in result.relu)
-            self.log("certified/unstable_relu", unstable.float() / total, sync_dist=True)
-        self.log("certified/robust_loss", robust, sync_dist=True)
+            logs["certified/unstable_relu"] = (unstable.float() / total, True)
+        logs["certified/robust_loss"] = (robust, True)
+        return loss, logs
+
+    @override
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, logs = self._objective(batch)
+        for name, (value, sync) in logs.items():
+            self.log(name, value, sync_dist=sync)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

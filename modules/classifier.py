@@ -17,6 +17,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from litplug.validation import check_int
+
 from .base import TrainingModule
 
 
@@ -38,8 +40,7 @@ class Classifier(TrainingModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if num_classes < 2:
-            raise ValueError(f"`num_classes` must be >= 2, got {num_classes}")
+        check_int("num_classes", num_classes, low=2)
         super().__init__(backbone, optimizer, lr_scheduler)
         self.num_classes = num_classes
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -48,10 +49,15 @@ class Classifier(TrainingModule):
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y)
 
+    def batch_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy on an ``(x, y)`` batch: the training objective
+        (:class:`litplug.protocols.HasBatchLoss`)."""
+        x, y = batch
+        return self.loss(self(x), y)
+
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = self.loss(self(x), y)
+        loss = self.batch_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from litplug.validation import check_bool, check_choice, check_fraction, check_list, check_positive_int
+
 Activation = Literal["relu", "tanh", "sigmoid", "leaky_relu"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -31,21 +33,11 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 def _check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"`{name}` must be a non-empty list of positive ints, got {list(shape)}")
-    return shape
-
-
-def _check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"`{name}` must be >= 1, got {value}")
+    return tuple(check_list(name, shape, check_positive_int, nonempty=True))
 
 
 def _activation(name: str) -> nn.Module:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"`activation` must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
-    return _ACTIVATIONS[name]()
+    return _ACTIVATIONS[check_choice("activation", name, sorted(_ACTIVATIONS))]()
 
 
 class MLP(nn.Sequential):
@@ -74,11 +66,11 @@ class MLP(nn.Sequential):
         dropout: float = 0.0,
     ) -> None:
         shape = _check_shape("input_shape", input_shape)
-        _check_positive("num_outputs", num_outputs)
-        for width in hidden:
-            _check_positive("hidden", width)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {dropout}")
+        check_positive_int("num_outputs", num_outputs)
+        check_list("hidden", hidden, check_positive_int)
+        _activation(activation)
+        check_bool("batch_norm", batch_norm)
+        check_fraction("dropout", dropout)
         layers: list[nn.Module] = [nn.Flatten()]
         width_in = math.prod(shape)
         for width in hidden:
@@ -125,14 +117,14 @@ class ConvNet(nn.Sequential):
         shape = _check_shape("input_shape", input_shape)
         if len(shape) != 3:
             raise ValueError(f"`input_shape` must be [channels, height, width], got {list(shape)}")
-        _check_positive("num_outputs", num_outputs)
-        _check_positive("hidden", hidden)
-        if not channels:
-            raise ValueError("`channels` must name at least one convolution")
+        check_positive_int("num_outputs", num_outputs)
+        check_positive_int("hidden", hidden)
+        check_list("channels", channels, check_positive_int, nonempty=True)
+        _activation(activation)
+        check_bool("batch_norm", batch_norm)
         layers: list[nn.Module] = []
         c_in, h, w = shape
         for i, c_out in enumerate(channels):
-            _check_positive("channels", c_out)
             stride = 1 if i == 0 else 2
             block: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)]
             if batch_norm:
@@ -177,9 +169,9 @@ class CNN7(nn.Sequential):
         shape = _check_shape("input_shape", input_shape)
         if len(shape) != 3:
             raise ValueError(f"`input_shape` must be [channels, height, width], got {list(shape)}")
-        _check_positive("num_outputs", num_outputs)
-        _check_positive("width", width)
-        _check_positive("linear_size", linear_size)
+        check_positive_int("num_outputs", num_outputs)
+        check_positive_int("width", width)
+        check_positive_int("linear_size", linear_size)
         c_in, h, w = shape
         layers: list[nn.Module] = []
         for c_out, stride in [(width, 1), (width, 1), (2 * width, 2), (2 * width, 1), (2 * width, 1)]:

@@ -19,6 +19,8 @@ from torch import nn
 from torchmetrics import MeanSquaredError, SpearmanCorrCoef
 from typing_extensions import override
 
+from litplug.validation import check_choice
+
 from .base import TrainingModule
 
 _LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
@@ -46,8 +48,7 @@ class Regressor(TrainingModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if loss not in _LOSSES:
-            raise ValueError(f"`loss` must be one of {sorted(_LOSSES)}, got {loss!r}")
+        check_choice("loss", loss, sorted(_LOSSES))
         super().__init__(backbone, optimizer, lr_scheduler)
         self.loss_name = loss
         self.val_mse, self.test_mse = MeanSquaredError(), MeanSquaredError()
@@ -63,10 +64,15 @@ class Regressor(TrainingModule):
     def loss(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _LOSSES[self.loss_name](pred, y.float())
 
+    def batch_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Mean ``loss`` on an ``(x, y)`` batch: the training objective
+        (:class:`litplug.protocols.HasBatchLoss`)."""
+        x, y = batch
+        return self.loss(self.predict(x, y), y)
+
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = self.loss(self.predict(x, y), y)
+        loss = self.batch_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

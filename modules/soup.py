@@ -33,6 +33,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
+from litplug.validation import check_choice, check_list, check_path
+
 from .classifier import Classifier
 
 State = dict[str, Tensor]
@@ -145,12 +147,10 @@ class ModelSoup(Classifier):
         num_classes: int = 10,
         output_path: str | None = "runs/soup.pt",
     ) -> None:
-        if recipe not in ("greedy", "uniform"):
-            raise ValueError(f"`recipe` must be 'greedy' or 'uniform', got {recipe!r}")
-        if metric not in ("val/acc", "val/loss"):
-            raise ValueError(f"`metric` must be 'val/acc' or 'val/loss', got {metric!r}")
-        if not checkpoints:
-            raise ValueError("`checkpoints` must name at least one ingredient")
+        check_list("checkpoints", checkpoints, check_path, nonempty=True)
+        check_choice("recipe", recipe, ("greedy", "uniform"))
+        check_choice("metric", metric, ("val/acc", "val/loss"))
+        check_path("output_path", output_path, allow_none=True)
         super().__init__(backbone, num_classes)
         reference = {k: v for k, v in backbone.state_dict().items()}
         self.ingredients = []

@@ -64,6 +64,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
+from litplug.validation import check_choice, check_int, check_number, check_path
+
 from .base import TrainingModule
 from .language import logits_of, sequence_log_likelihood, tokens_of
 
@@ -178,21 +180,17 @@ class Unlearner(TrainingModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         objective: Objective = "classification",
     ) -> None:
-        if objective not in ("classification", "causal_lm"):
-            raise ValueError(f"`objective` must be 'classification' or 'causal_lm', got {objective!r}")
+        check_path("checkpoint", checkpoint, allow_none=True)
+        check_choice("method", method, METHODS)
+        check_choice("objective", objective, ("classification", "causal_lm"))
         if objective == "causal_lm" and method == "random_label":
             raise ValueError("`method`='random_label' needs class labels; with `objective`='causal_lm' use one of "
                              f"{[m for m in METHODS if m != 'random_label']}")  # fmt: skip
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
-        if num_classes < 2:
-            raise ValueError(f"`num_classes` must be >= 2, got {num_classes}")
-        if gamma < 0:
-            raise ValueError(f"`gamma` must be >= 0, got {gamma}")
-        if beta <= 0:
-            raise ValueError(f"`beta` must be > 0, got {beta}")
-        if alpha < 0:
-            raise ValueError(f"`alpha` must be >= 0, got {alpha}")
+        check_int("num_classes", num_classes, low=2)
+        check_number("gamma", gamma, low=0)
+        check_number("beta", beta, low=0, low_open=True)
+        check_number("alpha", alpha, low=0)
+        check_int("seed", seed)
         if method == "retrain" and checkpoint is not None:
             raise ValueError(f"`checkpoint` must be None for method='retrain' (it trains from scratch), got {checkpoint!r}")
         super().__init__(backbone, optimizer, lr_scheduler)
@@ -234,7 +232,8 @@ class Unlearner(TrainingModule):
     def batch_loss(self, batch: Any) -> torch.Tensor:
         """The model's mean NLL on one forget or retain batch as its loader yields it: the
         cross-entropy for classification, the token-level NLL (mean over predicted tokens) for a
-        causal LM. ``UnlearningMask`` scores weights with it."""
+        causal LM (:class:`litplug.protocols.HasBatchLoss`): the loss whose gradients
+        ``UnlearningMask`` scores."""
         if self.objective == "classification":
             x, y = batch
             return F.cross_entropy(self(x), y)

@@ -106,3 +106,27 @@ CASES["GradientAscentSearch+SurrogateSharpness"] = Case(
     model=small_regressor,
     data=offline_sphere,
 )
+
+
+# --- Foreign modules (tests/foreign.py): every public callback x these columns, in
+# test_registry.py's foreign-module matrix. Each column is a module litplug did not write, its data
+# (with forget/retain loaders where the module is a classifier or an LM) and Trainer arguments.
+@dataclass
+class Column:
+    model: Callable[[], LightningModule]
+    data: Callable[[], LightningDataModule]
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+def _foreign_columns() -> dict[str, Column]:
+    import foreign
+
+    return {
+        "boring": Column(foreign.boring, foreign.boring_data),
+        "lm": Column(foreign.lm, foreign.tokens),
+        "handwritten": Column(foreign.Handwritten, foreign.features, {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5}),
+        "manual": Column(foreign.Manual, foreign.features),
+    }
+
+
+COLUMNS: dict[str, Column] = _foreign_columns()

@@ -116,10 +116,11 @@ def test_wrong_argument_type(capsys):
         (["--data.init_args.label_noise=-0.1"], "label_noise"),
     ],
 )
-def test_impossible_values_fail_at_construction(args, match, tmp_path, monkeypatch):
+def test_impossible_values_fail_at_construction(args, match, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(CONFIGS / "digits" / "classifier.yaml"), *args])
+    assert exc.value.code == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing started
 
 

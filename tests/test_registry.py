@@ -1,15 +1,20 @@
 """Registry-driven checks that every public callback (tests/registry.py) runs under ddp on 2 CPU
-ranks with identical weights on both, and that a run interrupted at an epoch boundary and resumed
-from its checkpoint ends exactly like an uninterrupted one."""
+ranks with identical weights on both, that a run interrupted at an epoch boundary and resumed
+from its checkpoint ends exactly like an uninterrupted one, and that each works on modules
+litplug did not write (tests/foreign.py) or refuses them at setup saying why."""
 
+import copy
 import inspect
 
 import pytest
 import torch
 from harness import fast_trainer, make_strategy, run_distributed, state_of
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from registry import CASES
+from registry import CASES, COLUMNS
+
+from litplug.callbacks import EMA, SAM, SWA, GradientAscentSearch, IBPWarmup, SharpnessMonitor, SurrogateSharpness, UnlearningMask
 
 import litplug.callbacks
 
@@ -97,3 +102,227 @@ def test_callback_resume_matches_uninterrupted(name, tmp_path):
     for key, value in full_state.items():
         torch.testing.assert_close(state_of(model)[key], value, rtol=0, atol=0, msg=f"{name}: {key} differs after resume")
     _assert_same(_callback_state(callback), full_cb, f"{name}.state_dict")
+
+
+# --------------------------------------------------------------------------------------------
+# Foreign-module matrix: every public callback x modules litplug did not write (registry.COLUMNS).
+# A cell works, checked against its equation where one exists, or refuses at setup saying why.
+# --------------------------------------------------------------------------------------------
+
+REFUSALS = {
+    **{("IBPWarmup", c): "IBPWarmup needs the module to satisfy CertifiedModule" for c in COLUMNS},
+    **{("GradientAscentSearch", c): "GradientAscentSearch needs the datamodule to satisfy OfflineDesignsData" for c in COLUMNS},
+    ("UnlearningMask", "boring"): "needs the datamodule to satisfy ForgetRetainData .*lacks \\['forget_dataloader', 'retain_dataloader'\\]",
+    ("SharpnessAwareMinimization", "manual"): "SAM does not support manual optimisation",
+    ("SurrogateSharpness", "manual"): "SurrogateSharpness does not support manual optimisation",
+    ("SurrogateSharpness", "lm"): "SurrogateSharpness needs a surrogate whose forward maps the inputs alone to predictions; .*\\['inputs', 'target'\\]",
+}
+
+
+class Recorder(Callback):
+    """Live parameters after every optimizer step and at every epoch end; the micro-batches of the
+    first optimizer step."""
+
+    def __init__(self):
+        self.steps, self.epochs, self.batches, self._last = [], [], [], 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0 and pl_module.automatic_optimization:
+            self.batches.append(apply_to_collection(batch, torch.Tensor, lambda t: t.detach().clone()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self._last:
+            self._last = trainer.global_step
+            self.steps.append(_params(pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs.append(_params(pl_module))
+
+
+def _params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _fit_cell(column, callbacks, tmp_dir, **kwargs):
+    """4 batches in float64; returns the trained module, a copy of its initial state, the Trainer."""
+    seed_everything(0)
+    model, data = column.model(), column.data()
+    start = copy.deepcopy(model).double()
+    args = {"limit_train_batches": 4, "limit_val_batches": 0, **column.trainer, **kwargs}
+    trainer = fast_trainer(tmp_dir, precision="64-true", callbacks=callbacks, **args)
+    trainer.fit(model, data)
+    return model, start, trainer
+
+
+def _loss_value(output):
+    return output["loss"] if isinstance(output, dict) else output
+
+
+def _ema_cell(column, tmp_dir):
+    d = 0.5
+    rec, ema = Recorder(), EMA(decay=d, evaluate_with="live", final_weights="live")
+    _, _, trainer = _fit_cell(column, [rec, ema], tmp_dir)
+    w, k = rec.steps, len(rec.steps)
+    assert k == ema.updates == trainer.global_step >= 2
+    got = ema.averaged_state_dict()
+    for name in w[0]:  # avg_k = d^(k-1) w_1 + sum_{t>=2} (1 - d) d^(k-t) w_t
+        want = d ** (k - 1) * w[0][name] + sum((1 - d) * d ** (k - t) * w[t - 1][name] for t in range(2, k + 1))
+        torch.testing.assert_close(got[name], want, rtol=1e-12, atol=1e-12)
+
+
+def _swa_cell(column, tmp_dir):
+    rec, swa = Recorder(), SWA(start=0, update_bn=False, evaluate_with="live", final_weights="live")
+    _fit_cell(column, [rec, swa], tmp_dir, max_epochs=2, limit_train_batches=2)
+    assert swa.updates == 2
+    got = swa.averaged_state_dict()
+    for name, first in rec.epochs[0].items():
+        torch.testing.assert_close(got[name], (first + rec.epochs[1][name]) / 2, rtol=1e-12, atol=1e-12)
+
+
+def _sam_cell(column, tmp_dir, rho=0.05, lr=0.1):
+    """One optimizer step equals a hand-written SAM step with the module's own training_step:
+    g at w over the micro-batches, e = rho g / ||g||, g' at w + e, clipped, w - lr g'."""
+    rec = Recorder()
+    model, ref, _ = _fit_cell(column, [rec, SAM(rho=rho)], tmp_dir, max_steps=1)
+    micro = [apply_to_collection(b, torch.Tensor, lambda t: t.double() if t.is_floating_point() else t) for b in rec.batches]
+    params = [p for p in ref.parameters() if p.requires_grad]
+    w0 = [p.detach().clone() for p in params]
+
+    def grads():
+        for p in params:
+            p.grad = None
+        for b in micro:
+            (_loss_value(ref.training_step(b, 0)) / len(micro)).backward()
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    ref.train()
+    g = grads()
+    norm = torch.sqrt(sum((t**2).sum() for t in g))
+    with torch.no_grad():
+        for p, t in zip(params, g):
+            p.add_(rho * t / (norm + 1e-12))
+    g2 = grads()
+    clip = column.trainer.get("gradient_clip_val")
+    if clip:
+        coef = min(1.0, clip / (float(torch.sqrt(sum((t**2).sum() for t in g2))) + 1e-6))
+        g2 = [t * coef for t in g2]
+    got = [p for p in model.parameters() if p.requires_grad]
+    for p, w, t in zip(got, w0, g2):
+        torch.testing.assert_close(p.detach(), w - lr * t, rtol=1e-10, atol=1e-12)
+    assert len(micro) == column.trainer.get("accumulate_grad_batches", 1)
+
+
+def _ignite_cell(column, tmp_dir, rho=0.05, radius=0.05, lam=0.1, lr=0.1):
+    """One optimizer step equals IGNITE's update by hand, G the mean prediction on the inputs:
+    grad L(w) + (lam rho / radius) (grad G(w + radius grad G / ||grad G||) - grad G(w)), clipped."""
+    rec, cb = Recorder(), SurrogateSharpness(rho=rho, radius=radius, epsilon=0.0, lambda_init=lam, lambda_lr=0.1)
+    model, ref, _ = _fit_cell(column, [rec, cb], tmp_dir, max_steps=1)
+    assert float(cb._lambda) > lam  # dual ascent on rho ||grad G|| > epsilon = 0
+    micro = [apply_to_collection(b, torch.Tensor, lambda t: t.double() if t.is_floating_point() else t) for b in rec.batches]
+    params = [p for p in ref.parameters() if p.requires_grad]
+    w0 = [p.detach().clone() for p in params]
+
+    def grads(objective):
+        for p in params:
+            p.grad = None
+        for b in micro:
+            (objective(b) / len(micro)).backward()
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    def mean_prediction(b):
+        return ref(b if isinstance(b, torch.Tensor) else b[0]).mean()
+
+    ref.train()
+    g_loss = grads(lambda b: _loss_value(ref.training_step(b, 0)))
+    g_g = grads(mean_prediction)
+    norm = torch.sqrt(sum((t**2).sum() for t in g_g))
+    with torch.no_grad():
+        for p, t in zip(params, g_g):
+            p.add_(radius * t / (norm + 1e-12))
+    g_hat = grads(mean_prediction)
+    c = float(torch.tensor(lam, dtype=torch.float32) * rho / radius)  # the multiplier is float32 state
+    final = [gl + c * (gh - gg) for gl, gg, gh in zip(g_loss, g_g, g_hat)]
+    clip = column.trainer.get("gradient_clip_val")
+    if clip:
+        coef = min(1.0, clip / (float(torch.sqrt(sum((t**2).sum() for t in final))) + 1e-6))
+        final = [t * coef for t in final]
+    for p, w, t in zip([p for p in model.parameters() if p.requires_grad], w0, final):
+        torch.testing.assert_close(p.detach(), w - lr * t, rtol=1e-10, atol=1e-12)
+
+
+def _monitor_cell(column, tmp_dir):
+    plain, _, _ = _fit_cell(column, [], tmp_dir / "plain")
+    model, _, trainer = _fit_cell(column, [SharpnessMonitor(rho=0.05)], tmp_dir / "monitored")
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), f"the monitor changed training at {name}"
+    assert torch.isfinite(trainer.callback_metrics["sharpness/model"])
+    if not model.automatic_optimization:
+        assert model.steps == trainer.global_step == 4
+
+
+def _mask_cell(column, tmp_dir):
+    mask = UnlearningMask("saliency", ratio=0.3)
+    model, start, _ = _fit_cell(column, [mask], tmp_dir)
+    now, before = dict(model.named_parameters()), dict(start.named_parameters())
+    moved = False
+    for name, keep in mask.masks.items():
+        p, s = now[name].detach(), before[name].detach()
+        assert torch.equal(p[~keep], s[~keep]), f"{name}: a frozen entry moved"
+        moved |= not torch.equal(p[keep], s[keep])
+    assert moved and sum(int(m.sum()) for m in mask.masks.values()) == mask.num_selected
+
+
+CELLS = {
+    "EMA": _ema_cell,
+    "SWA": _swa_cell,
+    "SharpnessAwareMinimization": _sam_cell,
+    "SurrogateSharpness": _ignite_cell,
+    "SharpnessMonitor": _monitor_cell,
+    "UnlearningMask": _mask_cell,
+    "IBPWarmup": lambda column, tmp_dir: _fit_cell(column, [IBPWarmup()], tmp_dir),
+    "GradientAscentSearch": lambda column, tmp_dir: _fit_cell(column, [GradientAscentSearch()], tmp_dir),
+}
+
+
+def test_matrix_covers_every_public_callback():
+    single = {name for name in CASES if "+" not in name}
+    assert set(CELLS) == single
+
+
+@pytest.mark.parametrize("column", sorted(COLUMNS))
+@pytest.mark.parametrize("callback", sorted(CELLS))
+def test_foreign_module_matrix(callback, column, tmp_path):
+    refusal = REFUSALS.get((callback, column))
+    if refusal is None:
+        CELLS[callback](COLUMNS[column], tmp_path)
+    else:
+        with pytest.raises(ValueError, match=refusal):
+            CELLS[callback](COLUMNS[column], tmp_path)
+
+
+def lm_ddp_worker(strategy, tmp_dir):
+    out = {}
+    for name, make in {
+        "EMA": lambda: EMA(decay=0.5),
+        "SWA": lambda: SWA(start=0),
+        "SharpnessAwareMinimization": lambda: SAM(rho=0.05),
+        "SharpnessMonitor": lambda: SharpnessMonitor(),
+        "UnlearningMask": lambda: UnlearningMask("saliency", ratio=0.3),
+    }.items():
+        seed_everything(0)
+        column = COLUMNS["lm"]
+        model, data, cb = column.model(), column.data(), make()
+        trainer = fast_trainer(tmp_dir / name, strategy=copy.deepcopy(strategy), devices=2, max_epochs=2, limit_train_batches=2,
+                               limit_val_batches=0, callbacks=[cb])  # fmt: skip
+        trainer.fit(model, data)
+        out[name] = {"state": state_of(model), "masks": getattr(cb, "masks", None)}
+    return out
+
+
+def test_lm_column_under_ddp(tmp_path):
+    r0, r1 = run_distributed(lm_ddp_worker, "ddp", tmp_path)
+    for name in r0:
+        for key, value in r0[name]["state"].items():
+            assert torch.equal(value, r1[name]["state"][key]), f"{name}: ranks differ at {key}"
+    for key, mask in r0["UnlearningMask"]["masks"].items():
+        assert torch.equal(mask, r1["UnlearningMask"]["masks"][key])

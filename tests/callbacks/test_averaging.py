@@ -190,7 +190,8 @@ def test_ema_swaps_for_validation_exactly_and_ends_on_average(tmp_path):
     bare = MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16], batch_norm=True)
     bare.load_state_dict(exported)
     assert_states_equal({"backbone." + k: v for k, v in state_of(bare).items()}, final)
-    assert_states_equal(exported, ema.averaged_state_dict())
+    assert_states_equal(exported, ema.averaged_state_dict("auto"))
+    assert_states_equal(exported, ema.averaged_state_dict("backbone."))
 
 
 def test_ema_without_update_keeps_trained_weights(tmp_path):
@@ -200,26 +201,52 @@ def test_ema_without_update_keeps_trained_weights(tmp_path):
     assert ema.updates == 0
     assert_states_equal(probe.after_step[-1], state_of(model))
     assert_states_equal(probe.after_step[3], probe.val_start[0])  # validation used the live weights
-    assert_states_equal(ema.averaged_state_dict(""), state_of(model))
+    assert_states_equal(ema.averaged_state_dict(), state_of(model))
 
 
 def test_ema_live_final_weights_every_n_steps(tmp_path):
     probe = Probe()
     ema = EMA(decay=0.5, every_n_steps=3, final_weights="live", evaluate_with="live")
     trainer, model = fit(tmp_path, ema, probe=probe)
-    assert ema.updates == 2 and ema._last_step == 6  # after steps 3 and 6 of 8
+    assert ema.updates == 3 and ema._last_step == 7  # after steps 1, 4 and 7 of 8
     assert_states_equal(probe.after_step[-1], state_of(model))
     assert_states_equal(probe.after_step[3], probe.val_start[0])
-    avg = ema.averaged_state_dict("")
+    avg = ema.averaged_state_dict()
     k = "backbone.2.weight"
-    torch.testing.assert_close(avg[k], 0.5 * probe.after_step[2][k] + 0.5 * probe.after_step[5][k])
+    w = [probe.after_step[i][k] for i in (0, 3, 6)]
+    torch.testing.assert_close(avg[k], 0.5 * (0.5 * w[0] + 0.5 * w[1]) + 0.5 * w[2])
     # test on the average, then back to the live weights, also after the module's storage moved
     # (as Lightning's teardown on GPUs does): the callback rebinds its average by name
     ema.evaluate_with = "average"
     model.to(torch.float64).to(torch.float32)
     trainer.test(model, Digits(batch_size=32), verbose=False)
-    assert_states_equal(probe.test_start, ema.averaged_state_dict(""))
+    assert_states_equal(probe.test_start, ema.averaged_state_dict())
     assert_states_equal(probe.after_step[-1], state_of(model))
+
+
+@pytest.mark.parametrize("after,every", [(0, 3), (2, 3)])
+def test_ema_update_steps_match_lightning(tmp_path, after, every):
+    """EMA updates after the same optimizer steps as Lightning's EMAWeightAveraging (both run in
+    one Trainer): step index i = global_step - 1 with i >= update_after_step, i % n == 0."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    ours = EMA(decay=0.5, update_after_step=after, every_n_steps=every, final_weights="live", evaluate_with="live")
+    peer = EMAWeightAveraging(decay=0.5, update_every_n_steps=every, update_starting_at_step=after)
+
+    class Steps(Callback):
+        ours_at, peer_at = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if ours.updates > len(self.ours_at):
+                self.ours_at.append(trainer.global_step)
+            if int(peer._average_model.n_averaged) > len(self.peer_at):
+                self.peer_at.append(trainer.global_step)
+
+    steps = Steps()
+    seed_everything(0)
+    trainer = fast_trainer(tmp_path, max_epochs=1, limit_train_batches=11, limit_val_batches=0, callbacks=[ours, peer, steps])
+    trainer.fit(small_classifier(batch_norm=False), Digits(batch_size=32))
+    assert steps.ours_at == steps.peer_at == [t for t in range(1, 12) if t - 1 >= after and (t - 1) % every == 0]
 
 
 def test_ema_bf16_model_fp32_average(tmp_path):
@@ -314,7 +341,7 @@ def distributed_worker(strategy, tmp_dir, kind):
     trainer = fast_trainer(tmp_dir / "ema", strategy=strategy, devices=2, max_epochs=2, limit_train_batches=3, limit_val_batches=1, callbacks=[ema, ref])
     model = small_classifier()
     trainer.fit(model, Digits(batch_size=16))
-    avg = ema.averaged_state_dict("")
+    avg = ema.averaged_state_dict()
     # BatchNorm buffers are rank-local until the end of fit (then rank 0's are broadcast), so the
     # per-rank reference covers the parameters.
     params = [k for k, _ in model.named_parameters()]
@@ -371,3 +398,86 @@ def test_ema_fsdp2_shard_local_equals_single_process_and_resumes(tmp_path):
     params = [k for k in r0["ema_avg"] if "running_" not in k and "num_batches" not in k]
     assert_states_equal(r0["resumed_avg"], r0["ema_avg"], params)
     assert_states_equal(r1["resumed_avg"], r1["ema_avg"], params)
+
+
+def test_checkpoints_hold_the_weights_their_metrics_were_measured_on(tmp_path):
+    """evaluate_with="average": a checkpoint's state_dict is the average that ModelCheckpoint
+    ranked; loading it fresh, or test(ckpt_path=...) with or without the callback (or on the
+    training Trainer, whose callback holds a later average), evaluates exactly those weights."""
+    seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="val/loss", save_top_k=-1, filename="{epoch}")
+    weights = ModelCheckpoint(dirpath=tmp_path / "w", monitor="val/loss", mode="max", save_top_k=-1, filename="{epoch}", save_weights_only=True)
+    trainer = fast_trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2,
+                           callbacks=[EMA(decay=0.5), ckpt, weights], enable_checkpointing=True)  # fmt: skip
+    model, data = small_classifier(), Digits(batch_size=16)
+    with pytest.warns(UserWarning, match="save_weights_only=True\\) files hold the live weights"):
+        trainer.fit(model, data)
+    first = str(tmp_path / "ck" / "epoch=0.ckpt")
+    ranked = float(ckpt.best_k_models[first])
+
+    def fresh():
+        return Classifier.load_from_checkpoint(first, backbone=small_classifier().backbone, weights_only=False)
+
+    val = fast_trainer(tmp_path / "v", limit_val_batches=2).validate(fresh(), data, verbose=False)[0]["val/loss"]
+    assert val == ranked
+    test = [
+        fast_trainer(tmp_path / "t0", limit_test_batches=2).test(fresh(), data, verbose=False),
+        fast_trainer(tmp_path / "t1", limit_test_batches=2).test(small_classifier(), data, ckpt_path=first, verbose=False),
+        fast_trainer(tmp_path / "t2", limit_test_batches=2, callbacks=[EMA(decay=0.5)]).test(small_classifier(), data, ckpt_path=first, verbose=False),
+        trainer.test(model, data, ckpt_path=first, verbose=False),
+    ]
+    assert len({t[0]["test/loss"] for t in test}) == 1, test
+    full = torch.load(first, weights_only=False)
+    assert not torch.equal(full["callbacks"]["EMA"]["live"]["backbone.2.weight"], full["state_dict"]["backbone.2.weight"])
+    weights_only = torch.load(tmp_path / "w" / "epoch=0.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(weights_only[k], v) for k, v in full["callbacks"]["EMA"]["live"].items() if k in weights_only)
+
+
+def test_averaged_state_dict_uses_the_modules_own_names(tmp_path):
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    seed_everything(0)
+    ema = EMA(decay=0.5, export_path=str(tmp_path / "ema.pt"))
+    model = BoringModel()
+    fast_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[ema]).fit(model)
+    avg = ema.averaged_state_dict()
+    assert avg.keys() == model.state_dict().keys() == {"layer.weight", "layer.bias"}
+    BoringModel().load_state_dict(avg)
+    assert_states_equal(avg, ema.averaged_state_dict("auto"))  # no backbone: nothing stripped
+    assert_states_equal(avg, torch.load(tmp_path / "ema.pt"))
+    assert ema.averaged_state_dict("layer.").keys() == {"weight", "bias"}
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """8 samples of 8x8 digits-like data, no length."""
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(8):
+            yield torch.rand(1, 8, 8, generator=g, dtype=torch.float64), int(torch.randint(0, 10, (), generator=g))
+
+
+class _EpochEnds(Callback):
+    def __init__(self):
+        self.weights = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.weights.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
+
+
+def test_swa_snapshots_data_without_length_and_integer_start_with_max_steps(tmp_path):
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_Stream(), batch_size=4)  # 2 batches per epoch, unknown to the Trainer
+    for name, kwargs in (("epochs", {"max_epochs": 3}), ("steps", {"max_steps": 6, "max_epochs": None})):
+        seed_everything(0)
+        swa, ends = SWA(start=1, update_bn=False, final_weights="live"), _EpochEnds()
+        model = small_classifier(batch_norm=False)
+        fast_trainer(tmp_path / name, precision="64-true", limit_val_batches=0, callbacks=[ends, swa], **kwargs).fit(model, loader)
+        assert swa.updates == 2, name  # epochs 1 and 2
+        avg = swa.averaged_state_dict()
+        for key in ends.weights[0]:
+            want = (ends.weights[1][key] + ends.weights[2][key]) / 2
+            torch.testing.assert_close(avg[key], want, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="SWA\\(start=0.5\\) is a fraction of `max_epochs`.*epoch index"):
+        fast_trainer(tmp_path, max_steps=2, max_epochs=None, callbacks=[SWA(start=0.5)]).fit(small_classifier(), loader)

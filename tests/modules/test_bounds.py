@@ -1,8 +1,10 @@
 """Unit tests of the interval bound engine (litplug.modules.bounds)."""
 
 import copy
+import gc
 import math
 import operator
+import weakref
 
 import pytest
 import torch
@@ -193,6 +195,17 @@ def test_unsupported_ops_are_named():
 
     with pytest.raises(UnsupportedOperationError, match="torch.fx"):
         BoundedNetwork(Branchy())
+
+
+def test_bound_cache_does_not_keep_the_model_alive():
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.rand(2, 4)
+    interval_bounds(net, x - 0.1, x + 0.1)
+    margin_bounds(net, x, torch.tensor([0, 1]), 0.1)
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None
 
 
 def test_warmup_regularizers_closed_form():

@@ -35,6 +35,54 @@ def test_bad_arguments():
         CertifiedClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.GELU()), eps=0.1)
 
 
+class _Product(nn.Module):
+    """A backbone multiplying two activations: no interval rule (the bounds of h * h are not those
+    of a scaling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(64, 16), nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        h = torch.relu(self.a(x))
+        return self.out(h * h + torch.mul(h, torch.sigmoid(self.b(x))))
+
+
+class _InputAsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x.flatten(1)))
+        return F.linear(h, h[:10])  # the weight depends on the input
+
+
+def test_unsupported_operations_refused_at_construction_with_the_node():
+    with pytest.raises(UnsupportedOperationError, match=r"mul of two perturbed tensors .*node 'mul' \(mul\(relu, relu\)\)"):
+        CertifiedClassifier(_Product(), eps=0.1, **NORM)
+    with pytest.raises(UnsupportedOperationError, match=r"linear with a perturbed weight .*node 'linear'"):
+        CertifiedClassifier(_InputAsWeight(), eps=0.1, **NORM)
+
+    class Exp(nn.Module):
+        def forward(self, x):
+            return torch.exp(x.flatten(1))
+
+    with pytest.raises(UnsupportedOperationError, match="exp at node 'exp'"):
+        CertifiedClassifier(Exp(), eps=0.1, **NORM)
+    # a product with a constant (a scaling) is bounded
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.inp(x.flatten(1)) * 2.0
+
+    CertifiedClassifier(Scaled(), eps=0.1, **NORM)
+
+
 def test_fsdp2_rejected_at_setup():
     model = _model(**NORM)
     model._device_mesh = object()  # what ModelParallelStrategy sets before configure_model

@@ -69,7 +69,7 @@ def test_offline_configs_fit_their_task(tmp_path, monkeypatch):
         cli = LitplugCLI(args=["--config", str(CONFIGS / f"{task}.yaml")], run=False)
         assert cli.datamodule.task.name == task
         assert cli.model.backbone.input_shape == cli.datamodule.input_shape
-    for fragment, name in (("ignite", "SurrogateSharpness"), ("ignite_fast_dual", "SurrogateSharpness"), ("sam", "SAM")):
+    for fragment, name in (("ignite", "SurrogateSharpness"), ("ignite_slow_dual", "SurrogateSharpness"), ("sam", "SAM")):
         if hasattr(litplug.callbacks, name):  # from the sharpness family
             cli = LitplugCLI(args=["--config", str(CONFIGS / "sphere.yaml"), "--config", str(CONFIGS / f"{fragment}.yaml")], run=False)
             names = [type(c).__name__ for c in cli.trainer.callbacks]

@@ -57,7 +57,8 @@ def _one_step(method, tmp_path, alpha=0.0, lr=1.0):
     model = Unlearner(_mlp(), None if method == "retrain" else str(tmp_path / "orig.pt"), method, alpha=alpha,
                       optimizer=lambda p: torch.optim.SGD(p, lr=lr))  # fmt: skip
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = fast_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    # float64: the l1_sparse and finetune steps are compared with each other
+    trainer = fast_trainer(tmp_path, max_steps=1, limit_val_batches=0, precision="64-true")
     trainer.fit(model, ForgetRetain(Digits(batch_size=16), "class", [4]))
     return model, before
 
@@ -68,7 +69,7 @@ def test_l1_sparse_adds_alpha_sign(tmp_path):
     sparse, _ = _one_step("l1_sparse", tmp_path, alpha=0.01)
     for n, p in sparse.named_parameters():
         # one SGD step (lr 1, alpha_0 = alpha at step 0): the extra move is -alpha sign(theta_0)
-        torch.testing.assert_close(p.detach() - dict(finetuned.named_parameters())[n].detach(), -0.01 * before[n].sign(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(p.detach() - dict(finetuned.named_parameters())[n].detach(), -0.01 * before[n].sign().double(), atol=1e-12, rtol=0)
 
 
 def test_losses_match_definitions(tmp_path):

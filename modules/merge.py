@@ -1,0 +1,183 @@
+"""ModelMerge: merge finished models under ``litplug validate`` with one of five recipes, the
+functional cores of ``litplug.merging`` and ``litplug.modules.soup``.
+
+Method card
+    * ``uniform`` / ``greedy``: model soups (Wortsman et al. 2022), as :class:`ModelSoup`.
+    * ``task_arithmetic``: ``base + lambda * sum_t (theta_t - base)`` (Ilharco et al. 2023).
+    * ``ties``: TIES-merging (Yadav et al. 2023): trim each whole-model task vector to its
+      ``density`` share of largest magnitudes, elect signs, average the agreeing entries.
+    * ``align_then_average``: permute every ingredient onto the first by Git Re-Basin weight
+      matching (Ainsworth et al. 2023; the permutation structure comes from an fx trace of the
+      backbone), then average uniformly: for models trained from *different* initialisations.
+    * With several ``scale`` values (task arithmetic, TIES) the one with the best validation
+      metric is kept, as both papers choose ``lambda`` on held-out data.
+    * Cost: one evaluation per ingredient and per candidate (greedy soup, scales); alignment
+      solves one assignment problem per hidden layer and sweep.
+
+Example:
+    >>> merge = ModelMerge(MLP(), ["a.ckpt", "b.ckpt"], recipe="ties", base="base.ckpt")  # doctest: +SKIP
+    >>> Trainer().validate(merge, Digits())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+from torch import Tensor, nn
+from typing_extensions import override
+
+from ..merging import align, task_arithmetic, ties_merge
+from .classifier import Classifier
+from .soup import Metric, ModelSoup, _save, check_compatible, greedy_soup, load_ingredient, uniform_soup
+from litplug.validation import check_choice, check_list, check_number, check_str
+
+State = dict[str, Tensor]
+Recipe = Literal["uniform", "greedy", "task_arithmetic", "ties", "align_then_average"]
+RECIPES = ("uniform", "greedy", "task_arithmetic", "ties", "align_then_average")
+
+
+class ModelMerge(Classifier):
+    """A classifier whose weights are merged from finished models when validation starts
+    (``litplug validate --config configs/digits/merge/<recipe>.yaml``).
+
+    Logs to the logger ``merge/ingredient_<metric>`` (step = ingredient index, in the order of
+    ``checkpoints``), ``merge/kept`` (greedy: 1 if the ingredient is in the soup),
+    ``merge/scale_<metric>`` and ``merge/scale`` (step = index in ``scale``, when several are
+    tried) and ``merge/<metric>``; the validation epoch then logs ``val/acc`` and ``val/loss`` of
+    the merged model. Its backbone weights are written to ``output_path`` (a plain state dict).
+
+    Distributed: single process or DDP (every rank merges identically; held-out counts are summed
+    with one all-reduce per evaluation). FSDP2 is not supported (raises at setup).
+
+    Args:
+        backbone: the architecture of the ingredients (its own weights are replaced).
+        checkpoints: ingredient files: Lightning ``.ckpt`` (``backbone.*`` keys) or plain backbone
+            state dicts; for ``task_arithmetic``/``ties`` the fine-tunes of ``base``.
+        recipe: ``uniform``, ``greedy``, ``task_arithmetic``, ``ties`` or ``align_then_average``.
+        base: the pre-trained weights the fine-tunes started from (``task_arithmetic``, ``ties``
+            only).
+        scale: ``lambda`` of task arithmetic / TIES, or a list of candidates chosen on the
+            validation split.
+        density: TIES' share of task-vector entries kept, in (0, 1].
+        metric: held-out metric used to choose (greedy, scales) and logged: ``"val/acc"``
+            (maximised) or ``"val/loss"`` (minimised).
+        num_classes: number of classes.
+        output_path: where to write the merged backbone's state dict (``None``: do not write).
+    """
+
+    evaluate_state = ModelSoup.evaluate_state
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        checkpoints: list[str],
+        recipe: Recipe = "uniform",
+        base: str | None = None,
+        scale: float | list[float] = 1.0,
+        density: float = 0.2,
+        metric: Metric = "val/acc",
+        num_classes: int = 10,
+        output_path: str | None = "runs/merge.pt",
+    ) -> None:
+        check_choice("recipe", recipe, tuple(RECIPES))
+        check_choice("metric", metric, ("val/acc", "val/loss"))
+        check_list("checkpoints", checkpoints, check_str, nonempty=True)
+        check_str("base", base, allow_none=True)
+        needs_base = recipe in ("task_arithmetic", "ties")
+        if needs_base and base is None:
+            raise ValueError(f"`base` (the pre-trained weights) is required by recipe {recipe!r}")
+        if not needs_base and base is not None:
+            raise ValueError(f"`base` is only used by recipes 'task_arithmetic' and 'ties', got recipe {recipe!r}")
+        if isinstance(scale, (list, tuple)):
+            scales = check_list("scale", scale, check_number, nonempty=True)
+        else:
+            scales = [check_number("scale", scale)]
+        check_number("density", density, 0, 1, low_open=True)
+        check_str("output_path", output_path, allow_none=True)
+        super().__init__(backbone, num_classes)
+        reference = dict(backbone.state_dict())
+        self.ingredients: list[State] = []
+        for path in checkpoints:
+            state = load_ingredient(path)
+            check_compatible(reference, state, f"checkpoint {path}")
+            self.ingredients.append(state)
+        self.base_state: State | None = None
+        if base is not None:
+            self.base_state = load_ingredient(base)
+            check_compatible(reference, self.base_state, f"base {base}")
+        self.checkpoints = list(checkpoints)
+        self.recipe = recipe
+        self.scales = [float(s) for s in scales]
+        self.density = float(density)
+        self.metric = metric
+        self.output_path = output_path
+        self.kept: list[int] = []
+        self.scores: list[float] = []
+        self.scale_scores: list[float] = []
+        self.chosen_scale: float | None = None
+        self.merged_score: float | None = None
+        self._built = False
+
+    @override
+    def configure_model(self) -> None:
+        if self.device_mesh is not None:
+            raise ValueError("ModelMerge does not support ModelParallelStrategy (FSDP2); use a single device or DDP")
+
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.metric == "val/acc" else a < b
+
+    def _example_input(self) -> Tensor:
+        loader = self.trainer.val_dataloaders
+        batch = next(iter(loader[0] if isinstance(loader, (list, tuple)) else loader))
+        return self.trainer.strategy.batch_to_device(batch)[0]
+
+    def merge(self) -> State:
+        """Run the recipe (needs the trainer's validation split) and return the merged state."""
+        states = self.ingredients
+        if self.recipe == "greedy":
+            merged, self.kept, self.scores = greedy_soup(states, self.evaluate_state, self.metric == "val/acc")
+            return merged
+        self.scores = [self.evaluate_state(s) for s in states]
+        self.kept = list(range(len(states)))
+        if self.recipe == "uniform":
+            return uniform_soup(states)
+        if self.recipe == "align_then_average":
+            x = self._example_input()
+            reference = copy.deepcopy(self.backbone)
+            reference.load_state_dict(states[0])
+            other = copy.deepcopy(self.backbone)
+            aligned = [states[0]]
+            for state in states[1:]:
+                other.load_state_dict(state)
+                aligned.append(dict(align(reference, other, x).state_dict()))
+            return uniform_soup(aligned)
+        best: tuple[State, float] | None = None
+        for s in self.scales:
+            if self.recipe == "task_arithmetic":
+                candidate = task_arithmetic(self.base_state, states, s)
+            else:
+                candidate = ties_merge(self.base_state, states, density=self.density, scale=s)
+            score = self.evaluate_state(candidate) if len(self.scales) > 1 else float("nan")
+            self.scale_scores.append(score)
+            if best is None or self._better(score, best[1]):  # ties keep the first (smaller) scale
+                best, self.chosen_scale = (candidate, score), s
+        return best[0]
+
+    @override
+    def on_validation_start(self) -> None:
+        if self._built:
+            return
+        merged = self.merge()
+        self.merged_score = self.evaluate_state(merged)
+        self._built = True
+        name = self.metric.split("/")[-1]
+        if self.logger is not None:
+            for i, score in enumerate(self.scores):
+                self.logger.log_metrics({f"merge/ingredient_{name}": score, "merge/kept": float(i in self.kept)}, step=i)
+            if len(self.scales) > 1 and self.recipe in ("task_arithmetic", "ties"):
+                for i, (s, score) in enumerate(zip(self.scales, self.scale_scores)):
+                    self.logger.log_metrics({f"merge/scale_{name}": score, "merge/scale": s}, step=i)
+            self.logger.log_metrics({f"merge/{name}": self.merged_score}, step=len(self.scores))
+        if self.output_path:
+            _save(self.backbone.state_dict(), self.output_path)

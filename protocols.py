@@ -1,0 +1,176 @@
+"""What litplug's callbacks need from a LightningModule or a datamodule, as ``typing.Protocol``s.
+
+A callback checks its contract at ``setup`` with :func:`require`; the error names the Protocol and
+lists the members the object lacks. Any object with the members satisfies a Protocol: no base
+class to inherit from, no registration.
+
+==========================  =====================================================================
+Protocol                    needed by
+==========================  =====================================================================
+:class:`HasBatchLoss`       optional everywhere a callback needs a loss on a batch
+                            (``UnlearningMask`` scoring, ``SharpnessMonitor``): when a module lacks
+                            it, :func:`module_loss` runs its ``training_step`` muted instead
+:class:`CertifiedModule`    ``IBPWarmup`` (the module)
+:class:`ForgetRetainData`   ``UnlearningMask("saliency" | "attribution")`` (the datamodule)
+:class:`OfflineDesignsData` ``GradientAscentSearch`` (the datamodule)
+==========================  =====================================================================
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> class Tiny(nn.Module):
+    ...     def batch_loss(self, batch):
+    ...         x, y = batch
+    ...         return (x.sum(1) - y).square().mean()
+    >>> isinstance(Tiny(), HasBatchLoss)
+    True
+    >>> require(nn.Linear(1, 1), CertifiedModule, "IBPWarmup")
+    Traceback (most recent call last):
+    ...
+    ValueError: IBPWarmup needs the module to satisfy CertifiedModule (litplug.protocols); Linear lacks ['backbone', 'current_eps', 'eps', 'regularizer_tolerance', 'regularizer_weight']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+from typing_extensions import get_protocol_members
+
+__all__ = [
+    "CertifiedModule",
+    "ForgetRetainData",
+    "HasBatchLoss",
+    "OfflineDesignsData",
+    "missing_members",
+    "module_loss",
+    "require",
+]
+
+
+@runtime_checkable
+class HasBatchLoss(Protocol):
+    """A module that gives the loss of its own objective on one batch.
+
+    ``batch_loss(batch)`` returns the mean loss over the samples of ``batch``, a batch exactly as
+    the module's dataloader yields it (already on the module's device), as a differentiable scalar.
+    It must not log, step an optimizer or change state other than through autograd. Callbacks
+    call it in the module's current mode (mask scoring and the monitor put it in eval mode first).
+
+    A module without it still works with every callback: :func:`module_loss` falls back to its
+    ``training_step`` with logging muted. Define it when ``training_step`` does more than compute
+    a loss (manual optimisation, a batch of another shape, extra terms that are no objective).
+    """
+
+    def batch_loss(self, batch: Any) -> Tensor: ...
+
+
+@runtime_checkable
+class CertifiedModule(Protocol):
+    """The module ``IBPWarmup`` drives (``litplug.modules.CertifiedClassifier`` is one).
+
+    Attributes:
+        eps: target radius (read by the callback).
+        current_eps: radius of the next ``training_step`` (set at every batch start).
+        regularizer_weight: weight of the warmup regularizers in the next step (set).
+        regularizer_tolerance: their tolerance ``tau`` (set).
+        backbone: the network that IBP initialisation re-initialises.
+    """
+
+    eps: float
+    current_eps: float
+    regularizer_weight: float
+    regularizer_tolerance: float
+    backbone: nn.Module
+
+
+@runtime_checkable
+class ForgetRetainData(Protocol):
+    """A datamodule that splits its training data into a forget and a retain set
+    (``litplug.datamodules.ForgetRetain`` is one). Each loader yields batches the module's
+    :func:`module_loss` accepts."""
+
+    def forget_dataloader(self) -> Iterable[Any]: ...
+
+    def retain_dataloader(self) -> Iterable[Any]: ...
+
+
+@runtime_checkable
+class OfflineDesignsData(Protocol):
+    """Offline model-based optimisation data for ``GradientAscentSearch``
+    (``litplug.datamodules.OfflineDesigns`` is one): standardised ``designs`` with their
+    ``scores``, the box ``[lower, upper]`` the designs live in, the true objective ``score(x)`` of
+    raw designs and ``unstandardise(x)``. The module maps a batch of standardised designs to
+    predicted scores with its ``forward``."""
+
+    designs: Tensor
+    scores: Tensor
+    lower: Tensor
+    upper: Tensor
+
+    def score(self, x: Tensor) -> Tensor: ...
+
+    def unstandardise(self, x: Tensor) -> Tensor: ...
+
+
+def missing_members(obj: Any, protocol: type) -> list[str]:
+    """Sorted names of ``protocol``'s members that ``obj`` lacks (``[]``: it satisfies it)."""
+    return sorted(name for name in get_protocol_members(protocol) if not hasattr(obj, name))
+
+
+def require(obj: Any, protocol: type, by: str, what: str = "module") -> None:
+    """Raise a ``ValueError`` naming ``protocol`` and the missing members unless ``obj`` has them all.
+
+    Args:
+        obj: the module or datamodule checked (``None`` counts as lacking everything).
+        protocol: a Protocol of this file.
+        by: who needs it, for the message (e.g. ``"IBPWarmup"``).
+        what: ``"module"`` or ``"datamodule"``, for the message.
+    """
+    missing = missing_members(obj, protocol)
+    if missing:
+        raise ValueError(
+            f"{by} needs the {what} to satisfy {protocol.__name__} (litplug.protocols); "
+            f"{type(obj).__name__} lacks {missing}"
+        )
+
+
+def module_loss(pl_module: Any, batch: Any, batch_idx: int = 0) -> Tensor:
+    """The loss of ``pl_module``'s own objective on ``batch``: ``pl_module.batch_loss(batch)``
+    (:class:`HasBatchLoss`) if it defines one, else its ``training_step(batch, batch_idx)`` run
+    with ``self.log`` muted and torchmetrics states put back (the mechanism SAM's second pass
+    uses). ``training_step`` must return the loss (or a dict with ``"loss"``). Callers that must
+    not update normalisation statistics put the module in eval mode first (in eval mode those
+    statistics are part of the graph, so they cannot be put back before the backward).
+
+    A module with ``automatic_optimization = False`` steps its optimizers inside
+    ``training_step``, so it must define ``batch_loss``; without it this raises (callbacks check
+    this at setup with :func:`require_loss`).
+    """
+    if isinstance(pl_module, HasBatchLoss):
+        return pl_module.batch_loss(batch)
+    _check_automatic(pl_module, "module_loss")
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    from .callbacks.sharpness import _loss_of, _muted
+
+    takes_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+    with _muted(pl_module, None, freeze_bn_stats=False):
+        return _loss_of(pl_module.training_step(batch, batch_idx) if takes_idx else pl_module.training_step(batch))
+
+
+def require_loss(pl_module: Any, by: str) -> None:
+    """Check at setup that :func:`module_loss` can run on ``pl_module`` (it can, unless the module
+    uses manual optimisation and defines no ``batch_loss``)."""
+    if not isinstance(pl_module, HasBatchLoss):
+        _check_automatic(pl_module, by)
+
+
+def _check_automatic(pl_module: Any, by: str) -> None:
+    if not getattr(pl_module, "automatic_optimization", True):
+        raise ValueError(
+            f"{by} needs a loss on a batch; {type(pl_module).__name__} uses manual optimisation "
+            "(`automatic_optimization = False`), so its `training_step` steps optimizers and cannot be re-run: "
+            "define `batch_loss(self, batch) -> Tensor` (the HasBatchLoss protocol of litplug.protocols)"
+        )

@@ -1,0 +1,161 @@
+"""ModelMerge: every recipe from its shipped YAML (tiny ingredients), equal to the functional core;
+argument validation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import read_scalars
+
+from litplug.cli import LitplugCLI
+from litplug.datamodules import Digits
+from litplug.merging import align, task_arithmetic, ties_merge
+from litplug.modules import MLP, ModelMerge
+from litplug.modules.soup import uniform_soup
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs" / "digits" / "merge").glob("*.yaml"))
+HIDDEN = [16]
+
+
+def mlp(seed: int) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=HIDDEN, batch_norm=True)
+
+
+def train(model: MLP, seed: int, steps: int = 15) -> MLP:
+    dm = Digits(batch_size=32, seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _, (x, y) in zip(range(steps), dm.train_dataloader()):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A base, three fine-tunes of it (one as a Lightning-style checkpoint), and three models from
+    different seeds."""
+    tmp = tmp_path_factory.mktemp("merge")
+    base = train(mlp(0), 0)
+    out = {"base": str(tmp / "base.pt")}
+    torch.save(base.state_dict(), out["base"])
+    out["finetunes"] = []
+    for s in (1, 2, 3):
+        model = mlp(0)
+        model.load_state_dict(base.state_dict())
+        state = train(model, s, steps=8).state_dict()
+        path = tmp / f"ft{s}.{'ckpt' if s == 1 else 'pt'}"
+        torch.save({"state_dict": {f"backbone.{k}": v for k, v in state.items()}} if s == 1 else state, path)
+        out["finetunes"].append(str(path))
+    out["seeds"] = []
+    for s in (10, 11, 12):
+        path = tmp / f"seed{s}.pt"
+        torch.save(train(mlp(s), s).state_dict(), path)
+        out["seeds"].append(str(path))
+    return out
+
+
+def states(paths):
+    from litplug.modules.soup import load_ingredient
+
+    return [load_ingredient(p) for p in paths]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_recipe_from_yaml_equals_the_functional_core(config, files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = config.stem
+    ingredients = files["seeds"] if recipe == "align_then_average" else files["finetunes"]
+    args = ["validate", "--config", str(config), f"--model.init_args.backbone.init_args.hidden={HIDDEN}",
+            "--model.init_args.backbone.init_args.batch_norm=true", f"--model.init_args.checkpoints={ingredients}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
+    if recipe in ("task_arithmetic", "ties"):
+        args.append(f"--model.init_args.base={files['base']}")
+    cli = LitplugCLI(args=args)
+    merge = cli.model
+    written = torch.load(tmp_path / "runs" / "merge" / f"{recipe}.pt")
+    got = {k: v for k, v in merge.backbone.state_dict().items()}
+    assert all(torch.equal(written[k], v) for k, v in got.items())
+    parts = states(ingredients)
+    if recipe == "uniform":
+        expected = uniform_soup(parts)
+    elif recipe == "greedy":
+        assert merge.merged_score >= max(merge.scores)
+        expected = uniform_soup([parts[i] for i in merge.kept])
+    elif recipe == "align_then_average":
+        x = next(iter(cli.datamodule.val_dataloader()))[0]
+        ref, other = mlp(0), mlp(0)
+        ref.load_state_dict(parts[0])
+        aligned = [parts[0]]
+        for p in parts[1:]:
+            other.load_state_dict(p)
+            aligned.append(align(ref, other, x).state_dict())
+        expected = uniform_soup(aligned)
+        assert any(not torch.equal(expected[k], v) for k, v in uniform_soup(parts).items())  # alignment moved units
+    else:
+        base = states([files["base"]])[0]
+        scores = merge.scale_scores
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        assert merge.chosen_scale == merge.scales[best] and len(scores) == 5
+        if recipe == "task_arithmetic":
+            expected = task_arithmetic(base, parts, merge.chosen_scale)
+        else:
+            expected = ties_merge(base, parts, density=0.2, scale=merge.chosen_scale)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+    scalars = read_scalars(tmp_path / "runs" / "merge" / recipe)
+    assert scalars["merge/acc"][0][1] == pytest.approx(merge.merged_score)
+    assert scalars["val/acc"][0][1] == pytest.approx(merge.merged_score, abs=1e-6)  # validation ran on the merge
+
+
+def test_arguments_are_validated(files):
+    backbone = mlp(0)
+    with pytest.raises(ValueError, match="`recipe` must be one of"):
+        ModelMerge(backbone, files["finetunes"], recipe="average")
+    with pytest.raises(ValueError, match="`base` .* is required by recipe 'ties'"):
+        ModelMerge(backbone, files["finetunes"], recipe="ties")
+    with pytest.raises(ValueError, match="`base` is only used by"):
+        ModelMerge(backbone, files["finetunes"], recipe="uniform", base=files["base"])
+    with pytest.raises(ValueError, match=r"`density` must be in \(0, 1\], got 1.5"):
+        ModelMerge(backbone, files["finetunes"], recipe="ties", base=files["base"], density=1.5)
+    with pytest.raises(ValueError, match="`scale` must be a non-empty list"):
+        ModelMerge(backbone, files["finetunes"], recipe="task_arithmetic", base=files["base"], scale=[])
+    with pytest.raises(ValueError, match=r"base .*: parameter '1.0.weight' has shape \(8, 64\)"):
+        torch.save(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8], batch_norm=True).state_dict(), Path(files["base"]).with_name("narrow.pt"))
+        ModelMerge(backbone, files["finetunes"], recipe="ties", base=str(Path(files["base"]).with_name("narrow.pt")))
+
+
+def _merge_and_validate(strategy, tmp_dir, ingredients, base, recipe, devices):
+    from harness import fast_trainer
+
+    merge = ModelMerge(mlp(0), ingredients, recipe=recipe, base=base, scale=[0.5, 1.0, 1.5], output_path=None)
+    metrics = fast_trainer(tmp_dir, strategy=strategy, devices=devices).validate(merge, Digits(batch_size=32), verbose=False)[0]
+    state = {k: v.clone() for k, v in merge.backbone.state_dict().items()}
+    return {"state": state, "scores": merge.scores, "scale_scores": merge.scale_scores, "merged": merge.merged_score, "val": metrics["val/acc"]}
+
+
+def ddp_worker(strategy, tmp_dir, finetunes, seeds, base):
+    from harness import make_strategy
+
+    return {
+        "ties": _merge_and_validate(strategy, tmp_dir, finetunes, base, "ties", 2),
+        "align_then_average": _merge_and_validate(make_strategy("ddp"), tmp_dir, seeds, None, "align_then_average", 2),
+    }
+
+
+def test_ddp_merges_equal_single_process(files, tmp_path):
+    from harness import run_distributed
+
+    r0, r1 = run_distributed(ddp_worker, "ddp", tmp_path, finetunes=files["finetunes"], seeds=files["seeds"], base=files["base"])
+    for recipe, base, ingredients in (("ties", files["base"], files["finetunes"]), ("align_then_average", None, files["seeds"])):
+        single = _merge_and_validate("auto", tmp_path, ingredients, base, recipe, 1)
+        for rank in (r0, r1):
+            got = rank[recipe]
+            assert got["scores"] == single["scores"] and got["scale_scores"] == single["scale_scores"]  # counts summed over ranks
+            assert got["merged"] == single["merged"]
+            for k, v in single["state"].items():
+                assert torch.equal(got["state"][k], v), (recipe, k)

@@ -1,0 +1,252 @@
+"""litplug.merging against its equations: weight matching (permutation spec from fx, exact
+recovery of a hand-permuted model, function preservation), task arithmetic, TIES, barrier, MAP."""
+
+import pytest
+import torch
+from harness import read_scalars
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+
+from litplug.merging import (
+    align,
+    apply_permutations,
+    barrier,
+    fit_quadratic,
+    grid_pareto_front,
+    interpolate,
+    map_pareto_front,
+    pareto_mask,
+    permutation_spec,
+    task_arithmetic,
+    ties_merge,
+    weight_matching,
+)
+from litplug.modules import MLP, ConvNet
+
+
+class Residual(nn.Module):
+    """Conv stem, a residual block (conv-BN-ReLU-conv added to its input), pooling, flatten, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 6, 3, padding=1))
+        self.bn = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6 * 16, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(self.bn(h + self.block(h)))
+        return self.head(nn.functional.max_pool2d(h, 2).flatten(1))
+
+
+MODELS = {
+    "mlp_batchnorm": lambda: MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[12, 9], batch_norm=True),
+    "convnet_flatten": lambda: ConvNet(input_shape=[1, 8, 8], num_outputs=10, channels=[4, 6], hidden=7),
+    "residual": Residual,
+}
+
+
+def make(kind: str, seed: int) -> nn.Module:
+    """A float64 model with non-trivial BatchNorm statistics and affine parameters."""
+    torch.manual_seed(seed)
+    model = MODELS[kind]().double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+X = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def test_spec_groups_follow_the_graph():
+    spec = permutation_spec(make("residual", 0), X)
+    # the stem's and the block's last conv outputs are added: one permutation; the block's inner conv its own
+    assert sorted(spec.sources) == [["block.0"], ["stem", "block.3"]]
+    residual = spec.groups[spec.sources.index(["stem", "block.3"])]
+    names = {(a.name, a.axis, a.block) for a in residual}
+    assert {("bn.running_mean", 0, 1), ("bn.running_var", 0, 1), ("head.weight", 1, 16), ("block.0.weight", 1, 1)} <= names
+    spec = permutation_spec(make("convnet_flatten", 0), X)
+    assert spec.sizes == [4, 6, 7]  # the output layer is never permuted
+    assert ("2.1.weight", 1, 16) in {(a.name, a.axis, a.block) for a in spec.groups[1]}  # 6 channels of 4x4 after Flatten
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_hand_permuted_model_is_aligned_back_exactly_and_functions_are_preserved(kind):
+    reference = make(kind, 0)
+    spec = permutation_spec(reference, X)
+    gen = torch.Generator().manual_seed(1)
+    perms = [torch.randperm(n, generator=gen) for n in spec.sizes]
+    permuted = make(kind, 0)
+    permuted.load_state_dict(apply_permutations(reference.state_dict(), spec, perms))
+    assert any(not torch.equal(v, permuted.state_dict()[k]) for k, v in reference.state_dict().items())
+    torch.testing.assert_close(permuted(X), reference(X), rtol=1e-12, atol=1e-12)
+    back = align(reference, permuted, X)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+    # an independently initialised model: same function after alignment, closer to the reference
+    other = make(kind, 2)
+    aligned = align(reference, other, X)
+    torch.testing.assert_close(aligned(X), other(X), rtol=1e-12, atol=1e-12)
+    dist = lambda m: sum((p - q).pow(2).sum() for p, q in zip(reference.parameters(), m.parameters()))  # noqa: E731
+    assert dist(aligned) < dist(other)
+
+
+def test_weight_matching_solves_a_single_assignment():
+    """One hidden layer: the objective is sum_i <w_ref_i, w_other_perm(i)> over both layers, so
+    the matched permutation maximises it among all 4! permutations."""
+    import itertools
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    spec = permutation_spec(ref, X)
+    (perm,) = weight_matching(ref.state_dict(), other.state_dict(), spec)
+    sa, sb = ref.state_dict(), other.state_dict()
+
+    def score(p):
+        p = list(p)
+        return float((sa["1.weight"] * sb["1.weight"][p]).sum() + (sa["1.bias"] * sb["1.bias"][p]).sum() + (sa["3.weight"] * sb["3.weight"][:, p]).sum())
+
+    best = max(itertools.permutations(range(4)), key=score)
+    assert perm.tolist() == list(best)
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(64, 4), nn.Linear(64, 4), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.out(torch.cat([self.a(x), self.b(x)], 1))
+
+
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(64, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.mid(self.mid(self.inp(x.flatten(1)))))
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.LayerNorm(8), nn.Linear(8, 2)), "LayerNorm"),
+        (Concat, "cat"),
+        (Shared, "'mid' is called twice"),
+        (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 2)), "groups=2"),
+    ],
+)
+def test_unsupported_structures_are_refused_by_name(model, match):
+    with pytest.raises(ValueError, match=match):
+        permutation_spec(model().double(), X)
+
+
+def test_unsupported_operation_on_the_output_is_accepted():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3), nn.LogSoftmax(-1)).double()
+    assert permutation_spec(model, X).sizes == [8]
+
+
+def test_interpolate_and_task_arithmetic_closed_forms():
+    base = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(4)}
+    ft = [{"w": torch.tensor([2.0, 2.0]), "n": torch.tensor(9)}, {"w": torch.tensor([1.0, 5.0]), "n": torch.tensor(9)}]
+    mid = interpolate(base, ft[0], 0.25)
+    assert torch.equal(mid["w"], torch.tensor([1.25, 2.0])) and mid["n"] == 4
+    merged = task_arithmetic(base, ft, 0.5)  # base + 0.5 * ([1, 0] + [0, 3])
+    assert torch.equal(merged["w"], torch.tensor([1.5, 3.5])) and merged["n"] == 4
+    merged = task_arithmetic(base, ft, [2.0, -1.0])
+    assert torch.equal(merged["w"], torch.tensor([3.0, -1.0]))
+    with pytest.raises(ValueError, match="one value per fine-tune"):
+        task_arithmetic(base, ft, [1.0])
+    with pytest.raises(ValueError, match="`scale` must be a finite number, got nan"):
+        task_arithmetic(base, ft, float("nan"))
+
+
+def test_ties_merge_hand_computed():
+    """Two tensors, d = 5, density 0.6 -> keep k = 3 entries per task over the whole model.
+    tau_1 = [3, -1, 2 | 0.2, 0]     -> trimmed [3, -1, 2 | 0, 0]
+    tau_2 = [-1, -2, -2 | -0.4, 4]  -> trimmed [0, -2, -2 | 0, 4]
+    sum = [3, -3, 0 | 0, 4] -> sign [+, -, 0 | 0, +]; zeros take sign(sum of signs) = +
+    disjoint mean: [3, (-1-2)/2, 2 (only tau_1 agrees) | 0, 4] = [3, -1.5, 2 | 0, 4]; scale 0.5."""
+    base = {"a": torch.zeros(3), "b": torch.ones(2), "n": torch.tensor(5)}
+    ft1 = {"a": torch.tensor([3.0, -1.0, 2.0]), "b": torch.tensor([1.2, 1.0]), "n": torch.tensor(7)}
+    ft2 = {"a": torch.tensor([-1.0, -2.0, -2.0]), "b": torch.tensor([0.6, 5.0]), "n": torch.tensor(9)}
+    merged = ties_merge(base, [ft1, ft2], density=0.6, scale=0.5)
+    assert torch.equal(merged["a"], torch.tensor([1.5, -0.75, 1.0]))
+    assert torch.equal(merged["b"], torch.tensor([1.0, 3.0]))
+    assert merged["n"] == 5 and merged["n"].dtype == torch.int64
+    # density 1 keeps everything: entry-wise mean of the agreeing task-vector entries
+    merged = ties_merge(base, [ft1, ft2], density=1.0)
+    torch.testing.assert_close(merged["b"], torch.tensor([0.6, 5.0]))  # 0.2 - 0.4 < 0: only tau_2's -0.4 agrees
+    with pytest.raises(ValueError, match=r"`density` must be in \(0, 1\], got 0"):
+        ties_merge(base, [ft1], density=0)
+
+
+def test_barrier_definition_and_tensorboard(tmp_path):
+    """A 1-d linear model with loss known at each alpha: the barrier is the largest rise above the
+    line between the end points' losses."""
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    data = [(x[:16], y[:16]), (x[16:], y[16:])]
+    logger = TensorBoardLogger(tmp_path)
+    r = barrier(a, b, data, alphas=5, logger=logger)
+    logger.finalize("success")
+    assert r.alphas == [0.0, 0.25, 0.5, 0.75, 1.0]
+    probe = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    expected = []
+    for alpha in r.alphas:
+        probe.load_state_dict(interpolate(a.state_dict(), b.state_dict(), alpha))
+        with torch.no_grad():
+            expected.append(float(nn.functional.cross_entropy(probe(x), y)))
+    assert r.loss == pytest.approx(expected, rel=1e-5)
+    rise = [l - ((1 - t) * expected[0] + t * expected[-1]) for t, l in zip(r.alphas, expected)]
+    assert r.loss_barrier == pytest.approx(max(rise), rel=1e-4, abs=1e-6)
+    assert r.midpoint_loss_barrier == pytest.approx(rise[2], rel=1e-4, abs=1e-6)
+    scalars = read_scalars(tmp_path)
+    assert [s for s, _ in scalars["merge/barrier/loss"]] == [0, 250, 500, 750, 1000]
+    assert [v for _, v in scalars["merge/barrier/loss"]] == pytest.approx(r.loss, rel=1e-6)
+    assert scalars["merge/barrier/loss_barrier"][0][1] == pytest.approx(r.loss_barrier, rel=1e-6)
+    # after alignment the end points are the same functions, so their losses are unchanged
+    aligned = barrier(a, b, data, alphas=[0.0, 0.5, 1.0], align_first=True)
+    assert aligned.loss[0] == pytest.approx(r.loss[0]) and aligned.loss[-1] == pytest.approx(r.loss[-1], rel=1e-6)
+
+
+def test_map_quadratic_fit_is_exact_on_a_quadratic_and_fronts_agree():
+    def metrics(c):
+        c1, c2 = c
+        return [1 - (c1 - 0.8) ** 2 - 0.5 * c2**2 + 0.1 * c1 * c2, 1 - (c2 - 0.7) ** 2 - 0.3 * c1**2]
+
+    coeffs = torch.rand(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fit = fit_quadratic(coeffs, torch.tensor([metrics(c.tolist())[0] for c in coeffs]))
+    probe = torch.rand(50, 2, dtype=torch.float64)
+    torch.testing.assert_close(fit(probe), torch.tensor([metrics(c.tolist())[0] for c in probe], dtype=torch.float64))
+    assert fit.r2 == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="needs >= 6 evaluations, got 5"):
+        fit_quadratic(coeffs[:5], torch.zeros(5))
+
+    calls = []
+    counted = lambda c: calls.append(c) or metrics(c)  # noqa: E731
+    front = map_pareto_front(counted, 2, num_evaluations=6, candidates=500)
+    assert front.evaluations == len(calls) == 6
+    # every predicted front point is exact and non-dominated among the grid's measured points
+    measured = torch.tensor([metrics(c.tolist()) for c in front.coefficients], dtype=torch.float64)
+    torch.testing.assert_close(front.values, measured)
+    grid = grid_pareto_front(metrics, 2, points=11)
+    assert grid.evaluations == 121
+    both = torch.cat([measured, grid.values])
+    assert pareto_mask(both)[: len(measured)].float().mean() > 0.9
+
+
+def test_pareto_mask():
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.4, 0.4], [1.0, 0.0]])
+    assert pareto_mask(v).tolist() == [True, True, True, False, True]
+    assert pareto_mask(v, maximize=False).tolist() == [True, True, False, True, True]
