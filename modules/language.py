@@ -56,8 +56,10 @@ def tokens_of(batch: Any) -> torch.Tensor:
 def sequence_log_likelihood(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence log-likelihood of ``tokens`` ([B, T]) under next-token ``logits`` ([B, T, V],
     position t predicts token t + 1): ``(sum_t log p(x_{t+1} | x_{<=t}), T - 1)`` for each of the
-    B sequences. The first token is given, not predicted. Computed in float32."""
-    logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")  # [B, T-1]
+    B sequences. The first token is given, not predicted. Computed in float32 at least (half
+    precision logits are upcast, float64 ones kept)."""
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    logp = -F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")  # [B, T-1]
     count = torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device, dtype=torch.long)
     return logp.sum(1), count
 

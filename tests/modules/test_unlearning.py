@@ -322,3 +322,26 @@ def test_lm_configs_instantiate(tmp_path):
             assert cli.model.method == row.stem and cli.model.objective == "causal_lm"
             assert cli.datamodule.forget_classes == [1] and type(cli.datamodule.datamodule).__name__ == "MarkovText"
             assert len([c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]) == len(mask) // 2
+
+
+
+def test_lm_saliency_mask_scores_the_token_nll(tmp_path):
+    from litplug.callbacks import UnlearningMask
+    from litplug.callbacks.unlearning import topk_masks
+    from litplug.datamodules import MarkovText
+
+    torch.manual_seed(0)
+    torch.save(_lm().state_dict(), tmp_path / "orig.pt")
+    model = Unlearner(_lm(), str(tmp_path / "orig.pt"), "gradient_difference", objective="causal_lm").double()  # no near-ties
+    data = ForgetRetain(MarkovText(vocab_size=8, seq_len=12, num_train=48, num_val=8, num_test=8, num_marked=16, batch_size=8), "class", [1])
+    data.setup()
+    forget = data.forget_set.dataset.tokens[data.forget_indices]
+    named = [(n, p) for n, p in model.named_parameters() if p.dim() >= 2]
+    grads = torch.autograd.grad(_token_nll(model.backbone, forget), [p for _, p in named])  # all 16 forget sequences
+    expected = topk_masks([g.abs() for g in grads], int(0.3 * sum(p.numel() for _, p in named)))
+    original = {n: p.detach().clone() for n, p in named}
+    mask = UnlearningMask("saliency", ratio=0.3, scope="weights")
+    fast_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[mask], precision="64-true").fit(model, data)
+    for (n, p), keep in zip(named, expected):
+        assert torch.equal(mask.masks[n], keep)
+        assert torch.equal(p.detach()[~keep], original[n][~keep]) and not torch.equal(p.detach()[keep], original[n][keep])
