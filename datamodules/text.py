@@ -12,11 +12,11 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from litplug.validation import check_int, check_number
 
 
 class TokenSequences(Dataset):
@@ -121,15 +121,12 @@ class MarkovText(LightningDataModule):
         for name, value, low in (
             ("vocab_size", vocab_size, 2), ("seq_len", seq_len, 2), ("num_train", num_train, 2), ("num_val", num_val, 1),
             ("num_test", num_test, 1), ("marked_repeats", marked_repeats, 1), ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
         ):  # fmt: skip
-            if value < low:
-                raise ValueError(f"`{name}` must be >= {low}, got {value}")
-        if not 1 <= num_marked < num_train:
-            raise ValueError(f"`num_marked` must be in [1, num_train={num_train}), got {num_marked}")
-        if not (math.isfinite(sharpness) and sharpness > 0):
-            raise ValueError(f"`sharpness` must be a finite number > 0, got {sharpness}")
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
+            check_int(name, value, low=low)
+        check_int("num_marked", num_marked, low=1, high=num_train - 1)
+        check_number("sharpness", sharpness, low=0, low_open=True)
+        check_int("seed", seed)
         self.vocab_size, self.seq_len = vocab_size, seq_len
         self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
         self.num_marked, self.marked_repeats, self.sharpness = num_marked, marked_repeats, sharpness

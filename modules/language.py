@@ -25,6 +25,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
+from litplug.validation import check_fraction, check_int
+
 from .base import TrainingModule
 
 
@@ -92,12 +94,10 @@ class CausalTransformer(nn.Module):
     ) -> None:
         super().__init__()
         for name, value, low in (("vocab_size", vocab_size, 2), ("max_len", max_len, 2), ("dim", dim, 1), ("depth", depth, 1), ("heads", heads, 1), ("mlp_ratio", mlp_ratio, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+            check_int(name, value, low=low)
         if dim % heads:
             raise ValueError(f"`dim` must be divisible by `heads`={heads}, got {dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {dropout}")
+        check_fraction("dropout", dropout)
         self.vocab_size, self.max_len = vocab_size, max_len
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = nn.Embedding(max_len, dim)
