@@ -90,7 +90,7 @@ class CausalTransformer(nn.Module):
     """
 
     def __init__(
-        self, vocab_size: int, max_len: int, dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0
+        self, vocab_size: int = 16, max_len: int = 24, dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0
     ) -> None:
         super().__init__()
         for name, value, low in (("vocab_size", vocab_size, 2), ("max_len", max_len, 2), ("dim", dim, 1), ("depth", depth, 1), ("heads", heads, 1), ("mlp_ratio", mlp_ratio, 1)):
