@@ -1,10 +1,10 @@
 """litplug callbacks, importable by short name (``from litplug.callbacks import EMA``)."""
 
-from .ema import EMA
 from .certified import IBPWarmup
-from .offline import GradientAscentSearch
+from .ema import EMA
 from .ignite import SurrogateSharpness
 from .monitor import SharpnessMonitor
+from .offline import GradientAscentSearch
 from .sam import SAM, SharpnessAwareMinimization
 from .swa import SWA
 from .unlearning import UnlearningMask

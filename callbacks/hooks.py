@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-__all__ = ["logs_now", "muted", "no_grad_sync", "wrap_optimizer_step"]
+__all__ = ["logs_now", "muted", "no_grad_sync", "version", "wrap_optimizer_step"]
 
 
 def wrap_optimizer_step(
@@ -104,3 +104,11 @@ def muted(pl_module: LightningModule, objective: Callable[..., Tensor] | None, f
                 for b, s in zip(m.buffers(recurse=False), buffers):
                     b.copy_(s)
 
+
+
+def version(t: Tensor) -> int:
+    """The in-place write counter of ``t`` (autograd's version counter).
+
+    Why: UnlearningMask skips a second masking pass over a gradient that nothing wrote to since the
+    first one. Missing upstream: a public accessor of the counter (torch exposes ``Tensor._version``)."""
+    return t._version

@@ -105,29 +105,32 @@ class SharpnessMonitor(Callback):
         saved_grads = [p.grad for p in params]
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         out: dict[str, Tensor] = {}
-        with torch.random.fork_rng(devices=devices), muted(pl_module, None, freeze_bn_stats=False):
-            with training_mode(pl_module, False):
-                try:
-                    for p in params:
-                        p.grad = None
-                    with torch.enable_grad():
-                        base = self._loss(pl_module)
-                        base.backward()
-                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                    base = base.detach()
-                    groups: dict[str, list[int]] = {"model": list(range(len(params)))}
-                    if self.layerwise:
-                        for i, (name, _) in enumerate(named):
-                            groups.setdefault("layer/" + name.rsplit(".", 1)[0], []).append(i)
-                    for key, idx in groups.items():
-                        ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
-                        e, _ = sam_perturbation(ps, gs, self.rho)
-                        backup = perturb_(ps, e)
-                        out[key] = self._loss(pl_module).detach() - base
-                        restore_(ps, backup)
-                finally:
-                    for p, g in zip(params, saved_grads):
-                        p.grad = g
+        with (
+            torch.random.fork_rng(devices=devices),
+            muted(pl_module, None, freeze_bn_stats=False),
+            training_mode(pl_module, False),
+        ):
+            try:
+                for p in params:
+                    p.grad = None
+                with torch.enable_grad():
+                    base = self._loss(pl_module)
+                    base.backward()
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                base = base.detach()
+                groups: dict[str, list[int]] = {"model": list(range(len(params)))}
+                if self.layerwise:
+                    for i, (name, _) in enumerate(named):
+                        groups.setdefault("layer/" + name.rsplit(".", 1)[0], []).append(i)
+                for key, idx in groups.items():
+                    ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+                    e, _ = sam_perturbation(ps, gs, self.rho)
+                    backup = perturb_(ps, e)
+                    out[key] = self._loss(pl_module).detach() - base
+                    restore_(ps, backup)
+            finally:
+                for p, g in zip(params, saved_grads):
+                    p.grad = g
         return out
 
     @override

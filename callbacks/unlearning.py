@@ -102,6 +102,7 @@ from ..functional.masks import (
 from ..plumbing import grad_scaler, is_sharded, local, local_rows, mix_seed, refuse_flat_strategies, training_mode
 from ..protocols import ForgetRetainData, module_loss, require, require_loss
 from ..validation import check_choice, check_int, check_number, check_positive_int
+from .hooks import version
 
 __all__ = [
     "UnlearningMask",
@@ -335,12 +336,12 @@ class UnlearningMask(Callback):
         grads = [p.grad for p in self._params]
         seen_before = [None] * len(grads) if every or not self._masked else self._masked
         todo = [
-            None if g is None or (seen is not None and seen[0] is g and seen[1] == g._version) else local(g)
+            None if g is None or (seen is not None and seen[0] is g and seen[1] == version(g)) else local(g)
             for g, seen in zip(grads, seen_before)
         ]
         with torch.no_grad():
             enforce_masked_grads_(todo, self._grad_keep(todo))
-        self._masked = [None if g is None else (g, g._version) for g in grads]
+        self._masked = [None if g is None else (g, version(g)) for g in grads]
 
     def _grad_keep(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
         """Bit masks for gradients; recast (rarely) when a gradient's width differs from its parameter's."""
