@@ -1,4 +1,4 @@
-"""Unit tests of the interval bound engine (litplug.modules.bounds)."""
+"""Unit tests of the interval bound engine (litplug.bounds)."""
 
 import copy
 import gc
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from litplug.modules import CNN7, MLP, ConvNet
-from litplug.modules.bounds import (
+from litplug.bounds import (
     BoundedNetwork,
     UnsupportedOperationError,
     input_box,
@@ -279,7 +279,7 @@ def test_train_mode_batch_norm_updates_running_stats_as_the_module(momentum):
 
 
 def test_fused_functions_gradcheck():
-    from litplug.modules.bounds import _IntervalBatchNorm, _IntervalLinear, _IntervalReLU, _ReLUStatistics
+    from litplug.bounds.fused import IntervalBatchNorm, IntervalLinear, IntervalReLU, ReLUStatistics
 
     torch.manual_seed(0)
 
@@ -288,30 +288,28 @@ def test_fused_functions_gradcheck():
         return v.requires_grad_(True)
 
     check = lambda fn, inputs: torch.autograd.gradcheck(fn, inputs, fast_mode=True)  # noqa: E731
-    assert check(_IntervalLinear.apply, (t(6, 5), t(3, 5, positive=True), t(4, 5), t(4)))
-    assert check(_IntervalLinear.apply, (t(4, 2, 5), t(2, 2, 5, positive=True), t(3, 5), None))
+    assert check(IntervalLinear.apply, (t(6, 5), t(3, 5, positive=True), t(4, 5), t(4)))
+    assert check(IntervalLinear.apply, (t(4, 2, 5), t(2, 2, 5, positive=True), t(3, 5), None))
     for tracked in (True, False):
         n = 2 if tracked else 4
-        assert check(lambda s, r: _IntervalReLU.apply(s, r, tracked), (t(4, 5), t(n, 5, positive=True)))
+        assert check(lambda s, r: IntervalReLU.apply(s, r, tracked), (t(4, 5), t(n, 5, positive=True)))
         for shape in ((4, 2, 3, 3), (4, 3), (4, 2, 5)):
             stack, radius = t(*shape), t(n, *shape[1:], positive=True)
             gamma, beta = t(shape[1]), t(shape[1])
-            bn = lambda s, r, g, b: _IntervalBatchNorm.apply(s, r, g, b, 1e-5, tracked)[:2]  # noqa: E731
+            bn = lambda s, r, g, b: IntervalBatchNorm.apply(s, r, g, b, 1e-5, tracked)[:2]  # noqa: E731
             assert check(bn, (stack, radius, gamma, beta))
             assert check(lambda s, r: bn(s, r, None, None), (stack, radius))
     lower = torch.randn(3, 2, 4, dtype=torch.float64)
     upper = lower + torch.rand_like(lower)
     assert (lower > 0).any() and (upper < 0).any()
-    stats = lambda lo, up: _ReLUStatistics.apply(lo, up)[0]  # noqa: E731
+    stats = lambda lo, up: ReLUStatistics.apply(lo, up)[0]  # noqa: E731
     assert check(stats, (lower.requires_grad_(True), upper.requires_grad_(True)))
 
 
 @pytest.mark.parametrize("name", ["residual", "cnn7", "mlp"])
-def test_fused_engine_matches_plain_autograd(name, monkeypatch):
+def test_fused_engine_matches_plain_autograd(name):
     # The fused Linear/ReLU/BatchNorm functions are an optimisation only: bounds, clean output,
     # ReLU bounds and every gradient equal those of autograd on the plain formulas.
-    import litplug.modules.bounds as bounds_module
-
     torch.manual_seed(0)
     net = (Residual() if name == "residual" else _nets()[name]).double().train()
     shape = (2, 8, 8) if name == "residual" else (1, 8, 8)
@@ -319,12 +317,11 @@ def test_fused_engine_matches_plain_autograd(name, monkeypatch):
     y = torch.randint(0, 5 if name == "residual" else 10, (6,))
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(bounds_module, "_FUSED", fused)
         net.zero_grad()
         torch.manual_seed(3)  # the same dropout mask
         engine = BoundedNetwork(net)
-        out = engine(x - 0.05, x + 0.05, clean=x, spec=margin_spec(y, 5 if name == "residual" else 10).double(), record_relu=True)
-        tight, balance = warmup_regularizers(out.relu, torch.full_like(x, 0.05), 0.5)
+        out = engine(x - 0.05, x + 0.05, clean=x, spec=margin_spec(y, 5 if name == "residual" else 10).double(), record_relu=True, fused=fused)
+        tight, balance = warmup_regularizers(out.relu, torch.full_like(x, 0.05), 0.5, fused=fused)
         loss = F.cross_entropy(-out.lower, y) + F.cross_entropy(out.clean, y) + tight + balance
         loss = loss + sum(lo.square().mean() + up.mean() for lo, up in out.relu)  # gradients into the ReLU bounds
         loss.backward()
@@ -365,13 +362,13 @@ def test_fused_linear_detects_weight_modified_before_backward():
 def test_fused_relu_statistics_match_autograd(memory_format):
     # The warmup regularizers' fused statistics equal autograd's on the same formulas, values and
     # gradients, for contiguous and channels-last boxes.
-    from litplug.modules.bounds import _relu_statistics, _ReLUStatistics
+    from litplug.bounds.fused import ReLUStatistics, relu_statistics
 
     torch.manual_seed(0)
     lower = torch.randn(4, 3, 5, 5, dtype=torch.float64).to(memory_format=memory_format)
     upper = lower + torch.rand_like(lower)
     results = []
-    for statistics in (_ReLUStatistics.apply, _relu_statistics):
+    for statistics in (ReLUStatistics.apply, relu_statistics):
         lo, up = lower.clone().requires_grad_(True), upper.clone().requires_grad_(True)
         stats, counts = statistics(lo, up)
         (stats * torch.arange(1.0, 6.0, dtype=stats.dtype)).sum().backward()
