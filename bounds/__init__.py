@@ -44,7 +44,7 @@ Adding an operator: one entry in ``OPERATORS`` (:mod:`litplug.bounds.ops`) and i
    :mod:`~litplug.bounds.ops`: ``monotone`` (any monotone elementwise map; honours
    ``p.linearize`` and ``p.relu``), ``affine`` (``W x + b``), ``same`` (linear maps with
    non-negative weights: reshapes, pooling), ``shift``/``scale`` (a constant added/multiplied).
-   A monotone activation is one line: ``nn.ELU: Op(_monotone_module)``.
+   A monotone activation is one line: ``nn.ELU: Op(monotone_module)``.
 3. ``check(target, node, perturbed)`` (optional): runs when a network is traced and raises
    :class:`UnsupportedOperationError` naming the node for arguments the rule cannot bound (for
    modules: on every call of the module; for functions and methods: when the node is perturbed,

@@ -205,7 +205,7 @@ def _relu_fused(p: Pass, x: Interval) -> Interval | None:
     return Interval(stack, radius, x.tracked)
 
 
-def _monotone_module(p: Pass, m: nn.Module, args: tuple, kwargs: dict) -> Interval:
+def monotone_module(p: Pass, m: nn.Module, args: tuple, kwargs: dict) -> Interval:
     return monotone(p, args[0], m, relu=isinstance(m, nn.ReLU))
 
 
@@ -214,7 +214,7 @@ def _check_max_pool(m: nn.MaxPool2d, node: fx.Node, perturbed: set[fx.Node]) -> 
         raise UnsupportedOperationError(f"unsupported MaxPool2d(return_indices=True) at {where(node)}")
 
 
-def _positive_linear_module(p: Pass, m: nn.Module, args: tuple, kwargs: dict) -> Interval:
+def positive_linear_module(p: Pass, m: nn.Module, args: tuple, kwargs: dict) -> Interval:
     # linear with non-negative weights, sample by sample (except a Flatten over the batch)
     return same(args[0], m, per_sample=not (isinstance(m, nn.Flatten) and m.start_dim == 0))
 
@@ -226,11 +226,11 @@ def _dropout_module(p: Pass, m: nn.Dropout, args: tuple, kwargs: dict) -> Interv
 # -- functions and methods ----------------------------------------------------------------------
 
 
-def _monotone_function(p: Pass, fn: Callable, args: tuple, kwargs: dict) -> Interval:
+def monotone_function(p: Pass, fn: Callable, args: tuple, kwargs: dict) -> Interval:
     return monotone(p, args[0], lambda t: fn(t, *args[1:], **kwargs), relu=fn in (F.relu, torch.relu))
 
 
-def _shape_function(p: Pass, fn: Callable, args: tuple, kwargs: dict) -> Interval:
+def shape_function(p: Pass, fn: Callable, args: tuple, kwargs: dict) -> Interval:
     return same(args[0], lambda t: fn(t, *args[1:], **kwargs))
 
 
@@ -315,11 +315,11 @@ def _check_cat(fn: Callable, node: fx.Node, perturbed: set[fx.Node]) -> None:
         )
 
 
-def _monotone_method(p: Pass, name: str, args: tuple, kwargs: dict) -> Interval:
+def monotone_method(p: Pass, name: str, args: tuple, kwargs: dict) -> Interval:
     return monotone(p, args[0], lambda t: getattr(t, name)(*args[1:], **kwargs), relu=name == "relu")
 
 
-def _shape_method(p: Pass, name: str, args: tuple, kwargs: dict) -> Interval:
+def shape_method(p: Pass, name: str, args: tuple, kwargs: dict) -> Interval:
     return same(args[0], lambda t: getattr(t, name)(*args[1:], **kwargs))
 
 
@@ -341,15 +341,15 @@ def _linear_module_fused(p: Pass, m: nn.Linear, args: tuple, kwargs: dict) -> In
 
 # -- the table ----------------------------------------------------------------------------------
 
-_MONOTONE = Op(_monotone_module)
-_POSITIVE_LINEAR = Op(_positive_linear_module)
-_MONOTONE_FUNCTION = Op(_monotone_function)
-_SHAPE_FUNCTION = Op(_shape_function)
+_MONOTONE = Op(monotone_module)
+_POSITIVE_LINEAR = Op(positive_linear_module)
+_MONOTONE_FUNCTION = Op(monotone_function)
+_SHAPE_FUNCTION = Op(shape_function)
 _ADD_OR_SUB = Op(_add_or_sub)
 _MUL = Op(_mul, check=_check_mul)
 _CAT = Op(_cat, check=_check_cat)
 _LINEAR_FUNCTION = Op(_linear_function, check=_check_linear_function)
-_SHAPE_METHOD = Op(_shape_method)
+_SHAPE_METHOD = Op(shape_method)
 
 OPERATORS: dict[Any, Op] = {
     # modules (exact types)
@@ -358,19 +358,19 @@ OPERATORS: dict[Any, Op] = {
     nn.Conv2d: Op(_conv_module, check=_check_conv),
     nn.BatchNorm1d: Op(_batch_norm, fused=_batch_norm_fused),
     nn.BatchNorm2d: Op(_batch_norm, fused=_batch_norm_fused),
-    nn.ReLU: Op(_monotone_module, fused=_relu_module_fused),
+    nn.ReLU: Op(monotone_module, fused=_relu_module_fused),
     nn.LeakyReLU: _MONOTONE,
     nn.Sigmoid: _MONOTONE,
     nn.Tanh: _MONOTONE,
-    nn.MaxPool2d: Op(_monotone_module, check=_check_max_pool),
+    nn.MaxPool2d: Op(monotone_module, check=_check_max_pool),
     nn.AvgPool2d: _POSITIVE_LINEAR,
     nn.AdaptiveAvgPool2d: _POSITIVE_LINEAR,
     nn.Flatten: _POSITIVE_LINEAR,
     nn.Identity: _POSITIVE_LINEAR,
     nn.Dropout: Op(_dropout_module),
     # functions
-    F.relu: Op(_monotone_function, fused=_relu_call_fused),
-    torch.relu: Op(_monotone_function, fused=_relu_call_fused),
+    F.relu: Op(monotone_function, fused=_relu_call_fused),
+    torch.relu: Op(monotone_function, fused=_relu_call_fused),
     F.leaky_relu: _MONOTONE_FUNCTION,
     torch.sigmoid: _MONOTONE_FUNCTION,
     F.sigmoid: _MONOTONE_FUNCTION,
@@ -397,9 +397,9 @@ OPERATORS: dict[Any, Op] = {
     torch.cat: _CAT,
     torch.concat: _CAT,
     # tensor methods
-    "Tensor.relu": Op(_monotone_method, fused=_relu_call_fused),
-    "Tensor.sigmoid": Op(_monotone_method),
-    "Tensor.tanh": Op(_monotone_method),
+    "Tensor.relu": Op(monotone_method, fused=_relu_call_fused),
+    "Tensor.sigmoid": Op(monotone_method),
+    "Tensor.tanh": Op(monotone_method),
     **{f"Tensor.{name}": _SHAPE_METHOD for name in ("view", "reshape", "flatten", "contiguous", "squeeze")},
     "Tensor.unsqueeze": _SHAPE_METHOD,
     "Tensor.size": Op(_centre_method),

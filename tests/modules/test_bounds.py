@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litplug.modules import CNN7, MLP, ConvNet
 from litplug.bounds import (
     BoundedNetwork,
     UnsupportedOperationError,
@@ -21,6 +20,7 @@ from litplug.bounds import (
     margin_spec,
     warmup_regularizers,
 )
+from litplug.modules import CNN7, MLP, ConvNet
 
 
 class Residual(nn.Module):
@@ -375,3 +375,49 @@ def test_fused_relu_statistics_match_autograd(memory_format):
         results.append((stats.detach(), counts, lo.grad, up.grad))
     for fused, plain in zip(*results):
         torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_an_operator_is_one_table_entry(monkeypatch):
+    # ELU has no entry: refused at construction, naming the module; one monotone entry makes it
+    # boundable, and its bounds contain the outputs of sampled inputs.
+    from litplug.bounds import OPERATORS, Op
+    from litplug.bounds.ops import monotone_module
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ELU(), nn.Linear(6, 3))
+    with pytest.raises(UnsupportedOperationError, match=r"ELU at module '1'"):
+        BoundedNetwork(net)
+    monkeypatch.setitem(OPERATORS, nn.ELU, Op(monotone_module))
+    x = torch.rand(8, 4)
+    with torch.no_grad():
+        lower, upper = BoundedNetwork(net)(x - 0.1, x + 0.1)[:2]
+        for _ in range(50):
+            out = net(x + (torch.rand_like(x) * 2 - 1) * 0.1)
+            assert (lower <= out + 1e-6).all() and (out <= upper + 1e-6).all()
+
+
+def _backward_names(t):
+    names, todo, seen = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_engine_is_stateless_and_fused_is_an_argument():
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = torch.rand(5, 4)
+    engine = BoundedNetwork(net)
+    before = dict(vars(engine))
+    fused = engine(x - 0.1, x + 0.1, clean=x, record_relu=True)
+    plain = engine(x - 0.1, x + 0.1, clean=x, fused=False)
+    engine.linearized_radius(x, torch.full_like(x, 0.1))
+    assert vars(engine).keys() == before.keys() and all(vars(engine)[k] is v for k, v in before.items())
+    assert len(fused.relu) == 1 and plain.relu == []
+    assert {"IntervalLinearBackward", "IntervalReLUBackward"} <= _backward_names(fused.upper)
+    assert not any(name.startswith("Interval") for name in _backward_names(plain.upper))
+    torch.testing.assert_close(fused.upper, plain.upper)
