@@ -34,8 +34,9 @@ class Op(NamedTuple):
         rule: the interval rule: maps the input box(es) to the output box (plain torch
             operations, differentiated by autograd).
         check: run once when a network is traced, with the target, the node and the set of
-            perturbed nodes (those depending on the network input); raises
-            :class:`UnsupportedOperationError` naming the node for arguments the rule cannot bound.
+            perturbed nodes (those depending on the network input; for modules, checked on every
+            call, an empty set); raises :class:`UnsupportedOperationError` naming the node for
+            arguments the rule cannot bound.
         fused: the same rule through a hand-written autograd function (:mod:`.fused`), used when
             the engine runs fused; returns None where it does not apply (the engine then runs
             ``rule``). Its values and gradients must equal ``rule``'s.
