@@ -13,7 +13,7 @@ State = dict[str, Tensor]
 
 
 # ============================================================================ checks
-def _check_states(states: Sequence[Mapping[str, Tensor]], what: str) -> None:
+def check_states(states: Sequence[Mapping[str, Tensor]], what: str) -> None:
     first = states[0]
     for i, state in enumerate(states[1:], 1):
         if state.keys() != first.keys():
@@ -36,7 +36,7 @@ def interpolate(a: Mapping[str, Tensor], b: Mapping[str, Tensor], alpha: float) 
     """``(1 - alpha) * a + alpha * b`` for floating tensors (computed in float64, returned in
     ``a``'s dtypes); integer tensors are copied from ``a``. ``alpha`` may lie outside [0, 1]."""
     _check_finite("alpha", alpha)
-    _check_states([a, b], "states")
+    check_states([a, b], "states")
     out = {}
     for name, va in a.items():
         if va.is_floating_point():
@@ -48,7 +48,7 @@ def interpolate(a: Mapping[str, Tensor], b: Mapping[str, Tensor], alpha: float) 
 
 def task_vector(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> State:
     """``finetuned - base`` for every floating tensor (float64)."""
-    _check_states([base, finetuned], "states")
+    check_states([base, finetuned], "states")
     return {k: finetuned[k].double() - v.double() for k, v in base.items() if v.is_floating_point()}
 
 
@@ -75,7 +75,7 @@ def task_arithmetic(
     if not finetuned:
         raise ValueError("`finetuned` must hold at least one state dict")
     scales = _scales(scale, len(finetuned))
-    _check_states([base, *finetuned], "states")
+    check_states([base, *finetuned], "states")
     delta: State = {}
     for s, ft in zip(scales, finetuned):
         for k, tau in task_vector(base, ft).items():
@@ -126,7 +126,7 @@ def ties_merge(
     if not 0.0 < density <= 1.0:
         raise ValueError(f"`density` must be in (0, 1], got {density}")
     _check_finite("scale", scale)
-    _check_states([base, *finetuned], "states")
+    check_states([base, *finetuned], "states")
     names = [k for k, v in base.items() if v.is_floating_point()]
     if not names:
         raise ValueError("`base` has no floating tensors to merge")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .arithmetic import State, _check_states
+from .arithmetic import State, check_states
 
 
 @dataclass(frozen=True)
@@ -431,7 +431,7 @@ def align(
     """
     spec = permutation_spec(reference, example_input)
     ref_state, other_state = reference.state_dict(), other.state_dict()
-    _check_states([ref_state, other_state], "models")
+    check_states([ref_state, other_state], "models")
     perms = weight_matching(ref_state, other_state, spec, max_iter=max_iter, seed=seed)
     aligned = copy.deepcopy(other)
     aligned.load_state_dict(apply_permutations(other_state, spec, perms))
