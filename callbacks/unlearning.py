@@ -76,7 +76,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import islice
 from typing import Any, Literal
 
@@ -88,143 +88,38 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 from typing_extensions import override
 
-from litplug.validation import check_choice, check_int, check_number, check_positive_int
+from ..functional.masks import (
+    Reduce,
+    attribution_scores,
+    enforce_masked_grads_,
+    frozen_bits,
+    keep_bits,
+    kth_largest_key,
+    restore_frozen_,
+    saliency_scores,
+    topk_masks,
+)
+from ..plumbing import grad_scaler, is_sharded, local, local_rows, mix_seed, refuse_flat_strategies, training_mode
 from ..protocols import ForgetRetainData, module_loss, require, require_loss
+from ..validation import check_choice, check_int, check_number, check_positive_int
+from .hooks import version
+
+__all__ = [
+    "UnlearningMask",
+    "attribution_scores",
+    "enforce_masked_grads_",
+    "frozen_bits",
+    "keep_bits",
+    "kth_largest_key",
+    "restore_frozen_",
+    "saliency_scores",
+    "topk_masks",
+]
 
 Criterion = Literal["saliency", "attribution", "magnitude", "random"]
 Scope = Literal["weights", "all"]
 # Default scope per criterion, as in the reference code (see the module docstring).
 DEFAULT_SCOPE: dict[str, Scope] = {"saliency": "all", "attribution": "all", "magnitude": "weights", "random": "all"}
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-# --- functional core -----------------------------------------------------------------------
-def _sortable_keys(score: torch.Tensor) -> torch.Tensor:
-    # For non-negative float32 the int32 bit pattern orders like the value (+inf on top).
-    return score.detach().float().abs().nan_to_num(nan=0.0).contiguous().view(torch.int32)
-
-
-def kth_largest_key(keys: Sequence[torch.Tensor], k: int, all_reduce: Reduce | None = None) -> tuple[int, int]:
-    """Radix select (8 bits per pass) of the ``k``-th largest int32 key (keys >= 0) over the
-    tensors ``keys``, summed over processes by ``all_reduce`` (a 256-count histogram per pass).
-    Returns ``(t, m)``: the key ``t`` and how many entries equal to ``t`` complete the top k."""
-    prefix, need = 0, k
-    for shift in (24, 16, 8, 0):
-        hist = torch.zeros(256, dtype=torch.long)
-        for key in keys:
-            cand = key if shift == 24 else key[(key >> (shift + 8)) == prefix]
-            hist += torch.bincount(((cand >> shift) & 0xFF).long().flatten(), minlength=256).cpu()
-        if all_reduce is not None:
-            hist = all_reduce(hist)
-        at_least = hist.flip(0).cumsum(0)  # at_least[j] = entries whose digit >= 255 - j
-        j = int(torch.nonzero(at_least >= need)[0])
-        digit = 255 - j
-        need -= int(at_least[j] - hist[digit])
-        prefix = (prefix << 8) | digit
-    return prefix, need
-
-
-def topk_masks(
-    scores: Sequence[torch.Tensor],
-    k: int,
-    all_reduce: Reduce | None = None,
-    all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    rank: int = 0,
-) -> list[torch.Tensor]:
-    """Boolean masks selecting exactly the ``k`` highest scores over all tensors of ``scores``.
-
-    Ties at the threshold go to the lower global index: tensor order, then rank order (the
-    ``Shard(0)`` row blocks of one parameter), then row-major order. In a sharded setting, each
-    process passes its local shards; ``all_reduce`` sums a tensor over processes and
-    ``all_gather`` stacks one per process (``[world, ...]``); ``rank`` is this process's index
-    in that stack. Scores are compared as float32
-    after ``abs``; NaN counts as 0.
-
-    Example:
-        >>> [m.tolist() for m in topk_masks([torch.tensor([1.0, 3.0]), torch.tensor([3.0, 2.0])], 2)]
-        [[False, True], [True, False]]
-    """
-    keys = [_sortable_keys(s) for s in scores]
-    if k <= 0:
-        return [torch.zeros_like(key, dtype=torch.bool) for key in keys]
-    threshold, need = kth_largest_key(keys, k, all_reduce)
-    ties = torch.tensor([int((key == threshold).sum()) for key in keys], dtype=torch.long)
-    table = all_gather(ties) if all_gather is not None else ties.view(1, -1)  # [world, tensors]
-    # quota[r, i]: ties taken from tensor i on process r, in (tensor, rank) order
-    quota = torch.zeros_like(table)
-    for i in range(table.shape[1]):
-        for r in range(table.shape[0]):
-            quota[r, i] = min(int(table[r, i]), need)
-            need -= int(quota[r, i])
-    masks = []
-    for i, key in enumerate(keys):
-        eq = key == threshold
-        take = eq & (eq.flatten().cumsum(0) <= quota[rank, i]).view_as(eq)
-        masks.append((key > threshold) | take)
-    return masks
-
-
-def saliency_scores(grads_forget: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """SalUn: ``|g_f|``."""
-    return [g.abs() for g in grads_forget]
-
-
-def attribution_scores(
-    params: Sequence[torch.Tensor], grads_forget: Sequence[torch.Tensor], grads_retain: Sequence[torch.Tensor], mu: float
-) -> list[torch.Tensor]:
-    """WAGLE: ``|(theta - g_r / mu) * g_f|``."""
-    return [((p - gr / mu) * gf).abs() for p, gf, gr in zip(params, grads_forget, grads_retain)]
-
-
-_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s memory seen as integers of the same width (a view: writes go to ``t``)."""
-    return t.view(_INT_OF_WIDTH[t.element_size()])
-
-
-def keep_bits(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """0/1 integers of ``like``'s width (1 where ``mask``: updatable), to multiply the *bits* of
-    tensors of ``like``'s dtype with: integer arithmetic on the bit patterns is exact, so a frozen
-    entry becomes +0.0 even if it held inf or NaN, and a free entry keeps its bits."""
-    return mask.to(device=like.device, dtype=_INT_OF_WIDTH[like.element_size()])
-
-
-def frozen_bits(original: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The bits of ``original`` at frozen entries, 0 at free ones (for :func:`restore_frozen_`)."""
-    return _bits(original) * (1 - keep)
-
-
-def enforce_masked_grads_(grads: Sequence[torch.Tensor | None], keep: Sequence[torch.Tensor]) -> None:
-    """Set the gradients' frozen entries to +0.0 in place, inf/NaN included: their bits times
-    :func:`keep_bits` (exact, and about 6x faster on CPU than ``masked_fill_``)."""
-    for g, k in zip(grads, keep):
-        if g is not None:
-            _bits(g).mul_(k)
-
-
-def restore_frozen_(params: Sequence[torch.Tensor], frozen: Sequence[torch.Tensor], keep: Sequence[torch.Tensor]) -> None:
-    """Put the original values back into the frozen entries of ``params`` in place, bit-exact, in
-    one pass: ``bits(p) = frozen + bits(p) * keep`` (:func:`frozen_bits`, :func:`keep_bits`)."""
-    for p, o, k in zip(params, frozen, keep):
-        b = _bits(p)
-        torch.addcmul(o, b, k, out=b)
-
-
-# --- helpers for DTensor (FSDP2) parameters ------------------------------------------------
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _local_rows(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """The rows of ``full`` that ``param``'s local ``Shard(0)`` block holds (``full`` if plain)."""
-    if not hasattr(param, "device_mesh"):
-        return full
-    mesh = param.device_mesh
-    chunks = torch.chunk(full, mesh.size(), dim=0)
-    r = mesh.get_local_rank()
-    return chunks[r] if r < len(chunks) else full[:0]
 
 
 class UnlearningMask(Callback):
@@ -276,16 +171,15 @@ class UnlearningMask(Callback):
         self._masked: list[tuple[torch.Tensor, int] | None] = []  # (gradient, version) after the last masking
         self._restoring: set[int] = set()  # ids of optimizers whose steps are followed by a restore
 
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The masked parameters (in scope), in ``named_parameters`` order; set at fit start."""
+        return list(self._params)
+
     # --- setup ------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
-            raise ValueError(
-                f"UnlearningMask does not support {type(trainer.strategy).__name__} (flattened parameters); "
-                "use DDP or FSDP2 (ModelParallelStrategy)"
-            )
+        refuse_flat_strategies(trainer, "UnlearningMask")
         if stage == "fit" and self.criterion in ("saliency", "attribution") and self.masks is None:
             by = f"UnlearningMask(criterion={self.criterion!r})"
             require(trainer.datamodule, ForgetRetainData, by, "datamodule")
@@ -298,7 +192,7 @@ class UnlearningMask(Callback):
         if not named:
             raise ValueError(f"UnlearningMask(scope={self.scope!r}) found no trainable parameters in scope")
         for n, p in named:
-            if hasattr(p, "placements"):
+            if is_sharded(p):
                 from torch.distributed.tensor import Shard
 
                 if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
@@ -317,7 +211,7 @@ class UnlearningMask(Callback):
         loader = getattr(trainer.datamodule, f"{split}_dataloader")()
         batches = list(islice(loader, self.num_batches))
         world, rank = trainer.world_size, trainer.global_rank
-        sharded = any(hasattr(p, "placements") for _, p in named)
+        sharded = any(is_sharded(p) for _, p in named)
         sizes = [extract_batch_size(b) for b in batches]
         total = sum(sizes)
         mine = list(range(len(batches)))[rank::world]
@@ -334,7 +228,7 @@ class UnlearningMask(Callback):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             if world > 1 and not sharded:
                 dist.all_reduce(g)
-            grads.append(_local(g).detach().clone())
+            grads.append(local(g).detach().clone())
         for (_, p), g in zip(named, saved):
             p.grad = g
         names = [n for n, _ in named]
@@ -344,31 +238,27 @@ class UnlearningMask(Callback):
     def _random_scores(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
         scores = []
         for i, p in enumerate(params):
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, i))
             full = torch.rand(p.shape, generator=gen)  # one parameter at a time, then our rows
-            scores.append(_local_rows(full, p).to(_local(p).device))
+            scores.append(local_rows(full, p).to(local(p).device))
         return scores
 
     def _scores(self, trainer: Trainer, pl_module: LightningModule, named: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:
         params = [p for _, p in named]
         if self.criterion == "magnitude":
-            return [_local(p).detach().abs() for p in params]
+            return [local(p).detach().abs() for p in params]
         if self.criterion == "random":
             return self._random_scores(params)
-        was_training = pl_module.training
-        pl_module.eval()  # no dropout, no BatchNorm statistics update while scoring
-        try:
-            with torch.enable_grad():
-                gf, names = self._gradients(trainer, pl_module, "forget")
-                gr = self._gradients(trainer, pl_module, "retain")[0] if self.criterion == "attribution" else None
-        finally:
-            pl_module.train(was_training)
+        # eval mode: no dropout, no BatchNorm statistics update while scoring
+        with training_mode(pl_module, False), torch.enable_grad():
+            gf, names = self._gradients(trainer, pl_module, "forget")
+            gr = self._gradients(trainer, pl_module, "retain")[0] if self.criterion == "attribution" else None
         index = {n: i for i, n in enumerate(names)}
         gf = [gf[index[n]] for n, _ in named]
         if self.criterion == "saliency":
             return saliency_scores(gf)
         gr = [gr[index[n]] for n, _ in named]
-        return attribution_scores([_local(p).detach() for p in params], gf, gr, self.mu)
+        return attribution_scores([local(p).detach() for p in params], gf, gr, self.mu)
 
     def _check_finite(self, named: list[tuple[str, nn.Parameter]], scores: Sequence[torch.Tensor], all_reduce: Reduce | None) -> None:
         """Raise if a score is NaN or inf (a non-finite forget/retain loss or weight): a mask
@@ -384,7 +274,7 @@ class UnlearningMask(Callback):
             )
 
     def _collectives(self, named: list[tuple[str, nn.Parameter]]) -> tuple[Reduce | None, Any, int]:
-        sharded = [p for _, p in named if hasattr(p, "device_mesh")]
+        sharded = [p for _, p in named if is_sharded(p)]
         if not sharded:
             return None, None, 0
         group = sharded[0].device_mesh.get_group()
@@ -412,7 +302,7 @@ class UnlearningMask(Callback):
             missing = sorted(set(n for n, _ in named) - set(self._loaded))
             if missing:
                 raise ValueError(f"the checkpoint's UnlearningMask state has no mask for {missing}")
-            self.masks = {n: _local_rows(self._loaded[n], p).to(_local(p).device) for n, p in named}
+            self.masks = {n: local_rows(self._loaded[n], p).to(local(p).device) for n, p in named}
         elif self.masks is None:
             scores = self._scores(trainer, pl_module, named)
             self._check_finite(named, scores, all_reduce)
@@ -423,7 +313,7 @@ class UnlearningMask(Callback):
             counts = all_reduce(counts)
         self.layer_fractions = {n: int(c) / p.numel() for (n, p), c in zip(named, counts)}
         self._params = [p for _, p in named]
-        locals_ = [_local(p).detach() for p in self._params]
+        locals_ = [local(p).detach() for p in self._params]
         self._keep = [keep_bits(self.masks[n], t) for (n, _), t in zip(named, locals_)]
         self._frozen_bits = [frozen_bits(t, k) for t, k in zip(locals_, self._keep)]
         self._restoring = {id(opt) for opt in trainer.optimizers if not self._frozen_state_is_zero(opt)}
@@ -446,12 +336,12 @@ class UnlearningMask(Callback):
         grads = [p.grad for p in self._params]
         seen_before = [None] * len(grads) if every or not self._masked else self._masked
         todo = [
-            None if g is None or (seen is not None and seen[0] is g and seen[1] == g._version) else _local(g)
+            None if g is None or (seen is not None and seen[0] is g and seen[1] == version(g)) else local(g)
             for g, seen in zip(grads, seen_before)
         ]
         with torch.no_grad():
             enforce_masked_grads_(todo, self._grad_keep(todo))
-        self._masked = [None if g is None else (g, g._version) for g in grads]
+        self._masked = [None if g is None else (g, version(g)) for g in grads]
 
     def _grad_keep(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
         """Bit masks for gradients; recast (rarely) when a gradient's width differs from its parameter's."""
@@ -495,8 +385,8 @@ class UnlearningMask(Callback):
     def _frozen_state_is_zero(self, optimizer: torch.optim.Optimizer) -> bool:
         for p, keep in zip(self._params, self._keep):
             for value in optimizer.state.get(p, {}).values():
-                local = _local(value) if torch.is_tensor(value) else None
-                if local is not None and local.shape == keep.shape and bool(frozen_bits(local, keep).any()):
+                shard = local(value) if torch.is_tensor(value) else None
+                if shard is not None and shard.shape == keep.shape and bool(frozen_bits(shard, keep).any()):
                     return False
         return True
 
@@ -505,13 +395,13 @@ class UnlearningMask(Callback):
         if self._skips_restore(optimizer):
             return
         with torch.no_grad():
-            restore_frozen_([_local(p) for p in self._params], self._frozen_bits, self._keep)
+            restore_frozen_([local(p) for p in self._params], self._frozen_bits, self._keep)
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # With a GradScaler (16-mixed), Lightning unscales and checks for inf/NaN *before*
         # on_before_optimizer_step: mask first, so that frozen entries cannot make it skip the step.
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        if grad_scaler(trainer) is not None:
             self._mask_grads()
 
     @override
@@ -539,7 +429,7 @@ class UnlearningMask(Callback):
             return {}
         full = {}
         for (n, mask), p in zip(self.masks.items(), self._params):
-            if hasattr(p, "device_mesh"):  # collective: every rank runs state_dict when saving
+            if is_sharded(p):  # collective: every rank runs state_dict when saving
                 from torch.distributed.tensor import DTensor
 
                 dt = DTensor.from_local(mask.to(torch.uint8), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())

@@ -40,7 +40,7 @@ def test_wheel_holds_only_the_litplug_package(wheel):
         "litplug/bounds/__init__.py", "litplug/merging/__init__.py", "litplug/configs/digits/classifier.yaml",
     ):  # fmt: skip
         assert module in names
-    for package in ("bounds", "callbacks", "datamodules", "merging", "modules"):  # every source file of each
+    for package in ("bounds", "callbacks", "datamodules", "functional", "merging", "modules"):  # every source file of each
         for path in (ROOT / package).glob("*.py"):
             assert f"litplug/{package}/{path.name}" in names
     assert not any(n.startswith("litplug/tests/") or n.startswith("litplug/benchmarks/") for n in names)

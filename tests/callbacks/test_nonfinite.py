@@ -35,6 +35,10 @@ class Poisoned(Classifier):
             loss = loss * NAN
         return loss
 
+    def batch_loss(self, batch):  # the loss SharpnessMonitor measures, poisoned the same way
+        loss = super().batch_loss(batch)
+        return loss * NAN if self.from_step is not None and self.global_step >= self.from_step else loss
+
 
 def loader(n=16, batch_size=4):
     gen = torch.Generator().manual_seed(1)
@@ -120,7 +124,7 @@ def test_monitor_logs_nan_and_restores_the_weights():
     model.train()
     before = state_of(model)
     monitor = SharpnessMonitor(rho=0.1)
-    monitor._held = [(torch.randn(4, 4, generator=gen), torch.randint(0, 3, (4,), generator=gen))]
+    monitor.held = [(torch.randn(4, 4, generator=gen), torch.randint(0, 3, (4,), generator=gen))]
     values = monitor.measure(model)
     assert values and all(torch.isnan(v) for v in values.values())
     after = state_of(model)
