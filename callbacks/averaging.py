@@ -141,6 +141,8 @@ class _Group:
     live: list[Tensor]
     average: list[Tensor]
     floating: bool
+    dtype: torch.dtype  # of the average
+    device: torch.device  # of the average
     dtensor_specs: list[Any] = field(default_factory=list)  # (mesh, placements, shape, stride) or None
     staging: list[Tensor] | None = None  # for an average on another device than the weights
     sources: list[Tensor] = field(default_factory=list)  # the module's own tensors (Parameters, buffers)
@@ -155,12 +157,15 @@ def _flatten(g: _Group) -> None:
     sizes = [t.numel() for t in g.live]
     flat_live = torch.empty(sum(sizes), dtype=g.live[0].dtype, device=g.live[0].device)
     views = [v.view_as(t) for v, t in zip(flat_live.split(sizes), g.live)]
-    torch._foreach_copy_(views, g.live)
+    g.live = []  # no reference to the old storage may outlive its copy
+    # One tensor at a time: each old storage is freed as soon as it is copied, so the re-layout
+    # holds at most one tensor twice (not the whole model).
     for param, view in zip(g.sources, views):
+        view.copy_(param.detach())
         param.data = view
     g.live = [p.detach() for p in g.sources]
     g.flat_live = flat_live
-    g.flat_average = torch.empty_like(flat_live, dtype=g.average[0].dtype, device=g.average[0].device)
+    g.flat_average = torch.empty_like(flat_live, dtype=g.dtype, device=g.device)
     g.average = [v.view_as(t) for v, t in zip(g.flat_average.split(sizes), g.live)]
 
 
@@ -254,23 +259,27 @@ class _WeightAveraging(Callback):
             floating = local.is_floating_point()
             dtype = (avg_dtype or local.dtype) if floating else local.dtype
             device = torch.device(self.device) if self.device else local.device
+            if device.type == local.device.type and device.index is None:
+                device = local.device  # "cuda" is the weights' own cuda:N
             is_param = isinstance(tensor, nn.Parameter) and not hasattr(tensor, "to_local")
             key = (floating, dtype, device, local.dtype, local.device, is_param)
-            group = groups.setdefault(key, _Group([], [], [], floating))
+            group = groups.setdefault(key, _Group([], [], [], floating, dtype, device))
             group.sources.append(tensor)
             spec = (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride()) if hasattr(tensor, "to_local") else None
             group.names.append(name)
             group.live.append(local)
-            group.average.append(torch.empty_like(local, dtype=dtype, device=device))
             group.dtensor_specs.append(spec)
+        local = None  # the flat re-layout frees the old storage tensor by tensor: hold none of it
         self._groups = list(groups.values())
         for g in self._groups:
-            if g.floating and g.average[0].device != g.live[0].device:
-                g.staging = [torch.empty_like(a) for a in g.average]
-            elif g.floating and g.average[0].dtype == g.live[0].dtype and all(
+            if g.floating and g.dtype == g.live[0].dtype and g.device == g.live[0].device and all(
                 isinstance(t, nn.Parameter) and not hasattr(t, "to_local") and t.is_contiguous() for t in g.sources
             ):
-                _flatten(g)
+                _flatten(g)  # allocates the flat average: no per-tensor averages before it
+                continue
+            g.average = [torch.empty_like(t, dtype=g.dtype, device=g.device) for t in g.live]
+            if g.floating and g.device != g.live[0].device:
+                g.staging = [torch.empty_like(a) for a in g.average]
         if self._pending is not None:
             self._load_average(self._pending)
             self._pending = None
@@ -337,12 +346,23 @@ class _WeightAveraging(Callback):
             finite = pl_module.trainer.strategy.reduce_boolean_decision(finite, all=True)
         return finite
 
+    def state_bytes(self) -> int:
+        """Bytes of the tensors the callback holds between steps: the average (one copy of the
+        floating parameters and buffers, in ``dtype``; integer buffers copied), the staging copy
+        of an average on another device, and the live weights set aside while the model holds the
+        average for validation/test. 0 before the first update binds it to the model."""
+        tensors = [t for g in self._groups or [] for t in (*g.average, *(g.staging or []))]
+        tensors += [t for backup in self._backup or [] for t in backup]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     # -- swapping ------------------------------------------------------------------------------
-    def _use_average(self, pl_module: pl.LightningModule) -> None:
+    def _use_average(self, pl_module: pl.LightningModule, keep_live: bool = True) -> None:
         if self.updates == 0 or self._holds_average or self._backup is not None:
             return  # no update yet: the model keeps its trained weights
         groups = self._bind(pl_module)
-        self._backup = [[t.clone() for t in g.live] for g in groups]
+        # Without ``keep_live`` (the end of fit keeping the average) the live weights are dropped:
+        # no copy of them is made.
+        self._backup = [[t.clone() for t in g.live] for g in groups] if keep_live else None
         for g in groups:
             torch._foreach_copy_(g.live, g.average)
 
@@ -386,7 +406,7 @@ class _WeightAveraging(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.updates > 0 and not self._holds_average:
             self._sync_buffers(trainer, pl_module)
-            self._use_average(pl_module)
+            self._use_average(pl_module, keep_live=self.final_weights == "live")
             self._finalize(trainer, pl_module)
             if self.final_weights == "average":
                 self._backup, self._holds_average = None, True
