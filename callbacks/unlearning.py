@@ -22,8 +22,9 @@ ranking on it (the functional ``topk_masks`` counts NaN as 0). The rest is froze
 1. ``on_before_optimizer_step`` zeroes the gradient at frozen entries, before Lightning clips
    gradients: clipping measures the masked gradient (with a GradScaler, also after every
    backward, before the scaler looks for inf/NaN). Masking multiplies the gradient's *bits*,
-   seen as integers, by a 0/1 integer mask, so inf/NaN cannot leak (a float multiply would keep
-   them) and it runs at memory speed (``masked_fill_`` and ``where`` are ~6x slower on CPU).
+   seen as integers, by 0/1 integers unpacked from the bit mask (a table lookup per byte, one
+   chunk of ``CHUNK`` entries at a time), so inf/NaN cannot leak (a float multiply would keep
+   them) and it runs at memory speed (``masked_fill_`` and ``where`` are ~10x slower on CPU).
 2. An optimizer step pre-hook zeroes them again *after* the closure: Lightning passes the
    forward/backward/``on_before_optimizer_step``/clipping closure *into* ``optimizer.step``, so a
    plain pre-hook would run before the gradients exist; the hook wraps the closure instead, or
@@ -32,9 +33,8 @@ ranking on it (the functional ``topk_masks`` counts NaN as 0). The rest is froze
    gradient that is still the tensor step 1 masked, at the same version counter, is skipped: no
    pass over it unless something (clipping, a recomputation) wrote to it since.
 3. An optimizer step post-hook puts the original values back into frozen entries, which stay
-   bit-identical whatever weight decay, momentum or Adam state do: ``bits(p) = frozen + bits(p) *
-   keep`` (one ``addcmul``), where ``frozen`` holds the original bits at frozen entries, 0
-   elsewhere. It is skipped where the step provably cannot move them (plain SGD/Adam/AdamW
+   bit-identical whatever weight decay, momentum or Adam state do: a copy of the saved frozen
+   values (``masked_scatter_``, chunk by chunk). It is skipped where the step provably cannot move them (plain SGD/Adam/AdamW
    without weight decay, not maximising, optimizer state at +0.0 on frozen entries when training
    starts; see ``_skips_restore``); such steps get every gradient masked again in step 2.
 
@@ -54,9 +54,14 @@ partial last batch weighs more per sample (4x for a last batch a quarter full).
 
 Cost: one pass over the forget (and, for ``attribution``, retain) set at fit start; per step,
 one multiply per gradient, a second one for gradients rewritten after it (e.g. by clipping or
-SAM; for all of them where the restore is skipped), and one ``addcmul`` per parameter (the
-restore, unless skipped as in 3.): two memory-speed passes, against about ten for an Adam step. Memory per masked entry: a bool mask,
-an integer mask and the frozen bits (1 + 2 x the parameter's width in bytes).
+SAM; for all of them where the restore is skipped), and one scatter per parameter (the
+restore, unless skipped as in 3.), against about ten memory-speed passes for an Adam step
+(the restore's scatter is slower, ~5 ns per entry on one CPU core). Memory: one bit per masked
+entry and the frozen entries' original values, ``(1 - ratio) * width + 1/8`` bytes per entry
+(0.53x the fp32 weights in scope at ``ratio=0.5``; :meth:`UnlearningMask.state_bytes`). Scoring
+holds one gradient per scored parameter (for ``attribution`` two) and no other full copy: the
+ranking keys are recomputed per tensor in each radix pass and each mask is packed as it is
+made; the gradients are freed before the first training step.
 
 DDP: the score gradients are summed over ranks (``all_reduce``, each rank scoring its share of
 the batches) before ranking, so every rank holds the same mask. FSDP2 (``ModelParallelStrategy``,
@@ -76,7 +81,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any, Literal
 
@@ -144,9 +149,38 @@ def topk_masks(
         >>> [m.tolist() for m in topk_masks([torch.tensor([1.0, 3.0]), torch.tensor([3.0, 2.0])], 2)]
         [[False, True], [True, False]]
     """
-    keys = [_sortable_keys(s) for s in scores]
+    return list(iter_topk_masks(scores, k, all_reduce, all_gather, rank))
+
+
+class _Keys(Sequence):
+    """The sortable keys of ``scores``, computed when read: no pass holds more than one tensor's."""
+
+    def __init__(self, scores: Sequence[torch.Tensor]) -> None:
+        self.scores = scores
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        if not 0 <= i < len(self.scores):
+            raise IndexError(i)
+        return _sortable_keys(self.scores[i])
+
+
+def iter_topk_masks(
+    scores: Sequence[torch.Tensor],
+    k: int,
+    all_reduce: Reduce | None = None,
+    all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rank: int = 0,
+) -> Iterator[torch.Tensor]:
+    """:func:`topk_masks`, one mask at a time (the caller may pack each before the next exists);
+    the keys are recomputed from ``scores`` in every pass, so no copy of all scores is held."""
+    keys = _Keys(scores)
     if k <= 0:
-        return [torch.zeros_like(key, dtype=torch.bool) for key in keys]
+        for score in scores:
+            yield torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+        return
     threshold, need = kth_largest_key(keys, k, all_reduce)
     ties = torch.tensor([int((key == threshold).sum()) for key in keys], dtype=torch.long)
     table = all_gather(ties) if all_gather is not None else ties.view(1, -1)  # [world, tensors]
@@ -156,12 +190,14 @@ def topk_masks(
         for r in range(table.shape[0]):
             quota[r, i] = min(int(table[r, i]), need)
             need -= int(quota[r, i])
-    masks = []
     for i, key in enumerate(keys):
         eq = key == threshold
-        take = eq & (eq.flatten().cumsum(0) <= quota[rank, i]).view_as(eq)
-        masks.append((key > threshold) | take)
-    return masks
+        if int(quota[rank, i]) < int(table[rank, i]):  # only some ties taken: the first ones
+            eq &= (eq.flatten().cumsum(0) <= quota[rank, i]).view_as(eq)
+        elif not int(quota[rank, i]):
+            eq = None
+        yield key > threshold if eq is None else (key > threshold) | eq
+        del key, eq
 
 
 def saliency_scores(grads_forget: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -177,6 +213,8 @@ def attribution_scores(
 
 
 _INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+CHUNK = 1 << 20  # entries per pass of the packed-mask kernels (a multiple of 8): bounds their temporaries
+_LUT: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -184,32 +222,78 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT_OF_WIDTH[t.element_size()])
 
 
-def keep_bits(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """0/1 integers of ``like``'s width (1 where ``mask``: updatable), to multiply the *bits* of
-    tensors of ``like``'s dtype with: integer arithmetic on the bit patterns is exact, so a frozen
-    entry becomes +0.0 even if it held inf or NaN, and a free entry keeps its bits."""
-    return mask.to(device=like.device, dtype=_INT_OF_WIDTH[like.element_size()])
+def _chunks(n: int) -> range:
+    return range(0, n, CHUNK)
 
 
-def frozen_bits(original: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The bits of ``original`` at frozen entries, 0 at free ones (for :func:`restore_frozen_`)."""
-    return _bits(original) * (1 - keep)
+def _unpack(packed: torch.Tensor, start: int, stop: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """Entries ``start:stop`` (``start`` a multiple of 8) of a packed mask as 0/1 of ``dtype``:
+    one table lookup per byte (a 256 x 8 table of the byte's bits, least significant first)."""
+    key = (dtype, packed.device)
+    if key not in _LUT:
+        byte = torch.arange(256, dtype=torch.int32).unsqueeze(1)
+        _LUT[key] = ((byte >> torch.arange(8, dtype=torch.int32)) & 1).to(device=packed.device, dtype=dtype)
+    rows = packed[start // 8 : (stop + 7) // 8].int()
+    return _LUT[key].index_select(0, rows).view(-1)[: stop - start]
 
 
-def enforce_masked_grads_(grads: Sequence[torch.Tensor | None], keep: Sequence[torch.Tensor]) -> None:
-    """Set the gradients' frozen entries to +0.0 in place, inf/NaN included: their bits times
-    :func:`keep_bits` (exact, and about 6x faster on CPU than ``masked_fill_``)."""
-    for g, k in zip(grads, keep):
-        if g is not None:
-            _bits(g).mul_(k)
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as packed bits (``uint8``, ``ceil(N / 8)`` bytes; entry ``i`` of the
+    row-major order is bit ``i % 8`` of byte ``i // 8``), built ``CHUNK`` entries at a time.
+
+    Example:
+        >>> pack_mask(torch.tensor([True, False, True])).tolist()
+        [5]
+    """
+    flat = mask.reshape(-1)
+    n = flat.numel()
+    out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=flat.device)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
+    for start in _chunks(n):
+        part = flat[start : start + CHUNK].to(torch.uint8)
+        if part.numel() % 8:
+            part = torch.cat([part, part.new_zeros(8 - part.numel() % 8)])
+        out[start // 8 : start // 8 + part.numel() // 8] = (part.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+    return out
 
 
-def restore_frozen_(params: Sequence[torch.Tensor], frozen: Sequence[torch.Tensor], keep: Sequence[torch.Tensor]) -> None:
-    """Put the original values back into the frozen entries of ``params`` in place, bit-exact, in
-    one pass: ``bits(p) = frozen + bits(p) * keep`` (:func:`frozen_bits`, :func:`keep_bits`)."""
-    for p, o, k in zip(params, frozen, keep):
-        b = _bits(p)
-        torch.addcmul(o, b, k, out=b)
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int] | torch.Size) -> torch.Tensor:
+    """The boolean mask of shape ``shape`` that :func:`pack_mask` packed."""
+    n = math.prod(shape)
+    return _unpack(packed, 0, n).view(tuple(shape)) if n else torch.zeros(tuple(shape), dtype=torch.bool, device=packed.device)
+
+
+def frozen_values(param: torch.Tensor, packed: torch.Tensor) -> list[torch.Tensor]:
+    """The values of ``param`` at the entries a packed mask leaves frozen (bit 0), one 1-D tensor
+    per ``CHUNK`` entries (row-major), for :func:`restore_frozen_`."""
+    flat = param.detach().reshape(-1)
+    return [flat[s : s + CHUNK][_unpack(packed, s, min(s + CHUNK, flat.numel())).logical_not()].clone() for s in _chunks(flat.numel())]
+
+
+def enforce_masked_grads_(grads: Sequence[torch.Tensor | None], packed: Sequence[torch.Tensor]) -> None:
+    """Set the gradients' frozen entries (bit 0 in the packed masks) to +0.0 in place, inf/NaN
+    included: their bits times 0/1 integers of their width (exact, and about 10x faster on CPU
+    than ``masked_fill_``), ``CHUNK`` entries at a time."""
+    for g, bits in zip(grads, packed):
+        if g is None:
+            continue
+        flat = _bits(g).view(-1) if g.is_contiguous() else None
+        if flat is None:  # rare: a non-contiguous gradient
+            g.masked_fill_(~unpack_mask(bits, g.shape), 0)
+            continue
+        for s in _chunks(flat.numel()):
+            part = flat[s : s + CHUNK]
+            part.mul_(_unpack(bits, s, s + part.numel(), part.dtype))
+
+
+def restore_frozen_(params: Sequence[torch.Tensor], frozen: Sequence[Sequence[torch.Tensor]], packed: Sequence[torch.Tensor]) -> None:
+    """Put the original values (:func:`frozen_values`) back into the frozen entries of ``params``
+    in place: a copy, so bit-exact (``-0.0``, inf and NaN payloads included)."""
+    for p, values, bits in zip(params, frozen, packed):
+        flat = p.view(-1)
+        for s, v in zip(_chunks(flat.numel()), values):
+            part = flat[s : s + CHUNK]
+            part.masked_scatter_(_unpack(bits, s, s + part.numel()).logical_not(), v)
 
 
 # --- helpers for DTensor (FSDP2) parameters ------------------------------------------------
@@ -264,14 +348,15 @@ class UnlearningMask(Callback):
         self.criterion, self.ratio, self.mu = criterion, ratio, mu
         self.scope: Scope = DEFAULT_SCOPE[criterion] if scope is None else scope
         self.num_batches, self.seed = num_batches, seed
-        self.masks: dict[str, torch.Tensor] | None = None  # local (shard) masks, True = updatable
+        self._packed: dict[str, torch.Tensor] | None = None  # local (shard) masks as bits (pack_mask), 1 = updatable
+        self._shapes: dict[str, torch.Size] = {}  # local (shard) shapes of the masked parameters
         self._loaded: dict[str, torch.Tensor] | None = None  # full masks from a checkpoint
         self.num_selected = 0
         self.num_entries = 0
         self.layer_fractions: dict[str, float] = {}
         self._params: list[nn.Parameter] = []
-        self._keep: list[torch.Tensor] = []  # keep_bits of each masked parameter
-        self._frozen_bits: list[torch.Tensor] = []  # original values at frozen entries, 0 elsewhere
+        self._frozen: list[list[torch.Tensor]] = []  # original values at frozen entries (frozen_values)
+        self._bitmasks: list[torch.Tensor] = []  # the packed masks in the order of _params
         self._handles: list[Any] = []
         self._masked: list[tuple[torch.Tensor, int] | None] = []  # (gradient, version) after the last masking
         self._restoring: set[int] = set()  # ids of optimizers whose steps are followed by a restore
@@ -286,7 +371,7 @@ class UnlearningMask(Callback):
                 f"UnlearningMask does not support {type(trainer.strategy).__name__} (flattened parameters); "
                 "use DDP or FSDP2 (ModelParallelStrategy)"
             )
-        if stage == "fit" and self.criterion in ("saliency", "attribution") and self.masks is None:
+        if stage == "fit" and self.criterion in ("saliency", "attribution") and self._packed is None:
             by = f"UnlearningMask(criterion={self.criterion!r})"
             require(trainer.datamodule, ForgetRetainData, by, "datamodule")
             require_loss(pl_module, by)
@@ -334,7 +419,8 @@ class UnlearningMask(Callback):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             if world > 1 and not sharded:
                 dist.all_reduce(g)
-            grads.append(_local(g).detach().clone())
+            # A copy only where DDP may hand out bucket views; else the gradient itself, freed with the scores.
+            grads.append(_local(g).detach().clone() if world > 1 else _local(g).detach())
         for (_, p), g in zip(named, saved):
             p.grad = g
         names = [n for n, _ in named]
@@ -352,7 +438,7 @@ class UnlearningMask(Callback):
     def _scores(self, trainer: Trainer, pl_module: LightningModule, named: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:
         params = [p for _, p in named]
         if self.criterion == "magnitude":
-            return [_local(p).detach().abs() for p in params]
+            return [_local(p).detach() for p in params]  # ranked by |score|: no copy
         if self.criterion == "random":
             return self._random_scores(params)
         was_training = pl_module.training
@@ -366,7 +452,7 @@ class UnlearningMask(Callback):
         index = {n: i for i, n in enumerate(names)}
         gf = [gf[index[n]] for n, _ in named]
         if self.criterion == "saliency":
-            return saliency_scores(gf)
+            return gf  # ranked by |g_f| (saliency_scores), without a copy
         gr = [gr[index[n]] for n, _ in named]
         return attribution_scores([_local(p).detach() for p in params], gf, gr, self.mu)
 
@@ -412,20 +498,25 @@ class UnlearningMask(Callback):
             missing = sorted(set(n for n, _ in named) - set(self._loaded))
             if missing:
                 raise ValueError(f"the checkpoint's UnlearningMask state has no mask for {missing}")
-            self.masks = {n: _local_rows(self._loaded[n], p).to(_local(p).device) for n, p in named}
-        elif self.masks is None:
+            self._packed = {n: pack_mask(_local_rows(self._loaded[n], p).to(_local(p).device)) for n, p in named}
+            self._loaded = None
+        elif self._packed is None:
+            # The scores (for saliency/attribution: the scoring gradients themselves) are freed
+            # when this returns, before the first training step; each mask is packed as it comes.
             scores = self._scores(trainer, pl_module, named)
             self._check_finite(named, scores, all_reduce)
-            masks = topk_masks(scores, self.num_selected, all_reduce, all_gather, rank)
-            self.masks = {n: m for (n, _), m in zip(named, masks)}
-        counts = torch.tensor([int(self.masks[n].sum()) for n, _ in named], dtype=torch.long)
+            masks = iter_topk_masks(scores, self.num_selected, all_reduce, all_gather, rank)
+            self._packed = {n: pack_mask(m) for (n, _), m in zip(named, masks)}
+            del scores, masks
+        self._shapes = {n: _local(p).shape for n, p in named}
+        counts = torch.tensor([int(_unpack(self._packed[n], 0, p.numel(), torch.uint8).sum()) if p.numel() else 0
+                               for n, p in ((n, _local(p)) for n, p in named)], dtype=torch.long)
         if all_reduce is not None:
             counts = all_reduce(counts)
         self.layer_fractions = {n: int(c) / p.numel() for (n, p), c in zip(named, counts)}
         self._params = [p for _, p in named]
-        locals_ = [_local(p).detach() for p in self._params]
-        self._keep = [keep_bits(self.masks[n], t) for (n, _), t in zip(named, locals_)]
-        self._frozen_bits = [frozen_bits(t, k) for t, k in zip(locals_, self._keep)]
+        self._bitmasks = [self._packed[n] for n, _ in named]
+        self._frozen = [frozen_values(_local(p), b) for p, b in zip(self._params, self._bitmasks)]
         self._restoring = {id(opt) for opt in trainer.optimizers if not self._frozen_state_is_zero(opt)}
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
@@ -450,14 +541,8 @@ class UnlearningMask(Callback):
             for g, seen in zip(grads, seen_before)
         ]
         with torch.no_grad():
-            enforce_masked_grads_(todo, self._grad_keep(todo))
+            enforce_masked_grads_(todo, self._bitmasks)
         self._masked = [None if g is None else (g, g._version) for g in grads]
-
-    def _grad_keep(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        """Bit masks for gradients; recast (rarely) when a gradient's width differs from its parameter's."""
-        return [
-            k if g is None or g.element_size() == k.element_size() else keep_bits(k.bool(), g) for g, k in zip(grads, self._keep)
-        ]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # torch passes the optimizer itself as args[0]; a positional closure is args[1]
@@ -493,11 +578,17 @@ class UnlearningMask(Callback):
         return ok
 
     def _frozen_state_is_zero(self, optimizer: torch.optim.Optimizer) -> bool:
-        for p, keep in zip(self._params, self._keep):
+        for p, bits in zip(self._params, self._bitmasks):
+            shape = _local(p).shape
             for value in optimizer.state.get(p, {}).values():
                 local = _local(value) if torch.is_tensor(value) else None
-                if local is not None and local.shape == keep.shape and bool(frozen_bits(local, keep).any()):
-                    return False
+                if local is None or local.shape != shape:
+                    continue
+                flat = _bits(local.detach().contiguous()).view(-1)
+                for s in _chunks(flat.numel()):
+                    part = flat[s : s + CHUNK]
+                    if bool(part[_unpack(bits, s, s + part.numel()).logical_not()].any()):
+                        return False
         return True
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -505,7 +596,7 @@ class UnlearningMask(Callback):
         if self._skips_restore(optimizer):
             return
         with torch.no_grad():
-            restore_frozen_([_local(p) for p in self._params], self._frozen_bits, self._keep)
+            restore_frozen_([_local(p) for p in self._params], self._frozen, self._bitmasks)
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -533,12 +624,27 @@ class UnlearningMask(Callback):
         self.on_train_end(trainer, pl_module)
 
     # --- state ------------------------------------------------------------------------------
+    @property
+    def masks(self) -> dict[str, torch.Tensor] | None:
+        """The (local, under FSDP2: shard) boolean masks by parameter name, True = updatable;
+        unpacked from the bits the callback holds, on each read. None before fit start."""
+        if self._packed is None:
+            return None
+        return {n: unpack_mask(b, self._shapes[n]) for n, b in self._packed.items()}
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors the callback holds during training: one bit per masked entry
+        (rounded up to whole bytes per parameter) and the original values of the frozen entries."""
+        tensors = list((self._packed or {}).values()) + [v for values in self._frozen for v in values]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self.masks is None:
+        if self._packed is None:
             return {}
         full = {}
-        for (n, mask), p in zip(self.masks.items(), self._params):
+        for (n, bits), p in zip(self._packed.items(), self._params):
+            mask = unpack_mask(bits, self._shapes[n])
             if hasattr(p, "device_mesh"):  # collective: every rank runs state_dict when saving
                 from torch.distributed.tensor import DTensor
 
@@ -551,4 +657,4 @@ class UnlearningMask(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
             self._loaded = dict(state_dict["masks"])
-            self.masks = None
+            self._packed = None
