@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from litplug.callbacks import UnlearningMask
-from litplug.callbacks.unlearning import enforce_masked_grads_, frozen_bits, keep_bits, restore_frozen_
+from litplug.callbacks.unlearning import enforce_masked_grads_, frozen_values, pack_mask, restore_frozen_
 from litplug.datamodules import Digits, ForgetRetain
 from litplug.modules import MLP, Unlearner
 
@@ -100,8 +100,8 @@ def plain_steps() -> list[float]:
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
     gen = torch.Generator().manual_seed(0)
     masks = [torch.rand(p.shape, generator=gen) < 0.5 for p in models[0].parameters()]
-    keep = [keep_bits(m, p) for m, p in zip(masks, models[1].parameters())]
-    frozen = [frozen_bits(p.detach(), k) for p, k in zip(models[1].parameters(), keep)]
+    keep = [pack_mask(m) for m in masks]
+    frozen = [frozen_values(p, k) for p, k in zip(models[1].parameters(), keep)]
     dm = data()
     dm.setup()
     times: list[list[float]] = [[], [], []]
