@@ -236,9 +236,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(HERE / "SCALING"), help="path stem of the .md table and the .png plot")
+    parser.add_argument("--render", help="re-render the .md and .png from a .json this script wrote (no runs)")
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(_child(json.loads(args.child))), flush=True)
+        return
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        if isinstance(saved, dict):
+            vars(args).update(saved["args"])
+        _write(saved["rows"] if isinstance(saved, dict) else saved, args)
         return
 
     families = QUICK if args.quick else {"transformer": TRANSFORMERS, "conv": CONVNETS}
@@ -259,10 +266,15 @@ def main() -> None:
                     runs[variant].append(_run_child(spec, args.threads))
                     print(f"  {family} {size} {variant}: {runs[variant][-1]}", file=sys.stderr, flush=True)
             rows.extend(_rows(family, size, runs, args.device))
+    saved = {"args": {"quick": args.quick, "rounds": args.rounds, "device": args.device, "threads": args.threads}, "rows": rows}
+    Path(args.out + ".json").write_text(json.dumps(saved, indent=1))
+    _write(rows, args)
+
+
+def _write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     table = _table(rows, args)
     print(table)
     Path(args.out + ".md").write_text(table)
-    Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
     _plot(rows, args.out + ".png")
 
 
@@ -296,11 +308,13 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
     import torch
 
-    where = "CUDA (max_memory_allocated)" if args.device == "cuda" else f"CPU, {args.threads} thread(s), peak RSS"
+    where = "CUDA (max_memory_allocated)" if args.device == "cuda" else f"CPU, {args.threads} thread(s) per run, peak RSS"
     lines = [
-        f"Measured with `python benchmarks/scaling.py{' --quick' if args.quick else ''}` on {where}; "
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores. "
-        + ("Not run on GPU.\n" if args.device == "cpu" else "\n"),
+        "# Cost at scale: step time and extra peak memory of each plugin\n",
+        f"One run of `OMP_NUM_THREADS={args.threads} python benchmarks/scaling.py{' --quick' if args.quick else ''} "
+        f"--rounds {args.rounds}` on {where}; torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores "
+        "shared with other work. " + ("Not run on GPU.\n" if args.device == "cpu" else "\n"),
+        "![step overhead and extra peak memory against model size](SCALING.png)\n",
         "| model | params | plugin | step time (x plain) | extra peak memory (x param bytes) | memory floor |",
         "|---|---:|---|---:|---:|---:|",
     ]
@@ -309,7 +323,55 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         ratio = f"{r['ratio']:.2f}" + (" (throughput)" if r["variant"] == "certify" else "")
         mem = "-" if r["extra_mem"] is None else f"{r['extra_mem']:.2f}"
         lines.append(f"| {model} | {r['params'] / 1e6:.1f}M | {LABELS[r['variant']]} | {ratio} | {mem} | {r['floor']} |")
+    lines += ["", *_verdicts(rows), "", NOTES]
     return "\n".join(lines) + "\n"
+
+
+NOTES = """Reading the table:
+
+- Memory is the run's peak resident set size minus the plain run's at the same size, in multiples
+  of the parameter bytes; it does not depend on the load of the machine. The floor is what the
+  plugin must hold (module docstring of `benchmarks/scaling.py`). At the small sizes the
+  activations of the backward dominate the peak, so a copy allocated outside it (SWA's snapshot,
+  taken after the epoch's last step) adds less than its size; the 100M rows are the ones where
+  the weights dominate.
+- Step times are ratios of best-of-rounds means of a few steps per run on 2 CPU cores shared
+  with other jobs: expect +-10% noise on a ratio, more at the 1M size (steps of tens of ms).
+  The per-step overheads that are memory passes (EMA's lerp and finiteness check, the mask's
+  multiply) are a fixed cost per parameter, so their ratio depends on how much compute a step
+  has (batch x sequence length), here small to keep the 100M runs short.
+- The IBP rows use CNN7 of growing width and hidden linear size at batch 16/8/4; `certify` is the
+  throughput of `CertifiedClassifier.certify` over the plain forward's, in eval mode."""
+
+
+def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """Each step-overhead target at the largest size measured, and whether this run meets it."""
+    out = ["Targets at the largest size of each family (this run):", ""]
+    top: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["variant"] not in top or r["params"] > top[r["variant"]]["params"]:
+            top[r["variant"]] = r
+    checks = [
+        ("ema", "EMA step <= 1.02x plain", lambda r: r["ratio"] <= 1.02),
+        ("mask", "UnlearningMask step <= 1.05x plain", lambda r: r["ratio"] <= 1.05),
+        ("sam", "SAM every step <= 2.05x plain", lambda r: r["ratio"] <= 2.05),
+        ("ibp", "IBP step <= 2.8x plain", lambda r: r["ratio"] <= 2.8),
+        ("certify", "certify >= 0.45x the plain forward's throughput", lambda r: r["ratio"] >= 0.45),
+    ]
+    for variant, text, ok in checks:
+        if variant in top:
+            r = top[variant]
+            out.append(f"- {text}: {r['ratio']:.2f} at {r['params'] / 1e6:.0f}M: {'holds' if ok(r) else 'does not hold'}")
+    if "sam" in top and "peer_sam" in top:
+        a, b = top["sam"]["ratio"], top["peer_sam"]["ratio"]
+        out.append(f"- SAM ahead of pytorch_optimizer.SAM: {a:.2f} vs {b:.2f}: {'holds' if a < b else 'does not hold'}")
+    for variant in ("ema", "swa", "sam", "mask"):
+        r = top.get(variant)
+        if r and r["extra_mem"] is not None:
+            floor = float(r["floor"])
+            ok = r["extra_mem"] <= 1.1 * floor
+            out.append(f"- {LABELS[variant]} extra memory within 10% of its floor {floor:.2f}: {r['extra_mem']:.2f}: {'holds' if ok else 'does not hold'}")
+    return out
 
 
 def _plot(rows: list[dict[str, Any]], path: str) -> None:
