@@ -391,7 +391,7 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     ax_m.set(xscale="log", xlabel="parameters", ylabel="extra peak memory / parameter bytes", title="memory overhead")
     ax_t.grid(alpha=0.3)
     ax_m.grid(alpha=0.3)
-    ax_m.legend(fontsize=7)
+    ax_t.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
