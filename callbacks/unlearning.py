@@ -267,7 +267,7 @@ def frozen_values(param: torch.Tensor, packed: torch.Tensor) -> list[torch.Tenso
     """The values of ``param`` at the entries a packed mask leaves frozen (bit 0), one 1-D tensor
     per ``CHUNK`` entries (row-major), for :func:`restore_frozen_`."""
     flat = param.detach().reshape(-1)
-    return [flat[s : s + CHUNK][_unpack(packed, s, min(s + CHUNK, flat.numel())).logical_not()].clone() for s in _chunks(flat.numel())]
+    return [flat[s : s + CHUNK][_unpack(packed, s, min(s + CHUNK, flat.numel())).logical_not()] for s in _chunks(flat.numel())]
 
 
 def enforce_masked_grads_(grads: Sequence[torch.Tensor | None], packed: Sequence[torch.Tensor]) -> None:
