@@ -252,6 +252,8 @@ def main() -> None:
     variants = {"transformer": TRANSFORMER_VARIANTS, "conv": CONV_VARIANTS}
     rows: list[dict[str, Any]] = []
     for family, sizes in families.items():
+        if args.variants and not set(args.variants) & set(variants[family]):
+            continue  # no variant of this family asked for
         for size, config in sizes.items():
             if args.sizes and size not in args.sizes:
                 continue
