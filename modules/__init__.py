@@ -4,6 +4,7 @@ from .base import TrainingModule
 from .bounds import interval_bounds, margin_bounds
 from .certified import CertifiedClassifier
 from .classifier import Classifier
+from .language import CausalTransformer, LanguageModel
 from .merge import ModelMerge
 from .networks import CNN7, MLP, ConvNet
 from .regression import Regressor
@@ -12,10 +13,12 @@ from .unlearning import Unlearner
 
 __all__ = [
     "CNN7",
+    "CausalTransformer",
     "MLP",
     "CertifiedClassifier",
     "Classifier",
     "ConvNet",
+    "LanguageModel",
     "ModelMerge",
     "ModelSoup",
     "Regressor",

@@ -1,7 +1,9 @@
 """Machine unlearning: start from a trained model and make it forget part of its training data.
 
 Method card. Given the original weights (``checkpoint``) and a ``ForgetRetain`` datamodule whose
-batches carry a forget and a retain part, each step minimises one of (CE = cross-entropy):
+batches carry a forget and a retain part, each step minimises one of (CE = the model's mean
+negative log-likelihood: cross-entropy of the labels for ``objective="classification"``, the
+token-level next-token NLL for ``objective="causal_lm"``):
 
 - ``retrain``: CE(retain) from scratch (the gold standard; ``checkpoint`` must be None);
 - ``finetune``: CE(retain) from the original weights;
@@ -11,6 +13,8 @@ batches carry a forget and a retain part, each step minimises one of (CE = cross
   (Golatkar et al. 2020; the unlearning step of SalUn, Fan et al. 2024, eq. 6 with alpha = gamma);
 - ``npo``: -(2 / beta) mean log sigmoid(-beta (log p(y|x) - log p_orig(y|x))) on forget, against
   the frozen original model (Negative Preference Optimization, Zhang et al. 2024), + gamma CE(retain);
+  for a causal LM, log p(y|x) is the log-likelihood of a whole sequence (the sum of its tokens'
+  log-probabilities, as in the NPO paper), the mean is over sequences;
 - ``l1_sparse``: CE(retain) + alpha_t ||theta||_1 with alpha_t = alpha (1 - t / T) decaying
   linearly to 0 over the T optimizer steps of the run (Jia et al. 2023, "Model sparsity can
   simplify machine unlearning"); the L1 subgradient alpha_t sign(theta) is added to the gradients
@@ -23,6 +27,15 @@ MIA = MIA-efficacy: a confidence-based membership-inference SVM (scikit-learn) f
 (member) vs held-out (non-member) true-class confidences, applied to the forget set; the percentage
 of forget samples it calls non-members (Jia et al. 2023). ``unlearn/run_time`` is the wall time of
 ``fit`` so far in seconds, without validation.
+
+Language models (``objective="causal_lm"``; ``random_label`` does not apply): batches are token
+ids ``[B, T]`` (a tensor, a tuple whose first element it is, or a mapping with ``input_ids``); the
+backbone returns next-token logits ``[B, T, V]`` or an output with ``logits`` (a Hugging Face
+``*ForCausalLM``). The metrics are ``forget_loss``, ``retain_loss``, ``test_loss`` (and
+``forget_test_loss``): per-token NLL in nats over each whole set, and ``MIA``, the AUC (percent) of
+membership inference by loss: the probability that a forget sequence has a lower per-token loss
+than a held-out one (50 = chance, the ideal after unlearning; 100 = every forget sequence is
+recognised as trained on; well below 50 = recognisable as *unlearned*).
 
 DDP/FSDP2: per-sample confidences and correctness are all-gathered once per evaluation epoch
 (Lightning's ``DistributedSampler`` pads each loader, so a few samples can count twice); the
@@ -40,6 +53,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from typing import Any, Literal
@@ -53,9 +67,11 @@ from typing_extensions import override
 from litplug.validation import check_choice, check_int, check_number, check_path
 
 from .base import TrainingModule
+from .language import logits_of, sequence_log_likelihood, tokens_of
 
 Method = Literal["retrain", "finetune", "gradient_ascent", "gradient_difference", "random_label", "npo", "l1_sparse"]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
+Objective = Literal["classification", "causal_lm"]
 
 
 def npo_loss(logp: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
@@ -98,6 +114,16 @@ def mia_efficacy(member: torch.Tensor, non_member: torch.Tensor, target: torch.T
     return float(100.0 * (pred == 0).mean())
 
 
+def loss_mia_auc(member_loss: torch.Tensor, non_member_loss: torch.Tensor) -> float:
+    """Membership inference by loss, as an AUC in percent: the probability that a ``member``
+    sample has a lower loss than a ``non_member`` one (ties count half). 50 is chance."""
+    if len(member_loss) == 0 or len(non_member_loss) == 0:
+        return float("nan")
+    m = member_loss.double().view(-1, 1).cpu()
+    n = non_member_loss.double().view(1, -1).cpu()
+    return float(100.0 * ((m < n).double().mean() + 0.5 * (m == n).double().mean()))
+
+
 def load_backbone_weights(backbone: nn.Module, checkpoint: str) -> None:
     """Load ``checkpoint`` (a Lightning checkpoint of a litplug module, or a plain state dict of
     the backbone) into ``backbone``; a ``ValueError`` naming ``checkpoint`` if it does not fit."""
@@ -128,13 +154,16 @@ class Unlearner(TrainingModule):
             None only for ``retrain`` (which must start from scratch).
         method: one of ``retrain``, ``finetune``, ``gradient_ascent``, ``gradient_difference``,
             ``random_label``, ``npo``, ``l1_sparse``.
-        num_classes: number of classes (>= 2).
+        num_classes: number of classes (>= 2; unused for a causal LM).
         gamma: weight of the retain loss for ``gradient_difference``, ``random_label`` and ``npo`` (>= 0).
         beta: NPO temperature (> 0).
         alpha: initial L1 weight of ``l1_sparse`` (>= 0).
         seed: seed of the random labels and of the MIA subsampling.
         optimizer: optimizer callable (default Adam, lr 1e-3).
         lr_scheduler: optional scheduler callable.
+        objective: ``classification`` (batches ``(x, y)``, the backbone gives class logits) or
+            ``causal_lm`` (batches of token ids, the backbone gives next-token logits; any
+            causal LM, e.g. ``CausalTransformer`` or a Hugging Face ``GPT2LMHeadModel``).
     """
 
     def __init__(
@@ -149,9 +178,14 @@ class Unlearner(TrainingModule):
         seed: int = 0,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        objective: Objective = "classification",
     ) -> None:
         check_path("checkpoint", checkpoint, allow_none=True)
         check_choice("method", method, METHODS)
+        check_choice("objective", objective, ("classification", "causal_lm"))
+        if objective == "causal_lm" and method == "random_label":
+            raise ValueError("`method`='random_label' needs class labels; with `objective`='causal_lm' use one of "
+                             f"{[m for m in METHODS if m != 'random_label']}")  # fmt: skip
         check_int("num_classes", num_classes, low=2)
         check_number("gamma", gamma, low=0)
         check_number("beta", beta, low=0, low_open=True)
@@ -164,6 +198,7 @@ class Unlearner(TrainingModule):
             load_backbone_weights(backbone, checkpoint)
         self.checkpoint = checkpoint
         self.method = method
+        self.objective = objective
         self.num_classes = num_classes
         self.gamma, self.beta, self.alpha, self.seed = gamma, beta, alpha, seed
         # A list, not a submodule: the frozen reference stays out of parameters(), the optimizer,
@@ -178,18 +213,38 @@ class Unlearner(TrainingModule):
         self._eval_start = 0.0
 
     # --- training -------------------------------------------------------------------------
-    def _ce(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    @override
+    def forward(self, x: Any) -> torch.Tensor:
+        return logits_of(self.backbone(x))
+
+    def log_likelihood(self, batch: Any, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample log-likelihoods under ``model`` (default: the backbone) and the number of
+        predictions in each: ``(log p(y|x), 1)`` per sample for classification, ``(sum of the
+        token log-probabilities, T - 1)`` per sequence for a causal LM."""
+        model = self.backbone if model is None else model
+        if self.objective == "causal_lm":
+            tokens = tokens_of(batch)
+            return sequence_log_likelihood(logits_of(model(tokens)), tokens)
         x, y = batch
-        return F.cross_entropy(self(x), y)
+        logp = -F.cross_entropy(logits_of(model(x)), y, reduction="none")
+        return logp, torch.ones_like(y)
 
-    def batch_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy on one ``(x, y)`` batch of the forget or retain set, as
-        ``forget_dataloader()``/``retain_dataloader()`` yield it (:class:`litplug.protocols.HasBatchLoss`):
-        the loss whose gradients ``UnlearningMask`` scores."""
-        return self._ce(batch)
+    def batch_loss(self, batch: Any) -> torch.Tensor:
+        """The model's mean NLL on one forget or retain batch as its loader yields it: the
+        cross-entropy for classification, the token-level NLL (mean over predicted tokens) for a
+        causal LM (:class:`litplug.protocols.HasBatchLoss`): the loss whose gradients
+        ``UnlearningMask`` scores."""
+        if self.objective == "classification":
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+        logp, count = self.log_likelihood(batch)
+        return -logp.sum() / count.sum()
 
-    def unlearning_loss(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """The loss of ``self.method`` on a ``{"forget": (x, y), "retain": (x, y)}`` batch."""
+    def _ce(self, batch: Any) -> torch.Tensor:
+        return self.batch_loss(batch)
+
+    def unlearning_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The loss of ``self.method`` on a ``{"forget": batch, "retain": batch}`` batch."""
         method = self.method
         if method in ("retrain", "finetune", "l1_sparse"):
             return self._ce(batch["retain"])
@@ -202,11 +257,10 @@ class Unlearner(TrainingModule):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 101 + self.global_rank)
             forget = F.cross_entropy(self(x), random_other_labels(y, self.num_classes, gen))
             return forget + self.gamma * self._ce(batch["retain"]) if self.gamma > 0 else forget
-        # npo
-        x, y = batch["forget"]
-        logp = -F.cross_entropy(self(x), y, reduction="none")
+        # npo: per-sample (per-sequence) log-likelihoods against the frozen original model
+        logp, _ = self.log_likelihood(batch["forget"])
         with torch.no_grad():
-            logp_ref = -F.cross_entropy(self._reference[0](x), y, reduction="none")
+            logp_ref, _ = self.log_likelihood(batch["forget"], self._reference[0])
         loss = npo_loss(logp, logp_ref, self.beta)
         return loss + self.gamma * self._ce(batch["retain"]) if self.gamma > 0 else loss
 
@@ -240,19 +294,26 @@ class Unlearner(TrainingModule):
 
     # --- evaluation -----------------------------------------------------------------------
     def _eval_names(self) -> list[str]:
-        names = getattr(self.trainer.datamodule, "eval_names", None)
+        dm = self.trainer.datamodule
+        if hasattr(dm, "loader_names"):
+            return dm.loader_names("test" if self.trainer.testing else "validate")
+        names = getattr(dm, "eval_names", None)
         if names is None:
             raise ValueError("Unlearner needs a ForgetRetain datamodule (validation/test loaders forget/retain/test)")
         return names
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> None:
-        x, y = batch
+    def _evaluate(self, batch: Any, dataloader_idx: int) -> None:
         with torch.no_grad():
-            logits = self(x).float()
-            conf = logits.softmax(-1).gather(1, y.view(-1, 1)).squeeze(1)
-            correct = (logits.argmax(-1) == y).float()
+            if self.objective == "causal_lm":
+                logp, count = self.log_likelihood(batch)
+                stats = (logp.float(), count.float())
+            else:
+                x, y = batch
+                logits = self(x).float()
+                conf = logits.softmax(-1).gather(1, y.view(-1, 1)).squeeze(1)
+                stats = (conf, (logits.argmax(-1) == y).float())
         name = self._eval_names()[dataloader_idx]
-        self._outputs.setdefault(name, []).append((conf, correct))
+        self._outputs.setdefault(name, []).append(stats)
 
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -264,20 +325,28 @@ class Unlearner(TrainingModule):
 
     def _gathered(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = self._outputs.get(name, [])
-        conf = torch.cat([c for c, _ in pairs]) if pairs else torch.zeros(0, device=self.device)
-        correct = torch.cat([k for _, k in pairs]) if pairs else torch.zeros(0, device=self.device)
+        first = torch.cat([a for a, _ in pairs]) if pairs else torch.zeros(0, device=self.device)
+        second = torch.cat([b for _, b in pairs]) if pairs else torch.zeros(0, device=self.device)
         if self.trainer.world_size > 1:
-            conf, correct = (self.all_gather(t).reshape(-1) for t in (conf, correct))
-        return conf, correct
+            first, second = (self.all_gather(t).reshape(-1) for t in (first, second))
+        return first, second
 
     def _report(self, stage: str) -> None:
         data = {name: self._gathered(name) for name in self._eval_names()}
         self._outputs = {}
-        acc = {name: 100.0 * correct.mean().item() if len(correct) else float("nan") for name, (_, correct) in data.items()}
-        metrics = {"UA": 100.0 - acc["forget"], "RA": acc["retain"], "TA": acc["test"]}
-        if "forget_test" in acc:
-            metrics["forget_test_acc"] = acc["forget_test"]
-        metrics["MIA"] = mia_efficacy(data["retain"][0], data["test"][0], data["forget"][0], self.seed)
+        empty = torch.zeros(0)  # no held-out data: TA and MIA are NaN
+        if self.objective == "causal_lm":
+            metrics = {
+                f"{name}_loss": float(-logp.sum() / count.sum()) if len(count) else math.nan for name, (logp, count) in data.items()
+            }
+            seq_loss = {name: -logp / count.clamp_min(1) for name, (logp, count) in data.items()}
+            metrics["MIA"] = loss_mia_auc(seq_loss["forget"], seq_loss.get("test", empty))
+        else:
+            acc = {name: 100.0 * correct.mean().item() if len(correct) else math.nan for name, (_, correct) in data.items()}
+            metrics = {"UA": 100.0 - acc["forget"], "RA": acc["retain"], "TA": acc.get("test", math.nan)}
+            if "forget_test" in acc:
+                metrics["forget_test_acc"] = acc["forget_test"]
+            metrics["MIA"] = mia_efficacy(data["retain"][0], data.get("test", (empty, empty))[0], data["forget"][0], self.seed)
         for key, value in metrics.items():
             self.log(f"unlearn/{stage}/{key}", value, sync_dist=True)  # identical on every rank already
         if stage == "val" and self._fit_start:
@@ -304,4 +373,4 @@ class Unlearner(TrainingModule):
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        return self(batch[0]).argmax(dim=-1)
+        return self(tokens_of(batch) if self.objective == "causal_lm" else batch[0]).argmax(dim=-1)

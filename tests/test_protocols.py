@@ -77,7 +77,7 @@ def test_saliency_mask_scores_the_modules_own_loss(tmp_path):
     seed_everything(0)
     model, data = lm(), tokens()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    mask = UnlearningMask("saliency", ratio=0.3)
+    mask = UnlearningMask("saliency", ratio=0.3, scope="weights")
     fast_trainer(tmp_path, max_steps=2, callbacks=[mask]).fit(model, data)
 
     ref = lm()

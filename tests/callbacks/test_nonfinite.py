@@ -35,6 +35,10 @@ class Poisoned(Classifier):
             loss = loss * NAN
         return loss
 
+    def batch_loss(self, batch):  # the loss SharpnessMonitor measures, poisoned the same way
+        loss = super().batch_loss(batch)
+        return loss * NAN if self.from_step is not None and self.global_step >= self.from_step else loss
+
 
 def loader(n=16, batch_size=4):
     gen = torch.Generator().manual_seed(1)

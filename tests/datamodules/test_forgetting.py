@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
 
 from litplug.datamodules import Digits, ForgetRetain
 
@@ -71,9 +73,92 @@ def test_fraction_leaving_an_empty_split():
         dm.setup()
 
 
-def test_rejects_non_litplug_datamodule():
-    with pytest.raises(TypeError, match="datamodule"):
+def test_rejects_what_is_no_data():
+    with pytest.raises(TypeError, match="`datamodule` must be a LightningDataModule or a map-style Dataset"):
         ForgetRetain(object())
+
+
+class Pairs(Dataset):
+    """A plain map-style dataset of (x, y) pairs, with no label attribute."""
+
+    def __init__(self, n, offset=0):
+        self.n, self.offset = n, offset
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        i = i + self.offset
+        return torch.full((3,), float(i)), i % 4
+
+
+class WithTargets(Pairs):
+    def __init__(self, n, offset=0):
+        super().__init__(n, offset)
+        self.targets = [(i + offset) % 4 for i in range(n)]
+
+
+def _ids(loader):
+    return sorted(int(x[0]) for xs, _ in loader for x in xs)
+
+
+def test_plain_dataset_random_and_class_with_label_fn_or_targets():
+    data, held_out = Pairs(40), Pairs(12, offset=100)
+    dm = ForgetRetain(data, scenario="random", forget_fraction=0.25, seed=1, held_out=held_out, batch_size=5)
+    dm.setup()
+    assert sorted(_ids(dm.forget_dataloader()) + _ids(dm.retain_dataloader())) == list(range(40))
+    assert len(dm.forget_indices) == 10 and dm.eval_names == ["forget", "retain", "test"]
+    assert _ids(dm.val_dataloader()["test"]) == _ids(dm.test_dataloader()["test"]) == list(range(100, 112))
+    batch, _, _ = next(iter(dm.train_dataloader()))
+    assert len(batch["forget"][0]) == len(batch["retain"][0]) == 5
+    with pytest.raises(ValueError, match="no `targets` or `labels` attribute; pass `label_fn`.*scenario='random'"):
+        ForgetRetain(data, scenario="class", forget_classes=[1]).setup()
+    for dm in (
+        ForgetRetain(data, scenario="class", forget_classes=[1], label_fn=lambda sample: sample[1], held_out=held_out),
+        ForgetRetain(WithTargets(40), scenario="class", forget_classes=[1], held_out=WithTargets(12, offset=100)),
+    ):
+        dm.setup()
+        assert _ids(dm.forget_dataloader()) == [i for i in range(40) if i % 4 == 1]
+        assert _ids(dm.test_dataloader()["forget_test"]) == [i for i in range(100, 112) if i % 4 == 1]
+        assert dm.eval_names == ["forget", "retain", "test", "forget_test"]
+    no_held_out = ForgetRetain(data, scenario="random")
+    assert list(no_held_out.val_dataloader()) == no_held_out.eval_names == ["forget", "retain"]
+
+
+class ForeignDataModule(LightningDataModule):
+    """A datamodule litplug did not write: its own collate function, a test split only."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = []
+
+    def setup(self, stage):
+        self.stages.append(stage)
+        self.train, self.test = WithTargets(32), WithTargets(8, offset=100)
+
+    def train_dataloader(self):
+        return DataLoader(self.train, batch_size=4, shuffle=True, collate_fn=self.collate)
+
+    def test_dataloader(self):
+        return DataLoader(self.test, batch_size=4, collate_fn=self.collate)
+
+    @staticmethod
+    def collate(samples):
+        return {"x": torch.stack([x for x, _ in samples]), "y": torch.tensor([y for _, y in samples])}
+
+
+def test_foreign_datamodule():
+    dm = ForgetRetain(ForeignDataModule(), scenario="class", forget_classes=[0, 3])
+    dm.setup()
+    forget = next(iter(dm.forget_dataloader()))
+    assert sorted(forget) == ["x", "y"] and len(forget["y"]) == 4 and set(forget["y"].tolist()) <= {0, 3}
+    assert sorted(int(i) for b in dm.retain_dataloader() for i in b["x"][:, 0]) == [i for i in range(32) if i % 4 in (1, 2)]
+    assert dm.eval_names == ["forget", "retain"]  # no val_dataloader: no held-out validation data
+    tests = dm.test_dataloader()
+    assert list(tests) == dm.loader_names("test") == ["forget", "retain", "test", "forget_test"]
+    assert sorted(int(i) for b in tests["forget_test"] for i in b["x"][:, 0]) == [100, 103, 104, 107]
+    with pytest.raises(ValueError, match="forget_classes"):
+        ForgetRetain(ForeignDataModule(), scenario="class", forget_classes=[-1])
 
 
 def test_forget_retain_over_mnist_and_cifar10_files(tmp_path):

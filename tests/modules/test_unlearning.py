@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import fast_trainer, read_scalars
+from harness import fast_trainer, make_strategy, read_scalars, run_distributed
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -168,3 +168,180 @@ def test_every_results_config_instantiates(tmp_path):
             assert cli.datamodule.scenario == scenario
             masks = [c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]
             assert [m.criterion for m in masks] == [c for c in ("saliency", "attribution") if c in row.stem]
+
+
+# --- language models ----------------------------------------------------------------------
+def _lm():
+    from litplug.modules import CausalTransformer
+
+    return CausalTransformer(vocab_size=8, max_len=12, dim=16, depth=1, heads=2)
+
+
+def _token_nll(net, tokens):
+    logits = net(tokens)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def test_language_model_losses_match_definitions(tmp_path):
+    from litplug.modules.language import sequence_log_likelihood
+
+    torch.manual_seed(0)
+    torch.save(_lm().state_dict(), tmp_path / "orig.pt")
+    forget, retain = torch.randint(0, 8, (4, 12)), torch.randint(0, 8, (6, 12))
+    batch = {"forget": forget, "retain": (retain,)}  # a bare tensor or a tuple of token ids
+    model = Unlearner(_lm(), str(tmp_path / "orig.pt"), "gradient_difference", gamma=0.5, objective="causal_lm")
+    nll_f, nll_r = _token_nll(model.backbone, forget), _token_nll(model.backbone, retain)
+    torch.testing.assert_close(model.batch_loss(forget), nll_f)
+    torch.testing.assert_close(model.unlearning_loss(batch), -nll_f + 0.5 * nll_r)
+    model.method = "gradient_ascent"
+    torch.testing.assert_close(model.unlearning_loss(batch), -nll_f)
+    npo = Unlearner(_lm(), str(tmp_path / "orig.pt"), "npo", beta=0.3, gamma=0.0, objective="causal_lm")
+    assert npo.unlearning_loss(batch).item() == pytest.approx(2 / 0.3 * math.log(2), rel=1e-5)
+    with torch.no_grad():  # move away from the reference: NPO compares whole-sequence log-likelihoods
+        for p in npo.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    logp = sequence_log_likelihood(npo.backbone(forget), forget)[0]
+    logp_ref = sequence_log_likelihood(npo._reference[0](forget), forget)[0]
+    assert logp.shape == (4,) and (logp - logp_ref).abs().min() > 1e-3
+    torch.testing.assert_close(npo.unlearning_loss(batch), npo_loss(logp, logp_ref, 0.3))
+    with pytest.raises(ValueError, match="random_label.*causal_lm"):
+        Unlearner(_lm(), None, "random_label", objective="causal_lm")
+    with pytest.raises(ValueError, match="objective"):
+        Unlearner(_lm(), objective="seq2seq")
+
+
+def test_loss_mia_auc():
+    from litplug.modules.unlearning import loss_mia_auc
+
+    assert loss_mia_auc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 2.0, 3.0])) == 100.0
+    assert loss_mia_auc(torch.tensor([5.0, 6.0]), torch.tensor([1.0, 2.0])) == 0.0
+    assert loss_mia_auc(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 3.0])) == pytest.approx(100 * (2 + 0.5) / 4)
+    assert math.isnan(loss_mia_auc(torch.zeros(0), torch.ones(3)))
+
+
+def test_hugging_face_causal_lm(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from torch.utils.data import TensorDataset
+
+    config = transformers.GPT2Config(vocab_size=16, n_positions=24, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(config)  # random init, nothing downloaded
+    torch.save(gpt2.state_dict(), tmp_path / "orig.pt")
+    tokens = torch.randint(0, 16, (80, 24), generator=torch.Generator().manual_seed(0))
+    data, held_out = TensorDataset(tokens[:64]), TensorDataset(tokens[64:])  # batches are [token ids]
+    dm = ForgetRetain(data, "random", forget_fraction=0.25, held_out=held_out, batch_size=16)
+    model = Unlearner(transformers.GPT2LMHeadModel(config), str(tmp_path / "orig.pt"), "npo", objective="causal_lm")
+    dm.setup()
+    batch = next(iter(dm.forget_dataloader()))
+    # the token-level NLL is the model's own loss (Hugging Face shifts labels the same way)
+    torch.testing.assert_close(model.batch_loss(batch), gpt2(batch[0], labels=batch[0]).loss)
+    trainer = fast_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, dm)
+    metrics = trainer.test(model, dm, verbose=False)[0]
+    assert {k.split("/")[-1] for k in metrics} == {"forget_loss", "retain_loss", "test_loss", "MIA"}
+    assert all(math.isfinite(v) for v in metrics.values())
+
+
+LM_CORPUS = dict(vocab_size=16, seq_len=24, num_train=128, num_val=64, num_test=64, num_marked=8, marked_repeats=16)
+
+
+def _small_lm():
+    from litplug.modules import CausalTransformer
+
+    return CausalTransformer(16, 24, dim=32, depth=2, heads=4)
+
+
+def lm_recipe_worker(strategy, tmp_dir, checkpoint, method):
+    """Step 2 of the language-model recipe, small, under ``strategy`` on 2 ranks: unlearn the 8
+    marked sequences from the original model; returns the test metrics before and after."""
+    from lightning.pytorch import Trainer
+
+    from litplug.datamodules import MarkovText
+
+    seed_everything(0)
+    model = Unlearner(_small_lm(), checkpoint, method, gamma=5.0, beta=0.1, objective="causal_lm",
+                      optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))  # fmt: skip
+    data = ForgetRetain(MarkovText(**LM_CORPUS, batch_size=8), "class", [1])  # 8 per rank: global batch 16
+    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=24, logger=TensorBoardLogger(tmp_dir, name="tb"),
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, log_every_n_steps=8)  # fmt: skip
+    before = trainer.test(model, data, verbose=False)[0]
+    trainer.fit(model, data)
+    after = trainer.test(model, data, verbose=False)[0]
+    return {"before": before, "after": after}
+
+
+def _check_recipe(result):
+    before = {k.split("/")[-1]: v for k, v in result["before"].items()}
+    after = {k.split("/")[-1]: v for k, v in result["after"].items()}
+    # the marked sequences are memorised: far below the loss of unseen sequences, recognised by loss
+    assert before["forget_loss"] < 0.5 * before["test_loss"] and before["MIA"] > 99
+    # after unlearning: forget loss at the level of unseen sequences, membership by loss near chance,
+    # retain loss within 10% of the original's
+    assert abs(after["forget_loss"] - after["test_loss"]) < 0.15 * after["test_loss"]
+    assert 25 < after["MIA"] < 75
+    assert after["retain_loss"] < 1.1 * before["retain_loss"]
+
+
+def test_lm_recipe_under_ddp(tmp_path):
+    from litplug.datamodules import MarkovText
+    from litplug.modules import LanguageModel
+
+    # step 1, one process: the marked sequences are seen 16x per epoch and memorised
+    seed_everything(0)
+    original = LanguageModel(_small_lm(), optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    fast_trainer(tmp_path, max_epochs=5, limit_val_batches=0).fit(original, MarkovText(**LM_CORPUS, batch_size=16))
+    torch.save(original.backbone.state_dict(), tmp_path / "original.pt")
+    r0, r1 = run_distributed(lm_recipe_worker, "ddp", tmp_path, checkpoint=str(tmp_path / "original.pt"), method="npo")
+    assert r0 == r1  # metrics are gathered, then computed identically on every rank
+    _check_recipe(r0)
+    scalars = read_scalars(tmp_path / "dist_lm_recipe_worker_ddp" / "tb")
+    for key in ("forget_loss", "retain_loss", "test_loss", "MIA"):
+        assert scalars[f"unlearn/test/{key}"][-1][1] == pytest.approx(r0["after"][f"unlearn/test/{key}"])
+    assert "unlearn/train_loss" in scalars
+
+
+def test_lm_configs_instantiate(tmp_path):
+    from pathlib import Path
+
+    from litplug.callbacks import UnlearningMask
+    from litplug.cli import LitplugCLI
+    from litplug.modules import LanguageModel
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    original = LitplugCLI(args=["--config", str(configs / "lm" / "original.yaml"), "--trainer.logger", "false"], run=False)
+    assert isinstance(original.model, LanguageModel)
+    torch.save(original.model.backbone.state_dict(), tmp_path / "orig.pt")
+    rows = sorted((configs / "lm" / "unlearning").glob("*.yaml"))
+    assert [r.stem for r in rows] == ["gradient_ascent", "gradient_difference", "npo"]
+    for row in rows:
+        for mask in ([], ["--config", str(configs / "callbacks" / "unlearning_mask.yaml")]) if row.stem == "npo" else ([],):
+            args = ["--config", str(configs / "lm" / "unlearning.yaml"), "--config", str(row), *mask, "--trainer.logger", "false",
+                    "--model.init_args.checkpoint", str(tmp_path / "orig.pt")]  # fmt: skip
+            cli = LitplugCLI(args=args, run=False)
+            assert cli.model.method == row.stem and cli.model.objective == "causal_lm"
+            assert cli.datamodule.forget_classes == [1] and type(cli.datamodule.datamodule).__name__ == "MarkovText"
+            assert len([c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]) == len(mask) // 2
+
+
+
+def test_lm_saliency_mask_scores_the_token_nll(tmp_path):
+    from litplug.callbacks import UnlearningMask
+    from litplug.callbacks.unlearning import topk_masks
+    from litplug.datamodules import MarkovText
+
+    torch.manual_seed(0)
+    torch.save(_lm().state_dict(), tmp_path / "orig.pt")
+    model = Unlearner(_lm(), str(tmp_path / "orig.pt"), "gradient_difference", objective="causal_lm").double()  # no near-ties
+    data = ForgetRetain(MarkovText(vocab_size=8, seq_len=12, num_train=48, num_val=8, num_test=8, num_marked=16, batch_size=8), "class", [1])
+    data.setup()
+    forget = data.forget_set.dataset.tokens[data.forget_indices]
+    named = [(n, p) for n, p in model.named_parameters() if p.dim() >= 2]
+    grads = torch.autograd.grad(_token_nll(model.backbone, forget), [p for _, p in named])  # all 16 forget sequences
+    expected = topk_masks([g.abs() for g in grads], int(0.3 * sum(p.numel() for _, p in named)))
+    original = {n: p.detach().clone() for n, p in named}
+    mask = UnlearningMask("saliency", ratio=0.3, scope="weights")
+    fast_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[mask], precision="64-true").fit(model, data)
+    for (n, p), keep in zip(named, expected):
+        assert torch.equal(mask.masks[n], keep)
+        assert torch.equal(p.detach()[~keep], original[n][~keep]) and not torch.equal(p.detach()[keep], original[n][keep])
