@@ -153,10 +153,11 @@ def module_loss(pl_module: Any, batch: Any, batch_idx: int = 0) -> Tensor:
     _check_automatic(pl_module, "module_loss")
     from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
-    from .callbacks.sharpness import _loss_of, _muted
+    from .callbacks.hooks import muted
+    from .callbacks.passes import _loss_of
 
     takes_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
-    with _muted(pl_module, None, freeze_bn_stats=False):
+    with muted(pl_module, None, freeze_bn_stats=False):
         return _loss_of(pl_module.training_step(batch, batch_idx) if takes_idx else pl_module.training_step(batch))
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from litplug.callbacks import UnlearningMask
-from litplug.callbacks.unlearning import enforce_masked_grads_, frozen_values, pack_mask, restore_frozen_
+from litplug.functional import enforce_masked_grads_, frozen_values, pack_mask, restore_frozen_
 from litplug.datamodules import Digits, ForgetRetain
 from litplug.modules import MLP, Unlearner
 
@@ -136,7 +136,7 @@ def criterion_costs() -> dict[str, float]:
         named = cb._scoped(model)
         start = time.perf_counter()
         scores = cb._scores(trainer, model, named)
-        from litplug.callbacks.unlearning import topk_masks
+        from litplug.functional import topk_masks
 
         topk_masks(scores, int(sum(p.numel() for _, p in named) * 0.5))
         costs[criterion] = time.perf_counter() - start

@@ -1,9 +1,12 @@
 """litplug callbacks, importable by short name (``from litplug.callbacks import EMA``)."""
 
-from .averaging import EMA, SWA
 from .certified import IBPWarmup
+from .ema import EMA
+from .ignite import SurrogateSharpness
+from .monitor import SharpnessMonitor
 from .offline import GradientAscentSearch
-from .sharpness import SAM, SharpnessAwareMinimization, SharpnessMonitor, SurrogateSharpness
+from .sam import SAM, SharpnessAwareMinimization
+from .swa import SWA
 from .unlearning import UnlearningMask
 
 __all__: list[str] = [

@@ -34,8 +34,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from litplug.validation import check_choice, check_int, check_number, check_positive_int
+from ..plumbing import training_mode
 from ..protocols import OfflineDesignsData, require
+from ..validation import check_choice, check_int, check_number, check_positive_int
 
 
 def gradient_ascent(
@@ -145,14 +146,8 @@ class GradientAscentSearch(Callback):
             with precision.forward_context():
                 return pl_module(precision.convert_input(x)).float()
 
-        was_training = {m: m.training for m in pl_module.modules()}
-        pl_module.eval()
-        try:
-            with torch.enable_grad(), torch.inference_mode(False):
-                x = gradient_ascent(surrogate, x0, self.steps, self.step_size, dm.lower.to(device), dm.upper.to(device))
-        finally:
-            for module, mode in was_training.items():
-                module.train(mode)
+        with training_mode(pl_module, False), torch.enable_grad(), torch.inference_mode(False):
+            x = gradient_ascent(surrogate, x0, self.steps, self.step_size, dm.lower.to(device), dm.upper.to(device))
         final, initial = dm.score(x), dm.score(x0)
         self.designs = dm.unstandardise(x)
         self.results = {

@@ -81,7 +81,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from itertools import islice
 from typing import Any, Literal
 
@@ -93,222 +93,45 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 from typing_extensions import override
 
-from litplug.validation import check_choice, check_int, check_number, check_positive_int
+from ..functional.masks import (
+    Reduce,
+    attribution_scores,
+    CHUNK,
+    _bits,
+    _chunks,
+    _unpack,
+    enforce_masked_grads_,
+    frozen_values,
+    iter_topk_masks,
+    kth_largest_key,
+    pack_mask,
+    restore_frozen_,
+    saliency_scores,
+    topk_masks,
+    unpack_mask,
+)
+from ..plumbing import grad_scaler, is_sharded, local, local_rows, mix_seed, refuse_flat_strategies, training_mode
 from ..protocols import ForgetRetainData, module_loss, require, require_loss
+from ..validation import check_choice, check_int, check_number, check_positive_int
+from .hooks import version
+
+__all__ = [
+    "UnlearningMask",
+    "attribution_scores",
+    "enforce_masked_grads_",
+    "frozen_values",
+    "pack_mask",
+    "unpack_mask",
+    "kth_largest_key",
+    "restore_frozen_",
+    "saliency_scores",
+    "topk_masks",
+]
 
 Criterion = Literal["saliency", "attribution", "magnitude", "random"]
 Scope = Literal["weights", "all"]
 # Default scope per criterion, as in the reference code (see the module docstring).
 DEFAULT_SCOPE: dict[str, Scope] = {"saliency": "all", "attribution": "all", "magnitude": "weights", "random": "all"}
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-# --- functional core -----------------------------------------------------------------------
-def _sortable_keys(score: torch.Tensor) -> torch.Tensor:
-    # For non-negative float32 the int32 bit pattern orders like the value (+inf on top).
-    return score.detach().float().abs().nan_to_num(nan=0.0).contiguous().view(torch.int32)
-
-
-def kth_largest_key(keys: Sequence[torch.Tensor], k: int, all_reduce: Reduce | None = None) -> tuple[int, int]:
-    """Radix select (8 bits per pass) of the ``k``-th largest int32 key (keys >= 0) over the
-    tensors ``keys``, summed over processes by ``all_reduce`` (a 256-count histogram per pass).
-    Returns ``(t, m)``: the key ``t`` and how many entries equal to ``t`` complete the top k."""
-    prefix, need = 0, k
-    for shift in (24, 16, 8, 0):
-        hist = torch.zeros(256, dtype=torch.long)
-        for key in keys:
-            cand = key if shift == 24 else key[(key >> (shift + 8)) == prefix]
-            hist += torch.bincount(((cand >> shift) & 0xFF).long().flatten(), minlength=256).cpu()
-        if all_reduce is not None:
-            hist = all_reduce(hist)
-        at_least = hist.flip(0).cumsum(0)  # at_least[j] = entries whose digit >= 255 - j
-        j = int(torch.nonzero(at_least >= need)[0])
-        digit = 255 - j
-        need -= int(at_least[j] - hist[digit])
-        prefix = (prefix << 8) | digit
-    return prefix, need
-
-
-def topk_masks(
-    scores: Sequence[torch.Tensor],
-    k: int,
-    all_reduce: Reduce | None = None,
-    all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    rank: int = 0,
-) -> list[torch.Tensor]:
-    """Boolean masks selecting exactly the ``k`` highest scores over all tensors of ``scores``.
-
-    Ties at the threshold go to the lower global index: tensor order, then rank order (the
-    ``Shard(0)`` row blocks of one parameter), then row-major order. In a sharded setting, each
-    process passes its local shards; ``all_reduce`` sums a tensor over processes and
-    ``all_gather`` stacks one per process (``[world, ...]``); ``rank`` is this process's index
-    in that stack. Scores are compared as float32
-    after ``abs``; NaN counts as 0.
-
-    Example:
-        >>> [m.tolist() for m in topk_masks([torch.tensor([1.0, 3.0]), torch.tensor([3.0, 2.0])], 2)]
-        [[False, True], [True, False]]
-    """
-    return list(iter_topk_masks(scores, k, all_reduce, all_gather, rank))
-
-
-class _Keys(Sequence):
-    """The sortable keys of ``scores``, computed when read: no pass holds more than one tensor's."""
-
-    def __init__(self, scores: Sequence[torch.Tensor]) -> None:
-        self.scores = scores
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
-        if not 0 <= i < len(self.scores):
-            raise IndexError(i)
-        return _sortable_keys(self.scores[i])
-
-
-def iter_topk_masks(
-    scores: Sequence[torch.Tensor],
-    k: int,
-    all_reduce: Reduce | None = None,
-    all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    rank: int = 0,
-) -> Iterator[torch.Tensor]:
-    """:func:`topk_masks`, one mask at a time (the caller may pack each before the next exists);
-    the keys are recomputed from ``scores`` in every pass, so no copy of all scores is held."""
-    keys = _Keys(scores)
-    if k <= 0:
-        for score in scores:
-            yield torch.zeros(score.shape, dtype=torch.bool, device=score.device)
-        return
-    threshold, need = kth_largest_key(keys, k, all_reduce)
-    ties = torch.tensor([int((key == threshold).sum()) for key in keys], dtype=torch.long)
-    table = all_gather(ties) if all_gather is not None else ties.view(1, -1)  # [world, tensors]
-    # quota[r, i]: ties taken from tensor i on process r, in (tensor, rank) order
-    quota = torch.zeros_like(table)
-    for i in range(table.shape[1]):
-        for r in range(table.shape[0]):
-            quota[r, i] = min(int(table[r, i]), need)
-            need -= int(quota[r, i])
-    for i, key in enumerate(keys):
-        eq = key == threshold
-        if int(quota[rank, i]) < int(table[rank, i]):  # only some ties taken: the first ones
-            eq &= (eq.flatten().cumsum(0) <= quota[rank, i]).view_as(eq)
-        elif not int(quota[rank, i]):
-            eq = None
-        yield key > threshold if eq is None else (key > threshold) | eq
-        del key, eq
-
-
-def saliency_scores(grads_forget: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """SalUn: ``|g_f|``."""
-    return [g.abs() for g in grads_forget]
-
-
-def attribution_scores(
-    params: Sequence[torch.Tensor], grads_forget: Sequence[torch.Tensor], grads_retain: Sequence[torch.Tensor], mu: float
-) -> list[torch.Tensor]:
-    """WAGLE: ``|(theta - g_r / mu) * g_f|``."""
-    return [((p - gr / mu) * gf).abs() for p, gf, gr in zip(params, grads_forget, grads_retain)]
-
-
-_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-CHUNK = 1 << 20  # entries per pass of the packed-mask kernels (a multiple of 8): bounds their temporaries
-_LUT: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s memory seen as integers of the same width (a view: writes go to ``t``)."""
-    return t.view(_INT_OF_WIDTH[t.element_size()])
-
-
-def _chunks(n: int) -> range:
-    return range(0, n, CHUNK)
-
-
-def _unpack(packed: torch.Tensor, start: int, stop: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-    """Entries ``start:stop`` (``start`` a multiple of 8) of a packed mask as 0/1 of ``dtype``:
-    one table lookup per byte (a 256 x 8 table of the byte's bits, least significant first)."""
-    key = (dtype, packed.device)
-    if key not in _LUT:
-        byte = torch.arange(256, dtype=torch.int32).unsqueeze(1)
-        _LUT[key] = ((byte >> torch.arange(8, dtype=torch.int32)) & 1).to(device=packed.device, dtype=dtype)
-    rows = packed[start // 8 : (stop + 7) // 8].int()
-    return _LUT[key].index_select(0, rows).view(-1)[: stop - start]
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean mask as packed bits (``uint8``, ``ceil(N / 8)`` bytes; entry ``i`` of the
-    row-major order is bit ``i % 8`` of byte ``i // 8``), built ``CHUNK`` entries at a time.
-
-    Example:
-        >>> pack_mask(torch.tensor([True, False, True])).tolist()
-        [5]
-    """
-    flat = mask.reshape(-1)
-    n = flat.numel()
-    out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=flat.device)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
-    for start in _chunks(n):
-        part = flat[start : start + CHUNK].to(torch.uint8)
-        if part.numel() % 8:
-            part = torch.cat([part, part.new_zeros(8 - part.numel() % 8)])
-        out[start // 8 : start // 8 + part.numel() // 8] = (part.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
-    return out
-
-
-def unpack_mask(packed: torch.Tensor, shape: Sequence[int] | torch.Size) -> torch.Tensor:
-    """The boolean mask of shape ``shape`` that :func:`pack_mask` packed."""
-    n = math.prod(shape)
-    return _unpack(packed, 0, n).view(tuple(shape)) if n else torch.zeros(tuple(shape), dtype=torch.bool, device=packed.device)
-
-
-def frozen_values(param: torch.Tensor, packed: torch.Tensor) -> list[torch.Tensor]:
-    """The values of ``param`` at the entries a packed mask leaves frozen (bit 0), one 1-D tensor
-    per ``CHUNK`` entries (row-major), for :func:`restore_frozen_`."""
-    flat = param.detach().reshape(-1)
-    return [flat[s : s + CHUNK][_unpack(packed, s, min(s + CHUNK, flat.numel())).logical_not()] for s in _chunks(flat.numel())]
-
-
-def enforce_masked_grads_(grads: Sequence[torch.Tensor | None], packed: Sequence[torch.Tensor]) -> None:
-    """Set the gradients' frozen entries (bit 0 in the packed masks) to +0.0 in place, inf/NaN
-    included: their bits times 0/1 integers of their width (exact, and about 10x faster on CPU
-    than ``masked_fill_``), ``CHUNK`` entries at a time."""
-    for g, bits in zip(grads, packed):
-        if g is None:
-            continue
-        flat = _bits(g).view(-1) if g.is_contiguous() else None
-        if flat is None:  # rare: a non-contiguous gradient
-            g.masked_fill_(~unpack_mask(bits, g.shape), 0)
-            continue
-        for s in _chunks(flat.numel()):
-            part = flat[s : s + CHUNK]
-            part.mul_(_unpack(bits, s, s + part.numel(), part.dtype))
-
-
-def restore_frozen_(params: Sequence[torch.Tensor], frozen: Sequence[Sequence[torch.Tensor]], packed: Sequence[torch.Tensor]) -> None:
-    """Put the original values (:func:`frozen_values`) back into the frozen entries of ``params``
-    in place: a copy, so bit-exact (``-0.0``, inf and NaN payloads included)."""
-    for p, values, bits in zip(params, frozen, packed):
-        flat = p.view(-1)
-        for s, v in zip(_chunks(flat.numel()), values):
-            part = flat[s : s + CHUNK]
-            part.masked_scatter_(_unpack(bits, s, s + part.numel()).logical_not(), v)
-
-
-# --- helpers for DTensor (FSDP2) parameters ------------------------------------------------
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _local_rows(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """The rows of ``full`` that ``param``'s local ``Shard(0)`` block holds (``full`` if plain)."""
-    if not hasattr(param, "device_mesh"):
-        return full
-    mesh = param.device_mesh
-    chunks = torch.chunk(full, mesh.size(), dim=0)
-    r = mesh.get_local_rank()
-    return chunks[r] if r < len(chunks) else full[:0]
 
 
 class UnlearningMask(Callback):
@@ -361,16 +184,15 @@ class UnlearningMask(Callback):
         self._masked: list[tuple[torch.Tensor, int] | None] = []  # (gradient, version) after the last masking
         self._restoring: set[int] = set()  # ids of optimizers whose steps are followed by a restore
 
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The masked parameters (in scope), in ``named_parameters`` order; set at fit start."""
+        return list(self._params)
+
     # --- setup ------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
-            raise ValueError(
-                f"UnlearningMask does not support {type(trainer.strategy).__name__} (flattened parameters); "
-                "use DDP or FSDP2 (ModelParallelStrategy)"
-            )
+        refuse_flat_strategies(trainer, "UnlearningMask")
         if stage == "fit" and self.criterion in ("saliency", "attribution") and self._packed is None:
             by = f"UnlearningMask(criterion={self.criterion!r})"
             require(trainer.datamodule, ForgetRetainData, by, "datamodule")
@@ -383,7 +205,7 @@ class UnlearningMask(Callback):
         if not named:
             raise ValueError(f"UnlearningMask(scope={self.scope!r}) found no trainable parameters in scope")
         for n, p in named:
-            if hasattr(p, "placements"):
+            if is_sharded(p):
                 from torch.distributed.tensor import Shard
 
                 if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
@@ -402,7 +224,7 @@ class UnlearningMask(Callback):
         loader = getattr(trainer.datamodule, f"{split}_dataloader")()
         batches = list(islice(loader, self.num_batches))
         world, rank = trainer.world_size, trainer.global_rank
-        sharded = any(hasattr(p, "placements") for _, p in named)
+        sharded = any(is_sharded(p) for _, p in named)
         sizes = [extract_batch_size(b) for b in batches]
         total = sum(sizes)
         mine = list(range(len(batches)))[rank::world]
@@ -420,7 +242,7 @@ class UnlearningMask(Callback):
             if world > 1 and not sharded:
                 dist.all_reduce(g)
             # A copy only where DDP may hand out bucket views; else the gradient itself, freed with the scores.
-            grads.append(_local(g).detach().clone() if world > 1 else _local(g).detach())
+            grads.append(local(g).detach().clone() if world > 1 else local(g).detach())
         for (_, p), g in zip(named, saved):
             p.grad = g
         names = [n for n, _ in named]
@@ -430,31 +252,27 @@ class UnlearningMask(Callback):
     def _random_scores(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
         scores = []
         for i, p in enumerate(params):
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, i))
             full = torch.rand(p.shape, generator=gen)  # one parameter at a time, then our rows
-            scores.append(_local_rows(full, p).to(_local(p).device))
+            scores.append(local_rows(full, p).to(local(p).device))
         return scores
 
     def _scores(self, trainer: Trainer, pl_module: LightningModule, named: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:
         params = [p for _, p in named]
         if self.criterion == "magnitude":
-            return [_local(p).detach() for p in params]  # ranked by |score|: no copy
+            return [local(p).detach() for p in params]  # ranked by |score|: no copy
         if self.criterion == "random":
             return self._random_scores(params)
-        was_training = pl_module.training
-        pl_module.eval()  # no dropout, no BatchNorm statistics update while scoring
-        try:
-            with torch.enable_grad():
-                gf, names = self._gradients(trainer, pl_module, "forget")
-                gr = self._gradients(trainer, pl_module, "retain")[0] if self.criterion == "attribution" else None
-        finally:
-            pl_module.train(was_training)
+        # eval mode: no dropout, no BatchNorm statistics update while scoring
+        with training_mode(pl_module, False), torch.enable_grad():
+            gf, names = self._gradients(trainer, pl_module, "forget")
+            gr = self._gradients(trainer, pl_module, "retain")[0] if self.criterion == "attribution" else None
         index = {n: i for i, n in enumerate(names)}
         gf = [gf[index[n]] for n, _ in named]
         if self.criterion == "saliency":
             return gf  # ranked by |g_f| (saliency_scores), without a copy
         gr = [gr[index[n]] for n, _ in named]
-        return attribution_scores([_local(p).detach() for p in params], gf, gr, self.mu)
+        return attribution_scores([local(p).detach() for p in params], gf, gr, self.mu)
 
     def _check_finite(self, named: list[tuple[str, nn.Parameter]], scores: Sequence[torch.Tensor], all_reduce: Reduce | None) -> None:
         """Raise if a score is NaN or inf (a non-finite forget/retain loss or weight): a mask
@@ -470,7 +288,7 @@ class UnlearningMask(Callback):
             )
 
     def _collectives(self, named: list[tuple[str, nn.Parameter]]) -> tuple[Reduce | None, Any, int]:
-        sharded = [p for _, p in named if hasattr(p, "device_mesh")]
+        sharded = [p for _, p in named if is_sharded(p)]
         if not sharded:
             return None, None, 0
         group = sharded[0].device_mesh.get_group()
@@ -498,7 +316,7 @@ class UnlearningMask(Callback):
             missing = sorted(set(n for n, _ in named) - set(self._loaded))
             if missing:
                 raise ValueError(f"the checkpoint's UnlearningMask state has no mask for {missing}")
-            self._packed = {n: pack_mask(_local_rows(self._loaded[n], p).to(_local(p).device)) for n, p in named}
+            self._packed = {n: pack_mask(local_rows(self._loaded[n], p).to(local(p).device)) for n, p in named}
             self._loaded = None
         elif self._packed is None:
             # The scores (for saliency/attribution: the scoring gradients themselves) are freed
@@ -508,15 +326,17 @@ class UnlearningMask(Callback):
             masks = iter_topk_masks(scores, self.num_selected, all_reduce, all_gather, rank)
             self._packed = {n: pack_mask(m) for (n, _), m in zip(named, masks)}
             del scores, masks
-        self._shapes = {n: _local(p).shape for n, p in named}
-        counts = torch.tensor([int(_unpack(self._packed[n], 0, p.numel(), torch.uint8).sum()) if p.numel() else 0
-                               for n, p in ((n, _local(p)) for n, p in named)], dtype=torch.long)
+        self._shapes = {n: local(p).shape for n, p in named}
+        counts = torch.tensor(
+            [int(_unpack(self._packed[n], 0, t.numel(), torch.uint8).sum()) if t.numel() else 0 for n, t in ((n, local(p)) for n, p in named)],
+            dtype=torch.long,
+        )
         if all_reduce is not None:
             counts = all_reduce(counts)
         self.layer_fractions = {n: int(c) / p.numel() for (n, p), c in zip(named, counts)}
         self._params = [p for _, p in named]
         self._bitmasks = [self._packed[n] for n, _ in named]
-        self._frozen = [frozen_values(_local(p), b) for p, b in zip(self._params, self._bitmasks)]
+        self._frozen = [frozen_values(local(p), b) for p, b in zip(self._params, self._bitmasks)]
         self._restoring = {id(opt) for opt in trainer.optimizers if not self._frozen_state_is_zero(opt)}
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
@@ -537,12 +357,12 @@ class UnlearningMask(Callback):
         grads = [p.grad for p in self._params]
         seen_before = [None] * len(grads) if every or not self._masked else self._masked
         todo = [
-            None if g is None or (seen is not None and seen[0] is g and seen[1] == g._version) else _local(g)
+            None if g is None or (seen is not None and seen[0] is g and seen[1] == version(g)) else local(g)
             for g, seen in zip(grads, seen_before)
         ]
         with torch.no_grad():
             enforce_masked_grads_(todo, self._bitmasks)
-        self._masked = [None if g is None else (g, g._version) for g in grads]
+        self._masked = [None if g is None else (g, version(g)) for g in grads]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # torch passes the optimizer itself as args[0]; a positional closure is args[1]
@@ -579,12 +399,12 @@ class UnlearningMask(Callback):
 
     def _frozen_state_is_zero(self, optimizer: torch.optim.Optimizer) -> bool:
         for p, bits in zip(self._params, self._bitmasks):
-            shape = _local(p).shape
+            shape = local(p).shape
             for value in optimizer.state.get(p, {}).values():
-                local = _local(value) if torch.is_tensor(value) else None
-                if local is None or local.shape != shape:
+                shard = local(value) if torch.is_tensor(value) else None
+                if shard is None or shard.shape != shape:
                     continue
-                flat = _bits(local.detach().contiguous()).view(-1)
+                flat = _bits(shard.detach().contiguous()).view(-1)
                 for s in _chunks(flat.numel()):
                     part = flat[s : s + CHUNK]
                     if bool(part[_unpack(bits, s, s + part.numel()).logical_not()].any()):
@@ -596,13 +416,13 @@ class UnlearningMask(Callback):
         if self._skips_restore(optimizer):
             return
         with torch.no_grad():
-            restore_frozen_([_local(p) for p in self._params], self._frozen, self._bitmasks)
+            restore_frozen_([local(p) for p in self._params], self._frozen, self._bitmasks)
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # With a GradScaler (16-mixed), Lightning unscales and checks for inf/NaN *before*
         # on_before_optimizer_step: mask first, so that frozen entries cannot make it skip the step.
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        if grad_scaler(trainer) is not None:
             self._mask_grads()
 
     @override
@@ -645,7 +465,7 @@ class UnlearningMask(Callback):
         full = {}
         for (n, bits), p in zip(self._packed.items(), self._params):
             mask = unpack_mask(bits, self._shapes[n])
-            if hasattr(p, "device_mesh"):  # collective: every rank runs state_dict when saving
+            if is_sharded(p):  # collective: every rank runs state_dict when saving
                 from torch.distributed.tensor import DTensor
 
                 dt = DTensor.from_local(mask.to(torch.uint8), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())

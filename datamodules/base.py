@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from litplug.validation import check_fraction, check_int, check_positive_int
+from ..plumbing import mix_seed
+from ..validation import check_fraction, check_int, check_positive_int
 
 
 class ImageTensors(Dataset):
@@ -45,7 +46,8 @@ class EpochShuffle(Sampler[int]):
         return self.n
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        # base 100_003 (not mix_seed's default): the same shuffles as earlier versions of litplug
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, prime=100_003))
         return iter(torch.randperm(self.n, generator=gen).tolist())
 
 

@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from litplug.validation import check_int, check_number
+from ..plumbing import mix_seed
+from ..validation import check_int, check_number
 
 
 class TokenSequences(Dataset):
@@ -49,7 +50,7 @@ class RepeatShuffle(Sampler[int]):
         return len(self.indices)
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, prime=100_003))
         return iter(self.indices[torch.randperm(len(self.indices), generator=gen)].tolist())
 
 

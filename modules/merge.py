@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from ..merging import align, task_arithmetic, ties_merge
+from ..plumbing import save_rank_zero
 from .classifier import Classifier
-from .soup import Metric, ModelSoup, _save, check_compatible, greedy_soup, load_ingredient, uniform_soup
+from .soup import Metric, ModelSoup, check_compatible, greedy_soup, load_ingredient, uniform_soup
 from litplug.validation import check_choice, check_list, check_number, check_str
 
 State = dict[str, Tensor]
@@ -180,4 +181,4 @@ class ModelMerge(Classifier):
                     self.logger.log_metrics({f"merge/scale_{name}": score, "merge/scale": s}, step=i)
             self.logger.log_metrics({f"merge/{name}": self.merged_score}, step=len(self.scores))
         if self.output_path:
-            _save(self.backbone.state_dict(), self.output_path)
+            save_rank_zero({k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}, self.output_path)

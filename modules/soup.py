@@ -24,16 +24,15 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
-from litplug.validation import check_choice, check_list, check_path
+from ..plumbing import save_rank_zero, training_mode
+from ..validation import check_choice, check_list, check_path
 
 from .classifier import Classifier
 
@@ -176,18 +175,16 @@ class ModelSoup(Classifier):
     def evaluate_state(self, state: State) -> float:
         """Load ``state`` into the backbone and return ``metric`` on the validation split."""
         self.backbone.load_state_dict(state)
-        was_training = self.training
-        self.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         loader = self.trainer.val_dataloaders
-        for batch in loader[0] if isinstance(loader, (list, tuple)) else loader:
-            x, y = self.trainer.strategy.batch_to_device(batch)
-            logits = self(x)
-            totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
-            totals[1] += (logits.argmax(-1) == y).sum()
-            totals[2] += len(y)
+        with training_mode(self, False):
+            for batch in loader[0] if isinstance(loader, (list, tuple)) else loader:
+                x, y = self.trainer.strategy.batch_to_device(batch)
+                logits = self(x)
+                totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
+                totals[1] += (logits.argmax(-1) == y).sum()
+                totals[2] += len(y)
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        self.train(was_training)
         return float(totals[1] / totals[2]) if self.metric == "val/acc" else float(totals[0] / totals[2])
 
     @override
@@ -208,11 +205,6 @@ class ModelSoup(Classifier):
                 self.logger.log_metrics({f"soup/ingredient_{name}": score, "soup/kept": float(i in self.kept)}, step=i)
             self.logger.log_metrics({f"soup/{name}": self.soup_score}, step=len(self.scores))
         if self.output_path:
-            _save(self.backbone.state_dict(), self.output_path)
+            save_rank_zero({k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}, self.output_path)
 
-
-@rank_zero_only
-def _save(state: State, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
 

@@ -64,6 +64,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
+from ..plumbing import mix_seed
 from litplug.validation import check_choice, check_int, check_number, check_path
 
 from .base import TrainingModule
@@ -254,7 +255,7 @@ class Unlearner(TrainingModule):
             return -self._ce(batch["forget"]) + self.gamma * self._ce(batch["retain"])
         if method == "random_label":
             x, y = batch["forget"]
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 101 + self.global_rank)
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, self.global_step * 101 + self.global_rank))
             forget = F.cross_entropy(self(x), random_other_labels(y, self.num_classes, gen))
             return forget + self.gamma * self._ce(batch["retain"]) if self.gamma > 0 else forget
         # npo: per-sample (per-sequence) log-likelihoods against the frozen original model

@@ -76,7 +76,7 @@ def certified_classifier() -> LightningModule:
 # Epoch 0 natural, epoch 1 the eps ramp with regularizers: resume restores the schedule position.
 CASES["IBPWarmup"] = Case(callback=lambda: IBPWarmup(start_epoch=1, ramp_epochs=1), model=certified_classifier)
 
-# Families combined in one run (the brief's "SAM + EMA + IBP"; the mask under SAM and EMA), held to
+# Families combined in one run (SAM + EMA + IBP; the mask under SAM and EMA), held to
 # the same bar: identical ranks under ddp, bit-identical resume.
 CASES["IBPWarmup+SAM+EMA"] = Case(
     callback=lambda: [IBPWarmup(start_epoch=1, ramp_epochs=1), SAM(rho=0.05), EMA(decay=0.9)],

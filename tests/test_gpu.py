@@ -110,7 +110,7 @@ def test_ema_offloaded_to_host_memory_equals_the_gpu_average(tmp_path):
         net = model()
         gpu_trainer(tmp_path, max_steps=6, callbacks=[ema]).fit(net, data())
         assert next(net.parameters()).device.type == "cuda"
-        held = {t.device.type for g in ema._groups for t in g.average}
+        held = {t.device.type for t in ema.average_tensors().values()}
         assert held == ({"cpu"} if device == "cpu" else {"cuda"})
         averages[device] = {k: v.cpu() for k, v in ema.averaged_state_dict("").items()}
     for k, v in averages[None].items():

@@ -217,7 +217,7 @@ def _ignite_cell(column, tmp_dir, rho=0.05, radius=0.05, lam=0.1, lr=0.1):
     grad L(w) + (lam rho / radius) (grad G(w + radius grad G / ||grad G||) - grad G(w)), clipped."""
     rec, cb = Recorder(), SurrogateSharpness(rho=rho, radius=radius, epsilon=0.0, lambda_init=lam, lambda_lr=0.1)
     model, ref, _ = _fit_cell(column, [rec, cb], tmp_dir, max_steps=1)
-    assert float(cb._lambda) > lam  # dual ascent on rho ||grad G|| > epsilon = 0
+    assert cb.multiplier > lam  # dual ascent on rho ||grad G|| > epsilon = 0
     micro = [apply_to_collection(b, torch.Tensor, lambda t: t.double() if t.is_floating_point() else t) for b in rec.batches]
     params = [p for p in ref.parameters() if p.requires_grad]
     w0 = [p.detach().clone() for p in params]

@@ -1,7 +1,6 @@
 """EMA and SWA: functional core against closed forms, Trainer behaviour, logging, export, bad
 input, DDP and FSDP2 on 2 CPU ranks."""
 
-import math
 
 import pytest
 import torch
@@ -11,8 +10,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from litplug.callbacks import EMA, SWA
-from litplug.callbacks.averaging import average_update_, ema_decay, update_bn_
 from litplug.datamodules import Digits
+from litplug.functional import ema_decay
 from litplug.modules import MLP, Classifier
 
 
@@ -55,64 +54,6 @@ def assert_states_equal(a, b, keys=None):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-# ----------------------------------------------------------------------------- functional core
-def test_ema_decay_closed_form():
-    assert ema_decay(0, 0.9) == 0.0 and ema_decay(5, 0.9) == 0.9
-    for t in (1, 3, 10):
-        assert ema_decay(t, 0.999, warmup=True, gamma=2.0, power=0.75) == pytest.approx(1 - (1 + t / 2.0) ** -0.75)
-    assert ema_decay(10**6, 0.99, warmup=True) == 0.99
-
-
-@pytest.mark.parametrize("warmup", [False, True])
-def test_ema_after_n_updates_matches_closed_form(warmup):
-    gen = torch.Generator().manual_seed(0)
-    snapshots = [[torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)] for _ in range(7)]
-    avg = [torch.empty(3, 4, dtype=torch.float64), torch.empty(5, dtype=torch.float64)]
-    decays = [ema_decay(t, 0.8, warmup) for t in range(7)]
-    for d, snap in zip(decays, snapshots):
-        average_update_(avg, snap, 1 - d)
-    # avg_n = sum_k (1 - d_k) prod_{j > k} d_j * w_k  (d_0 = 0: the first update copies)
-    coef = [(1 - decays[k]) * math.prod(decays[k + 1 :]) for k in range(7)]
-    assert sum(coef) == pytest.approx(1.0)
-    for i in range(2):
-        expected = sum(c * s[i] for c, s in zip(coef, snapshots))
-        torch.testing.assert_close(avg[i], expected, rtol=1e-12, atol=1e-12)
-
-
-def test_swa_update_is_the_arithmetic_mean():
-    snapshots = [[torch.randn(4, 3), torch.randn(2)] for _ in range(5)]
-    avg = [torch.empty(4, 3), torch.empty(2)]
-    for n, snap in enumerate(snapshots):
-        average_update_(avg, snap, 1 / (n + 1))
-    for i in range(2):
-        torch.testing.assert_close(avg[i], torch.stack([s[i] for s in snapshots]).mean(0), rtol=1e-6, atol=1e-6)
-
-
-def test_fp32_average_keeps_updates_a_bf16_average_loses():
-    live = [torch.full((8,), 1.0 + 2**-7, dtype=torch.bfloat16)]  # one bf16 ulp above 1
-    avg16 = [torch.ones(8, dtype=torch.bfloat16)]
-    avg32 = [torch.ones(8, dtype=torch.float32)]
-    for _ in range(200):
-        average_update_(avg16, live, 1 - 0.999)
-        average_update_(avg32, live, 1 - 0.999)
-    assert torch.equal(avg16[0], torch.ones(8, dtype=torch.bfloat16))  # every update rounded away
-    expected = 1 + 2**-7 * (1 - 0.999**200)
-    torch.testing.assert_close(avg32[0], torch.full((8,), expected), rtol=0, atol=1e-5)
-
-
-def test_update_bn_matches_torch_swa_utils():
-    torch.manual_seed(0)
-    net = MLP(input_shape=[4], num_outputs=2, hidden=[8], batch_norm=True)
-    ref = MLP(input_shape=[4], num_outputs=2, hidden=[8], batch_norm=True)
-    ref.load_state_dict(net.state_dict())
-    batches = [(torch.randn(5, 4) * 3 + 1, torch.zeros(5)) for _ in range(3)]
-    assert update_bn_(net, batches)
-    torch.optim.swa_utils.update_bn(batches, ref)
-    assert_states_equal(state_of(ref), state_of(net))
-    assert not update_bn_(torch.nn.Linear(2, 2), batches)
-
-
-# ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "make, match",
     [
@@ -208,7 +149,7 @@ def test_ema_live_final_weights_every_n_steps(tmp_path):
     probe = Probe()
     ema = EMA(decay=0.5, every_n_steps=3, final_weights="live", evaluate_with="live")
     trainer, model = fit(tmp_path, ema, probe=probe)
-    assert ema.updates == 3 and ema._last_step == 7  # after steps 1, 4 and 7 of 8
+    assert ema.updates == 3 and ema.last_update == 7  # after steps 1, 4 and 7 of 8
     assert_states_equal(probe.after_step[-1], state_of(model))
     assert_states_equal(probe.after_step[3], probe.val_start[0])
     avg = ema.averaged_state_dict()
@@ -254,9 +195,9 @@ def test_ema_bf16_model_fp32_average(tmp_path):
     for ema in (ema16, ema32):
         trainer, model = fit(tmp_path, ema, model=small_classifier(batch_norm=False), precision="bf16-true")
         assert next(model.parameters()).dtype == torch.bfloat16
-    assert ema16._groups[0].average[0].dtype == torch.bfloat16
-    assert ema32._groups[0].average[0].dtype == torch.float32
-    a16, a32 = ema16._full_average(), ema32._full_average()
+    assert next(iter(ema16.average_tensors().values())).dtype == torch.bfloat16
+    assert next(iter(ema32.average_tensors().values())).dtype == torch.float32
+    a16, a32 = ema16.averaged_state_dict(), ema32.averaged_state_dict()
     # the fp32 average moved away from the first snapshot where the bf16 one rounded updates away
     assert sum(int((a32[k].bfloat16() != a16[k]).sum()) for k in a16) > 0
 
@@ -347,9 +288,9 @@ def distributed_worker(strategy, tmp_dir, kind):
     params = [k for k, _ in model.named_parameters()]
     out["ema_err"] = max(float((avg[k].double() - ref.avg[k].double()).abs().max()) for k in params)
     out["ema_avg"] = avg
-    out["local_numel"] = sum(a.numel() for g in ema._groups for a in g.average)
+    out["local_numel"] = sum(a.numel() for a in ema.average_tensors().values())
     out["full_numel"] = sum(v.numel() for v in avg.values())
-    live, final = ema._full_live(), state_of(model)
+    live, final = ema.live_state_dict(), state_of(model)
     out["live_is_model"] = live.keys() == final.keys() and all(torch.equal(live[k], final[k]) for k in live)
 
     seed_everything(0)

@@ -11,7 +11,7 @@ from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader
 
 from litplug.callbacks import EMA, SWA, UnlearningMask
-from litplug.callbacks.unlearning import pack_mask, unpack_mask
+from litplug.functional.masks import pack_mask, unpack_mask
 from litplug.modules import MLP, Classifier
 
 
@@ -88,7 +88,7 @@ def test_mask_holds_one_bit_per_entry_and_the_frozen_values(tmp_path):
 
 
 def test_packed_masks_round_trip_across_chunks(monkeypatch):
-    import litplug.callbacks.unlearning as unlearning
+    import litplug.functional.masks as unlearning
 
     monkeypatch.setattr(unlearning, "CHUNK", 16)  # several chunks, a partial last byte
     gen = torch.Generator().manual_seed(0)

@@ -124,7 +124,7 @@ def test_monitor_logs_nan_and_restores_the_weights():
     model.train()
     before = state_of(model)
     monitor = SharpnessMonitor(rho=0.1)
-    monitor._held = [(torch.randn(4, 4, generator=gen), torch.randint(0, 3, (4,), generator=gen))]
+    monitor.held = [(torch.randn(4, 4, generator=gen), torch.randint(0, 3, (4,), generator=gen))]
     values = monitor.measure(model)
     assert values and all(torch.isnan(v) for v in values.values())
     after = state_of(model)

@@ -11,55 +11,12 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from litplug.callbacks import UnlearningMask
-from litplug.callbacks.unlearning import attribution_scores, kth_largest_key, topk_masks
 from litplug.datamodules import Digits, ForgetRetain
+from litplug.functional import topk_masks
 from litplug.modules import MLP, Classifier, Unlearner
 
 
 # --- functional core ---------------------------------------------------------------------------
-def _reference_topk(scores, k):
-    flat = torch.cat([s.flatten().float().abs().nan_to_num(nan=0.0) for s in scores])
-    order = torch.argsort(flat, descending=True, stable=True)  # ties: lower index first
-    chosen = torch.zeros_like(flat, dtype=torch.bool)
-    chosen[order[:k]] = True
-    return list(torch.split(chosen, [s.numel() for s in scores]))
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_topk_matches_stable_sort_with_ties(seed):
-    gen = torch.Generator().manual_seed(seed)
-    # few distinct values -> many ties at the threshold; plus tiny and huge magnitudes
-    scores = [torch.randint(0, 5, (7, 3), generator=gen).float() * 1e-3, torch.randint(0, 5, (11,), generator=gen).float()]
-    scores[0][0, 0] = float("inf")
-    scores[1][2] = float("nan")
-    n = sum(s.numel() for s in scores)
-    for k in (0, 1, 5, n // 2, n - 1, n):
-        masks = topk_masks(scores, k)
-        assert sum(int(m.sum()) for m in masks) == k
-        for m, ref in zip(masks, _reference_topk(scores, k)):
-            assert torch.equal(m.flatten(), ref)
-
-
-def test_topk_all_equal_takes_lowest_indices():
-    masks = topk_masks([torch.ones(2, 2), torch.ones(3)], 5)
-    assert [m.flatten().tolist() for m in masks] == [[True] * 4, [True, False, False]]
-
-
-def test_kth_largest_key_on_float_bits():
-    values = torch.tensor([0.5, 2.0, 2.0, 1e-30, 7.0])
-    keys = values.view(torch.int32)
-    t, need = kth_largest_key([keys], 3)
-    assert t == int(torch.tensor(2.0).view(torch.int32)) and need == 2
-    t, need = kth_largest_key([keys], 2)
-    assert t == int(torch.tensor(2.0).view(torch.int32)) and need == 1
-
-
-def test_attribution_closed_form():
-    theta, gf, gr = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0]), torch.tensor([0.1, -0.3])
-    (score,) = attribution_scores([theta], [gf], [gr], mu=0.1)
-    torch.testing.assert_close(score, torch.tensor([abs((1 - 1.0) * 0.5), abs((-2 + 3.0) * 1.0)]))
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -320,7 +277,9 @@ def test_logs_and_resume_without_recompute(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("mask recomputed on resume")
 
-    monkeypatch.setattr(UnlearningMask, "_scores", boom)
+    import litplug.callbacks.unlearning as unlearning
+
+    monkeypatch.setattr(unlearning, "saliency_scores", boom)
     resumed = UnlearningMask("saliency", ratio=0.25, num_batches=2)
     checker = FrozenChecker(resumed)
     trainer = fast_trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[resumed, checker])
@@ -342,12 +301,12 @@ class _Capture(Callback):
         self.reference = topk_masks([f.abs() for f in full], mask.num_selected)
         self.names = names
         self.local_shapes = {n: tuple(m.shape) for n, m in mask.masks.items()}
-        self.start = {n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone() for n, p in zip(names, mask._params)}
+        self.start = {n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone() for n, p in zip(names, mask.params)}
         self.frozen_ok = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         mask = trainer.callbacks[0]
-        for i, (n, p) in enumerate(zip(self.names, mask._params)):
+        for i, (n, p) in enumerate(zip(self.names, mask.params)):
             local = p.to_local() if hasattr(p, "to_local") else p
             frozen = ~mask.masks[n]
             self.frozen_ok &= torch.equal(local.detach()[frozen], self.start[n][frozen])
@@ -384,13 +343,19 @@ def dist_worker(strategy, tmp_dir):
     # resume from a checkpoint of the last run (sharded under FSDP2): masks are loaded, not recomputed
     trainer.save_checkpoint(tmp_dir / "last.ckpt")
     resumed = UnlearningMask("saliency", ratio=0.37, num_batches=5)
-    resumed._scores = None  # calling it would fail
     trainer = fast_trainer(
         tmp_dir / "resumed", strategy=make_strategy("fsdp2" if isinstance(strategy, ModelParallelStrategy) else "ddp"), devices=2,
         max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[resumed],
     )  # fmt: skip
     model = Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), None, "gradient_difference")
-    trainer.fit(model, ForgetRetain(Digits(batch_size=16), scenario="random", forget_fraction=0.2), ckpt_path=str(tmp_dir / "last.ckpt"))
+    import litplug.callbacks.unlearning as unlearning
+
+    real, unlearning.saliency_scores = unlearning.saliency_scores, None  # calling it would fail
+    try:
+        data = ForgetRetain(Digits(batch_size=16), scenario="random", forget_fraction=0.2)
+        trainer.fit(model, data, ckpt_path=str(tmp_dir / "last.ckpt"))
+    finally:
+        unlearning.saliency_scores = real
     out["resumed_masks"] = resumed.state_dict()["masks"]
     return out
 

@@ -200,7 +200,7 @@ def test_short_digits_run_from_config(tmp_path):
 
 
 def test_digits_config_meets_its_target(tmp_path, monkeypatch):
-    """The issue's result for `configs/digits/ibp.yaml` (eps 0.1, its own seed, the whole run):
+    """The documented result of `configs/digits/ibp.yaml` (eps 0.1, its own seed, the whole run):
     clean >= 95% and verified >= 85% test accuracy, read back from TensorBoard."""
     from litplug.cli import main
 

@@ -1,0 +1,114 @@
+"""Every place where litplug reaches into Lightning's or torchmetrics' private state.
+
+Each function names why it is needed and the public hook whose arrival upstream would remove it.
+Nothing else in litplug touches a private attribute of another library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+__all__ = ["logs_now", "muted", "no_grad_sync", "version", "wrap_optimizer_step"]
+
+
+def wrap_optimizer_step(
+    strategy: Any, wrap_closure: Callable[[Callable[[], Any]], Callable[[], Any]]
+) -> Callable[[], None]:
+    """Replace ``strategy.optimizer_step`` on this instance so that the closure Lightning builds
+    (training_step, backward) is passed through ``wrap_closure`` first; returns the undo.
+
+    Why: SAM and IGNITE must run their extra passes after Lightning's backward and before
+    ``on_before_optimizer_step``/clipping/the step, inside the optimizer closure. Missing upstream:
+    a callback hook that may wrap the optimizer closure (e.g. ``Callback.wrap_closure``)."""
+    original = strategy.optimizer_step
+
+    def optimizer_step(optimizer: Any, closure: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+        return original(optimizer, wrap_closure(closure), *args, **kwargs)
+
+    strategy.optimizer_step = optimizer_step  # type: ignore[method-assign]
+    return lambda: strategy.__dict__.pop("optimizer_step", None)
+
+
+def no_grad_sync(strategy: Any, block: bool) -> AbstractContextManager[Any]:
+    """Skip DDP's gradient all-reduce in the backwards of the block (``block=True``).
+
+    Why: the extra passes must all-reduce once, on the combined gradient. Missing upstream: a public
+    form of ``lightning.pytorch.loops.utilities._block_parallel_sync_behavior`` (Fabric has
+    ``Fabric.no_backward_sync``; the Trainer has none)."""
+    from lightning.pytorch.loops.utilities import _block_parallel_sync_behavior
+
+    return _block_parallel_sync_behavior(strategy, block=block)
+
+
+def logs_now(trainer: Trainer) -> bool:
+    """Whether a value logged on this step will be written (every ``log_every_n_steps``).
+
+    Why: a step value logged when the Trainer does not write logs is overwritten unseen, and
+    ``self.log`` costs more than an EMA update of a small model. Missing upstream: a public
+    ``Trainer.should_update_logs`` (today ``trainer._logger_connector.should_update_logs``)."""
+    return bool(getattr(trainer._logger_connector, "should_update_logs", True))
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextmanager
+def muted(pl_module: LightningModule, objective: Callable[..., Tensor] | None, freeze_bn_stats: bool) -> Iterator[None]:
+    """Mute ``self.log``/``self.log_dict``, optionally swap ``training_step`` for ``objective``, put
+    torchmetrics states back (a train metric updated in ``training_step`` counts the batch once)
+    and (``freeze_bn_stats``) the running statistics of normalisation layers.
+
+    Why: a sharpness pass re-runs the module's own ``training_step``, which must not log, update
+    metrics or normalisation statistics a second time. The instance's ``__dict__`` is patched
+    (``log``, ``log_dict``, ``training_step``) because the strategy calls them by attribute, and
+    torchmetrics' ``_update_count``/``_computed`` are saved and put back with the metric states.
+    Missing upstream: a Lightning context that runs ``training_step`` without side effects (no
+    logging, no metric updates), and a public ``Metric`` state snapshot/restore in torchmetrics
+    (``metric_state`` is public; the update counter and cached result are not)."""
+    norms = [
+        m for m in pl_module.modules()
+        if getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None
+    ]  # fmt: skip
+    saved = [[b.clone() for b in m.buffers(recurse=False)] for m in norms] if freeze_bn_stats else []
+    metrics = [m for m in pl_module.modules() if isinstance(getattr(m, "metric_state", None), dict)]
+    metric_states = [
+        ({k: v.clone() if isinstance(v, Tensor) else list(v) for k, v in m.metric_state.items()}, m._update_count, m._computed)
+        for m in metrics
+    ]
+    patched: dict[str, Any] = {"log": _no_log, "log_dict": _no_log}
+    if objective is not None:
+        patched["training_step"] = objective
+    previous = {k: pl_module.__dict__[k] for k in patched if k in pl_module.__dict__}
+    pl_module.__dict__.update(patched)
+    try:
+        yield
+    finally:
+        for key in patched:
+            if key in previous:
+                pl_module.__dict__[key] = previous[key]
+            else:
+                del pl_module.__dict__[key]
+        for m, (states, count, computed) in zip(metrics, metric_states):
+            for k, v in states.items():
+                setattr(m, k, v)
+            m._update_count, m._computed = count, computed
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved):
+                for b, s in zip(m.buffers(recurse=False), buffers):
+                    b.copy_(s)
+
+
+
+def version(t: Tensor) -> int:
+    """The in-place write counter of ``t`` (autograd's version counter).
+
+    Why: UnlearningMask skips a second masking pass over a gradient that nothing wrote to since the
+    first one. Missing upstream: a public accessor of the counter (torch exposes ``Tensor._version``)."""
+    return t._version
