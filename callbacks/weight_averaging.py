@@ -6,10 +6,12 @@ and the checkpointed state.
 Cost: one extra copy of the weights (in ``dtype`` on ``device``) and, per update, one ``lerp_``
 over a flat buffer: at the first update the callback re-lays the module's (non-sharded,
 contiguous) parameters of each dtype/device into one contiguous buffer, in place (same
-``Parameter`` objects and values; a moved module is re-bound by name). Sharded (FSDP2)
-parameters, buffers and mixed-dtype averages use multi-tensor ``torch._foreach_*`` ops instead;
-never a Python loop per tensor. Validation and test run on the average by default: the live
-weights are copied aside and restored bit-exactly afterwards.
+``Parameter`` objects and values; a moved module is re-bound by name), one tensor at a time,
+each old storage freed as soon as it is copied: the peak holds the average and at most one tensor
+twice. Sharded (FSDP2) parameters, buffers and mixed-dtype averages use multi-tensor
+``torch._foreach_*`` ops instead; never a Python loop per tensor in an update. Validation and
+test run on the average by default: the live weights are copied aside (one more copy while they
+run) and restored bit-exactly afterwards; ``fit`` ending on the average keeps no copy of them.
 
 Checkpoints: a checkpoint's ``state_dict`` holds the weights its metrics were measured on: with
 ``evaluate_with="average"`` the average (the live weights go into the callback's state and a
