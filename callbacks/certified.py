@@ -11,7 +11,7 @@ Method card: Shi, Wang, Zhang, Yi, Hsieh, "Fast Certified Robust Training with S
    the ramp (progress ``p``) and linear to ``eps`` after, with ``a = mid / (beta (1 - mid) + mid)``
    so value and slope are continuous.
 3. Warmup regularizers on the ReLU pre-activation bounds during the ramp (bound tightness and
-   ReLU balance with tolerance ``tau``, :func:`litplug.modules.bounds.warmup_regularizers`),
+   ReLU balance with tolerance ``tau``, :func:`litplug.bounds.warmup_regularizers`),
    weighted ``lambda * (1 - eps_t / eps)``.
 
 Cost: nothing beyond the module's IBP loss (the regularizers reuse its bounds).
@@ -105,7 +105,7 @@ class IBPWarmup(Callback):
     * ``regularizer_weight: float`` and ``regularizer_tolerance: float``: weight ``lambda_t`` and
       tolerance ``tau`` of the warmup regularizers in its next ``training_step`` (set at every
       batch start; 0 outside the ramp). The module computes them from its own bounds, e.g. with
-      :func:`litplug.modules.bounds.warmup_regularizers`, and logs ``certified/reg_tightness`` and
+      :func:`litplug.bounds.warmup_regularizers`, and logs ``certified/reg_tightness`` and
       ``certified/reg_relu``;
     * ``backbone: nn.Module``: the network that ``ibp_init`` re-initialises.
 

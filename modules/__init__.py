@@ -1,7 +1,7 @@
 """litplug LightningModules, backbones and the interval bound engine."""
 
+from ..bounds import interval_bounds, margin_bounds
 from .base import TrainingModule
-from .bounds import interval_bounds, margin_bounds
 from .certified import CertifiedClassifier
 from .classifier import Classifier
 from .language import CausalTransformer, LanguageModel

@@ -3,7 +3,7 @@
 Method card: Gowal et al. 2018 (IBP training) with the loss of Shi et al. 2021. The robust loss is
 the cross-entropy of the negated margin lower bounds, ``CE(-m, y)`` with
 ``m_j <= z_y - z_j`` over the pixel-space L-inf ball of radius ``eps_t`` (``m_y = 0``), computed
-by :mod:`litplug.modules.bounds` with last-layer elision. The training loss is
+by :mod:`litplug.bounds` with last-layer elision. The training loss is
 ``kappa * CE(z, y) + (1 - kappa) * CE(-m, y)`` with ``kappa = 1 - (1 - kappa_final) * eps_t / eps``,
 so a scheduled ``eps_t = 0`` is natural training. Cost: about two forward/backward passes of the
 network per step while ``eps_t > 0`` (centre and radius), none extra at ``eps_t = 0``.
@@ -22,9 +22,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from litplug.bounds import bounded, input_box, margin_spec, warmup_regularizers
 from litplug.validation import check_int, check_list, check_number
 
-from .bounds import bounded, input_box, margin_spec, warmup_regularizers
 from .classifier import Classifier
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -191,7 +191,7 @@ class CertifiedClassifier(Classifier):
         return input_box(x, eps, **self.normalization)
 
     def robust_terms(self, x: torch.Tensor, y: torch.Tensor, eps: float, record_relu: bool = False) -> Any:
-        """Bounds on the margins of ``(x, y)`` at ``eps`` (see :class:`~litplug.modules.bounds.BoundResult`)."""
+        """Bounds on the margins of ``(x, y)`` at ``eps`` (see :class:`~litplug.bounds.BoundResult`)."""
         lower, upper = self.box(x, eps)
         return bounded(self.backbone)(lower, upper, clean=x, spec=margin_spec(y, self.num_classes), record_relu=record_relu)
 

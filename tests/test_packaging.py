@@ -34,8 +34,15 @@ def test_wheel_holds_only_the_litplug_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"litplug", next(t for t in tops if t.endswith(".dist-info"))}
-    for module in ("litplug/__init__.py", "litplug/cli.py", "litplug/validation.py", "litplug/protocols.py", "litplug/callbacks/__init__.py", "litplug/modules/__init__.py", "litplug/datamodules/__init__.py", "litplug/configs/digits/classifier.yaml"):
+    for module in (
+        "litplug/__init__.py", "litplug/cli.py", "litplug/validation.py", "litplug/protocols.py",
+        "litplug/callbacks/__init__.py", "litplug/modules/__init__.py", "litplug/datamodules/__init__.py",
+        "litplug/bounds/__init__.py", "litplug/merging/__init__.py", "litplug/configs/digits/classifier.yaml",
+    ):  # fmt: skip
         assert module in names
+    for package in ("bounds", "callbacks", "datamodules", "functional", "merging", "modules"):  # every source file of each
+        for path in (ROOT / package).glob("*.py"):
+            assert f"litplug/{package}/{path.name}" in names
     assert not any(n.startswith("litplug/tests/") or n.startswith("litplug/benchmarks/") for n in names)
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of the interval bound engine (litplug.modules.bounds)."""
+"""Unit tests of the interval bound engine (litplug.bounds)."""
 
 import copy
 import gc
@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litplug.modules import CNN7, MLP, ConvNet
-from litplug.modules.bounds import (
+from litplug.bounds import (
     BoundedNetwork,
     UnsupportedOperationError,
     input_box,
@@ -21,6 +20,7 @@ from litplug.modules.bounds import (
     margin_spec,
     warmup_regularizers,
 )
+from litplug.modules import CNN7, MLP, ConvNet
 
 
 class Residual(nn.Module):
@@ -279,7 +279,7 @@ def test_train_mode_batch_norm_updates_running_stats_as_the_module(momentum):
 
 
 def test_fused_functions_gradcheck():
-    from litplug.modules.bounds import _IntervalBatchNorm, _IntervalLinear, _IntervalReLU, _ReLUStatistics
+    from litplug.bounds.fused import IntervalBatchNorm, IntervalLinear, IntervalReLU, ReLUStatistics
 
     torch.manual_seed(0)
 
@@ -288,30 +288,28 @@ def test_fused_functions_gradcheck():
         return v.requires_grad_(True)
 
     check = lambda fn, inputs: torch.autograd.gradcheck(fn, inputs, fast_mode=True)  # noqa: E731
-    assert check(_IntervalLinear.apply, (t(6, 5), t(3, 5, positive=True), t(4, 5), t(4)))
-    assert check(_IntervalLinear.apply, (t(4, 2, 5), t(2, 2, 5, positive=True), t(3, 5), None))
+    assert check(IntervalLinear.apply, (t(6, 5), t(3, 5, positive=True), t(4, 5), t(4)))
+    assert check(IntervalLinear.apply, (t(4, 2, 5), t(2, 2, 5, positive=True), t(3, 5), None))
     for tracked in (True, False):
         n = 2 if tracked else 4
-        assert check(lambda s, r: _IntervalReLU.apply(s, r, tracked), (t(4, 5), t(n, 5, positive=True)))
+        assert check(lambda s, r: IntervalReLU.apply(s, r, tracked), (t(4, 5), t(n, 5, positive=True)))
         for shape in ((4, 2, 3, 3), (4, 3), (4, 2, 5)):
             stack, radius = t(*shape), t(n, *shape[1:], positive=True)
             gamma, beta = t(shape[1]), t(shape[1])
-            bn = lambda s, r, g, b: _IntervalBatchNorm.apply(s, r, g, b, 1e-5, tracked)[:2]  # noqa: E731
+            bn = lambda s, r, g, b: IntervalBatchNorm.apply(s, r, g, b, 1e-5, tracked)[:2]  # noqa: E731
             assert check(bn, (stack, radius, gamma, beta))
             assert check(lambda s, r: bn(s, r, None, None), (stack, radius))
     lower = torch.randn(3, 2, 4, dtype=torch.float64)
     upper = lower + torch.rand_like(lower)
     assert (lower > 0).any() and (upper < 0).any()
-    stats = lambda lo, up: _ReLUStatistics.apply(lo, up)[0]  # noqa: E731
+    stats = lambda lo, up: ReLUStatistics.apply(lo, up)[0]  # noqa: E731
     assert check(stats, (lower.requires_grad_(True), upper.requires_grad_(True)))
 
 
 @pytest.mark.parametrize("name", ["residual", "cnn7", "mlp"])
-def test_fused_engine_matches_plain_autograd(name, monkeypatch):
+def test_fused_engine_matches_plain_autograd(name):
     # The fused Linear/ReLU/BatchNorm functions are an optimisation only: bounds, clean output,
     # ReLU bounds and every gradient equal those of autograd on the plain formulas.
-    import litplug.modules.bounds as bounds_module
-
     torch.manual_seed(0)
     net = (Residual() if name == "residual" else _nets()[name]).double().train()
     shape = (2, 8, 8) if name == "residual" else (1, 8, 8)
@@ -319,12 +317,11 @@ def test_fused_engine_matches_plain_autograd(name, monkeypatch):
     y = torch.randint(0, 5 if name == "residual" else 10, (6,))
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(bounds_module, "_FUSED", fused)
         net.zero_grad()
         torch.manual_seed(3)  # the same dropout mask
         engine = BoundedNetwork(net)
-        out = engine(x - 0.05, x + 0.05, clean=x, spec=margin_spec(y, 5 if name == "residual" else 10).double(), record_relu=True)
-        tight, balance = warmup_regularizers(out.relu, torch.full_like(x, 0.05), 0.5)
+        out = engine(x - 0.05, x + 0.05, clean=x, spec=margin_spec(y, 5 if name == "residual" else 10).double(), record_relu=True, fused=fused)
+        tight, balance = warmup_regularizers(out.relu, torch.full_like(x, 0.05), 0.5, fused=fused)
         loss = F.cross_entropy(-out.lower, y) + F.cross_entropy(out.clean, y) + tight + balance
         loss = loss + sum(lo.square().mean() + up.mean() for lo, up in out.relu)  # gradients into the ReLU bounds
         loss.backward()
@@ -365,16 +362,62 @@ def test_fused_linear_detects_weight_modified_before_backward():
 def test_fused_relu_statistics_match_autograd(memory_format):
     # The warmup regularizers' fused statistics equal autograd's on the same formulas, values and
     # gradients, for contiguous and channels-last boxes.
-    from litplug.modules.bounds import _relu_statistics, _ReLUStatistics
+    from litplug.bounds.fused import ReLUStatistics, relu_statistics
 
     torch.manual_seed(0)
     lower = torch.randn(4, 3, 5, 5, dtype=torch.float64).to(memory_format=memory_format)
     upper = lower + torch.rand_like(lower)
     results = []
-    for statistics in (_ReLUStatistics.apply, _relu_statistics):
+    for statistics in (ReLUStatistics.apply, relu_statistics):
         lo, up = lower.clone().requires_grad_(True), upper.clone().requires_grad_(True)
         stats, counts = statistics(lo, up)
         (stats * torch.arange(1.0, 6.0, dtype=stats.dtype)).sum().backward()
         results.append((stats.detach(), counts, lo.grad, up.grad))
     for fused, plain in zip(*results):
         torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_an_operator_is_one_table_entry(monkeypatch):
+    # ELU has no entry: refused at construction, naming the module; one monotone entry makes it
+    # boundable, and its bounds contain the outputs of sampled inputs.
+    from litplug.bounds import OPERATORS, Op
+    from litplug.bounds.ops import monotone_module
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ELU(), nn.Linear(6, 3))
+    with pytest.raises(UnsupportedOperationError, match=r"ELU at module '1'"):
+        BoundedNetwork(net)
+    monkeypatch.setitem(OPERATORS, nn.ELU, Op(monotone_module))
+    x = torch.rand(8, 4)
+    with torch.no_grad():
+        lower, upper = BoundedNetwork(net)(x - 0.1, x + 0.1)[:2]
+        for _ in range(50):
+            out = net(x + (torch.rand_like(x) * 2 - 1) * 0.1)
+            assert (lower <= out + 1e-6).all() and (out <= upper + 1e-6).all()
+
+
+def _backward_names(t):
+    names, todo, seen = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_engine_is_stateless_and_fused_is_an_argument():
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = torch.rand(5, 4)
+    engine = BoundedNetwork(net)
+    before = dict(vars(engine))
+    fused = engine(x - 0.1, x + 0.1, clean=x, record_relu=True)
+    plain = engine(x - 0.1, x + 0.1, clean=x, fused=False)
+    engine.linearized_radius(x, torch.full_like(x, 0.1))
+    assert vars(engine).keys() == before.keys() and all(vars(engine)[k] is v for k, v in before.items())
+    assert len(fused.relu) == 1 and plain.relu == []
+    assert {"IntervalLinearBackward", "IntervalReLUBackward"} <= _backward_names(fused.upper)
+    assert not any(name.startswith("Interval") for name in _backward_names(plain.upper))
+    torch.testing.assert_close(fused.upper, plain.upper)

@@ -14,7 +14,7 @@ from torch import nn
 from litplug.callbacks import IBPWarmup
 from litplug.datamodules import Digits
 from litplug.modules import MLP, CertifiedClassifier
-from litplug.modules.bounds import UnsupportedOperationError, margin_bounds
+from litplug.bounds import UnsupportedOperationError, margin_bounds
 
 NORM = dict(mean=(0.0,), std=(1.0,), pixel_range=(0.0, 1.0))
 

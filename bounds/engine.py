@@ -1,0 +1,234 @@
+"""The engine: a network traced once with ``torch.fx``, checked against the operator table, and
+interpreted node by node on boxes. It keeps no state between calls: what one computation needs
+(fused or plain, linearised or not, where ReLU bounds go) travels in a :class:`~.interval.Pass`."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .interval import BoundResult, Interval, Pass, UnsupportedOperationError
+from .ops import CENTRE_METHODS, Op, lookup
+
+
+class BoundedNetwork:
+    """A network traced once with ``torch.fx`` and checked for supported operations.
+
+    Args:
+        model: the network; must trace with ``torch.fx.symbolic_trace`` and map one tensor to one
+            tensor. Held by weak reference: keep the network alive while bounding it.
+
+    Raises:
+        UnsupportedOperationError: naming the first operation that cannot be bounded and where it
+            occurs (module path or graph node).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        try:
+            graph = fx.symbolic_trace(model).graph
+        except Exception as err:  # noqa: BLE001 - any tracing failure means "cannot bound"
+            raise UnsupportedOperationError(
+                f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); the interval "
+                "engine needs a network without data-dependent control flow"
+            ) from err
+        # A weak reference: the engine is cached per model (``bounded``) and must not keep it alive.
+        self._model = weakref.ref(model)
+        self.nodes = list(graph.nodes)
+        inputs = [n for n in self.nodes if n.op == "placeholder"]
+        if len(inputs) != 1:
+            raise UnsupportedOperationError(f"the network must take exactly one input, got {len(inputs)}")
+        self.output = next(n for n in self.nodes if n.op == "output")
+        if not isinstance(self.output.args[0], fx.Node):
+            raise UnsupportedOperationError("the network must return a single tensor")
+        self._ops: dict[fx.Node, Op] = {}
+        for node in self.nodes:  # every operation has an entry; module arguments are checked
+            if node.op.startswith("call_"):
+                target, self._ops[node] = lookup(node, model)
+                if node.op == "call_module" and self._ops[node].check is not None:
+                    self._ops[node].check(target, node, set())
+        self._check_perturbed()
+        last = self.output.args[0]
+        is_linear = (last.op == "call_module" and type(model.get_submodule(last.target)) is nn.Linear) or (
+            last.op == "call_function" and last.target is F.linear
+        )
+        self.elide = last if is_linear else None
+
+    @property
+    def model(self) -> nn.Module:
+        """The traced network (held by weak reference; the caller keeps it alive)."""
+        model = self._model()
+        if model is None:
+            raise ReferenceError("the network of this BoundedNetwork was garbage-collected; build a new one")
+        return model
+
+    def num_outputs(self, x: torch.Tensor) -> int:
+        """Width of the network's output on inputs like ``x`` (no module is called, so batch-norm
+        running statistics stay untouched)."""
+        if self.elide is not None and self.elide.op == "call_module":
+            return self.model.get_submodule(self.elide.target).out_features
+        with torch.no_grad():
+            return self(x[:2], x[:2]).lower.shape[-1]
+
+    def _check_perturbed(self) -> None:
+        """Run the table's checks of functions and methods whose arguments are perturbed (depend
+        on the network input), before any bound is computed: e.g. a product of two perturbed
+        tensors, a linear map with a perturbed weight, ``torch.cat`` of perturbed and constants."""
+        perturbed: set[fx.Node] = set()
+        for node in self.nodes:
+            if node.op == "placeholder":
+                perturbed.add(node)
+                continue
+            if node.op in ("get_attr", "output") or (node.op == "call_method" and node.target in CENTRE_METHODS):
+                continue  # constants, or plain values read off the centre (sizes)
+            if not any(n in perturbed for n in node.all_input_nodes):
+                continue  # evaluated as in the network
+            perturbed.add(node)
+            check = self._ops[node].check
+            if node.op != "call_module" and check is not None:
+                check(node.target, node, perturbed)
+
+    def __call__(
+        self,
+        lower: torch.Tensor,
+        upper: torch.Tensor,
+        clean: torch.Tensor | None = None,
+        spec: torch.Tensor | None = None,
+        record_relu: bool = False,
+        fused: bool = True,
+    ) -> BoundResult:
+        """Bound the network on the boxes ``[lower, upper]`` (batched like the network's input).
+
+        Args:
+            lower, upper: input box, same shape as a network input batch.
+            clean: the clean batch (inside the box): carried along to give batch-norm statistics in
+                train mode and the clean output.
+            spec: optional ``[B, S, K]`` matrix; the bounds are then those of ``spec @ output``,
+                with the last linear layer elided when the network ends in one.
+            record_relu: collect the pre-activation bounds of every ReLU (warmup regularizers,
+                unstable-neuron counts).
+            fused: run the operators' fused autograd variants where they apply (the default);
+                False runs every rule through plain autograd (same values and gradients, slower).
+        """
+        if lower.shape != upper.shape:
+            raise ValueError(
+                f"`lower` and `upper` must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}"
+            )
+        relu: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if record_relu else None
+        return self._propagate(Pass(self.model, fused, False, relu), lower, upper, clean, spec)
+
+    def linearized_radius(self, x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """Output radius of interval propagation through the network *linearised at* ``x``
+        (each activation replaced by its slope at the clean input; max-pooling by the selected
+        input), for the tightness metric of Mao et al. 2023. Use in eval mode."""
+        result = self._propagate(Pass(self.model, True, True, None), x - radius, x + radius, x, None)
+        return (result.upper - result.lower) / 2
+
+    def _propagate(
+        self, p: Pass, lower: torch.Tensor, upper: torch.Tensor, clean: torch.Tensor | None, spec: torch.Tensor | None
+    ) -> BoundResult:
+        env: dict[fx.Node, Any] = {}
+        result: Interval | None = None
+        for node in self.nodes:
+            if node.op == "placeholder":
+                env[node] = Interval.of((upper + lower) / 2, (upper - lower) / 2, clean)
+            elif node.op == "output":
+                result = env[node.args[0]]
+            elif node is self.elide and spec is not None:
+                result = self._elided(p, node, env, spec)
+                break
+            else:
+                env[node] = self._run(p, node, env)
+        assert result is not None
+        relu = p.relu or []
+        if spec is not None and self.elide is None:
+            centre = torch.einsum("bsk,bk->bs", spec, result.centre)
+            radius = torch.einsum("bsk,bk->bs", spec.abs(), result.radius)
+            return BoundResult(centre - radius, centre + radius, result.clean, relu)
+        return BoundResult(result.lower, result.upper, result.clean, relu)
+
+    def _elided(self, p: Pass, node: fx.Node, env: dict[fx.Node, Any], spec: torch.Tensor) -> Interval:
+        """The last linear layer with the specification folded in: ``(C W) h + C b``."""
+        if node.op == "call_module":
+            module = p.model.get_submodule(node.target)
+            weight, bias = module.weight, module.bias
+            h = env[node.args[0]]
+        else:
+            h, weight = env[node.args[0]], _fetch(node.args[1], env)
+            bias = _fetch(node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"), env)
+        folded = torch.einsum("bsk,kh->bsh", spec.to(weight.dtype), weight)
+        centre = torch.einsum("bsh,bh->bs", folded, h.centre)
+        if bias is not None:
+            centre = centre + torch.einsum("bsk,k->bs", spec.to(bias.dtype), bias)
+        radius = torch.einsum("bsh,bh->bs", folded.abs(), h.radius)
+        clean = F.linear(h.clean, weight, bias) if h.tracked else None
+        return Interval.of(centre, radius, clean)
+
+    def _run(self, p: Pass, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+        """One node: a constant, the network's own operation on constants, or the table's rule."""
+        if node.op == "get_attr":
+            return _get_attr(p.model, node.target)
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        if node.op == "call_module":
+            target = p.model.get_submodule(node.target)
+        else:
+            target = node.target
+        if not (_has_interval(args) or _has_interval(kwargs.values())):  # constants: as in the network
+            if node.op == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            return target(*args, **kwargs)
+        op = self._ops[node]
+        if p.fused and op.fused is not None:
+            out = op.fused(p, target, args, kwargs)
+            if out is not None:
+                return out
+        return op.rule(p, target, args, kwargs)
+
+
+def _has_interval(values: Any) -> bool:
+    for v in values:
+        if isinstance(v, Interval) or (isinstance(v, (list, tuple)) and _has_interval(v)):
+            return True
+    return False
+
+
+def _fetch(value: Any, env: dict[fx.Node, Any]) -> Any:
+    return env[value] if isinstance(value, fx.Node) else value
+
+
+def _get_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, BoundedNetwork] = weakref.WeakKeyDictionary()
+
+
+def bounded(model: nn.Module) -> BoundedNetwork:
+    """The (cached) :class:`BoundedNetwork` of ``model``. The cache holds neither the model nor
+    anything that references it strongly, so a model is freed when its last user lets it go."""
+    engine = _CACHE.get(model)
+    if engine is None:
+        engine = _CACHE[model] = BoundedNetwork(model)
+    return engine
+
+
+def interval_bounds(
+    model: nn.Module, lower: torch.Tensor, upper: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interval bounds of ``model``'s output over the input box ``[lower, upper]``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> lo, up = interval_bounds(net, torch.zeros(1, 2), torch.zeros(1, 2))
+        >>> torch.equal(lo, up)
+        True
+    """
+    result = bounded(model)(lower, upper)
+    return result.lower, result.upper

@@ -1,0 +1,73 @@
+"""Input specifications: the normalised box of a pixel-space L-inf ball, the margin
+specification ``e_y - e_j``, and the margin lower bounds built from them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .engine import bounded
+
+
+def _channel_view(values: Sequence[float] | float, x: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=x.dtype, device=x.device).flatten()
+    if t.numel() == 1:
+        return t.reshape([1] * x.dim())
+    return t.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def input_box(
+    x: torch.Tensor,
+    eps: float,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    pixel_range: tuple[float, float] = (-math.inf, math.inf),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised box of an L-inf ball of radius ``eps`` in *pixel* space.
+
+    ``x`` is normalised (``(pixel - mean) / std``); the ball around its pixels is clamped to
+    ``pixel_range`` and mapped back through ``mean``/``std`` (per channel, or one value).
+    """
+    if eps < 0:
+        raise ValueError(f"`eps` must be >= 0, got {eps}")
+    mean_t, std_t = _channel_view(mean, x), _channel_view(std, x)
+    pixels = x * std_t + mean_t
+    low = (pixels - eps).clamp(min=pixel_range[0])
+    high = (pixels + eps).clamp(max=pixel_range[1])
+    return (low - mean_t) / std_t, (high - mean_t) / std_t
+
+
+def margin_spec(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[B, K, K]`` specification with rows ``e_y - e_j`` (the row ``j = y`` is zero)."""
+    eye = torch.eye(num_classes, device=y.device)
+    return eye[y].unsqueeze(1) - eye.unsqueeze(0)
+
+
+def margin_bounds(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    pixel_range: tuple[float, float] = (-math.inf, math.inf),
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Lower bounds ``[B, K]`` of ``z_y - z_j`` over the pixel-space ``eps`` ball around ``x``
+    (entry ``y`` is 0), with the last linear layer elided. A sample is verified when every other
+    entry is > 0. ``num_classes`` defaults to the width of ``model``'s output.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3))
+        >>> margin_bounds(net, torch.rand(2, 4), torch.tensor([0, 2]), eps=0.0).shape
+        torch.Size([2, 3])
+    """
+    engine = bounded(model)
+    if num_classes is None:
+        num_classes = engine.num_outputs(x)
+    lower, upper = input_box(x, eps, mean, std, pixel_range)
+    return engine(lower, upper, clean=x, spec=margin_spec(y, num_classes)).lower
+
