@@ -26,6 +26,7 @@ import types
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.plugins.precision import Precision
 
 from litplug.callbacks import UnlearningMask
 from litplug.functional import enforce_masked_grads_, frozen_values, pack_mask, restore_frozen_
@@ -129,7 +130,7 @@ def criterion_costs() -> dict[str, float]:
     dm = data()
     dm.setup()
     model = make_model()
-    trainer = types.SimpleNamespace(datamodule=dm, world_size=1, global_rank=0)
+    trainer = types.SimpleNamespace(datamodule=dm, world_size=1, global_rank=0, precision_plugin=Precision())
     costs = {}
     for criterion in ("saliency", "attribution", "magnitude", "random"):
         cb = UnlearningMask(criterion, ratio=0.5, scope="all")
