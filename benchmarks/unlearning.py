@@ -26,9 +26,10 @@ import types
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.plugins.precision import Precision
 
 from litplug.callbacks import UnlearningMask
-from litplug.functional import enforce_masked_grads_, frozen_bits, keep_bits, restore_frozen_
+from litplug.functional import enforce_masked_grads_, frozen_values, pack_mask, restore_frozen_
 from litplug.datamodules import Digits, ForgetRetain
 from litplug.modules import MLP, Unlearner
 
@@ -100,8 +101,8 @@ def plain_steps() -> list[float]:
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
     gen = torch.Generator().manual_seed(0)
     masks = [torch.rand(p.shape, generator=gen) < 0.5 for p in models[0].parameters()]
-    keep = [keep_bits(m, p) for m, p in zip(masks, models[1].parameters())]
-    frozen = [frozen_bits(p.detach(), k) for p, k in zip(models[1].parameters(), keep)]
+    keep = [pack_mask(m) for m in masks]
+    frozen = [frozen_values(p, k) for p, k in zip(models[1].parameters(), keep)]
     dm = data()
     dm.setup()
     times: list[list[float]] = [[], [], []]
@@ -129,7 +130,7 @@ def criterion_costs() -> dict[str, float]:
     dm = data()
     dm.setup()
     model = make_model()
-    trainer = types.SimpleNamespace(datamodule=dm, world_size=1, global_rank=0)
+    trainer = types.SimpleNamespace(datamodule=dm, world_size=1, global_rank=0, precision_plugin=Precision())
     costs = {}
     for criterion in ("saliency", "attribution", "magnitude", "random"):
         cb = UnlearningMask(criterion, ratio=0.5, scope="all")

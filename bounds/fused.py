@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from litplug.plumbing import is_sharded
+
 _SCRATCH: dict[int, dict[str, torch.Tensor]] = {}  # id(weight) -> buffers, dropped with the weight
 
 
@@ -33,7 +35,7 @@ def can_fuse(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
     return (
         torch.is_grad_enabled()
         and x.dtype in (torch.float32, torch.float64)
-        and (weight is None or (weight.dtype == x.dtype and not hasattr(weight, "placements")))
+        and (weight is None or (weight.dtype == x.dtype and not is_sharded(weight)))
         and not torch.is_autocast_enabled(x.device.type)
     )
 

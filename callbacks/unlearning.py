@@ -22,8 +22,9 @@ ranking on it (the functional ``topk_masks`` counts NaN as 0). The rest is froze
 1. ``on_before_optimizer_step`` zeroes the gradient at frozen entries, before Lightning clips
    gradients: clipping measures the masked gradient (with a GradScaler, also after every
    backward, before the scaler looks for inf/NaN). Masking multiplies the gradient's *bits*,
-   seen as integers, by a 0/1 integer mask, so inf/NaN cannot leak (a float multiply would keep
-   them) and it runs at memory speed (``masked_fill_`` and ``where`` are ~6x slower on CPU).
+   seen as integers, by 0/1 integers unpacked from the bit mask (a table lookup per byte, one
+   chunk of ``CHUNK`` entries at a time), so inf/NaN cannot leak (a float multiply would keep
+   them) and it runs at memory speed (``masked_fill_`` and ``where`` are ~10x slower on CPU).
 2. An optimizer step pre-hook zeroes them again *after* the closure: Lightning passes the
    forward/backward/``on_before_optimizer_step``/clipping closure *into* ``optimizer.step``, so a
    plain pre-hook would run before the gradients exist; the hook wraps the closure instead, or
@@ -32,9 +33,8 @@ ranking on it (the functional ``topk_masks`` counts NaN as 0). The rest is froze
    gradient that is still the tensor step 1 masked, at the same version counter, is skipped: no
    pass over it unless something (clipping, a recomputation) wrote to it since.
 3. An optimizer step post-hook puts the original values back into frozen entries, which stay
-   bit-identical whatever weight decay, momentum or Adam state do: ``bits(p) = frozen + bits(p) *
-   keep`` (one ``addcmul``), where ``frozen`` holds the original bits at frozen entries, 0
-   elsewhere. It is skipped where the step provably cannot move them (plain SGD/Adam/AdamW
+   bit-identical whatever weight decay, momentum or Adam state do: a copy of the saved frozen
+   values (``masked_scatter_``, chunk by chunk). It is skipped where the step provably cannot move them (plain SGD/Adam/AdamW
    without weight decay, not maximising, optimizer state at +0.0 on frozen entries when training
    starts; see ``_skips_restore``); such steps get every gradient masked again in step 2.
 
@@ -54,9 +54,14 @@ partial last batch weighs more per sample (4x for a last batch a quarter full).
 
 Cost: one pass over the forget (and, for ``attribution``, retain) set at fit start; per step,
 one multiply per gradient, a second one for gradients rewritten after it (e.g. by clipping or
-SAM; for all of them where the restore is skipped), and one ``addcmul`` per parameter (the
-restore, unless skipped as in 3.): two memory-speed passes, against about ten for an Adam step. Memory per masked entry: a bool mask,
-an integer mask and the frozen bits (1 + 2 x the parameter's width in bytes).
+SAM; for all of them where the restore is skipped), and one scatter per parameter (the
+restore, unless skipped as in 3.), against about ten memory-speed passes for an Adam step
+(the restore's scatter is slower, ~5 ns per entry on one CPU core). Memory: one bit per masked
+entry and the frozen entries' original values, ``(1 - ratio) * width + 1/8`` bytes per entry
+(0.53x the fp32 weights in scope at ``ratio=0.5``; :meth:`UnlearningMask.state_bytes`). Scoring
+holds one gradient per scored parameter (for ``attribution`` two) and no other full copy: the
+ranking keys are recomputed per tensor in each radix pass and each mask is packed as it is
+made; the gradients are freed before the first training step.
 
 DDP: the score gradients are summed over ranks (``all_reduce``, each rank scoring its share of
 the batches) before ranking, so every rank holds the same mask. FSDP2 (``ModelParallelStrategy``,
@@ -91,13 +96,19 @@ from typing_extensions import override
 from ..functional.masks import (
     Reduce,
     attribution_scores,
+    CHUNK,
+    _bits,
+    _chunks,
+    _unpack,
     enforce_masked_grads_,
-    frozen_bits,
-    keep_bits,
+    frozen_values,
+    iter_topk_masks,
     kth_largest_key,
+    pack_mask,
     restore_frozen_,
     saliency_scores,
     topk_masks,
+    unpack_mask,
 )
 from ..plumbing import grad_scaler, is_sharded, local, local_rows, mix_seed, refuse_flat_strategies, training_mode
 from ..protocols import ForgetRetainData, module_loss, require, require_loss
@@ -108,8 +119,9 @@ __all__ = [
     "UnlearningMask",
     "attribution_scores",
     "enforce_masked_grads_",
-    "frozen_bits",
-    "keep_bits",
+    "frozen_values",
+    "pack_mask",
+    "unpack_mask",
     "kth_largest_key",
     "restore_frozen_",
     "saliency_scores",
@@ -159,14 +171,15 @@ class UnlearningMask(Callback):
         self.criterion, self.ratio, self.mu = criterion, ratio, mu
         self.scope: Scope = DEFAULT_SCOPE[criterion] if scope is None else scope
         self.num_batches, self.seed = num_batches, seed
-        self.masks: dict[str, torch.Tensor] | None = None  # local (shard) masks, True = updatable
+        self._packed: dict[str, torch.Tensor] | None = None  # local (shard) masks as bits (pack_mask), 1 = updatable
+        self._shapes: dict[str, torch.Size] = {}  # local (shard) shapes of the masked parameters
         self._loaded: dict[str, torch.Tensor] | None = None  # full masks from a checkpoint
         self.num_selected = 0
         self.num_entries = 0
         self.layer_fractions: dict[str, float] = {}
         self._params: list[nn.Parameter] = []
-        self._keep: list[torch.Tensor] = []  # keep_bits of each masked parameter
-        self._frozen_bits: list[torch.Tensor] = []  # original values at frozen entries, 0 elsewhere
+        self._frozen: list[list[torch.Tensor]] = []  # original values at frozen entries (frozen_values)
+        self._bitmasks: list[torch.Tensor] = []  # the packed masks in the order of _params
         self._handles: list[Any] = []
         self._masked: list[tuple[torch.Tensor, int] | None] = []  # (gradient, version) after the last masking
         self._restoring: set[int] = set()  # ids of optimizers whose steps are followed by a restore
@@ -180,7 +193,7 @@ class UnlearningMask(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_flat_strategies(trainer, "UnlearningMask")
-        if stage == "fit" and self.criterion in ("saliency", "attribution") and self.masks is None:
+        if stage == "fit" and self.criterion in ("saliency", "attribution") and self._packed is None:
             by = f"UnlearningMask(criterion={self.criterion!r})"
             require(trainer.datamodule, ForgetRetainData, by, "datamodule")
             require_loss(pl_module, by)
@@ -228,7 +241,8 @@ class UnlearningMask(Callback):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             if world > 1 and not sharded:
                 dist.all_reduce(g)
-            grads.append(local(g).detach().clone())
+            # A copy only where DDP may hand out bucket views; else the gradient itself, freed with the scores.
+            grads.append(local(g).detach().clone() if world > 1 else local(g).detach())
         for (_, p), g in zip(named, saved):
             p.grad = g
         names = [n for n, _ in named]
@@ -246,7 +260,7 @@ class UnlearningMask(Callback):
     def _scores(self, trainer: Trainer, pl_module: LightningModule, named: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:
         params = [p for _, p in named]
         if self.criterion == "magnitude":
-            return [local(p).detach().abs() for p in params]
+            return [local(p).detach() for p in params]  # ranked by |score|: no copy
         if self.criterion == "random":
             return self._random_scores(params)
         # eval mode: no dropout, no BatchNorm statistics update while scoring
@@ -256,7 +270,7 @@ class UnlearningMask(Callback):
         index = {n: i for i, n in enumerate(names)}
         gf = [gf[index[n]] for n, _ in named]
         if self.criterion == "saliency":
-            return saliency_scores(gf)
+            return gf  # ranked by |g_f| (saliency_scores), without a copy
         gr = [gr[index[n]] for n, _ in named]
         return attribution_scores([local(p).detach() for p in params], gf, gr, self.mu)
 
@@ -302,20 +316,27 @@ class UnlearningMask(Callback):
             missing = sorted(set(n for n, _ in named) - set(self._loaded))
             if missing:
                 raise ValueError(f"the checkpoint's UnlearningMask state has no mask for {missing}")
-            self.masks = {n: local_rows(self._loaded[n], p).to(local(p).device) for n, p in named}
-        elif self.masks is None:
+            self._packed = {n: pack_mask(local_rows(self._loaded[n], p).to(local(p).device)) for n, p in named}
+            self._loaded = None
+        elif self._packed is None:
+            # The scores (for saliency/attribution: the scoring gradients themselves) are freed
+            # when this returns, before the first training step; each mask is packed as it comes.
             scores = self._scores(trainer, pl_module, named)
             self._check_finite(named, scores, all_reduce)
-            masks = topk_masks(scores, self.num_selected, all_reduce, all_gather, rank)
-            self.masks = {n: m for (n, _), m in zip(named, masks)}
-        counts = torch.tensor([int(self.masks[n].sum()) for n, _ in named], dtype=torch.long)
+            masks = iter_topk_masks(scores, self.num_selected, all_reduce, all_gather, rank)
+            self._packed = {n: pack_mask(m) for (n, _), m in zip(named, masks)}
+            del scores, masks
+        self._shapes = {n: local(p).shape for n, p in named}
+        counts = torch.tensor(
+            [int(_unpack(self._packed[n], 0, t.numel(), torch.uint8).sum()) if t.numel() else 0 for n, t in ((n, local(p)) for n, p in named)],
+            dtype=torch.long,
+        )
         if all_reduce is not None:
             counts = all_reduce(counts)
         self.layer_fractions = {n: int(c) / p.numel() for (n, p), c in zip(named, counts)}
         self._params = [p for _, p in named]
-        locals_ = [local(p).detach() for p in self._params]
-        self._keep = [keep_bits(self.masks[n], t) for (n, _), t in zip(named, locals_)]
-        self._frozen_bits = [frozen_bits(t, k) for t, k in zip(locals_, self._keep)]
+        self._bitmasks = [self._packed[n] for n, _ in named]
+        self._frozen = [frozen_values(local(p), b) for p, b in zip(self._params, self._bitmasks)]
         self._restoring = {id(opt) for opt in trainer.optimizers if not self._frozen_state_is_zero(opt)}
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
@@ -340,14 +361,8 @@ class UnlearningMask(Callback):
             for g, seen in zip(grads, seen_before)
         ]
         with torch.no_grad():
-            enforce_masked_grads_(todo, self._grad_keep(todo))
+            enforce_masked_grads_(todo, self._bitmasks)
         self._masked = [None if g is None else (g, version(g)) for g in grads]
-
-    def _grad_keep(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        """Bit masks for gradients; recast (rarely) when a gradient's width differs from its parameter's."""
-        return [
-            k if g is None or g.element_size() == k.element_size() else keep_bits(k.bool(), g) for g, k in zip(grads, self._keep)
-        ]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # torch passes the optimizer itself as args[0]; a positional closure is args[1]
@@ -383,11 +398,17 @@ class UnlearningMask(Callback):
         return ok
 
     def _frozen_state_is_zero(self, optimizer: torch.optim.Optimizer) -> bool:
-        for p, keep in zip(self._params, self._keep):
+        for p, bits in zip(self._params, self._bitmasks):
+            shape = local(p).shape
             for value in optimizer.state.get(p, {}).values():
                 shard = local(value) if torch.is_tensor(value) else None
-                if shard is not None and shard.shape == keep.shape and bool(frozen_bits(shard, keep).any()):
-                    return False
+                if shard is None or shard.shape != shape:
+                    continue
+                flat = _bits(shard.detach().contiguous()).view(-1)
+                for s in _chunks(flat.numel()):
+                    part = flat[s : s + CHUNK]
+                    if bool(part[_unpack(bits, s, s + part.numel()).logical_not()].any()):
+                        return False
         return True
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -395,7 +416,7 @@ class UnlearningMask(Callback):
         if self._skips_restore(optimizer):
             return
         with torch.no_grad():
-            restore_frozen_([local(p) for p in self._params], self._frozen_bits, self._keep)
+            restore_frozen_([local(p) for p in self._params], self._frozen, self._bitmasks)
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -423,12 +444,27 @@ class UnlearningMask(Callback):
         self.on_train_end(trainer, pl_module)
 
     # --- state ------------------------------------------------------------------------------
+    @property
+    def masks(self) -> dict[str, torch.Tensor] | None:
+        """The (local, under FSDP2: shard) boolean masks by parameter name, True = updatable;
+        unpacked from the bits the callback holds, on each read. None before fit start."""
+        if self._packed is None:
+            return None
+        return {n: unpack_mask(b, self._shapes[n]) for n, b in self._packed.items()}
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors the callback holds during training: one bit per masked entry
+        (rounded up to whole bytes per parameter) and the original values of the frozen entries."""
+        tensors = list((self._packed or {}).values()) + [v for values in self._frozen for v in values]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self.masks is None:
+        if self._packed is None:
             return {}
         full = {}
-        for (n, mask), p in zip(self.masks.items(), self._params):
+        for (n, bits), p in zip(self._packed.items(), self._params):
+            mask = unpack_mask(bits, self._shapes[n])
             if is_sharded(p):  # collective: every rank runs state_dict when saving
                 from torch.distributed.tensor import DTensor
 
@@ -441,4 +477,4 @@ class UnlearningMask(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
             self._loaded = dict(state_dict["masks"])
-            self.masks = None
+            self._packed = None

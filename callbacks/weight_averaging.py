@@ -6,10 +6,12 @@ and the checkpointed state.
 Cost: one extra copy of the weights (in ``dtype`` on ``device``) and, per update, one ``lerp_``
 over a flat buffer: at the first update the callback re-lays the module's (non-sharded,
 contiguous) parameters of each dtype/device into one contiguous buffer, in place (same
-``Parameter`` objects and values; a moved module is re-bound by name). Sharded (FSDP2)
-parameters, buffers and mixed-dtype averages use multi-tensor ``torch._foreach_*`` ops instead;
-never a Python loop per tensor. Validation and test run on the average by default: the live
-weights are copied aside and restored bit-exactly afterwards.
+``Parameter`` objects and values; a moved module is re-bound by name), one tensor at a time,
+each old storage freed as soon as it is copied: the peak holds the average and at most one tensor
+twice. Sharded (FSDP2) parameters, buffers and mixed-dtype averages use multi-tensor
+``torch._foreach_*`` ops instead; never a Python loop per tensor in an update. Validation and
+test run on the average by default: the live weights are copied aside (one more copy while they
+run) and restored bit-exactly afterwards; ``fit`` ending on the average keeps no copy of them.
 
 Checkpoints: a checkpoint's ``state_dict`` holds the weights its metrics were measured on: with
 ``evaluate_with="average"`` the average (the live weights go into the callback's state and a
@@ -46,6 +48,8 @@ class _Group:
     live: list[Tensor]
     average: list[Tensor]
     floating: bool
+    dtype: torch.dtype  # of the average
+    device: torch.device  # of the average
     dtensor_specs: list[Any] = field(default_factory=list)  # (mesh, placements, shape, stride) or None
     staging: list[Tensor] | None = None  # for an average on another device than the weights
     sources: list[Tensor] = field(default_factory=list)  # the module's own tensors (Parameters, buffers)
@@ -60,12 +64,15 @@ def _flatten(g: _Group) -> None:
     sizes = [t.numel() for t in g.live]
     flat_live = torch.empty(sum(sizes), dtype=g.live[0].dtype, device=g.live[0].device)
     views = [v.view_as(t) for v, t in zip(flat_live.split(sizes), g.live)]
-    torch._foreach_copy_(views, g.live)
+    g.live = []  # no reference to the old storage may outlive its copy
+    # One tensor at a time: each old storage is freed as soon as it is copied, so the re-layout
+    # holds at most one tensor twice (not the whole model).
     for param, view in zip(g.sources, views):
+        view.copy_(param.detach())
         param.data = view
     g.live = [p.detach() for p in g.sources]
     g.flat_live = flat_live
-    g.flat_average = torch.empty_like(flat_live, dtype=g.average[0].dtype, device=g.average[0].device)
+    g.flat_average = torch.empty_like(flat_live, dtype=g.dtype, device=g.device)
     g.average = [v.view_as(t) for v, t in zip(g.flat_average.split(sizes), g.live)]
 
 
@@ -149,23 +156,27 @@ class _WeightAveraging(Callback):
             floating = shard.is_floating_point()
             dtype = (avg_dtype or shard.dtype) if floating else shard.dtype
             device = torch.device(self.device) if self.device else shard.device
+            if device.type == shard.device.type and device.index is None:
+                device = shard.device  # "cuda" is the weights' own cuda:N
             is_param = isinstance(tensor, nn.Parameter) and not is_sharded(tensor)
             key = (floating, dtype, device, shard.dtype, shard.device, is_param)
-            group = groups.setdefault(key, _Group([], [], [], floating))
+            group = groups.setdefault(key, _Group([], [], [], floating, dtype, device))
             group.sources.append(tensor)
             spec = (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride()) if is_sharded(tensor) else None
             group.names.append(name)
             group.live.append(shard)
-            group.average.append(torch.empty_like(shard, dtype=dtype, device=device))
             group.dtensor_specs.append(spec)
+        shard = None  # the flat re-layout frees the old storage tensor by tensor: hold none of it
         self._groups = list(groups.values())
         for g in self._groups:
-            if g.floating and g.average[0].device != g.live[0].device:
-                g.staging = [torch.empty_like(a) for a in g.average]
-            elif g.floating and g.average[0].dtype == g.live[0].dtype and all(
+            if g.floating and g.dtype == g.live[0].dtype and g.device == g.live[0].device and all(
                 isinstance(t, nn.Parameter) and not is_sharded(t) and t.is_contiguous() for t in g.sources
             ):
-                _flatten(g)
+                _flatten(g)  # allocates the flat average: no per-tensor averages before it
+                continue
+            g.average = [torch.empty_like(t, dtype=g.dtype, device=g.device) for t in g.live]
+            if g.floating and g.device != g.live[0].device:
+                g.staging = [torch.empty_like(a) for a in g.average]
         if self._pending is not None:
             self._load_average(self._pending)
             self._pending = None
@@ -232,12 +243,23 @@ class _WeightAveraging(Callback):
             finite = pl_module.trainer.strategy.reduce_boolean_decision(finite, all=True)
         return finite
 
+    def state_bytes(self) -> int:
+        """Bytes of the tensors the callback holds between steps: the average (one copy of the
+        floating parameters and buffers, in ``dtype``; integer buffers copied), the staging copy
+        of an average on another device, and the live weights set aside while the model holds the
+        average for validation/test. 0 before the first update binds it to the model."""
+        tensors = [t for g in self._groups or [] for t in (*g.average, *(g.staging or []))]
+        tensors += [t for backup in self._backup or [] for t in backup]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     # -- swapping ------------------------------------------------------------------------------
-    def _use_average(self, pl_module: pl.LightningModule) -> None:
+    def _use_average(self, pl_module: pl.LightningModule, keep_live: bool = True) -> None:
         if self.updates == 0 or self._holds_average or self._backup is not None:
             return  # no update yet: the model keeps its trained weights
         groups = self._bind(pl_module)
-        self._backup = [[t.clone() for t in g.live] for g in groups]
+        # Without ``keep_live`` (the end of fit keeping the average) the live weights are dropped:
+        # no copy of them is made.
+        self._backup = [[t.clone() for t in g.live] for g in groups] if keep_live else None
         for g in groups:
             torch._foreach_copy_(g.live, g.average)
 
@@ -281,7 +303,7 @@ class _WeightAveraging(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.updates > 0 and not self._holds_average:
             self._sync_buffers(trainer, pl_module)
-            self._use_average(pl_module)
+            self._use_average(pl_module, keep_live=self.final_weights == "live")
             self._finalize(trainer, pl_module)
             if self.final_weights == "average":
                 self._backup, self._holds_average = None, True

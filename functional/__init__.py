@@ -4,7 +4,7 @@
 * sharpness: :func:`sam_perturbation`, :func:`sam_gradient` (``sam_gradient_``),
   :func:`ignite_gradient` (``ignite_gradient_``), :func:`dual_ascent`, :func:`global_norm`;
 * weight masks: :func:`topk_masks`, :func:`kth_largest_key`, :func:`saliency_scores`,
-  :func:`attribution_scores`, :func:`keep_bits`, :func:`frozen_bits`,
+  :func:`attribution_scores`, :func:`pack_mask`, :func:`unpack_mask`, :func:`frozen_values`,
   :func:`enforce_masked_grads_`, :func:`restore_frozen_`.
 
 Example:
@@ -19,8 +19,9 @@ from .averaging import average_update_, ema_decay, update_bn_
 from .masks import (
     attribution_scores,
     enforce_masked_grads_,
-    frozen_bits,
-    keep_bits,
+    frozen_values,
+    pack_mask,
+    unpack_mask,
     kth_largest_key,
     restore_frozen_,
     saliency_scores,
@@ -42,11 +43,12 @@ __all__ = [
     "dual_ascent",
     "ema_decay",
     "enforce_masked_grads_",
-    "frozen_bits",
+    "frozen_values",
     "global_norm",
     "ignite_gradient",
     "ignite_gradient_",
-    "keep_bits",
+    "pack_mask",
+    "unpack_mask",
     "kth_largest_key",
     "restore_frozen_",
     "saliency_scores",

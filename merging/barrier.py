@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from litplug.plumbing import training_mode
+
 from .arithmetic import interpolate
 from .permutation import align
 
@@ -38,17 +40,15 @@ def _rise(alphas: Sequence[float], values: Sequence[float]) -> list[float]:
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, batches: Any) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` (in eval mode) over an iterable of ``(x, y)``."""
-    was = model.training
-    model.eval()
     loss = correct = count = 0.0
     device = next(model.parameters()).device
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += len(y)
-    model.train(was)
+    with training_mode(model, False):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+            count += len(y)
     return loss / count, correct / count
 
 

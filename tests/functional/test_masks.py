@@ -8,8 +8,8 @@ import torch
 from litplug.functional import (
     attribution_scores,
     enforce_masked_grads_,
-    frozen_bits,
-    keep_bits,
+    frozen_values,
+    pack_mask,
     kth_largest_key,
     restore_frozen_,
     topk_masks,
@@ -61,15 +61,15 @@ def test_attribution_closed_form():
 
 def test_enforce_and_restore_are_bit_exact():
     # enforce: frozen entries become +0.0 whatever they hold (inf, NaN, -0.0); free ones keep their bits.
-    # restore: bits(p) = frozen + bits(p) * keep puts the original bits back at frozen entries.
+    # restore: a copy of the saved frozen values puts the original bits back at frozen entries.
     mask = torch.tensor([True, False, False, True, False])
     original = torch.tensor([1.5, -0.0, 2.0, 3.0, float("nan")])
-    keep = keep_bits(mask, original)
+    keep = pack_mask(mask)
     grad = torch.tensor([float("inf"), float("nan"), -0.0, -1.0, float("inf")])
     enforce_masked_grads_([grad, None], [keep, keep])
     assert grad[0] == float("inf") and grad[3] == -1.0
     assert grad[[1, 2, 4]].view(torch.int32).eq(0).all()  # +0.0 exactly
     p = torch.tensor([9.0, 9.0, 9.0, 9.0, 9.0])
-    restore_frozen_([p], [frozen_bits(original, keep)], [keep])
+    restore_frozen_([p], [frozen_values(original, keep)], [keep])
     expected = torch.where(mask, torch.tensor(9.0), original)
     assert torch.equal(p.view(torch.int32), expected.view(torch.int32))
