@@ -142,8 +142,10 @@ def main() -> None:
 
     plain = min(times["plain"])
     targets = {"litplug SAM every_n_steps=1": "<= 2.1", "litplug SAM every_n_steps=5": "<= 1.3"}
-    print(f"\nMLP {args.hidden}x{args.hidden}, batch {args.batch_size}, {args.device}, torch threads {torch.get_num_threads()}, "
-          f"best {CYCLE}-step window of {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"\nMLP {args.hidden}x{args.hidden}, batch {args.batch_size}, {args.device}, torch threads {torch.get_num_threads()}, "
+        f"best {CYCLE}-step window of {args.rounds} rounds x {args.steps} steps"
+    )
     print("| variant | ms / step | x plain | target |")
     print("|---|---|---|---|")
     for name, ts in times.items():

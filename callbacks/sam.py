@@ -141,7 +141,9 @@ class SharpnessAwareMinimization(_ExtraPasses):
             e_norm = self.rho * global_norm(t2g)
             del t2g
         # With a = 1, g is not needed after the perturbation: e is built in the gradient buffers.
-        e, norm = sam_perturbation(params, grads, self.rho, self.adaptive, inplace=a == 1.0, eta=self.eta, scaled=scaled)
+        e, norm = sam_perturbation(
+            params, grads, self.rho, self.adaptive, inplace=a == 1.0, eta=self.eta, scaled=scaled
+        )
         e_norm = e_norm / (norm + EPS) if self.adaptive else self.rho * norm / (norm + EPS)
         if not bool(torch.isfinite(norm)):  # a non-finite gradient: no direction to perturb along
             warnings.warn(
@@ -172,4 +174,3 @@ class SharpnessAwareMinimization(_ExtraPasses):
 class SAM(SharpnessAwareMinimization):
     """Short name of :class:`SharpnessAwareMinimization` (a subclass, not an alias, so that
     ``class_path: SAM`` resolves in YAML)."""
-

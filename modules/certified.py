@@ -193,7 +193,9 @@ class CertifiedClassifier(Classifier):
     def robust_terms(self, x: torch.Tensor, y: torch.Tensor, eps: float, record_relu: bool = False) -> Any:
         """Bounds on the margins of ``(x, y)`` at ``eps`` (see :class:`~litplug.bounds.BoundResult`)."""
         lower, upper = self.box(x, eps)
-        return bounded(self.backbone)(lower, upper, clean=x, spec=margin_spec(y, self.num_classes), record_relu=record_relu)
+        return bounded(self.backbone)(
+            lower, upper, clean=x, spec=margin_spec(y, self.num_classes), record_relu=record_relu
+        )
 
     @override
     def batch_loss(self, batch: Batch) -> torch.Tensor:

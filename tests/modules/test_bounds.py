@@ -3,7 +3,6 @@
 import copy
 import gc
 import math
-import operator
 import weakref
 
 import pytest
@@ -268,7 +267,14 @@ def test_train_mode_batch_norm_updates_running_stats_as_the_module(momentum):
     # The engine computes the clean batch's statistics once and updates the running statistics
     # itself: the same result as calling the module on the clean batch.
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8, momentum=momentum))
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        nn.BatchNorm2d(4, momentum=momentum),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 8),
+        nn.BatchNorm1d(8, momentum=momentum),
+    )
     ref = copy.deepcopy(net)
     x = torch.randn(5, 2, 6, 6)
     for _ in range(2):
@@ -320,7 +326,14 @@ def test_fused_engine_matches_plain_autograd(name):
         net.zero_grad()
         torch.manual_seed(3)  # the same dropout mask
         engine = BoundedNetwork(net)
-        out = engine(x - 0.05, x + 0.05, clean=x, spec=margin_spec(y, 5 if name == "residual" else 10).double(), record_relu=True, fused=fused)
+        out = engine(
+            x - 0.05,
+            x + 0.05,
+            clean=x,
+            spec=margin_spec(y, 5 if name == "residual" else 10).double(),
+            record_relu=True,
+            fused=fused,
+        )
         tight, balance = warmup_regularizers(out.relu, torch.full_like(x, 0.05), 0.5, fused=fused)
         loss = F.cross_entropy(-out.lower, y) + F.cross_entropy(out.clean, y) + tight + balance
         loss = loss + sum(lo.square().mean() + up.mean() for lo, up in out.relu)  # gradients into the ReLU bounds
