@@ -260,7 +260,8 @@ def explain_parse_error(message: str) -> str:
         ours = [n for n in names if n in _litplug_names()] or names
         return (
             f"--{key}: unknown class {value!r}{suggest(value, names)}\n"
-            f"  accepted: a short class name ({', '.join(ours[:10])}{', ...' if len(ours) > 10 else ''}) or a full import path"
+            f"  accepted: a short class name ({', '.join(ours[:10])}{', ...' if len(ours) > 10 else ''}) "
+            "or a full import path"
         )
     nested = re.search(r"Problem with given class_path '([^']+)':\s*Parser key \"([^\"]+)\":\s*(.+)", message)
     if key and nested:

@@ -91,7 +91,8 @@ def main() -> None:
     ]
 
     print(
-        f"\nCNN7(width={args.width}, linear={args.linear}) input {args.shape}, batch {args.batch}, {args.threads} CPU threads"
+        f"\nCNN7(width={args.width}, linear={args.linear}) input {args.shape}, batch {args.batch}, "
+        f"{args.threads} CPU threads"
     )
     print(f"{'training step':42s} {'ms':>9s} {'x plain':>8s}")
     base = times[0]

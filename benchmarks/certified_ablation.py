@@ -1,8 +1,9 @@
-"""Where the eps 0.2 gap between the two certified recipes on digits comes from: the two configs of
+r"""Where the eps 0.2 gap between the two certified recipes on digits comes from: the two configs of
 ``benchmarks/certified_table.py`` and variants of them that swap one ingredient at a time (the eps
 ramp's length, the number of epochs, Shi et al.'s IBP initialisation and warmup regularizers).
 
-    PYTHONPATH=<dir holding litplug> python benchmarks/certified_ablation.py [--eps 0.2] [--seeds 100 101 102] [--jobs 2]
+    PYTHONPATH=<dir holding litplug> python benchmarks/certified_ablation.py \
+        [--eps 0.2] [--seeds 100 101 102] [--jobs 2]
 
 The default seeds are not the table's (0, 1, 2), so the table's numbers played no part in choosing
 anything here. Each variant is its config with the settings listed in ``VARIANTS`` replaced (dotted

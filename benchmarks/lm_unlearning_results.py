@@ -81,7 +81,8 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 def table(results: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> str:
     lines = [
-        "| method | forget loss | retain loss | test loss | retain vs original | forget - test | MIA AUC (%) | fit time (s) |",
+        "| method | forget loss | retain loss | test loss | retain vs original | forget - test | MIA AUC (%) "
+        "| fit time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row, per_seed in results.items():

@@ -112,7 +112,8 @@ def main() -> None:
         return text
 
     print(
-        f"\nNormalised 100th-percentile score, mean ± std over {opts.seeds} seeds (1 = best design of the full dataset)\n"
+        f"\nNormalised 100th-percentile score, mean ± std over {opts.seeds} seeds "
+        "(1 = best design of the full dataset)\n"
     )
     print("| task | " + " | ".join(VARIANTS) + " | best offline design |")
     print("|---" * (len(VARIANTS) + 2) + "|")

@@ -327,7 +327,8 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         "# Cost at scale: step time and extra peak memory of each plugin\n",
         f"One run of `OMP_NUM_THREADS={args.threads} python benchmarks/scaling.py{' --quick' if args.quick else ''} "
-        f"--rounds {1 if args.quick else args.rounds}` on {where}; torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores "
+        f"--rounds {1 if args.quick else args.rounds}` on {where}; torch {torch.__version__}, {platform.machine()}, "
+        f"{os.cpu_count()} cores "
         "shared with other work. " + ("Not run on GPU.\n" if args.device == "cpu" else "\n"),
         "![step overhead and extra peak memory against model size](SCALING.png)\n",
         "| model | params | plugin | step time (x plain) | extra peak memory (x param bytes) | memory floor |",
@@ -396,7 +397,8 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
             floor = float(r["floor"])
             ok = r["extra_mem"] <= 1.1 * floor
             out.append(
-                f"- {LABELS[variant]} extra memory within 10% of its floor {floor:.2f}: {r['extra_mem']:.2f}: {'holds' if ok else 'does not hold'}"
+                f"- {LABELS[variant]} extra memory within 10% of its floor {floor:.2f}: {r['extra_mem']:.2f}: "
+                f"{'holds' if ok else 'does not hold'}"
             )
     return out
 

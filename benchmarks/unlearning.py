@@ -182,13 +182,15 @@ def main() -> None:
         lightning_plain, lightning_masked, hook_share = lightning_steps(optimizer)
         print(f"| lightning, {optimizer}, no mask | {1000 * lightning_plain:.2f} | 1.000 |")
         print(
-            f"| lightning, {optimizer} + UnlearningMask | {1000 * lightning_masked:.2f} | {lightning_masked / lightning_plain:.3f} |"
+            f"| lightning, {optimizer} + UnlearningMask | {1000 * lightning_masked:.2f} "
+            f"| {lightning_masked / lightning_plain:.3f} |"
         )
         print(f"| (time inside the mask's per-step hooks, share of a masked {optimizer} step) | | {hook_share:.3f} |")
     plain, core, salun = plain_steps()
     print(f"| plain torch, no mask | {1000 * plain:.2f} | 1.000 |")
     print(
-        f"| plain torch + litplug enforce_masked_grads_/restore_frozen_ (exact) | {1000 * core:.2f} | {core / plain:.3f} |"
+        "| plain torch + litplug enforce_masked_grads_/restore_frozen_ (exact) "
+        f"| {1000 * core:.2f} | {core / plain:.3f} |"
     )
     print(f"| plain torch + SalUn-style grad *= mask (not exact) | {1000 * salun:.2f} | {salun / plain:.3f} |")
     rand, zeros = sqrt_of_zeros()

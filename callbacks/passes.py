@@ -115,7 +115,8 @@ class _ExtraPasses(Callback):
         for pattern in self.exclude:
             if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
                 raise ValueError(
-                    f"`exclude` pattern {pattern!r} matches no trainable parameter; names look like {[n for n, _ in named[:4]]}"
+                    f"`exclude` pattern {pattern!r} matches no trainable parameter; "
+                    f"names look like {[n for n, _ in named[:4]]}"
                 )
         self._params = [(n, p) for n, p in named if not any(fnmatch.fnmatchcase(n, pat) for pat in self.exclude)]
 

@@ -147,7 +147,8 @@ class SharpnessAwareMinimization(_ExtraPasses):
         e_norm = e_norm / (norm + EPS) if self.adaptive else self.rho * norm / (norm + EPS)
         if not bool(torch.isfinite(norm)):  # a non-finite gradient: no direction to perturb along
             warnings.warn(
-                f"{type(self).__name__}: the gradient norm is not finite ({float(norm)}) at step {trainer.global_step}; "
+                f"{type(self).__name__}: the gradient norm is not finite ({float(norm)}) "
+                f"at step {trainer.global_step}; "
                 "the weights are not perturbed in this step (the second pass runs at the unperturbed weights)",
                 stacklevel=1,
             )

@@ -76,7 +76,8 @@ class SWA(_WeightAveraging):
             check_int("start", start, low=0)  # an epoch index
         else:
             raise TypeError(
-                f"`start` must be an epoch index (an int >= 0) or a fraction of max_epochs (a float in [0, 1)), got {start!r} ({type(start).__name__})"
+                "`start` must be an epoch index (an int >= 0) or a fraction of max_epochs (a float in [0, 1)), "
+                f"got {start!r} ({type(start).__name__})"
             )
         check_positive_int("every_n_epochs", every_n_epochs)
         check_bool("update_bn", update_bn)
@@ -103,7 +104,8 @@ class SWA(_WeightAveraging):
             self._start_epoch = self.start
         if max_epochs is not None and self._start_epoch >= max_epochs:
             raise ValueError(
-                f"`start` = {self.start} is epoch {self._start_epoch}, beyond the last epoch {max_epochs - 1} (max_epochs={max_epochs})"
+                f"`start` = {self.start} is epoch {self._start_epoch}, beyond the last epoch {max_epochs - 1} "
+                f"(max_epochs={max_epochs})"
             )
 
     @override

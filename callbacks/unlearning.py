@@ -34,9 +34,10 @@ ranking on it (the functional ``topk_masks`` counts NaN as 0). The rest is froze
    pass over it unless something (clipping, a recomputation) wrote to it since.
 3. An optimizer step post-hook puts the original values back into frozen entries, which stay
    bit-identical whatever weight decay, momentum or Adam state do: a copy of the saved frozen
-   values (``masked_scatter_``, chunk by chunk). It is skipped where the step provably cannot move them (plain SGD/Adam/AdamW
-   without weight decay, not maximising, optimizer state at +0.0 on frozen entries when training
-   starts; see ``_skips_restore``); such steps get every gradient masked again in step 2.
+   values (``masked_scatter_``, chunk by chunk). It is skipped where the step provably cannot
+   move them (plain SGD/Adam/AdamW without weight decay, not maximising, optimizer state at +0.0
+   on frozen entries when training starts; see ``_skips_restore``); such steps get every gradient
+   masked again in step 2.
 
 Free entries get exactly the update they would get without the machinery. Parameters outside
 ``scope`` (biases and norm parameters for ``"weights"``) are not masked; buffers never are.

@@ -135,7 +135,8 @@ class _WeightAveraging(Callback):
         ]
         if len(swapping) > 1:
             raise ValueError(
-                f"{len(swapping)} weight-averaging callbacks ({', '.join(type(c).__name__ for c in swapping)}) put their "
+                f"{len(swapping)} weight-averaging callbacks ({', '.join(type(c).__name__ for c in swapping)}) "
+                "put their "
                 "average into the model; set `evaluate_with='live'` and `final_weights='live'` on all but one"
             )
 
@@ -223,7 +224,8 @@ class _WeightAveraging(Callback):
         if not self._live_is_finite(pl_module, groups):
             self.skipped += 1
             rank_zero_warn(
-                f"{type(self).__name__}: the weights are not finite (NaN or inf) at step {pl_module.trainer.global_step}, "
+                f"{type(self).__name__}: the weights are not finite (NaN or inf) "
+                f"at step {pl_module.trainer.global_step}, "
                 f"e.g. after a non-finite loss; this update is skipped and the average keeps its last finite value "
                 f"({self.skipped} skipped so far)"
             )

@@ -171,8 +171,8 @@ class CertifiedClassifier(Classifier):
             dm = getattr(self.trainer, "datamodule", None)
             if dm is None or not all(hasattr(dm, a) for a in ("mean", "std", "pixel_range")):
                 raise ValueError(
-                    "CertifiedClassifier needs the input normalisation to map the pixel-space `eps`: pass `mean`, `std` "
-                    "and `pixel_range`, or use a datamodule that has these attributes"
+                    "CertifiedClassifier needs the input normalisation to map the pixel-space `eps`: "
+                    "pass `mean`, `std` and `pixel_range`, or use a datamodule that has these attributes"
                 )
             self.normalization = {"mean": tuple(dm.mean), "std": tuple(dm.std), "pixel_range": tuple(dm.pixel_range)}
 

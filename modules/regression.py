@@ -5,7 +5,8 @@ Example:
     >>> from litplug.datamodules import OfflineDesigns
     >>> from litplug.modules import MLP, Regressor
     >>> model = Regressor(MLP(input_shape=[8], num_outputs=1, hidden=[64, 64]))
-    >>> Trainer(max_epochs=5, logger=False, enable_progress_bar=False).fit(model, OfflineDesigns("sphere"))  # doctest: +SKIP
+    >>> trainer = Trainer(max_epochs=5, logger=False, enable_progress_bar=False)  # doctest: +SKIP
+    >>> trainer.fit(model, OfflineDesigns("sphere"))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class Regressor(TrainingModule):
         pred = self(x)
         if pred.numel() != y.numel():
             raise ValueError(
-                f"backbone outputs shape {tuple(pred.shape)} for targets of shape {tuple(y.shape)}; set its `num_outputs` to match"
+                f"backbone outputs shape {tuple(pred.shape)} for targets of shape {tuple(y.shape)}; "
+                "set its `num_outputs` to match"
             )
         return pred.reshape(y.shape).float()
 

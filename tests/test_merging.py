@@ -224,7 +224,7 @@ def test_barrier_definition_and_tensorboard(tmp_path):
         with torch.no_grad():
             expected.append(float(nn.functional.cross_entropy(probe(x), y)))
     assert r.loss == pytest.approx(expected, rel=1e-5)
-    rise = [l - ((1 - t) * expected[0] + t * expected[-1]) for t, l in zip(r.alphas, expected)]
+    rise = [loss - ((1 - t) * expected[0] + t * expected[-1]) for t, loss in zip(r.alphas, expected)]
     assert r.loss_barrier == pytest.approx(max(rise), rel=1e-4, abs=1e-6)
     assert r.midpoint_loss_barrier == pytest.approx(rise[2], rel=1e-4, abs=1e-6)
     scalars = read_scalars(tmp_path)

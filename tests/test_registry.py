@@ -146,7 +146,8 @@ REFUSALS = {
     (
         "SurrogateSharpness",
         "lm",
-    ): "SurrogateSharpness needs a surrogate whose forward maps the inputs alone to predictions; .*\\['inputs', 'target'\\]",
+    ): "SurrogateSharpness needs a surrogate whose forward maps the inputs alone to predictions; "
+    ".*\\['inputs', 'target'\\]",
 }
 
 
@@ -347,8 +348,8 @@ def lm_ddp_worker(strategy, tmp_dir):
         seed_everything(0)
         column = COLUMNS["lm"]
         model, data, cb = column.model(), column.data(), make()
-        trainer = fast_trainer(tmp_dir / name, strategy=copy.deepcopy(strategy), devices=2, max_epochs=2, limit_train_batches=2,
-                               limit_val_batches=0, callbacks=[cb])  # fmt: skip
+        trainer = fast_trainer(tmp_dir / name, strategy=copy.deepcopy(strategy), devices=2, max_epochs=2,
+                               limit_train_batches=2, limit_val_batches=0, callbacks=[cb])  # fmt: skip
         trainer.fit(model, data)
         out[name] = {"state": state_of(model), "masks": getattr(cb, "masks", None)}
     return out

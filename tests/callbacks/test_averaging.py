@@ -327,8 +327,9 @@ def distributed_worker(strategy, tmp_dir, kind):
             seed_everything(0)
             cb = EMA(decay=0.8, warmup=True, final_weights="live")
             extra = [checkpoint] if checkpoint else []
-            tr = fast_trainer(tmp_dir / sub, strategy=make_strategy(kind), devices=2, max_epochs=epochs, limit_train_batches=3, limit_val_batches=1,
-                              callbacks=[cb, *extra], enable_checkpointing=bool(checkpoint))  # fmt: skip
+            tr = fast_trainer(tmp_dir / sub, strategy=make_strategy(kind), devices=2, max_epochs=epochs,
+                              limit_train_batches=3, limit_val_batches=1, callbacks=[cb, *extra],
+                              enable_checkpointing=bool(checkpoint))  # fmt: skip
             tr.fit(small_classifier(), Digits(batch_size=16), ckpt_path=ckpt)
             return cb
 

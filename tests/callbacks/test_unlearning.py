@@ -328,7 +328,7 @@ class _Capture(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         mask = trainer.callbacks[0]
-        for i, (n, p) in enumerate(zip(self.names, mask.params)):
+        for n, p in zip(self.names, mask.params):
             local = p.to_local() if hasattr(p, "to_local") else p
             frozen = ~mask.masks[n]
             self.frozen_ok &= torch.equal(local.detach()[frozen], self.start[n][frozen])
@@ -372,7 +372,9 @@ def dist_worker(strategy, tmp_dir):
     trainer.save_checkpoint(tmp_dir / "last.ckpt")
     resumed = UnlearningMask("saliency", ratio=0.37, num_batches=5)
     trainer = fast_trainer(
-        tmp_dir / "resumed", strategy=make_strategy("fsdp2" if isinstance(strategy, ModelParallelStrategy) else "ddp"), devices=2,
+        tmp_dir / "resumed",
+        strategy=make_strategy("fsdp2" if isinstance(strategy, ModelParallelStrategy) else "ddp"),
+        devices=2,
         max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[resumed],
     )  # fmt: skip
     model = Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), None, "gradient_difference")

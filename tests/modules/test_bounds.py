@@ -298,13 +298,13 @@ def test_fused_functions_gradcheck():
     assert check(IntervalLinear.apply, (t(4, 2, 5), t(2, 2, 5, positive=True), t(3, 5), None))
     for tracked in (True, False):
         n = 2 if tracked else 4
-        assert check(lambda s, r: IntervalReLU.apply(s, r, tracked), (t(4, 5), t(n, 5, positive=True)))
+        assert check(lambda s, r, tracked=tracked: IntervalReLU.apply(s, r, tracked), (t(4, 5), t(n, 5, positive=True)))
         for shape in ((4, 2, 3, 3), (4, 3), (4, 2, 5)):
             stack, radius = t(*shape), t(n, *shape[1:], positive=True)
             gamma, beta = t(shape[1]), t(shape[1])
-            bn = lambda s, r, g, b: IntervalBatchNorm.apply(s, r, g, b, 1e-5, tracked)[:2]  # noqa: E731
+            bn = lambda s, r, g, b, tracked=tracked: IntervalBatchNorm.apply(s, r, g, b, 1e-5, tracked)[:2]  # noqa: E731
             assert check(bn, (stack, radius, gamma, beta))
-            assert check(lambda s, r: bn(s, r, None, None), (stack, radius))
+            assert check(lambda s, r, bn=bn: bn(s, r, None, None), (stack, radius))
     lower = torch.randn(3, 2, 4, dtype=torch.float64)
     upper = lower + torch.rand_like(lower)
     assert (lower > 0).any() and (upper < 0).any()

@@ -125,7 +125,8 @@ def test_digits_recipe_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     tiny = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=10", "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false", "--test_after_fit=false", "--model.init_args.backbone.init_args.hidden=[32]"]  # fmt: skip
+            "--trainer.enable_progress_bar=false", "--test_after_fit=false",
+            "--model.init_args.backbone.init_args.hidden=[32]"]  # fmt: skip
     versions = {
         "lr_1e-3": [],
         "lr_3e-3": ["--model.init_args.optimizer.init_args.lr=0.003"],

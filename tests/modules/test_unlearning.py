@@ -286,8 +286,9 @@ def lm_recipe_worker(strategy, tmp_dir, checkpoint, method):
     model = Unlearner(_small_lm(), checkpoint, method, gamma=5.0, beta=0.1, objective="causal_lm",
                       optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))  # fmt: skip
     data = ForgetRetain(MarkovText(**LM_CORPUS, batch_size=8), "class", [1])  # 8 per rank: global batch 16
-    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=24, logger=TensorBoardLogger(tmp_dir, name="tb"),
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=24,
+                      logger=TensorBoardLogger(tmp_dir, name="tb"), enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
                       limit_val_batches=0, log_every_n_steps=8)  # fmt: skip
     before = trainer.test(model, data, verbose=False)[0]
     trainer.fit(model, data)
@@ -344,8 +345,8 @@ def test_lm_configs_instantiate(tmp_path):
         for mask in (
             ([], ["--config", str(configs / "callbacks" / "unlearning_mask.yaml")]) if row.stem == "npo" else ([],)
         ):
-            args = ["--config", str(configs / "lm" / "unlearning.yaml"), "--config", str(row), *mask, "--trainer.logger", "false",
-                    "--model.init_args.checkpoint", str(tmp_path / "orig.pt")]  # fmt: skip
+            args = ["--config", str(configs / "lm" / "unlearning.yaml"), "--config", str(row), *mask,
+                    "--trainer.logger", "false", "--model.init_args.checkpoint", str(tmp_path / "orig.pt")]  # fmt: skip
             cli = LitplugCLI(args=args, run=False)
             assert cli.model.method == row.stem and cli.model.objective == "causal_lm"
             assert cli.datamodule.forget_classes == [1] and type(cli.datamodule.datamodule).__name__ == "MarkovText"
