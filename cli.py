@@ -70,7 +70,11 @@ class LitplugCLI(LightningCLI):
         self.usage_errors = usage_errors
         if usage_errors:
             quiet = {"exit_on_error": False}
-            kwargs["parser_kwargs"] = {**quiet, **{s: dict(quiet) for s in SUBCOMMANDS}, **kwargs.get("parser_kwargs", {})}
+            kwargs["parser_kwargs"] = {
+                **quiet,
+                **{s: dict(quiet) for s in SUBCOMMANDS},
+                **kwargs.get("parser_kwargs", {}),
+            }
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -164,7 +168,11 @@ def check_config_files(args: list[str]) -> None:
         path = Path(value)
         if not path.is_file():
             shipped = path.parts[:1] == ("configs",)
-            where = f"in {Path.cwd()} nor among the configs shipped in {SHIPPED_CONFIGS}" if shipped else f"(working directory {Path.cwd()})"
+            where = (
+                f"in {Path.cwd()} nor among the configs shipped in {SHIPPED_CONFIGS}"
+                if shipped
+                else f"(working directory {Path.cwd()})"
+            )
             folder = path.parent if path.parent.is_dir() or not shipped else PACKAGE_DIR / path.parent
             names = [f.name for f in folder.glob("*.yaml")] if folder.is_dir() else []
             close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
@@ -175,7 +183,9 @@ def check_config_files(args: list[str]) -> None:
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = " ".join(str(x) for x in (getattr(err, "problem", None), getattr(err, "context", None)) if x) or str(err)
+            problem = " ".join(
+                str(x) for x in (getattr(err, "problem", None), getattr(err, "context", None)) if x
+            ) or str(err)
             raise UsageError(f"--config {value}{at}: YAML syntax error: {problem}") from err
 
 
@@ -220,7 +230,10 @@ def registered_names(key: str) -> list[str]:
     elif leaf == "logger":
         groups = [pl_loggers.__all__]
     elif leaf in ("optimizer", "lr_scheduler"):
-        groups = [[n for n in dir(torch.optim) if n[:1].isupper()], [n for n in dir(torch.optim.lr_scheduler) if n[:1].isupper()]]
+        groups = [
+            [n for n in dir(torch.optim) if n[:1].isupper()],
+            [n for n in dir(torch.optim.lr_scheduler) if n[:1].isupper()],
+        ]
     else:
         groups = [litplug.callbacks.__all__, litplug.modules.__all__, litplug.datamodules.__all__]
     return sorted({n for g in groups for n in g})
@@ -238,14 +251,17 @@ def explain_parse_error(message: str) -> str:
     """A few lines from jsonargparse's message: the argument, what was wrong, what is allowed."""
     key_match = re.match(r'Parser key "([^"]+)":', message)
     key = key_match.group(1) if key_match else None
-    unknown = re.search(r"Expected a dot import path string: (\S+)", message) or re.search(r"Import path (\S+) does not correspond", message)
+    unknown = re.search(r"Expected a dot import path string: (\S+)", message) or re.search(
+        r"Import path (\S+) does not correspond", message
+    )
     if key and unknown:
         value = unknown.group(1)
         names = registered_names(key)
         ours = [n for n in names if n in _litplug_names()] or names
         return (
             f"--{key}: unknown class {value!r}{suggest(value, names)}\n"
-            f"  accepted: a short class name ({', '.join(ours[:10])}{', ...' if len(ours) > 10 else ''}) or a full import path"
+            f"  accepted: a short class name ({', '.join(ours[:10])}{', ...' if len(ours) > 10 else ''}) "
+            "or a full import path"
         )
     nested = re.search(r"Problem with given class_path '([^']+)':\s*Parser key \"([^\"]+)\":\s*(.+)", message)
     if key and nested:

@@ -24,10 +24,10 @@ Example:
     ...         return (x.sum(1) - y).square().mean()
     >>> isinstance(Tiny(), HasBatchLoss)
     True
-    >>> require(nn.Linear(1, 1), CertifiedModule, "IBPWarmup")
+    >>> require(nn.Linear(1, 1), CertifiedModule, "IBPWarmup")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: IBPWarmup needs the module to satisfy CertifiedModule (litplug.protocols); Linear lacks ['backbone', 'current_eps', 'eps', 'regularizer_tolerance', 'regularizer_weight']
+    ValueError: IBPWarmup needs the module to satisfy CertifiedModule (...); Linear lacks ['backbone', ...]
 """
 
 from __future__ import annotations

@@ -151,7 +151,11 @@ def main() -> None:
     print("\nWhole training step on digits (MLP 256x256, batch 64, Adam; medians over 2 epochs = 46 steps)")
     print("the callback's on_train_batch_end is timed inside the same run as the step it follows")
     print(f"{'run':<16}{'step ms':>10}{'hook ms':>10}{'overhead':>10}")
-    makers = {"plain": lambda: None, "litplug EMA": lambda: EMA(decay=DECAY), "Lightning EMA": lambda: EMAWeightAveraging(decay=DECAY)}
+    makers = {
+        "plain": lambda: None,
+        "litplug EMA": lambda: EMA(decay=DECAY),
+        "Lightning EMA": lambda: EMAWeightAveraging(decay=DECAY),
+    }
     for name, make in makers.items():
         step, hook = digits_step(make())
         print(f"{name:<16}{step * 1e3:>10.3f}{hook * 1e3:>10.3f}{hook / step * 100:>9.1f}%")

@@ -65,6 +65,7 @@ def main() -> None:
     model = CertifiedClassifier(
         CNN7(args.shape, 10, args.width, args.linear), eps=args.eps, mean=(0.0,), std=(1.0,), pixel_range=(0.0, 1.0)
     ).train()
+
     # Forward + backward on fixed weights (no optimizer step): every row times the same network,
     # and weights drifting under different losses cannot skew the comparison.
     def natural() -> None:
@@ -89,7 +90,10 @@ def main() -> None:
         ("auto_LiRPA IBP step", times[3] if callable(peer) else peer),
     ]
 
-    print(f"\nCNN7(width={args.width}, linear={args.linear}) input {args.shape}, batch {args.batch}, {args.threads} CPU threads")
+    print(
+        f"\nCNN7(width={args.width}, linear={args.linear}) input {args.shape}, batch {args.batch}, "
+        f"{args.threads} CPU threads"
+    )
     print(f"{'training step':42s} {'ms':>9s} {'x plain':>8s}")
     base = times[0]
     for name, value in rows:
@@ -129,7 +133,9 @@ def _torch_compat_for_auto_lirpa() -> None:
         torch._C.Node.__getitem__ = lambda node, key: getattr(node, node.kindOf(key))(key)
 
 
-def auto_lirpa_step(backbone: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> Callable[[], None] | str:
+def auto_lirpa_step(
+    backbone: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
+) -> Callable[[], None] | str:
     """auto_LiRPA's IBP training step as in Shi et al. 2021's code: a clean forward (which sets the
     train-mode batch-norm statistics from the clean batch, as litplug does), IBP lower bounds of the
     9 margins ``z_y - z_j`` with the spec folded into the last linear layer, robust cross-entropy,
@@ -156,7 +162,9 @@ def auto_lirpa_step(backbone: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
     def step() -> None:
         net.zero_grad()  # not bounded.zero_grad(): BoundedModule.parameters() fails on torch >= 2.0
-        box = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1)))
+        box = BoundedTensor(
+            x, PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1))
+        )
         bounded(box)
         lower, _ = bounded.compute_bounds(x=(box,), C=spec, method="IBP", bound_upper=False)
         F.cross_entropy(torch.cat([torch.zeros_like(lower[:, :1]), -lower], 1), torch.zeros_like(y)).backward()

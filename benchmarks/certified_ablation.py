@@ -1,8 +1,9 @@
-"""Where the eps 0.2 gap between the two certified recipes on digits comes from: the two configs of
+r"""Where the eps 0.2 gap between the two certified recipes on digits comes from: the two configs of
 ``benchmarks/certified_table.py`` and variants of them that swap one ingredient at a time (the eps
 ramp's length, the number of epochs, Shi et al.'s IBP initialisation and warmup regularizers).
 
-    PYTHONPATH=<dir holding litplug> python benchmarks/certified_ablation.py [--eps 0.2] [--seeds 100 101 102] [--jobs 2]
+    PYTHONPATH=<dir holding litplug> python benchmarks/certified_ablation.py \
+        [--eps 0.2] [--seeds 100 101 102] [--jobs 2]
 
 The default seeds are not the table's (0, 1, 2), so the table's numbers played no part in choosing
 anything here. Each variant is its config with the settings listed in ``VARIANTS`` replaced (dotted
@@ -27,14 +28,21 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "long warmup (`ibp_long_warmup.yaml`: 50-epoch linear ramp, 100 epochs)": (LONG, {}),
     "long warmup config with a 15-epoch ramp": (LONG, {f"{WARMUP}.ramp_epochs": 15}),
     "Shi et al. recipe (`ibp.yaml`: 15-epoch smoothed ramp, IBP init, regularizers, 45 epochs)": (SHORT, {}),
-    "recipe without IBP init and regularizers": (SHORT, {f"{WARMUP}.ibp_init": False, f"{WARMUP}.regularizer_weight": 0.0}),
+    "recipe without IBP init and regularizers": (
+        SHORT,
+        {f"{WARMUP}.ibp_init": False, f"{WARMUP}.regularizer_weight": 0.0},
+    ),
     "recipe, 70 epochs (lr decay at 56, 63)": (SHORT, {EPOCHS: 70, MILESTONES: [56, 63]}),
     "recipe, 80 epochs (lr decay at 64, 72)": (SHORT, {EPOCHS: 80, MILESTONES: [64, 72]}),
     "recipe, 100 epochs (lr decay at 80, 90)": (SHORT, {EPOCHS: 100, MILESTONES: [80, 90]}),
     "recipe, 30-epoch ramp, 60 epochs (lr decay at 47, 55)": (
-        SHORT, {f"{WARMUP}.ramp_epochs": 30, EPOCHS: 60, MILESTONES: [47, 55]}),
+        SHORT,
+        {f"{WARMUP}.ramp_epochs": 30, EPOCHS: 60, MILESTONES: [47, 55]},
+    ),
     "recipe with the long warmup's 50-epoch ramp and 100 epochs": (
-        SHORT, {f"{WARMUP}.ramp_epochs": 50, EPOCHS: 100, MILESTONES: [80, 90]}),
+        SHORT,
+        {f"{WARMUP}.ramp_epochs": 50, EPOCHS: 100, MILESTONES: [80, 90]},
+    ),
 }
 
 
@@ -70,7 +78,9 @@ def main() -> None:
     names = [name for i, name in enumerate(VARIANTS) if args.variants is None or i in args.variants]
     with tempfile.TemporaryDirectory(prefix="certified_ablation_") as tmp:
         configs = {name: write_variant(*VARIANTS[name], Path(tmp)) for name in names}
-        results = run_all([(name, configs[name], args.eps, seed) for name in names for seed in args.seeds], args.jobs, args.out)
+        results = run_all(
+            [(name, configs[name], args.eps, seed) for name in names for seed in args.seeds], args.jobs, args.out
+        )
     print(f"eps {args.eps}, seeds {args.seeds}: mean ± sample std\n")
     print("| variant | epochs | clean acc | verified acc | PGD acc | fit time (s) |")
     print("|---|---|---|---|---|---|")

@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = {"plain IBP, long warmup": "configs/digits/ibp_long_warmup.yaml", "Shi et al. recipe": "configs/digits/ibp.yaml"}
+RECIPES = {
+    "plain IBP, long warmup": "configs/digits/ibp_long_warmup.yaml",
+    "Shi et al. recipe": "configs/digits/ibp.yaml",
+}
 # (recipe, eps) -> config used instead of the recipe's default one.
 EPS_CONFIGS: dict[tuple[str, float], str] = {}
 EPS = [0.05, 0.1, 0.2]
@@ -44,9 +47,23 @@ def run_one(config: str, eps: float, seed: int, extra: list[str]) -> None:
     start = time.perf_counter()
     out_dir = tempfile.mkdtemp(prefix="certified_table_")  # the CLI saves config.yaml there
     cli = LitplugCLI(
-        args=["--config", str(ROOT / config), "--model.init_args.eps", str(eps), "--seed_everything", str(seed),
-              "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", out_dir, *extra],
+        args=[
+            "--config",
+            str(ROOT / config),
+            "--model.init_args.eps",
+            str(eps),
+            "--seed_everything",
+            str(seed),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            out_dir,
+            *extra,
+        ],
         run=False,
     )
     cli.trainer.fit(cli.model, cli.datamodule)
@@ -90,8 +107,10 @@ def run_all(todo: list[tuple[Any, str, float, int]], jobs: int, out: Path | None
 
 def accuracy_cells(rs: list[dict]) -> str:
     """``clean | verified | PGD | fit time`` cells of a markdown row."""
-    return (f"{cell([r['test/acc'] for r in rs])} | {cell([r['test/verified_acc'] for r in rs])} "
-            f"| {cell([r['test/pgd_acc'] for r in rs])} | {statistics.fmean(r['seconds'] for r in rs):.0f}")
+    return (
+        f"{cell([r['test/acc'] for r in rs])} | {cell([r['test/verified_acc'] for r in rs])} "
+        f"| {cell([r['test/pgd_acc'] for r in rs])} | {statistics.fmean(r['seconds'] for r in rs):.0f}"
+    )
 
 
 def main() -> None:
@@ -108,7 +127,12 @@ def main() -> None:
         return
     if extra:
         parser.error(f"unrecognized arguments: {extra}")
-    todo = [((name, eps), config_for(name, eps), eps, seed) for eps in args.eps for name in args.recipes for seed in range(args.seeds)]
+    todo = [
+        ((name, eps), config_for(name, eps), eps, seed)
+        for eps in args.eps
+        for name in args.recipes
+        for seed in range(args.seeds)
+    ]
     results = run_all(todo, args.jobs, args.out)
     print(f"{args.seeds} seed(s) per cell: mean ± sample std\n")
     print("| eps | recipe | epochs | clean acc | verified acc | PGD acc | fit time (s) |")

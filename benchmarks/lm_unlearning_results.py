@@ -26,7 +26,14 @@ from litplug.cli import LitplugCLI
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LM = CONFIGS / "lm"
 METHODS = ["gradient_ascent", "gradient_difference", "npo"]
-QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+QUIET = [
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 COLUMNS = ["forget_loss", "retain_loss", "test_loss", "MIA"]
 
 
@@ -36,7 +43,10 @@ def cli(configs: list[Path], overrides: list[str]) -> LitplugCLI:
 
 
 def train_original(seed: int) -> Path:
-    run = cli([LM / "original.yaml"], ["--seed_everything", str(seed), "--data.init_args.seed", str(seed), "--trainer.limit_val_batches", "0"])
+    run = cli(
+        [LM / "original.yaml"],
+        ["--seed_everything", str(seed), "--data.init_args.seed", str(seed), "--trainer.limit_val_batches", "0"],
+    )
     run.trainer.fit(run.model, run.datamodule)
     return Path("runs/lm/original.ckpt").resolve()
 
@@ -50,7 +60,9 @@ def run_row(method: str, mask: bool, seed: int, checkpoint: Path, fit: bool = Tr
         "--trainer.limit_val_batches", "0",
         "--trainer.enable_checkpointing", "false",
     ]  # fmt: skip
-    configs = [LM / "unlearning.yaml", LM / "unlearning" / f"{method}.yaml"] + ([CONFIGS / "callbacks" / "unlearning_mask.yaml"] if mask else [])
+    configs = [LM / "unlearning.yaml", LM / "unlearning" / f"{method}.yaml"] + (
+        [CONFIGS / "callbacks" / "unlearning_mask.yaml"] if mask else []
+    )
     run = cli(configs, overrides)
     start = time.perf_counter()
     if fit:
@@ -69,7 +81,8 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 def table(results: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> str:
     lines = [
-        "| method | forget loss | retain loss | test loss | retain vs original | forget - test | MIA AUC (%) | fit time (s) |",
+        "| method | forget loss | retain loss | test loss | retain vs original | forget - test | MIA AUC (%) "
+        "| fit time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row, per_seed in results.items():
@@ -91,7 +104,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.chdir(tempfile.mkdtemp(prefix="litplug_lm_unlearning_"))  # checkpoints go here
-    rows = ["original"] + [m + ("" if mask == "none" else " + saliency mask") for m in args.methods for mask in args.masks]
+    rows = ["original"] + [
+        m + ("" if mask == "none" else " + saliency mask") for m in args.methods for mask in args.masks
+    ]
     results: dict[str, dict[int, dict[str, float]]] = {r: {} for r in rows}
     for seed in args.seeds:
         checkpoint = train_original(seed)

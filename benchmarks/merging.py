@@ -103,9 +103,14 @@ def lmc(seeds: Sequence[int], widths: Sequence[int], epochs: int) -> dict:
                 acc.setdefault(f"{name}_mid_acc", []).append(r.accuracy[2])
                 acc.setdefault(f"{name}_mid_barrier", []).append(r.midpoint_loss_barrier)
                 acc.setdefault(f"{name}_max_barrier", []).append(r.loss_barrier)
-            print(f"lmc width {width} seed {seed}: " + ", ".join(f"{k}={v[-1]:.4f}" for k, v in acc.items()), flush=True)
+            print(
+                f"lmc width {width} seed {seed}: " + ", ".join(f"{k}={v[-1]:.4f}" for k, v in acc.items()), flush=True
+            )
         rows[width] = acc
-    print("\n| width | test acc A / B | midpoint acc naive | midpoint acc aligned | loss barrier (midpoint) naive | aligned | max over path naive | aligned |")
+    print(
+        "\n| width | test acc A / B | midpoint acc naive | midpoint acc aligned "
+        "| loss barrier (midpoint) naive | aligned | max over path naive | aligned |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for width, r in rows.items():
         ab = f"{statistics.mean(r['acc_a']):.3f} / {statistics.mean(r['acc_b']):.3f}"
@@ -166,10 +171,10 @@ def tasks(seeds: Sequence[int], base_epochs: int, ft_epochs: int) -> dict:
         add("base (plain digits only)", task_accs(base, data, "test"))
         for t, m in tuned.items():
             add(f"fine-tune on {t}", task_accs(m, data, "test"))
-        s, m = best_scale(base, lambda s: task_arithmetic(sb, fts, s), data)
+        s, m = best_scale(base, lambda s, sb=sb, fts=fts: task_arithmetic(sb, fts, s), data)
         scales["task arithmetic"].append(s)
         add("task arithmetic", task_accs(m, data, "test"))
-        s, m = best_scale(base, lambda s: ties_merge(sb, fts, density=0.2, scale=s), data)
+        s, m = best_scale(base, lambda s, sb=sb, fts=fts: ties_merge(sb, fts, density=0.2, scale=s), data)
         scales["TIES (density 0.2)"].append(s)
         add("TIES (density 0.2)", task_accs(m, data, "test"))
         add("multi-task (joint fine-tune)", task_accs(joint, data, "test"))
@@ -202,7 +207,7 @@ def map_section(seeds: Sequence[int], base_epochs: int, ft_epochs: int) -> dict:
         sb, fts = base.state_dict(), [tuned[t].state_dict() for t in pair]
         probe = copy.deepcopy(base)
 
-        def evaluate(c: Sequence[float], split: str = "val") -> list[float]:
+        def evaluate(c: Sequence[float], split: str = "val", probe=probe, sb=sb, fts=fts, data=data) -> list[float]:
             probe.load_state_dict(task_arithmetic(sb, fts, list(c)))
             return [evaluate_classifier(probe, batches(*data[t][split]))[1] for t in pair]
 
@@ -223,11 +228,20 @@ def map_section(seeds: Sequence[int], base_epochs: int, ft_epochs: int) -> dict:
         }.items():  # fmt: skip
             out.setdefault(k, []).append(float(v))
         print(f"map seed {seed}: " + ", ".join(f"{k}={v[-1]:.4f}" for k, v in out.items()), flush=True)
-    print("\n| front | evaluations | hypervolume (val acc mirrored x rotated) | best mean val acc on the front | fit R² (mirrored / rotated) | mean abs error, predicted vs measured |")
+    print(
+        "\n| front | evaluations | hypervolume (val acc mirrored x rotated) | best mean val acc on the front "
+        "| fit R² (mirrored / rotated) | mean abs error, predicted vs measured |"
+    )
     print("|---|---|---|---|---|---|")
-    print(f"| grid 11 x 11 over [0, 1.5]^2 | {int(out['grid_evals'][0])} | {mean_std(out['hv_grid'])} | {mean_std(out['best_mean_grid'])} | | |")
-    print(f"| MAP (quadratic fits) | {int(out['map_evals'][0])} | {mean_std(out['hv_map'])} | {mean_std(out['best_mean_map'])} | "
-          f"{mean_std(out['r2_mirrored'])} / {mean_std(out['r2_rotated'])} | {mean_std(out['pred_error'])} |")  # fmt: skip
+    print(
+        f"| grid 11 x 11 over [0, 1.5]^2 | {int(out['grid_evals'][0])} | {mean_std(out['hv_grid'])} "
+        f"| {mean_std(out['best_mean_grid'])} | | |"
+    )
+    print(
+        f"| MAP (quadratic fits) | {int(out['map_evals'][0])} | {mean_std(out['hv_map'])} "
+        f"| {mean_std(out['best_mean_map'])} | "
+        f"{mean_std(out['r2_mirrored'])} / {mean_std(out['r2_rotated'])} | {mean_std(out['pred_error'])} |"
+    )
     return out
 
 
@@ -263,7 +277,10 @@ def speed(width: int, epochs: int, repeats: int) -> dict:
             results["rebasin"] = other
     out = {"distance_naive": distance(a, b)}
     print(f"\nMLP 64-{width}-{width}-{width}-10, {repeats} round-robin repeats, median seconds")
-    print("| implementation | median time (s) | ratio to litplug | squared distance to A after alignment | max |output change| |")
+    print(
+        "| implementation | median time (s) | ratio to litplug | squared distance to A after alignment "
+        "| max |output change| |"
+    )
     print("|---|---|---|---|---|")
     ref_t = statistics.median(times["litplug"])
     for name, model in results.items():
@@ -274,7 +291,9 @@ def speed(width: int, epochs: int, repeats: int) -> dict:
         print(f"| {name} | {t:.3f} | {t / ref_t:.2f}x | {distance(a, model):.2f} | {change:.1e} |")
     print(f"| (no alignment) | | | {out['distance_naive']:.2f} | |")
     if "rebasin" in results:
-        same = all(torch.equal(p, results["rebasin"].state_dict()[k]) for k, p in results["litplug"].state_dict().items())
+        same = all(
+            torch.equal(p, results["rebasin"].state_dict()[k]) for k, p in results["litplug"].state_dict().items()
+        )
         print(f"same permutations: {same}")
         out["same"] = same
     return out

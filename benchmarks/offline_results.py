@@ -71,7 +71,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["ackley", "rosenbrock", "levy", "hartmann"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=None, help="override the configs' max_epochs")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="baseline is always run")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="baseline is always run"
+    )
     opts = parser.parse_args()
     for name in [v for v in VARIANTS if v != "baseline" and v not in opts.variants]:
         del VARIANTS[name]
@@ -92,7 +94,11 @@ def main() -> None:
                     res = run(task, variant, seed, opts.epochs, root)
                 seconds[variant] += time.perf_counter() - start
                 results.setdefault((task, variant), []).append(res)
-                print(f"{task:>10} {variant:>9} seed {seed}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in res.items()), flush=True)
+                print(
+                    f"{task:>10} {variant:>9} seed {seed}: "
+                    + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in res.items()),
+                    flush=True,
+                )
 
     def cell(task: str, variant: str, key: str) -> str:
         if not available[variant]:
@@ -105,7 +111,10 @@ def main() -> None:
             text += f" ({100 * (statistics.mean(values) / statistics.mean(base) - 1):+.1f}%, {wins}/{len(base)})"
         return text
 
-    print(f"\nNormalised 100th-percentile score, mean ± std over {opts.seeds} seeds (1 = best design of the full dataset)\n")
+    print(
+        f"\nNormalised 100th-percentile score, mean ± std over {opts.seeds} seeds "
+        "(1 = best design of the full dataset)\n"
+    )
     print("| task | " + " | ".join(VARIANTS) + " | best offline design |")
     print("|---" * (len(VARIANTS) + 2) + "|")
     for task in opts.tasks:
@@ -117,7 +126,10 @@ def main() -> None:
     for task in opts.tasks:
         print(f"| {task} | " + " | ".join(cell(task, v, "offline/score_median") for v in VARIANTS) + " |")
     runs = len(opts.tasks) * opts.seeds
-    print("\nWall time per run (fit + search): " + ", ".join(f"{v} {seconds[v] / runs:.1f} s" for v in VARIANTS if available[v]))
+    print(
+        "\nWall time per run (fit + search): "
+        + ", ".join(f"{v} {seconds[v] / runs:.1f} s" for v in VARIANTS if available[v])
+    )
 
 
 if __name__ == "__main__":

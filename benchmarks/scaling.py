@@ -142,7 +142,9 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 return PeerSAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=1e-3, momentum=0.9)
 
         model = LM(manual=variant == "peer_sam")
-        data = [(torch.randint(0, VOCAB, (batch, seq)), torch.randint(0, VOCAB, (batch, seq))) for _ in range(steps + 1)]
+        data = [
+            (torch.randint(0, VOCAB, (batch, seq)), torch.randint(0, VOCAB, (batch, seq))) for _ in range(steps + 1)
+        ]
         from litplug.callbacks import EMA, SAM, SWA, SurrogateSharpness, UnlearningMask
 
         make = {
@@ -163,12 +165,18 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         if variant == "plain":
             model = Classifier(backbone, num_classes=10, optimizer=sgd)
         else:
-            model = CertifiedClassifier(backbone, eps=8 / 255, mean=(0.0,), std=(1.0,), pixel_range=(0.0, 1.0), optimizer=sgd)
+            model = CertifiedClassifier(
+                backbone, eps=8 / 255, mean=(0.0,), std=(1.0,), pixel_range=(0.0, 1.0), optimizer=sgd
+            )
         data = [(torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))) for _ in range(steps + 1)]
 
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     scoped = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() >= 2)
-    result: dict[str, Any] = {"param_bytes": params, "scoped_bytes": scoped, "params": sum(p.numel() for p in model.parameters())}
+    result: dict[str, Any] = {
+        "param_bytes": params,
+        "scoped_bytes": scoped,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     if variant == "certify":
@@ -268,7 +276,10 @@ def main() -> None:
                     runs[variant].append(_run_child(spec, args.threads))
                     print(f"  {family} {size} {variant}: {runs[variant][-1]}", file=sys.stderr, flush=True)
             rows.extend(_rows(family, size, runs, args.device))
-    saved = {"args": {"quick": args.quick, "rounds": args.rounds, "device": args.device, "threads": args.threads}, "rows": rows}
+    saved = {
+        "args": {"quick": args.quick, "rounds": args.rounds, "device": args.device, "threads": args.threads},
+        "rows": rows,
+    }
     Path(args.out + ".json").write_text(json.dumps(saved, indent=1))
     _write(rows, args)
 
@@ -310,11 +321,14 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
     import torch
 
-    where = "CUDA (max_memory_allocated)" if args.device == "cuda" else f"CPU, {args.threads} thread(s) per run, peak RSS"
+    where = (
+        "CUDA (max_memory_allocated)" if args.device == "cuda" else f"CPU, {args.threads} thread(s) per run, peak RSS"
+    )
     lines = [
         "# Cost at scale: step time and extra peak memory of each plugin\n",
         f"One run of `OMP_NUM_THREADS={args.threads} python benchmarks/scaling.py{' --quick' if args.quick else ''} "
-        f"--rounds {1 if args.quick else args.rounds}` on {where}; torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores "
+        f"--rounds {1 if args.quick else args.rounds}` on {where}; torch {torch.__version__}, {platform.machine()}, "
+        f"{os.cpu_count()} cores "
         "shared with other work. " + ("Not run on GPU.\n" if args.device == "cpu" else "\n"),
         "![step overhead and extra peak memory against model size](SCALING.png)\n",
         "| model | params | plugin | step time (x plain) | extra peak memory (x param bytes) | memory floor |",
@@ -324,7 +338,9 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         model = ("Transformer" if r["family"] == "transformer" else "CNN7") + f" {r['size']}"
         ratio = f"{r['ratio']:.2f}" + (" (throughput)" if r["variant"] == "certify" else "")
         mem = "-" if r["extra_mem"] is None else f"{r['extra_mem']:.2f}"
-        lines.append(f"| {model} | {r['params'] / 1e6:.1f}M | {LABELS[r['variant']]} | {ratio} | {mem} | {r['floor']} |")
+        lines.append(
+            f"| {model} | {r['params'] / 1e6:.1f}M | {LABELS[r['variant']]} | {ratio} | {mem} | {r['floor']} |"
+        )
     lines += ["", *_verdicts(rows), "", NOTES]
     return "\n".join(lines) + "\n"
 
@@ -369,7 +385,9 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
     for variant, text, ok in checks:
         if variant in top:
             r = top[variant]
-            out.append(f"- {text}: {r['ratio']:.2f} at {r['params'] / 1e6:.0f}M: {'holds' if ok(r) else 'does not hold'}")
+            out.append(
+                f"- {text}: {r['ratio']:.2f} at {r['params'] / 1e6:.0f}M: {'holds' if ok(r) else 'does not hold'}"
+            )
     if "sam" in top and "peer_sam" in top:
         a, b = top["sam"]["ratio"], top["peer_sam"]["ratio"]
         out.append(f"- SAM ahead of pytorch_optimizer.SAM: {a:.2f} vs {b:.2f}: {'holds' if a < b else 'does not hold'}")
@@ -378,7 +396,10 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
         if r and r["extra_mem"] is not None:
             floor = float(r["floor"])
             ok = r["extra_mem"] <= 1.1 * floor
-            out.append(f"- {LABELS[variant]} extra memory within 10% of its floor {floor:.2f}: {r['extra_mem']:.2f}: {'holds' if ok else 'does not hold'}")
+            out.append(
+                f"- {LABELS[variant]} extra memory within 10% of its floor {floor:.2f}: {r['extra_mem']:.2f}: "
+                f"{'holds' if ok else 'does not hold'}"
+            )
     return out
 
 
@@ -395,7 +416,12 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
         ax_t.plot(xs, [r["ratio"] for r in rs], "o-", label=LABELS[variant])
         if all(r["extra_mem"] is not None for r in rs):
             ax_m.plot(xs, [r["extra_mem"] for r in rs], "o-", label=LABELS[variant])
-    ax_t.set(xscale="log", xlabel="parameters", ylabel="step time / plain (certify: throughput / plain)", title="step overhead")
+    ax_t.set(
+        xscale="log",
+        xlabel="parameters",
+        ylabel="step time / plain (certify: throughput / plain)",
+        title="step overhead",
+    )
     ax_m.set(xscale="log", xlabel="parameters", ylabel="extra peak memory / parameter bytes", title="memory overhead")
     ax_t.grid(alpha=0.3)
     ax_m.grid(alpha=0.3)

@@ -1,7 +1,8 @@
-"""Step time of litplug's sharpness callbacks relative to plain training of the same model, and
+r"""Step time of litplug's sharpness callbacks relative to plain training of the same model, and
 side by side with ``pytorch_optimizer.SAM`` driven by hand in manual optimization (the peer).
 
-    python benchmarks/sharpness.py [--steps 40] [--rounds 3] [--hidden 1024] [--batch-size 256] [--device cpu] [--threads 1]
+    python benchmarks/sharpness.py [--steps 40] [--rounds 3] [--hidden 1024] [--batch-size 256] \
+        [--device cpu] [--threads 1]
 
 Every variant trains the same MLP (fresh copy of one initialisation, SGD with momentum) on the same
 Digits batches in one process. A callback times every step from batch start to batch end (data
@@ -142,8 +143,11 @@ def main() -> None:
 
     plain = min(times["plain"])
     targets = {"litplug SAM every_n_steps=1": "<= 2.1", "litplug SAM every_n_steps=5": "<= 1.3"}
-    print(f"\nMLP {args.hidden}x{args.hidden}, batch {args.batch_size}, {args.device}, torch threads {torch.get_num_threads()}, "
-          f"best {CYCLE}-step window of {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"\nMLP {args.hidden}x{args.hidden}, batch {args.batch_size}, {args.device}, "
+        f"torch threads {torch.get_num_threads()}, "
+        f"best {CYCLE}-step window of {args.rounds} rounds x {args.steps} steps"
+    )
     print("| variant | ms / step | x plain | target |")
     print("|---|---|---|---|")
     for name, ts in times.items():

@@ -26,14 +26,22 @@ def run(method: str, seed: int, root: str) -> float:
     cli = LitplugCLI(
         args=[
             "fit",
-            "--config", str(CONFIGS / f"{method}.yaml"),
-            "--seed_everything", str(seed),
-            "--data.init_args.seed", str(seed),
-            "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_checkpointing", "false",
-            "--trainer.enable_model_summary", "false",
-            "--trainer.default_root_dir", root,
+            "--config",
+            str(CONFIGS / f"{method}.yaml"),
+            "--seed_everything",
+            str(seed),
+            "--data.init_args.seed",
+            str(seed),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.default_root_dir",
+            root,
         ]
     )
     return float(cli.trainer.callback_metrics["test/acc"])

@@ -29,8 +29,8 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.plugins.precision import Precision
 
 from litplug.callbacks import UnlearningMask
-from litplug.functional import enforce_masked_grads_, frozen_values, pack_mask, restore_frozen_
 from litplug.datamodules import Digits, ForgetRetain
+from litplug.functional import enforce_masked_grads_, frozen_values, pack_mask, restore_frozen_
 from litplug.modules import MLP, Unlearner
 
 HIDDEN = [1024, 1024]
@@ -41,8 +41,13 @@ ROUNDS = 6
 
 def make_model(optimizer: str = "adam") -> Unlearner:
     seed_everything(0)
-    make_opt = {"adam": lambda p: torch.optim.Adam(p, lr=1e-3), "sgd": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9)}
-    return Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=HIDDEN), None, "finetune", optimizer=make_opt[optimizer])
+    make_opt = {
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+        "sgd": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+    }
+    return Unlearner(
+        MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=HIDDEN), None, "finetune", optimizer=make_opt[optimizer]
+    )
 
 
 def data() -> ForgetRetain:
@@ -176,14 +181,22 @@ def main() -> None:
     for optimizer in ("adam", "sgd"):
         lightning_plain, lightning_masked, hook_share = lightning_steps(optimizer)
         print(f"| lightning, {optimizer}, no mask | {1000 * lightning_plain:.2f} | 1.000 |")
-        print(f"| lightning, {optimizer} + UnlearningMask | {1000 * lightning_masked:.2f} | {lightning_masked / lightning_plain:.3f} |")
+        print(
+            f"| lightning, {optimizer} + UnlearningMask | {1000 * lightning_masked:.2f} "
+            f"| {lightning_masked / lightning_plain:.3f} |"
+        )
         print(f"| (time inside the mask's per-step hooks, share of a masked {optimizer} step) | | {hook_share:.3f} |")
     plain, core, salun = plain_steps()
     print(f"| plain torch, no mask | {1000 * plain:.2f} | 1.000 |")
-    print(f"| plain torch + litplug enforce_masked_grads_/restore_frozen_ (exact) | {1000 * core:.2f} | {core / plain:.3f} |")
+    print(
+        "| plain torch + litplug enforce_masked_grads_/restore_frozen_ (exact) "
+        f"| {1000 * core:.2f} | {core / plain:.3f} |"
+    )
     print(f"| plain torch + SalUn-style grad *= mask (not exact) | {1000 * salun:.2f} | {salun / plain:.3f} |")
     rand, zeros = sqrt_of_zeros()
-    print(f"\ntorch.sqrt over 2^20 floats: random {1000 * rand:.2f} ms, zeros {1000 * zeros:.2f} ms ({zeros / rand:.1f}x)")
+    print(
+        f"\ntorch.sqrt over 2^20 floats: random {1000 * rand:.2f} ms, zeros {1000 * zeros:.2f} ms ({zeros / rand:.1f}x)"
+    )
     costs = criterion_costs()
     print("\n| criterion (score + exact top-k) | seconds | / one epoch over the forget set |\n|---|---|---|")
     for name in ("saliency", "attribution", "magnitude", "random"):

@@ -36,7 +36,14 @@ ROWS = [
     "gradient_difference_saliency",
     "gradient_difference_attribution",
 ]
-QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+QUIET = [
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 def cli(configs: list[Path], overrides: list[str]) -> LitplugCLI:
@@ -45,7 +52,10 @@ def cli(configs: list[Path], overrides: list[str]) -> LitplugCLI:
 
 
 def train_original(seed: int) -> Path:
-    run = cli([CONFIGS / "original.yaml"], ["--seed_everything", str(seed), "--data.init_args.seed", str(seed), "--trainer.limit_val_batches", "0"])
+    run = cli(
+        [CONFIGS / "original.yaml"],
+        ["--seed_everything", str(seed), "--data.init_args.seed", str(seed), "--trainer.limit_val_batches", "0"],
+    )
     run.trainer.fit(run.model, run.datamodule)
     return Path("runs/unlearning/original.ckpt").resolve()
 
@@ -72,7 +82,10 @@ def run_row(scenario: str, row: str, seed: int, checkpoint: Path) -> dict[str, f
 
 def table(results: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> str:
     cols = ["UA", "RA", "TA", "MIA"]
-    lines = ["| method | UA | RA | TA | MIA-efficacy | run time (s) | time / retrain | avg gap |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | UA | RA | TA | MIA-efficacy | run time (s) | time / retrain | avg gap |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def fmt(values: list[float]) -> str:
         std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -82,7 +95,11 @@ def table(results: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> 
         cells = [fmt([per_seed[s][c] for s in seeds]) for c in cols]
         ratio = [per_seed[s]["time"] / results["retrain"][s]["time"] for s in seeds]
         gaps = [statistics.mean(abs(per_seed[s][c] - results["retrain"][s][c]) for c in cols) for s in seeds]
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {fmt([per_seed[s]['time'] for s in seeds])} | {fmt(ratio)} | {fmt(gaps)} |")
+        lines.append(
+            f"| {row} | "
+            + " | ".join(cells)
+            + f" | {fmt([per_seed[s]['time'] for s in seeds])} | {fmt(ratio)} | {fmt(gaps)} |"
+        )
     return "\n".join(lines)
 
 

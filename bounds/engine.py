@@ -219,9 +219,7 @@ def bounded(model: nn.Module) -> BoundedNetwork:
     return engine
 
 
-def interval_bounds(
-    model: nn.Module, lower: torch.Tensor, upper: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def interval_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Interval bounds of ``model``'s output over the input box ``[lower, upper]``.
 
     Example:

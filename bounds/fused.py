@@ -171,7 +171,15 @@ class IntervalBatchNorm(torch.autograd.Function):
         # grad of the radius (g |scale|) and sum(g r): batch norm "backward" with mean 0, std 1
         abs_scale = scale.abs()
         g_rad, sum_g_r, _ = bn_backward(
-            g_radius, radius, abs_scale, torch.zeros_like(mean), torch.ones_like(var), None, None, False, 0.0,
+            g_radius,
+            radius,
+            abs_scale,
+            torch.zeros_like(mean),
+            torch.ones_like(var),
+            None,
+            None,
+            False,
+            0.0,
             [True, True, False],
         )
         gamma = weight if weight is not None else torch.ones_like(invstd)
@@ -192,7 +200,6 @@ class IntervalBatchNorm(torch.autograd.Function):
         shape = [1, -1] + [1] * (stack.dim() - 2)
         g_ref.addcmul_(ref, k1.view(shape)).add_(k0.view(shape))
         return g_stack, g_rad, g_weight, g_bias, None, None
-
 
 
 def relu_statistics(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

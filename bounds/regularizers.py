@@ -51,4 +51,3 @@ def warmup_regularizers(
         balance = balance + torch.where((counts > 0).all(), term, zero)
     n = len(relu_bounds)
     return tight / n, balance / n
-

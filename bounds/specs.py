@@ -70,4 +70,3 @@ def margin_bounds(
         num_classes = engine.num_outputs(x)
     lower, upper = input_box(x, eps, mean, std, pixel_range)
     return engine(lower, upper, clean=x, spec=margin_spec(y, num_classes)).lower
-

@@ -29,13 +29,18 @@ from torch import fx, nn
 from typing_extensions import override
 
 from litplug.validation import check_bool, check_choice, check_int, check_number, check_positive_int
+
 from ..protocols import CertifiedModule, require
 
 __all__ = ["IBPWarmup", "eps_schedule", "ibp_init_"]
 
 Schedule = Literal["smoothed", "linear"]
 _SCHEDULES = ("smoothed", "linear")
-def eps_schedule(progress: float, eps: float, schedule: Schedule = "smoothed", mid: float = 0.25, beta: float = 4.0) -> float:
+
+
+def eps_schedule(
+    progress: float, eps: float, schedule: Schedule = "smoothed", mid: float = 0.25, beta: float = 4.0
+) -> float:
     """Scheduled eps at ramp ``progress`` (clamped to [0, 1]) towards the target ``eps``.
 
     Example:

@@ -109,7 +109,9 @@ class EMA(_WeightAveraging):
         return ema_decay(self.updates, self.decay, self.warmup, self.warmup_gamma, self.warmup_power)
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step  # optimizer steps so far; unchanged on accumulation batches
         index = step - 1  # 0-based index of the step just taken, as in Lightning's WeightAveraging
         if step == self._last_step or index < self.update_after_step or index % self.every_n_steps:
@@ -119,4 +121,3 @@ class EMA(_WeightAveraging):
         self._last_step = step
         if logs_now(trainer):
             pl_module.log_dict({"ema/decay": decay, "ema/updates": float(self.updates)}, on_step=True, on_epoch=False)
-

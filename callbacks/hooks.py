@@ -79,7 +79,11 @@ def muted(pl_module: LightningModule, objective: Callable[..., Tensor] | None, f
     saved = [[b.clone() for b in m.buffers(recurse=False)] for m in norms] if freeze_bn_stats else []
     metrics = [m for m in pl_module.modules() if isinstance(getattr(m, "metric_state", None), dict)]
     metric_states = [
-        ({k: v.clone() if isinstance(v, Tensor) else list(v) for k, v in m.metric_state.items()}, m._update_count, m._computed)
+        (
+            {k: v.clone() if isinstance(v, Tensor) else list(v) for k, v in m.metric_state.items()},
+            m._update_count,
+            m._computed,
+        )
         for m in metrics
     ]
     patched: dict[str, Any] = {"log": _no_log, "log_dict": _no_log}
@@ -103,7 +107,6 @@ def muted(pl_module: LightningModule, objective: Callable[..., Tensor] | None, f
             for m, buffers in zip(norms, saved):
                 for b, s in zip(m.buffers(recurse=False), buffers):
                     b.copy_(s)
-
 
 
 def version(t: Tensor) -> int:

@@ -96,7 +96,10 @@ class SurrogateSharpness(_ExtraPasses):
         check_number("lambda_lr", lambda_lr, low=0)
         check_bool("adaptive_lambda", adaptive_lambda)
         if isinstance(input_index, bool) or not isinstance(input_index, (int, str)):
-            raise TypeError(f"`input_index` must be an int (a position in the batch) or a str (a key), got {input_index!r} ({type(input_index).__name__})")
+            raise TypeError(
+                "`input_index` must be an int (a position in the batch) or a str (a key), "
+                f"got {input_index!r} ({type(input_index).__name__})"
+            )
         super().__init__(freeze_bn_stats=True)
         self.rho = rho
         self.radius = radius

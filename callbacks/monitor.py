@@ -52,7 +52,9 @@ class SharpnessMonitor(Callback):
         >>> trainer = Trainer(callbacks=[SharpnessMonitor(rho=0.05)])  # doctest: +SKIP
     """
 
-    def __init__(self, every_n_epochs: int = 1, rho: float = 0.05, layerwise: bool = True, num_batches: int = 1) -> None:
+    def __init__(
+        self, every_n_epochs: int = 1, rho: float = 0.05, layerwise: bool = True, num_batches: int = 1
+    ) -> None:
         super().__init__()
         check_positive_int("every_n_epochs", every_n_epochs)
         check_number("rho", rho, low=0, low_open=True)

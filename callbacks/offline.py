@@ -68,7 +68,9 @@ def gradient_ascent(
     return x
 
 
-def starting_designs(designs: torch.Tensor, scores: torch.Tensor, num: int, start: Literal["top", "random"], seed: int = 0) -> torch.Tensor:
+def starting_designs(
+    designs: torch.Tensor, scores: torch.Tensor, num: int, start: Literal["top", "random"], seed: int = 0
+) -> torch.Tensor:
     """The ``num`` offline designs with the highest scores (``top``), or ``num`` drawn uniformly
     without replacement with ``seed`` (``random``)."""
     num = min(num, len(scores))

@@ -115,7 +115,8 @@ class _ExtraPasses(Callback):
         for pattern in self.exclude:
             if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
                 raise ValueError(
-                    f"`exclude` pattern {pattern!r} matches no trainable parameter; names look like {[n for n, _ in named[:4]]}"
+                    f"`exclude` pattern {pattern!r} matches no trainable parameter; "
+                    f"names look like {[n for n, _ in named[:4]]}"
                 )
         self._params = [(n, p) for n, p in named if not any(fnmatch.fnmatchcase(n, pat) for pat in self.exclude)]
 
@@ -162,9 +163,13 @@ class _ExtraPasses(Callback):
         self._first_losses.clear()
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         for key, value in self._logs.items():
-            pl_module.log(f"{self._prefix}/{key}", value, on_step=True, on_epoch=False, sync_dist=self._sync_logs, batch_size=1)
+            pl_module.log(
+                f"{self._prefix}/{key}", value, on_step=True, on_epoch=False, sync_dist=self._sync_logs, batch_size=1
+            )
         self._logs = {}
 
     def _closure(self, trainer: Trainer, closure: Callable[[], Any]) -> Any:

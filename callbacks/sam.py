@@ -141,11 +141,14 @@ class SharpnessAwareMinimization(_ExtraPasses):
             e_norm = self.rho * global_norm(t2g)
             del t2g
         # With a = 1, g is not needed after the perturbation: e is built in the gradient buffers.
-        e, norm = sam_perturbation(params, grads, self.rho, self.adaptive, inplace=a == 1.0, eta=self.eta, scaled=scaled)
+        e, norm = sam_perturbation(
+            params, grads, self.rho, self.adaptive, inplace=a == 1.0, eta=self.eta, scaled=scaled
+        )
         e_norm = e_norm / (norm + EPS) if self.adaptive else self.rho * norm / (norm + EPS)
         if not bool(torch.isfinite(norm)):  # a non-finite gradient: no direction to perturb along
             warnings.warn(
-                f"{type(self).__name__}: the gradient norm is not finite ({float(norm)}) at step {trainer.global_step}; "
+                f"{type(self).__name__}: the gradient norm is not finite ({float(norm)}) "
+                f"at step {trainer.global_step}; "
                 "the weights are not perturbed in this step (the second pass runs at the unperturbed weights)",
                 stacklevel=1,
             )
@@ -172,4 +175,3 @@ class SharpnessAwareMinimization(_ExtraPasses):
 class SAM(SharpnessAwareMinimization):
     """Short name of :class:`SharpnessAwareMinimization` (a subclass, not an alias, so that
     ``class_path: SAM`` resolves in YAML)."""
-

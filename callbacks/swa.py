@@ -75,7 +75,10 @@ class SWA(_WeightAveraging):
         elif not isinstance(start, bool) and isinstance(start, int):
             check_int("start", start, low=0)  # an epoch index
         else:
-            raise TypeError(f"`start` must be an epoch index (an int >= 0) or a fraction of max_epochs (a float in [0, 1)), got {start!r} ({type(start).__name__})")
+            raise TypeError(
+                "`start` must be an epoch index (an int >= 0) or a fraction of max_epochs (a float in [0, 1)), "
+                f"got {start!r} ({type(start).__name__})"
+            )
         check_positive_int("every_n_epochs", every_n_epochs)
         check_bool("update_bn", update_bn)
         super().__init__(dtype, device, evaluate_with, final_weights, export_path)
@@ -100,10 +103,15 @@ class SWA(_WeightAveraging):
         else:
             self._start_epoch = self.start
         if max_epochs is not None and self._start_epoch >= max_epochs:
-            raise ValueError(f"`start` = {self.start} is epoch {self._start_epoch}, beyond the last epoch {max_epochs - 1} (max_epochs={max_epochs})")
+            raise ValueError(
+                f"`start` = {self.start} is epoch {self._start_epoch}, beyond the last epoch {max_epochs - 1} "
+                f"(max_epochs={max_epochs})"
+            )
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx + 1 == trainer.num_training_batches:  # the epoch's last batch (data with a length)
             self._snapshot(trainer, pl_module, on_step=True)
 
@@ -120,7 +128,9 @@ class SWA(_WeightAveraging):
         self._update(pl_module, weight)
         self._last_step = epoch  # for SWA the counter is the epoch of the last snapshot
         if logs_now(trainer) or not on_step:
-            pl_module.log_dict({"swa/weight": weight, "swa/updates": float(self.updates)}, on_step=on_step, on_epoch=not on_step)
+            pl_module.log_dict(
+                {"swa/weight": weight, "swa/updates": float(self.updates)}, on_step=on_step, on_epoch=not on_step
+            )
 
     def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.update_bn:

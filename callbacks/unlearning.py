@@ -34,9 +34,10 @@ ranking on it (the functional ``topk_masks`` counts NaN as 0). The rest is froze
    pass over it unless something (clipping, a recomputation) wrote to it since.
 3. An optimizer step post-hook puts the original values back into frozen entries, which stay
    bit-identical whatever weight decay, momentum or Adam state do: a copy of the saved frozen
-   values (``masked_scatter_``, chunk by chunk). It is skipped where the step provably cannot move them (plain SGD/Adam/AdamW
-   without weight decay, not maximising, optimizer state at +0.0 on frozen entries when training
-   starts; see ``_skips_restore``); such steps get every gradient masked again in step 2.
+   values (``masked_scatter_``, chunk by chunk). It is skipped where the step provably cannot
+   move them (plain SGD/Adam/AdamW without weight decay, not maximising, optimizer state at +0.0
+   on frozen entries when training starts; see ``_skips_restore``); such steps get every gradient
+   masked again in step 2.
 
 Free entries get exactly the update they would get without the machinery. Parameters outside
 ``scope`` (biases and norm parameters for ``"weights"``) are not masked; buffers never are.
@@ -94,12 +95,12 @@ from torch import nn
 from typing_extensions import override
 
 from ..functional.masks import (
-    Reduce,
-    attribution_scores,
     CHUNK,
+    Reduce,
     _bits,
     _chunks,
     _unpack,
+    attribution_scores,
     enforce_masked_grads_,
     frozen_values,
     iter_topk_masks,
@@ -216,7 +217,9 @@ class UnlearningMask(Callback):
         return named
 
     # --- scoring ----------------------------------------------------------------------------
-    def _gradients(self, trainer: Trainer, pl_module: LightningModule, split: str) -> tuple[list[torch.Tensor], list[str]]:
+    def _gradients(
+        self, trainer: Trainer, pl_module: LightningModule, split: str
+    ) -> tuple[list[torch.Tensor], list[str]]:
         """Local gradients of the module's mean loss (:func:`~litplug.protocols.module_loss`)
         over the whole ``split`` set: each batch's mean loss weighted by its share of the samples;
         reduced over ranks."""
@@ -257,7 +260,9 @@ class UnlearningMask(Callback):
             scores.append(local_rows(full, p).to(local(p).device))
         return scores
 
-    def _scores(self, trainer: Trainer, pl_module: LightningModule, named: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:
+    def _scores(
+        self, trainer: Trainer, pl_module: LightningModule, named: list[tuple[str, nn.Parameter]]
+    ) -> list[torch.Tensor]:
         params = [p for _, p in named]
         if self.criterion == "magnitude":
             return [local(p).detach() for p in params]  # ranked by |score|: no copy
@@ -274,7 +279,9 @@ class UnlearningMask(Callback):
         gr = [gr[index[n]] for n, _ in named]
         return attribution_scores([local(p).detach() for p in params], gf, gr, self.mu)
 
-    def _check_finite(self, named: list[tuple[str, nn.Parameter]], scores: Sequence[torch.Tensor], all_reduce: Reduce | None) -> None:
+    def _check_finite(
+        self, named: list[tuple[str, nn.Parameter]], scores: Sequence[torch.Tensor], all_reduce: Reduce | None
+    ) -> None:
         """Raise if a score is NaN or inf (a non-finite forget/retain loss or weight): a mask
         ranked on such scores would be arbitrary. FSDP2 shards agree through one all-reduce."""
         bad = torch.tensor([int((~torch.isfinite(s)).sum()) for s in scores], dtype=torch.long)
@@ -328,7 +335,10 @@ class UnlearningMask(Callback):
             del scores, masks
         self._shapes = {n: local(p).shape for n, p in named}
         counts = torch.tensor(
-            [int(_unpack(self._packed[n], 0, t.numel(), torch.uint8).sum()) if t.numel() else 0 for n, t in ((n, local(p)) for n, p in named)],
+            [
+                int(_unpack(self._packed[n], 0, t.numel(), torch.uint8).sum()) if t.numel() else 0
+                for n, t in ((n, local(p)) for n, p in named)
+            ],
             dtype=torch.long,
         )
         if all_reduce is not None:
@@ -426,7 +436,9 @@ class UnlearningMask(Callback):
             self._mask_grads()
 
     @override
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         self._mask_grads()
 
     @override
@@ -468,7 +480,9 @@ class UnlearningMask(Callback):
             if is_sharded(p):  # collective: every rank runs state_dict when saving
                 from torch.distributed.tensor import DTensor
 
-                dt = DTensor.from_local(mask.to(torch.uint8), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                dt = DTensor.from_local(
+                    mask.to(torch.uint8), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                )
                 mask = dt.full_tensor().bool()
             full[n] = mask.detach().cpu().clone()
         return {"masks": full, "num_selected": self.num_selected, "num_entries": self.num_entries}

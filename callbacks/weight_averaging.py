@@ -76,7 +76,6 @@ def _flatten(g: _Group) -> None:
     g.average = [v.view_as(t) for v, t in zip(g.flat_average.split(sizes), g.live)]
 
 
-
 class _WeightAveraging(Callback):
     """Shared machinery of :class:`EMA` and :class:`SWA`: the average keyed by tensor name, the
     validation/test swap, the final weights, the export and the checkpointed state."""
@@ -95,7 +94,9 @@ class _WeightAveraging(Callback):
             try:
                 torch.device(device)
             except (RuntimeError, TypeError) as err:
-                raise ValueError(f"`device` must name a torch device such as 'cpu' or 'cuda:0', got {device!r}") from err
+                raise ValueError(
+                    f"`device` must name a torch device such as 'cpu' or 'cuda:0', got {device!r}"
+                ) from err
         check_choice("evaluate_with", evaluate_with, _WHICH)
         check_choice("final_weights", final_weights, _WHICH)
         check_path("export_path", export_path, allow_none=True)
@@ -118,17 +119,24 @@ class _WeightAveraging(Callback):
         refuse_flat_strategies(trainer, type(self).__name__)
         from lightning.pytorch.callbacks import ModelCheckpoint
 
-        if self.evaluate_with == "average" and any(isinstance(c, ModelCheckpoint) and c.save_weights_only for c in trainer.callbacks):
+        if self.evaluate_with == "average" and any(
+            isinstance(c, ModelCheckpoint) and c.save_weights_only for c in trainer.callbacks
+        ):
             rank_zero_warn(
                 f"{type(self).__name__}: Lightning calls no callback when it saves a weights-only checkpoint, so "
                 "ModelCheckpoint(save_weights_only=True) files hold the live weights, not the average validation "
                 "measured; save full checkpoints to get the average in `state_dict`"
             )
         # Two callbacks putting their average into the model would restore each other's weights.
-        swapping = [c for c in trainer.callbacks if isinstance(c, _WeightAveraging) and "average" in (c.evaluate_with, c.final_weights)]
+        swapping = [
+            c
+            for c in trainer.callbacks
+            if isinstance(c, _WeightAveraging) and "average" in (c.evaluate_with, c.final_weights)
+        ]
         if len(swapping) > 1:
             raise ValueError(
-                f"{len(swapping)} weight-averaging callbacks ({', '.join(type(c).__name__ for c in swapping)}) put their "
+                f"{len(swapping)} weight-averaging callbacks ({', '.join(type(c).__name__ for c in swapping)}) "
+                "put their "
                 "average into the model; set `evaluate_with='live'` and `final_weights='live'` on all but one"
             )
 
@@ -162,15 +170,20 @@ class _WeightAveraging(Callback):
             key = (floating, dtype, device, shard.dtype, shard.device, is_param)
             group = groups.setdefault(key, _Group([], [], [], floating, dtype, device))
             group.sources.append(tensor)
-            spec = (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride()) if is_sharded(tensor) else None
+            spec = (
+                (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride()) if is_sharded(tensor) else None
+            )
             group.names.append(name)
             group.live.append(shard)
             group.dtensor_specs.append(spec)
         shard = None  # the flat re-layout frees the old storage tensor by tensor: hold none of it
         self._groups = list(groups.values())
         for g in self._groups:
-            if g.floating and g.dtype == g.live[0].dtype and g.device == g.live[0].device and all(
-                isinstance(t, nn.Parameter) and not is_sharded(t) and t.is_contiguous() for t in g.sources
+            if (
+                g.floating
+                and g.dtype == g.live[0].dtype
+                and g.device == g.live[0].device
+                and all(isinstance(t, nn.Parameter) and not is_sharded(t) and t.is_contiguous() for t in g.sources)
             ):
                 _flatten(g)  # allocates the flat average: no per-tensor averages before it
                 continue
@@ -189,7 +202,9 @@ class _WeightAveraging(Callback):
         names = {n for g in self._groups for n in g.names}
         if set(state) != names:
             missing, extra = sorted(names - set(state)), sorted(set(state) - names)
-            raise ValueError(f"the saved average does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+            raise ValueError(
+                f"the saved average does not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
         for g in self._groups:
             for name, avg, spec in zip(g.names, g.average, g.dtensor_specs):
                 value = state[name]
@@ -197,7 +212,9 @@ class _WeightAveraging(Callback):
                     mesh, placements, _, _ = spec
                     value = distribute_tensor(value.to(avg.device), mesh, placements, src_data_rank=None).to_local()
                 if value.shape != avg.shape:
-                    raise ValueError(f"the saved average of {name!r} has shape {tuple(value.shape)}, the model {tuple(avg.shape)}")
+                    raise ValueError(
+                        f"the saved average of {name!r} has shape {tuple(value.shape)}, the model {tuple(avg.shape)}"
+                    )
                 avg.copy_(value)
 
     # -- the update ----------------------------------------------------------------------------
@@ -207,7 +224,8 @@ class _WeightAveraging(Callback):
         if not self._live_is_finite(pl_module, groups):
             self.skipped += 1
             rank_zero_warn(
-                f"{type(self).__name__}: the weights are not finite (NaN or inf) at step {pl_module.trainer.global_step}, "
+                f"{type(self).__name__}: the weights are not finite (NaN or inf) "
+                f"at step {pl_module.trainer.global_step}, "
                 f"e.g. after a non-finite loss; this update is skipped and the average keeps its last finite value "
                 f"({self.skipped} skipped so far)"
             )
@@ -358,7 +376,9 @@ class _WeightAveraging(Callback):
         full = self._full_average() if self.updates > 0 else self._full_live()
         keys = [k for k in full if k.startswith(prefix)]
         if not keys:
-            raise ValueError(f"no averaged tensor is named with the prefix {prefix!r}; names start with {sorted(full)[:3]}")
+            raise ValueError(
+                f"no averaged tensor is named with the prefix {prefix!r}; names start with {sorted(full)[:3]}"
+            )
         return {k[len(prefix) :]: full[k] for k in keys}
 
     def live_state_dict(self) -> dict[str, Tensor]:
@@ -406,13 +426,21 @@ class _WeightAveraging(Callback):
         return {"updates": self.updates, "last_step": self._last_step, "average": average}
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """With ``evaluate_with="average"``, the checkpoint's ``state_dict`` holds the average (the
         weights validation measured, so the ones ``ModelCheckpoint`` ranks) and the callback's
         state the live weights (``"live"``, full tensors), which a resumed ``fit`` puts back."""
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         model_state = checkpoint.get("state_dict")
-        if self.evaluate_with != "average" or self.updates == 0 or self._holds_average or state is None or model_state is None:
+        if (
+            self.evaluate_with != "average"
+            or self.updates == 0
+            or self._holds_average
+            or state is None
+            or model_state is None
+        ):
             return
         groups = self._bind(pl_module)
         # Mid-validation the model holds the average and the live weights are set aside.
@@ -430,13 +458,19 @@ class _WeightAveraging(Callback):
                     shard = old.to_local()
                     mesh, placements, shape, stride = spec
                     model_state[name] = DTensor.from_local(
-                        avg.detach().to(device=shard.device, dtype=shard.dtype, copy=True), mesh, placements, shape=shape, stride=stride
+                        avg.detach().to(device=shard.device, dtype=shard.dtype, copy=True),
+                        mesh,
+                        placements,
+                        shape=shape,
+                        stride=stride,
                     )
                 else:
                     model_state[name] = full_average[name].to(device=old.device, dtype=old.dtype, copy=True)
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """Resuming ``fit``: the model was loaded from the checkpoint's ``state_dict`` (the average,
         see :meth:`on_save_checkpoint`); put the live weights of the callback's state back."""
         state = checkpoint.get("callbacks", {}).get(self.state_key)
@@ -452,7 +486,9 @@ class _WeightAveraging(Callback):
                 shard = local(tensor.detach())
                 value = live[name]
                 if is_sharded(tensor):
-                    value = distribute_tensor(value.to(shard.device), tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
+                    value = distribute_tensor(
+                        value.to(shard.device), tensor.device_mesh, tensor.placements, src_data_rank=None
+                    ).to_local()
                 shard.copy_(value)
 
     @override
@@ -466,4 +502,3 @@ class _WeightAveraging(Callback):
 def _export_prefix(pl_module: nn.Module | None) -> str:
     """``"backbone."`` for a module with an ``nn.Module`` ``backbone`` (litplug's modules), else ``""``."""
     return "backbone." if isinstance(getattr(pl_module, "backbone", None), nn.Module) else ""
-

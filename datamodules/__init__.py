@@ -8,4 +8,13 @@ from .synthetic import SyntheticClassification
 from .text import MarkovText
 from .vision import CIFAR10, MNIST
 
-__all__ = ["CIFAR10", "MNIST", "Digits", "ForgetRetain", "MarkovText", "OfflineDesigns", "SyntheticClassification", "TensorDataModule"]
+__all__ = [
+    "CIFAR10",
+    "MNIST",
+    "Digits",
+    "ForgetRetain",
+    "MarkovText",
+    "OfflineDesigns",
+    "SyntheticClassification",
+    "TensorDataModule",
+]

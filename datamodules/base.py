@@ -18,7 +18,9 @@ class ImageTensors(Dataset):
 
     ``x`` has shape [N, C, H, W] (or [N, D] for tabular data with ``scale=1``)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> None:
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, mean: Sequence[float], std: Sequence[float], scale: float
+    ) -> None:
         self.x, self.y, self.scale = x, y, scale
         view = (-1,) + (1,) * (x.dim() - 2) if x.dim() > 2 else (-1,)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(view)

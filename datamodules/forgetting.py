@@ -125,7 +125,9 @@ class ForgetRetain(LightningDataModule):
             bad = [c for c in forget_classes if c < 0 or (num_classes is not None and c >= num_classes)]
             if bad or not forget_classes:
                 accepted = f"[0, {num_classes})" if num_classes is not None else "[0, inf)"
-                raise ValueError(f"`forget_classes` must be a non-empty list of classes in {accepted}, got {forget_classes}")
+                raise ValueError(
+                    f"`forget_classes` must be a non-empty list of classes in {accepted}, got {forget_classes}"
+                )
             if num_classes is not None and len(set(forget_classes)) == num_classes:
                 raise ValueError(f"`forget_classes` must leave at least one class to retain, got {forget_classes}")
         self.datamodule = datamodule

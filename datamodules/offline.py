@@ -76,7 +76,9 @@ def make_task(name: str, dim: int | None = None) -> Task:
         raise ValueError(f"`dim` must be >= 1, got {dim}")
     if name == "sphere":
         d = dim or 8
-        return Task(name, _sphere, torch.full((d,), -5.12, dtype=torch.float64), torch.full((d,), 5.12, dtype=torch.float64))
+        return Task(
+            name, _sphere, torch.full((d,), -5.12, dtype=torch.float64), torch.full((d,), 5.12, dtype=torch.float64)
+        )
     cls_name, default_dim = BOTORCH_TASKS[name]
     try:
         import botorch.test_functions as test_functions

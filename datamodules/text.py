@@ -120,9 +120,9 @@ class MarkovText(LightningDataModule):
     ) -> None:
         super().__init__()
         for name, value, low in (
-            ("vocab_size", vocab_size, 2), ("seq_len", seq_len, 2), ("num_train", num_train, 2), ("num_val", num_val, 1),
-            ("num_test", num_test, 1), ("marked_repeats", marked_repeats, 1), ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
+            ("vocab_size", vocab_size, 2), ("seq_len", seq_len, 2), ("num_train", num_train, 2),
+            ("num_val", num_val, 1), ("num_test", num_test, 1), ("marked_repeats", marked_repeats, 1),
+            ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
         ):  # fmt: skip
             check_int(name, value, low=low)
         check_int("num_marked", num_marked, low=1, high=num_train - 1)
@@ -157,7 +157,11 @@ class MarkovText(LightningDataModule):
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

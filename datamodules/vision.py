@@ -101,7 +101,11 @@ class MNIST(_FolderDataModule):
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
         raw = self.root / "MNIST" / "raw"
-        arrays = [read_idx(raw / f"{split}-{kind}") for split in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+        arrays = [
+            read_idx(raw / f"{split}-{kind}")
+            for split in ("train", "t10k")
+            for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
+        ]
         x_tr, y_tr, x_te, y_te = (torch.from_numpy(a.copy()) for a in arrays)
         return x_tr.unsqueeze(1), y_tr.long(), x_te.unsqueeze(1), y_te.long(), 1.0 / 255.0
 

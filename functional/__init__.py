@@ -20,12 +20,12 @@ from .masks import (
     attribution_scores,
     enforce_masked_grads_,
     frozen_values,
-    pack_mask,
-    unpack_mask,
     kth_largest_key,
+    pack_mask,
     restore_frozen_,
     saliency_scores,
     topk_masks,
+    unpack_mask,
 )
 from .sharpness import (
     dual_ascent,

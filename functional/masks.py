@@ -128,7 +128,10 @@ def saliency_scores(grads_forget: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def attribution_scores(
-    params: Sequence[torch.Tensor], grads_forget: Sequence[torch.Tensor], grads_retain: Sequence[torch.Tensor], mu: float
+    params: Sequence[torch.Tensor],
+    grads_forget: Sequence[torch.Tensor],
+    grads_retain: Sequence[torch.Tensor],
+    mu: float,
 ) -> list[torch.Tensor]:
     """WAGLE: ``|(theta - g_r / mu) * g_f|``."""
     return [((p - gr / mu) * gf).abs() for p, gf, gr in zip(params, grads_forget, grads_retain)]
@@ -182,14 +185,21 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 def unpack_mask(packed: torch.Tensor, shape: Sequence[int] | torch.Size) -> torch.Tensor:
     """The boolean mask of shape ``shape`` that :func:`pack_mask` packed."""
     n = math.prod(shape)
-    return _unpack(packed, 0, n).view(tuple(shape)) if n else torch.zeros(tuple(shape), dtype=torch.bool, device=packed.device)
+    return (
+        _unpack(packed, 0, n).view(tuple(shape))
+        if n
+        else torch.zeros(tuple(shape), dtype=torch.bool, device=packed.device)
+    )
 
 
 def frozen_values(param: torch.Tensor, packed: torch.Tensor) -> list[torch.Tensor]:
     """The values of ``param`` at the entries a packed mask leaves frozen (bit 0), one 1-D tensor
     per ``CHUNK`` entries (row-major), for :func:`restore_frozen_`."""
     flat = param.detach().reshape(-1)
-    return [flat[s : s + CHUNK][_unpack(packed, s, min(s + CHUNK, flat.numel())).logical_not()] for s in _chunks(flat.numel())]
+    return [
+        flat[s : s + CHUNK][_unpack(packed, s, min(s + CHUNK, flat.numel())).logical_not()]
+        for s in _chunks(flat.numel())
+    ]
 
 
 def enforce_masked_grads_(grads: Sequence[torch.Tensor | None], packed: Sequence[torch.Tensor]) -> None:
@@ -208,7 +218,9 @@ def enforce_masked_grads_(grads: Sequence[torch.Tensor | None], packed: Sequence
             part.mul_(_unpack(bits, s, s + part.numel(), part.dtype))
 
 
-def restore_frozen_(params: Sequence[torch.Tensor], frozen: Sequence[Sequence[torch.Tensor]], packed: Sequence[torch.Tensor]) -> None:
+def restore_frozen_(
+    params: Sequence[torch.Tensor], frozen: Sequence[Sequence[torch.Tensor]], packed: Sequence[torch.Tensor]
+) -> None:
     """Put the original values (:func:`frozen_values`) back into the frozen entries of ``params``
     in place: a copy, so bit-exact (``-0.0``, inf and NaN payloads included)."""
     for p, values, bits in zip(params, frozen, packed):

@@ -85,7 +85,6 @@ def sam_perturbation(
     return e, norm
 
 
-
 def sam_gradient(grad: Sequence[Tensor], grad_perturbed: Sequence[Tensor], penalty_weight: float) -> list[Tensor]:
     """Final gradient ``(1 - a) g + a grad L(w + e)``: SAM for ``a = 1``, the gradient-norm penalty
     of Zhao et al. for ``0 < a < 1``."""

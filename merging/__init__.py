@@ -69,4 +69,3 @@ __all__ = [
     "ties_merge",
     "weight_matching",
 ]
-

@@ -67,7 +67,10 @@ class TrainingModule(LightningModule):
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"`backbone` must be an nn.Module, got {type(backbone).__name__}")
         if not callable(optimizer):
-            raise TypeError(f"`optimizer` must be a callable params -> Optimizer (an optimizer class or a partial of one), got {optimizer!r}")
+            raise TypeError(
+                "`optimizer` must be a callable params -> Optimizer (an optimizer class or a partial of one), "
+                f"got {optimizer!r}"
+            )
         if lr_scheduler is not None and not callable(lr_scheduler):
             raise TypeError(f"`lr_scheduler` must be None or a callable optimizer -> LRScheduler, got {lr_scheduler!r}")
         check_optimizer(optimizer, lr_scheduler)

@@ -171,8 +171,8 @@ class CertifiedClassifier(Classifier):
             dm = getattr(self.trainer, "datamodule", None)
             if dm is None or not all(hasattr(dm, a) for a in ("mean", "std", "pixel_range")):
                 raise ValueError(
-                    "CertifiedClassifier needs the input normalisation to map the pixel-space `eps`: pass `mean`, `std` "
-                    "and `pixel_range`, or use a datamodule that has these attributes"
+                    "CertifiedClassifier needs the input normalisation to map the pixel-space `eps`: "
+                    "pass `mean`, `std` and `pixel_range`, or use a datamodule that has these attributes"
                 )
             self.normalization = {"mean": tuple(dm.mean), "std": tuple(dm.std), "pixel_range": tuple(dm.pixel_range)}
 
@@ -193,7 +193,9 @@ class CertifiedClassifier(Classifier):
     def robust_terms(self, x: torch.Tensor, y: torch.Tensor, eps: float, record_relu: bool = False) -> Any:
         """Bounds on the margins of ``(x, y)`` at ``eps`` (see :class:`~litplug.bounds.BoundResult`)."""
         lower, upper = self.box(x, eps)
-        return bounded(self.backbone)(lower, upper, clean=x, spec=margin_spec(y, self.num_classes), record_relu=record_relu)
+        return bounded(self.backbone)(
+            lower, upper, clean=x, spec=margin_spec(y, self.num_classes), record_relu=record_relu
+        )
 
     @override
     def batch_loss(self, batch: Batch) -> torch.Tensor:

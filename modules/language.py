@@ -39,7 +39,9 @@ def logits_of(output: Any) -> torch.Tensor:
     if logits is None and isinstance(output, Mapping):
         logits = output.get("logits")
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"the backbone returned {type(output).__name__}: expected a tensor of logits or an output with `logits`")
+        raise TypeError(
+            f"the backbone returned {type(output).__name__}: expected a tensor of logits or an output with `logits`"
+        )
     return logits
 
 
@@ -51,7 +53,9 @@ def tokens_of(batch: Any) -> torch.Tensor:
     elif isinstance(batch, Sequence) and not isinstance(batch, torch.Tensor):
         batch = batch[0]
     if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.is_floating_point():
-        raise TypeError(f"a language-model batch must hold integer token ids of shape [batch, length], got {batch!r:.80}")
+        raise TypeError(
+            f"a language-model batch must hold integer token ids of shape [batch, length], got {batch!r:.80}"
+        )
     return batch
 
 
@@ -90,10 +94,24 @@ class CausalTransformer(nn.Module):
     """
 
     def __init__(
-        self, vocab_size: int = 16, max_len: int = 24, dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0
+        self,
+        vocab_size: int = 16,
+        max_len: int = 24,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value, low in (("vocab_size", vocab_size, 2), ("max_len", max_len, 2), ("dim", dim, 1), ("depth", depth, 1), ("heads", heads, 1), ("mlp_ratio", mlp_ratio, 1)):
+        for name, value, low in (
+            ("vocab_size", vocab_size, 2),
+            ("max_len", max_len, 2),
+            ("dim", dim, 1),
+            ("depth", depth, 1),
+            ("heads", heads, 1),
+            ("mlp_ratio", mlp_ratio, 1),
+        ):
             check_int(name, value, low=low)
         if dim % heads:
             raise ValueError(f"`dim` must be divisible by `heads`={heads}, got {dim}")
@@ -101,7 +119,9 @@ class CausalTransformer(nn.Module):
         self.vocab_size, self.max_len = vocab_size, max_len
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = nn.Embedding(max_len, dim)
-        layer = nn.TransformerEncoderLayer(dim, heads, mlp_ratio * dim, dropout, activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, mlp_ratio * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
@@ -142,7 +162,10 @@ class LanguageModel(TrainingModule):
     """
 
     def __init__(
-        self, backbone: nn.Module, optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None
+        self,
+        backbone: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(backbone, optimizer, lr_scheduler)
 

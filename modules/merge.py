@@ -27,11 +27,12 @@ from typing import Literal
 from torch import Tensor, nn
 from typing_extensions import override
 
+from litplug.validation import check_choice, check_list, check_number, check_str
+
 from ..merging import align, task_arithmetic, ties_merge
 from ..plumbing import save_rank_zero
 from .classifier import Classifier
 from .soup import Metric, ModelSoup, check_compatible, greedy_soup, load_ingredient, uniform_soup
-from litplug.validation import check_choice, check_list, check_number, check_str
 
 State = dict[str, Tensor]
 Recipe = Literal["uniform", "greedy", "task_arithmetic", "ties", "align_then_average"]
@@ -175,7 +176,9 @@ class ModelMerge(Classifier):
         name = self.metric.split("/")[-1]
         if self.logger is not None:
             for i, score in enumerate(self.scores):
-                self.logger.log_metrics({f"merge/ingredient_{name}": score, "merge/kept": float(i in self.kept)}, step=i)
+                self.logger.log_metrics(
+                    {f"merge/ingredient_{name}": score, "merge/kept": float(i in self.kept)}, step=i
+                )
             if len(self.scales) > 1 and self.recipe in ("task_arithmetic", "ties"):
                 for i, (s, score) in enumerate(zip(self.scales, self.scale_scores)):
                     self.logger.log_metrics({f"merge/scale_{name}": score, "merge/scale": s}, step=i)

@@ -17,7 +17,6 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from torch import nn
 
 from litplug.validation import check_bool, check_choice, check_fraction, check_list, check_positive_int
@@ -175,9 +174,13 @@ class CNN7(nn.Sequential):
         c_in, h, w = shape
         layers: list[nn.Module] = []
         for c_out, stride in [(width, 1), (width, 1), (2 * width, 2), (2 * width, 1), (2 * width, 1)]:
-            layers.append(nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()))
+            layers.append(
+                nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
+            )
             c_in, h, w = c_out, (h - 1) // stride + 1, (w - 1) // stride + 1
-        layers.append(nn.Sequential(nn.Flatten(), nn.Linear(c_in * h * w, linear_size), nn.BatchNorm1d(linear_size), nn.ReLU()))
+        layers.append(
+            nn.Sequential(nn.Flatten(), nn.Linear(c_in * h * w, linear_size), nn.BatchNorm1d(linear_size), nn.ReLU())
+        )
         layers.append(nn.Linear(linear_size, num_outputs))
         super().__init__(*layers)
         self.input_shape = shape

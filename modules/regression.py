@@ -5,7 +5,8 @@ Example:
     >>> from litplug.datamodules import OfflineDesigns
     >>> from litplug.modules import MLP, Regressor
     >>> model = Regressor(MLP(input_shape=[8], num_outputs=1, hidden=[64, 64]))
-    >>> Trainer(max_epochs=5, logger=False, enable_progress_bar=False).fit(model, OfflineDesigns("sphere"))  # doctest: +SKIP
+    >>> trainer = Trainer(max_epochs=5, logger=False, enable_progress_bar=False)  # doctest: +SKIP
+    >>> trainer.fit(model, OfflineDesigns("sphere"))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ class Regressor(TrainingModule):
         """Predictions for ``x`` in the shape of ``y``, as float32."""
         pred = self(x)
         if pred.numel() != y.numel():
-            raise ValueError(f"backbone outputs shape {tuple(pred.shape)} for targets of shape {tuple(y.shape)}; set its `num_outputs` to match")
+            raise ValueError(
+                f"backbone outputs shape {tuple(pred.shape)} for targets of shape {tuple(y.shape)}; "
+                "set its `num_outputs` to match"
+            )
         return pred.reshape(y.shape).float()
 
     def loss(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -76,7 +80,9 @@ class Regressor(TrainingModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, mse: MeanSquaredError, spearman: SpearmanCorrCoef) -> None:
+    def _evaluate(
+        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, mse: MeanSquaredError, spearman: SpearmanCorrCoef
+    ) -> None:
         x, y = batch
         pred = self.predict(x, y)
         mse.update(pred, y.float())

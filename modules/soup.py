@@ -33,7 +33,6 @@ from typing_extensions import override
 
 from ..plumbing import save_rank_zero, training_mode
 from ..validation import check_choice, check_list, check_path
-
 from .classifier import Classifier
 
 State = dict[str, Tensor]
@@ -62,7 +61,9 @@ def check_compatible(reference: State, state: State, where: str) -> None:
         if name not in state:
             raise ValueError(f"{where}: parameter {name!r} (shape {tuple(ref.shape)}) is missing")
         if state[name].shape != ref.shape:
-            raise ValueError(f"{where}: parameter {name!r} has shape {tuple(state[name].shape)}, expected {tuple(ref.shape)}")
+            raise ValueError(
+                f"{where}: parameter {name!r} has shape {tuple(state[name].shape)}, expected {tuple(ref.shape)}"
+            )
     extra = [k for k in state if k not in reference]
     if extra:
         raise ValueError(f"{where}: unexpected parameter {extra[0]!r} (shape {tuple(state[extra[0]].shape)})")
@@ -206,5 +207,3 @@ class ModelSoup(Classifier):
             self.logger.log_metrics({f"soup/{name}": self.soup_score}, step=len(self.scores))
         if self.output_path:
             save_rank_zero({k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}, self.output_path)
-
-

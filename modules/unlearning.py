@@ -64,9 +64,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
-from ..plumbing import mix_seed
 from litplug.validation import check_choice, check_int, check_number, check_path
 
+from ..plumbing import mix_seed
 from .base import TrainingModule
 from .language import logits_of, sequence_log_likelihood, tokens_of
 
@@ -193,7 +193,9 @@ class Unlearner(TrainingModule):
         check_number("alpha", alpha, low=0)
         check_int("seed", seed)
         if method == "retrain" and checkpoint is not None:
-            raise ValueError(f"`checkpoint` must be None for method='retrain' (it trains from scratch), got {checkpoint!r}")
+            raise ValueError(
+                f"`checkpoint` must be None for method='retrain' (it trains from scratch), got {checkpoint!r}"
+            )
         super().__init__(backbone, optimizer, lr_scheduler)
         if checkpoint is not None:
             load_backbone_weights(backbone, checkpoint)
@@ -338,16 +340,21 @@ class Unlearner(TrainingModule):
         empty = torch.zeros(0)  # no held-out data: TA and MIA are NaN
         if self.objective == "causal_lm":
             metrics = {
-                f"{name}_loss": float(-logp.sum() / count.sum()) if len(count) else math.nan for name, (logp, count) in data.items()
+                f"{name}_loss": float(-logp.sum() / count.sum()) if len(count) else math.nan
+                for name, (logp, count) in data.items()
             }
             seq_loss = {name: -logp / count.clamp_min(1) for name, (logp, count) in data.items()}
             metrics["MIA"] = loss_mia_auc(seq_loss["forget"], seq_loss.get("test", empty))
         else:
-            acc = {name: 100.0 * correct.mean().item() if len(correct) else math.nan for name, (_, correct) in data.items()}
+            acc = {
+                name: 100.0 * correct.mean().item() if len(correct) else math.nan for name, (_, correct) in data.items()
+            }
             metrics = {"UA": 100.0 - acc["forget"], "RA": acc["retain"], "TA": acc.get("test", math.nan)}
             if "forget_test" in acc:
                 metrics["forget_test_acc"] = acc["forget_test"]
-            metrics["MIA"] = mia_efficacy(data["retain"][0], data.get("test", (empty, empty))[0], data["forget"][0], self.seed)
+            metrics["MIA"] = mia_efficacy(
+                data["retain"][0], data.get("test", (empty, empty))[0], data["forget"][0], self.seed
+            )
         for key, value in metrics.items():
             self.log(f"unlearn/{stage}/{key}", value, sync_dist=True)  # identical on every rank already
         if stage == "val" and self._fit_start:

@@ -151,7 +151,9 @@ def tokens(n: int = 32, length: int = 9, batch_size: int = 4, seed: int = 0) -> 
 def features(n: int = 64, batch_size: int = 8, seed: int = 0) -> Split:
     """Gaussian 6-d features with 3 classes; the first 16 samples are the forget set."""
     g = torch.Generator().manual_seed(seed)
-    return Split(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g), forget=16, batch_size=batch_size)
+    return Split(
+        torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g), forget=16, batch_size=batch_size
+    )
 
 
 def boring_data(batch_size: int = 4) -> LightningDataModule:

@@ -53,12 +53,22 @@ def run_distributed(
     file = Path(inspect.getsourcefile(worker)).resolve()
     out = Path(tmp_path) / f"dist_{worker.__name__}_{strategy}"
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(TESTS_DIR / "launch.py"), str(file), worker.__name__, strategy, str(out), json.dumps(kwargs)]
+    cmd = [
+        sys.executable,
+        str(TESTS_DIR / "launch.py"),
+        str(file),
+        worker.__name__,
+        strategy,
+        str(out),
+        json.dumps(kwargs),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"distributed worker failed (rc={proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-10000:]}")
+        raise RuntimeError(
+            f"distributed worker failed (rc={proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-10000:]}"
+        )
     results = []
     for rank in range(2):
         path = out / f"rank{rank}.pt"

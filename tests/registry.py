@@ -11,7 +11,16 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
-from litplug.callbacks import EMA, SAM, SWA, GradientAscentSearch, IBPWarmup, SharpnessMonitor, SurrogateSharpness, UnlearningMask
+from litplug.callbacks import (
+    EMA,
+    SAM,
+    SWA,
+    GradientAscentSearch,
+    IBPWarmup,
+    SharpnessMonitor,
+    SurrogateSharpness,
+    UnlearningMask,
+)
 from litplug.datamodules import Digits, ForgetRetain, OfflineDesigns
 from litplug.modules import MLP, CertifiedClassifier, Classifier, Regressor, Unlearner
 
@@ -53,7 +62,9 @@ CASES["SWA"] = Case(lambda: SWA(start=0))
 
 # Unlearning (callbacks/unlearning.py): the mask needs forget data and an Unlearner.
 def small_unlearner() -> LightningModule:
-    return Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32], batch_norm=True), None, "gradient_difference")
+    return Unlearner(
+        MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32], batch_norm=True), None, "gradient_difference"
+    )
 
 
 def forget_digits() -> LightningDataModule:
@@ -66,6 +77,7 @@ CASES["UnlearningMask"] = Case(
     data=forget_digits,
     trainer={"gradient_clip_val": 1.0},
 )
+
 
 # Certified training (callbacks/certified.py).
 def certified_classifier() -> LightningModule:
@@ -84,7 +96,11 @@ CASES["IBPWarmup+SAM+EMA"] = Case(
     trainer={"gradient_clip_val": 10.0},
 )
 CASES["UnlearningMask+SAM+EMA"] = Case(
-    callback=lambda: [UnlearningMask("attribution", ratio=0.3, num_batches=2), SAM(rho=0.05, adaptive=True), EMA(decay=0.9)],
+    callback=lambda: [
+        UnlearningMask("attribution", ratio=0.3, num_batches=2),
+        SAM(rho=0.05, adaptive=True),
+        EMA(decay=0.9),
+    ],
     model=small_unlearner,
     data=forget_digits,
 )
@@ -99,10 +115,15 @@ def offline_sphere() -> LightningDataModule:
     return OfflineDesigns("sphere", dim=4, num_samples=600, batch_size=32)
 
 
-CASES["GradientAscentSearch"] = Case(lambda: GradientAscentSearch(num_designs=16, steps=10), model=small_regressor, data=offline_sphere)
+CASES["GradientAscentSearch"] = Case(
+    lambda: GradientAscentSearch(num_designs=16, steps=10), model=small_regressor, data=offline_sphere
+)
 # The offline workflow with IGNITE training the surrogate.
 CASES["GradientAscentSearch+SurrogateSharpness"] = Case(
-    callback=lambda: [SurrogateSharpness(lambda_init=0.1, lambda_lr=0.1), GradientAscentSearch(num_designs=16, steps=10)],
+    callback=lambda: [
+        SurrogateSharpness(lambda_init=0.1, lambda_lr=0.1),
+        GradientAscentSearch(num_designs=16, steps=10),
+    ],
     model=small_regressor,
     data=offline_sphere,
 )
@@ -124,7 +145,9 @@ def _foreign_columns() -> dict[str, Column]:
     return {
         "boring": Column(foreign.boring, foreign.boring_data),
         "lm": Column(foreign.lm, foreign.tokens),
-        "handwritten": Column(foreign.Handwritten, foreign.features, {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5}),
+        "handwritten": Column(
+            foreign.Handwritten, foreign.features, {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5}
+        ),
         "manual": Column(foreign.Manual, foreign.features),
     }
 

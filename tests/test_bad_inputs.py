@@ -141,7 +141,12 @@ SPEC: dict[str, dict[str, Arg]] = {
         "eps": Arg(0, ok={"zero": "eps 0 is natural training with the certified metrics logged"}),
         "kappa_final": Arg(0, 1, ok={"zero": "0 trains on the robust loss alone at full eps"}),
         "pgd_steps": Arg(0, ok={"zero": "0 disables the PGD attack"}),
-        "mean": Arg(ok={"item_zero": "a channel mean of 0 leaves the channel uncentred", "item_negative": "a mean may be negative"}),
+        "mean": Arg(
+            ok={
+                "item_zero": "a channel mean of 0 leaves the channel uncentred",
+                "item_negative": "a mean may be negative",
+            }
+        ),
         "std": ANY,
         "pixel_range": ANY,
         "tightness_every_n_epochs": Arg(0, ok={"zero": "0 disables the tightness log"}),
@@ -156,7 +161,14 @@ SPEC: dict[str, dict[str, Arg]] = {
         "batch_norm": ANY,
         "dropout": Arg(0, 1, high_open=True, ok={"zero": "0 disables dropout"}),
     },
-    "ConvNet": {"input_shape": ANY, "num_outputs": COUNT, "channels": ANY, "hidden": COUNT, "activation": ANY, "batch_norm": ANY},
+    "ConvNet": {
+        "input_shape": ANY,
+        "num_outputs": COUNT,
+        "channels": ANY,
+        "hidden": COUNT,
+        "activation": ANY,
+        "batch_norm": ANY,
+    },
     "CNN7": {"input_shape": ANY, "num_outputs": COUNT, "width": COUNT, "linear_size": COUNT},
     "Regressor": {"backbone": ANY, "loss": ANY, "optimizer": ANY, "lr_scheduler": ANY},
     "ModelMerge": {
@@ -177,7 +189,14 @@ SPEC: dict[str, dict[str, Arg]] = {
         "num_classes": CLASSES,
         "output_path": ANY,
     },
-    "ModelSoup": {"backbone": ANY, "checkpoints": ANY, "recipe": ANY, "metric": ANY, "num_classes": CLASSES, "output_path": ANY},
+    "ModelSoup": {
+        "backbone": ANY,
+        "checkpoints": ANY,
+        "recipe": ANY,
+        "metric": ANY,
+        "num_classes": CLASSES,
+        "output_path": ANY,
+    },
     "Unlearner": {
         "backbone": ANY,
         "checkpoint": ANY,
@@ -214,7 +233,13 @@ SPEC: dict[str, dict[str, Arg]] = {
         "seed": SEED_ARG,
         "num_workers": NUM_WORKERS,
     },
-    "TensorDataModule": {"batch_size": COUNT, "val_fraction": FRACTION, "label_noise": LABEL_NOISE, "seed": SEED_ARG, "num_workers": NUM_WORKERS},
+    "TensorDataModule": {
+        "batch_size": COUNT,
+        "val_fraction": FRACTION,
+        "label_noise": LABEL_NOISE,
+        "seed": SEED_ARG,
+        "num_workers": NUM_WORKERS,
+    },
     "Digits": {
         "batch_size": COUNT,
         "val_fraction": FRACTION,
@@ -285,7 +310,11 @@ def owner(cls: type) -> str:
 def public_arguments(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls.__init__)
     params = inspect.signature(cls.__init__).parameters.values()
-    return {p.name: hints[p.name] for p in params if p.name != "self" and not p.name.startswith("_") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return {
+        p.name: hints[p.name]
+        for p in params
+        if p.name != "self" and not p.name.startswith("_") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
 
 
 # ------------------------------------------------------------------------------ row generation
@@ -355,7 +384,12 @@ def rows(annotation: Any, spec: Arg) -> list[tuple[str, Any, type | None]]:
             item = _item_type(m)
             value_rows += [("empty", []), ("item_type", [object()])]
             if item is float:
-                value_rows += [("item_nan", [math.nan]), ("item_inf", [math.inf]), ("item_zero", [0.0]), ("item_negative", [-1.0])]
+                value_rows += [
+                    ("item_nan", [math.nan]),
+                    ("item_inf", [math.inf]),
+                    ("item_zero", [0.0]),
+                    ("item_negative", [-1.0]),
+                ]
             elif item is int:
                 value_rows += [("item_zero", [0]), ("item_negative", [-1])]
             elif item is str:
@@ -425,9 +459,13 @@ def test_bad_inputs(cls, name, annotation, ingredient):
             cls(**kwargs)
         except (TypeError, ValueError) as err:
             if expected is None:
-                failures.append(f"{label}: {name}={value!r} is meaningful ({SPEC[owner(cls)][name].ok[label]}) but raised {err!r}")
+                failures.append(
+                    f"{label}: {name}={value!r} is meaningful ({SPEC[owner(cls)][name].ok[label]}) but raised {err!r}"
+                )
             elif type(err) is not expected and not isinstance(err, expected):
-                failures.append(f"{label}: {name}={value!r} raised {type(err).__name__}, expected {expected.__name__}: {err}")
+                failures.append(
+                    f"{label}: {name}={value!r} raised {type(err).__name__}, expected {expected.__name__}: {err}"
+                )
             elif f"`{name}" not in str(err):
                 failures.append(f"{label}: {name}={value!r} raised without naming `{name}`: {err}")
         else:
@@ -454,5 +492,7 @@ def test_every_public_argument_has_a_row():
 def test_the_matrix_covers_every_public_class():
     names = {cls.__name__ for cls in public_classes()}
     assert {"EMA", "SAM", "UnlearningMask", "CertifiedClassifier", "Digits", "ForgetRetain", "MNIST"} <= names
-    rows_total = sum(len(rows(annotation, SPEC[owner(cls)][name])) for cls, name, annotation in (p.values for p in ARGUMENTS))
+    rows_total = sum(
+        len(rows(annotation, SPEC[owner(cls)][name])) for cls, name, annotation in (p.values for p in ARGUMENTS)
+    )
     assert len(ARGUMENTS) > 100 and rows_total > 900

@@ -136,7 +136,12 @@ def test_strategy_fragments_build_their_strategy(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     for fragment, kind in (("ddp", DDPStrategy), ("fsdp2", ModelParallelStrategy), ("cpu", type(None))):
-        args = ["--config", str(CONFIGS / "digits" / "classifier.yaml"), "--config", str(CONFIGS / "trainer" / f"{fragment}.yaml")]
+        args = [
+            "--config",
+            str(CONFIGS / "digits" / "classifier.yaml"),
+            "--config",
+            str(CONFIGS / "trainer" / f"{fragment}.yaml"),
+        ]
         trainer = LitplugCLI(args=args, run=False).trainer
         if kind is type(None):
             assert trainer.num_devices == 1

@@ -64,7 +64,12 @@ def test_missing_config_file(capsys):
 
 def test_missing_and_truncated_checkpoints_name_the_file(tmp_path, capsys):
     assert "--ckpt_path nowhere.ckpt: no such file" in usage_error(capsys, "--ckpt_path", "nowhere.ckpt")
-    fast = ["--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--test_after_fit=false"]
+    fast = [
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        "--test_after_fit=false",
+    ]
     main(["fit", "--config", CLASSIFIER, *fast])
     (ckpt,) = (tmp_path / "runs").rglob("*.ckpt")
     torch.load(ckpt, weights_only=False)  # a real, complete checkpoint
@@ -78,7 +83,16 @@ def test_missing_and_truncated_checkpoints_name_the_file(tmp_path, capsys):
 def test_errors_inside_training_keep_their_traceback(capsys):
     # SWA checks `start` against max_epochs at setup, inside Trainer.fit: not an input error.
     with pytest.raises(ValueError, match="beyond the last epoch"):
-        main(["fit", "--config", CLASSIFIER, "--trainer.max_epochs=1", "--trainer.callbacks+=SWA", "--trainer.callbacks.start=3"])
+        main(
+            [
+                "fit",
+                "--config",
+                CLASSIFIER,
+                "--trainer.max_epochs=1",
+                "--trainer.callbacks+=SWA",
+                "--trainer.callbacks.start=3",
+            ]
+        )
 
 
 def test_debug_flag_raises_the_original_error(monkeypatch):
@@ -90,7 +104,16 @@ def test_debug_flag_raises_the_original_error(monkeypatch):
 
 
 def test_console_exit_status_and_stderr(tmp_path):
-    args = [sys.executable, "-m", "litplug", "fit", "--config", CLASSIFIER, "--trainer.callbacks+=EMA", "--trainer.callbacks.decay=1.5"]
+    args = [
+        sys.executable,
+        "-m",
+        "litplug",
+        "fit",
+        "--config",
+        CLASSIFIER,
+        "--trainer.callbacks+=EMA",
+        "--trainer.callbacks.decay=1.5",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "LITPLUG_DEBUG"}
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr

@@ -15,12 +15,37 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 def test_unlearning_mask_with_sam_and_ema_from_yaml(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(CONFIGS / "digits/unlearning/original.yaml"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1", *QUIET])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "digits/unlearning/original.yaml"),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1",
+            *QUIET,
+        ]
+    )
     original = torch.load(tmp_path / "runs/unlearning/original.ckpt", weights_only=False)["state_dict"]
 
-    fragments = ["digits/unlearning/class.yaml", "digits/unlearning/methods/gradient_difference.yaml", "callbacks/unlearning_mask.yaml", "callbacks/sam.yaml", "callbacks/ema.yaml"]
+    fragments = [
+        "digits/unlearning/class.yaml",
+        "digits/unlearning/methods/gradient_difference.yaml",
+        "callbacks/unlearning_mask.yaml",
+        "callbacks/sam.yaml",
+        "callbacks/ema.yaml",
+    ]
     args = ["fit"] + [a for f in fragments for a in ("--config", str(CONFIGS / f))]
-    cli = LitplugCLI(args=[*args, "--trainer.max_epochs=2", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=2", *QUIET])
+    cli = LitplugCLI(
+        args=[
+            *args,
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=2",
+            *QUIET,
+        ]
+    )
 
     (mask_cb,) = [c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]
     (ema,) = [c for c in cli.trainer.callbacks if isinstance(c, EMA)]

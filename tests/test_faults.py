@@ -57,7 +57,11 @@ def _start(run_dir: Path, *fragments: str, extra: tuple[str, ...] = ()) -> subpr
     for i, text in enumerate(fragments):
         (run_dir / f"fragment{i}.yaml").write_text(text)
         args += ["--config", str(run_dir / f"fragment{i}.yaml")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("LOCAL_RANK", None)
     cmd = [sys.executable, "-m", "litplug", "fit", *args, *extra]
     return subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -108,4 +112,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     (ema,) = [a["callbacks"][k] for k in states if k.startswith("EMA")]
     assert ema["updates"] == 9 and ema["average"]
     # fit ended on the EMA average, exported as a plain state dict: the same in both runs
-    _assert_equal(torch.load(tmp_path / "killed/runs/ema_backbone.pt"), torch.load(tmp_path / "full/runs/ema_backbone.pt"), "export")
+    _assert_equal(
+        torch.load(tmp_path / "killed/runs/ema_backbone.pt"),
+        torch.load(tmp_path / "full/runs/ema_backbone.pt"),
+        "export",
+    )

@@ -23,7 +23,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def model(seed=0):
     torch.manual_seed(seed)
-    return Classifier(MLP(input_shape=[16], num_outputs=4, hidden=[64, 64]), num_classes=4, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+    return Classifier(
+        MLP(input_shape=[16], num_outputs=4, hidden=[64, 64]),
+        num_classes=4,
+        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+    )
 
 
 def data():
@@ -55,7 +59,9 @@ def test_sam_fp16_gradscaler_matches_fp32(tmp_path):
     for precision in ("32-true", "16-mixed"):
         seed_everything(0)
         grads, net = Grads(), model()
-        trainer = gpu_trainer(tmp_path, max_steps=3, precision=precision, callbacks=[SAM(rho=0.1, penalty_weight=0.5), grads])
+        trainer = gpu_trainer(
+            tmp_path, max_steps=3, precision=precision, callbacks=[SAM(rho=0.1, penalty_weight=0.5), grads]
+        )
         trainer.fit(net, data())
         assert all(torch.isfinite(p).all() for p in net.parameters())
         runs[precision] = (grads.grads, trainer)
@@ -128,13 +134,17 @@ def test_fsdp2_on_one_gpu_with_sam_and_ema(tmp_path):
     assert all(torch.isfinite(p.full_tensor()).all() for p in net.backbone.parameters())
 
 
-@pytest.mark.parametrize("make", [EMA, partial(SAM, rho=0.05), partial(UnlearningMask, "magnitude")], ids=["EMA", "SAM", "UnlearningMask"])
+@pytest.mark.parametrize(
+    "make", [EMA, partial(SAM, rho=0.05), partial(UnlearningMask, "magnitude")], ids=["EMA", "SAM", "UnlearningMask"]
+)
 def test_fsdp1_refused_at_setup(tmp_path, make):
     with pytest.raises(ValueError, match="FSDPStrategy"):
         gpu_trainer(tmp_path, max_steps=1, strategy="fsdp", callbacks=[make()]).fit(model(), data())
 
 
-@pytest.mark.parametrize("make", [EMA, partial(SAM, rho=0.05), partial(UnlearningMask, "magnitude")], ids=["EMA", "SAM", "UnlearningMask"])
+@pytest.mark.parametrize(
+    "make", [EMA, partial(SAM, rho=0.05), partial(UnlearningMask, "magnitude")], ids=["EMA", "SAM", "UnlearningMask"]
+)
 def test_deepspeed_refused_at_setup(tmp_path, make):
     pytest.importorskip("deepspeed")
     with pytest.raises(ValueError, match="DeepSpeedStrategy"):

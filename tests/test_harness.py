@@ -44,7 +44,14 @@ def test_fsdp2_shards_parameters(tmp_path):
 
 def test_read_scalars(tmp_path):
     model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), num_classes=10)
-    trainer = fast_trainer(tmp_path, logger=TensorBoardLogger(tmp_path), max_steps=6, log_every_n_steps=1, limit_val_batches=1, val_check_interval=3)
+    trainer = fast_trainer(
+        tmp_path,
+        logger=TensorBoardLogger(tmp_path),
+        max_steps=6,
+        log_every_n_steps=1,
+        limit_val_batches=1,
+        val_check_interval=3,
+    )
     trainer.fit(model, Digits(batch_size=32))
     scalars = read_scalars(tmp_path)
     assert [s for s, _ in scalars["train/loss"]] == list(range(6))

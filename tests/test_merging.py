@@ -30,7 +30,9 @@ class Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(1, 6, 3, padding=1)
-        self.block = nn.Sequential(nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 6, 3, padding=1))
+        self.block = nn.Sequential(
+            nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 6, 3, padding=1)
+        )
         self.bn = nn.BatchNorm2d(6)
         self.head = nn.Linear(6 * 16, 10)
 
@@ -70,10 +72,17 @@ def test_spec_groups_follow_the_graph():
     assert sorted(spec.sources) == [["block.0"], ["stem", "block.3"]]
     residual = spec.groups[spec.sources.index(["stem", "block.3"])]
     names = {(a.name, a.axis, a.block) for a in residual}
-    assert {("bn.running_mean", 0, 1), ("bn.running_var", 0, 1), ("head.weight", 1, 16), ("block.0.weight", 1, 1)} <= names
+    assert {
+        ("bn.running_mean", 0, 1),
+        ("bn.running_var", 0, 1),
+        ("head.weight", 1, 16),
+        ("block.0.weight", 1, 1),
+    } <= names
     spec = permutation_spec(make("convnet_flatten", 0), X)
     assert spec.sizes == [4, 6, 7]  # the output layer is never permuted
-    assert ("2.1.weight", 1, 16) in {(a.name, a.axis, a.block) for a in spec.groups[1]}  # 6 channels of 4x4 after Flatten
+    assert ("2.1.weight", 1, 16) in {
+        (a.name, a.axis, a.block) for a in spec.groups[1]
+    }  # 6 channels of 4x4 after Flatten
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -111,7 +120,11 @@ def test_weight_matching_solves_a_single_assignment():
 
     def score(p):
         p = list(p)
-        return float((sa["1.weight"] * sb["1.weight"][p]).sum() + (sa["1.bias"] * sb["1.bias"][p]).sum() + (sa["3.weight"] * sb["3.weight"][:, p]).sum())
+        return float(
+            (sa["1.weight"] * sb["1.weight"][p]).sum()
+            + (sa["1.bias"] * sb["1.bias"][p]).sum()
+            + (sa["3.weight"] * sb["3.weight"][:, p]).sum()
+        )
 
     best = max(itertools.permutations(range(4)), key=score)
     assert perm.tolist() == list(best)
@@ -142,7 +155,10 @@ class Shared(nn.Module):
         (lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.LayerNorm(8), nn.Linear(8, 2)), "LayerNorm"),
         (Concat, "cat"),
         (Shared, "'mid' is called twice"),
-        (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 2)), "groups=2"),
+        (
+            lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 2)),
+            "groups=2",
+        ),
     ],
 )
 def test_unsupported_structures_are_refused_by_name(model, match):
@@ -208,7 +224,7 @@ def test_barrier_definition_and_tensorboard(tmp_path):
         with torch.no_grad():
             expected.append(float(nn.functional.cross_entropy(probe(x), y)))
     assert r.loss == pytest.approx(expected, rel=1e-5)
-    rise = [l - ((1 - t) * expected[0] + t * expected[-1]) for t, l in zip(r.alphas, expected)]
+    rise = [loss - ((1 - t) * expected[0] + t * expected[-1]) for t, loss in zip(r.alphas, expected)]
     assert r.loss_barrier == pytest.approx(max(rise), rel=1e-4, abs=1e-6)
     assert r.midpoint_loss_barrier == pytest.approx(rise[2], rel=1e-4, abs=1e-6)
     scalars = read_scalars(tmp_path)

@@ -12,7 +12,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Not part of the source tree: local environments, build outputs, run logs.
-_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "runs", "lightning_logs", "*.egg-info", "__pycache__", ".pytest_cache", "data")
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "venv",
+    "build",
+    "dist",
+    "runs",
+    "lightning_logs",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    "data",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +52,14 @@ def test_wheel_holds_only_the_litplug_package(wheel):
         "litplug/bounds/__init__.py", "litplug/merging/__init__.py", "litplug/configs/digits/classifier.yaml",
     ):  # fmt: skip
         assert module in names
-    for package in ("bounds", "callbacks", "datamodules", "functional", "merging", "modules"):  # every source file of each
+    for package in (
+        "bounds",
+        "callbacks",
+        "datamodules",
+        "functional",
+        "merging",
+        "modules",
+    ):  # every source file of each
         for path in (ROOT / package).glob("*.py"):
             assert f"litplug/{package}/{path.name}" in names
     assert not any(n.startswith("litplug/tests/") or n.startswith("litplug/benchmarks/") for n in names)
@@ -49,7 +68,9 @@ def test_wheel_holds_only_the_litplug_package(wheel):
 def test_wheel_ships_every_file_under_configs(wheel):
     shipped = {n[len("litplug/") :] for n in zipfile.ZipFile(wheel).namelist() if n.startswith("litplug/configs/")}
     in_tree = {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*") if p.is_file()}
-    assert shipped == in_tree, f"missing from the wheel: {sorted(in_tree - shipped)}; extra: {sorted(shipped - in_tree)}"
+    assert shipped == in_tree, (
+        f"missing from the wheel: {sorted(in_tree - shipped)}; extra: {sorted(shipped - in_tree)}"
+    )
     assert "configs/digits/unlearning/methods/npo.yaml" in shipped
 
 
@@ -60,7 +81,14 @@ def test_main_job_runs_from_the_installed_wheel_outside_the_repository(wheel, tm
     site, work = tmp_path / "site", tmp_path / "work"
     zipfile.ZipFile(wheel).extractall(site)
     work.mkdir()
-    fast = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    fast = [
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
     code = "import sys, litplug; print(litplug.__file__); from litplug.cli import main; main(sys.argv[1:])"
     env = {**os.environ, "PYTHONPATH": str(site)}
     proc = subprocess.run(

@@ -10,14 +10,23 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from litplug.callbacks import GradientAscentSearch, IBPWarmup, SharpnessMonitor, UnlearningMask
 from litplug.callbacks.unlearning import topk_masks
-from litplug.protocols import CertifiedModule, ForgetRetainData, HasBatchLoss, OfflineDesignsData, missing_members, module_loss
-from litplug.modules import MLP, CertifiedClassifier, Classifier, Regressor, Unlearner
 from litplug.datamodules import Digits, ForgetRetain, OfflineDesigns
+from litplug.modules import MLP, CertifiedClassifier, Classifier, Regressor, Unlearner
+from litplug.protocols import (
+    CertifiedModule,
+    ForgetRetainData,
+    HasBatchLoss,
+    OfflineDesignsData,
+    missing_members,
+    module_loss,
+)
 
 
 def test_litplug_objects_satisfy_their_protocols():
     mlp = MLP(input_shape=[4], num_outputs=2, hidden=[4])
-    assert isinstance(CertifiedClassifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[4]), 10, eps=0.1), CertifiedModule)
+    assert isinstance(
+        CertifiedClassifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[4]), 10, eps=0.1), CertifiedModule
+    )
     assert isinstance(ForgetRetain(Digits(), "class", [0]), ForgetRetainData)
     dm = OfflineDesigns("sphere", dim=4, num_samples=50)
     dm.setup("fit")
@@ -35,13 +44,27 @@ def _loader():
 @pytest.mark.parametrize(
     "callback, protocol, lacks",
     [
-        (lambda: IBPWarmup(), "CertifiedModule", "Handwritten lacks \\['backbone', 'current_eps', 'eps', 'regularizer_tolerance', 'regularizer_weight'\\]"),
-        (lambda: GradientAscentSearch(), "OfflineDesignsData", "NoneType lacks \\['designs', 'lower', 'score', 'scores', 'unstandardise', 'upper'\\]"),
-        (lambda: UnlearningMask("saliency"), "ForgetRetainData", "NoneType lacks \\['forget_dataloader', 'retain_dataloader'\\]"),
+        (
+            lambda: IBPWarmup(),
+            "CertifiedModule",
+            "Handwritten lacks \\['backbone', 'current_eps', 'eps', 'regularizer_tolerance', 'regularizer_weight'\\]",
+        ),
+        (
+            lambda: GradientAscentSearch(),
+            "OfflineDesignsData",
+            "NoneType lacks \\['designs', 'lower', 'score', 'scores', 'unstandardise', 'upper'\\]",
+        ),
+        (
+            lambda: UnlearningMask("saliency"),
+            "ForgetRetainData",
+            "NoneType lacks \\['forget_dataloader', 'retain_dataloader'\\]",
+        ),
     ],
 )
 def test_setup_error_names_the_protocol_and_what_lacks(tmp_path, callback, protocol, lacks):
-    with pytest.raises(ValueError, match=f"needs the (module|datamodule) to satisfy {protocol} \\(litplug.protocols\\); {lacks}"):
+    with pytest.raises(
+        ValueError, match=f"needs the (module|datamodule) to satisfy {protocol} \\(litplug.protocols\\); {lacks}"
+    ):
         fast_trainer(tmp_path, max_steps=1, callbacks=[callback()]).fit(Handwritten(), _loader())
 
 
@@ -111,11 +134,14 @@ def test_monitor_never_steps_an_optimizer(tmp_path):
     trainer.fit(model, features())
     assert model.steps == 8 and trainer.global_step == 8
     assert torch.isfinite(trainer.callback_metrics["sharpness/model"])
-    with pytest.raises(ValueError, match="SharpnessMonitor needs a loss on a batch; ManualNoLoss uses manual optimisation"):
+    with pytest.raises(
+        ValueError, match="SharpnessMonitor needs a loss on a batch; ManualNoLoss uses manual optimisation"
+    ):
         fast_trainer(tmp_path, max_steps=1, callbacks=[SharpnessMonitor()]).fit(ManualNoLoss(), features())
-    with pytest.raises(ValueError, match="UnlearningMask\\(criterion='saliency'\\) needs a loss on a batch; ManualNoLoss uses manual"):
+    with pytest.raises(
+        ValueError, match="UnlearningMask\\(criterion='saliency'\\) needs a loss on a batch; ManualNoLoss uses manual"
+    ):
         fast_trainer(tmp_path, max_steps=1, callbacks=[UnlearningMask("saliency")]).fit(ManualNoLoss(), features())
-
 
 
 def test_ibp_warmup_and_search_drive_manually_optimised_modules(tmp_path):
@@ -136,14 +162,21 @@ def test_ibp_warmup_and_search_drive_manually_optimised_modules(tmp_path):
             self.seen.append(self.current_eps)
             opt = self.optimizers()
             opt.zero_grad()
-            self.manual_backward(F.cross_entropy(self.backbone(x), y) + self.current_eps * self.backbone.weight.abs().mean())
+            self.manual_backward(
+                F.cross_entropy(self.backbone(x), y) + self.current_eps * self.backbone.weight.abs().mean()
+            )
             opt.step()
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     model = Certified()
-    fast_trainer(tmp_path, max_epochs=3, limit_train_batches=2, callbacks=[IBPWarmup(start_epoch=1, ramp_epochs=1, schedule="linear")]).fit(model, features())
+    fast_trainer(
+        tmp_path,
+        max_epochs=3,
+        limit_train_batches=2,
+        callbacks=[IBPWarmup(start_epoch=1, ramp_epochs=1, schedule="linear")],
+    ).fit(model, features())
     assert model.seen == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.2, 0.2])
 
     class ManualRegressor(Regressor):
@@ -159,5 +192,7 @@ def test_ibp_warmup_and_search_drive_manually_optimised_modules(tmp_path):
 
     search = GradientAscentSearch(num_designs=4, steps=3)
     regressor = ManualRegressor(MLP(input_shape=[4], num_outputs=1, hidden=[8]))
-    fast_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[search]).fit(regressor, OfflineDesigns("sphere", dim=4, num_samples=64))
+    fast_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[search]).fit(
+        regressor, OfflineDesigns("sphere", dim=4, num_samples=64)
+    )
     assert search.designs is not None and set(search.results) >= {"offline/score_max", "offline/score_median"}

@@ -14,9 +14,17 @@ from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from registry import CASES, COLUMNS
 
-from litplug.callbacks import EMA, SAM, SWA, GradientAscentSearch, IBPWarmup, SharpnessMonitor, SurrogateSharpness, UnlearningMask
-
 import litplug.callbacks
+from litplug.callbacks import (
+    EMA,
+    SAM,
+    SWA,
+    GradientAscentSearch,
+    IBPWarmup,
+    SharpnessMonitor,
+    SurrogateSharpness,
+    UnlearningMask,
+)
 
 STEPS_PER_EPOCH = 4
 
@@ -33,7 +41,13 @@ def test_every_public_callback_is_registered():
 
 
 def _named(cls):
-    adds_nothing = set(vars(cls)) <= {"__module__", "__doc__", "__qualname__", "__firstlineno__", "__static_attributes__"}
+    adds_nothing = set(vars(cls)) <= {
+        "__module__",
+        "__doc__",
+        "__qualname__",
+        "__firstlineno__",
+        "__static_attributes__",
+    }
     return cls.__base__ if adds_nothing and cls.__base__ is not object else cls
 
 
@@ -42,7 +56,13 @@ def _fit(case, tmp_dir, epochs, **kwargs):
     model, data = case.model(), case.data()
     callbacks = case.callbacks()
     trainer = fast_trainer(
-        tmp_dir, max_epochs=epochs, limit_train_batches=STEPS_PER_EPOCH, limit_val_batches=2, callbacks=list(callbacks), **case.trainer, **kwargs
+        tmp_dir,
+        max_epochs=epochs,
+        limit_train_batches=STEPS_PER_EPOCH,
+        limit_val_batches=2,
+        callbacks=list(callbacks),
+        **case.trainer,
+        **kwargs,
     )
     return trainer, model, data, callbacks
 
@@ -100,7 +120,9 @@ def test_callback_resume_matches_uninterrupted(name, tmp_path):
     trainer.fit(model, data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
 
     for key, value in full_state.items():
-        torch.testing.assert_close(state_of(model)[key], value, rtol=0, atol=0, msg=f"{name}: {key} differs after resume")
+        torch.testing.assert_close(
+            state_of(model)[key], value, rtol=0, atol=0, msg=f"{name}: {key} differs after resume"
+        )
     _assert_same(_callback_state(callback), full_cb, f"{name}.state_dict")
 
 
@@ -111,11 +133,21 @@ def test_callback_resume_matches_uninterrupted(name, tmp_path):
 
 REFUSALS = {
     **{("IBPWarmup", c): "IBPWarmup needs the module to satisfy CertifiedModule" for c in COLUMNS},
-    **{("GradientAscentSearch", c): "GradientAscentSearch needs the datamodule to satisfy OfflineDesignsData" for c in COLUMNS},
-    ("UnlearningMask", "boring"): "needs the datamodule to satisfy ForgetRetainData .*lacks \\['forget_dataloader', 'retain_dataloader'\\]",
+    **{
+        ("GradientAscentSearch", c): "GradientAscentSearch needs the datamodule to satisfy OfflineDesignsData"
+        for c in COLUMNS
+    },
+    (
+        "UnlearningMask",
+        "boring",
+    ): "needs the datamodule to satisfy ForgetRetainData .*lacks \\['forget_dataloader', 'retain_dataloader'\\]",
     ("SharpnessAwareMinimization", "manual"): "SAM does not support manual optimisation",
     ("SurrogateSharpness", "manual"): "SurrogateSharpness does not support manual optimisation",
-    ("SurrogateSharpness", "lm"): "SurrogateSharpness needs a surrogate whose forward maps the inputs alone to predictions; .*\\['inputs', 'target'\\]",
+    (
+        "SurrogateSharpness",
+        "lm",
+    ): "SurrogateSharpness needs a surrogate whose forward maps the inputs alone to predictions; "
+    ".*\\['inputs', 'target'\\]",
 }
 
 
@@ -184,7 +216,9 @@ def _sam_cell(column, tmp_dir, rho=0.05, lr=0.1):
     g at w over the micro-batches, e = rho g / ||g||, g' at w + e, clipped, w - lr g'."""
     rec = Recorder()
     model, ref, _ = _fit_cell(column, [rec, SAM(rho=rho)], tmp_dir, max_steps=1)
-    micro = [apply_to_collection(b, torch.Tensor, lambda t: t.double() if t.is_floating_point() else t) for b in rec.batches]
+    micro = [
+        apply_to_collection(b, torch.Tensor, lambda t: t.double() if t.is_floating_point() else t) for b in rec.batches
+    ]
     params = [p for p in ref.parameters() if p.requires_grad]
     w0 = [p.detach().clone() for p in params]
 
@@ -218,7 +252,9 @@ def _ignite_cell(column, tmp_dir, rho=0.05, radius=0.05, lam=0.1, lr=0.1):
     rec, cb = Recorder(), SurrogateSharpness(rho=rho, radius=radius, epsilon=0.0, lambda_init=lam, lambda_lr=0.1)
     model, ref, _ = _fit_cell(column, [rec, cb], tmp_dir, max_steps=1)
     assert cb.multiplier > lam  # dual ascent on rho ||grad G|| > epsilon = 0
-    micro = [apply_to_collection(b, torch.Tensor, lambda t: t.double() if t.is_floating_point() else t) for b in rec.batches]
+    micro = [
+        apply_to_collection(b, torch.Tensor, lambda t: t.double() if t.is_floating_point() else t) for b in rec.batches
+    ]
     params = [p for p in ref.parameters() if p.requires_grad]
     w0 = [p.detach().clone() for p in params]
 
@@ -312,8 +348,8 @@ def lm_ddp_worker(strategy, tmp_dir):
         seed_everything(0)
         column = COLUMNS["lm"]
         model, data, cb = column.model(), column.data(), make()
-        trainer = fast_trainer(tmp_dir / name, strategy=copy.deepcopy(strategy), devices=2, max_epochs=2, limit_train_batches=2,
-                               limit_val_batches=0, callbacks=[cb])  # fmt: skip
+        trainer = fast_trainer(tmp_dir / name, strategy=copy.deepcopy(strategy), devices=2, max_epochs=2,
+                               limit_train_batches=2, limit_val_batches=0, callbacks=[cb])  # fmt: skip
         trainer.fit(model, data)
         out[name] = {"state": state_of(model), "masks": getattr(cb, "masks", None)}
     return out

@@ -5,7 +5,15 @@ import math
 import pytest
 
 from litplug.callbacks import EMA, SAM, SWA, SharpnessMonitor, SurrogateSharpness, UnlearningMask
-from litplug.validation import check_bool, check_choice, check_int, check_list, check_number, check_path, check_positive_int
+from litplug.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_list,
+    check_number,
+    check_path,
+    check_positive_int,
+)
 
 
 @pytest.mark.parametrize(
@@ -15,7 +23,11 @@ from litplug.validation import check_bool, check_choice, check_int, check_list, 
         (lambda: check_number("x", True), TypeError, "`x` must be a number, got True (bool)"),
         (lambda: check_number("x", None), TypeError, "`x` must be a number, got None (NoneType)"),
         (lambda: check_number("x", math.nan, 0, 1), ValueError, "`x` must be a finite number in [0, 1], got nan"),
-        (lambda: check_number("x", math.inf, low=0, low_open=True), ValueError, "`x` must be a finite number > 0, got inf"),
+        (
+            lambda: check_number("x", math.inf, low=0, low_open=True),
+            ValueError,
+            "`x` must be a finite number > 0, got inf",
+        ),
         (lambda: check_number("x", -math.inf), ValueError, "`x` must be a finite number, got -inf"),
         (lambda: check_number("x", math.nan, allow_inf=True), ValueError, "`x` must be a number (not NaN), got nan"),
         (lambda: check_number("x", 1.0, 0, 1, high_open=True), ValueError, "`x` must be in [0, 1), got 1.0"),

@@ -1,7 +1,6 @@
 """EMA and SWA: functional core against closed forms, Trainer behaviour, logging, export, bad
 input, DDP and FSDP2 on 2 CPU ranks."""
 
-
 import pytest
 import torch
 from harness import fast_trainer, make_strategy, read_scalars, run_distributed, state_of
@@ -44,7 +43,9 @@ def fit(tmp_path, callback, epochs=2, batches=4, model=None, probe=None, **kwarg
     seed_everything(0)
     model = model or small_classifier()
     callbacks = [callback] + ([probe] if probe else [])
-    trainer = fast_trainer(tmp_path, max_epochs=epochs, limit_train_batches=batches, limit_val_batches=1, callbacks=callbacks, **kwargs)
+    trainer = fast_trainer(
+        tmp_path, max_epochs=epochs, limit_train_batches=batches, limit_val_batches=1, callbacks=callbacks, **kwargs
+    )
     trainer.fit(model, Digits(batch_size=32))
     return trainer, model
 
@@ -120,7 +121,9 @@ def test_ema_swaps_for_validation_exactly_and_ends_on_average(tmp_path):
     final = state_of(model)
     for k in avg:
         torch.testing.assert_close(final[k], avg[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert final["backbone.1.1.num_batches_tracked"] == probe.after_step[-1]["backbone.1.1.num_batches_tracked"]  # copied
+    assert (
+        final["backbone.1.1.num_batches_tracked"] == probe.after_step[-1]["backbone.1.1.num_batches_tracked"]
+    )  # copied
     assert_states_equal(probe.val_start[-1], final)  # last validation ran on the (final) average
     # logs: ema/decay follows the warmup rule, ema/updates counts
     scalars = read_scalars(tmp_path / "tb")
@@ -185,7 +188,9 @@ def test_ema_update_steps_match_lightning(tmp_path, after, every):
 
     steps = Steps()
     seed_everything(0)
-    trainer = fast_trainer(tmp_path, max_epochs=1, limit_train_batches=11, limit_val_batches=0, callbacks=[ours, peer, steps])
+    trainer = fast_trainer(
+        tmp_path, max_epochs=1, limit_train_batches=11, limit_val_batches=0, callbacks=[ours, peer, steps]
+    )
     trainer.fit(small_classifier(batch_norm=False), Digits(batch_size=32))
     assert steps.ours_at == steps.peer_at == [t for t in range(1, 12) if t - 1 >= after and (t - 1) % every == 0]
 
@@ -279,7 +284,15 @@ def distributed_worker(strategy, tmp_dir, kind):
     out = {}
     seed_everything(0)
     ema, ref = EMA(decay=0.8, warmup=True, final_weights="live"), ReferenceEMA(0.8)
-    trainer = fast_trainer(tmp_dir / "ema", strategy=strategy, devices=2, max_epochs=2, limit_train_batches=3, limit_val_batches=1, callbacks=[ema, ref])
+    trainer = fast_trainer(
+        tmp_dir / "ema",
+        strategy=strategy,
+        devices=2,
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        callbacks=[ema, ref],
+    )
     model = small_classifier()
     trainer.fit(model, Digits(batch_size=16))
     avg = ema.averaged_state_dict()
@@ -295,18 +308,28 @@ def distributed_worker(strategy, tmp_dir, kind):
 
     seed_everything(0)
     swa = SWA(start=0)
-    trainer = fast_trainer(tmp_dir / "swa", strategy=make_strategy(kind), devices=2, max_epochs=2, limit_train_batches=3, limit_val_batches=1, callbacks=[swa])
+    trainer = fast_trainer(
+        tmp_dir / "swa",
+        strategy=make_strategy(kind),
+        devices=2,
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        callbacks=[swa],
+    )
     model = small_classifier()
     trainer.fit(model, Digits(batch_size=16))
     out["swa_state"] = state_of(model)
 
     if kind == "fsdp2":  # interrupted at the epoch boundary and resumed: same average as above
+
         def run(epochs, sub, ckpt=None, checkpoint=None):
             seed_everything(0)
             cb = EMA(decay=0.8, warmup=True, final_weights="live")
             extra = [checkpoint] if checkpoint else []
-            tr = fast_trainer(tmp_dir / sub, strategy=make_strategy(kind), devices=2, max_epochs=epochs, limit_train_batches=3, limit_val_batches=1,
-                              callbacks=[cb, *extra], enable_checkpointing=bool(checkpoint))  # fmt: skip
+            tr = fast_trainer(tmp_dir / sub, strategy=make_strategy(kind), devices=2, max_epochs=epochs,
+                              limit_train_batches=3, limit_val_batches=1, callbacks=[cb, *extra],
+                              enable_checkpointing=bool(checkpoint))  # fmt: skip
             tr.fit(small_classifier(), Digits(batch_size=16), ckpt_path=ckpt)
             return cb
 
@@ -347,7 +370,14 @@ def test_checkpoints_hold_the_weights_their_metrics_were_measured_on(tmp_path):
     training Trainer, whose callback holds a later average), evaluates exactly those weights."""
     seed_everything(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="val/loss", save_top_k=-1, filename="{epoch}")
-    weights = ModelCheckpoint(dirpath=tmp_path / "w", monitor="val/loss", mode="max", save_top_k=-1, filename="{epoch}", save_weights_only=True)
+    weights = ModelCheckpoint(
+        dirpath=tmp_path / "w",
+        monitor="val/loss",
+        mode="max",
+        save_top_k=-1,
+        filename="{epoch}",
+        save_weights_only=True,
+    )
     trainer = fast_trainer(tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2,
                            callbacks=[EMA(decay=0.5), ckpt, weights], enable_checkpointing=True)  # fmt: skip
     model, data = small_classifier(), Digits(batch_size=16)
@@ -363,15 +393,23 @@ def test_checkpoints_hold_the_weights_their_metrics_were_measured_on(tmp_path):
     assert val == ranked
     test = [
         fast_trainer(tmp_path / "t0", limit_test_batches=2).test(fresh(), data, verbose=False),
-        fast_trainer(tmp_path / "t1", limit_test_batches=2).test(small_classifier(), data, ckpt_path=first, verbose=False),
-        fast_trainer(tmp_path / "t2", limit_test_batches=2, callbacks=[EMA(decay=0.5)]).test(small_classifier(), data, ckpt_path=first, verbose=False),
+        fast_trainer(tmp_path / "t1", limit_test_batches=2).test(
+            small_classifier(), data, ckpt_path=first, verbose=False
+        ),
+        fast_trainer(tmp_path / "t2", limit_test_batches=2, callbacks=[EMA(decay=0.5)]).test(
+            small_classifier(), data, ckpt_path=first, verbose=False
+        ),
         trainer.test(model, data, ckpt_path=first, verbose=False),
     ]
     assert len({t[0]["test/loss"] for t in test}) == 1, test
     full = torch.load(first, weights_only=False)
-    assert not torch.equal(full["callbacks"]["EMA"]["live"]["backbone.2.weight"], full["state_dict"]["backbone.2.weight"])
+    assert not torch.equal(
+        full["callbacks"]["EMA"]["live"]["backbone.2.weight"], full["state_dict"]["backbone.2.weight"]
+    )
     weights_only = torch.load(tmp_path / "w" / "epoch=0.ckpt", weights_only=False)["state_dict"]
-    assert all(torch.equal(weights_only[k], v) for k, v in full["callbacks"]["EMA"]["live"].items() if k in weights_only)
+    assert all(
+        torch.equal(weights_only[k], v) for k, v in full["callbacks"]["EMA"]["live"].items() if k in weights_only
+    )
 
 
 def test_averaged_state_dict_uses_the_modules_own_names(tmp_path):
@@ -414,7 +452,9 @@ def test_swa_snapshots_data_without_length_and_integer_start_with_max_steps(tmp_
         seed_everything(0)
         swa, ends = SWA(start=1, update_bn=False, final_weights="live"), _EpochEnds()
         model = small_classifier(batch_norm=False)
-        fast_trainer(tmp_path / name, precision="64-true", limit_val_batches=0, callbacks=[ends, swa], **kwargs).fit(model, loader)
+        fast_trainer(tmp_path / name, precision="64-true", limit_val_batches=0, callbacks=[ends, swa], **kwargs).fit(
+            model, loader
+        )
         assert swa.updates == 2, name  # epochs 1 and 2
         avg = swa.averaged_state_dict()
         for key in ends.weights[0]:

@@ -90,7 +90,9 @@ class MinimalCertified(LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         self.seen.append((self.current_eps, self.regularizer_weight, self.regularizer_tolerance))
-        return nn.functional.cross_entropy(self.backbone(x), y) + self.current_eps * self.backbone[0].weight.abs().mean()
+        return (
+            nn.functional.cross_entropy(self.backbone(x), y) + self.current_eps * self.backbone[0].weight.abs().mean()
+        )
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -98,7 +100,9 @@ class MinimalCertified(LightningModule):
 
 def _loader(n=24, batch=4):
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g)), batch_size=batch)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g)), batch_size=batch
+    )
 
 
 def test_drives_any_module_with_the_certified_interface(tmp_path):
@@ -137,15 +141,30 @@ def _data(rank=None):
 
 def _certified_mlp():
     backbone = MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16])  # no BN: ddp == one process
-    return CertifiedClassifier(backbone, 10, eps=0.05, mean=(0.0,), std=(1.0,), pixel_range=(0.0, 1.0),
-                               optimizer=partial(torch.optim.SGD, lr=0.1))
+    return CertifiedClassifier(
+        backbone,
+        10,
+        eps=0.05,
+        mean=(0.0,),
+        std=(1.0,),
+        pixel_range=(0.0, 1.0),
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+    )
 
 
 def ddp_worker(strategy, tmp_dir):
     seed_everything(0)
     model = _certified_mlp()
     callback = IBPWarmup(start_epoch=0, ramp_epochs=2, regularizer_weight=0.0, ibp_init=False)
-    trainer = fast_trainer(tmp_dir, strategy=strategy, devices=2, max_epochs=3, callbacks=[callback], use_distributed_sampler=False, precision="64-true")
+    trainer = fast_trainer(
+        tmp_dir,
+        strategy=strategy,
+        devices=2,
+        max_epochs=3,
+        callbacks=[callback],
+        use_distributed_sampler=False,
+        precision="64-true",
+    )
     trainer.fit(model, _data(int(os.environ.get("LOCAL_RANK", 0))))
     return {"state": state_of(model.backbone), "batches": callback.batches, "eps": model.current_eps}
 
@@ -166,4 +185,3 @@ def test_ddp_matches_single_process_on_the_global_batch(tmp_path):
         assert torch.equal(r0["state"][key], r1["state"][key])
         # float64 rounding (1e-16) amplified as much as float32's was (~1e4x): 1e-12; 1e-10 leaves margin
         torch.testing.assert_close(r0["state"][key], value, rtol=0, atol=1e-10)
-

@@ -19,9 +19,7 @@ def _fit(tmp_path, callback, steps=3):
     seed_everything(0)
     model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[33, 17], batch_norm=True), num_classes=10)
     data = [(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(steps)]
-    fast_trainer(tmp_path, max_steps=steps, callbacks=[callback]).fit(
-        model, DataLoader(data, batch_size=None)
-    )
+    fast_trainer(tmp_path, max_steps=steps, callbacks=[callback]).fit(model, DataLoader(data, batch_size=None))
     return model
 
 

@@ -24,7 +24,9 @@ class Poisoned(Classifier):
 
     def __init__(self, from_step=None, seed=0):
         torch.manual_seed(seed)
-        super().__init__(MLP(input_shape=[4], num_outputs=3, hidden=[6]), num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1))
+        super().__init__(
+            MLP(input_shape=[4], num_outputs=3, hidden=[6]), num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1)
+        )
         self.from_step = from_step
         self.seen: list[list[torch.Tensor]] = []
 
@@ -42,7 +44,9 @@ class Poisoned(Classifier):
 
 def loader(n=16, batch_size=4):
     gen = torch.Generator().manual_seed(1)
-    return DataLoader(TensorDataset(torch.randn(n, 4, generator=gen), torch.randint(0, 3, (n,), generator=gen)), batch_size=batch_size)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 4, generator=gen), torch.randint(0, 3, (n,), generator=gen)), batch_size=batch_size
+    )
 
 
 def _finite(state):

@@ -29,7 +29,14 @@ def test_gradient_ascent_projects_onto_the_box_and_leaves_parameter_grads_alone(
     net = torch.nn.Linear(2, 1)
     with torch.no_grad():
         net.weight.copy_(torch.tensor([[1.0, -1.0]]))
-    x = gradient_ascent(net, torch.zeros(3, 2), steps=50, step_size=0.1, lower=torch.tensor([-1.0, -0.5]), upper=torch.tensor([0.25, 1.0]))
+    x = gradient_ascent(
+        net,
+        torch.zeros(3, 2),
+        steps=50,
+        step_size=0.1,
+        lower=torch.tensor([-1.0, -0.5]),
+        upper=torch.tensor([0.25, 1.0]),
+    )
     assert torch.equal(x, torch.tensor([[0.25, -0.5]]).expand(3, 2))
     assert all(p.grad is None for p in net.parameters())
 
@@ -126,7 +133,9 @@ def distributed_worker(strategy, tmp_dir):
     seed_everything(0)
     search = GradientAscentSearch(num_designs=16, steps=20, step_size=0.05)
     logger = TensorBoardLogger(tmp_dir, name="tb")
-    trainer = fast_trainer(tmp_dir, strategy=strategy, devices=2, max_epochs=2, limit_val_batches=1, logger=logger, callbacks=[search])
+    trainer = fast_trainer(
+        tmp_dir, strategy=strategy, devices=2, max_epochs=2, limit_val_batches=1, logger=logger, callbacks=[search]
+    )
     model = small_surrogate(4)
     trainer.fit(model, sphere(batch_size=32))
     return {
@@ -160,8 +169,12 @@ def test_with_ignite_surrogate_training(tmp_path):
     trainer.fit(model, sphere())
     scalars = read_scalars(tmp_path / "tb")
     assert len(scalars["ignite/lambda"]) == trainer.global_step
-    assert scalars["offline/score_max"] == [(trainer.global_step, pytest.approx(search.results["offline/score_max"], abs=1e-6))]
+    assert scalars["offline/score_max"] == [
+        (trainer.global_step, pytest.approx(search.results["offline/score_max"], abs=1e-6))
+    ]
     seed_everything(0)
     plain = small_surrogate(4)
     fast_trainer(tmp_path / "plain", max_epochs=2).fit(plain, sphere())
-    assert any(not torch.equal(a, b) for a, b in zip(state_of(model).values(), state_of(plain).values()))  # IGNITE changed training
+    assert any(
+        not torch.equal(a, b) for a, b in zip(state_of(model).values(), state_of(plain).values())
+    )  # IGNITE changed training

@@ -91,7 +91,9 @@ class Probe(Callback):
 def asam_scale(net, adaptive, eta=0.01):
     """T of the ASAM authors' ascent step (SamsungLabs/ASAM, asam.py): |w| + eta for parameters
     whose name contains "weight", 1 for the others; 1 everywhere for SAM."""
-    return [p.detach().abs() + eta if adaptive and "weight" in n else torch.ones_like(p) for n, p in net.named_parameters()]
+    return [
+        p.detach().abs() + eta if adaptive and "weight" in n else torch.ones_like(p) for n, p in net.named_parameters()
+    ]
 
 
 def hand_grads(net, batches, rho, adaptive, a, eta=0.01):
@@ -136,7 +138,6 @@ OPTIMIZERS = {
 }
 
 
-
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("adaptive,a", [(False, 1.0), (True, 1.0), (False, 0.5)])
 def test_one_step_equals_hand_computed_update(tmp_path, opt, adaptive, a):
@@ -171,7 +172,9 @@ def test_one_step_equals_hand_computed_update(tmp_path, opt, adaptive, a):
     metrics = trainer.callback_metrics
     assert float(metrics["sam/sharpness"]) == pytest.approx(float(sharpness), rel=1e-4, abs=1e-6)
     assert float(metrics["sam/grad_norm"]) == pytest.approx(float(norm), rel=1e-5)
-    assert float(metrics["sam/perturbation_norm"]) == pytest.approx(float(torch.sqrt(sum((ei**2).sum() for ei in e))), rel=1e-5)
+    assert float(metrics["sam/perturbation_norm"]) == pytest.approx(
+        float(torch.sqrt(sum((ei**2).sum() for ei in e))), rel=1e-5
+    )
 
 
 def test_exclude_and_rho_to_zero(tmp_path):
@@ -180,7 +183,9 @@ def test_exclude_and_rho_to_zero(tmp_path):
     model = tiny(dtype=F64)
     w0 = copy.deepcopy(model.backbone)
     probe = Probe()
-    fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(rho=0.3, exclude=["*.bias"]), probe]).fit(model, loader(x, y, 16))
+    fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(rho=0.3, exclude=["*.bias"]), probe]).fit(
+        model, loader(x, y, 16)
+    )
     net = copy.deepcopy(w0)
     params = list(net.parameters())
     F.cross_entropy(net(x), y).backward()
@@ -242,7 +247,9 @@ def test_matches_pytorch_optimizer_sam(tmp_path, adaptive):
         for n, p in model.named_parameters():
             p.requires_grad_("weight" in n)
     peer = PeerSAM(copy.deepcopy(model.backbone), rho=0.1, adaptive=adaptive)
-    fast_trainer(tmp_path, max_epochs=2, callbacks=[SAM(rho=0.1, adaptive=adaptive, eta=0.0)]).fit(model, loader(x, y, 8))
+    fast_trainer(tmp_path, max_epochs=2, callbacks=[SAM(rho=0.1, adaptive=adaptive, eta=0.0)]).fit(
+        model, loader(x, y, 8)
+    )
     fast_trainer(tmp_path, max_epochs=2).fit(peer, loader(x, y, 8))
     # The peer sums ||g||^2 in float32 even for float64 gradients, so its perturbation carries a
     # float32 rounding (rho * 6e-8 per step): 1e-8 absolute over 8 steps; litplug's is float64.
@@ -306,7 +313,9 @@ def test_fp16_overflow_skips_step_and_keeps_weights(tmp_path):
     model = tiny()
     w0 = [p.detach().clone() for p in model.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow
-    trainer = fast_trainer(tmp_path, max_steps=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)], callbacks=[SAM(rho=0.2)])
+    trainer = fast_trainer(
+        tmp_path, max_steps=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)], callbacks=[SAM(rho=0.2)]
+    )
     trainer.fit(model, loader(x, y, 16))
     assert scaler.get_scale() < 2.0**40
     for p, p0 in zip(model.parameters(), w0):
@@ -333,12 +342,18 @@ def test_batchnorm_stats_metrics_logging_and_every_n_steps(tmp_path):
         torch.manual_seed(0)
         model = WithTrainMetric(MLP(input_shape=[4], num_outputs=3, hidden=[6]), num_classes=3)
         fast_trainer(tmp_path, max_steps=1, callbacks=callbacks).fit(model, loader(x, y, 16))
-        metric_states.append((model.train_acc.update_count, {k: v.clone() for k, v in model.train_acc.metric_state.items()}))
+        metric_states.append(
+            (model.train_acc.update_count, {k: v.clone() for k, v in model.train_acc.metric_state.items()})
+        )
     assert metric_states[0][0] == metric_states[1][0] == 1
     assert all(torch.equal(v, metric_states[1][1][k]) for k, v in metric_states[0][1].items())
     # BatchNorm running statistics: the second pass leaves them as one plain step does
     stats = {}
-    for name, callbacks in (("plain", []), ("sam", [SAM(rho=0.2)]), ("unfrozen", [SAM(rho=0.2, freeze_bn_stats=False)])):
+    for name, callbacks in (
+        ("plain", []),
+        ("sam", [SAM(rho=0.2)]),
+        ("unfrozen", [SAM(rho=0.2, freeze_bn_stats=False)]),
+    ):
         model = tiny(batch_norm=True)
         fast_trainer(tmp_path, max_steps=1, callbacks=callbacks).fit(model, loader(x, y, 16))
         bn = model.backbone[1][1]
@@ -513,7 +528,9 @@ def test_setup_errors(tmp_path):
     with pytest.raises(ValueError, match="`exclude`.*'\\*.nope'"):
         fast_trainer(tmp_path, max_steps=1, callbacks=[SAM(exclude=["*.nope"])]).fit(tiny(), loader(x, y, 16))
     with pytest.raises(ValueError, match="manual optimisation"):
-        fast_trainer(tmp_path, max_steps=1, callbacks=[SAM()]).fit(PeerSAM(tiny().backbone, 0.1, False), loader(x, y, 16))
+        fast_trainer(tmp_path, max_steps=1, callbacks=[SAM()]).fit(
+            PeerSAM(tiny().backbone, 0.1, False), loader(x, y, 16)
+        )
     with pytest.raises(RuntimeError, match="closure=optimizer_closure"):
         model = ClosureFirst(MLP(input_shape=[4], num_outputs=3, hidden=[6]), 3)
         fast_trainer(tmp_path, max_steps=1, callbacks=[SAM()]).fit(model, loader(x, y, 16))
@@ -663,8 +680,17 @@ def test_ignite_configs_carry_the_defaults():
     """configs/callbacks/ignite.yaml and configs/offline/ignite.yaml state SurrogateSharpness's
     defaults, whose dual step (0.1) enforces the constraint within a short run."""
     defaults = SurrogateSharpness()
-    assert (defaults.rho, defaults.radius, defaults.epsilon, defaults.lambda_init, defaults.lambda_lr) == (0.05, 0.05, 0.1, 1e-3, 0.1)
+    assert (defaults.rho, defaults.radius, defaults.epsilon, defaults.lambda_init, defaults.lambda_lr) == (
+        0.05,
+        0.05,
+        0.1,
+        1e-3,
+        0.1,
+    )
     keys = ("rho", "radius", "epsilon", "lambda_init", "lambda_lr", "adaptive_lambda", "input_index")
-    for configs in (("digits/classifier.yaml", "callbacks/ignite.yaml"), ("offline/sphere.yaml", "offline/ignite.yaml")):
+    for configs in (
+        ("digits/classifier.yaml", "callbacks/ignite.yaml"),
+        ("offline/sphere.yaml", "offline/ignite.yaml"),
+    ):
         (cb,) = [c for c in _cli(*configs, run=False).trainer.callbacks if isinstance(c, SurrogateSharpness)]
         assert [getattr(cb, k) for k in keys] == [getattr(defaults, k) for k in keys]

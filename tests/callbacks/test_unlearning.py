@@ -126,7 +126,9 @@ def test_frozen_entries_bit_exact(tmp_path, opt, poison):
     mask = UnlearningMask("magnitude", ratio=0.4, scope="all")
     checker = FrozenChecker(mask, poison)
     model = Toy(OPTIMIZERS[opt])
-    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[mask, checker], gradient_clip_val=0.5, accumulate_grad_batches=2)
+    trainer = fast_trainer(
+        tmp_path, max_epochs=2, callbacks=[mask, checker], gradient_clip_val=0.5, accumulate_grad_batches=2
+    )
     trainer.fit(model, toy_loader())
     assert checker.steps == 16 and trainer.global_step == 8
     assert int(mask.masks["w"].sum()) == int(30 * 0.4)
@@ -207,7 +209,12 @@ def test_sam_like_callback_composes(tmp_path):
 
 # --- on the real Unlearner -------------------------------------------------------------------
 def _unlearner(method="random_label"):
-    return Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), None, method, optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    return Unlearner(
+        MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]),
+        None,
+        method,
+        optimizer=lambda p: torch.optim.Adam(p, lr=0.01),
+    )
 
 
 def _data():
@@ -253,7 +260,12 @@ def test_gradient_criteria_rank_forget_gradients(tmp_path, criterion):
 
 
 def test_default_scope_follows_the_reference_code():
-    assert [UnlearningMask(c).scope for c in ("saliency", "attribution", "random", "magnitude")] == ["all", "all", "all", "weights"]
+    assert [UnlearningMask(c).scope for c in ("saliency", "attribution", "random", "magnitude")] == [
+        "all",
+        "all",
+        "all",
+        "weights",
+    ]
     assert UnlearningMask("saliency", scope="weights").scope == "weights"
 
 
@@ -264,7 +276,13 @@ def test_logs_and_resume_without_recompute(tmp_path, monkeypatch):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = fast_trainer(
-        tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[mask, ckpt], logger=logger, enable_checkpointing=True
+        tmp_path,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        callbacks=[mask, ckpt],
+        logger=logger,
+        enable_checkpointing=True,
     )
     trainer.fit(model, data)
     scalars, hists = read_scalars(tmp_path / "tb"), read_histograms(tmp_path / "tb")
@@ -282,7 +300,9 @@ def test_logs_and_resume_without_recompute(tmp_path, monkeypatch):
     monkeypatch.setattr(unlearning, "saliency_scores", boom)
     resumed = UnlearningMask("saliency", ratio=0.25, num_batches=2)
     checker = FrozenChecker(resumed)
-    trainer = fast_trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[resumed, checker])
+    trainer = fast_trainer(
+        tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[resumed, checker]
+    )
     trainer.fit(_unlearner(), _data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert checker.steps == 2
     for n, m in mask.masks.items():
@@ -301,12 +321,14 @@ class _Capture(Callback):
         self.reference = topk_masks([f.abs() for f in full], mask.num_selected)
         self.names = names
         self.local_shapes = {n: tuple(m.shape) for n, m in mask.masks.items()}
-        self.start = {n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone() for n, p in zip(names, mask.params)}
+        self.start = {
+            n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone() for n, p in zip(names, mask.params)
+        }
         self.frozen_ok = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         mask = trainer.callbacks[0]
-        for i, (n, p) in enumerate(zip(self.names, mask.params)):
+        for n, p in zip(self.names, mask.params):
             local = p.to_local() if hasattr(p, "to_local") else p
             frozen = ~mask.masks[n]
             self.frozen_ok &= torch.equal(local.detach()[frozen], self.start[n][frozen])
@@ -327,7 +349,13 @@ def dist_worker(strategy, tmp_dir):
         if criterion != "magnitude":  # a Strategy instance serves one Trainer
             strategy = make_strategy("fsdp2" if isinstance(strategy, ModelParallelStrategy) else "ddp")
         trainer = fast_trainer(
-            tmp_dir / criterion, strategy=strategy, devices=2, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[mask, capture]
+            tmp_dir / criterion,
+            strategy=strategy,
+            devices=2,
+            max_epochs=1,
+            limit_train_batches=2,
+            limit_val_batches=0,
+            callbacks=[mask, capture],
         )
         trainer.fit(model, ForgetRetain(Digits(batch_size=16), scenario="random", forget_fraction=0.2))
         state = mask.state_dict()
@@ -344,7 +372,9 @@ def dist_worker(strategy, tmp_dir):
     trainer.save_checkpoint(tmp_dir / "last.ckpt")
     resumed = UnlearningMask("saliency", ratio=0.37, num_batches=5)
     trainer = fast_trainer(
-        tmp_dir / "resumed", strategy=make_strategy("fsdp2" if isinstance(strategy, ModelParallelStrategy) else "ddp"), devices=2,
+        tmp_dir / "resumed",
+        strategy=make_strategy("fsdp2" if isinstance(strategy, ModelParallelStrategy) else "ddp"),
+        devices=2,
         max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[resumed],
     )  # fmt: skip
     model = Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), None, "gradient_difference")
@@ -376,7 +406,9 @@ def test_distributed_masks(tmp_path, strategy):
                 assert torch.equal(a["masks"][n], ref)
         if criterion == "saliency":
             for n in a["names"]:
-                assert torch.equal(r0["resumed_masks"][n], a["masks"][n]) and torch.equal(r1["resumed_masks"][n], a["masks"][n])
+                assert torch.equal(r0["resumed_masks"][n], a["masks"][n]) and torch.equal(
+                    r1["resumed_masks"][n], a["masks"][n]
+                )
         if strategy == "fsdp2":  # shard-local masks: each rank holds half the rows
             for n in a["names"]:
                 rows = a["masks"][n].shape[0]
@@ -391,7 +423,11 @@ def test_second_masking_pass_only_for_rewritten_gradients(tmp_path, monkeypatch)
 
     calls = []
     real = unlearning.enforce_masked_grads_
-    monkeypatch.setattr(unlearning, "enforce_masked_grads_", lambda grads, keep: (calls.append(sum(g is not None for g in grads)), real(grads, keep)))
+    monkeypatch.setattr(
+        unlearning,
+        "enforce_masked_grads_",
+        lambda grads, keep: (calls.append(sum(g is not None for g in grads)), real(grads, keep)),
+    )
     for clip, per_step in ((None, [1, 0]), (0.5, [1, 1])):
         calls.clear()
         seed_everything(0)

@@ -27,7 +27,13 @@ def test_digits_split_is_fixed_and_in_unit_range():
     other.setup()
     x2, _ = _all(other.test_dataloader())
     assert torch.equal(x, x2)
-    assert (dm.num_classes, dm.input_shape, dm.mean, dm.std, dm.pixel_range) == (10, (1, 8, 8), (0.0,), (1.0,), (0.0, 1.0))
+    assert (dm.num_classes, dm.input_shape, dm.mean, dm.std, dm.pixel_range) == (
+        10,
+        (1, 8, 8),
+        (0.0,),
+        (1.0,),
+        (0.0, 1.0),
+    )
 
 
 def test_digits_label_noise_flips_exactly_that_fraction_of_training_labels():
@@ -53,7 +59,12 @@ def test_training_order_depends_only_on_seed_and_epoch():
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"label_noise": 1.0}, "label_noise"), ({"batch_size": 0}, "batch_size"), ({"val_fraction": 0.0}, "val_fraction"), ({"test_fraction": 1.5}, "test_fraction")],
+    [
+        ({"label_noise": 1.0}, "label_noise"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"test_fraction": 1.5}, "test_fraction"),
+    ],
 )
 def test_digits_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -97,7 +108,10 @@ def test_cifar10_reads_pickled_batches(tmp_path):
     rng = np.random.default_rng(0)
     batches = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batches[name] = {"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8), "labels": list(rng.integers(0, 10, 4))}
+        batches[name] = {
+            "data": rng.integers(0, 256, (4, 3072)).astype(np.uint8),
+            "labels": list(rng.integers(0, 10, 4)),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batches[name], f)
     dm = CIFAR10(root=str(tmp_path), batch_size=4, val_fraction=0.2)

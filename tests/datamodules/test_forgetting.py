@@ -30,7 +30,9 @@ def test_class_split_and_loaders():
         test_y = torch.cat([y for _, y in loaders["test"]])
         forgotten_y = torch.cat([y for _, y in loaders["forget_test"]])
         assert not set(test_y.tolist()) & {2, 5} and set(forgotten_y.tolist()) == {2, 5}
-    assert len(dm.test_dataloader()["test"].dataset) + len(dm.test_dataloader()["forget_test"].dataset) == len(dm.datamodule.test_set)
+    assert len(dm.test_dataloader()["test"].dataset) + len(dm.test_dataloader()["forget_test"].dataset) == len(
+        dm.datamodule.test_set
+    )
 
 
 def test_random_split_is_seeded_and_saved():
@@ -152,7 +154,9 @@ def test_foreign_datamodule():
     dm.setup()
     forget = next(iter(dm.forget_dataloader()))
     assert sorted(forget) == ["x", "y"] and len(forget["y"]) == 4 and set(forget["y"].tolist()) <= {0, 3}
-    assert sorted(int(i) for b in dm.retain_dataloader() for i in b["x"][:, 0]) == [i for i in range(32) if i % 4 in (1, 2)]
+    assert sorted(int(i) for b in dm.retain_dataloader() for i in b["x"][:, 0]) == [
+        i for i in range(32) if i % 4 in (1, 2)
+    ]
     assert dm.eval_names == ["forget", "retain"]  # no val_dataloader: no held-out validation data
     tests = dm.test_dataloader()
     assert list(tests) == dm.loader_names("test") == ["forget", "retain", "test", "forget_test"]
@@ -194,7 +198,9 @@ def test_forget_retain_over_mnist_and_cifar10_files(tmp_path):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(folder / name, "wb") as f:
             pickle.dump({"data": rng.integers(0, 256, (10, 3072)).astype(np.uint8), "labels": list(range(10))}, f)
-    dm = ForgetRetain(CIFAR10(root=str(tmp_path), batch_size=8, val_fraction=0.2), scenario="random", forget_fraction=0.25, seed=1)
+    dm = ForgetRetain(
+        CIFAR10(root=str(tmp_path), batch_size=8, val_fraction=0.2), scenario="random", forget_fraction=0.25, seed=1
+    )
     dm.setup()
     n = len(dm.datamodule.train_set)
     assert len(dm.forget_indices) == int(n * 0.25) and len(dm.forget_indices) + len(dm.retain_indices) == n

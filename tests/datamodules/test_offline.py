@@ -97,7 +97,9 @@ def test_botorch_tasks_are_botorch_negated(name):
     task = make_task(name)
     assert task.dim == dim
     torch.testing.assert_close(torch.stack([task.lower, task.upper]), reference.bounds.double())
-    x = task.lower + (task.upper - task.lower) * torch.rand(16, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = task.lower + (task.upper - task.lower) * torch.rand(
+        16, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(task.objective(x), -reference.evaluate_true(x))
     # The global optimum scores at least as high as any sampled design.
     dm = OfflineDesigns(name, num_samples=200)

@@ -13,7 +13,9 @@ def test_corpus_is_seeded_and_marked_sequences_repeat():
     a, b, c = MarkovText(seed=1), MarkovText(seed=1), MarkovText(seed=2)
     for dm in (a, b, c):
         dm.setup()
-    assert torch.equal(a.train_set.tokens, b.train_set.tokens) and not torch.equal(a.train_set.tokens, c.train_set.tokens)
+    assert torch.equal(a.train_set.tokens, b.train_set.tokens) and not torch.equal(
+        a.train_set.tokens, c.train_set.tokens
+    )
     assert a.train_set.tokens.shape == (256, 24) and a.test_set.tokens.shape == (128, 24)
     assert a.train_set.targets.tolist() == [1] * 32 + [0] * 224 and a.test_set.targets.sum() == 0
     seen = Counter(tuple(s.tolist()) for batch in a.train_dataloader() for s in batch)

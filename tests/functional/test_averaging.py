@@ -21,7 +21,10 @@ def test_ema_decay_closed_form():
 @pytest.mark.parametrize("warmup", [False, True])
 def test_ema_after_n_updates_matches_closed_form(warmup):
     gen = torch.Generator().manual_seed(0)
-    snapshots = [[torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)] for _ in range(7)]
+    snapshots = [
+        [torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)]
+        for _ in range(7)
+    ]
     avg = [torch.empty(3, 4, dtype=torch.float64), torch.empty(5, dtype=torch.float64)]
     decays = [ema_decay(t, 0.8, warmup) for t in range(7)]
     for d, snap in zip(decays, snapshots):

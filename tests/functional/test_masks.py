@@ -9,8 +9,8 @@ from litplug.functional import (
     attribution_scores,
     enforce_masked_grads_,
     frozen_values,
-    pack_mask,
     kth_largest_key,
+    pack_mask,
     restore_frozen_,
     topk_masks,
 )
@@ -28,7 +28,10 @@ def _reference_topk(scores, k):
 def test_topk_matches_stable_sort_with_ties(seed):
     gen = torch.Generator().manual_seed(seed)
     # few distinct values -> many ties at the threshold; plus tiny and huge magnitudes
-    scores = [torch.randint(0, 5, (7, 3), generator=gen).float() * 1e-3, torch.randint(0, 5, (11,), generator=gen).float()]
+    scores = [
+        torch.randint(0, 5, (7, 3), generator=gen).float() * 1e-3,
+        torch.randint(0, 5, (11,), generator=gen).float(),
+    ]
     scores[0][0, 0] = float("inf")
     scores[1][2] = float("nan")
     n = sum(s.numel() for s in scores)

@@ -42,7 +42,9 @@ def test_combination_rules():
     g, gp = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, -2.0])]
     torch.testing.assert_close(sam_gradient(g, gp, 0.5)[0], torch.tensor([2.0, 0.0]))
     torch.testing.assert_close(sam_gradient(g, gp, 1.0)[0], gp[0])
-    out = ignite_gradient([torch.tensor([1.0])], [torch.tensor([2.0])], [torch.tensor([5.0])], lam=2.0, rho=0.1, radius=0.2)
+    out = ignite_gradient(
+        [torch.tensor([1.0])], [torch.tensor([2.0])], [torch.tensor([5.0])], lam=2.0, rho=0.1, radius=0.2
+    )
     torch.testing.assert_close(out[0], torch.tensor([1.0 + 2.0 * 0.1 / 0.2 * 3.0]))
     lam = torch.tensor(0.01)
     assert dual_ascent(lam, torch.tensor(1.0), rho=0.5, epsilon=0.1, lr=0.1) == pytest.approx(0.01 + 0.1 * 0.4)

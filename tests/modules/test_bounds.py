@@ -3,7 +3,6 @@
 import copy
 import gc
 import math
-import operator
 import weakref
 
 import pytest
@@ -268,7 +267,14 @@ def test_train_mode_batch_norm_updates_running_stats_as_the_module(momentum):
     # The engine computes the clean batch's statistics once and updates the running statistics
     # itself: the same result as calling the module on the clean batch.
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8, momentum=momentum))
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        nn.BatchNorm2d(4, momentum=momentum),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 8),
+        nn.BatchNorm1d(8, momentum=momentum),
+    )
     ref = copy.deepcopy(net)
     x = torch.randn(5, 2, 6, 6)
     for _ in range(2):
@@ -292,13 +298,13 @@ def test_fused_functions_gradcheck():
     assert check(IntervalLinear.apply, (t(4, 2, 5), t(2, 2, 5, positive=True), t(3, 5), None))
     for tracked in (True, False):
         n = 2 if tracked else 4
-        assert check(lambda s, r: IntervalReLU.apply(s, r, tracked), (t(4, 5), t(n, 5, positive=True)))
+        assert check(lambda s, r, tracked=tracked: IntervalReLU.apply(s, r, tracked), (t(4, 5), t(n, 5, positive=True)))
         for shape in ((4, 2, 3, 3), (4, 3), (4, 2, 5)):
             stack, radius = t(*shape), t(n, *shape[1:], positive=True)
             gamma, beta = t(shape[1]), t(shape[1])
-            bn = lambda s, r, g, b: IntervalBatchNorm.apply(s, r, g, b, 1e-5, tracked)[:2]  # noqa: E731
+            bn = lambda s, r, g, b, tracked=tracked: IntervalBatchNorm.apply(s, r, g, b, 1e-5, tracked)[:2]  # noqa: E731
             assert check(bn, (stack, radius, gamma, beta))
-            assert check(lambda s, r: bn(s, r, None, None), (stack, radius))
+            assert check(lambda s, r, bn=bn: bn(s, r, None, None), (stack, radius))
     lower = torch.randn(3, 2, 4, dtype=torch.float64)
     upper = lower + torch.rand_like(lower)
     assert (lower > 0).any() and (upper < 0).any()
@@ -320,7 +326,14 @@ def test_fused_engine_matches_plain_autograd(name):
         net.zero_grad()
         torch.manual_seed(3)  # the same dropout mask
         engine = BoundedNetwork(net)
-        out = engine(x - 0.05, x + 0.05, clean=x, spec=margin_spec(y, 5 if name == "residual" else 10).double(), record_relu=True, fused=fused)
+        out = engine(
+            x - 0.05,
+            x + 0.05,
+            clean=x,
+            spec=margin_spec(y, 5 if name == "residual" else 10).double(),
+            record_relu=True,
+            fused=fused,
+        )
         tight, balance = warmup_regularizers(out.relu, torch.full_like(x, 0.05), 0.5, fused=fused)
         loss = F.cross_entropy(-out.lower, y) + F.cross_entropy(out.clean, y) + tight + balance
         loss = loss + sum(lo.square().mean() + up.mean() for lo, up in out.relu)  # gradients into the ReLU bounds

@@ -11,10 +11,10 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
+from litplug.bounds import UnsupportedOperationError, margin_bounds
 from litplug.callbacks import IBPWarmup
 from litplug.datamodules import Digits
 from litplug.modules import MLP, CertifiedClassifier
-from litplug.bounds import UnsupportedOperationError, margin_bounds
 
 NORM = dict(mean=(0.0,), std=(1.0,), pixel_range=(0.0, 1.0))
 
@@ -60,7 +60,9 @@ class _InputAsWeight(nn.Module):
 
 
 def test_unsupported_operations_refused_at_construction_with_the_node():
-    with pytest.raises(UnsupportedOperationError, match=r"mul of two perturbed tensors .*node 'mul' \(mul\(relu, relu\)\)"):
+    with pytest.raises(
+        UnsupportedOperationError, match=r"mul of two perturbed tensors .*node 'mul' \(mul\(relu, relu\)\)"
+    ):
         CertifiedClassifier(_Product(), eps=0.1, **NORM)
     with pytest.raises(UnsupportedOperationError, match=r"linear with a perturbed weight .*node 'linear'"):
         CertifiedClassifier(_InputAsWeight(), eps=0.1, **NORM)
@@ -71,6 +73,7 @@ def test_unsupported_operations_refused_at_construction_with_the_node():
 
     with pytest.raises(UnsupportedOperationError, match="exp at node 'exp'"):
         CertifiedClassifier(Exp(), eps=0.1, **NORM)
+
     # a product with a constant (a scaling) is bounded
     class Scaled(nn.Module):
         def __init__(self) -> None:
@@ -138,13 +141,28 @@ def test_fit_logs_and_verified_samples_survive_pgd(tmp_path):
     model = _model(eps=0.05, pgd_steps=5, optimizer=partial(torch.optim.Adam, lr=3e-3))
     logger = TensorBoardLogger(tmp_path, name="", version="")
     trainer = fast_trainer(
-        tmp_path, max_epochs=4, logger=logger, log_every_n_steps=1, limit_val_batches=2, callbacks=[IBPWarmup(start_epoch=1, ramp_epochs=2)]
+        tmp_path,
+        max_epochs=4,
+        logger=logger,
+        log_every_n_steps=1,
+        limit_val_batches=2,
+        callbacks=[IBPWarmup(start_epoch=1, ramp_epochs=2)],
     )
     dm = Digits(batch_size=64)
     trainer.fit(model, dm)
     scalars = read_scalars(tmp_path)
-    for tag in ["certified/eps", "certified/kappa", "certified/robust_loss", "certified/verified_acc", "certified/unstable_relu",
-                "certified/tightness", "certified/reg_tightness", "certified/reg_relu", "val/pgd_acc", "val/acc"]:
+    for tag in [
+        "certified/eps",
+        "certified/kappa",
+        "certified/robust_loss",
+        "certified/verified_acc",
+        "certified/unstable_relu",
+        "certified/tightness",
+        "certified/reg_tightness",
+        "certified/reg_relu",
+        "val/pgd_acc",
+        "val/acc",
+    ]:
         assert tag in scalars, tag
     eps = [v for _, v in sorted(scalars["certified/eps"])]
     assert eps[0] == 0.0 and eps[-1] == pytest.approx(0.05)
@@ -171,7 +189,9 @@ def test_configs_instantiate(config):
     cli = LitplugCLI(args=["--config", str(CONFIG_DIR / config), "--trainer.logger", "false"], run=False)
     assert isinstance(cli.model, CertifiedClassifier)
     assert sum(isinstance(c, IBPWarmup) for c in cli.trainer.callbacks) == 1
-    assert cli.model.eps == pytest.approx({"0.3": 0.3, "0.4": 0.4, "2_255": 2 / 255, "8_255": 8 / 255}.get(config.split("eps")[-1][:-5], cli.model.eps))
+    assert cli.model.eps == pytest.approx(
+        {"0.3": 0.3, "0.4": 0.4, "2_255": 2 / 255, "8_255": 8 / 255}.get(config.split("eps")[-1][:-5], cli.model.eps)
+    )
 
 
 def test_callback_fragment_appends(tmp_path):
@@ -182,7 +202,14 @@ def test_callback_fragment_appends(tmp_path):
     base = yaml.safe_load((CONFIG_DIR / "digits/ibp.yaml").read_text())
     base["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    args = ["--config", str(tmp_path / "base.yaml"), "--config", str(CONFIG_DIR / "callbacks/ibp_warmup.yaml"), "--trainer.logger", "false"]
+    args = [
+        "--config",
+        str(tmp_path / "base.yaml"),
+        "--config",
+        str(CONFIG_DIR / "callbacks/ibp_warmup.yaml"),
+        "--trainer.logger",
+        "false",
+    ]
     cli = LitplugCLI(args=args, run=False)
     assert [type(c).__name__ for c in cli.trainer.callbacks[:2]] == ["LearningRateMonitor", "IBPWarmup"]
 
@@ -191,8 +218,22 @@ def test_short_digits_run_from_config(tmp_path):
     from litplug.cli import LitplugCLI
 
     config = str(Path(__file__).resolve().parents[2] / "configs/digits/ibp.yaml")
-    args = ["--config", config, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    args = [
+        "--config",
+        config,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     cli = LitplugCLI(args=args, run=False)
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.callbacks[0].batches == 6

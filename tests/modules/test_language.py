@@ -22,7 +22,9 @@ def test_causal_transformer_is_causal():
         # positions before t cannot see token t; t and later can
         torch.testing.assert_close(other[:, :t], logits[:, :t], atol=1e-6, rtol=0)
         assert ((other[:, t:] - logits[:, t:]).abs().amax(-1) > 1e-4).all()
-    torch.testing.assert_close(net(tokens[:, :7]), logits[:, :7], atol=1e-6, rtol=0)  # a prefix scores as in the full sequence
+    torch.testing.assert_close(
+        net(tokens[:, :7]), logits[:, :7], atol=1e-6, rtol=0
+    )  # a prefix scores as in the full sequence
 
 
 def test_sequence_log_likelihood_by_hand():
@@ -38,7 +40,9 @@ def test_sequence_log_likelihood_by_hand():
 
 def test_batch_forms_and_outputs():
     tokens = torch.zeros(2, 3, dtype=torch.long)
-    assert tokens_of(tokens) is tokens and tokens_of((tokens, 1)) is tokens and tokens_of({"input_ids": tokens}) is tokens
+    assert (
+        tokens_of(tokens) is tokens and tokens_of((tokens, 1)) is tokens and tokens_of({"input_ids": tokens}) is tokens
+    )
     with pytest.raises(TypeError, match="token ids"):
         tokens_of(torch.zeros(2, 3))
     logits = torch.zeros(2, 3, 4)
@@ -51,7 +55,9 @@ def test_language_model_trains(tmp_path):
     torch.manual_seed(0)
     tokens = torch.arange(8).repeat(16, 2)[:, :10]  # one deterministic sequence pattern
     loader = torch.utils.data.DataLoader(tokens, batch_size=8)
-    model = LanguageModel(CausalTransformer(8, 10, dim=16, depth=1, heads=2), optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    model = LanguageModel(
+        CausalTransformer(8, 10, dim=16, depth=1, heads=2), optimizer=lambda p: torch.optim.Adam(p, lr=1e-2)
+    )
     start = model.batch_loss(tokens).item()
     fast_trainer(tmp_path, max_epochs=15).fit(model, loader)
     assert start > 1.5 and model.batch_loss(tokens).item() < 0.1
@@ -59,7 +65,13 @@ def test_language_model_trains(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"vocab_size": 1}, "vocab_size"), ({"max_len": 1}, "max_len"), ({"dim": 10, "heads": 4}, "dim"), ({"depth": 0}, "depth"), ({"dropout": 1.0}, "dropout")],
+    [
+        ({"vocab_size": 1}, "vocab_size"),
+        ({"max_len": 1}, "max_len"),
+        ({"dim": 10, "heads": 4}, "dim"),
+        ({"depth": 0}, "depth"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

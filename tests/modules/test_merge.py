@@ -125,7 +125,10 @@ def test_arguments_are_validated(files):
     with pytest.raises(ValueError, match="`scale` must be a non-empty list"):
         ModelMerge(backbone, files["finetunes"], recipe="task_arithmetic", base=files["base"], scale=[])
     with pytest.raises(ValueError, match=r"base .*: parameter '1.0.weight' has shape \(8, 64\)"):
-        torch.save(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8], batch_norm=True).state_dict(), Path(files["base"]).with_name("narrow.pt"))
+        torch.save(
+            MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8], batch_norm=True).state_dict(),
+            Path(files["base"]).with_name("narrow.pt"),
+        )
         ModelMerge(backbone, files["finetunes"], recipe="ties", base=str(Path(files["base"]).with_name("narrow.pt")))
 
 
@@ -133,9 +136,17 @@ def _merge_and_validate(strategy, tmp_dir, ingredients, base, recipe, devices):
     from harness import fast_trainer
 
     merge = ModelMerge(mlp(0), ingredients, recipe=recipe, base=base, scale=[0.5, 1.0, 1.5], output_path=None)
-    metrics = fast_trainer(tmp_dir, strategy=strategy, devices=devices).validate(merge, Digits(batch_size=32), verbose=False)[0]
+    metrics = fast_trainer(tmp_dir, strategy=strategy, devices=devices).validate(
+        merge, Digits(batch_size=32), verbose=False
+    )[0]
     state = {k: v.clone() for k, v in merge.backbone.state_dict().items()}
-    return {"state": state, "scores": merge.scores, "scale_scores": merge.scale_scores, "merged": merge.merged_score, "val": metrics["val/acc"]}
+    return {
+        "state": state,
+        "scores": merge.scores,
+        "scale_scores": merge.scale_scores,
+        "merged": merge.merged_score,
+        "val": metrics["val/acc"],
+    }
 
 
 def ddp_worker(strategy, tmp_dir, finetunes, seeds, base):
@@ -150,12 +161,19 @@ def ddp_worker(strategy, tmp_dir, finetunes, seeds, base):
 def test_ddp_merges_equal_single_process(files, tmp_path):
     from harness import run_distributed
 
-    r0, r1 = run_distributed(ddp_worker, "ddp", tmp_path, finetunes=files["finetunes"], seeds=files["seeds"], base=files["base"])
-    for recipe, base, ingredients in (("ties", files["base"], files["finetunes"]), ("align_then_average", None, files["seeds"])):
+    r0, r1 = run_distributed(
+        ddp_worker, "ddp", tmp_path, finetunes=files["finetunes"], seeds=files["seeds"], base=files["base"]
+    )
+    for recipe, base, ingredients in (
+        ("ties", files["base"], files["finetunes"]),
+        ("align_then_average", None, files["seeds"]),
+    ):
         single = _merge_and_validate("auto", tmp_path, ingredients, base, recipe, 1)
         for rank in (r0, r1):
             got = rank[recipe]
-            assert got["scores"] == single["scores"] and got["scale_scores"] == single["scale_scores"]  # counts summed over ranks
+            assert (
+                got["scores"] == single["scores"] and got["scale_scores"] == single["scale_scores"]
+            )  # counts summed over ranks
             assert got["merged"] == single["merged"]
             for k, v in single["state"].items():
                 assert torch.equal(got["state"][k], v), (recipe, k)

@@ -43,7 +43,9 @@ def test_fit_logs_mse_and_spearman(tmp_path):
     stats = pytest.importorskip("scipy.stats")
     seed_everything(0)
     dm = OfflineDesigns("sphere", dim=4, num_samples=800, batch_size=64)
-    model = Regressor(MLP(input_shape=[4], num_outputs=1, hidden=[32, 32]), optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    model = Regressor(
+        MLP(input_shape=[4], num_outputs=1, hidden=[32, 32]), optimizer=lambda p: torch.optim.Adam(p, lr=0.01)
+    )
     trainer = fast_trainer(tmp_path, max_epochs=20, logger=TensorBoardLogger(tmp_path, name="tb"), log_every_n_steps=1)
     trainer.fit(model, dm)
     scalars = read_scalars(tmp_path / "tb")
@@ -69,8 +71,15 @@ def test_offline_configs_fit_their_task(tmp_path, monkeypatch):
         cli = LitplugCLI(args=["--config", str(CONFIGS / f"{task}.yaml")], run=False)
         assert cli.datamodule.task.name == task
         assert cli.model.backbone.input_shape == cli.datamodule.input_shape
-    for fragment, name in (("ignite", "SurrogateSharpness"), ("ignite_slow_dual", "SurrogateSharpness"), ("sam", "SAM")):
+    for fragment, name in (
+        ("ignite", "SurrogateSharpness"),
+        ("ignite_slow_dual", "SurrogateSharpness"),
+        ("sam", "SAM"),
+    ):
         if hasattr(litplug.callbacks, name):  # from the sharpness family
-            cli = LitplugCLI(args=["--config", str(CONFIGS / "sphere.yaml"), "--config", str(CONFIGS / f"{fragment}.yaml")], run=False)
+            cli = LitplugCLI(
+                args=["--config", str(CONFIGS / "sphere.yaml"), "--config", str(CONFIGS / f"{fragment}.yaml")],
+                run=False,
+            )
             names = [type(c).__name__ for c in cli.trainer.callbacks]
             assert names[:2] == ["GradientAscentSearch", getattr(litplug.callbacks, name).__name__]

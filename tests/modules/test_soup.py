@@ -125,15 +125,35 @@ def test_digits_recipe_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     tiny = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=10", "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false", "--test_after_fit=false", "--model.init_args.backbone.init_args.hidden=[32]"]  # fmt: skip
-    versions = {"lr_1e-3": [], "lr_3e-3": ["--model.init_args.optimizer.init_args.lr=0.003"], "wd_1e-2": ["--model.init_args.optimizer.init_args.weight_decay=0.01"]}
+            "--trainer.enable_progress_bar=false", "--test_after_fit=false",
+            "--model.init_args.backbone.init_args.hidden=[32]"]  # fmt: skip
+    versions = {
+        "lr_1e-3": [],
+        "lr_3e-3": ["--model.init_args.optimizer.init_args.lr=0.003"],
+        "wd_1e-2": ["--model.init_args.optimizer.init_args.weight_decay=0.01"],
+    }
     for version, extra in versions.items():
-        LitplugCLI(args=["fit", "--config", str(ROOT / "configs/digits/soup_finetune.yaml"), f"--trainer.logger.init_args.version={version}", *tiny, *extra])
+        LitplugCLI(
+            args=[
+                "fit",
+                "--config",
+                str(ROOT / "configs/digits/soup_finetune.yaml"),
+                f"--trainer.logger.init_args.version={version}",
+                *tiny,
+                *extra,
+            ]
+        )
     ckpts = [f"runs/soup/{v}/checkpoints/last.ckpt" for v in versions]
     assert all(Path(c).exists() for c in ckpts)
     cli = LitplugCLI(
-        args=["validate", "--config", str(ROOT / "configs/digits/soup.yaml"), "--model.init_args.backbone.init_args.hidden=[32]",
-              f"--model.init_args.checkpoints={ckpts}", "--trainer.enable_progress_bar=false"]  # fmt: skip
+        args=[
+            "validate",
+            "--config",
+            str(ROOT / "configs/digits/soup.yaml"),
+            "--model.init_args.backbone.init_args.hidden=[32]",
+            f"--model.init_args.checkpoints={ckpts}",
+            "--trainer.enable_progress_bar=false",
+        ]  # fmt: skip
     )
     soup = cli.model
     assert soup.soup_score >= max(soup.scores) and len(soup.scores) == 3

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import fast_trainer, make_strategy, read_scalars, run_distributed
+from harness import fast_trainer, read_scalars, run_distributed
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -69,7 +69,12 @@ def test_l1_sparse_adds_alpha_sign(tmp_path):
     sparse, _ = _one_step("l1_sparse", tmp_path, alpha=0.01)
     for n, p in sparse.named_parameters():
         # one SGD step (lr 1, alpha_0 = alpha at step 0): the extra move is -alpha sign(theta_0)
-        torch.testing.assert_close(p.detach() - dict(finetuned.named_parameters())[n].detach(), -0.01 * before[n].sign().double(), atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            p.detach() - dict(finetuned.named_parameters())[n].detach(),
+            -0.01 * before[n].sign().double(),
+            atol=1e-12,
+            rtol=0,
+        )
 
 
 def test_losses_match_definitions(tmp_path):
@@ -118,7 +123,13 @@ def test_checkpoint_from_classifier_and_errors(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"method": "forget"}, "method"), ({"gamma": -1.0}, "gamma"), ({"beta": 0.0}, "beta"), ({"alpha": -1.0}, "alpha"), ({"num_classes": 1}, "num_classes")],
+    [
+        ({"method": "forget"}, "method"),
+        ({"gamma": -1.0}, "gamma"),
+        ({"beta": 0.0}, "beta"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"num_classes": 1}, "num_classes"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -159,9 +170,20 @@ def test_every_results_config_instantiates(tmp_path):
     assert len(rows) == 11
     for scenario in ("class", "random"):
         # every row on class forgetting; random.yaml differs only in data, so two rows suffice there
-        for row in rows if scenario == "class" else [root / "methods" / "retrain.yaml", root / "methods" / "random_label_saliency.yaml"]:
+        for row in (
+            rows
+            if scenario == "class"
+            else [root / "methods" / "retrain.yaml", root / "methods" / "random_label_saliency.yaml"]
+        ):
             extra = [] if row.stem == "retrain" else ["--model.init_args.checkpoint", str(tmp_path / "orig.pt")]
-            args = ["--config", str(root / f"{scenario}.yaml"), "--config", str(row), "--trainer.logger", "false"] + extra
+            args = [
+                "--config",
+                str(root / f"{scenario}.yaml"),
+                "--config",
+                str(row),
+                "--trainer.logger",
+                "false",
+            ] + extra
             cli = LitplugCLI(args=args, run=False)
             assert isinstance(cli.model, Unlearner) and isinstance(cli.datamodule, ForgetRetain)
             assert cli.model.method == row.stem.replace("_saliency", "").replace("_attribution", "")
@@ -223,7 +245,9 @@ def test_hugging_face_causal_lm(tmp_path):
     transformers = pytest.importorskip("transformers")
     from torch.utils.data import TensorDataset
 
-    config = transformers.GPT2Config(vocab_size=16, n_positions=24, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        vocab_size=16, n_positions=24, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(config)  # random init, nothing downloaded
     torch.save(gpt2.state_dict(), tmp_path / "orig.pt")
@@ -262,8 +286,9 @@ def lm_recipe_worker(strategy, tmp_dir, checkpoint, method):
     model = Unlearner(_small_lm(), checkpoint, method, gamma=5.0, beta=0.1, objective="causal_lm",
                       optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))  # fmt: skip
     data = ForgetRetain(MarkovText(**LM_CORPUS, batch_size=8), "class", [1])  # 8 per rank: global batch 16
-    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=24, logger=TensorBoardLogger(tmp_dir, name="tb"),
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=24,
+                      logger=TensorBoardLogger(tmp_dir, name="tb"), enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
                       limit_val_batches=0, log_every_n_steps=8)  # fmt: skip
     before = trainer.test(model, data, verbose=False)[0]
     trainer.fit(model, data)
@@ -309,20 +334,23 @@ def test_lm_configs_instantiate(tmp_path):
     from litplug.modules import LanguageModel
 
     configs = Path(__file__).resolve().parents[2] / "configs"
-    original = LitplugCLI(args=["--config", str(configs / "lm" / "original.yaml"), "--trainer.logger", "false"], run=False)
+    original = LitplugCLI(
+        args=["--config", str(configs / "lm" / "original.yaml"), "--trainer.logger", "false"], run=False
+    )
     assert isinstance(original.model, LanguageModel)
     torch.save(original.model.backbone.state_dict(), tmp_path / "orig.pt")
     rows = sorted((configs / "lm" / "unlearning").glob("*.yaml"))
     assert [r.stem for r in rows] == ["gradient_ascent", "gradient_difference", "npo"]
     for row in rows:
-        for mask in ([], ["--config", str(configs / "callbacks" / "unlearning_mask.yaml")]) if row.stem == "npo" else ([],):
-            args = ["--config", str(configs / "lm" / "unlearning.yaml"), "--config", str(row), *mask, "--trainer.logger", "false",
-                    "--model.init_args.checkpoint", str(tmp_path / "orig.pt")]  # fmt: skip
+        for mask in (
+            ([], ["--config", str(configs / "callbacks" / "unlearning_mask.yaml")]) if row.stem == "npo" else ([],)
+        ):
+            args = ["--config", str(configs / "lm" / "unlearning.yaml"), "--config", str(row), *mask,
+                    "--trainer.logger", "false", "--model.init_args.checkpoint", str(tmp_path / "orig.pt")]  # fmt: skip
             cli = LitplugCLI(args=args, run=False)
             assert cli.model.method == row.stem and cli.model.objective == "causal_lm"
             assert cli.datamodule.forget_classes == [1] and type(cli.datamodule.datamodule).__name__ == "MarkovText"
             assert len([c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]) == len(mask) // 2
-
 
 
 def test_lm_saliency_mask_scores_the_token_nll(tmp_path):
@@ -332,8 +360,14 @@ def test_lm_saliency_mask_scores_the_token_nll(tmp_path):
 
     torch.manual_seed(0)
     torch.save(_lm().state_dict(), tmp_path / "orig.pt")
-    model = Unlearner(_lm(), str(tmp_path / "orig.pt"), "gradient_difference", objective="causal_lm").double()  # no near-ties
-    data = ForgetRetain(MarkovText(vocab_size=8, seq_len=12, num_train=48, num_val=8, num_test=8, num_marked=16, batch_size=8), "class", [1])
+    model = Unlearner(
+        _lm(), str(tmp_path / "orig.pt"), "gradient_difference", objective="causal_lm"
+    ).double()  # no near-ties
+    data = ForgetRetain(
+        MarkovText(vocab_size=8, seq_len=12, num_train=48, num_val=8, num_test=8, num_marked=16, batch_size=8),
+        "class",
+        [1],
+    )
     data.setup()
     forget = data.forget_set.dataset.tokens[data.forget_indices]
     named = [(n, p) for n, p in model.named_parameters() if p.dim() >= 2]
@@ -344,4 +378,6 @@ def test_lm_saliency_mask_scores_the_token_nll(tmp_path):
     fast_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[mask], precision="64-true").fit(model, data)
     for (n, p), keep in zip(named, expected):
         assert torch.equal(mask.masks[n], keep)
-        assert torch.equal(p.detach()[~keep], original[n][~keep]) and not torch.equal(p.detach()[keep], original[n][keep])
+        assert torch.equal(p.detach()[~keep], original[n][~keep]) and not torch.equal(
+            p.detach()[keep], original[n][keep]
+        )
