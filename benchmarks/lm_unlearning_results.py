@@ -20,35 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-
-from litplug.cli import LitplugCLI
+from unlearning_results import cli, train_original
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LM = CONFIGS / "lm"
 METHODS = ["gradient_ascent", "gradient_difference", "npo"]
-QUIET = [
-    "--trainer.logger",
-    "false",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-]
 COLUMNS = ["forget_loss", "retain_loss", "test_loss", "MIA"]
-
-
-def cli(configs: list[Path], overrides: list[str]) -> LitplugCLI:
-    args = [a for c in configs for a in ("--config", str(c))] + QUIET + overrides
-    return LitplugCLI(args=args, run=False)
-
-
-def train_original(seed: int) -> Path:
-    run = cli(
-        [LM / "original.yaml"],
-        ["--seed_everything", str(seed), "--data.init_args.seed", str(seed), "--trainer.limit_val_batches", "0"],
-    )
-    run.trainer.fit(run.model, run.datamodule)
-    return Path("runs/lm/original.ckpt").resolve()
 
 
 def run_row(method: str, mask: bool, seed: int, checkpoint: Path, fit: bool = True) -> dict[str, float]:
@@ -109,7 +86,7 @@ def main() -> None:
     ]
     results: dict[str, dict[int, dict[str, float]]] = {r: {} for r in rows}
     for seed in args.seeds:
-        checkpoint = train_original(seed)
+        checkpoint = train_original(seed, LM, "runs/lm/original.ckpt")
         results["original"][seed] = run_row("npo", False, seed, checkpoint, fit=False)
         for method in args.methods:
             for mask in args.masks:

@@ -51,13 +51,14 @@ def cli(configs: list[Path], overrides: list[str]) -> LitplugCLI:
     return LitplugCLI(args=args, run=False)
 
 
-def train_original(seed: int) -> Path:
+def train_original(seed: int, configs: Path = CONFIGS, checkpoint: str = "runs/unlearning/original.ckpt") -> Path:
+    """Fit ``configs/original.yaml`` with ``seed``; return the checkpoint that config writes."""
     run = cli(
-        [CONFIGS / "original.yaml"],
+        [configs / "original.yaml"],
         ["--seed_everything", str(seed), "--data.init_args.seed", str(seed), "--trainer.limit_val_batches", "0"],
     )
     run.trainer.fit(run.model, run.datamodule)
-    return Path("runs/unlearning/original.ckpt").resolve()
+    return Path(checkpoint).resolve()
 
 
 def run_row(scenario: str, row: str, seed: int, checkpoint: Path) -> dict[str, float]:
