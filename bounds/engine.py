@@ -51,6 +51,12 @@ class BoundedNetwork:
                 if node.op == "call_module" and self._ops[node].check is not None:
                     self._ops[node].check(target, node, set())
         self._check_perturbed()
+        self._batch_norms = [
+            n.target
+            for n in self.nodes
+            if n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
+        ]
+        self._owns_input = {n for n in self.nodes if _may_overwrite(n, model)}
         last = self.output.args[0]
         is_linear = (last.op == "call_module" and type(model.get_submodule(last.target)) is nn.Linear) or (
             last.op == "call_function" and last.target is F.linear
@@ -64,6 +70,16 @@ class BoundedNetwork:
         if model is None:
             raise ReferenceError("the network of this BoundedNetwork was garbage-collected; build a new one")
         return model
+
+    def uses_batch_statistics(self) -> bool:
+        """Whether a batch norm of the network normalises with batch statistics as it is now (train
+        mode, or no running statistics): only then do the bounds depend on the ``clean`` batch."""
+        model = self.model
+        for target in self._batch_norms:
+            m = model.get_submodule(target)
+            if m.training or m.running_mean is None:
+                return True
+        return False
 
     def num_outputs(self, x: torch.Tensor) -> int:
         """Width of the network's output on inputs like ``x`` (no module is called, so batch-norm
@@ -182,11 +198,33 @@ class BoundedNetwork:
                 return getattr(args[0], target)(*args[1:], **kwargs)
             return target(*args, **kwargs)
         op = self._ops[node]
+        p.owned = node in self._owns_input
         if p.fused and op.fused is not None:
             out = op.fused(p, target, args, kwargs)
             if out is not None:
                 return out
         return op.rule(p, target, args, kwargs)
+
+
+_FRESH = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU)
+"""Modules whose rules return newly allocated boxes (never a view or the input itself)."""
+_OVERWRITES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU)
+"""Modules whose rules may overwrite an owned input box (``Pass.owned``)."""
+
+
+def _may_overwrite(node: fx.Node, model: nn.Module) -> bool:
+    """Whether ``node`` may overwrite its input box: a module of ``_OVERWRITES`` whose single
+    argument comes from a ``_FRESH`` module that has no other user (the graph's output included)."""
+    if node.op != "call_module" or type(model.get_submodule(node.target)) not in _OVERWRITES:
+        return False
+    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return False
+    source = node.args[0]
+    return (
+        source.op == "call_module"
+        and type(model.get_submodule(source.target)) in _FRESH
+        and len(source.users) == 1
+    )
 
 
 def _has_interval(values: Any) -> bool:

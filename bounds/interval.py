@@ -81,14 +81,18 @@ class Pass:
         linearize: propagate through each activation linearised at the clean input instead of
             its interval (the tightness metric of Mao et al. 2023).
         relu: where the ReLU rules append their pre-activation ``(lower, upper)``, or None.
+        owned: set by the engine before each rule: the rule's input box was computed fresh by the
+            node before it and is used nowhere else, so without gradients a rule may overwrite it
+            (saves an activation-sized allocation per layer in evaluation).
     """
 
-    __slots__ = ("model", "fused", "linearize", "relu")
+    __slots__ = ("model", "fused", "linearize", "relu", "owned")
 
     def __init__(
         self, model: nn.Module, fused: bool, linearize: bool, relu: list[tuple[torch.Tensor, torch.Tensor]] | None
     ) -> None:
         self.model, self.fused, self.linearize, self.relu = model, fused, linearize, relu
+        self.owned = False
 
 
 def name_of(target: Any) -> str:

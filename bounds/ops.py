@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .fused import IntervalBatchNorm, IntervalLinear, IntervalReLU, can_fuse
+from litplug.plumbing import is_sharded
+
+from .fused import IntervalBatchNorm, IntervalLinear, IntervalReLU, cached_abs, can_fuse, relu_box
 from .interval import Interval, Pass, UnsupportedOperationError, name_of, where
 
 Rule = Callable[[Pass, Any, tuple, dict], Any]
@@ -51,8 +53,17 @@ class Op(NamedTuple):
 
 
 def affine(x: Interval, fn: Callable, weight: torch.Tensor, bias: torch.Tensor | None) -> Interval:
-    """``(W c + b, |W| r)``; centre and clean batch share one call."""
-    return Interval(fn(x.stack, weight, bias), fn(x.radius, weight.abs(), None), x.tracked)
+    """``(W c + b, |W| r)``; centre and clean batch share one call. Without gradients, ``|W|`` is
+    kept per weight and recomputed only when the weight changes (:func:`~.fused.cached_abs`)."""
+    return Interval(fn(x.stack, weight, bias), fn(x.radius, abs_of(weight), None), x.tracked)
+
+
+def abs_of(weight: torch.Tensor) -> torch.Tensor:
+    """``|weight|``: the cached copy where no gradient can flow through it (gradients off), a
+    contiguous plain tensor (no DTensor), else ``weight.abs()`` (differentiable)."""
+    if torch.is_grad_enabled() or not weight.is_contiguous() or is_sharded(weight):
+        return weight.abs()
+    return cached_abs(weight)
 
 
 def same(x: Interval, fn: Callable[[torch.Tensor], torch.Tensor], per_sample: bool = False) -> Interval:
@@ -155,8 +166,13 @@ def _batch_norm(p: Pass, m: nn.modules.batchnorm._BatchNorm, args: tuple, kwargs
     offset = -mean * factor
     if m.bias is not None:
         offset = offset + m.bias
-    stack = torch.addcmul(offset.view(shape), x.stack, factor.view(shape))
-    out = Interval(stack, x.radius * factor.abs().view(shape), x.tracked)
+    if p.owned and not torch.is_grad_enabled():  # in place: same values, no new activations
+        stack = torch.addcmul(offset.view(shape), x.stack, factor.view(shape), out=x.stack)
+        radius = torch.mul(x.radius, factor.abs().view(shape), out=x.radius)
+    else:
+        stack = torch.addcmul(offset.view(shape), x.stack, factor.view(shape))
+        radius = x.radius * factor.abs().view(shape)
+    out = Interval(stack, radius, x.tracked)
     return _after_batch_norm(m, x, out, mean, var, batch_stats)
 
 
@@ -200,6 +216,8 @@ def _update_running_stats(m: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor
 def _relu_fused(p: Pass, x: Interval) -> Interval | None:
     if p.linearize:
         return None
+    if p.relu is None and not torch.is_grad_enabled():
+        return Interval(*relu_box(x.stack, x.radius, x.tracked, p.owned), x.tracked)
     stack, radius, lower, upper = IntervalReLU.apply(x.stack, x.radius, x.tracked)
     if p.relu is not None:
         p.relu.append((lower, upper))
