@@ -220,11 +220,7 @@ def _may_overwrite(node: fx.Node, model: nn.Module) -> bool:
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return False
     source = node.args[0]
-    return (
-        source.op == "call_module"
-        and type(model.get_submodule(source.target)) in _FRESH
-        and len(source.users) == 1
-    )
+    return source.op == "call_module" and type(model.get_submodule(source.target)) in _FRESH and len(source.users) == 1
 
 
 def _has_interval(values: Any) -> bool:
