@@ -166,7 +166,8 @@ def _batch_norm(p: Pass, m: nn.modules.batchnorm._BatchNorm, args: tuple, kwargs
     offset = -mean * factor
     if m.bias is not None:
         offset = offset + m.bias
-    if p.owned and not torch.is_grad_enabled():  # in place: same values, no new activations
+    if p.owned and not torch.is_grad_enabled() and factor.dtype == x.stack.dtype == x.radius.dtype:
+        # in place (the same kernels, the same values): no new activation-sized tensors
         stack = torch.addcmul(offset.view(shape), x.stack, factor.view(shape), out=x.stack)
         radius = torch.mul(x.radius, factor.abs().view(shape), out=x.radius)
     else:
@@ -217,7 +218,8 @@ def _relu_fused(p: Pass, x: Interval) -> Interval | None:
     if p.linearize:
         return None
     if p.relu is None and not torch.is_grad_enabled():
-        return Interval(*relu_box(x.stack, x.radius, x.tracked, p.owned), x.tracked)
+        inplace = p.owned and x.stack.dtype == x.radius.dtype
+        return Interval(*relu_box(x.stack, x.radius, x.tracked, inplace), x.tracked)
     stack, radius, lower, upper = IntervalReLU.apply(x.stack, x.radius, x.tracked)
     if p.relu is not None:
         p.relu.append((lower, upper))

@@ -434,3 +434,167 @@ def test_engine_is_stateless_and_fused_is_an_argument():
     assert {"IntervalLinearBackward", "IntervalReLUBackward"} <= _backward_names(fused.upper)
     assert not any(name.startswith("Interval") for name in _backward_names(plain.upper))
     torch.testing.assert_close(fused.upper, plain.upper)
+
+
+def _plain_bounds(engine, lower, upper, **kwargs):
+    """The reference: the plain rules with gradients on (``weight.abs()`` each call, no box overwritten)."""
+    with torch.enable_grad():
+        out = engine(lower, upper, fused=False, **kwargs)
+    return out.lower.detach(), out.upper.detach(), None if out.clean is None else out.clean.detach()
+
+
+class Shared(nn.Module):
+    """A convolution's output read by two modules that could overwrite an owned input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(108, 10))
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(self.relu(h) + self.bn(h))
+
+
+@pytest.mark.parametrize("name", ["residual", "cnn7", "mlp", "shared"])
+def test_no_grad_bounds_match_the_plain_rules(name):
+    # Without gradients the engine reuses |W| across calls, overwrites the boxes it owns (batch
+    # norm and ReLU after a convolution or linear layer) and takes the ReLU box as max(c, h),
+    # min(r, h): the bounds are those of the plain rules up to rounding, with or without the clean
+    # batch carried along (eval-mode batch norm does not read it).
+    torch.manual_seed(0)
+    net = {"residual": Residual, "shared": Shared}.get(name, lambda: _nets()[name])().double()
+    shape = (2, 8, 8) if name == "residual" else (1, 8, 8)
+    classes = 5 if name == "residual" else 10
+    x = torch.rand(6, *shape, dtype=torch.float64)
+    for m in net.modules():  # running statistics far from the initial (0, 1)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    y = torch.randint(0, classes, (6,))
+    engine = BoundedNetwork(net)
+    assert not engine.uses_batch_statistics()
+    for spec in (None, margin_spec(y, classes).double()):
+        lower, upper, clean = _plain_bounds(engine, x - 0.05, x + 0.05, clean=x, spec=spec)
+        with torch.no_grad():
+            for carried in (x, None):
+                fast = engine(x - 0.05, x + 0.05, clean=carried, spec=spec)
+                torch.testing.assert_close(fast.lower, lower, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(fast.upper, upper, rtol=1e-12, atol=1e-12)
+                if carried is not None:
+                    torch.testing.assert_close(fast.clean, clean, rtol=1e-12, atol=1e-12)
+                    torch.testing.assert_close(fast.clean, net(x), rtol=1e-12, atol=1e-12)
+            again = engine(x - 0.05, x + 0.05, spec=spec)  # the cached |W|: the same values
+            assert torch.equal(again.lower, fast.lower) and torch.equal(again.upper, fast.upper)
+    net.train()
+    assert engine.uses_batch_statistics()
+
+
+def test_relu_box_is_the_interval_relu_box():
+    from litplug.bounds.fused import IntervalReLU, relu_box
+
+    torch.manual_seed(0)
+    centre, radius = torch.randn(4000, dtype=torch.float64), torch.rand(4000, dtype=torch.float64)
+    clean = torch.randn(3000, dtype=torch.float64)
+    stable = centre - radius >= 0
+    assert stable.any() and (centre + radius <= 0).any() and (~stable & (centre + radius > 0)).any()
+    for tracked in (False, True):
+        stack = torch.cat([centre, clean]) if tracked else centre
+        ref_stack, ref_radius, _, _ = IntervalReLU.apply(stack, radius, tracked)
+        out_stack, out_radius = relu_box(stack, radius, tracked)
+        torch.testing.assert_close(out_stack, ref_stack, rtol=0, atol=1e-15)
+        torch.testing.assert_close(out_radius, ref_radius, rtol=0, atol=1e-15)
+        # an active ReLU passes the box through unchanged (no rounding of (relu(u) - relu(l)) / 2)
+        assert torch.equal(out_stack[: len(centre)][stable], centre[stable])
+        assert torch.equal(out_radius[stable], radius[stable])
+        if tracked:
+            assert torch.equal(out_stack[len(centre) :], clean.clamp_min(0))
+        own_stack, own_radius = stack.clone(), radius.clone()
+        in_stack, in_radius = relu_box(own_stack, own_radius, tracked, inplace=True)
+        assert in_stack is own_stack and in_radius is own_radius
+        assert torch.equal(in_stack, out_stack) and torch.equal(in_radius, out_radius)
+
+
+def test_cached_abs_weight_follows_every_change_of_the_weights():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 8), nn.ReLU(), nn.Linear(8, 3)
+    ).double()
+    net.eval()
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    engine = BoundedNetwork(net)
+
+    def check() -> torch.Tensor:
+        with torch.no_grad():
+            upper = engine(x - 0.1, x + 0.1).upper
+        torch.testing.assert_close(upper, _plain_bounds(engine, x - 0.1, x + 0.1)[1], rtol=1e-12, atol=1e-12)
+        return upper
+
+    def step() -> None:  # an optimizer step: in-place updates of the parameters
+        optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+        with torch.enable_grad():
+            net(x).square().sum().backward()
+        optimizer.step()
+
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-2)
+
+    def replace_data() -> None:  # a new storage behind the same Parameter, version unchanged
+        net[4].weight.data = torch.randn_like(net[4].weight)
+
+    def in_place() -> None:
+        with torch.no_grad():
+            net[0].weight.neg_()
+
+    def new_parameter() -> None:
+        net[4].weight = nn.Parameter(torch.randn_like(net[4].weight))
+
+    def to_float() -> None:
+        net.float()
+        nonlocal x
+        x = x.float()
+
+    previous = check()
+    for change in (step, lambda: net.load_state_dict(other.state_dict()), replace_data, in_place, new_parameter):
+        change()
+        current = check()
+        assert not torch.equal(current, previous)  # a stale |W| would give the previous bounds
+        previous = current
+    to_float()
+    with torch.no_grad():
+        upper = engine(x - 0.1, x + 0.1).upper
+    assert upper.dtype == torch.float32
+    torch.testing.assert_close(upper.double(), previous, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_abs_weight_is_freed_with_the_model():
+    from litplug.bounds import fused
+
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 3)).eval()
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        interval_bounds(net, x - 0.1, x + 0.1)
+        margin_bounds(net, x, torch.tensor([0, 1]), 0.1)
+    keys = [id(net[0].weight), id(net[3].weight)]
+    assert all(k in fused._SCRATCH for k in keys)
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None
+    assert not any(k in fused._SCRATCH for k in keys)
+
+
+def test_bounds_in_inference_mode_then_training():
+    # The |W| buffer allocated in inference mode (a validation loop) is a normal tensor: the next
+    # training step writes into it.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.rand(5, 4)
+    with torch.inference_mode():
+        before = interval_bounds(net, x - 0.1, x + 0.1)[1]
+    out = BoundedNetwork(net)(x - 0.1, x + 0.1, clean=x)
+    out.upper.sum().backward()
+    torch.testing.assert_close(out.upper.detach(), before)
+    assert all(p.grad is not None for p in net.parameters())

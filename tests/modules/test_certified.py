@@ -1,5 +1,6 @@
 """CertifiedClassifier: loss, evaluation metrics, normalisation, purity of training_step, errors."""
 
+import copy
 from functools import partial
 from pathlib import Path
 
@@ -250,3 +251,45 @@ def test_digits_config_meets_its_target(tmp_path, monkeypatch):
     scalars = read_scalars(tmp_path / "runs")
     assert scalars["test/acc"][-1][1] >= 0.95
     assert scalars["test/verified_acc"][-1][1] >= 0.85
+
+
+def test_certify_matches_the_plain_engine_and_reads_the_clean_batch_only_for_batch_statistics():
+    from litplug.bounds import BoundedNetwork, margin_spec
+    from litplug.modules import CNN7
+
+    torch.manual_seed(0)
+    model = CertifiedClassifier(CNN7([1, 8, 8], 10, width=4, linear_size=16), num_classes=10, eps=0.001, **NORM)
+    x = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        model.backbone.train()(x)  # running statistics of this data
+        model.eval()
+        y = model.backbone(x).argmax(1)
+    y[::4] = (y[::4] + 1) % 10  # a few samples that cannot be verified
+    engine, spec = BoundedNetwork(model.backbone), margin_spec(y, 10)
+    lower, upper = model.box(x, model.eps)
+
+    def plain(clean):  # the plain rules with autograd, the clean batch carried along
+        with torch.enable_grad():
+            return engine(lower, upper, clean=clean, spec=spec, fused=False).lower.detach()
+
+    reference = plain(x)
+    others = F.one_hot(y, 10) == 0
+    assert reference[others].abs().min() > 1e-4  # no margin within rounding of 0
+    with torch.no_grad():
+        verified = model.certify(x, y)["verified"]
+        margins = model.robust_terms(x, y, model.eps, clean_output=False)
+    assert margins.clean is None  # eval-mode batch norm: no clean pass
+    torch.testing.assert_close(margins.lower, reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(verified, ((reference > 0) | ~others).all(1))
+    assert verified.any() and not verified.all()
+    # train-mode batch norm normalises with the clean batch's statistics: still carried along
+    model.train()
+    state = copy.deepcopy(model.backbone.state_dict())
+    with torch.no_grad():
+        train_margins = model.robust_terms(x, y, model.eps, clean_output=False)
+    model.backbone.load_state_dict(state)
+    assert train_margins.clean is not None
+    with torch.no_grad():
+        torch.testing.assert_close(train_margins.lower, plain(x), rtol=1e-5, atol=1e-5)
+        model.backbone.load_state_dict(state)
+        assert not torch.allclose(train_margins.lower, plain(None), rtol=1e-3, atol=1e-3)
