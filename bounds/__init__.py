@@ -11,6 +11,16 @@ on, ``Linear``, ``ReLU`` and train-mode batch norm run fused autograd functions 
 backward passes, checked against plain autograd in the tests) that avoid the weight-sized and
 activation-sized temporaries autograd would create.
 
+Cost without gradients (evaluation, ``CertifiedClassifier.certify``): two affine passes per layer
+(``W c + b`` and ``|W| r``), so about half the throughput of the network's own forward is the
+floor (CNN7: see ``benchmarks/scaling.py``, variant ``certify``). What keeps it there: ``|W|`` is
+kept per weight and recomputed only when the weight changes (:func:`~litplug.bounds.fused.cached_abs`:
+one extra copy of the conv/linear weights in memory); the clean batch is left out unless batch
+norm uses batch statistics (``robust_terms(..., clean_output=False)``); batch norm and ReLU
+overwrite a box that the layer before computed for them alone (``Pass.owned``), so a layer
+allocates what the plain forward does; the ReLU box is ``(max(c, h), min(r, h))`` with
+``h = relu(c + r) / 2``.
+
 Margins ``z_y - z_j`` are bounded with last-layer elision: the specification matrix ``C`` (rows
 ``e_y - e_j``) is folded into the last linear layer, ``(C W) h + C b``, which is never looser than
 subtracting the output intervals because ``|C W| <= |C| |W|``.

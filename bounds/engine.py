@@ -1,6 +1,7 @@
 """The engine: a network traced once with ``torch.fx``, checked against the operator table, and
 interpreted node by node on boxes. It keeps no state between calls: what one computation needs
-(fused or plain, linearised or not, where ReLU bounds go) travels in a :class:`~.interval.Pass`."""
+(fused or plain, linearised or not, where ReLU bounds go) travels in a :class:`~.interval.Pass`.
+(``|W|`` is kept per weight by :mod:`.fused`, not by the engine.)"""
 
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ class BoundedNetwork:
         Args:
             lower, upper: input box, same shape as a network input batch.
             clean: the clean batch (inside the box): carried along to give batch-norm statistics in
-                train mode and the clean output.
+                train mode and the clean output. It doubles the centre's share of the work: leave it
+                out where neither is needed (:meth:`uses_batch_statistics` is False).
             spec: optional ``[B, S, K]`` matrix; the bounds are then those of ``spec @ output``,
                 with the last linear layer elided when the network ends in one.
             record_relu: collect the pre-activation bounds of every ReLU (warmup regularizers,

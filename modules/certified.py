@@ -6,7 +6,8 @@ the cross-entropy of the negated margin lower bounds, ``CE(-m, y)`` with
 by :mod:`litplug.bounds` with last-layer elision. The training loss is
 ``kappa * CE(z, y) + (1 - kappa) * CE(-m, y)`` with ``kappa = 1 - (1 - kappa_final) * eps_t / eps``,
 so a scheduled ``eps_t = 0`` is natural training. Cost: about two forward/backward passes of the
-network per step while ``eps_t > 0`` (centre and radius), none extra at ``eps_t = 0``.
+network per step while ``eps_t > 0`` (centre and radius), none extra at ``eps_t = 0``; verification
+(:meth:`CertifiedClassifier.certify`) about two forward passes.
 """
 
 from __future__ import annotations
@@ -243,7 +244,15 @@ class CertifiedClassifier(Classifier):
 
     def certify(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample ``verified`` (all margins > 0 at ``eps``, float32, autocast off) and, with
-        ``pgd_steps > 0``, ``pgd_correct``."""
+        ``pgd_steps > 0``, ``pgd_correct``.
+
+        Cost (eval mode, gradients off): about two forward passes of the backbone (centre and
+        radius; the clean batch is not carried along unless batch norm is in train mode), i.e.
+        about 0.5x the plain forward's throughput. ``|W|`` of every conv/linear weight is kept
+        between calls (one copy of those weights, freed with the model) and recomputed after any
+        in-place change of the weight (optimizer step, ``load_state_dict``); a write through
+        ``weight.data`` is not seen by autograd's version counter: write under ``torch.no_grad()``.
+        """
         out: dict[str, torch.Tensor] = {}
         with torch.autocast(x.device.type, enabled=False):
             x32 = x.float()
