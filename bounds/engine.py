@@ -30,7 +30,7 @@ class BoundedNetwork:
 
     def __init__(self, model: nn.Module) -> None:
         try:
-            graph = fx.symbolic_trace(model).graph
+            graph = fx.Tracer().trace(model)  # no GraphModule: the nodes must not hold the submodules
         except Exception as err:  # noqa: BLE001 - any tracing failure means "cannot bound"
             raise UnsupportedOperationError(
                 f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); the interval "
