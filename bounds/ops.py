@@ -167,9 +167,11 @@ def _batch_norm(p: Pass, m: nn.modules.batchnorm._BatchNorm, args: tuple, kwargs
     if m.bias is not None:
         offset = offset + m.bias
     if p.owned and not torch.is_grad_enabled() and factor.dtype == x.stack.dtype == x.radius.dtype:
-        # in place (the same kernels, the same values): no new activation-sized tensors
-        stack = torch.addcmul(offset.view(shape), x.stack, factor.view(shape), out=x.stack)
-        radius = torch.mul(x.radius, factor.abs().view(shape), out=x.radius)
+        # In place, no new activation-sized tensors. Two passes (x f, then + offset) are several
+        # times faster than addcmul's broadcasting kernel on CPU; they round x f before the sum,
+        # which addcmul fuses: at most an ulp apart.
+        stack = x.stack.mul_(factor.view(shape)).add_(offset.view(shape))
+        radius = x.radius.mul_(factor.abs().view(shape))
     else:
         stack = torch.addcmul(offset.view(shape), x.stack, factor.view(shape))
         radius = x.radius * factor.abs().view(shape)
