@@ -13,6 +13,7 @@ __all__ = [
     "attribution_scores",
     "enforce_masked_grads_",
     "CHUNK",
+    "CPU_BLOCK",
     "frozen_values",
     "iter_topk_masks",
     "kth_largest_key",
