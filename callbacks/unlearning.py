@@ -68,8 +68,8 @@ Cost: one pass over the forget (and, for ``attribution``, retain) set at fit sta
 one masking pass per gradient (~1.5x a ``copy_`` of it: 34 ms per 100M fp32 entries on one CPU
 core, against 22 ms for ``copy_``), again only for gradients written after it (e.g. by clipping
 or SAM), and one restore per parameter unless skipped as in 3. (~1.4 ns per entry on one CPU
-core, 140 ms per 100M entries, ~6x a copy), against about ten memory-speed passes for an Adam
-step. Memory: one bit per masked
+core: 140 ms per 100M fp32 entries, ~6x a copy), against about ten memory-speed passes for an
+Adam step. Memory: one bit per masked
 entry and the frozen entries' original values, ``(1 - ratio) * width + 1/8`` bytes per entry
 (0.53x the fp32 weights in scope at ``ratio=0.5``; :meth:`UnlearningMask.state_bytes`). Scoring
 holds one gradient per scored parameter (for ``attribution`` two) and no other full copy: the

@@ -163,7 +163,7 @@ def _unpack(
 ) -> torch.Tensor:
     """Entries ``start:stop`` of a packed mask as 0/1 of ``dtype`` (with ``frozen``: 1 at the
     frozen entries, bit 0). One lookup per byte in a table of 256 int64 whose 8 bytes are the
-    byte's bits (least significant first): a 1-D gather, the fastest CPU lookup."""
+    byte's bits (least significant first): a 1-D gather, faster on CPU than rows of a 2-D table."""
     key = (frozen, packed.device)
     if key not in _LUT:
         byte = torch.arange(256, dtype=torch.int32).unsqueeze(1)
@@ -217,7 +217,7 @@ def frozen_values(param: torch.Tensor, packed: torch.Tensor) -> list[torch.Tenso
 def enforce_masked_grads_(grads: Sequence[torch.Tensor | None], packed: Sequence[torch.Tensor]) -> None:
     """Set the gradients' frozen entries (bit 0 in the packed masks) to +0.0 in place, inf/NaN
     included: their bits, seen as integers, times the 0/1 bytes unpacked from the mask (exact, and
-    ~15x faster on CPU than ``masked_fill_``), a block of entries at a time. Any layout and float
+    ~10x faster on CPU than ``masked_fill_``), a block of entries at a time. Any layout and float
     width; a non-contiguous gradient goes by blocks of rows of its first dimension."""
     for g, bits in zip(grads, packed):
         if g is None or not g.numel():
