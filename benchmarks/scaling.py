@@ -6,29 +6,34 @@
 Rows: EMA, SWA, SAM (every step, every 5 steps), ``pytorch_optimizer.SAM`` (the peer, manual
 optimisation), IGNITE (:class:`~litplug.callbacks.SurrogateSharpness`) and UnlearningMask
 (``magnitude``, ratio 0.5) on Lightning's demo encoder-decoder Transformer
-(``lightning.pytorch.demos.Transformer``, vocabulary 1000, dropout 0) of growing width and depth;
+(``lightning.pytorch.demos.Transformer``, vocabulary 1000, dropout 0) of growing width and depth,
+256 tokens per step (batch 8 x sequence 32) at every size;
 the IBP training step (:class:`~litplug.modules.CertifiedClassifier` after warmup) and
 ``certify`` on CNN7 of growing width. Every model trains with SGD (momentum 0.9) on random data.
 
 Each measurement is one ``Trainer.fit`` in a fresh process (``--child``), so that a peak is that
-run's own; the runs of one size go round-robin over the variants, plain included, ``--rounds``
-times (interleaved, so load changes on a shared machine hit every variant alike).
+run's own. Per size, every variant first gets one memory run (``MEMORY_STEPS`` steps), then the
+timing runs go round-robin over the variants, plain included, ``--rounds`` times (interleaved, so
+load changes on a shared machine hit every variant alike).
 
 * step time: a callback (the last one) times every step from batch start to batch end after one
   warmup step; a run's step time is the mean over its steps (a multiple of 5, so SAM every 5
   steps counts one perturbed and four plain steps); the best run over the rounds is reported
-  (the run least disturbed by other load). Ratio = variant / plain of the same size.
-* extra peak memory: the run's peak resident set size (``resource.getrusage``, ``ru_maxrss``)
-  minus the plain run's, in multiples of the parameter bytes. glibc's mmap threshold is pinned
-  (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors go back to the system and the peak is that
-  of live tensors, independent of load. On CUDA, ``torch.cuda.max_memory_allocated`` instead.
+  (the run least disturbed by other load). Ratio = variant / plain of the same size; the extra
+  time per step is the difference. Timing runs use the process's default allocator settings.
+* extra peak memory: the memory run's peak resident set size (``resource.getrusage``,
+  ``ru_maxrss``) minus the plain memory run's, in multiples of the parameter bytes. glibc's mmap
+  threshold is pinned (``MALLOC_MMAP_THRESHOLD_``) in memory runs only, so that freed tensors go
+  back to the system and the peak is that of live tensors; it is not set for timing runs, because
+  it turns every large allocation into fresh pages (page faults in every step) which no real run
+  has. On CUDA, ``torch.cuda.max_memory_allocated`` instead.
 * ``certify``: samples/s of ``CertifiedClassifier.certify`` over samples/s of the plain forward
   (eval mode, no gradients), interleaved in one process; reported as a throughput ratio.
 
 Floors (extra memory a plugin cannot avoid): EMA/SWA one averaged copy (1.0x), SAM the
 perturbation (1.0x), UnlearningMask the frozen values of the masked half of the weights in scope
 plus one bit per entry (``(1 - ratio) + 1/32`` of the scoped fp32 bytes), IGNITE the copy of the
-weights and the loss gradient kept across its two extra passes (2.0x).
+weights (or of the perturbed weights) and the loss gradient kept across its two extra passes (2.0x).
 """
 
 from __future__ import annotations
@@ -45,13 +50,15 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 1000
-# name -> (d_model, nlayers, heads, batch, seq, steps): nlayers encoder and nlayers decoder layers
+# name -> (d_model, nlayers, heads, batch, seq, steps): nlayers encoder and nlayers decoder layers;
+# 8 x 32 = 256 tokens per step at every size
 TRANSFORMERS = {
     "1M": (128, 2, 4, 8, 32, 10),
-    "10M": (256, 5, 4, 4, 32, 10),
-    "30M": (512, 4, 8, 2, 32, 5),
-    "100M": (768, 6, 8, 2, 16, 5),
+    "10M": (256, 5, 4, 8, 32, 10),
+    "30M": (512, 4, 8, 8, 32, 5),
+    "100M": (768, 6, 8, 8, 32, 5),
 }
+MEMORY_STEPS = 2  # steps of a memory run (the peak is reached in the first perturbed/averaged step)
 # name -> (width, linear, batch, steps)
 CONVNETS = {"1M": (16, 128, 16, 10), "10M": (32, 640, 8, 10), "100M": (64, 3072, 4, 5)}
 TRANSFORMER_VARIANTS = ["plain", "ema", "swa", "sam", "sam_every5", "peer_sam", "ignite", "mask"]
@@ -106,6 +113,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         from lightning.pytorch.demos import Transformer
 
         d, layers, heads, batch, seq, steps = spec["config"]
+        steps = MEMORY_STEPS if spec["measure"] == "memory" else steps
 
         class LM(LightningModule):
             def __init__(self, manual: bool = False) -> None:
@@ -161,6 +169,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         from litplug.modules import CNN7, CertifiedClassifier, Classifier
 
         width, linear, batch, steps = spec["config"]
+        steps = MEMORY_STEPS if spec["measure"] == "memory" else steps
         backbone = CNN7([3, 32, 32], 10, width, linear)
         if variant == "plain":
             model = Classifier(backbone, num_classes=10, optimizer=sgd)
@@ -213,6 +222,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         )
         trainer.fit(model, DataLoader(data, batch_size=None))
         result["step_s"] = sum(clock.durations) / len(clock.durations)
+        result["steps_s"] = clock.durations
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if cuda:
         result["cuda_peak"] = torch.cuda.max_memory_allocated()
@@ -220,7 +230,9 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    if spec["measure"] == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors go back to the system: the peak is of live tensors
     out = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True, check=False
     )
@@ -265,17 +277,21 @@ def main() -> None:
         for size, config in sizes.items():
             if args.sizes and size not in args.sizes:
                 continue
-            runs: dict[str, list[dict[str, Any]]] = {
-                v: [] for v in variants[family] if not args.variants or v == "plain" or v in args.variants
-            }
-            for _ in range(1 if args.quick else args.rounds):
-                for variant in variants[family]:
-                    if args.variants and variant != "plain" and variant not in args.variants:
-                        continue
+            chosen = [v for v in variants[family] if not args.variants or v == "plain" or v in args.variants]
+            runs: dict[str, list[dict[str, Any]]] = {v: [] for v in chosen}
+            memory: dict[str, dict[str, Any]] = {}
+            for variant in chosen:  # one memory run each: the peak does not depend on the load
+                if variant != "certify":
                     spec = {"family": family, "variant": variant, "config": list(config), "device": args.device}
-                    runs[variant].append(_run_child(spec, args.threads))
-                    print(f"  {family} {size} {variant}: {runs[variant][-1]}", file=sys.stderr, flush=True)
-            rows.extend(_rows(family, size, runs, args.device))
+                    memory[variant] = _run_child({**spec, "measure": "memory"}, args.threads)
+                    print(f"  {family} {size} {variant} memory: {memory[variant]['peak_rss']}", file=sys.stderr)
+            for _ in range(1 if args.quick else args.rounds):
+                for variant in chosen:
+                    spec = {"family": family, "variant": variant, "config": list(config), "device": args.device}
+                    runs[variant].append(_run_child({**spec, "measure": "time"}, args.threads))
+                    r = runs[variant][-1]
+                    print(f"  {family} {size} {variant}: {r.get('step_s', r.get('certify_s'))}", file=sys.stderr)
+            rows.extend(_rows(family, size, runs, memory, args.device))
     saved = {
         "args": {"quick": args.quick, "rounds": args.rounds, "device": args.device, "threads": args.threads},
         "rows": rows,
@@ -291,11 +307,17 @@ def _write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     _plot(rows, args.out + ".png")
 
 
-def _rows(family: str, size: str, runs: dict[str, list[dict[str, Any]]], device: str) -> list[dict[str, Any]]:
+def _rows(
+    family: str,
+    size: str,
+    runs: dict[str, list[dict[str, Any]]],
+    memory: dict[str, dict[str, Any]],
+    device: str,
+) -> list[dict[str, Any]]:
     mem_key = "cuda_peak" if device == "cuda" else "peak_rss"
     plain = runs["plain"]
     base_t = min(r["step_s"] for r in plain)
-    base_m = min(r[mem_key] for r in plain)
+    base_m = memory["plain"][mem_key]
     pbytes = plain[0]["param_bytes"]
     out = []
     for variant, rs in runs.items():
@@ -307,7 +329,10 @@ def _rows(family: str, size: str, runs: dict[str, list[dict[str, Any]]], device:
             row["extra_mem"] = None
         else:
             row["ratio"] = min(r["step_s"] for r in rs) / base_t
-            row["extra_mem"] = (min(r[mem_key] for r in rs) - base_m) / pbytes
+            row["extra_ms"] = 1e3 * (min(r["step_s"] for r in rs) - base_t)
+            row["rounds"] = [r["step_s"] for r in rs]  # per round, in the order run (interleaved)
+            row["plain_rounds"] = [r["step_s"] for r in plain]
+            row["extra_mem"] = (memory[variant][mem_key] - base_m) / pbytes
         if variant == "mask":
             row["floor"] = f"{0.53125 * plain[0]['scoped_bytes'] / pbytes:.2f}"
         else:
@@ -331,15 +356,17 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"{os.cpu_count()} cores "
         "shared with other work. " + ("Not run on GPU.\n" if args.device == "cpu" else "\n"),
         "![step overhead and extra peak memory against model size](SCALING.png)\n",
-        "| model | params | plugin | step time (x plain) | extra peak memory (x param bytes) | memory floor |",
-        "|---|---:|---|---:|---:|---:|",
+        "| model | params | plugin | step time (x plain) | extra time per step | extra peak memory (x param bytes) "
+        "| memory floor |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         model = ("Transformer" if r["family"] == "transformer" else "CNN7") + f" {r['size']}"
         ratio = f"{r['ratio']:.2f}" + (" (throughput)" if r["variant"] == "certify" else "")
         mem = "-" if r["extra_mem"] is None else f"{r['extra_mem']:.2f}"
+        ms = f"{r['extra_ms']:+.0f} ms" if "extra_ms" in r else "-"
         lines.append(
-            f"| {model} | {r['params'] / 1e6:.1f}M | {LABELS[r['variant']]} | {ratio} | {mem} | {r['floor']} |"
+            f"| {model} | {r['params'] / 1e6:.1f}M | {LABELS[r['variant']]} | {ratio} | {ms} | {mem} | {r['floor']} |"
         )
     lines += ["", *_verdicts(rows), "", NOTES]
     return "\n".join(lines) + "\n"
@@ -347,25 +374,20 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 NOTES = """Reading the table:
 
-- Memory is the run's peak resident set size minus the plain run's at the same size, in multiples
-  of the parameter bytes; it does not depend on the load of the machine. The floor is what the
-  plugin must hold (module docstring of `benchmarks/scaling.py`). At the small sizes the
-  activations of the backward dominate the peak, so a copy allocated outside it (SWA's snapshot,
-  taken after the epoch's last step) adds less than its size; the 100M rows are the ones where
-  the weights dominate.
-- Step times are ratios of best-of-rounds means of a few steps per run on 2 CPU cores shared
-  with other jobs: expect +-10% noise on a ratio, more at the 1M size (steps of tens of ms).
-  The per-step overheads that are memory passes (EMA's lerp and finiteness check, the mask's
-  multiply) are a fixed cost per parameter, so their ratio depends on how much compute a step
-  has (batch x sequence length), here small to keep the 100M runs short. In the run of
-  `SCALING.md` the plain 100M Transformer step took 0.63 s in one round and 1.23 s in the other
-  (other jobs on the machine), so its 100M step ratios mix load levels; `SCALING_100M.md` repeats
-  the timing-target rows at 100M with 3 rounds (`--sizes 100M --rounds 3 --variants ema sam
-  peer_sam mask`). Step-time targets were not met on this machine; they are not a floor claim.
-- Extra memory not at its floor: IGNITE (about 4x: a copy of the loss gradient, the perturbation
-  and the weights' backup on top of the gradient of its surrogate; floor 2x). Not changed here.
-- The IBP rows use CNN7 of growing width and hidden linear size at batch 16/8/4; `certify` is the
-  throughput of `CertifiedClassifier.certify` over the plain forward's, in eval mode."""
+- Memory is the memory run's peak resident set size minus the plain memory run's at the same
+  size, in multiples of the parameter bytes; it does not depend on the load of the machine. The
+  floor is what the plugin must hold (module docstring of `benchmarks/scaling.py`). At the small
+  sizes the activations of the backward dominate the peak, so a copy allocated outside it (SWA's
+  snapshot, taken after the epoch's last step) adds less than its size, and an allocator's
+  rounding more; the 100M rows are the ones where the weights dominate.
+- Step times are best-of-rounds means of a few steps per run, one thread per run. The per-step
+  overheads that are memory passes (EMA's lerp and finiteness check, the mask's pass over the
+  gradients, SAM's norm and perturbation) cost a fixed time per parameter (the "extra time per
+  step" column), so their ratio depends on how much compute a step has: here 256 tokens per step
+  of the Transformers (batch 8 x sequence 32) and batch 16/8/4 of the CNN7 models. On one CPU
+  core one pass over 100M fp32 values (a `copy_`) takes about 24 ms.
+- The IBP rows use CNN7 of growing width and hidden linear size; `certify` is the throughput of
+  `CertifiedClassifier.certify` over the plain forward's (eval mode, no gradients)."""
 
 
 def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
@@ -390,8 +412,15 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
             )
     if "sam" in top and "peer_sam" in top:
         a, b = top["sam"]["ratio"], top["peer_sam"]["ratio"]
-        out.append(f"- SAM ahead of pytorch_optimizer.SAM: {a:.2f} vs {b:.2f}: {'holds' if a < b else 'does not hold'}")
-    for variant in ("ema", "swa", "sam", "mask"):
+        ahead = [x < y for x, y in zip(top["sam"].get("rounds", []), top["peer_sam"].get("rounds", []))]
+        times = ", ".join(
+            f"{x:.2f} s vs {y:.2f} s" for x, y in zip(top["sam"].get("rounds", []), top["peer_sam"].get("rounds", []))
+        )
+        out.append(
+            f"- SAM ahead of pytorch_optimizer.SAM in every round: {a:.2f} vs {b:.2f} (best rounds); per round "
+            f"{times}: ahead in {sum(ahead)} of {len(ahead)}: {'holds' if ahead and all(ahead) else 'does not hold'}"
+        )
+    for variant in ("ema", "swa", "sam", "ignite", "mask"):
         r = top.get(variant)
         if r and r["extra_mem"] is not None:
             floor = float(r["floor"])

@@ -18,10 +18,10 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from ..functional.sharpness import dual_ascent, ignite_gradient_, sam_perturbation
-from ..plumbing import loss_scale
+from ..functional.sharpness import EPS, dual_ascent, global_norm, ignite_gradient_
+from ..plumbing import local, loss_scale
 from ..validation import check_bool, check_number
-from .passes import _ExtraPasses, perturb_, restore_
+from .passes import _ExtraPasses
 
 __all__ = ["SurrogateSharpness"]
 
@@ -41,9 +41,12 @@ class SurrogateSharpness(_ExtraPasses):
     ``lambda`` a valid multiplier (the reference code omits it); a non-finite norm (a skipped fp16
     step, or a non-finite model output) leaves ``lambda`` unchanged; the loss itself never enters
     the dual step, so a NaN/inf loss cannot poison ``lambda``. ``lambda`` is saved in the callback
-    state. Weights are copied
-    back before the optimizer step; the optimizer and its state are the base optimizer's.
-    Cost: two extra forward/backward passes of the model per step (all micro-batches).
+    state. The original weights are put back (bit-exact) before the optimizer step; the optimizer
+    and its state are the base optimizer's.
+    Cost: two extra forward/backward passes of the model per step (all micro-batches). Memory: a
+    copy of the loss gradient and ``grad G(b)`` while ``b_hat`` is built, and the buffer of the
+    perturbed weights (:class:`~litplug.callbacks.passes.PerturbedWeights`, kept between steps):
+    2x the parameter bytes over plain training at the peak.
 
     Distributed: under DDP the loss gradient's all-reduce is deferred to the last backward (on the
     combined gradient) and ``grad G(b)`` is all-reduced once, so ``b_hat``, ``lambda`` and the
@@ -135,28 +138,32 @@ class SurrogateSharpness(_ExtraPasses):
 
     @override
     def _combine(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        params, grad_loss = self._grads()
+        params = self._grads()[0]
         if not params:
             return
         # Copies: under DDP with gradient_as_bucket_view the gradients can be views of the buckets
-        # that the next synchronised backward overwrites.
-        all_grads = {id(p): p.grad.clone() for _, p in pl_module.named_parameters() if p.grad is not None}
-        for _, p in pl_module.named_parameters():
+        # that the next synchronised backward overwrites. The originals are dropped right away.
+        named = [p for _, p in pl_module.named_parameters() if p.grad is not None]
+        grad_loss = {id(p): p.grad.clone() for p in named}
+        for p in named:
             p.grad = None
         objective = self._objective(pl_module)
         self._rerun(trainer, pl_module, objective=objective)  # grad G(b), all-reduced
         grad_g = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        delta, norm = sam_perturbation(params, grad_g, self.radius)  # radius * grad G(b) / ||grad G(b)||
+        norm = global_norm(grad_g)
         scale = loss_scale(trainer, norm)
         lam = self._lambda.to(device=norm.device, dtype=torch.float32)
-        backup = perturb_(params, delta)
-        del delta
         # Preload grad L(b) - c grad G(b); the last backward adds c grad G(b_hat) and synchronises.
         for _, p in pl_module.named_parameters():
-            p.grad = all_grads.get(id(p))
+            p.grad = grad_loss.pop(id(p), None)
         c = ignite_gradient_([p.grad for p in params], grad_g, lam, self.rho, self.radius)
-        self._rerun(trainer, pl_module, weight=c, objective=objective)
-        restore_(params, backup)
+        # b_hat = b + radius * grad G(b) / ||grad G(b)||, one fused pass; grad G(b) is freed after it.
+        self._perturbed.apply_(params, [local(g) for g in grad_g], float(self.radius / (norm + EPS)))
+        del grad_g
+        try:
+            self._rerun(trainer, pl_module, weight=c, objective=objective)
+        finally:
+            self._perturbed.restore_()
         grad_norm = (norm / scale).detach()
         self._logs = {"lambda": lam.detach().clone(), "output_grad_norm": grad_norm}
         if self.adaptive_lambda:

@@ -22,11 +22,11 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ..plumbing import grad_scaler, local, loss_scale, refuse_flat_strategies
+from ..plumbing import grad_scaler, is_sharded, local, loss_scale, refuse_flat_strategies
 from ..validation import check_bool, check_list, check_str
 from .hooks import muted, no_grad_sync, wrap_optimizer_step
 
-__all__ = ["perturb_", "restore_"]
+__all__ = ["PerturbedWeights", "perturb_", "restore_"]
 
 
 @torch.no_grad()
@@ -47,6 +47,76 @@ def restore_(params: Sequence[nn.Parameter], backup: Sequence[Tensor]) -> None:
         torch._foreach_copy_(shards, list(backup))
 
 
+class PerturbedWeights:
+    """Perturbed weights ``w + alpha * d`` in buffers allocated once (one like each parameter) and
+    swapped in through ``param.data``: per perturbation one fused pass (``torch.add(w, d,
+    alpha=alpha, out=buffer)``) and no copy, neither of the weights nor back, since :meth:`restore_`
+    swaps the original storage in again (bit-exact, and the parameter is again a view of the same
+    memory, e.g. of an EMA's flat buffer). Memory: the buffers, one copy of the perturbed
+    parameters, held until :meth:`release`.
+
+    Sharded parameters (FSDP2 DTensors, whose local storage FSDP2 owns) are not swapped: the buffer
+    holds a copy of the local shard, the shard is perturbed in place and copied back.
+
+    Example:
+        >>> w = nn.Parameter(torch.ones(2))
+        >>> perturbed = PerturbedWeights()
+        >>> perturbed.apply_([w], [torch.tensor([1.0, 2.0])], alpha=0.5); w.data
+        tensor([1.5000, 2.0000])
+        >>> perturbed.restore_(); w.data
+        tensor([1., 1.])
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, tuple[nn.Parameter, Tensor]] = {}
+        self._applied: list[tuple[nn.Parameter, Tensor]] = []  # (parameter, its own data or its backup)
+
+    def _buffer(self, p: nn.Parameter) -> Tensor:
+        shard = local(p)
+        held = self._buffers.get(id(p))
+        if held is None or held[0] is not p or held[1].shape != shard.shape or held[1].dtype != shard.dtype:
+            held = (p, torch.empty_like(shard))
+            self._buffers[id(p)] = held
+        return held[1]
+
+    @torch.no_grad()
+    def apply_(self, params: Sequence[nn.Parameter], direction: Sequence[Tensor], alpha: float = 1.0) -> None:
+        """Put ``w + alpha * d`` (``d``: local shards for DTensors) into ``params``."""
+        if self._applied:
+            raise RuntimeError("PerturbedWeights.apply_ called twice without restore_")
+        for p, d in zip(params, direction):
+            buffer = self._buffer(p)
+            if is_sharded(p):
+                shard = local(p)
+                buffer.copy_(shard)
+                shard.add_(d, alpha=alpha)
+                self._applied.append((p, buffer))
+            else:
+                torch.add(p, d, alpha=alpha, out=buffer)
+                own = p.data
+                p.data = buffer
+                self._applied.append((p, own))
+
+    @torch.no_grad()
+    def restore_(self) -> None:
+        """Put the weights of the last :meth:`apply_` back, bit-exact."""
+        for p, saved in self._applied:
+            if is_sharded(p):
+                local(p).copy_(saved)
+            else:
+                p.data = saved
+        self._applied = []
+
+    def release(self) -> None:
+        """Free the buffers (after :meth:`restore_`)."""
+        self.restore_()
+        self._buffers.clear()
+
+    def nbytes(self) -> int:
+        """Bytes held in the buffers."""
+        return sum(b.numel() * b.element_size() for _, b in self._buffers.values())
+
+
 def _loss_of(output: Any) -> Tensor:
     loss = output.get("loss") if isinstance(output, Mapping) else output
     if not isinstance(loss, Tensor):
@@ -58,7 +128,8 @@ class _ExtraPasses(Callback):
     """Re-run the step's micro-batches at perturbed weights inside the optimizer closure.
 
     Subclasses implement ``_should_perturb`` and ``_combine`` (called after Lightning's pass with
-    the gradient in ``param.grad``) using ``_params``, ``_rerun``, :func:`perturb_` and :func:`restore_`.
+    the gradient in ``param.grad``) using ``_params``, ``_rerun`` and ``_perturbed`` (a
+    :class:`PerturbedWeights`).
     """
 
     _prefix = ""
@@ -80,6 +151,7 @@ class _ExtraPasses(Callback):
         self._unpatch: Callable[[], None] | None = None
         self._logs: dict[str, Tensor] = {}
         self._sync_logs = True
+        self._perturbed = PerturbedWeights()
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -125,6 +197,7 @@ class _ExtraPasses(Callback):
         if self._unpatch is not None:
             self._unpatch()
             self._unpatch = None
+        self._perturbed.release()
         self._batches.clear()
         self._first_losses.clear()
 
@@ -184,6 +257,11 @@ class _ExtraPasses(Callback):
         return result
 
     # -- tools for subclasses ----------------------------------------------------------------
+
+    def state_bytes(self) -> int:
+        """Bytes the callback holds between steps: the buffers of the perturbed weights (one copy of
+        the perturbed parameters, allocated at the first perturbed step)."""
+        return self._perturbed.nbytes()
 
     def _first_loss(self, trainer: Trainer) -> Tensor:
         """L(w) of Lightning's pass: the sum of the micro-batch losses it backpropagated, unscaled."""

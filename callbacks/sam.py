@@ -26,9 +26,9 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from ..functional.sharpness import EPS, global_norm, sam_gradient_, sam_perturbation
-from ..plumbing import loss_scale
+from ..plumbing import local, loss_scale
 from ..validation import check_bool, check_number, check_positive_int
-from .passes import _ExtraPasses, perturb_, restore_
+from .passes import _ExtraPasses
 
 __all__ = ["SAM", "SharpnessAwareMinimization"]
 
@@ -47,10 +47,13 @@ class SharpnessAwareMinimization(_ExtraPasses):
     ``0 < a < 1`` is the finite-difference gradient-norm penalty (Zhao et al. 2022). The second
     pass re-runs the module's own ``training_step`` on the same (micro-)batches, so any loss is
     penalised unchanged; its ``self.log`` calls are muted and BatchNorm statistics are put back
-    (``freeze_bn_stats``). Weights are copied back before the optimizer step, so the optimizer,
+    (``freeze_bn_stats``). The original weights are put back (bit-exact) before the optimizer step, so the optimizer,
     its state and the LR schedule are the base optimizer's. Gradient clipping, the GradScaler's
     unscale and inf check, and other callbacks' ``on_before_optimizer_step`` see the final
-    gradient once. Cost per perturbed step: one more forward/backward (every_n_steps=k: ~1 + 1/k).
+    gradient once. Cost per perturbed step: one more forward/backward (every_n_steps=k: ~1 + 1/k),
+    one norm of the gradient and one fused ``w + alpha g`` pass into a buffer that is swapped in
+    and out through ``param.data`` (:class:`~litplug.callbacks.passes.PerturbedWeights`; adaptive SAM
+    also builds ``e``). Memory: that buffer, one copy of the perturbed parameters, kept between steps.
 
     Distributed: under DDP with ``sync_first_pass=False`` the first backward skips the all-reduce
     (each rank perturbs with its local gradient: m-sharpness) and the second backward all-reduces
@@ -133,38 +136,40 @@ class SharpnessAwareMinimization(_ExtraPasses):
         if not params:
             return
         a = self.penalty_weight
-        scaled = None
         if self.adaptive:  # ASAM's rule: T = |w| + eta on parameters named *weight*, 1 elsewhere
             named_weight = {id(p) for n, p in self._params if "weight" in n}
             scaled = [id(p) in named_weight for p in params]
-            t2g = [(p.abs() + self.eta).square() * g if s else g for p, g, s in zip(params, grads, scaled)]
-            e_norm = self.rho * global_norm(t2g)
-            del t2g
-        # With a = 1, g is not needed after the perturbation: e is built in the gradient buffers.
-        e, norm = sam_perturbation(
-            params, grads, self.rho, self.adaptive, inplace=a == 1.0, eta=self.eta, scaled=scaled
-        )
-        e_norm = e_norm / (norm + EPS) if self.adaptive else self.rho * norm / (norm + EPS)
-        if not bool(torch.isfinite(norm)):  # a non-finite gradient: no direction to perturb along
+            direction, norm = sam_perturbation(params, grads, self.rho, True, eta=self.eta, scaled=scaled)
+            e_norm = global_norm(direction)
+            alpha = 1.0
+        else:  # e = (rho / (||g|| + eps)) g, added to the weights in one fused pass (never materialised)
+            norm = global_norm(grads)
+            direction = [local(g) for g in grads]
+            e_norm = self.rho * norm / (norm + EPS)
+            alpha = float(self.rho / (norm + EPS))
+        finite = bool(torch.isfinite(norm))
+        if not finite:  # a non-finite gradient: no direction to perturb along
             warnings.warn(
                 f"{type(self).__name__}: the gradient norm is not finite ({float(norm)}) "
                 f"at step {trainer.global_step}; "
                 "the weights are not perturbed in this step (the second pass runs at the unperturbed weights)",
                 stacklevel=1,
             )
-            torch._foreach_zero_(e)
             e_norm = torch.zeros_like(e_norm)
         scale = loss_scale(trainer, norm)
-        backup = perturb_(params, e)
-        del e, grads
-        # (1 - a) g + a grad L(w + e): g is scaled in place (or dropped for a = 1) and the second
-        # pass accumulates a grad L(w + e) into the same buffers (one all-reduce, on the sum).
-        named = [p for _, p in pl_module.named_parameters() if p.grad is not None]
-        buffers, a = sam_gradient_([p.grad for p in named], a)
-        for p, buf in zip(named, buffers):
-            p.grad = buf
-        perturbed_loss = self._rerun(trainer, pl_module, weight=a)
-        restore_(params, backup)
+        if finite:
+            self._perturbed.apply_(params, direction, alpha)
+        del direction, grads
+        try:
+            # (1 - a) g + a grad L(w + e): g is scaled in place (or dropped for a = 1) and the second
+            # pass accumulates a grad L(w + e) into the same buffers (one all-reduce, on the sum).
+            named = [p for _, p in pl_module.named_parameters() if p.grad is not None]
+            buffers, a = sam_gradient_([p.grad for p in named], a)
+            for p, buf in zip(named, buffers):
+                p.grad = buf
+            perturbed_loss = self._rerun(trainer, pl_module, weight=a)
+        finally:
+            self._perturbed.restore_()
         self._logs = {
             "sharpness": (perturbed_loss - self._first_loss(trainer)).detach(),
             "grad_norm": (norm / scale).detach(),

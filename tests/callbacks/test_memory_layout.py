@@ -105,3 +105,108 @@ def test_packed_masks_round_trip_across_chunks(monkeypatch):
         grad = torch.full(shape, float("inf"))
         unlearning.enforce_masked_grads_([grad], [packed])
         assert (grad[~mask].view(torch.int32) == 0).all() and grad[mask].isinf().all()
+
+
+# ----------------------------------------------------------------------------- sharpness penalties
+def _weight_sized_storages(shape):
+    """Distinct live storages of tensors of ``shape`` (the weight, its gradient, copies of either)."""
+    import gc
+
+    gc.collect()  # garbage in reference cycles (e.g. of an earlier test) is not alive
+    return {
+        t.untyped_storage().data_ptr()
+        for t in gc.get_objects()
+        if isinstance(t, torch.Tensor) and not t.is_meta and t.shape == shape
+    }
+
+
+def _probe(base):
+    """``base`` (SAM or IGNITE) recording, at the start of every re-run pass, how many storages
+    of the weight's shape are alive."""
+
+    class Probe(base):
+        seen: list[int]
+
+        def _rerun(self, trainer, pl_module, *args, **kwargs):
+            self.seen.append(len(_weight_sized_storages(pl_module.net.weight.shape)))
+            return super()._rerun(trainer, pl_module, *args, **kwargs)
+
+    probe = Probe()
+    probe.seen = []
+    return probe
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(37, 23, bias=False)  # a shape nothing else has
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _fit_linear(tmp_path, callback, steps=3):
+    from lightning.pytorch import LightningModule
+
+    class Module(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _Linear().net
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)  # no optimizer state
+
+    seed_everything(0)
+    model = Module()
+    own = model.net.weight.data_ptr()
+    data = [(torch.randn(4, 37), torch.randn(4, 23)) for _ in range(steps)]
+    fast_trainer(tmp_path, max_steps=steps, callbacks=[callback]).fit(model, DataLoader(data, batch_size=None))
+    return model, own
+
+
+def test_sam_holds_one_buffer_and_swaps_it_in_without_copies(tmp_path):
+    from litplug.callbacks import SAM
+
+    sam = _probe(SAM)
+    model, own = _fit_linear(tmp_path, sam)
+    weight = model.net.weight
+    # the weights are back in their own storage (a pointer swap, not a copy into a new tensor)
+    assert weight.data_ptr() == own
+    # at the second pass: the weight's storage, the perturbed buffer swapped in; the gradient at w was dropped
+    assert sam.seen == [2, 2, 2]
+    # nothing else held between steps (teardown released the buffer)
+    assert sam.state_bytes() == 0
+
+
+def test_sam_buffer_is_allocated_once(tmp_path):
+    from litplug.callbacks import SAM
+
+    class Watch(SAM):
+        ptrs: list[int] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self.ptrs.append(sorted(b.data_ptr() for _, b in self._perturbed._buffers.values()))
+            assert self.state_bytes() == pl_module.net.weight.numel() * 4
+
+    sam = Watch()
+    _fit_linear(tmp_path, sam, steps=4)
+    assert len(sam.ptrs) == 4 and all(p == sam.ptrs[0] for p in sam.ptrs)
+
+
+def test_ignite_holds_two_copies_at_most(tmp_path):
+    from litplug.callbacks import SurrogateSharpness
+
+    ignite = _probe(SurrogateSharpness)
+    model, own = _fit_linear(tmp_path, ignite)
+    assert model.net.weight.data_ptr() == own
+    # first extra pass: weight, the copy of the loss gradient, the buffer (kept from the step before);
+    # second: weight, perturbed buffer, the combined gradient; grad G(b) is freed after the perturbation
+    assert ignite.seen == [2, 3, 3, 3, 3, 3]
