@@ -22,22 +22,33 @@ ranking on it (the functional ``topk_masks`` counts NaN as 0). The rest is froze
 1. ``on_before_optimizer_step`` zeroes the gradient at frozen entries, before Lightning clips
    gradients: clipping measures the masked gradient (with a GradScaler, also after every
    backward, before the scaler looks for inf/NaN). Masking multiplies the gradient's *bits*,
-   seen as integers, by 0/1 integers unpacked from the bit mask (a table lookup per byte, one
-   chunk of ``CHUNK`` entries at a time), so inf/NaN cannot leak (a float multiply would keep
-   them) and it runs at memory speed (``masked_fill_`` and ``where`` are ~10x slower on CPU).
-2. An optimizer step pre-hook zeroes them again *after* the closure: Lightning passes the
+   seen as integers, by 0/1 bytes unpacked from the bit mask (a lookup per byte of the mask, in
+   blocks of ``CPU_BLOCK`` entries of :mod:`litplug.functional.masks` on CPU, whose temporaries
+   stay in cache), so inf/NaN cannot leak (a float multiply would keep them) and it runs near
+   memory speed (``masked_fill_`` and ``where`` are ~10x slower on CPU).
+2. An optimizer step pre-hook masks again *after* the closure: Lightning passes the
    forward/backward/``on_before_optimizer_step``/clipping closure *into* ``optimizer.step``, so a
    plain pre-hook would run before the gradients exist; the hook wraps the closure instead, or
    masks right away when there is none (manual optimisation, AMP's scaler run it first). This
-   catches callbacks that rewrite gradients later in ``on_before_optimizer_step`` (e.g. SAM). A
-   gradient that is still the tensor step 1 masked, at the same version counter, is skipped: no
-   pass over it unless something (clipping, a recomputation) wrote to it since.
+   catches what writes gradients after step 1: callbacks later in ``on_before_optimizer_step``
+   (e.g. SAM, IGNITE), the LightningModule's own hook (Lightning runs it after the callbacks'),
+   clipping, accumulation. Only gradients written since step 1 are masked again: one that is still
+   the tensor step 1 masked, at the same version counter, is skipped, so an untouched gradient
+   is masked once per step. Assumption: nothing writes into a gradient between the two without
+   bumping its version counter. In-place ops do (also under ``no_grad``/``inference_mode``, the
+   ``torch._foreach_*`` ops and ``clip_grad_norm_``/``clip_grad_value_``), and so does backward
+   accumulating into it; a new tensor in ``.grad`` is seen by identity. Writes through
+   ``p.grad.data`` (a new tensor with its own counter), ``.numpy()`` or raw kernels are not seen:
+   after the restore (3.) frozen weights are bit-exact anyway, but where the restore is skipped
+   such a write would move them. (GradScaler's unscaling does not bump the counter either, but
+   maps +0.0 to +0.0.)
 3. An optimizer step post-hook puts the original values back into frozen entries, which stay
    bit-identical whatever weight decay, momentum or Adam state do: a copy of the saved frozen
-   values (``masked_scatter_``, chunk by chunk). It is skipped where the step provably cannot
-   move them (plain SGD/Adam/AdamW without weight decay, not maximising, optimizer state at +0.0
-   on frozen entries when training starts; see ``_skips_restore``); such steps get every gradient
-   masked again in step 2.
+   values, branch-free in blocks (the running count of frozen entries, a ``cumsum`` of the
+   unpacked bits, indexes the saved values; a gather makes them dense; they are merged on the
+   integer bits). It is skipped where the step provably cannot move them (plain SGD/Adam/AdamW
+   without weight decay, not maximising, optimizer state at +0.0 on frozen entries when training
+   starts; see ``_skips_restore``).
 
 Free entries get exactly the update they would get without the machinery. Parameters outside
 ``scope`` (biases and norm parameters for ``"weights"``) are not masked; buffers never are.
@@ -54,10 +65,11 @@ over the whole forget set, as SalUn's paper defines it; SalUn's code sums per-ba
 partial last batch weighs more per sample (4x for a last batch a quarter full).
 
 Cost: one pass over the forget (and, for ``attribution``, retain) set at fit start; per step,
-one multiply per gradient, a second one for gradients rewritten after it (e.g. by clipping or
-SAM; for all of them where the restore is skipped), and one scatter per parameter (the
-restore, unless skipped as in 3.), against about ten memory-speed passes for an Adam step
-(the restore's scatter is slower, ~5 ns per entry on one CPU core). Memory: one bit per masked
+one masking pass per gradient (~1.5x a ``copy_`` of it: 34 ms per 100M fp32 entries on one CPU
+core, against 22 ms for ``copy_``), again only for gradients written after it (e.g. by clipping
+or SAM), and one restore per parameter unless skipped as in 3. (~1.4 ns per entry on one CPU
+core: 140 ms per 100M fp32 entries, ~6x a copy), against about ten memory-speed passes for an
+Adam step. Memory: one bit per masked
 entry and the frozen entries' original values, ``(1 - ratio) * width + 1/8`` bytes per entry
 (0.53x the fp32 weights in scope at ``ratio=0.5``; :meth:`UnlearningMask.state_bytes`). Scoring
 holds one gradient per scored parameter (for ``attribution`` two) and no other full copy: the
@@ -82,6 +94,7 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from itertools import islice
 from typing import Any, Literal
@@ -182,7 +195,8 @@ class UnlearningMask(Callback):
         self._frozen: list[list[torch.Tensor]] = []  # original values at frozen entries (frozen_values)
         self._bitmasks: list[torch.Tensor] = []  # the packed masks in the order of _params
         self._handles: list[Any] = []
-        self._masked: list[tuple[torch.Tensor, int] | None] = []  # (gradient, version) after the last masking
+        # (weak reference to the gradient, its version) after the last masking in this step
+        self._masked: list[tuple[weakref.ref, int] | None] = []
         self._restoring: set[int] = set()  # ids of optimizers whose steps are followed by a restore
 
     @property
@@ -361,31 +375,29 @@ class UnlearningMask(Callback):
                 values = torch.tensor(list(self.layer_fractions.values()))
                 logger.experiment.add_histogram("unlearn/layer_updatable_fraction", values, trainer.global_step)
 
-    def _mask_grads(self, every: bool = False) -> None:
-        """Zero the frozen entries of every gradient not already masked in this step (the same
-        tensor, not written to since: its version counter is unchanged), or of ``every`` one."""
+    def _mask_grads(self) -> None:
+        """Zero the frozen entries of every gradient not already masked in this step: one that is
+        still the tensor masked last (a weak reference) at the same version counter is skipped."""
         grads = [p.grad for p in self._params]
-        seen_before = [None] * len(grads) if every or not self._masked else self._masked
+        seen_before = self._masked or [None] * len(grads)
         todo = [
-            None if g is None or (seen is not None and seen[0] is g and seen[1] == version(g)) else local(g)
+            None if g is None or (seen is not None and seen[0]() is g and seen[1] == version(g)) else local(g)
             for g, seen in zip(grads, seen_before)
         ]
         with torch.no_grad():
             enforce_masked_grads_(todo, self._bitmasks)
-        self._masked = [None if g is None else (g, version(g)) for g in grads]
+        self._masked = [None if g is None else (weakref.ref(g), version(g)) for g in grads]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # torch passes the optimizer itself as args[0]; a positional closure is args[1]
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:  # the closure already ran (manual optimisation, AMP's scaler)
-            self._mask_grads(every=self._skips_restore(optimizer))
+            self._mask_grads()
             return None
 
         def masked_closure() -> Any:
             result = closure()
-            # No restore after this step: every gradient must be zero at frozen entries now, even
-            # one rewritten behind autograd's version counter (through .data).
-            self._mask_grads(every=self._skips_restore(optimizer))
+            self._mask_grads()
             return result
 
         if "closure" in kwargs:

@@ -13,6 +13,7 @@ __all__ = [
     "attribution_scores",
     "enforce_masked_grads_",
     "CHUNK",
+    "CPU_BLOCK",
     "frozen_values",
     "iter_topk_masks",
     "kth_largest_key",
@@ -137,13 +138,14 @@ def attribution_scores(
     return [((p - gr / mu) * gf).abs() for p, gf, gr in zip(params, grads_forget, grads_retain)]
 
 
-_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-CHUNK = 1 << 20  # entries per pass of the packed-mask kernels (a multiple of 8): bounds their temporaries
-_LUT: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+CHUNK = 1 << 20  # entries per saved tensor of frozen values and per pass of pack_mask (a multiple of 8)
+CPU_BLOCK = 1 << 17  # entries per pass of the per-step kernels on CPU: their temporaries stay in a core's L2 cache
+_LUT: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s memory seen as integers of the same width (a view: writes go to ``t``)."""
+    """``t``'s memory seen as (unsigned for 1 byte) integers of the same width (a view: writes go to ``t``)."""
     return t.view(_INT_OF_WIDTH[t.element_size()])
 
 
@@ -151,15 +153,25 @@ def _chunks(n: int) -> range:
     return range(0, n, CHUNK)
 
 
-def _unpack(packed: torch.Tensor, start: int, stop: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-    """Entries ``start:stop`` (``start`` a multiple of 8) of a packed mask as 0/1 of ``dtype``:
-    one table lookup per byte (a 256 x 8 table of the byte's bits, least significant first)."""
-    key = (dtype, packed.device)
+def _block(device: torch.device) -> int:
+    # On CPU, small passes keep the temporaries in cache; on GPU, large ones amortise the launches.
+    return min(CPU_BLOCK, CHUNK) if device.type == "cpu" else CHUNK
+
+
+def _unpack(
+    packed: torch.Tensor, start: int, stop: int, dtype: torch.dtype = torch.bool, frozen: bool = False
+) -> torch.Tensor:
+    """Entries ``start:stop`` of a packed mask as 0/1 of ``dtype`` (with ``frozen``: 1 at the
+    frozen entries, bit 0). One lookup per byte in a table of 256 int64 whose 8 bytes are the
+    byte's bits (least significant first): a 1-D gather, faster on CPU than rows of a 2-D table."""
+    key = (frozen, packed.device)
     if key not in _LUT:
         byte = torch.arange(256, dtype=torch.int32).unsqueeze(1)
-        _LUT[key] = ((byte >> torch.arange(8, dtype=torch.int32)) & 1).to(device=packed.device, dtype=dtype)
+        bits = ((byte >> torch.arange(8, dtype=torch.int32)) & 1) ^ int(frozen)
+        _LUT[key] = bits.to(torch.uint8).contiguous().view(torch.int64).view(-1).to(packed.device)
     rows = packed[start // 8 : (stop + 7) // 8].int()
-    return _LUT[key].index_select(0, rows).view(-1)[: stop - start]
+    out = _LUT[key].index_select(0, rows).view(torch.uint8)[start % 8 : start % 8 + stop - start]
+    return out if dtype == torch.uint8 else out.view(torch.bool) if dtype == torch.bool else out.to(dtype)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -197,34 +209,61 @@ def frozen_values(param: torch.Tensor, packed: torch.Tensor) -> list[torch.Tenso
     per ``CHUNK`` entries (row-major), for :func:`restore_frozen_`."""
     flat = param.detach().reshape(-1)
     return [
-        flat[s : s + CHUNK][_unpack(packed, s, min(s + CHUNK, flat.numel())).logical_not()]
+        flat[s : s + CHUNK][_unpack(packed, s, min(s + CHUNK, flat.numel()), frozen=True)]
         for s in _chunks(flat.numel())
     ]
 
 
 def enforce_masked_grads_(grads: Sequence[torch.Tensor | None], packed: Sequence[torch.Tensor]) -> None:
     """Set the gradients' frozen entries (bit 0 in the packed masks) to +0.0 in place, inf/NaN
-    included: their bits times 0/1 integers of their width (exact, and about 10x faster on CPU
-    than ``masked_fill_``), ``CHUNK`` entries at a time."""
+    included: their bits, seen as integers, times the 0/1 bytes unpacked from the mask (exact, and
+    ~10x faster on CPU than ``masked_fill_``), a block of entries at a time. Any layout and float
+    width; a non-contiguous gradient goes by blocks of rows of its first dimension."""
     for g, bits in zip(grads, packed):
-        if g is None:
+        if g is None or not g.numel():
             continue
-        flat = _bits(g).view(-1) if g.is_contiguous() else None
-        if flat is None:  # rare: a non-contiguous gradient
-            g.masked_fill_(~unpack_mask(bits, g.shape), 0)
+        step = _block(g.device)
+        if g.is_contiguous():
+            flat = _bits(g).view(-1)
+            for s in range(0, flat.numel(), step):
+                part = flat[s : s + step]
+                part.mul_(_unpack(bits, s, s + part.numel(), torch.uint8))
             continue
-        for s in _chunks(flat.numel()):
-            part = flat[s : s + CHUNK]
-            part.mul_(_unpack(bits, s, s + part.numel(), part.dtype))
+        rows = _bits(g)  # a view with g's strides; row i holds entries i * width ... (i + 1) * width - 1
+        width = g.numel() // g.shape[0]
+        per = max(1, step // width)
+        for r in range(0, g.shape[0], per):
+            part = rows[r : r + per]
+            part.mul_(_unpack(bits, r * width, r * width + part.numel(), torch.uint8).view(part.shape))
 
 
 def restore_frozen_(
     params: Sequence[torch.Tensor], frozen: Sequence[Sequence[torch.Tensor]], packed: Sequence[torch.Tensor]
 ) -> None:
     """Put the original values (:func:`frozen_values`) back into the frozen entries of ``params``
-    in place: a copy, so bit-exact (``-0.0``, inf and NaN payloads included)."""
+    (contiguous) in place: a copy, so bit-exact (``-0.0``, inf and NaN payloads included).
+
+    Branch-free, a block of entries at a time: the running count of frozen entries (a cumsum of
+    the unpacked bits) indexes the saved values, which are gathered into a dense block ``v`` and
+    merged on the integer bits as ``p ^= (p ^ v) * frozen`` (~3x faster on CPU than
+    ``masked_scatter_``, whose per-entry branch mispredicts on a mixed mask)."""
     for p, values, bits in zip(params, frozen, packed):
-        flat = p.view(-1)
-        for s, v in zip(_chunks(flat.numel()), values):
-            part = flat[s : s + CHUNK]
-            part.masked_scatter_(_unpack(bits, s, s + part.numel()).logical_not(), v)
+        flat = _bits(p).view(-1)
+        n, step = flat.numel(), _block(p.device)
+        for start, saved in zip(_chunks(n), values):
+            if not saved.numel():
+                continue
+            saved = _bits(saved)
+            stop, taken = min(start + CHUNK, n), 0  # taken: saved values used by the earlier blocks
+            for s in range(start, stop, step):
+                e = min(s + step, stop)
+                is_frozen = _unpack(bits, s, e, torch.uint8, frozen=True)
+                index = is_frozen.cumsum(0, dtype=torch.int32)  # a frozen entry's 1-based rank in the block
+                count = int(index[-1]) if e < stop else 0
+                if taken:
+                    block = saved[taken - 1 :].index_select(0, index)
+                else:  # leading free entries (rank 0) read saved[0]: their gathered value is discarded
+                    block = saved.index_select(0, index.sub_(1).clamp_(min=0))
+                part = flat[s:e]
+                part.bitwise_xor_(block.bitwise_xor_(part).mul_(is_frozen))
+                taken += count

@@ -416,9 +416,7 @@ def test_distributed_masks(tmp_path, strategy):
                 assert a["local_shapes"][n][0] < rows
 
 
-def test_second_masking_pass_only_for_rewritten_gradients(tmp_path, monkeypatch):
-    # The post-closure pass skips gradients that the first pass masked and nothing wrote to since;
-    # clipping (an in-place rewrite) makes it mask again.
+def _count_masking_passes(monkeypatch):
     import litplug.callbacks.unlearning as unlearning
 
     calls = []
@@ -428,13 +426,78 @@ def test_second_masking_pass_only_for_rewritten_gradients(tmp_path, monkeypatch)
         "enforce_masked_grads_",
         lambda grads, keep: (calls.append(sum(g is not None for g in grads)), real(grads, keep)),
     )
+    return calls
+
+
+@pytest.mark.parametrize("opt", ["adamw", "adam_no_decay"])
+def test_second_masking_pass_only_for_rewritten_gradients(tmp_path, monkeypatch, opt):
+    # The post-closure pass skips gradients that the first pass masked and nothing wrote to since,
+    # with or without the restore after the step; clipping (an in-place rewrite) makes it mask again.
+    calls = _count_masking_passes(monkeypatch)
+    make_opt = OPTIMIZERS["adamw"] if opt == "adamw" else (lambda p: torch.optim.Adam(p, lr=0.05))
     for clip, per_step in ((None, [1, 0]), (0.5, [1, 1])):
         calls.clear()
         seed_everything(0)
         mask = UnlearningMask("magnitude", ratio=0.5, scope="all")
-        trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[mask, FrozenChecker(mask)], gradient_clip_val=clip)
-        trainer.fit(Toy(OPTIMIZERS["adamw"]), toy_loader())
+        checker = FrozenChecker(mask, poison=float("nan"))
+        trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[mask, checker], gradient_clip_val=clip)
+        trainer.fit(Toy(make_opt, warm_steps=0), toy_loader())
         assert calls == per_step * 8, (clip, calls)
+        assert checker.steps == 8
+
+
+class LateWriter(Callback):
+    """Writes the gradient after UnlearningMask's ``on_before_optimizer_step``: in place (under
+    no_grad), as a new tensor, or by one more backward accumulated into it; nonzero at every
+    entry, so that a frozen entry the mask misses moves under Adam or SGD."""
+
+    def __init__(self, how):
+        self.how = how
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        w = pl_module.w
+        if self.how == "in_place":
+            with torch.no_grad():
+                w.grad.add_(1.0)
+        elif self.how == "new_tensor":
+            w.grad = torch.full_like(w, 1.0)
+        elif self.how == "backward":
+            with torch.enable_grad():
+                w.sum().backward()
+
+
+NO_RESTORE = {
+    "adam": lambda p: torch.optim.Adam(p, lr=0.05),
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("opt", sorted(NO_RESTORE))
+@pytest.mark.parametrize("how", ["in_place", "new_tensor", "backward", "sam_like"])
+def test_one_pass_catches_later_writes_without_restore(tmp_path, monkeypatch, opt, how):
+    # Without a restore after the step, frozen entries rely on the masking alone: gradients that
+    # another callback writes after the mask's hook (in place, replaced, accumulated, SAM-like
+    # recomputation at perturbed weights) are masked again before the update; with gradient
+    # accumulation and clipping too. NaN at frozen entries after every backward.
+    calls = _count_masking_passes(monkeypatch)
+    seed_everything(0)
+    mask = UnlearningMask("magnitude", ratio=0.5, scope="all")
+    checker = FrozenChecker(mask, poison=float("nan"))
+    writer = SAMLike() if how == "sam_like" else LateWriter(how)
+    trainer = fast_trainer(
+        tmp_path,
+        max_epochs=1,
+        callbacks=[mask, writer, checker],
+        gradient_clip_val=1e3,
+        accumulate_grad_batches=2,
+    )
+    model = Toy(NO_RESTORE[opt], warm_steps=0, coupled=True)
+    trainer.fit(model, toy_loader())
+    assert checker.steps == 8 and trainer.global_step == 4
+    assert mask._skips_restore(trainer.optimizers[0])
+    assert calls == [1, 1] * 4  # the write after the first pass is seen every step
+    free = mask.masks["w"]
+    assert (model.w.detach()[free] != checker.start["w"][free]).any()
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "16-mixed"])

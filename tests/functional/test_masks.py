@@ -76,3 +76,73 @@ def test_enforce_and_restore_are_bit_exact():
     restore_frozen_([p], [frozen_values(original, keep)], [keep])
     expected = torch.where(mask, torch.tensor(9.0), original)
     assert torch.equal(p.view(torch.int32), expected.view(torch.int32))
+
+
+_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _random_bits(shape, dtype, gen):
+    """A float tensor of ``dtype`` with uniformly random bit patterns: every sign, subnormals,
+    +-0.0, +-inf and NaN with all payloads occur; plus some exact inf, NaN and -0.0."""
+    width = _INT[torch.finfo(dtype).bits // 8]
+    info = torch.iinfo(width)
+    bits = torch.randint(info.min, info.max, shape, generator=gen, dtype=torch.int64).to(width)
+    t = bits.view(dtype)
+    flat = t.view(-1)
+    for i, v in zip(range(0, flat.numel(), 5), [float("inf"), float("nan"), -0.0, float("-inf")] * flat.numel()):
+        flat[i] = v
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk, block", [(1 << 20, 1 << 17), (16, 16), (16, 5), (24, 8)])
+def test_kernels_match_the_definitions_bit_for_bit(dtype, chunk, block, monkeypatch):
+    # enforce: frozen entries become +0.0 (all bits 0) whatever they held; free entries keep their bits.
+    # restore: frozen entries get the saved bits back; free entries keep theirs. Compared on the
+    # integer bits against where(), for every float width, sizes that are not multiples of 8 or 2,
+    # several blocks per saved chunk and partial last blocks.
+    import litplug.functional.masks as masks
+
+    monkeypatch.setattr(masks, "CHUNK", chunk)
+    monkeypatch.setattr(masks, "CPU_BLOCK", block)
+    gen = torch.Generator().manual_seed(0)
+    width = _INT[torch.finfo(dtype).bits // 8]
+    for shape in [(1,), (7,), (9,), (3, 11), (5, 13), (2, 3, 17), (100,)]:
+        for ratio in (0.0, 0.3, 1.0):
+            mask = torch.rand(shape, generator=gen) < ratio
+            packed = pack_mask(mask)
+            grad = _random_bits(shape, dtype, gen)
+            expected = torch.where(mask, grad.view(width), 0)
+            enforce_masked_grads_([grad], [packed])
+            assert torch.equal(grad.view(width), expected), (shape, ratio)
+
+            original = _random_bits(shape, dtype, gen)
+            values = frozen_values(original, packed)
+            assert sum(v.numel() for v in values) == int((~mask).sum())
+            moved = _random_bits(shape, dtype, gen)
+            expected = torch.where(mask, moved.view(width), original.view(width))
+            restore_frozen_([moved], [values], [packed])
+            assert torch.equal(moved.view(width), expected), (shape, ratio)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_enforce_on_non_contiguous_gradients(dtype, monkeypatch):
+    # Transposed, channels_last and strided gradients: the mask follows the row-major order of the
+    # logical shape; blocks of rows may start inside a byte of the packed mask.
+    import litplug.functional.masks as masks
+
+    monkeypatch.setattr(masks, "CPU_BLOCK", 12)
+    gen = torch.Generator().manual_seed(1)
+    width = _INT[torch.finfo(dtype).bits // 8]
+    grads = [
+        _random_bits((7, 5), dtype, gen).t(),
+        _random_bits((3, 5, 4, 2), dtype, gen).to(memory_format=torch.channels_last),
+        _random_bits((9, 6), dtype, gen)[:, ::2],
+        _random_bits((2, 33), dtype, gen)[:, 1:],
+    ]
+    for grad in grads:
+        assert not grad.is_contiguous()
+        mask = torch.rand(grad.shape, generator=gen) < 0.5
+        expected = torch.where(mask, grad.view(width), 0)
+        enforce_masked_grads_([grad], [pack_mask(mask)])
+        assert torch.equal(grad.view(width), expected), grad.shape
