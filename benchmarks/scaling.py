@@ -20,13 +20,17 @@ load changes on a shared machine hit every variant alike).
   warmup step; a run's step time is the mean over its steps (a multiple of 5, so SAM every 5
   steps counts one perturbed and four plain steps); the best run over the rounds is reported
   (the run least disturbed by other load). Ratio = variant / plain of the same size; the extra
-  time per step is the difference. Timing runs use the process's default allocator settings.
+  time per step is the difference. Timing runs fix glibc's mmap threshold at its 32 MB maximum
+  and never trim the heap, so that a step reuses freed memory as steps of a long run do (with
+  glibc's adaptive default, whether a step pays page faults depends on what the process freed
+  before, which moved single ratios by up to 30%; this also makes the CPU allocator behave like
+  PyTorch's caching allocator on CUDA).
 * extra peak memory: the memory run's peak resident set size (``resource.getrusage``,
   ``ru_maxrss``) minus the plain memory run's, in multiples of the parameter bytes. glibc's mmap
-  threshold is pinned (``MALLOC_MMAP_THRESHOLD_``) in memory runs only, so that freed tensors go
-  back to the system and the peak is that of live tensors; it is not set for timing runs, because
-  it turns every large allocation into fresh pages (page faults in every step) which no real run
-  has. On CUDA, ``torch.cuda.max_memory_allocated`` instead.
+  threshold is pinned low (``MALLOC_MMAP_THRESHOLD_``) in memory runs, so that freed tensors go
+  back to the system and the peak is that of live tensors; not in timing runs, where it would turn
+  every large allocation into fresh pages (page faults in every step). On CUDA,
+  ``torch.cuda.max_memory_allocated`` instead.
 * ``certify``: samples/s of ``CertifiedClassifier.certify`` over samples/s of the plain forward
   (eval mode, no gradients), interleaved in one process; reported as a throughput ratio.
 
@@ -233,6 +237,8 @@ def _run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     if spec["measure"] == "memory":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors go back to the system: the peak is of live tensors
+    else:  # steady state: freed memory stays in the heap and is reused, as in a long run (no page faults per step)
+        env.update(MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 40))
     out = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True, check=False
     )
