@@ -16,8 +16,9 @@ run's own. Per size, every variant first gets one memory run (``MEMORY_STEPS`` s
 timing runs go round-robin over the variants, plain included, ``--rounds`` times (interleaved, so
 load changes on a shared machine hit every variant alike).
 
-* step time: a callback (the last one) times every step from batch start to batch end after one
-  warmup step; a run's step time is the mean over its steps (a multiple of 5, so SAM every 5
+* step time: a callback (the last one) times every step from batch start to batch end after two
+  warmup steps and before the epoch's last step (in which SWA takes its snapshot: a cost per
+  epoch, not per step); a run's step time is the mean over its steps (a multiple of 5, so SAM every 5
   steps counts one perturbed and four plain steps); the best run over the rounds is reported
   (the run least disturbed by other load). Ratio = variant / plain of the same size; the extra
   time per step is the difference. Timing runs fix glibc's mmap threshold at its 32 MB maximum
@@ -62,6 +63,7 @@ TRANSFORMERS = {
     "30M": (512, 4, 8, 8, 32, 5),
     "100M": (768, 6, 8, 8, 32, 5),
 }
+WARMUP = 2  # untimed steps at the start of a run
 MEMORY_STEPS = 2  # steps of a memory run (the peak is reached in the first perturbed/averaged step)
 # name -> (width, linear, batch, steps)
 CONVNETS = {"1M": (16, 128, 16, 10), "10M": (32, 640, 8, 10), "100M": (64, 3072, 4, 5)}
@@ -106,7 +108,9 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             self.t0 = self._now()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx >= 1:  # one warmup step
+            # two warmup steps (the allocator's heap grows in the first ones); the epoch's last step
+            # is not timed: SWA's snapshot runs in it, a cost per epoch (see the notes), not per step
+            if WARMUP <= batch_idx < WARMUP + steps:
                 self.durations.append(self._now() - self.t0)
 
     def sgd(params):
@@ -155,7 +159,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
         model = LM(manual=variant == "peer_sam")
         data = [
-            (torch.randint(0, VOCAB, (batch, seq)), torch.randint(0, VOCAB, (batch, seq))) for _ in range(steps + 1)
+            (torch.randint(0, VOCAB, (batch, seq)), torch.randint(0, VOCAB, (batch, seq)))
+            for _ in range(steps + WARMUP + 1)
         ]
         from litplug.callbacks import EMA, SAM, SWA, SurrogateSharpness, UnlearningMask
 
@@ -181,7 +186,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             model = CertifiedClassifier(
                 backbone, eps=8 / 255, mean=(0.0,), std=(1.0,), pixel_range=(0.0, 1.0), optimizer=sgd
             )
-        data = [(torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))) for _ in range(steps + 1)]
+        data = [(torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))) for _ in range(steps + WARMUP + 1)]
 
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     scoped = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() >= 2)
@@ -215,7 +220,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             accelerator="gpu" if cuda else "cpu",
             devices=1,
             max_epochs=1,
-            max_steps=steps + 1,
+            max_steps=len(data),
             callbacks=[*callbacks, clock],
             logger=False,
             enable_checkpointing=False,
