@@ -397,6 +397,11 @@ NOTES = """Reading the table:
   step" column), so their ratio depends on how much compute a step has: here 256 tokens per step
   of the Transformers (batch 8 x sequence 32) and batch 16/8/4 of the CNN7 models. On one CPU
   core one pass over 100M fp32 values (a `copy_`) takes about 24 ms.
+- Not timed: the epoch's last step, in which SWA takes its snapshot (a cost per epoch: the first
+  snapshot, which also re-lays the weights into one buffer, added about 2.7 s to the last step of
+  a 100M run in separate runs of this script's child). Run-to-run noise of a 100M step on this
+  machine is about 5% (plain: 1.66 / 1.73 / 1.72 s in the three rounds of the run above), the
+  size of the EMA and mask overheads, so their ratios are only bounded to within it.
 - The IBP rows use CNN7 of growing width and hidden linear size; `certify` is the throughput of
   `CertifiedClassifier.certify` over the plain forward's (eval mode, no gradients)."""
 

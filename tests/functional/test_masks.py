@@ -146,3 +146,26 @@ def test_enforce_on_non_contiguous_gradients(dtype, monkeypatch):
         expected = torch.where(mask, grad.view(width), 0)
         enforce_masked_grads_([grad], [pack_mask(mask)])
         assert torch.equal(grad.view(width), expected), grad.shape
+
+
+def test_restore_on_non_contiguous_parameters():
+    # channels_last and transposed weights: frozen entries get their saved values back, bit-exact,
+    # at the positions of the row-major order the mask and the saved values follow
+    gen = torch.Generator().manual_seed(2)
+    for weight in [
+        torch.randn(3, 5, 4, 2, generator=gen).to(memory_format=torch.channels_last),
+        torch.randn(7, 5, generator=gen).t(),
+    ]:
+        assert not weight.is_contiguous()
+        mask = torch.rand(weight.shape, generator=gen) < 0.5
+        packed = pack_mask(mask)
+        values = frozen_values(weight, packed)
+        moved = weight.clone(memory_format=torch.preserve_format).add_(1.0)
+        if not moved.is_contiguous():
+            assert moved.stride() == weight.stride()
+        else:  # clone of a transposed view is contiguous: make it a transposed view again
+            moved = moved.t().contiguous().t()
+        restore_frozen_([moved], [values], [packed])
+        assert moved.stride() == weight.stride()
+        assert torch.equal(moved[~mask].view(torch.int32), weight[~mask].view(torch.int32))
+        assert torch.equal(moved[mask], weight[mask] + 1.0)
