@@ -47,8 +47,8 @@ class SharpnessAwareMinimization(_ExtraPasses):
     ``0 < a < 1`` is the finite-difference gradient-norm penalty (Zhao et al. 2022). The second
     pass re-runs the module's own ``training_step`` on the same (micro-)batches, so any loss is
     penalised unchanged; its ``self.log`` calls are muted and BatchNorm statistics are put back
-    (``freeze_bn_stats``). The original weights are put back (bit-exact) before the optimizer step, so the optimizer,
-    its state and the LR schedule are the base optimizer's. Gradient clipping, the GradScaler's
+    (``freeze_bn_stats``). The original weights are put back (bit-exact) before the optimizer
+    step, so the optimizer, its state and the LR schedule are the base optimizer's. Gradient clipping, the GradScaler's
     unscale and inf check, and other callbacks' ``on_before_optimizer_step`` see the final
     gradient once. Cost per perturbed step: one more forward/backward (every_n_steps=k: ~1 + 1/k),
     one norm of the gradient and one fused ``w + alpha g`` pass into a buffer that is swapped in
