@@ -38,6 +38,7 @@ from lightning.pytorch.cli import LightningCLI
 import litplug.callbacks  # noqa: F401
 import litplug.datamodules  # noqa: F401
 import litplug.modules  # noqa: F401
+from litplug.plumbing import close_process_group
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHIPPED_CONFIGS = PACKAGE_DIR / "configs"
@@ -341,12 +342,13 @@ def main(args: Any = None) -> None:
     argv = [a for a in argv if a != "--debug"]
     if debug:
         LitplugCLI(args=argv)
-        return
-    try:
-        LitplugCLI(args=argv, usage_errors=True)
-    except UsageError as err:
-        sys.stderr.write(f"litplug: error: {err}\n(add --debug or set LITPLUG_DEBUG=1 for the full traceback)\n")
-        raise SystemExit(2) from None
+    else:
+        try:
+            LitplugCLI(args=argv, usage_errors=True)
+        except UsageError as err:
+            sys.stderr.write(f"litplug: error: {err}\n(add --debug or set LITPLUG_DEBUG=1 for the full traceback)\n")
+            raise SystemExit(2) from None
+    close_process_group()
 
 
 if __name__ == "__main__":

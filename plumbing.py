@@ -8,6 +8,7 @@
 * :func:`save_rank_zero`: write a file once (rank 0) under DDP/FSDP2.
 * :func:`training_mode`: put a module in train or eval mode and restore every submodule's mode.
 * :func:`mix_seed`: one integer seed from a base seed and counters (step, rank, index).
+* :func:`close_process_group`: end a finished multi-process run cleanly.
 
 Pure torch: importing it imports no Lightning. The hooks litplug takes into Lightning's (and
 torchmetrics') private state are in ``litplug.callbacks.hooks``, each with the upstream hook that
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "close_process_group",
     "grad_scaler",
     "is_sharded",
     "local",
@@ -119,3 +121,18 @@ def mix_seed(seed: int, *counters: int, prime: int = 1_000_003) -> int:
     for c in counters:
         out = out * prime + c
     return out
+
+
+def close_process_group() -> None:
+    """Wait for every rank, then destroy the default process group, if one is initialised.
+
+    Call it once a multi-process run has finished on every rank (not after an error: a rank that
+    failed never reaches the barrier). Lightning leaves the process group alive after ``fit``; a
+    process that exits with a live gloo group can abort during interpreter shutdown (SIGABRT,
+    "terminate called without an active exception") after all its work is done.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from harness import make_strategy  # noqa: E402
 
+from litplug.plumbing import close_process_group  # noqa: E402
+
 
 def main() -> None:
     file, func, strategy, out, kwargs = sys.argv[1:6]
@@ -23,6 +25,7 @@ def main() -> None:
     result = getattr(module, func)(strategy=make_strategy(strategy), tmp_dir=Path(out), **json.loads(kwargs))
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(result, Path(out) / f"rank{rank}.pt")
+    close_process_group()
 
 
 if __name__ == "__main__":
