@@ -12,12 +12,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from ..functional.sharpness import sam_perturbation
-from ..plumbing import training_mode
+from ..functional.sharpness import EPS, global_norm
+from ..plumbing import local, training_mode
 from ..protocols import module_loss, require_loss
 from ..validation import check_bool, check_number, check_positive_int
 from .hooks import muted
-from .passes import perturb_, restore_
+from .passes import PerturbedWeights
 
 __all__ = ["SharpnessMonitor"]
 
@@ -107,6 +107,7 @@ class SharpnessMonitor(Callback):
         saved_grads = [p.grad for p in params]
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         out: dict[str, Tensor] = {}
+        perturbed = PerturbedWeights()  # w + e swapped in and out, bit-exact; freed before returning
         with (
             torch.random.fork_rng(devices=devices),
             muted(pl_module, None, freeze_bn_stats=False),
@@ -126,11 +127,14 @@ class SharpnessMonitor(Callback):
                         groups.setdefault("layer/" + name.rsplit(".", 1)[0], []).append(i)
                 for key, idx in groups.items():
                     ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
-                    e, _ = sam_perturbation(ps, gs, self.rho)
-                    backup = perturb_(ps, e)
-                    out[key] = self._loss(pl_module).detach() - base
-                    restore_(ps, backup)
+                    alpha = float(self.rho / (global_norm(gs) + EPS))  # e = rho g / ||g||, never materialised
+                    perturbed.apply_(ps, [local(g) for g in gs], alpha)
+                    try:
+                        out[key] = self._loss(pl_module).detach() - base
+                    finally:
+                        perturbed.restore_()
             finally:
+                perturbed.release()
                 for p, g in zip(params, saved_grads):
                     p.grad = g
         return out

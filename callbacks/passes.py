@@ -26,25 +26,7 @@ from ..plumbing import grad_scaler, is_sharded, local, loss_scale, refuse_flat_s
 from ..validation import check_bool, check_list, check_str
 from .hooks import muted, no_grad_sync, wrap_optimizer_step
 
-__all__ = ["PerturbedWeights", "perturb_", "restore_"]
-
-
-@torch.no_grad()
-def perturb_(params: Sequence[nn.Parameter], delta: Sequence[Tensor]) -> list[Tensor]:
-    """Add ``delta`` (local shards) to ``params``; return copies of the weights to restore."""
-    shards = [local(p) for p in params]
-    backup = [t.clone() for t in shards]
-    if shards:
-        torch._foreach_add_(shards, list(delta))
-    return backup
-
-
-@torch.no_grad()
-def restore_(params: Sequence[nn.Parameter], backup: Sequence[Tensor]) -> None:
-    """Copy the weights back: bit-exact, unlike subtracting the perturbation."""
-    shards = [local(p) for p in params]
-    if shards:
-        torch._foreach_copy_(shards, list(backup))
+__all__ = ["PerturbedWeights"]
 
 
 class PerturbedWeights:
@@ -52,8 +34,9 @@ class PerturbedWeights:
     swapped in through ``param.data``: per perturbation one fused pass (``torch.add(w, d,
     alpha=alpha, out=buffer)``) and no copy, neither of the weights nor back, since :meth:`restore_`
     swaps the original storage in again (bit-exact, and the parameter is again a view of the same
-    memory, e.g. of an EMA's flat buffer). Memory: the buffers, one copy of the perturbed
-    parameters, held until :meth:`release`.
+    memory, e.g. of an EMA's flat buffer). Each swap bumps the parameter's version counter, as an
+    in-place write would. Memory: the buffers, one copy of the perturbed parameters, held until
+    :meth:`release`.
 
     Sharded parameters (FSDP2 DTensors, whose local storage FSDP2 owns) are not swapped: the buffer
     holds a copy of the local shard, the shard is perturbed in place and copied back.
@@ -95,6 +78,7 @@ class PerturbedWeights:
                 torch.add(p, d, alpha=alpha, out=buffer)
                 own = p.data
                 p.data = buffer
+                _changed(p)
                 self._applied.append((p, own))
 
     @torch.no_grad()
@@ -105,6 +89,7 @@ class PerturbedWeights:
                 local(p).copy_(saved)
             else:
                 p.data = saved
+                _changed(p)
         self._applied = []
 
     def release(self) -> None:
@@ -115,6 +100,13 @@ class PerturbedWeights:
     def nbytes(self) -> int:
         """Bytes held in the buffers."""
         return sum(b.numel() * b.element_size() for _, b in self._buffers.values())
+
+
+def _changed(p: nn.Parameter) -> None:
+    # Swapping ``p.data`` keeps the parameter's version counter; bump it, as an in-place write would,
+    # so that caches keyed on it (``litplug.bounds.cached_abs``) see new values in a reused buffer
+    # and a graph that saved the old weights refuses to backpropagate.
+    torch.autograd.graph.increment_version(p)
 
 
 def _loss_of(output: Any) -> Tensor:

@@ -18,7 +18,9 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
+from litplug.bounds.fused import cached_abs
 from litplug.callbacks import SAM, SharpnessAwareMinimization, SharpnessMonitor, SurrogateSharpness
+from litplug.callbacks.passes import PerturbedWeights
 from litplug.datamodules import SyntheticClassification
 from litplug.functional import ignite_gradient
 from litplug.modules import MLP, Classifier
@@ -453,6 +455,26 @@ def test_surrogate_sharpness_accumulation_and_precision(tmp_path, variant):
         tol = 0.05 if variant == "16-mixed" else 0.15
         assert err / torch.sqrt(sum((b**2).sum() for b in reference)) < tol
         assert got_lam == pytest.approx(lam, rel=0.05)  # ||grad G|| unscaled before the dual step
+
+
+def test_perturbed_weights_swaps_count_as_writes():
+    """Swapping a reused buffer in is a write of the parameter: a cache keyed on its version (the
+    certified bounds' |W|) recomputes, and a graph that saved the old weights refuses to run."""
+    w = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
+    own = w.detach().clone()
+    d = [torch.tensor([[-3.0, 1.0], [-2.0, -4.0]])]
+    perturbed = PerturbedWeights()
+    with torch.no_grad():
+        for alpha in (1.0, 2.0):  # the same buffer, new values, no |W| taken between the two
+            perturbed.apply_([w], d, alpha)
+            assert torch.equal(cached_abs(w), (own + alpha * d[0]).abs())
+            perturbed.restore_()
+        assert torch.equal(w, own) and torch.equal(cached_abs(w), own.abs())
+    loss = (w * w).sum()
+    perturbed.apply_([w], d, 1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    perturbed.restore_()
 
 
 def test_monitor_measure_restores_rng_weights_and_grads():
