@@ -12,6 +12,7 @@ backward of the step, on the already combined gradient, so it happens once.
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -51,14 +52,15 @@ class PerturbedWeights:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[int, tuple[nn.Parameter, Tensor]] = {}
+        # id(parameter) -> (weak reference to it, its buffer): the buffers do not keep the model alive
+        self._buffers: dict[int, tuple[weakref.ref[nn.Parameter], Tensor]] = {}
         self._applied: list[tuple[nn.Parameter, Tensor]] = []  # (parameter, its own data or its backup)
 
     def _buffer(self, p: nn.Parameter) -> Tensor:
         shard = local(p)
         held = self._buffers.get(id(p))
-        if held is None or held[0] is not p or held[1].shape != shard.shape or held[1].dtype != shard.dtype:
-            held = (p, torch.empty_like(shard))
+        if held is None or held[0]() is not p or held[1].shape != shard.shape or held[1].dtype != shard.dtype:
+            held = (weakref.ref(p), torch.empty_like(shard))
             self._buffers[id(p)] = held
         return held[1]
 

@@ -5,6 +5,8 @@ clipping / BatchNorm / logging behaviour, DDP and FSDP2 on 2 CPU ranks."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from functools import partial
 
 import pytest
@@ -459,7 +461,8 @@ def test_surrogate_sharpness_accumulation_and_precision(tmp_path, variant):
 
 def test_perturbed_weights_swaps_count_as_writes():
     """Swapping a reused buffer in is a write of the parameter: a cache keyed on its version (the
-    certified bounds' |W|) recomputes, and a graph that saved the old weights refuses to run."""
+    certified bounds' |W|) recomputes, and a graph that saved the old weights refuses to run. The
+    buffers do not keep the parameter alive."""
     w = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
     own = w.detach().clone()
     d = [torch.tensor([[-3.0, 1.0], [-2.0, -4.0]])]
@@ -475,6 +478,10 @@ def test_perturbed_weights_swaps_count_as_writes():
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
     perturbed.restore_()
+    alive = weakref.ref(w)
+    del w, loss
+    gc.collect()
+    assert alive() is None and perturbed.nbytes() > 0  # the buffers hold no reference to the parameter
 
 
 def test_monitor_measure_restores_rng_weights_and_grads():
