@@ -158,7 +158,7 @@ class SurrogateSharpness(_ExtraPasses):
             p.grad = grad_loss.pop(id(p), None)
         c = ignite_gradient_([p.grad for p in params], grad_g, lam, self.rho, self.radius)
         # b_hat = b + radius * grad G(b) / ||grad G(b)||, one fused pass; grad G(b) is freed after it.
-        self._perturbed.apply_(params, [local(g) for g in grad_g], float(self.radius / (norm + EPS)))
+        self._perturbed.apply_(params, [local(g) for g in grad_g], self.radius / (norm + EPS))  # no host read
         del grad_g
         try:
             self._rerun(trainer, pl_module, weight=c, objective=objective)

@@ -65,8 +65,9 @@ class PerturbedWeights:
         return held[1]
 
     @torch.no_grad()
-    def apply_(self, params: Sequence[nn.Parameter], direction: Sequence[Tensor], alpha: float = 1.0) -> None:
-        """Put ``w + alpha * d`` (``d``: local shards for DTensors) into ``params``."""
+    def apply_(self, params: Sequence[nn.Parameter], direction: Sequence[Tensor], alpha: float | Tensor = 1.0) -> None:
+        """Put ``w + alpha * d`` (``d``: local shards for DTensors) into ``params``. ``alpha`` is a
+        number or a 0-dim tensor (e.g. computed on the GPU: no host read)."""
         if self._applied:
             raise RuntimeError("PerturbedWeights.apply_ called twice without restore_")
         for p, d in zip(params, direction):
@@ -74,10 +75,10 @@ class PerturbedWeights:
             if is_sharded(p):
                 shard = local(p)
                 buffer.copy_(shard)
-                shard.add_(d, alpha=alpha)
+                _add_scaled(shard, d, alpha, out=shard)
                 self._applied.append((p, buffer))
             else:
-                torch.add(p, d, alpha=alpha, out=buffer)
+                _add_scaled(p, d, alpha, out=buffer)
                 own = p.data
                 p.data = buffer
                 _changed(p)
@@ -102,6 +103,14 @@ class PerturbedWeights:
     def nbytes(self) -> int:
         """Bytes held in the buffers."""
         return sum(b.numel() * b.element_size() for _, b in self._buffers.values())
+
+
+def _add_scaled(w: Tensor, d: Tensor, alpha: float | Tensor, out: Tensor) -> None:
+    # One fused pass either way; a tensor alpha enters as a broadcast factor of addcmul.
+    if isinstance(alpha, Tensor):
+        torch.addcmul(w, d, alpha, out=out)
+    else:
+        torch.add(w, d, alpha=alpha, out=out)
 
 
 def _changed(p: nn.Parameter) -> None:

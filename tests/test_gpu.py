@@ -1,6 +1,7 @@
 """CUDA-only checks (skipped without a GPU): fp16 GradScaler with SAM and with UnlearningMask,
-bf16-mixed, EMA offloaded to host memory, FSDP2 (ModelParallelStrategy) on one GPU, and the refusal
-of FSDP1 and DeepSpeed on the real strategies. Run them with ``bash benchmarks/gpu_check.sh``.
+bf16-mixed, EMA offloaded to host memory, no host read in a perturbation by a device scalar, FSDP2
+(ModelParallelStrategy) on one GPU, and the refusal of FSDP1 and DeepSpeed on the real strategies.
+Run them with ``bash benchmarks/gpu_check.sh``.
 
 These tests have not been run on a GPU; the CPU suite covers the same mechanisms (CPU GradScaler, bf16, gloo)."""
 
@@ -15,6 +16,7 @@ from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from litplug.callbacks import EMA, SAM, UnlearningMask
+from litplug.callbacks.passes import PerturbedWeights
 from litplug.datamodules import SyntheticClassification
 from litplug.modules import MLP, Classifier
 
@@ -149,3 +151,20 @@ def test_deepspeed_refused_at_setup(tmp_path, make):
     pytest.importorskip("deepspeed")
     with pytest.raises(ValueError, match="DeepSpeedStrategy"):
         gpu_trainer(tmp_path, max_steps=1, strategy="deepspeed", callbacks=[make()]).fit(model(), data())
+
+
+def test_perturbation_by_a_device_scalar_reads_nothing_back():
+    """IGNITE's step size ``radius / ||grad G||`` stays on the GPU: applying and restoring the
+    perturbed weights makes no device-to-host synchronisation."""
+    w = torch.nn.Parameter(torch.randn(1000, device="cuda"))
+    d = torch.randn(1000, device="cuda")
+    alpha = 0.5 / (d.norm() + 1e-12)
+    perturbed = PerturbedWeights()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        perturbed.apply_([w], [d], alpha)
+        perturbed.restore_()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(perturbed._buffers[id(w)][1], w.detach() + alpha * d)

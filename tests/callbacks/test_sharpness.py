@@ -468,7 +468,8 @@ def test_perturbed_weights_swaps_count_as_writes():
     d = [torch.tensor([[-3.0, 1.0], [-2.0, -4.0]])]
     perturbed = PerturbedWeights()
     with torch.no_grad():
-        for alpha in (1.0, 2.0):  # the same buffer, new values, no |W| taken between the two
+        # the same buffer, new values, no |W| taken between the two; a number or a 0-dim tensor
+        for alpha in (1.0, torch.tensor(2.0)):
             perturbed.apply_([w], d, alpha)
             assert torch.equal(cached_abs(w), (own + alpha * d[0]).abs())
             perturbed.restore_()
