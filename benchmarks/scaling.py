@@ -399,7 +399,10 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         lines.append(
             f"| {model} | {r['params'] / 1e6:.1f}M | {LABELS[r['variant']]} | {ratio} | {ms} | {mem} | {r['floor']} |"
         )
-    lines += ["", *_verdicts(rows), "", NOTES]
+    transformers = [r for r in rows if r["family"] == "transformer" and "plain_rounds" in r]
+    largest = max(transformers, key=lambda r: r["params"])["plain_rounds"] if transformers else []
+    plain_rounds = " / ".join(f"{t:.2f}" for t in largest) or "-"
+    lines += ["", *_verdicts(rows), "", NOTES.format(plain_rounds=plain_rounds)]
     return "\n".join(lines) + "\n"
 
 
@@ -419,9 +422,11 @@ NOTES = """Reading the table:
   core one pass over 100M fp32 values (a `copy_`) takes about 24 ms.
 - Not timed: the epoch's last step, in which SWA takes its snapshot (a cost per epoch: the first
   snapshot, which also re-lays the weights into one buffer, added about 2.7 s to the last step of
-  a 100M run in separate runs of this script's child). Run-to-run noise of a 100M step on this
-  machine is about 5% (plain: 1.66 / 1.73 / 1.72 s in the three rounds of the run above), the
-  size of the EMA and mask overheads, so their ratios are only bounded to within it.
+  a 100M run in separate runs of this script's child). Run-to-run noise of a step on this machine
+  is several percent (plain runs of the largest Transformer in this run: {plain_rounds} s), as
+  large as the EMA and mask overheads and as the gap between SAM and its peer, so the whole-step
+  ratios bound those only to within it; the verdicts give each round's ratio to the plain run of
+  the same round beside the best-of-rounds ratio, and EMA's update is also timed inside the run.
 - The IBP rows use CNN7 of growing width and hidden linear size; `certify` is the throughput of
   `CertifiedClassifier.certify` over the plain forward's (eval mode, no gradients)."""
 
@@ -443,9 +448,12 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
     for variant, text, ok in checks:
         if variant in top:
             r = top[variant]
-            out.append(
-                f"- {text}: {r['ratio']:.2f} at {r['params'] / 1e6:.0f}M: {'holds' if ok(r) else 'does not hold'}"
-            )
+            paired = ""  # each round's run over that round's plain run (adjacent in time)
+            if r.get("rounds") and r.get("plain_rounds"):
+                per_round = " / ".join(f"{x / y:.2f}" for x, y in zip(r["rounds"], r["plain_rounds"]))
+                paired = f" (per round: {per_round})"
+            verdict = "holds" if ok(r) else "does not hold"
+            out.append(f"- {text}: {r['ratio']:.2f}{paired} at {r['params'] / 1e6:.0f}M: {verdict}")
     if "hook_ms" in top.get("ema", {}):
         r = top["ema"]
         share = r["hook_ms"] / (1e3 * r["plain_step_s"])
