@@ -22,12 +22,11 @@ load changes on a shared machine hit every variant alike).
   median over its 5-step cycles of one perturbed and four plain steps); the best run over the
   rounds is reported (the run least disturbed by other load). EMA's update, all of its per-step
   work, is also timed inside the run (its ``on_train_batch_end``), which run-to-run noise does not
-  reach. Ratio = variant / plain of the same size; the extra
-  time per step is the difference. Timing runs fix glibc's mmap threshold at its 32 MB maximum
-  and never trim the heap, so that a step reuses freed memory as steps of a long run do (with
-  glibc's adaptive default, whether a step pays page faults depends on what the process freed
-  before, which moved single ratios by up to 30%; this also makes the CPU allocator behave like
-  PyTorch's caching allocator on CUDA).
+  reach. Ratio = variant / plain of the same size; the extra time per step is the difference.
+  Timing runs fix glibc's mmap threshold at its 32 MB maximum and never trim the heap, so that a
+  step reuses freed memory as steps of a long run do (with glibc's adaptive default, whether a
+  step pays page faults depends on what the process freed before, which moved single ratios by up
+  to 30%; this also makes the CPU allocator behave like PyTorch's caching allocator on CUDA).
 * extra peak memory: the memory run's peak resident set size (``resource.getrusage``,
   ``ru_maxrss``) minus the plain memory run's, in multiples of the parameter bytes. glibc's mmap
   threshold is pinned low (``MALLOC_MMAP_THRESHOLD_``) in memory runs, so that freed tensors go
