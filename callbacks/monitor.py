@@ -127,7 +127,7 @@ class SharpnessMonitor(Callback):
                         groups.setdefault("layer/" + name.rsplit(".", 1)[0], []).append(i)
                 for key, idx in groups.items():
                     ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
-                    alpha = float(self.rho / (global_norm(gs) + EPS))  # e = rho g / ||g||, never materialised
+                    alpha = self.rho / (global_norm(gs) + EPS)  # e = rho g / ||g||, never materialised
                     perturbed.apply_(ps, [local(g) for g in gs], alpha)
                     try:
                         out[key] = self._loss(pl_module).detach() - base

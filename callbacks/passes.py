@@ -33,11 +33,11 @@ __all__ = ["PerturbedWeights"]
 class PerturbedWeights:
     """Perturbed weights ``w + alpha * d`` in buffers allocated once (one like each parameter) and
     swapped in through ``param.data``: per perturbation one fused pass (``torch.add(w, d,
-    alpha=alpha, out=buffer)``) and no copy, neither of the weights nor back, since :meth:`restore_`
-    swaps the original storage in again (bit-exact, and the parameter is again a view of the same
-    memory, e.g. of an EMA's flat buffer). Each swap bumps the parameter's version counter, as an
-    in-place write would. Memory: the buffers, one copy of the perturbed parameters, held until
-    :meth:`release`.
+    alpha=alpha, out=buffer)``, or ``addcmul`` for a tensor ``alpha``) and no copy, neither of the
+    weights nor back, since :meth:`restore_` swaps the original storage in again (bit-exact, and
+    the parameter is again a view of the same memory, e.g. of an EMA's flat buffer). Each swap
+    bumps the parameter's version counter, as an in-place write would. Memory: the buffers, one
+    copy of the perturbed parameters, held until :meth:`release`.
 
     Sharded parameters (FSDP2 DTensors, whose local storage FSDP2 owns) are not swapped: the buffer
     holds a copy of the local shard, the shard is perturbed in place and copied back.

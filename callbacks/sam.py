@@ -48,12 +48,13 @@ class SharpnessAwareMinimization(_ExtraPasses):
     pass re-runs the module's own ``training_step`` on the same (micro-)batches, so any loss is
     penalised unchanged; its ``self.log`` calls are muted and BatchNorm statistics are put back
     (``freeze_bn_stats``). The original weights are put back (bit-exact) before the optimizer
-    step, so the optimizer, its state and the LR schedule are the base optimizer's. Gradient clipping, the GradScaler's
-    unscale and inf check, and other callbacks' ``on_before_optimizer_step`` see the final
-    gradient once. Cost per perturbed step: one more forward/backward (every_n_steps=k: ~1 + 1/k),
-    one norm of the gradient and one fused ``w + alpha g`` pass into a buffer that is swapped in
-    and out through ``param.data`` (:class:`~litplug.callbacks.passes.PerturbedWeights`; adaptive SAM
-    also builds ``e``). Memory: that buffer, one copy of the perturbed parameters, kept between steps.
+    step, so the optimizer, its state and the LR schedule are the base optimizer's. Gradient
+    clipping, the GradScaler's unscale and inf check, and other callbacks'
+    ``on_before_optimizer_step`` see the final gradient once. Cost per perturbed step: one more
+    forward/backward (every_n_steps=k: ~1 + 1/k), one norm of the gradient and one fused
+    ``w + alpha g`` pass into a buffer that is swapped in and out through ``param.data``
+    (:class:`~litplug.callbacks.passes.PerturbedWeights`; adaptive SAM also builds ``e``). Memory:
+    that buffer, one copy of the perturbed parameters, kept between steps.
 
     Distributed: under DDP with ``sync_first_pass=False`` the first backward skips the all-reduce
     (each rank perturbs with its local gradient: m-sharpness) and the second backward all-reduces
