@@ -40,12 +40,15 @@ class EMA(_WeightAveraging):
     LightningModule (integer buffers such as ``num_batches_tracked`` are copied), paired by name.
     The first update copies the weights; before it, validation uses the live weights.
 
-    Schedule: the update follows the optimizer step with 0-based index ``i`` (``global_step - 1``)
-    when ``i >= update_after_step`` and ``i % every_n_steps == 0``, i.e. after steps 1, n + 1,
-    2n + 1, ... (1-based) from step ``update_after_step + 1`` on, the rule of Lightning's
-    ``EMAWeightAveraging(update_every_n_steps=n, update_starting_at_step=update_after_step)``. The
-    phase is that of the step count, not of ``update_after_step`` (as in Lightning): with
-    ``update_after_step=2, every_n_steps=3`` the updates follow steps 4, 7, 10, ...
+    Schedule, in training steps (batches that reached an optimizer step: one per batch however
+    many optimizers a manual module steps, so not ``trainer.global_step``; docs/schedules.md): the
+    update follows the training step with 0-based index ``i`` when ``i >= update_after_step`` and
+    ``i % every_n_steps == 0``, i.e. after steps 1, n + 1, 2n + 1, ... (1-based) from step
+    ``update_after_step + 1`` on, the rule of Lightning's
+    ``EMAWeightAveraging(update_every_n_steps=n, update_starting_at_step=update_after_step)`` for a
+    module with one optimizer. The phase is that of the step count, not of ``update_after_step``
+    (as in Lightning): with ``update_after_step=2, every_n_steps=3`` the updates follow steps 4,
+    7, 10, ...
 
     Non-finite weights (after a NaN/inf loss, or a step that overflowed) never enter the
     average: such an update is skipped with a warning and counted in ``skipped``; the average
@@ -62,8 +65,8 @@ class EMA(_WeightAveraging):
         warmup: use ``decay_t = min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)``.
         warmup_gamma: > 0, the ``gamma`` of the warmup rule.
         warmup_power: > 0, the ``power`` of the warmup rule (2/3 for short runs, 3/4 for long).
-        update_after_step: no update after the first this-many optimizer steps (>= 0).
-        every_n_steps: update after optimizer steps 1, n + 1, 2n + 1, ... (>= 1; see Schedule).
+        update_after_step: no update after the first this-many training steps (>= 0).
+        every_n_steps: update after training steps 1, n + 1, 2n + 1, ... (>= 1; see Schedule).
         dtype: dtype of the average of floating tensors (``"float32"`` for a bf16 model, so small
             updates are not rounded away); ``None`` keeps the model's dtype.
         device: where the average lives (``"cpu"`` offloads it); ``None`` = beside the weights.
@@ -103,21 +106,42 @@ class EMA(_WeightAveraging):
         self.warmup_power = warmup_power
         self.update_after_step = update_after_step
         self.every_n_steps = every_n_steps
+        self.steps = 0  # training steps so far
+        self._global_step_before = -1  # trainer.global_step when the batch began
 
     def current_decay(self) -> float:
         """Decay of the next update."""
         return ema_decay(self.updates, self.decay, self.warmup, self.warmup_gamma, self.warmup_power)
 
     @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "steps": self.steps}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.steps = int(state_dict["steps"])
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._global_step_before = trainer.global_step
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step  # optimizer steps so far; unchanged on accumulation batches
-        index = step - 1  # 0-based index of the step just taken, as in Lightning's WeightAveraging
-        if step == self._last_step or index < self.update_after_step or index % self.every_n_steps:
+        # global_step counts every optimizer's step: it is unchanged on accumulation batches and
+        # grows by the number of optimizers a manual module steps; a training step is one batch.
+        if trainer.global_step == self._global_step_before:
+            return
+        self.steps += 1
+        index = self.steps - 1  # 0-based index of the step just taken, as in Lightning's WeightAveraging
+        if index < self.update_after_step or index % self.every_n_steps:
             return
         decay = self.current_decay()
         self._update(pl_module, 1.0 - decay)
-        self._last_step = step
+        self._last_step = self.steps
         if logs_now(trainer):
             pl_module.log_dict({"ema/decay": decay, "ema/updates": float(self.updates)}, on_step=True, on_epoch=False)

@@ -88,7 +88,7 @@ class SharpnessAwareMinimization(_ExtraPasses):
         adaptive: scale the perturbation by ``|w| + eta`` (adaptive SAM).
         eta: ASAM's offset in ``T = |w| + eta``, >= 0 (used with ``adaptive``).
         penalty_weight: ``a`` in (0, 1].
-        every_n_steps: perturb every k-th optimizer step, plain steps in between.
+        every_n_steps: perturb every k-th training step (steps 1, k + 1, ...), plain steps in between.
         sync_first_pass: all-reduce the first pass's gradient under DDP.
         exclude: ``fnmatch`` patterns of parameter names not perturbed, e.g. ``["*.bias"]``;
             each must match a parameter.
@@ -129,6 +129,7 @@ class SharpnessAwareMinimization(_ExtraPasses):
 
     @override
     def _should_perturb(self, trainer: Trainer) -> bool:
+        # Automatic optimisation (manual is refused): one optimizer, so global_step counts training steps.
         return trainer.global_step % self.every_n_steps == 0
 
     @override

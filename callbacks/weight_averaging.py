@@ -356,7 +356,7 @@ class _WeightAveraging(Callback):
 
     @property
     def last_update(self) -> int:
-        """The optimizer step (EMA) or epoch (SWA) of the latest update; -1 before the first."""
+        """The training step (EMA, 1-based) or epoch (SWA) of the latest update; -1 before the first."""
         return self._last_step
 
     def averaged_state_dict(self, prefix: str = "") -> dict[str, Tensor]:

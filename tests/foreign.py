@@ -7,6 +7,8 @@
   ``forward`` needs the target too.
 * ``Handwritten``: BatchNorm, a per-step scheduler, a dict output, logs in ``training_step``.
 * ``Manual``: manual optimisation, with ``batch_loss``.
+* ``TwoOptimizers``: manual optimisation stepping two optimizers per batch (a GAN-style
+  alternation), with ``batch_loss``: ``trainer.global_step`` grows by 2 per batch.
 """
 
 from __future__ import annotations
@@ -94,6 +96,44 @@ class Manual(LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class TwoOptimizers(LightningModule):
+    """Manual optimisation with two optimizers stepped one after the other on every batch, each
+    on its own loss evaluation (the alternation of a GAN's generator and discriminator)."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.first = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.second = nn.Linear(8, 3)
+        self.lr = lr
+        self.steps = 0  # batches trained
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def batch_loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        for opt in self.optimizers():
+            opt.zero_grad()
+            loss = self.batch_loss(batch)
+            self.manual_backward(loss)
+            opt.step()
+            self.log("mine/loss", loss)
+        self.steps += 1
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val/loss", self.batch_loss(batch))
+
+    def configure_optimizers(self) -> Any:
+        return [
+            torch.optim.SGD(self.first.parameters(), lr=self.lr),
+            torch.optim.SGD(self.second.parameters(), lr=self.lr),
+        ]
 
 
 class ManualNoLoss(LightningModule):

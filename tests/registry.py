@@ -149,6 +149,7 @@ def _foreign_columns() -> dict[str, Column]:
             foreign.Handwritten, foreign.features, {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5}
         ),
         "manual": Column(foreign.Manual, foreign.features),
+        "two_optimizers": Column(foreign.TwoOptimizers, foreign.features),
     }
 
 

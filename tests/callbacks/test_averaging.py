@@ -95,7 +95,7 @@ def test_unverified_sharding_strategies_raise(tmp_path):
 
 def test_mismatched_saved_average_raises():
     ema = EMA()
-    ema.load_state_dict({"updates": 1, "last_step": 1, "average": {"nope": torch.zeros(1)}})
+    ema.load_state_dict({"updates": 1, "last_step": 1, "steps": 1, "average": {"nope": torch.zeros(1)}})
     with pytest.raises(ValueError, match="missing"):
         ema._bind(small_classifier())
 
