@@ -51,6 +51,7 @@ class MLP(nn.Sequential):
         dropout: dropout probability after every hidden block (0 disables it).
 
     Example:
+        >>> import torch
         >>> MLP(input_shape=[16], num_outputs=1, hidden=[32])(torch.zeros(4, 16)).shape
         torch.Size([4, 1])
     """
@@ -100,6 +101,7 @@ class ConvNet(nn.Sequential):
         batch_norm: add ``BatchNorm2d``/``BatchNorm1d`` after each convolution / hidden linear.
 
     Example:
+        >>> import torch
         >>> ConvNet(input_shape=[3, 32, 32], num_outputs=10)(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
@@ -154,6 +156,7 @@ class CNN7(nn.Sequential):
         linear_size: width of the hidden linear layer (the paper: 512).
 
     Example:
+        >>> import torch
         >>> CNN7(input_shape=[1, 8, 8], num_outputs=10, width=4, linear_size=16)(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])
     """
