@@ -3,7 +3,7 @@ interpolation and loss barriers, task arithmetic, TIES-merging and MAP's amortis
 
 Method card
     * :func:`align` (Ainsworth et al. 2023, "Git Re-Basin: Merging Models modulo Permutation
-      Symmetries", Algorithm 2 "weight matching"): hidden units of a network can be permuted
+      Symmetries", Algorithm 1 "weight matching"): hidden units of a network can be permuted
       without changing its function. Weight matching picks, for every permutable axis group
       ``P_l``, the permutation maximising ``sum_l <W_l^A, P_l W_l^B P_{l-1}^T>`` by coordinate
       descent: one group at a time, with the others fixed, the group's term is a linear assignment
@@ -17,7 +17,8 @@ Method card
     * :func:`task_arithmetic` (Ilharco et al. 2023, "Editing Models with Task Arithmetic"):
       ``theta = theta_0 + lambda * sum_t (theta_t - theta_0)``.
     * :func:`ties_merge` (Yadav et al. 2023, "TIES-Merging", Algorithm 1): trim every task vector
-      to its ``int(density * d)`` largest magnitudes over the whole model, elect each entry's sign
+      to exactly its ``int(density * d)`` largest magnitudes over the whole model (or per tensor,
+      ``trim="tensor"``, as mergekit), elect each entry's sign
       as the sign of the sum of the trimmed vectors, and average only the entries that agree with
       it (disjoint mean); ``theta = theta_0 + lambda * tau_m``.
     * :func:`map_pareto_front` (Li et al. 2024, "MAP: Low-compute Model Merging with Amortized
@@ -27,8 +28,10 @@ Method card
       free on many candidate ``c`` and their non-dominated set is the amortised Pareto front.
       :func:`grid_pareto_front` is the brute-force reference it is compared with.
 
-All functions work on plain state dicts (``dict[str, Tensor]``) of one architecture; floating
-tensors are merged, integer tensors (``num_batches_tracked``) are taken from the first/base state.
+All functions take modules or state dicts (``dict[str, Tensor]``) of one architecture alike and
+return the kind of their first model argument (a deep copy of a module holding the merged
+weights, or a state dict); floating tensors are merged in float32 (float64 for float64 models),
+integer tensors (``num_batches_tracked``) are taken from the first/base state.
 
 Example:
     >>> import torch
@@ -39,15 +42,18 @@ Example:
     >>> x = torch.randn(5, 4)
     >>> torch.allclose(b_aligned(x), b(x), atol=1e-6)
     True
-    >>> mid = interpolate(a.state_dict(), b_aligned.state_dict(), 0.5)
+    >>> mid = interpolate(a, b_aligned, 0.5)  # a module, as given
+    >>> mid_state = interpolate(a.state_dict(), b_aligned.state_dict(), 0.5)  # a state dict
 """
 
 from __future__ import annotations
 
-from .arithmetic import interpolate, task_arithmetic, task_vector, ties_merge
+from .arithmetic import interpolate, linear, task_arithmetic
 from .barrier import Barrier, barrier, evaluate_classifier
 from .pareto import MAPResult, QuadraticFit, fit_quadratic, grid_pareto_front, map_pareto_front, pareto_mask
 from .permutation import PermutationSpec, align, apply_permutations, permutation_spec, weight_matching
+from .task_vectors import task_vector
+from .ties import ties_merge
 
 __all__ = [
     "Barrier",
@@ -61,6 +67,7 @@ __all__ = [
     "fit_quadratic",
     "grid_pareto_front",
     "interpolate",
+    "linear",
     "map_pareto_front",
     "pareto_mask",
     "permutation_spec",

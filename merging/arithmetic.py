@@ -1,65 +1,83 @@
-"""Linear combinations of state dicts: interpolation, task vectors, task arithmetic and
-TIES-merging (see :mod:`litplug.merging` for the method card)."""
+"""Linear combinations of models: interpolation, weighted averages and task arithmetic (see
+:mod:`litplug.merging` for the method card)."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import Tensor
 
-State = dict[str, Tensor]
-
-
-# ============================================================================ checks
-def check_states(states: Sequence[Mapping[str, Tensor]], what: str) -> None:
-    first = states[0]
-    for i, state in enumerate(states[1:], 1):
-        if state.keys() != first.keys():
-            missing = sorted(set(first) ^ set(state))[0]
-            raise ValueError(f"`{what}`[{i}] and `{what}`[0] differ in their tensors: {missing!r} is in one only")
-        for name, value in state.items():
-            if value.shape != first[name].shape:
-                raise ValueError(
-                    f"`{what}`[{i}][{name!r}] has shape {tuple(value.shape)}, expected {tuple(first[name].shape)}"
-                )
+from .states import AnyWeights, Weights, check_finite, check_states, returned_as, state_of, states_of, work_dtype
+from .task_vectors import combine, stacked_deltas
 
 
-def _check_finite(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+def interpolate(a: Weights, b: AnyWeights, alpha: float) -> Weights:
+    """``(1 - alpha) * a + alpha * b`` for floating tensors (``torch.lerp`` in float32, float64
+    for float64 tensors, returned in ``a``'s dtypes); integer tensors are copied from ``a``.
+    ``alpha`` may lie outside [0, 1]. Returns the kind of ``a`` (module or state dict).
 
-
-# ============================================================================ linear combinations
-def interpolate(a: Mapping[str, Tensor], b: Mapping[str, Tensor], alpha: float) -> State:
-    """``(1 - alpha) * a + alpha * b`` for floating tensors (computed in float64, returned in
-    ``a``'s dtypes); integer tensors are copied from ``a``. ``alpha`` may lie outside [0, 1]."""
-    _check_finite("alpha", alpha)
-    check_states([a, b], "states")
+    Example:
+        >>> import torch
+        >>> interpolate({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)["w"]
+        tensor([0.2500, 0.2500])
+    """
+    check_finite("alpha", alpha)
+    sa, sb = state_of(a, "a"), state_of(b, "b")
+    check_states([sa, sb], "states")
     out = {}
-    for name, va in a.items():
+    for name, va in sa.items():
         if va.is_floating_point():
-            out[name] = torch.lerp(va.double(), b[name].double(), float(alpha)).to(va.dtype)
+            dtype = work_dtype(va)
+            out[name] = torch.lerp(va.to(dtype), sb[name].to(dtype), float(alpha)).to(va.dtype)
         else:
             out[name] = va.clone()
-    return out
+    return returned_as(a, out)
 
 
-def task_vector(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> State:
-    """``finetuned - base`` for every floating tensor (float64)."""
-    check_states([base, finetuned], "states")
-    return {k: finetuned[k].double() - v.double() for k, v in base.items() if v.is_floating_point()}
+def linear(models: Sequence[AnyWeights], weights: Sequence[float] | None = None, normalize: bool = True) -> AnyWeights:
+    """Weighted average ``sum_i w_i theta_i / sum_i w_i`` (Wortsman et al. 2022, "Model soups";
+    mergekit's ``linear``): accumulated in float32 (float64 for float64 tensors) in the models'
+    order, as mergekit does. ``weights=None`` is the uniform soup; ``normalize=False`` skips the
+    division. Integer tensors come from the first model. Returns the kind of ``models[0]``.
+
+    Example:
+        >>> import torch
+        >>> linear([{"w": torch.zeros(2)}, {"w": torch.ones(2)}], [1.0, 3.0])["w"]
+        tensor([0.7500, 0.7500])
+    """
+    states = states_of(models, "models")
+    if not states:
+        raise ValueError("`models` must hold at least one model or state dict")
+    check_states(states, "models")
+    if weights is None:
+        weights = [1.0] * len(states)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(states):
+        raise ValueError(f"`weights` must hold one value per model ({len(states)}), got {len(weights)}")
+    for w in weights:
+        check_finite("weights", w)
+    if normalize and sum(weights) == 0:
+        raise ValueError("`weights` sum to 0: they cannot be normalised (pass normalize=False)")
+    out = {}
+    for name, first in states[0].items():
+        if not first.is_floating_point():
+            out[name] = first.clone()
+            continue
+        dtype = work_dtype(first)
+        coefficients = torch.tensor(weights, dtype=dtype)
+        acc = torch.zeros_like(first, dtype=dtype)
+        for state, c in zip(states, coefficients.unbind()):
+            acc.addcmul_(state[name], c)
+        if normalize:
+            acc.div_(coefficients.sum())
+        out[name] = acc.to(first.dtype)
+    return returned_as(models[0], out)
 
 
-def _add_to_base(base: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> State:
-    return {k: (v.double() + delta[k]).to(v.dtype) if k in delta else v.clone() for k, v in base.items()}
-
-
-def task_arithmetic(
-    base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], scale: float | Sequence[float] = 1.0
-) -> State:
-    """Task arithmetic (Ilharco et al. 2023): ``base + sum_t scale_t * (finetuned_t - base)``.
+def task_arithmetic(base: Weights, finetuned: Sequence[AnyWeights], scale: float | Sequence[float] = 1.0) -> Weights:
+    """Task arithmetic (Ilharco et al. 2023): ``base + sum_t scale_t * (finetuned_t - base)``,
+    in float32 (float64 for float64 tensors) in mergekit's order of operations. Returns the kind
+    of ``base`` (module or state dict).
 
     Args:
         base: the pre-trained weights every fine-tune started from.
@@ -68,88 +86,24 @@ def task_arithmetic(
             merging coefficients MAP searches over).
 
     Example:
+        >>> import torch
         >>> base = {"w": torch.zeros(2)}
         >>> task_arithmetic(base, [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 2.0])}], 0.5)["w"]
         tensor([0.5000, 1.0000])
     """
-    if not finetuned:
-        raise ValueError("`finetuned` must hold at least one state dict")
-    scales = _scales(scale, len(finetuned))
-    check_states([base, *finetuned], "states")
-    delta: State = {}
-    for s, ft in zip(scales, finetuned):
-        for k, tau in task_vector(base, ft).items():
-            delta[k] = delta[k] + s * tau if k in delta else s * tau
-    return _add_to_base(base, delta)
+    base_state, states, deltas = stacked_deltas(base, finetuned)
+    scales = scales_for(scale, len(states))
+    return returned_as(base, combine(base_state, deltas, scales, consensus=False, normalize=False, scale=1.0))
 
 
-def _scales(scale: float | Sequence[float], n: int) -> list[float]:
+def scales_for(scale: float | Sequence[float], n: int) -> list[float]:
+    """One float per fine-tune from a number or a list (validated)."""
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        _check_finite("scale", scale)
+        check_finite("scale", scale)
         return [float(scale)] * n
     scales = [float(s) for s in scale]
     if len(scales) != n:
         raise ValueError(f"`scale` must be a number or hold one value per fine-tune ({n}), got {len(scales)} values")
     for s in scales:
-        _check_finite("scale", s)
+        check_finite("scale", s)
     return scales
-
-
-def ties_merge(
-    base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], density: float = 0.2, scale: float = 1.0
-) -> State:
-    """TIES-merging (Yadav et al. 2023, Algorithm 1) on whole-model task vectors.
-
-    Every floating tensor of ``finetuned_t - base`` is flattened into one vector ``tau_t`` of
-    length ``d`` (as the authors' code does, over the whole model, not per layer), then:
-
-    1. trim: keep the ``k = int(density * d)`` entries of largest magnitude of each ``tau_t``
-       (entries tied with the ``k``-th largest magnitude are kept too), zero the rest. The
-       authors' ``topk_values_mask`` keeps the entries at or above the ``(d - k)``-th smallest
-       magnitude, i.e. ``k + 1`` entries when magnitudes are distinct; litplug keeps ``k``;
-    2. elect: ``gamma = sign(sum_t trimmed_t)``; entries where the sum is exactly 0 take the sign
-       of ``sum(gamma)`` (the authors' "majority" rule);
-    3. disjoint merge: ``tau_m = sum_t [sign(trimmed_t) == gamma] trimmed_t / max(1, count)``
-       (the mean over the tasks whose kept entry agrees with the elected sign);
-
-    and returns ``base + scale * tau_m``. Integer tensors are copied from ``base``.
-
-    Example:
-        >>> base = {"w": torch.zeros(3)}
-        >>> fts = [{"w": torch.tensor([1.0, -2.0, 0.1])}, {"w": torch.tensor([3.0, 1.0, -0.2])}]
-        >>> ties_merge(base, fts, density=2 / 3)["w"]
-        tensor([ 2., -2.,  0.])
-    """
-    if not finetuned:
-        raise ValueError("`finetuned` must hold at least one state dict")
-    _check_finite("density", density)
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"`density` must be in (0, 1], got {density}")
-    _check_finite("scale", scale)
-    check_states([base, *finetuned], "states")
-    names = [k for k, v in base.items() if v.is_floating_point()]
-    if not names:
-        raise ValueError("`base` has no floating tensors to merge")
-    taus = torch.stack([torch.cat([(ft[k].double() - base[k].double()).flatten() for k in names]) for ft in finetuned])
-    d = taus.shape[1]
-    keep = int(density * d)
-    if keep == 0:
-        taus = torch.zeros_like(taus)
-    elif keep < d:
-        threshold = taus.abs().kthvalue(d - keep + 1, dim=1, keepdim=True).values  # the keep-th largest
-        taus = taus * (taus.abs() >= threshold)
-    summed = taus.sum(0)
-    sign = torch.sign(summed)
-    sign[sign == 0] = torch.sign(sign.sum())
-    agree = torch.where(sign > 0, taus > 0, taus < 0)
-    selected = taus * agree
-    merged = selected.sum(0) / agree.sum(0).clamp(min=1)
-    delta, offset = {}, 0
-    for k in names:
-        n = base[k].numel()
-        delta[k] = scale * merged[offset : offset + n].view_as(base[k])
-        offset += n
-    return _add_to_base(base, delta)
-
-
-# ============================================================================ permutation structure

@@ -15,6 +15,7 @@ from litplug.plumbing import training_mode
 
 from .arithmetic import interpolate
 from .permutation import align
+from .states import AnyWeights, state_of
 
 
 @dataclass
@@ -53,8 +54,8 @@ def evaluate_classifier(model: nn.Module, batches: Any) -> tuple[float, float]:
 
 
 def barrier(
-    model_a: nn.Module,
-    model_b: nn.Module,
+    model_a: AnyWeights,
+    model_b: AnyWeights,
     batches: Any,
     alphas: Sequence[float] | int = 11,
     align_first: bool = False,
@@ -65,7 +66,8 @@ def barrier(
     """Evaluate the linear path between two classifiers and its loss barrier.
 
     Args:
-        model_a, model_b: two networks of one architecture (unchanged).
+        model_a, model_b: two networks of one architecture (unchanged), modules or state dicts,
+            at least one of them a module (evaluated with the other's weights loaded into a copy).
         batches: an iterable of ``(x, y)`` (e.g. a DataLoader), evaluated with cross-entropy.
         alphas: the interpolation weights (must contain 0 and 1), or a number of evenly spaced
             ones in [0, 1].
@@ -83,11 +85,15 @@ def barrier(
     alphas = [float(a) for a in alphas]
     if 0.0 not in alphas or 1.0 not in alphas:
         raise ValueError(f"`alphas` must contain 0 and 1, got {alphas}")
+    architecture = model_a if isinstance(model_a, nn.Module) else model_b
+    if not isinstance(architecture, nn.Module):
+        state_of(model_a, "model_a"), state_of(model_b, "model_b")  # a type error names a wrong kind first
+        raise TypeError("barrier evaluates the models: pass `model_a` or `model_b` as an nn.Module")
     batches = list(batches)
     if align_first:
         model_b = align(model_a, model_b, batches[0][0] if example_input is None else example_input)
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
-    probe = copy.deepcopy(model_a)
+    state_a, state_b = state_of(model_a, "model_a"), state_of(model_b, "model_b")
+    probe = copy.deepcopy(architecture)
     losses, accs = [], []
     for alpha in alphas:
         probe.load_state_dict(interpolate(state_a, state_b, alpha))

@@ -3,7 +3,6 @@ Git Re-Basin weight matching / :func:`align` on it (see :mod:`litplug.merging`).
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .arithmetic import State, check_states
+from .states import AnyWeights, Weights, check_states, returned_as, state_of
 
 
 @dataclass(frozen=True)
@@ -75,6 +74,29 @@ _SCALAR_OPS = {operator.mul, operator.truediv, operator.neg, torch.mul, torch.di
 _ADD_OPS = {operator.add, operator.iadd, torch.add}
 _FLATTEN_FUNCTIONS = {torch.flatten}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
+# reads of a tensor's metadata, unchanged by a permutation of its channels (timm's blocks check
+# `x.ndim`, squeeze-excite and attention read `x.shape`)
+_SHAPE_ATTRIBUTES = {"ndim", "shape", "dtype", "device", "is_cuda", "layout"}
+_SHAPE_METHODS = {"size", "dim", "numel", "nelement", "get_device"}
+# operations named in words in refusals
+_OPERATION_WORDS = {
+    operator.getitem: "indexing (x[...])",
+    operator.matmul: "matrix product (@)",
+    operator.add: "addition",
+    operator.sub: "subtraction",
+    operator.mul: "multiplication",
+    operator.truediv: "division",
+    operator.pow: "power",
+    torch.cat: "concatenation torch.cat",
+    torch.stack: "stacking torch.stack",
+    torch.matmul: "matrix product torch.matmul",
+    torch.bmm: "batched matrix product torch.bmm",
+    F.layer_norm: "layer normalisation F.layer_norm",
+    F.batch_norm: "batch normalisation F.batch_norm",
+    F.linear: "linear layer F.linear",
+    F.softmax: "softmax F.softmax",
+    F.scaled_dot_product_attention: "attention F.scaled_dot_product_attention",
+}
 
 _FIXED = -1  # the union-find root of axes that must not move (inputs, outputs)
 
@@ -128,6 +150,47 @@ class _Label:
     ndim: int = 2
 
 
+def _location(node: fx.Node, model: nn.Module) -> str:
+    """Where ``node`` runs, in words: the module path of a call, else the innermost module whose
+    ``forward`` contains it."""
+    if node.op == "call_module":
+        return f"module `{node.target}`"
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, cls = list(stack.values())[-1]
+        return f"module `{path}` ({getattr(cls, '__name__', cls)}.forward)"
+    return f"the forward of the top-level {type(model).__name__}"
+
+
+def _operation(node: fx.Node, modules: Mapping[str, nn.Module]) -> str:
+    """``node``'s operation in words."""
+    if node.op == "call_module":
+        return f"the {type(modules[node.target]).__name__} layer"
+    if node.op == "call_method":
+        return f"the tensor method .{node.target}()"
+    if node.target is getattr:
+        return f"the attribute read .{node.args[1]}"
+    words = _OPERATION_WORDS.get(node.target)
+    if words is not None:
+        return f"the {words}"
+    name = getattr(node.target, "__name__", str(node.target))
+    module = getattr(node.target, "__module__", None) or ""
+    module = "torch" if module.startswith("torch") and hasattr(torch, name) else module
+    return f"the function {module + '.' if module else ''}{name}"
+
+
+def _is_tensor(arg: Any) -> bool:
+    from torch.fx.passes.shape_prop import TensorMetadata
+
+    return isinstance(arg, fx.Node) and isinstance(arg.meta.get("tensor_meta"), TensorMetadata)
+
+
+def _is_shape_read(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    return node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRIBUTES
+
+
 def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec:
     """Derive which weight axes share a permutation from an ``torch.fx`` trace of ``model``.
 
@@ -138,10 +201,13 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
     after a convolution (a channel permutation then moves whole blocks of the next Linear's
     inputs), multiplication/division by a constant, and additions (residual connections: both
     summands share one permutation; a summand that cannot move, such as the input, pins it).
+    Reads of a tensor's metadata (``x.ndim``, ``x.shape``, ``x.size()``, ``x.dim()``, ``x.dtype``,
+    ...) pass through: a permutation changes none of them.
     The network's inputs and outputs are never permuted. Anything else that would see a
     permuted tensor (LayerNorm, attention, concatenation, grouped convolutions, a module
-    called twice, ...) raises ``ValueError`` naming the node; such an operation is accepted
-    where its input cannot move anyway (``log_softmax`` of the logits).
+    called twice, ...) raises ``ValueError`` naming the module path and the operation in words;
+    such an operation is accepted where its input cannot move anyway (``log_softmax`` of the
+    logits).
 
     Args:
         model: the network (traced with ``torch.fx.symbolic_trace``).
@@ -202,15 +268,16 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
             if own:
                 if node.target in called:
                     raise ValueError(
-                        f"align: module {node.target!r} is called twice (shared weights) and is not supported"
+                        f"align: module `{node.target}` ({type(mod).__name__}) is called twice (shared weights) "
+                        "and is not supported"
                     )
                 called.add(node.target)
             prefix = f"{node.target}."
             if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 if isinstance(mod, nn.Linear) and len(shape(node.args[0])) != 2:  # left unpermuted
-                    refuse(node, f"Linear on a {len(shape(node.args[0]))}-d input")
+                    refuse(node, f"the Linear layer on a {len(shape(node.args[0]))}-d input")
                 if not isinstance(mod, nn.Linear) and mod.groups != 1:
-                    refuse(node, f"{type(mod).__name__} with groups={mod.groups}")
+                    refuse(node, f"the grouped {type(mod).__name__} (groups={mod.groups})")
                 out_features = mod.weight.shape[0]
                 g = st.new(out_features, node.target)
                 st.axes[g].append(Axis(prefix + "weight", 0))
@@ -223,7 +290,7 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
                 if inp is None:
                     inp = fixed(node)
                 if is_moving(inp) and inp.block != 1:
-                    refuse(node, type(mod).__name__ + " after a flatten")
+                    refuse(node, f"the {type(mod).__name__} layer after a flatten")
                 root = st.find(inp.group)
                 names = ["weight", "bias", "running_mean", "running_var"]
                 names = [n for n in names if getattr(mod, n, None) is not None]
@@ -234,43 +301,46 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
                 labels[node] = inp if inp is not None else fixed(node)
             elif isinstance(mod, _CHANNELWISE_MODULES):
                 if is_moving(inp) and inp.block != 1:
-                    refuse(node, type(mod).__name__ + " after a flatten")
+                    refuse(node, f"the {type(mod).__name__} layer after a flatten")
                 labels[node] = inp if inp is not None else fixed(node)
             elif isinstance(mod, nn.Flatten):
                 labels[node] = _flatten_label(node, inp, mod.start_dim, mod.end_dim, shape, refuse)
             else:
                 if any(is_moving(lab) for lab in tensor_inputs(node)):
-                    refuse(node, f"module {node.target!r} of type {type(mod).__name__}")
+                    refuse(node, _operation(node, modules))
                 labels[node] = fixed(node)
         elif node.op in ("call_function", "call_method"):
             ins = tensor_inputs(node)
             target = node.target
-            if not any(is_moving(lab) for lab in ins):
+            if _is_shape_read(node) or not any(is_moving(lab) for lab in ins):
                 labels[node] = fixed(node)
                 return
-            tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
+            tensor_args = [a for a in node.args if _is_tensor(a)]
             if target in _ELEMENTWISE_FUNCTIONS or (node.op == "call_method" and target in _ELEMENTWISE_METHODS):
                 labels[node] = label(node.args[0])
             elif target in _CHANNELWISE_FUNCTIONS:
                 lab = label(node.args[0])
                 if lab.block != 1:
-                    refuse(node, f"{getattr(target, '__name__', target)} after a flatten")
+                    refuse(node, f"{_operation(node, modules)} after a flatten")
                 labels[node] = lab
             elif target in _SCALAR_OPS and len(tensor_args) == 1 and not node.kwargs:
                 if node.args[0] is not tensor_args[0] and target in (operator.truediv, torch.div):
-                    refuse(node, "division of a constant by a permuted tensor")
+                    refuse(node, "the division of a constant by a tensor")
                 labels[node] = label(tensor_args[0])
             elif target in _ADD_OPS and not node.kwargs:
                 if len(tensor_args) == 1:  # x + constant: fine only for a scalar
                     const = node.args[1] if node.args[0] is tensor_args[0] else node.args[0]
-                    if not isinstance(const, (int, float)):
-                        refuse(node, "addition of a constant tensor")
+                    if not isinstance(const, (int, float)) and not (
+                        isinstance(const, fx.Node) and not _is_tensor(const)
+                    ):
+                        refuse(node, "the addition of a constant tensor")
                     labels[node] = label(tensor_args[0])
                     return
                 a, b = label(tensor_args[0]), label(tensor_args[1])
                 if a.block != b.block or shape(tensor_args[0]) != shape(tensor_args[1]):
-                    refuse(node, f"addition of tensors of shapes {shape(tensor_args[0])} and {shape(tensor_args[1])}")
-                g = st.union(a.group, b.group, f"align: node {node.name!r}")
+                    shapes = f"{shape(tensor_args[0])} and {shape(tensor_args[1])}"
+                    refuse(node, f"the addition of tensors of shapes {shapes}")
+                g = st.union(a.group, b.group, f"align: the addition in {_location(node, model)}")
                 labels[node] = _Label(g, a.block, a.ndim)
             elif (node.op == "call_function" and target in _FLATTEN_FUNCTIONS) or (
                 node.op == "call_method" and target in _FLATTEN_METHODS
@@ -278,8 +348,7 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
                 lab = label(node.args[0])
                 labels[node] = _reshape_label(node, lab, shape, refuse)
             else:
-                name = getattr(target, "__name__", str(target))
-                refuse(node, f"{node.op} {name}")
+                refuse(node, _operation(node, modules))
         else:  # pragma: no cover - fx has no other ops
             raise ValueError(f"align: unexpected fx node {node.op}")
 
@@ -296,7 +365,11 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
             labels[node] = moving[0] if moving else fixed(node)
     for node, what, groups in deferred:
         if any(st.find(g) != _FIXED for g in groups):
-            raise ValueError(f"align: node {node.name!r} ({what}) sees a permuted tensor and is not supported")
+            raise ValueError(
+                f"align: {what} in {_location(node, model)} sees a permuted tensor, which align cannot permute "
+                f"through (fx node {node.name!r}); supported: Linear, Conv with groups=1, BatchNorm, element-wise "
+                "activations, per-channel pooling, flatten, scalar multiplication and additions"
+            )
 
     roots = sorted({st.find(g) for g in st.size} - {_FIXED})
     groups = [st.axes[r] for r in roots]
@@ -315,14 +388,14 @@ def _flatten_label(
     if len(in_shape) <= 2 and tuple(out_shape) == tuple(in_shape):
         return inp
     if start % len(in_shape) != 1 or end % len(in_shape) != len(in_shape) - 1:
-        refuse(node, f"flatten(start_dim={start}, end_dim={end}) of a permuted tensor")
+        refuse(node, f"the flatten(start_dim={start}, end_dim={end})")
     return _Label(inp.group, inp.block * math.prod(in_shape[2:]), 2)
 
 
 def _reshape_label(node: fx.Node, lab: _Label, shape: Callable, refuse: Callable) -> _Label:
     in_shape, out_shape = shape(node.args[0]), shape(node)
     if len(in_shape) < 2 or len(out_shape) != 2 or out_shape[0] != in_shape[0]:
-        refuse(node, f"{node.target} from shape {in_shape} to {out_shape}")
+        refuse(node, f"the {node.target} from shape {in_shape} to {out_shape}")
     if len(in_shape) == 2:
         return lab
     return _Label(lab.group, lab.block * math.prod(in_shape[2:]), 2)
@@ -345,9 +418,10 @@ def _unit_matrix(t: Tensor, ax: Axis, n: int) -> Tensor:
     return t.movedim(ax.axis, 0).reshape(n, -1)
 
 
-def apply_permutations(state: Mapping[str, Tensor], spec: PermutationSpec, perms: Sequence[Tensor]) -> State:
-    """``state`` with every group's permutation applied: unit ``i`` of group ``g`` becomes the
-    old unit ``perms[g][i]``."""
+def apply_permutations(weights: Weights, spec: PermutationSpec, perms: Sequence[Tensor]) -> Weights:
+    """``weights`` (a module or a state dict; returned as the same kind) with every group's
+    permutation applied: unit ``i`` of group ``g`` becomes the old unit ``perms[g][i]``."""
+    state = state_of(weights, "weights")
     if len(perms) != len(spec.groups):
         raise ValueError(f"`perms` must hold one permutation per group ({len(spec.groups)}), got {len(perms)}")
     out = dict(state)
@@ -357,27 +431,30 @@ def apply_permutations(state: Mapping[str, Tensor], spec: PermutationSpec, perms
             raise ValueError(f"`perms`[{g}] is not a permutation of {spec.sizes[g]} units")
         for ax in axes:
             out[ax.name] = _permute_axis(out[ax.name], ax, perm.to(out[ax.name].device))
-    return out
+    return returned_as(weights, out)
 
 
 def weight_matching(
-    reference: Mapping[str, Tensor],
-    other: Mapping[str, Tensor],
+    reference: AnyWeights,
+    other: AnyWeights,
     spec: PermutationSpec,
     max_iter: int = 100,
     seed: int = 0,
 ) -> list[Tensor]:
-    """Git Re-Basin weight matching (Ainsworth et al. 2023, Algorithm 2): coordinate descent over
+    """Git Re-Basin weight matching (Ainsworth et al. 2023, Algorithm 1): coordinate descent over
     the permutation groups of ``spec``; each step solves ``max_P <A, P>`` with
     ``A = sum_(tensor, axis) W_ref(unit, :) W_other_permuted(unit, :)^T`` by
     ``scipy.optimize.linear_sum_assignment``. Groups are visited in a random order drawn from
     ``seed`` each sweep; stops after a sweep with no improvement (> 1e-12) or ``max_iter`` sweeps.
+
+    ``reference`` and ``other`` are modules or state dicts.
 
     Returns:
         one permutation per group, for :func:`apply_permutations` on ``other``.
     """
     from scipy.optimize import linear_sum_assignment
 
+    reference, other = state_of(reference, "reference"), state_of(other, "other")
     if max_iter < 1:
         raise ValueError(f"`max_iter` must be >= 1, got {max_iter}")
     perms = [torch.arange(n) for n in spec.sizes]
@@ -414,25 +491,37 @@ def weight_matching(
     return perms
 
 
-def align(
-    reference: nn.Module, other: nn.Module, example_input: Tensor, max_iter: int = 100, seed: int = 0
-) -> nn.Module:
-    """A copy of ``other`` whose hidden units are permuted to match ``reference`` by weight
-    matching (:func:`weight_matching` over the :func:`permutation_spec` of ``reference``). The
-    copy computes the same function as ``other`` (up to float rounding of reordered sums); a
-    network that is a hidden-unit permutation of ``reference`` is mapped back onto it exactly.
+def align(reference: AnyWeights, other: Weights, example_input: Tensor, max_iter: int = 100, seed: int = 0) -> Weights:
+    """``other`` with its hidden units permuted to match ``reference`` by weight matching
+    (:func:`weight_matching` over the :func:`permutation_spec` of the architecture). The result
+    computes the same function as ``other`` (up to float rounding of reordered sums); a network
+    that is a hidden-unit permutation of ``reference`` is mapped back onto it exactly.
+
+    ``reference`` and ``other`` are modules or state dicts, at least one of them a module (the
+    architecture is traced from it); the result is the kind of ``other``: a permuted deep copy of
+    a module, or a permuted state dict.
 
     Args:
         reference: the model to align to (unchanged).
-        other: the model to permute (unchanged; a permuted deep copy is returned).
+        other: the model to permute (unchanged).
         example_input: a batch of inputs for shape propagation.
         max_iter: most coordinate-descent sweeps.
         seed: seed of the order groups are visited in.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> a = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> b = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).state_dict()
+        >>> sorted(align(a, b, torch.randn(3, 4)))  # a state dict in, a state dict out
+        ['0.bias', '0.weight', '2.bias', '2.weight']
     """
-    spec = permutation_spec(reference, example_input)
-    ref_state, other_state = reference.state_dict(), other.state_dict()
+    architecture = reference if isinstance(reference, nn.Module) else other
+    if not isinstance(architecture, nn.Module):
+        state_of(reference, "reference"), state_of(other, "other")  # a type error names a wrong kind first
+        raise TypeError("align traces the architecture: pass `reference` or `other` as an nn.Module")
+    spec = permutation_spec(architecture, example_input)
+    ref_state, other_state = state_of(reference, "reference"), state_of(other, "other")
     check_states([ref_state, other_state], "models")
     perms = weight_matching(ref_state, other_state, spec, max_iter=max_iter, seed=seed)
-    aligned = copy.deepcopy(other)
-    aligned.load_state_dict(apply_permutations(other_state, spec, perms))
-    return aligned
+    return apply_permutations(other, spec, perms)

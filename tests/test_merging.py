@@ -14,6 +14,7 @@ from litplug.merging import (
     fit_quadratic,
     grid_pareto_front,
     interpolate,
+    linear,
     map_pareto_front,
     pareto_mask,
     permutation_spec,
@@ -154,7 +155,7 @@ class Shared(nn.Module):
     [
         (lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.LayerNorm(8), nn.Linear(8, 2)), "LayerNorm"),
         (Concat, "cat"),
-        (Shared, "'mid' is called twice"),
+        (Shared, "`mid` \\(Linear\\) is called twice"),
         (
             lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 2)),
             "groups=2",
@@ -164,6 +165,76 @@ class Shared(nn.Module):
 def test_unsupported_structures_are_refused_by_name(model, match):
     with pytest.raises(ValueError, match=match):
         permutation_spec(model().double(), X)
+
+
+class EfficientNetLike(nn.Module):
+    """Reads shapes the way timm's efficientnet / mobilenetv3 do: ``BatchNormAct2d`` asserts
+    ``x.ndim == 4``, squeeze-excite scales by a shape-derived constant, the head flattens with
+    ``x.size(0)`` and checks ``x.dim()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv = nn.Conv2d(6, 5, 3, padding=1)
+        self.classifier = nn.Linear(5 * 16, 10)
+
+    def forward(self, x):
+        x = self.conv_stem(x)
+        torch._assert(x.ndim == 4, "expected a 4-d input")
+        x = torch.relu(self.bn1(x))
+        x = self.conv(x) * x.shape[1] ** -0.5
+        torch._assert(x.dim() == 4, "expected a 4-d input")
+        x = nn.functional.max_pool2d(x, 2)
+        return self.classifier(x.reshape(x.size(0), -1))
+
+
+def test_shape_reads_pass_through():
+    torch.manual_seed(0)
+    reference = EfficientNetLike().double().eval()
+    spec = permutation_spec(reference, X)
+    assert sorted(spec.sizes) == [5, 6]
+    permuted = EfficientNetLike().double().eval()
+    perms = [torch.randperm(n, generator=torch.Generator().manual_seed(3)) for n in spec.sizes]
+    permuted.load_state_dict(apply_permutations(reference.state_dict(), spec, perms))
+    back = align(reference, permuted, X)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+    other = EfficientNetLike().double().eval()
+    torch.testing.assert_close(align(reference, other, X)(X), other(X), rtol=1e-12, atol=1e-12)
+
+
+class Concatenating(nn.Module):
+    def forward(self, x):
+        return torch.cat([x, x], 1)
+
+
+class Normed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+@pytest.mark.parametrize(
+    ("block", "words"),
+    [
+        (Concatenating, "the concatenation torch.cat in module `blocks.0` (Concatenating.forward)"),
+        (Normed, "the LayerNorm layer in module `blocks.0.norm`"),
+    ],
+)
+def test_refusals_name_the_module_path_and_the_operation(block, words):
+    model = nn.Sequential()
+    model.add_module("flat", nn.Flatten())
+    model.add_module("hidden", nn.Linear(64, 8))
+    model.add_module("blocks", nn.Sequential(block()))
+    model.add_module("head", nn.LazyLinear(2))
+    model(X.float())
+    with pytest.raises(ValueError) as err:
+        permutation_spec(model.double(), X)
+    assert words in str(err.value)
 
 
 def test_unsupported_operation_on_the_output_is_accepted():
@@ -266,3 +337,93 @@ def test_pareto_mask():
     v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.4, 0.4], [1.0, 0.0]])
     assert pareto_mask(v).tolist() == [True, True, True, False, True]
     assert pareto_mask(v, maximize=False).tolist() == [True, True, False, True, True]
+
+
+def test_ties_keeps_exactly_k_entries_of_quantised_task_vectors():
+    """bf16-quantised task vectors have many equal magnitudes: each task keeps exactly
+    int(density * d) entries, the earliest among those tied with the k-th largest."""
+    gen = torch.Generator().manual_seed(0)
+    d = 875
+    base = {"a": torch.zeros(500), "b": torch.zeros(25, 15)}
+    fts = [
+        {k: (torch.randn(v.shape, generator=gen) * 4).round() / 4 for k, v in base.items()} for _ in range(2)
+    ]  # 0.25-steps: ~30 distinct magnitudes
+    for density in (0.5, 0.3):
+        k = int(density * d)
+        for trim in ("model", "tensor"):
+            for ft in fts:
+                # a single task: the merge is the trimmed task vector itself
+                merged = ties_merge(base, [ft], density=density, trim=trim)
+                kept = {n: merged[n] != 0 for n in base}
+                nonzero = sum(int((ft[n] != 0).sum()) for n in base)
+                if trim == "model":
+                    assert sum(int(m.sum()) for m in kept.values()) == min(k, nonzero)
+                    flat = torch.cat([ft[n].flatten() for n in base]).abs()
+                else:
+                    for n, v in base.items():
+                        assert int(kept[n].sum()) == min(int(density * v.numel()), int((ft[n] != 0).sum()))
+                    flat = ft["a"].abs()
+                    k = int(density * 500)
+                # the kept set: every magnitude above the k-th largest, then the earliest ties
+                threshold = flat.sort(descending=True).values[k - 1]
+                mask = torch.cat([kept[n].flatten() for n in base])[: flat.numel()]
+                assert bool(mask[flat > threshold].all())
+                tied = (flat == threshold).nonzero().flatten()
+                n_tied = int(mask[tied].sum())
+                assert mask[tied[:n_tied]].all() and not mask[tied[n_tied:]].any()
+                k = int(density * d)
+
+
+def test_ties_trim_per_tensor_differs_from_whole_model():
+    base = {"a": torch.zeros(4), "b": torch.zeros(4)}
+    ft = {"a": torch.tensor([10.0, 9.0, 8.0, 7.0]), "b": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    assert torch.equal(ties_merge(base, [ft], 0.5)["b"], torch.zeros(4))  # the 4 largest are all in `a`
+    assert torch.equal(ties_merge(base, [ft], 0.5, trim="tensor")["b"], torch.tensor([0.0, 0.0, 3.0, 4.0]))
+    with pytest.raises(ValueError, match="`trim` must be one of"):
+        ties_merge(base, [ft], 0.5, trim="layer")
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+
+
+MERGES = {
+    "interpolate": lambda a, b, c: interpolate(a, b, 0.3),
+    "linear": lambda a, b, c: linear([a, b, c], [1.0, 2.0, 3.0]),
+    "task_arithmetic": lambda a, b, c: task_arithmetic(a, [b, c], 0.5),
+    "ties_merge": lambda a, b, c: ties_merge(a, [b, c], 0.5),
+    "apply_permutations": lambda a, b, c: apply_permutations(a, permutation_spec(_mlp(0), X), [torch.arange(6)]),
+    "align": lambda a, b, c: align(_mlp(1), a, X),  # the kind of `other`
+}
+
+
+@pytest.mark.parametrize("merge", list(MERGES))
+def test_merges_take_modules_or_state_dicts_and_return_the_kind_given(merge):
+    modules = [_mlp(s) for s in range(3)]
+    for m in modules:
+        m[2].running_mean.normal_()
+    states = [m.state_dict() for m in modules]
+    from_states = MERGES[merge](*states)
+    assert isinstance(from_states, dict)
+    from_modules = MERGES[merge](*modules)
+    assert isinstance(from_modules, nn.Sequential) and from_modules is not modules[0]
+    for name, value in from_states.items():
+        assert torch.equal(from_modules.state_dict()[name], value), name
+    mixed = MERGES[merge](states[0], *modules[1:])  # the first argument decides the kind
+    assert isinstance(mixed, dict)
+    for module, state in zip(modules, [m.state_dict() for m in [_mlp(s) for s in range(3)]]):
+        assert torch.equal(module[1].weight, state["1.weight"])  # inputs unchanged
+
+
+def test_align_and_barrier_need_one_module():
+    a, b = _mlp(0).state_dict(), _mlp(1).state_dict()
+    with pytest.raises(TypeError, match="pass `reference` or `other` as an nn.Module"):
+        align(a, b, X)
+    with pytest.raises(TypeError, match="`other` must be an nn.Module or a state dict"):
+        align(_mlp(0), [1, 2], X)
+    data = [(X, torch.zeros(16, dtype=torch.long))]
+    r = barrier(a, _mlp(1), data, alphas=3)
+    assert r.loss[-1] == pytest.approx(barrier(_mlp(0), _mlp(1), data, alphas=3).loss[-1])
+    with pytest.raises(TypeError, match="pass `model_a` or `model_b` as an nn.Module"):
+        barrier(a, b, data)
