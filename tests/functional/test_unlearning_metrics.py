@@ -1,0 +1,139 @@
+"""The unlearning metrics equal their definitions written out here, sample by sample, on hand-made
+logits with padding and ``-100`` labels (the definitions of open-unlearning's evaluation code)."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+from scipy.stats import ks_2samp
+from sklearn.metrics import roc_auc_score
+
+from litplug.functional import unlearning_metrics as um
+
+V = 7
+
+
+@pytest.fixture
+def batch():
+    """Three rows: a question of 2 tokens then a 4-token answer; a 3-token answer then padding
+    (-100); a row whose answer the logits predict exactly (argmax)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, V, generator=gen, dtype=torch.float64) * 2
+    ids = torch.randint(0, V, (3, 8), generator=gen)
+    labels = ids.clone()
+    labels[0, :2] = -100
+    labels[0, 6:] = -100
+    labels[1, :3] = -100
+    labels[1, 6:] = -100
+    labels[2, :1] = -100
+    for t in range(1, 8):  # row 2: position t - 1 predicts token t exactly
+        logits[2, t - 1, ids[2, t]] = 20.0
+    return logits, labels
+
+
+def scored(row: torch.Tensor) -> list[int]:
+    return [j for j in range(len(row)) if int(row[j]) != -100]
+
+
+def log_softmax_at(logits: torch.Tensor, i: int, t: int) -> torch.Tensor:
+    return logits[i, t] - torch.logsumexp(logits[i, t], -1)
+
+
+def test_answer_loss_is_the_mean_nll_of_the_scored_tokens(batch):
+    logits, labels = batch
+    for i in range(3):
+        js = [j for j in scored(labels[i]) if j > 0]
+        nll = [-float(log_softmax_at(logits, i, j - 1)[labels[i, j]]) for j in js]
+        assert float(um.answer_loss(logits, labels)[i]) == pytest.approx(sum(nll) / len(scored(labels[i])), abs=1e-6)
+
+
+def token_scored(labels_row: torch.Tensor) -> list[int]:
+    return scored(labels_row)[:-1]  # the end-of-sequence position is left out
+
+
+def test_exact_memorization_and_extraction_strength(batch):
+    logits, labels = batch
+    em = um.exact_memorization(logits, labels)
+    es = um.extraction_strength(logits, labels)
+    for i in range(3):
+        js = token_scored(labels[i])
+        hits = [int(logits[i, j - 1].argmax()) == int(labels[i, j]) for j in js]
+        assert float(em[i]) == pytest.approx(sum(hits) / len(hits), abs=1e-6)
+        n = len(hits)
+        k = next((k for k in range(n) if all(hits[k:])), n - 1)
+        assert float(es[i]) == pytest.approx(1 - k / n, abs=1e-6)
+    assert float(em[2]) == 1.0 and float(es[2]) == 1.0
+
+
+def test_min_k_and_min_k_plus_plus(batch):
+    logits, labels = batch
+    for k in (0.2, 0.5, 1.0):
+        mk = um.min_k_score(logits, labels, k)
+        mkpp = um.min_k_plus_plus_score(logits, labels, k)
+        for i in range(3):
+            js = token_scored(labels[i])
+            lps = [float(log_softmax_at(logits, i, j - 1)[labels[i, j]]) for j in js]
+            num = max(1, int(len(lps) * k))
+            assert float(mk[i]) == pytest.approx(-sum(sorted(lps)[:num]) / num, abs=1e-6)
+            z = []
+            for j, lp in zip(js, lps):
+                dist = log_softmax_at(logits, i, j - 1)
+                mu = float((dist.exp() * dist).sum())
+                var = max(float((dist.exp() * dist**2).sum()) - mu**2, 1e-6)
+                z.append((lp - mu) / math.sqrt(var))
+            assert float(mkpp[i]) == pytest.approx(-sum(sorted(z)[:num]) / num, abs=1e-5)
+    with pytest.raises(ValueError, match="`k`"):
+        um.min_k_score(logits, labels, 0.0)
+
+
+def test_zlib_and_reference_scores(batch):
+    logits, labels = batch
+    texts = ["the answer is one", "two two two two", "x"]
+    loss = um.answer_loss(logits, labels)
+    z = um.zlib_score(logits, labels, texts)
+    for i, text in enumerate(texts):
+        assert float(z[i]) == pytest.approx(float(loss[i]) / len(zlib.compress(text.encode())), abs=1e-6)
+    assert torch.equal(um.reference_score(loss, loss * 0.5), loss - loss * 0.5)
+    with pytest.raises(ValueError, match="one string per sample"):
+        um.zlib_score(logits, labels, texts[:2])
+
+
+def test_truth_ratio_aggregates_and_forget_quality():
+    correct = torch.tensor([[0.5, 0.7], [1.0, 1.2], [2.0, 2.0]])  # two paraphrases
+    wrong = torch.tensor([[1.0, 2.0, 3.0], [0.9, 1.1, 1.0], [1.0, 1.0, 1.0]])  # three perturbations
+    tr = um.truth_ratio(correct, wrong)
+    expected = [
+        math.exp(-sum(w) / 3) / (math.exp(-sum(c) / 2) + 1e-10) for c, w in zip(correct.tolist(), wrong.tolist())
+    ]
+    assert tr.tolist() == pytest.approx(expected, abs=1e-9)
+    assert um.closer_to_one(tr) == pytest.approx(sum(min(r, 1 / (r + 1e-10)) for r in expected) / 3, abs=1e-9)
+    assert um.true_better(tr) == pytest.approx(sum(max(0, 1 - r) for r in expected) / 3, abs=1e-9)
+    a, b = torch.rand(40, generator=torch.Generator().manual_seed(1)), torch.rand(30) + 0.3
+    assert um.forget_quality(a, b) == pytest.approx(ks_2samp(a.numpy(), b.numpy()).pvalue, abs=1e-12)
+
+
+def test_mia_auc_matches_sklearn_and_privleak_follows_muse():
+    gen = torch.Generator().manual_seed(2)
+    forget, holdout = torch.randn(50, generator=gen), torch.randn(40, generator=gen) + 0.5
+    forget[:5] = holdout[:5]  # ties count half, as in the ROC area
+    expected = roc_auc_score([0] * 50 + [1] * 40, torch.cat([forget, holdout]).numpy())
+    assert um.mia_auc(forget, holdout) == pytest.approx(expected, abs=1e-12)
+    assert um.privleak(0.7, 0.7) == pytest.approx(0.0)
+    assert um.privleak(0.9, 0.5) == pytest.approx(((1 - 0.9) - 0.5) / 0.5 * 100)
+    with pytest.raises(ValueError, match="forget and held-out"):
+        um.mia_auc(torch.zeros(0), holdout)
+
+
+def test_model_utility_is_the_harmonic_mean():
+    assert um.model_utility([0.5, 0.25]) == pytest.approx(2 / (2 + 4))
+    assert um.model_utility([0.5, 0.0]) == 0.0
+    with pytest.raises(ValueError, match="finite values"):
+        um.model_utility([float("nan")])
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"\[B, T, V\]"):
+        um.answer_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
