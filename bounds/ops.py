@@ -24,6 +24,7 @@ from litplug.plumbing import is_sharded
 
 from .fused import IntervalBatchNorm, IntervalLinear, IntervalReLU, cached_abs, can_fuse, relu_box
 from .interval import Interval, Pass, UnsupportedOperationError, name_of, where
+from .relaxation import ADD, AVG_POOL, BATCH_NORM, CAT, CONV, DROPOUT, GETITEM, LINEAR, MUL, RELU, RESHAPE, Linear
 
 Rule = Callable[[Pass, Any, tuple, dict], Any]
 Check = Callable[[Any, fx.Node, "set[fx.Node]"], None]
@@ -42,11 +43,14 @@ class Op(NamedTuple):
         fused: the same rule through a hand-written autograd function (:mod:`.fused`), used when
             the engine runs fused; returns None where it does not apply (the engine then runs
             ``rule``). Its values and gradients must equal ``rule``'s.
+        linear: the linear relaxation for backward bounds (CROWN, :mod:`.relaxation`); None:
+            the operator is bounded by intervals only and :func:`~.crown.crown_bounds` refuses it.
     """
 
     rule: Rule
     check: Check | None = None
     fused: Rule | None = None
+    linear: Linear | None = None
 
 
 # -- shared interval maps -----------------------------------------------------------------------
@@ -365,35 +369,37 @@ def _linear_module_fused(p: Pass, m: nn.Linear, args: tuple, kwargs: dict) -> In
 # -- the table ----------------------------------------------------------------------------------
 
 _MONOTONE = Op(monotone_module)
-_POSITIVE_LINEAR = Op(positive_linear_module)
+_RESHAPE = Op(positive_linear_module, linear=RESHAPE)
+_AVG_POOL = Op(positive_linear_module, linear=AVG_POOL)
 _MONOTONE_FUNCTION = Op(monotone_function)
-_SHAPE_FUNCTION = Op(shape_function)
-_ADD_OR_SUB = Op(_add_or_sub)
-_MUL = Op(_mul, check=_check_mul)
-_CAT = Op(_cat, check=_check_cat)
+_SHAPE_FUNCTION = Op(shape_function, linear=RESHAPE)
+_AVG_POOL_FUNCTION = Op(shape_function, linear=AVG_POOL)
+_ADD_OR_SUB = Op(_add_or_sub, linear=ADD)
+_MUL = Op(_mul, check=_check_mul, linear=MUL)
+_CAT = Op(_cat, check=_check_cat, linear=CAT)
 _LINEAR_FUNCTION = Op(_linear_function, check=_check_linear_function)
-_SHAPE_METHOD = Op(shape_method)
+_SHAPE_METHOD = Op(shape_method, linear=RESHAPE)
 
 OPERATORS: dict[Any, Op] = {
     # modules (exact types)
-    nn.Linear: Op(_linear_module, fused=_linear_module_fused),
-    nn.Conv1d: Op(_conv_module, check=_check_conv),
-    nn.Conv2d: Op(_conv_module, check=_check_conv),
-    nn.BatchNorm1d: Op(_batch_norm, fused=_batch_norm_fused),
-    nn.BatchNorm2d: Op(_batch_norm, fused=_batch_norm_fused),
-    nn.ReLU: Op(monotone_module, fused=_relu_module_fused),
+    nn.Linear: Op(_linear_module, fused=_linear_module_fused, linear=LINEAR),
+    nn.Conv1d: Op(_conv_module, check=_check_conv, linear=CONV),
+    nn.Conv2d: Op(_conv_module, check=_check_conv, linear=CONV),
+    nn.BatchNorm1d: Op(_batch_norm, fused=_batch_norm_fused, linear=BATCH_NORM),
+    nn.BatchNorm2d: Op(_batch_norm, fused=_batch_norm_fused, linear=BATCH_NORM),
+    nn.ReLU: Op(monotone_module, fused=_relu_module_fused, linear=RELU),
     nn.LeakyReLU: _MONOTONE,
     nn.Sigmoid: _MONOTONE,
     nn.Tanh: _MONOTONE,
     nn.MaxPool2d: Op(monotone_module, check=_check_max_pool),
-    nn.AvgPool2d: _POSITIVE_LINEAR,
-    nn.AdaptiveAvgPool2d: _POSITIVE_LINEAR,
-    nn.Flatten: _POSITIVE_LINEAR,
-    nn.Identity: _POSITIVE_LINEAR,
-    nn.Dropout: Op(_dropout_module),
+    nn.AvgPool2d: _AVG_POOL,
+    nn.AdaptiveAvgPool2d: _AVG_POOL,
+    nn.Flatten: _RESHAPE,
+    nn.Identity: _RESHAPE,
+    nn.Dropout: Op(_dropout_module, linear=DROPOUT),
     # functions
-    F.relu: Op(monotone_function, fused=_relu_call_fused),
-    torch.relu: Op(monotone_function, fused=_relu_call_fused),
+    F.relu: Op(monotone_function, fused=_relu_call_fused, linear=RELU),
+    torch.relu: Op(monotone_function, fused=_relu_call_fused, linear=RELU),
     F.leaky_relu: _MONOTONE_FUNCTION,
     torch.sigmoid: _MONOTONE_FUNCTION,
     F.sigmoid: _MONOTONE_FUNCTION,
@@ -402,10 +408,10 @@ OPERATORS: dict[Any, Op] = {
     F.max_pool2d: _MONOTONE_FUNCTION,
     torch.flatten: _SHAPE_FUNCTION,
     torch.reshape: _SHAPE_FUNCTION,
-    F.avg_pool2d: _SHAPE_FUNCTION,
-    F.adaptive_avg_pool2d: _SHAPE_FUNCTION,
-    F.dropout: Op(_dropout_function),
-    F.linear: Op(_linear_function, check=_check_linear_function, fused=_f_linear_fused),
+    F.avg_pool2d: _AVG_POOL_FUNCTION,
+    F.adaptive_avg_pool2d: _AVG_POOL_FUNCTION,
+    F.dropout: Op(_dropout_function, linear=DROPOUT),
+    F.linear: Op(_linear_function, check=_check_linear_function, fused=_f_linear_fused, linear=LINEAR),
     F.conv1d: _LINEAR_FUNCTION,
     F.conv2d: _LINEAR_FUNCTION,
     operator.add: _ADD_OR_SUB,
@@ -415,12 +421,12 @@ OPERATORS: dict[Any, Op] = {
     torch.sub: _ADD_OR_SUB,
     operator.mul: _MUL,
     torch.mul: _MUL,
-    operator.neg: Op(_neg),
-    operator.getitem: Op(_getitem),
+    operator.neg: Op(_neg, linear=ADD),
+    operator.getitem: Op(_getitem, linear=GETITEM),
     torch.cat: _CAT,
     torch.concat: _CAT,
     # tensor methods
-    "Tensor.relu": Op(monotone_method, fused=_relu_call_fused),
+    "Tensor.relu": Op(monotone_method, fused=_relu_call_fused, linear=RELU),
     "Tensor.sigmoid": Op(monotone_method),
     "Tensor.tanh": Op(monotone_method),
     **{f"Tensor.{name}": _SHAPE_METHOD for name in ("view", "reshape", "flatten", "contiguous", "squeeze")},

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .crown import check_method, linear_bounds
 from .engine import bounded
 
 
@@ -55,18 +56,25 @@ def margin_bounds(
     std: Sequence[float] = (1.0,),
     pixel_range: tuple[float, float] = (-math.inf, math.inf),
     num_classes: int | None = None,
+    method: str = "ibp",
 ) -> torch.Tensor:
     """Lower bounds ``[B, K]`` of ``z_y - z_j`` over the pixel-space ``eps`` ball around ``x``
     (entry ``y`` is 0), with the last linear layer elided. A sample is verified when every other
-    entry is > 0. ``num_classes`` defaults to the width of ``model``'s output.
+    entry is > 0. ``num_classes`` defaults to the width of ``model``'s output. ``method``:
+    ``"ibp"`` (interval bounds), ``"crown"`` or ``"crown-ibp"`` (:func:`~.crown.crown_bounds`).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3))
         >>> margin_bounds(net, torch.rand(2, 4), torch.tensor([0, 2]), eps=0.0).shape
         torch.Size([2, 3])
     """
+    if method != "ibp":
+        check_method(method)
     engine = bounded(model)
     if num_classes is None:
         num_classes = engine.num_outputs(x)
     lower, upper = input_box(x, eps, mean, std, pixel_range)
-    return engine(lower, upper, clean=x, spec=margin_spec(y, num_classes)).lower
+    spec = margin_spec(y, num_classes).to(x.dtype)
+    if method == "ibp":
+        return engine(lower, upper, clean=x, spec=spec).lower
+    return linear_bounds(engine, lower, upper, method, spec, clean=x, bound_upper=False).lower  # type: ignore[arg-type]

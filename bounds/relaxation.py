@@ -1,0 +1,277 @@
+"""Linear-relaxation rules of the operator table: what backward linear bound propagation (CROWN,
+Zhang et al. 2018; :mod:`.crown`) does at each operator.
+
+A backward pass carries, for every node, coefficients ``A`` of shape ``[S, B, *node_shape]`` (``S``
+specification rows, ``B`` samples) of a linear function of the node's value. At an affine operator
+``y = M x + m`` the coefficients of the input are ``M^T A`` (:attr:`Linear.transpose`) and the
+constant ``<A, m>`` (:attr:`Linear.offset`) is added to the bound. At ReLU (:attr:`Linear.relax`)
+each neuron with pre-activation bounds ``l < 0 < u`` is enclosed by ``a z <= relu(z) <= d z + b``
+with ``d = u / (u - l)``, ``b = -l d`` and the adaptive lower slope ``a = 1 if u > -l else 0``; a
+lower bound takes ``a`` for positive and ``d, b`` for negative coefficients (an upper bound the
+reverse).
+
+``transpose(step, A, absolute)`` with ``absolute=True`` returns ``|M|^T A`` (for ``A >= 0``): the
+radius of an interval pushed backwards through the operator (the Jacobian bound of
+:mod:`.lipschitz`).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .interval import Interval, UnsupportedOperationError
+
+
+class Step(NamedTuple):
+    """One operator as the backward pass sees it: the target (module, function or method name),
+    its arguments (:class:`~.interval.Interval` where perturbed) and ``call(*tensors)``, the
+    operator evaluated with plain tensors in place of the perturbed arguments (in the order of
+    ``leaves``)."""
+
+    target: Any
+    args: tuple
+    kwargs: dict
+    call: Callable[..., torch.Tensor]
+
+    @property
+    def leaves(self) -> list[Interval]:
+        return [v for v in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(v, Interval)]
+
+
+class Linear(NamedTuple):
+    """The linear relaxation of one operator (an entry's ``linear`` field).
+
+    Attributes:
+        transpose: ``(step, A, absolute) -> [A_i]``: coefficients of each perturbed argument (in
+            the order of ``step.leaves``) of an affine operator; ``absolute``: through ``|M|``.
+        offset: ``(step, A) -> [S, B]``: the constant part ``<A, m>`` (None: no constant part).
+        relax: ``(x) -> (a, d, b)``: lower slope, upper slope and upper intercept of an
+            elementwise activation given its input bounds ``x``.
+    """
+
+    transpose: Callable[[Step, torch.Tensor, bool], list[torch.Tensor]] | None = None
+    offset: Callable[[Step, torch.Tensor], torch.Tensor] | None = None
+    relax: Callable[[Interval], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(2).sum(2)
+
+
+# -- affine maps with weights --------------------------------------------------------------------
+
+
+def _linear_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.Tensor]:
+    weight = _weight(step)
+    return [a @ (weight.abs() if absolute else weight)]
+
+
+def _linear_offset(step: Step, a: torch.Tensor) -> torch.Tensor:
+    bias = _bias(step)
+    if bias is None:
+        return a.new_zeros(a.shape[:2])
+    return _sum(a * bias)
+
+
+def _weight(step: Step) -> torch.Tensor:
+    if isinstance(step.target, nn.Module):
+        return step.target.weight
+    return step.args[1] if len(step.args) > 1 else step.kwargs["weight"]
+
+
+def _bias(step: Step) -> torch.Tensor | None:
+    if isinstance(step.target, nn.Module):
+        return step.target.bias
+    return step.args[2] if len(step.args) > 2 else step.kwargs.get("bias")
+
+
+def _conv_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.Tensor]:
+    m: nn.Conv1d | nn.Conv2d = step.target
+    weight = m.weight.abs() if absolute else m.weight
+    shape = step.args[0].radius.shape
+    flat = a.flatten(0, 1)
+    grad_input = torch.nn.grad.conv1d_input if isinstance(m, nn.Conv1d) else torch.nn.grad.conv2d_input
+    out = grad_input((flat.shape[0], *shape[1:]), weight, flat, m.stride, m.padding, m.dilation, m.groups)
+    return [out.unflatten(0, a.shape[:2])]
+
+
+def _conv_offset(step: Step, a: torch.Tensor) -> torch.Tensor:
+    bias = step.target.bias
+    if bias is None:
+        return a.new_zeros(a.shape[:2])
+    return a.flatten(3).sum(3) @ bias
+
+
+def batch_norm_affine(m: nn.modules.batchnorm._BatchNorm, x: Interval) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(factor, offset)`` of a batch norm as the interval rule applies it: running
+    statistics in eval mode, those of the clean batch (else of the box centres) in train mode."""
+    if m.training or m.running_mean is None:
+        ref = x.clean if x.tracked else x.centre
+        var, mean = torch.var_mean(ref, [0, *range(2, ref.dim())], unbiased=False)
+    else:
+        mean, var = m.running_mean, m.running_var
+    factor = torch.rsqrt(var + m.eps)
+    if m.weight is not None:
+        factor = factor * m.weight
+    offset = -mean * factor
+    if m.bias is not None:
+        offset = offset + m.bias
+    return factor, offset
+
+
+def _channels(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return t.view([-1] + [1] * (a.dim() - 3))
+
+
+def _batch_norm_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.Tensor]:
+    factor, _ = batch_norm_affine(step.target, step.args[0])
+    return [a * _channels(factor.abs() if absolute else factor, a)]
+
+
+def _batch_norm_offset(step: Step, a: torch.Tensor) -> torch.Tensor:
+    _, offset = batch_norm_affine(step.target, step.args[0])
+    return _sum(a * _channels(offset, a))
+
+
+# -- maps without weights ------------------------------------------------------------------------
+
+
+def _reshape_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.Tensor]:
+    """Any reshape (view, flatten, squeeze, ...) keeps the order of the elements."""
+    return [a.reshape(a.shape[0], *step.leaves[0].radius.shape)]
+
+
+def _avg_pool_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.Tensor]:
+    x = step.leaves[0]
+    flat = a.flatten(0, 1)
+    like = x.radius.new_zeros(()).expand(flat.shape[0], *x.radius.shape[1:])
+    m = step.target
+    if isinstance(m, nn.AdaptiveAvgPool2d) or (not isinstance(m, nn.Module) and "adaptive" in m.__name__):
+        out = torch.ops.aten._adaptive_avg_pool2d_backward(flat, like)
+    else:
+        if isinstance(m, nn.AvgPool2d):
+            k, st, pad, ceil, include, div = (
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.ceil_mode,
+                m.count_include_pad,
+                m.divisor_override,
+            )
+        else:
+            names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+            defaults = dict(zip(names, (None, None, 0, False, True, None)))
+            given = {**defaults, **dict(zip(names, step.args[1:])), **step.kwargs}
+            k, st, pad, ceil, include, div = (given[n] for n in names)
+        pair = torch.nn.modules.utils._pair
+        st = k if st is None or st == [] else st
+        out = torch.ops.aten.avg_pool2d_backward(flat, like, pair(k), pair(st), pair(pad), ceil, include, div)
+    return [out.unflatten(0, a.shape[:2])]
+
+
+def _signs(step: Step) -> list[float]:
+    """Sign of each perturbed argument of ``+``, ``-`` or negation."""
+    target = step.target
+    if target is operator.neg:
+        return [-1.0]
+    subtract = target in (operator.sub, torch.sub)
+    return [-1.0 if subtract and i == 1 else 1.0 for i, v in enumerate(step.args[:2]) if isinstance(v, Interval)]
+
+
+def _add_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.Tensor]:
+    out = []
+    for sign, x in zip(_signs(step), step.leaves):
+        out.append(_unbroadcast(a if absolute or sign > 0 else -a, x.radius.shape))
+    return out
+
+
+def _add_offset(step: Step, a: torch.Tensor) -> torch.Tensor:
+    if step.target is operator.neg or all(isinstance(v, Interval) for v in step.args[:2]):
+        return a.new_zeros(a.shape[:2])
+    const = step.args[1] if isinstance(step.args[0], Interval) else step.args[0]
+    return _sum(a * const)
+
+
+def _getitem_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.Tensor]:
+    index = step.args[1] if isinstance(step.args[1], tuple) else (step.args[1],)
+    out = a.new_zeros(a.shape[0], *step.leaves[0].radius.shape)
+    out[(slice(None), *index)] += a
+    return [out]
+
+
+def _cat_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.Tensor]:
+    dim = step.kwargs.get("dim", step.args[1] if len(step.args) > 1 else 0)
+    sizes = [x.radius.shape[dim] for x in step.leaves]
+    dim = dim % step.leaves[0].radius.dim()
+    return list(a.split(sizes, dim + 1))
+
+
+def _mul_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.Tensor]:
+    x, k = step.args[0], step.args[1]
+    if not isinstance(x, Interval):
+        x, k = k, x
+    k_abs = k.abs() if torch.is_tensor(k) else abs(k)
+    out = a * (k_abs if absolute else k)
+    return [_unbroadcast(out, x.radius.shape)]
+
+
+def _unbroadcast(a: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``a`` ([S, *broadcast shape]) down to ``[S, *shape]``."""
+    extra = a.dim() - 1 - len(shape)
+    if extra > 0:
+        a = a.sum(tuple(range(1, 1 + extra)))
+    dims = [i + 1 for i, n in enumerate(shape) if n == 1 and a.shape[i + 1] != 1]
+    return a.sum(dims, keepdim=True) if dims else a
+
+
+# -- activations -----------------------------------------------------------------------------------
+
+
+def relu_relaxation(x: Interval) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(a, d, b)`` with ``a z <= relu(z) <= d z + b`` on ``[l, u]``: ``d = u+ / (u+ - l-)``,
+    ``b = -l- d`` (``l- = min(l, 0)``, ``u+ = max(u, 0)``), adaptive ``a = [d > 1/2]``; stable
+    neurons get ``a = d = 1, b = 0`` (active) or ``a = d = b = 0`` (inactive)."""
+    lower, upper = x.lower, x.upper
+    neg = lower.clamp(max=0)
+    pos = torch.maximum(upper.clamp(min=0), neg + 1e-8)  # ``l = u = 0``: slope 1, not 0/0
+    d = pos / (pos - neg)
+    return (d > 0.5).to(d.dtype), d, -neg * d
+
+
+RELU = Linear(relax=relu_relaxation)
+LINEAR = Linear(_linear_transpose, _linear_offset)
+CONV = Linear(_conv_transpose, _conv_offset)
+BATCH_NORM = Linear(_batch_norm_transpose, _batch_norm_offset)
+ADD = Linear(_add_transpose, _add_offset)
+"""``+``/``-`` of boxes or a box and a constant, negation."""
+RESHAPE = Linear(_reshape_transpose)
+AVG_POOL = Linear(_avg_pool_transpose)
+GETITEM = Linear(_getitem_transpose)
+CAT = Linear(_cat_transpose)
+MUL = Linear(_mul_transpose)
+
+
+def _dropout_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.Tensor]:
+    if isinstance(step.target, nn.Module):
+        rate, training = step.target.p, step.target.training
+    else:
+        rate = step.kwargs.get("p", step.args[1] if len(step.args) > 1 else 0.5)
+        training = step.kwargs.get("training", step.args[2] if len(step.args) > 2 else True)
+    if training and rate > 0:
+        raise UnsupportedOperationError(
+            "dropout in train mode has no linear relaxation (its mask is random); call model.eval() or use IBP"
+        )
+    return [a]
+
+
+DROPOUT = Linear(_dropout_transpose)
+"""The identity in eval mode; refused in train mode."""
+
+
+__all__ = ["ADD", "AVG_POOL", "BATCH_NORM", "CAT", "CONV", "DROPOUT", "GETITEM", "LINEAR", "MUL", "RELU", "RESHAPE"]
