@@ -73,7 +73,7 @@ class EMA(_WeightAveraging):
         evaluate_with: weights used for validation and test: ``"average"`` or ``"live"``.
         final_weights: weights the model holds after ``fit``: ``"average"`` or ``"live"``.
         export_path: if set, ``fit`` ends by writing the averaged backbone's state dict there
-            (``torch.save``; loadable with ``backbone.load_state_dict(torch.load(path))``).
+            (``torch.save``; read back with ``litplug.loading.load_weights(backbone, path)``).
 
     Example:
         >>> ema = EMA(decay=0.999, warmup=True, dtype="float32", export_path="runs/ema.pt")

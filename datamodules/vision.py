@@ -1,8 +1,10 @@
 """MNIST and CIFAR-10, read from torchvision's on-disk layout.
 
-The files are parsed here (idx for MNIST, pickled batches for CIFAR-10: a few lines each) rather
-than through ``torchvision.datasets`` because reading must not depend on a torchvision build that
-matches the installed torch; torchvision (extra ``vision``) is used only for ``download=True``.
+The files are parsed here (idx for MNIST; for CIFAR-10, pickled batches read by
+:func:`litplug.loading.load_data_pickle`, which rebuilds only dicts, lists, strings, ints and numpy
+arrays, so a crafted batch file runs no code) rather than through ``torchvision.datasets``
+because reading must not depend on a torchvision build that matches the installed torch;
+torchvision (extra ``vision``) is used only for ``download=True``.
 A folder downloaded by torchvision works as is:
 
     root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
@@ -17,12 +19,12 @@ Example:
 from __future__ import annotations
 
 import gzip
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from litplug.loading import load_data_pickle
 from litplug.validation import check_bool, check_path
 
 from .base import TensorDataModule
@@ -133,8 +135,7 @@ class CIFAR10(_FolderDataModule):
             path = folder / name
             if not path.exists():
                 raise FileNotFoundError(f"CIFAR-10 file not found: {path}; pass `download=True` or fix `root`")
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
+            batch = load_data_pickle(path)  # dicts, lists, str/bytes, ints and numpy arrays only
             xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(batch["labels"], dtype=np.int64))
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))

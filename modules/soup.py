@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from ..loading import load_file
 from ..plumbing import save_rank_zero, training_mode
 from ..validation import check_choice, check_list, check_path
 from .classifier import Classifier
@@ -43,7 +44,7 @@ Metric = Literal["val/acc", "val/loss"]
 def load_ingredient(path: str, prefix: str = "backbone.") -> State:
     """The backbone weights in ``path``: a Lightning checkpoint (``state_dict`` keys under
     ``prefix`` are kept, the prefix removed) or a plain state dict (e.g. ``EMA``'s export)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_file(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         state = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
         if not state:

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from typing import Any, Literal
 
@@ -64,7 +63,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
-from litplug.validation import check_choice, check_int, check_number, check_path
+from litplug.loading import load_weights
+from litplug.validation import check_bool, check_choice, check_int, check_number, check_path
 
 from ..plumbing import mix_seed
 from .base import TrainingModule
@@ -125,34 +125,17 @@ def loss_mia_auc(member_loss: torch.Tensor, non_member_loss: torch.Tensor) -> fl
     return float(100.0 * ((m < n).double().mean() + 0.5 * (m == n).double().mean()))
 
 
-def load_backbone_weights(backbone: nn.Module, checkpoint: str) -> None:
-    """Load ``checkpoint`` (a Lightning checkpoint of a litplug module, or a plain state dict of
-    the backbone) into ``backbone``; a ``ValueError`` naming ``checkpoint`` if it does not fit."""
-    if not os.path.isfile(checkpoint):
-        raise ValueError(f"`checkpoint` must be a checkpoint file, got {checkpoint!r} (not found or a directory)")
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ValueError(f"`checkpoint` {checkpoint!r} could not be read: {err}") from err
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"`checkpoint` {checkpoint!r} holds no state dict")
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"`checkpoint` {checkpoint!r} does not fit the backbone: {err}") from err
-
-
 class Unlearner(TrainingModule):
     """Unlearn the forget set of a ``ForgetRetain`` datamodule with one of ``METHODS`` (see the
     module docstring for the losses and metrics).
 
     Args:
         backbone: the network (same architecture as the original model).
-        checkpoint: path of the original model (Lightning checkpoint or backbone state dict);
-            None only for ``retrain`` (which must start from scratch).
+        checkpoint: the original model's weights: a Lightning checkpoint of any module holding the
+            backbone (its key prefix, e.g. ``backbone.`` or ``model.``, is found), a state dict,
+            a safetensors file (tied weights stored once are fine) or a Hugging Face
+            ``save_pretrained`` folder; read by :func:`litplug.loading.load_weights` without
+            running code from the file. None only for ``retrain`` (which starts from scratch).
         method: one of ``retrain``, ``finetune``, ``gradient_ascent``, ``gradient_difference``,
             ``random_label``, ``npo``, ``l1_sparse``.
         num_classes: number of classes (>= 2; unused for a causal LM).
@@ -165,6 +148,8 @@ class Unlearner(TrainingModule):
         objective: ``classification`` (batches ``(x, y)``, the backbone gives class logits) or
             ``causal_lm`` (batches of token ids, the backbone gives next-token logits; any
             causal LM, e.g. ``CausalTransformer`` or a Hugging Face ``GPT2LMHeadModel``).
+        trust_checkpoint: read a ``checkpoint`` that names Python globals beyond tensors and plain
+            values, which runs code from the file: only for a file from someone you trust.
     """
 
     def __init__(
@@ -180,8 +165,10 @@ class Unlearner(TrainingModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         objective: Objective = "classification",
+        trust_checkpoint: bool = False,
     ) -> None:
         check_path("checkpoint", checkpoint, allow_none=True)
+        check_bool("trust_checkpoint", trust_checkpoint)
         check_choice("method", method, METHODS)
         check_choice("objective", objective, ("classification", "causal_lm"))
         if objective == "causal_lm" and method == "random_label":
@@ -198,8 +185,12 @@ class Unlearner(TrainingModule):
             )
         super().__init__(backbone, optimizer, lr_scheduler)
         if checkpoint is not None:
-            load_backbone_weights(backbone, checkpoint)
+            try:
+                load_weights(backbone, checkpoint, trust_checkpoint)
+            except ValueError as err:
+                raise ValueError(f"`checkpoint`: {err}") from err
         self.checkpoint = checkpoint
+        self.trust_checkpoint = trust_checkpoint
         self.method = method
         self.objective = objective
         self.num_classes = num_classes

@@ -209,6 +209,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         "optimizer": ANY,
         "lr_scheduler": ANY,
         "objective": ANY,
+        "trust_checkpoint": ANY,
     },
     "CausalTransformer": {
         "vocab_size": Arg(2),

@@ -110,7 +110,7 @@ def test_cifar10_reads_pickled_batches(tmp_path):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batches[name] = {
             "data": rng.integers(0, 256, (4, 3072)).astype(np.uint8),
-            "labels": list(rng.integers(0, 10, 4)),
+            "labels": rng.integers(0, 10, 4).tolist(),
         }
         with open(folder / name, "wb") as f:
             pickle.dump(batches[name], f)
