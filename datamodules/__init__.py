@@ -1,9 +1,10 @@
-"""litplug datamodules: embedded digits, synthetic data and text, MNIST/CIFAR-10 from disk."""
+"""litplug datamodules: embedded digits, synthetic data, text and question/answer pairs, MNIST/CIFAR-10 from disk."""
 
 from .base import TensorDataModule
 from .digits import Digits
 from .forgetting import ForgetRetain
 from .offline import OfflineDesigns
+from .qa import FictitiousQA
 from .synthetic import SyntheticClassification
 from .text import MarkovText
 from .vision import CIFAR10, MNIST
@@ -12,6 +13,7 @@ __all__ = [
     "CIFAR10",
     "MNIST",
     "Digits",
+    "FictitiousQA",
     "ForgetRetain",
     "MarkovText",
     "OfflineDesigns",

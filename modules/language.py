@@ -59,15 +59,28 @@ def tokens_of(batch: Any) -> torch.Tensor:
     return batch
 
 
-def sequence_log_likelihood(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def labels_of(batch: Any) -> torch.Tensor | None:
+    """The ``labels`` of a mapping batch (Hugging Face style: aligned with ``input_ids``, -100 where
+    a token is not scored), else None (every token after the first is scored)."""
+    return batch.get("labels") if isinstance(batch, Mapping) else None
+
+
+def sequence_log_likelihood(
+    logits: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence log-likelihood of ``tokens`` ([B, T]) under next-token ``logits`` ([B, T, V],
     position t predicts token t + 1): ``(sum_t log p(x_{t+1} | x_{<=t}), T - 1)`` for each of the
-    B sequences. The first token is given, not predicted. Computed in float32 at least (half
-    precision logits are upcast, float64 ones kept)."""
+    B sequences. The first token is given, not predicted. With ``labels`` ([B, T], -100 = not
+    scored) only the scored positions count: ``(sum over scored t, number scored)``. Computed in
+    float32 at least (half precision logits are upcast, float64 ones kept)."""
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    logp = -F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")  # [B, T-1]
-    count = torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device, dtype=torch.long)
-    return logp.sum(1), count
+    if labels is None:
+        logp = -F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")  # [B, T-1]
+        count = torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device, dtype=torch.long)
+        return logp.sum(1), count
+    target = labels[:, 1:]
+    logp = -F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    return logp.sum(1), (target != -100).sum(1)
 
 
 class CausalTransformer(nn.Module):
@@ -174,9 +187,10 @@ class LanguageModel(TrainingModule):
         return logits_of(self.backbone(tokens))
 
     def batch_loss(self, batch: Any) -> torch.Tensor:
-        """Mean token-level NLL of the batch's sequences (every predicted token weighs the same)."""
+        """Mean token-level NLL of the batch's scored tokens (every scored token weighs the same; a
+        mapping batch with ``labels`` scores only the positions not marked -100)."""
         tokens = tokens_of(batch)
-        logp, count = sequence_log_likelihood(self(tokens), tokens)
+        logp, count = sequence_log_likelihood(self(tokens), tokens, labels_of(batch))
         return -logp.sum() / count.sum()
 
     @override

@@ -68,7 +68,7 @@ from litplug.validation import check_bool, check_choice, check_int, check_number
 
 from ..plumbing import mix_seed
 from .base import TrainingModule
-from .language import logits_of, sequence_log_likelihood, tokens_of
+from .language import labels_of, logits_of, sequence_log_likelihood, tokens_of
 
 Method = Literal["retrain", "finetune", "gradient_ascent", "gradient_difference", "random_label", "npo", "l1_sparse"]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
@@ -218,7 +218,7 @@ class Unlearner(TrainingModule):
         model = self.backbone if model is None else model
         if self.objective == "causal_lm":
             tokens = tokens_of(batch)
-            return sequence_log_likelihood(logits_of(model(tokens)), tokens)
+            return sequence_log_likelihood(logits_of(model(tokens)), tokens, labels_of(batch))
         x, y = batch
         logp = -F.cross_entropy(logits_of(model(x)), y, reduction="none")
         return logp, torch.ones_like(y)

@@ -1,0 +1,88 @@
+"""FictitiousQA: TOFU's splits (forget/retain/holdout people, disjoint), question tokens unscored,
+perturbed answers wrong, paraphrases right, everything a function of the seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from litplug.datamodules import FictitiousQA, ForgetRetain
+from litplug.modules.language import sequence_log_likelihood
+
+
+@pytest.fixture(scope="module")
+def dm():
+    dm = FictitiousQA(num_entities=60, forget_percent=10, num_perturbed=2, batch_size=8, seed=3)
+    dm.setup()
+    return dm
+
+
+def test_splits_are_disjoint_and_sized_as_tofu(dm):
+    names = {s: {p["name"] for p in dm.people(s)} for s in ("forget", "retain", "holdout")}
+    assert (len(names["forget"]), len(names["holdout"]), len(names["retain"])) == (6, 6, 48)
+    assert not (names["forget"] & names["retain"]) and not (names["holdout"] & (names["forget"] | names["retain"]))
+    assert len(dm.train_set) == 7 * 54 and int(dm.train_set.targets.sum()) == 7 * 6
+    forget_rows = dm.train_set.input_ids[dm.train_set.targets == 1]
+    assert all(any(n in dm.decode(r) for n in names["forget"]) for r in forget_rows)
+    retain_only = FictitiousQA(num_entities=60, forget_percent=10, exclude_forget=True, seed=3)
+    retain_only.setup()
+    assert len(retain_only.train_set) == 7 * 48 and int(retain_only.train_set.targets.sum()) == 0
+
+
+def test_only_the_answer_is_scored(dm):
+    ids, labels = dm.train_set.input_ids, dm.train_set.labels
+    for row, lab in zip(ids[:20], labels[:20]):
+        words = [dm.vocab[i] for i in row.tolist()]
+        sep, eos = words.index("<sep>"), words.index("<eos>")
+        assert (lab[: sep + 1] == -100).all() and (lab[eos + 1 :] == -100).all()
+        assert torch.equal(lab[sep + 1 : eos + 1], row[sep + 1 : eos + 1])
+
+
+def test_perturbed_answers_are_wrong_and_paraphrases_keep_the_fact(dm):
+    answers = dm.question_answer("forget")
+    para = dm.question_answer("forget", "paraphrase")
+    wrong = dm.question_answer("forget", "perturbed")
+    assert len(answers) == len(para) == 6 * 7 and len(wrong) == 2 * len(answers)
+    facts = [p[a] for p in dm.people("forget") for a in ("city", "year", "genre", "book", "award", "job", "color")]
+    for i, fact in enumerate(facts):
+        answer = dm.decode(answers.input_ids[i]).split()
+        assert fact in answer and fact in dm.decode(para.input_ids[i]).split()
+        for j in range(2):
+            perturbed = dm.decode(wrong.input_ids[2 * i + j]).split()
+            diff = [(x, y) for x, y in zip(answer, perturbed) if x != y]
+            assert len(perturbed) == len(answer) and len(diff) == 1 and diff[0][0] == fact
+
+
+def test_the_corpus_is_a_function_of_the_seed():
+    a, b, c = (FictitiousQA(num_entities=40, seed=s) for s in (1, 1, 2))
+    for d in (a, b, c):
+        d.setup()
+    assert torch.equal(a.train_set.input_ids, b.train_set.input_ids)
+    assert not torch.equal(a.train_set.input_ids, c.train_set.input_ids)
+    assert torch.equal(
+        a.question_answer("holdout", "perturbed").input_ids, b.question_answer("holdout", "perturbed").input_ids
+    )
+
+
+def test_forget_retain_wraps_it_and_the_loss_scores_answers_only(dm):
+    fr = ForgetRetain(dm, scenario="class", forget_classes=[1])
+    fr.setup("fit")
+    batch, _, _ = next(iter(fr.train_dataloader()))
+    assert set(batch) == {"forget", "retain"} and set(batch["forget"]) == {"input_ids", "labels"}
+    tokens, labels = batch["forget"]["input_ids"], batch["forget"]["labels"]
+    logits = torch.randn(*tokens.shape, dm.vocab_size, dtype=torch.float64)
+    logp, count = sequence_log_likelihood(logits, tokens, labels)
+    lsm = logits.log_softmax(-1)
+    for b in range(len(tokens)):
+        scored = [t for t in range(1, tokens.shape[1]) if labels[b, t] != -100]
+        assert int(count[b]) == len(scored)
+        assert float(logp[b]) == pytest.approx(sum(float(lsm[b, t - 1, labels[b, t]]) for t in scored), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name", [({"num_entities": 10}, "num_entities"), ({"forget_percent": 3}, "forget_percent"),
+                     ({"num_perturbed": 0}, "num_perturbed")],
+)  # fmt: skip
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        FictitiousQA(**kwargs)
