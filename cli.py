@@ -3,10 +3,13 @@
     litplug fit --config configs/digits/classifier.yaml
     litplug fit --config configs/digits/classifier.yaml --config configs/callbacks/ema.yaml
     litplug test --config runs/litplug/version_0/config.yaml --ckpt_path best
+    litplug compare runs/          # one table of the runs: differing hparams, final metrics
 
 ``model`` and ``data`` are in subclass mode (any LightningModule / LightningDataModule by
 ``class_path``); the default logger is TensorBoard under ``runs/``; the saved ``config.yaml`` is
-overwritten when a run reuses a log folder.
+overwritten when a run reuses a log folder. Every ``fit`` writes the TensorBoard hparams of the run
+(the config values that differ from the defaults) when it ends; ``litplug compare`` reads them
+back (:mod:`litplug.compare`).
 
 A ``--config`` path under ``configs/`` that does not exist in the working directory is read from
 the configs shipped inside the installed package, so ``litplug fit --config
@@ -133,6 +136,24 @@ class LitplugCLI(LightningCLI):
         if config.get("test_after_fit", True) and self.datamodule is not None:
             if type(self.datamodule).test_dataloader is not LightningDataModule.test_dataloader:
                 self.trainer.test(self.model, datamodule=self.datamodule)
+        self._write_best()
+
+    def before_fit(self) -> None:
+        """Write the run's hparams: the config values that differ from the defaults (see
+        :mod:`litplug.board` and :func:`litplug.compare.flatten_config`)."""
+        from litplug.board import write_hparams
+        from litplug.compare import flatten_config
+
+        config = self.config.get(self.subcommand, self.config)
+        # LightningCLI keeps the subcommand parsers (their defaults: the Trainer's arguments with
+        # `trainer_defaults`, `ckpt_path`, ...) in a private attribute; there is no public accessor.
+        defaults = self._subcommand_parsers[self.subcommand].get_defaults().as_dict()
+        write_hparams(self.trainer, flatten_config(config.as_dict(), defaults))
+
+    def _write_best(self) -> None:
+        from litplug.board import write_best
+
+        write_best(self.trainer)  # best/<metric> of every monitored metric: a column of the HPARAMS table
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -338,6 +359,10 @@ def main(args: Any = None) -> None:
     ``sys.argv[1:]``). ``--debug`` anywhere in ``args`` (or ``LITPLUG_DEBUG=1``) shows tracebacks
     of input errors; without it they are printed in a few lines and the exit status is 2."""
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["compare"]:
+        from litplug.compare import main as compare_main
+
+        raise SystemExit(compare_main(argv[1:]))
     debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
     if debug:

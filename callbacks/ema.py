@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from typing_extensions import override
@@ -78,6 +78,13 @@ class EMA(_WeightAveraging):
     Example:
         >>> ema = EMA(decay=0.999, warmup=True, dtype="float32", export_path="runs/ema.pt")
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "averaging": {
+            "loss: train vs validation (evaluated on the average)": ["^train/loss$", "^val/loss$"],
+            "EMA decay and updates": ["^ema/decay$"],
+        },
+    }
 
     def __init__(
         self,

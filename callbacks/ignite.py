@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -80,6 +80,12 @@ class SurrogateSharpness(_ExtraPasses):
     """
 
     _prefix = "ignite"
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "ignite": {
+            "multiplier lambda and the constrained ||grad G||": ["^ignite/lambda$", "^ignite/output_grad_norm$"],
+            "loss": ["^train/loss$", "^val/loss$"],
+        },
+    }
     _sync_first_pass = False
 
     def __init__(

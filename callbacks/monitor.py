@@ -4,7 +4,7 @@ TensorBoard without touching training."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
@@ -12,6 +12,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
+from ..board import log_figure, write_charts
+from ..figures import bar_chart
 from ..functional.sharpness import EPS, global_norm
 from ..plumbing import local, training_mode
 from ..protocols import module_loss, require_loss
@@ -20,6 +22,8 @@ from .hooks import muted
 from .passes import PerturbedWeights
 
 __all__ = ["SharpnessMonitor"]
+
+LAYER = "sharpness/layer/"
 
 
 class SharpnessMonitor(Callback):
@@ -51,6 +55,10 @@ class SharpnessMonitor(Callback):
     Example:
         >>> trainer = Trainer(callbacks=[SharpnessMonitor(rho=0.05)])  # doctest: +SKIP
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "sharpness": {"sharpness: whole model and every layer": ["^sharpness/"]},
+    }
 
     def __init__(
         self, every_n_epochs: int = 1, rho: float = 0.05, layerwise: bool = True, num_batches: int = 1
@@ -84,6 +92,21 @@ class SharpnessMonitor(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             require_loss(pl_module, "SharpnessMonitor")
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        write_charts(trainer)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The logged (reduced over ranks) values of the last measurement, one bar per layer.
+        layers = {k[len(LAYER) :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(LAYER)}
+        if layers:
+            log_figure(
+                trainer,
+                "sharpness/layers",
+                lambda: bar_chart(layers, f"per-layer sharpness (rho={self.rho:g})", "L(w + e) - L(w)"),
+            )
 
     def _loss(self, pl_module: LightningModule) -> Tensor:
         losses = [module_loss(pl_module, batch, i).float() for i, batch in enumerate(self._held)]

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 from typing_extensions import override
 
+from ..board import write_charts
 from ..plumbing import grad_scaler, is_sharded, local, loss_scale, refuse_flat_strategies
 from ..validation import check_bool, check_list, check_str
 from .hooks import muted, no_grad_sync, wrap_optimizer_step
@@ -186,6 +187,7 @@ class _ExtraPasses(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        write_charts(trainer)
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         for pattern in self.exclude:
             if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -100,6 +101,12 @@ class SharpnessAwareMinimization(_ExtraPasses):
     """
 
     _prefix = "sam"
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "sam": {
+            "loss: clean L(w) and sharpness L(w + e) - L(w)": ["^train/loss$", "^sam/sharpness$"],
+            "gradient and perturbation norms": ["^sam/grad_norm$", "^sam/perturbation_norm$"],
+        },
+    }
 
     def __init__(
         self,

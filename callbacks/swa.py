@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from torch import nn
@@ -58,6 +58,13 @@ class SWA(_WeightAveraging):
     Example:
         >>> swa = SWA(start=0.75, update_bn=True)
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "averaging": {
+            "loss: train vs validation (evaluated on the average)": ["^train/loss$", "^val/loss$"],
+            "SWA snapshot weight": ["^swa/weight$"],
+        },
+    }
 
     def __init__(
         self,

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from ..board import write_charts
 from ..functional.averaging import average_update_
 from ..plumbing import is_sharded, local, refuse_flat_strategies, save_rank_zero
 from ..validation import check_choice, check_path, check_str
@@ -292,6 +293,7 @@ class _WeightAveraging(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._groups, self._holds_average, self._module = None, False, pl_module
+        write_charts(trainer)
 
     def _evaluates_average(self, trainer: pl.Trainer) -> bool:
         # `validate`/`test(ckpt_path=...)` evaluate the checkpoint's `state_dict`: the weights its

@@ -3,12 +3,14 @@ are validated at construction, and FSDP2 sharding under ``ModelParallelStrategy`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+
+from ..board import write_charts
 
 
 def check_optimizer(optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None) -> None:
@@ -78,8 +80,16 @@ class TrainingModule(LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
 
+    #: TensorBoard custom-scalars charts of this module (see ``litplug.board.write_charts``).
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "training": {"loss: train vs validation": ["^train/loss$", "^val/loss$"]},
+    }
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
+
+    def on_fit_start(self) -> None:
+        write_charts(self.trainer)
 
     def configure_model(self) -> None:
         # Only ModelParallelStrategy sets a device mesh; every other strategy leaves it None.

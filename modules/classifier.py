@@ -10,6 +10,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -32,6 +34,13 @@ class Classifier(TrainingModule):
         optimizer: optimizer callable (default Adam, lr 1e-3).
         lr_scheduler: optional scheduler callable.
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "training": {
+            "loss: train vs validation": ["^train/loss$", "^val/loss$"],
+            "accuracy: validation vs test": ["^val/acc$", "^test/acc$"],
+        },
+    }
 
     def __init__(
         self,

@@ -283,6 +283,7 @@ class Unlearner(TrainingModule):
 
     @override
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         for reference in self._reference:
             reference.to(self.device)
 

@@ -1,0 +1,181 @@
+"""TensorBoard output beyond scalars: the run's custom-scalars layout, figures and hparams.
+
+* :func:`summary_writer`: the ``SummaryWriter`` of the Trainer's ``TensorBoardLogger`` on global
+  rank zero, else ``None`` (with one info line per run saying why, when a figure is skipped).
+* :func:`write_charts`: the custom-scalars layout, written once per log folder: one section per
+  litplug family in use, collected from the ``litplug_charts`` attribute of the module and of
+  every callback (``{"section": {"chart title": ["tag regex", ...]}}``).
+* :func:`log_figure`: render a figure (:mod:`litplug.figures`) on rank zero and log it as an image.
+* :func:`write_hparams`: the hparams plugin's session summary (hyper-parameters and status).
+
+A run resumed into the folder it was logging to (the same ``TensorBoardLogger`` version) keeps
+the layout and hparams it wrote there: they are not written a second time.
+
+Example:
+    >>> from lightning.pytorch import Trainer
+    >>> from litplug.board import summary_writer
+    >>> summary_writer(Trainer(logger=False, enable_progress_bar=False)) is None
+    True
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["CHARTS_ATTRIBUTE", "has_tag", "log_figure", "summary_writer", "write_best", "write_charts", "write_hparams"]
+
+CHARTS_ATTRIBUTE = "litplug_charts"
+LAYOUT_TAG = "custom_scalars__config__"
+SESSION_START_TAG = "_hparams_/session_start_info"
+
+_told: weakref.WeakSet[Any] = weakref.WeakSet()  # trainers told that figures are skipped
+_charted: set[str] = set()  # log folders whose layout this process wrote
+
+
+def _tensorboard_logger(trainer: Any) -> Any:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def why_no_writer(trainer: Any) -> str | None:
+    """Why :func:`summary_writer` returns ``None`` (``None`` when it returns a writer)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    # rank_zero_only.rank: the process's rank, known before the strategy sets up (CLI hooks)
+    if not trainer.is_global_zero or getattr(rank_zero_only, "rank", 0) != 0:
+        return "not rank zero"
+    if _tensorboard_logger(trainer) is None:
+        names = [type(lg).__name__ for lg in trainer.loggers]
+        return f"no TensorBoardLogger among the Trainer's loggers ({', '.join(names) or 'logger=False'})"
+    return None
+
+
+def summary_writer(trainer: Any) -> Any:
+    """The ``torch.utils.tensorboard.SummaryWriter`` of the Trainer's ``TensorBoardLogger`` on
+    global rank zero; ``None`` on other ranks or without such a logger."""
+    if why_no_writer(trainer) is not None:
+        return None
+    return _tensorboard_logger(trainer).experiment
+
+
+def log_figure(trainer: Any, tag: str, draw: Callable[[], Any]) -> bool:
+    """Log ``draw()`` (a matplotlib ``Figure``) under ``tag`` at the current global step, on rank
+    zero only; ``draw`` is not called without a TensorBoard writer (one info line per run says
+    so). Returns whether the image was logged."""
+    writer = summary_writer(trainer)
+    if writer is None:
+        if trainer.is_global_zero and trainer not in _told:
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+            _told.add(trainer)
+            rank_zero_info(f"litplug: TensorBoard figures skipped: {why_no_writer(trainer)}")
+        return False
+    from .figures import to_image
+
+    writer.add_image(tag, to_image(draw()), trainer.global_step, dataformats="HWC")
+    return True
+
+
+def has_tag(log_dir: str, tag: str) -> bool:
+    """Whether an event file directly in ``log_dir`` holds a summary under ``tag`` (read with
+    TensorBoard's own event-file loader)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for path in sorted(glob.glob(os.path.join(log_dir, "*tfevents*"))):
+        for event in EventFileLoader(path).Load():
+            if event.HasField("summary") and any(v.tag == tag for v in event.summary.value):
+                return True
+    return False
+
+
+def _written_before(writer: Any, tag: str) -> bool:
+    """Whether ``tag`` is already in the writer's folder (a run resumed into the folder it logged to)."""
+    writer.flush()
+    return has_tag(writer.log_dir, tag)
+
+
+def collect_charts(objects: list[Any]) -> dict[str, dict[str, list[str]]]:
+    """Merge the ``litplug_charts`` of ``objects`` (sections in first-seen order; a chart's tag
+    patterns in first-seen order without repeats)."""
+    layout: dict[str, dict[str, list[str]]] = {}
+    for obj in objects:
+        charts: Mapping[str, Mapping[str, list[str]]] = getattr(obj, CHARTS_ATTRIBUTE, None) or {}
+        for section, section_charts in charts.items():
+            for title, tags in section_charts.items():
+                merged = layout.setdefault(section, {}).setdefault(title, [])
+                merged.extend(t for t in tags if t not in merged)
+    return layout
+
+
+def write_charts(trainer: Any) -> bool:
+    """Write the run's custom-scalars layout (every family in use) once per log folder, on rank
+    zero with a TensorBoard logger. Returns whether it wrote the layout."""
+    writer = summary_writer(trainer)
+    if writer is None or writer.log_dir in _charted:
+        return False
+    _charted.add(writer.log_dir)
+    layout = collect_charts([trainer.lightning_module, *trainer.callbacks])
+    if not layout or _written_before(writer, LAYOUT_TAG):
+        return False
+    writer.add_custom_scalars({s: {t: ["Multiline", tags] for t, tags in c.items()} for s, c in layout.items()})
+    writer.flush()
+    return True
+
+
+def write_best(trainer: Any) -> dict[str, float]:
+    """Log the best value of every metric a ``ModelCheckpoint`` or ``EarlyStopping`` monitors as
+    the scalar ``best/<metric>`` (a metric column of the HPARAMS table), on rank zero."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    best: dict[str, float] = {}
+    for cb in trainer.callbacks:
+        score = None
+        if isinstance(cb, ModelCheckpoint) and cb.monitor:
+            score = cb.best_model_score
+        elif isinstance(cb, EarlyStopping) and cb.monitor:
+            score = cb.best_score
+        if score is not None and math.isfinite(float(score)) and cb.monitor not in best:
+            best[cb.monitor] = float(score)
+    writer = summary_writer(trainer)
+    if writer is not None and best:
+        closed = writer.file_writer is None  # the logger was finalized: add_scalar reopens it
+        for name, value in best.items():
+            writer.add_scalar(f"best/{name}", value, trainer.global_step)
+        writer.close() if closed else writer.flush()
+    return best
+
+
+def write_hparams(trainer: Any, hparams: Mapping[str, bool | int | float | str]) -> bool:
+    """Write the hparams plugin's session start (``hparams``) into the run's own folder, once per
+    folder, on rank zero; call it before ``fit`` so that a running or failed run is listed too.
+
+    No experiment summary is written: TensorBoard builds the HPARAMS table's columns from every
+    run's session in the folder (hyper-parameters) and from their scalars (the metric values: the
+    last value of every scalar, and ``best/<metric>`` of :func:`write_best`); an experiment summary
+    of one run would hide the keys of the others. Returns whether it wrote.
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    writer = summary_writer(trainer)
+    if writer is None or _written_before(writer, SESSION_START_TAG):
+        return False
+    start = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+    for key, value in hparams.items():
+        if isinstance(value, bool):
+            start.hparams[key].bool_value = value
+        elif isinstance(value, (int, float)):
+            start.hparams[key].number_value = value
+        else:
+            start.hparams[key].string_value = str(value)
+    content = metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(session_start_info=start))
+    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=SESSION_START_TAG, metadata=content)]))
+    writer.flush()
+    return True

@@ -1,0 +1,124 @@
+"""Figures litplug logs to TensorBoard: pure functions from numbers to a matplotlib ``Figure``.
+
+Every function builds a :class:`matplotlib.figure.Figure` directly (no ``pyplot``: no global
+figure registry, no GUI backend, safe off-screen) and :func:`to_image` renders one to an RGB
+array with the Agg canvas. Nothing here knows about Lightning or TensorBoard; the callbacks and
+modules pass plain numbers (``litplug.board`` logs the picture).
+
+Example:
+    >>> from litplug.figures import bar_chart, to_image
+    >>> fig = bar_chart({"fc1": 0.02, "fc2": 0.11}, title="per-layer sharpness", ylabel="L(w+e) - L(w)")
+    >>> to_image(fig).shape[2]
+    3
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["bar_chart", "histograms", "line_chart", "to_image"]
+
+# Small pictures: TensorBoard shows images at their pixel size; 5.5 x 3.2 in at 100 dpi.
+SIZE = (5.5, 3.2)
+DPI = 100
+
+
+def _figure() -> Figure:
+    fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def bar_chart(
+    values: Mapping[str, float] | Mapping[str, Mapping[str, float]],
+    title: str,
+    ylabel: str,
+) -> Figure:
+    """One bar per key (``{"layer": value}``), or grouped bars per key for several series
+    (``{"series": {"layer": value}}``, one colour per series). Non-finite values are drawn as
+    missing bars."""
+    series = _as_series(values)
+    labels = list(dict.fromkeys(k for s in series.values() for k in s))
+    fig = _figure()
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(labels))
+    for i, (name, s) in enumerate(series.items()):
+        heights = [_finite(s.get(k, float("nan"))) for k in labels]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=name or None)
+    ax.set_xticks(x, labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    if len(series) > 1:
+        ax.legend(fontsize="small")
+    return fig
+
+
+def line_chart(
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    marks: Mapping[str, tuple[float, float]] | None = None,
+) -> Figure:
+    """One line per ``series`` entry over ``x`` (each as long as ``x``), with optional labelled
+    points ``marks = {"label": (x, y)}``."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, ys in series.items():
+        if len(ys) != len(x):
+            raise ValueError(f"series {name!r} has {len(ys)} values for {len(x)} x positions")
+        ax.plot(list(x), [_finite(v) for v in ys], marker="o", markersize=3, label=name)
+    for name, (px, py) in (marks or {}).items():
+        ax.scatter([px], [py], marker="*", s=80, zorder=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def histograms(samples: Mapping[str, Sequence[float]], title: str, xlabel: str, bins: int = 30) -> Figure:
+    """Overlaid density histograms of several samples on shared bins (e.g. per-sample loss on
+    forget vs test data); empty samples are left out of the plot but kept in the legend."""
+    arrays = {name: np.asarray(v, dtype=np.float64).ravel() for name, v in samples.items()}
+    arrays = {name: a[np.isfinite(a)] for name, a in arrays.items()}
+    pooled = np.concatenate([a for a in arrays.values()]) if arrays else np.zeros(0)
+    edges = np.histogram_bin_edges(pooled, bins=bins) if pooled.size else np.linspace(0.0, 1.0, bins + 1)
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, a in arrays.items():
+        label = f"{name} (n={a.size})"
+        if a.size:
+            ax.hist(a, bins=edges, density=True, alpha=0.5, label=label)
+        else:
+            ax.plot([], [], label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def to_image(fig: Figure) -> np.ndarray:
+    """Render ``fig`` off-screen to an ``(H, W, 3)`` uint8 array."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _as_series(values: Mapping[str, float] | Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    if values and all(isinstance(v, Mapping) for v in values.values()):
+        return {str(k): {str(a): float(b) for a, b in v.items()} for k, v in values.items()}  # type: ignore[union-attr]
+    return {"": {str(k): float(v) for k, v in values.items()}}  # type: ignore[arg-type]
+
+
+def _finite(v: float) -> float:
+    v = float(v)
+    return v if np.isfinite(v) else float("nan")

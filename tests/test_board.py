@@ -1,0 +1,223 @@
+"""TensorBoard output: layout, figures and hparams, read back from the event files with
+TensorBoard's own readers; ``litplug compare`` over a folder of real runs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import metadata
+
+from litplug import board
+from litplug.callbacks import SharpnessMonitor
+from litplug.cli import main
+from litplug.compare import compare, flatten_config, format_table, read_run
+from litplug.datamodules import Digits
+from litplug.figures import bar_chart, histograms, line_chart, to_image
+from litplug.modules import MLP, Classifier
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = [
+    "--trainer.max_epochs=2",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--model.backbone.init_args.hidden=[32]",
+]
+
+
+def fit(*configs: str, extra: tuple[str, ...] = ()) -> None:
+    args = ["fit"]
+    for c in configs:
+        args += ["--config", str(CONFIGS / c)]
+    main([*args, *TINY, *extra])
+
+
+def accumulator(path: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(path))
+    acc.Reload()
+    return acc
+
+
+def count_tag(folder: Path, tag: str) -> int:
+    return sum(
+        1
+        for f in folder.glob("*tfevents*")
+        for e in EventFileLoader(str(f)).Load()
+        if e.HasField("summary") and any(v.tag == tag for v in e.summary.value)
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three real `litplug fit` runs with different configs in one folder (the first with EMA,
+    SAM, the sharpness monitor and early stopping), then the first resumed into its own folder."""
+    work = tmp_path_factory.mktemp("board")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(work)
+    try:
+        notebook = ("callbacks/ema.yaml", "callbacks/sam.yaml", "callbacks/sharpness_monitor.yaml")
+        fit("digits/classifier.yaml", *notebook, "callbacks/early_stopping.yaml")
+        fit("digits/classifier.yaml", extra=("--model.optimizer.init_args.lr=0.01",))
+        fit("digits/classifier.yaml", "callbacks/swa.yaml")
+        first = work / "runs" / "litplug" / "version_0"
+        ckpt = next((first / "checkpoints").glob("*.ckpt"))
+        fit(
+            "digits/classifier.yaml",
+            *notebook,
+            "callbacks/early_stopping.yaml",
+            extra=("--trainer.max_epochs=3", "--trainer.logger.init_args.version=0", f"--ckpt_path={ckpt}"),
+        )
+    finally:
+        mp.undo()
+    return work / "runs" / "litplug"
+
+
+def test_ema_sam_monitor_run_writes_layout_image_and_hparams(runs):
+    acc = accumulator(runs / "version_0")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(board.LAYOUT_TAG)[-1].tensor_proto.string_val[0])
+    sections = {c.title: [ch.title for ch in c.chart] for c in layout.category}
+    assert list(sections) == ["training", "averaging", "sam", "sharpness"]
+    sam_chart = next(ch for c in layout.category if c.title == "sam" for ch in c.chart)
+    assert list(sam_chart.multiline.tag) == ["^train/loss$", "^sam/sharpness$"]
+
+    assert acc.Tags()["images"] == ["sharpness/layers"]
+    image = acc.Images("sharpness/layers")[0]
+    assert image.width > 100 and image.height > 100 and image.encoded_image_string[:4] == b"\x89PNG"
+
+    start = metadata.parse_session_start_info_plugin_data(
+        acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+    )
+    hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert hparams["trainer.callbacks"] == "EMA+SAM+SharpnessMonitor+EarlyStopping"
+    assert hparams["trainer.callbacks.EMA.warmup"] is True  # a bool stays a bool
+    assert hparams["model.backbone.hidden"] == "[32]"
+    assert "model.optimizer.lr" not in hparams  # 0.001 is Adam's default
+    # metric values: the best monitored value (EarlyStopping's val/loss) and the final test metrics
+    assert {"best/val/loss", "test/acc", "val/acc"} <= set(acc.Tags()["scalars"])
+    best = min(e.value for e in acc.Scalars("val/loss"))
+    assert acc.Scalars("best/val/loss")[-1].value == pytest.approx(best)
+
+
+def test_resumed_run_writes_layout_and_hparams_once(runs):
+    folder = runs / "version_0"
+    assert len(list(folder.glob("*tfevents*"))) >= 2  # the resumed run appended to the same folder
+    assert count_tag(folder, board.LAYOUT_TAG) == 1
+    assert count_tag(folder, metadata.SESSION_START_INFO_TAG) == 1
+    assert count_tag(folder, "sharpness/layers") == 2  # one figure per fit
+
+
+def test_compare_prints_the_differing_keys(runs, capsys):
+    columns, rows = compare(runs.parent)
+    assert [r[0] for r in rows] == ["litplug/version_0", "litplug/version_1", "litplug/version_2"]
+    keys = columns[1 : columns.index("test/acc")]
+    assert "model.optimizer.lr" in keys and "trainer.callbacks" in keys
+    assert "model.backbone.hidden" not in keys  # the same in every run
+    table = dict(zip(columns, zip(*rows)))
+    assert table["trainer.callbacks"] == ("EMA+SAM+SharpnessMonitor+EarlyStopping", "", "SWA")
+    assert table["model.optimizer.lr"] == ("", 0.01, "")
+    assert table["test/acc"][1] == pytest.approx(read_run(runs / "version_1").metrics["test/acc"])
+
+    with pytest.raises(SystemExit) as done:
+        main(["compare", str(runs.parent), "--markdown", str(runs / "t.md"), "--csv", str(runs / "t.csv")])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == format_table(columns, rows)
+    assert (runs / "t.md").read_text().splitlines()[0].startswith("| run | ")
+    assert (runs / "t.csv").read_text().splitlines()[2].startswith("litplug/version_1,0.01,")
+
+
+def test_compare_refuses_a_folder_without_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["compare", str(tmp_path)])
+    assert done.value.code == 2
+    assert "no TensorBoard event files" in capsys.readouterr().err
+
+
+def _monitor_fit(logger, tmp_path) -> Trainer:
+    model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), num_classes=10)
+    trainer = Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=logger,
+        callbacks=[SharpnessMonitor()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, Digits(batch_size=16))
+    return trainer
+
+
+@pytest.mark.parametrize("logger", ["none", "csv"])
+def test_without_tensorboard_figures_are_skipped_with_one_line(logger, tmp_path, caplog):
+    chosen = False if logger == "none" else CSVLogger(tmp_path)
+    with caplog.at_level(logging.INFO):
+        trainer = _monitor_fit(chosen, tmp_path)
+        drawn = []
+        assert not board.log_figure(trainer, "another/figure", lambda: drawn.append(1))  # a second figure
+    assert drawn == []  # nothing rendered without a writer
+    lines = [r.getMessage() for r in caplog.records if "figures skipped" in r.getMessage()]
+    expected = "logger=False" if logger == "none" else "CSVLogger"
+    assert len(lines) == 1 and expected in lines[0]
+
+
+def test_python_api_run_writes_the_layout_once(tmp_path):
+    trainer = _monitor_fit(TensorBoardLogger(tmp_path, name="", version=0), tmp_path)
+    folder = Path(trainer.logger.log_dir)
+    assert count_tag(folder, board.LAYOUT_TAG) == 1
+    assert count_tag(folder, "sharpness/layers") == 1
+
+
+def test_flatten_config_lists_callbacks_and_drops_defaults():
+    config = {
+        "config": ["a.yaml"],
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 5,
+            "callbacks": [
+                {"class_path": "litplug.callbacks.EMA", "init_args": {"decay": 0.99, "warmup": False}},
+                {"class_path": "litplug.callbacks.EMA", "init_args": {"decay": 0.9, "warmup": False}},
+            ],
+            "logger": {"class_path": "a.b.Logger", "init_args": {"save_dir": "runs"}},
+        },
+        "model": {"class_path": "torch.nn.Linear", "init_args": {"in_features": 3, "out_features": 1, "bias": False}},
+    }
+    defaults = {
+        "seed_everything": True,
+        "trainer": {"max_epochs": None, "callbacks": None, "logger": {"class_path": "a.b.Logger", "init_args": {}}},
+    }
+    assert flatten_config(config, defaults) == {
+        "seed_everything": 0,
+        "trainer.max_epochs": 5,
+        "trainer.callbacks": "EMA+EMA",
+        "trainer.callbacks.EMA.decay": 0.99,
+        "trainer.callbacks.EMA#2.decay": 0.9,
+        "trainer.logger.save_dir": "runs",
+        "model": "Linear",
+        "model.in_features": 3,
+        "model.out_features": 1,
+        "model.bias": False,
+    }
+
+
+def test_figures_render_off_screen():
+    bars = to_image(bar_chart({"a": {"fc1": 0.1, "fc2": float("nan")}, "b": {"fc1": -0.2}}, "t", "y"))
+    lines = to_image(line_chart([0.0, 0.5, 1.0], {"naive": [1, 2, 1]}, "t", "alpha", "loss", marks={"m": (0.5, 2)}))
+    hist = to_image(histograms({"forget": np.random.rand(50), "test": []}, "t", "loss"))
+    for image in (bars, lines, hist):
+        assert image.dtype == np.uint8 and image.shape == (320, 550, 3)
+        assert image.std() > 0  # something drawn
+    with pytest.raises(ValueError, match="series 'naive' has 2 values for 3 x positions"):
+        line_chart([0.0, 0.5, 1.0], {"naive": [1, 2]}, "t", "alpha", "loss")
