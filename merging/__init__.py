@@ -21,6 +21,17 @@ Method card
       ``trim="tensor"``, as mergekit), elect each entry's sign
       as the sign of the sum of the trimmed vectors, and average only the entries that agree with
       it (disjoint mean); ``theta = theta_0 + lambda * tau_m``.
+    * :func:`linear` (Wortsman et al. 2022): weighted average ``sum_i w_i theta_i / sum_i w_i``.
+    * :func:`slerp` (Shoemake 1985, as mergekit): per tensor, the angle between the two directions
+      is interpolated; near-parallel tensors (``|cos| > 0.9995``) are interpolated linearly.
+    * :func:`dare` (Yu et al. 2024): Bernoulli(``density``) drop of task-vector entries, kept ones
+      rescaled by ``1 / density`` (seeded generator), summed or TIES-merged.
+    * :func:`della` (Deep et al. 2024): MagPrune, a drop whose keep probability grows with the
+      magnitude's rank, ``1 / p`` rescale, TIES-merged or summed.
+    * :func:`breadcrumbs` (Davari & Belilovsky 2024): drop the ``gamma`` share of largest and keep
+      the next ``density`` share of magnitudes per tensor, summed or TIES-merged.
+    * :func:`model_stock` (Jang et al. 2024): per tensor ``t = N cos / (1 + (N - 1) cos)`` from the
+      fine-tunes' mean pairwise cosine, ``t * mean + (1 - t) * base``.
     * :func:`map_pareto_front` (Li et al. 2024, "MAP: Low-compute Model Merging with Amortized
       Pareto Fronts via Quadratic Approximation"): each task's metric of the merged model
       ``theta_0 + sum_t c_t tau_t`` is approximated by a quadratic in the coefficients ``c``,
@@ -50,8 +61,13 @@ from __future__ import annotations
 
 from .arithmetic import interpolate, linear, task_arithmetic
 from .barrier import Barrier, barrier, evaluate_classifier
+from .breadcrumbs import breadcrumbs
+from .dare import dare
+from .della import della
+from .model_stock import model_stock
 from .pareto import MAPResult, QuadraticFit, fit_quadratic, grid_pareto_front, map_pareto_front, pareto_mask
 from .permutation import PermutationSpec, align, apply_permutations, permutation_spec, weight_matching
+from .slerp import slerp
 from .task_vectors import task_vector
 from .ties import ties_merge
 
@@ -63,14 +79,19 @@ __all__ = [
     "align",
     "apply_permutations",
     "barrier",
+    "breadcrumbs",
+    "dare",
+    "della",
     "evaluate_classifier",
     "fit_quadratic",
     "grid_pareto_front",
     "interpolate",
     "linear",
     "map_pareto_front",
+    "model_stock",
     "pareto_mask",
     "permutation_spec",
+    "slerp",
     "task_arithmetic",
     "task_vector",
     "ties_merge",

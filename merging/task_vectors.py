@@ -32,17 +32,17 @@ def stacked_deltas(
     base: AnyWeights, finetuned: Sequence[AnyWeights]
 ) -> tuple[Mapping[str, Tensor], list[Mapping[str, Tensor]], dict[str, Tensor]]:
     """The base state, the fine-tuned states and, per floating tensor, the task vectors stacked
-    along a new first axis (one row per fine-tune)."""
+    along a new first axis (one row per fine-tune), in the base tensor's dtype."""
     base_state = state_of(base, "base")
     states = states_of(finetuned, "finetuned")
     if not states:
         raise ValueError("`finetuned` must hold at least one model or state dict")
     check_states([base_state, *states], "states")
+    # in the models' own dtype, as mergekit's task-vector merges: bf16 models merge in bf16
     deltas = {}
     for name, b in base_state.items():
         if b.is_floating_point():
-            dtype = work_dtype(b)
-            deltas[name] = torch.stack([s[name].to(dtype) - b.to(dtype) for s in states])
+            deltas[name] = torch.stack([s[name].to(b.dtype) - b for s in states])
     if not deltas:
         raise ValueError("`base` has no floating tensors to merge")
     return base_state, states, deltas
@@ -114,7 +114,7 @@ def combine(
     normalize: bool,
     scale: float,
 ) -> State:
-    """``base + scale * mix(weights_t * delta_t)`` per tensor, in the working dtype.
+    """``base + scale * mix(weights_t * delta_t)`` per tensor, in the deltas' dtype.
 
     Without ``consensus`` the mix is the weighted sum (divided by the sum of weights when
     ``normalize``). With it, each entry's sign is elected as ``sign(sum_t w_t delta_t)`` (an

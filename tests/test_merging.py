@@ -1,6 +1,8 @@
 """litplug.merging against its equations: weight matching (permutation spec from fx, exact
 recovery of a hand-permuted model, function preservation), task arithmetic, TIES, barrier, MAP."""
 
+import math
+
 import pytest
 import torch
 from harness import read_scalars
@@ -11,13 +13,18 @@ from litplug.merging import (
     align,
     apply_permutations,
     barrier,
+    breadcrumbs,
+    dare,
+    della,
     fit_quadratic,
     grid_pareto_front,
     interpolate,
     linear,
     map_pareto_front,
+    model_stock,
     pareto_mask,
     permutation_spec,
+    slerp,
     task_arithmetic,
     ties_merge,
     weight_matching,
@@ -427,3 +434,70 @@ def test_align_and_barrier_need_one_module():
     assert r.loss[-1] == pytest.approx(barrier(_mlp(0), _mlp(1), data, alphas=3).loss[-1])
     with pytest.raises(TypeError, match="pass `model_a` or `model_b` as an nn.Module"):
         barrier(a, b, data)
+
+
+def test_slerp_closed_form_and_near_parallel_fallback():
+    a, b = {"w": torch.tensor([2.0, 0.0]), "n": torch.tensor(1)}, {"w": torch.tensor([0.0, 1.0]), "n": torch.tensor(2)}
+    # orthogonal: theta = pi/2, coefficients sin((1-t) pi/2) and sin(t pi/2) on the unnormalised tensors
+    out = slerp(a, b, 1 / 3)
+    torch.testing.assert_close(out["w"], torch.tensor([2 * math.cos(math.pi / 6), math.sin(math.pi / 6)]))
+    assert out["n"] == 1
+    near = {"w": torch.tensor([2.0, 0.01]), "n": torch.tensor(3)}  # cos = 0.99999: linear interpolation
+    torch.testing.assert_close(slerp(a, near, 0.25)["w"], torch.lerp(a["w"], near["w"], 0.25))
+    for t in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="`t` must"):
+            slerp(a, b, t)
+
+
+def test_model_stock_ratio():
+    """Two offsets at 60 degrees: cos = 0.5, t = 2 * 0.5 / (1 + 0.5) = 2/3 of the way to their mean."""
+    base = {"w": torch.zeros(2)}
+    fts = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.5, math.sqrt(3) / 2])}]
+    torch.testing.assert_close(model_stock(base, fts)["w"], 2 / 3 * (fts[0]["w"] + fts[1]["w"]) / 2)
+    with pytest.raises(ValueError, match="at least two models for model stock, got 1"):
+        model_stock(base, fts[:1])
+
+
+def test_dare_is_seeded_unbiased_and_keeps_the_density():
+    base = {"w": torch.zeros(20_000)}
+    ft = {"w": torch.linspace(-1, 1, 20_000)}
+    one, same = dare(base, [ft], 0.3, seed=1), dare(base, [ft], 0.3, seed=1)
+    assert torch.equal(one["w"], same["w"]) and not torch.equal(one["w"], dare(base, [ft], 0.3, seed=2)["w"])
+    kept = one["w"] != 0
+    assert abs(kept.float().mean().item() - 0.3) < 5 * (0.21 / 20_000) ** 0.5
+    torch.testing.assert_close(one["w"][kept], ft["w"][kept] / 0.3)
+    means = torch.stack([dare(base, [ft], 0.3, seed=s)["w"] for s in range(200)]).mean(0)
+    assert (means - ft["w"]).abs().mean() < 0.1  # E[merge] = base + tau
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        dare(base, [ft], 0.3, seed=None)
+
+
+def test_breadcrumbs_drops_outliers_and_small_entries():
+    base = {"w": torch.zeros(10)}
+    ft = {"w": torch.arange(1.0, 11.0)}
+    out = breadcrumbs(base, [ft], density=0.5, gamma=0.2)["w"]  # drop 10, 9; keep 8..4; drop 3..1
+    assert torch.equal(out, torch.tensor([0.0, 0, 0, 4, 5, 6, 7, 8, 0, 0]))
+
+
+BAD_INPUTS = [
+    (lambda b, f: ties_merge(b, [f], density=0.0), ValueError, r"`density` must be in \(0, 1\], got 0.0"),
+    (lambda b, f: ties_merge(b, [f], density=1.5), ValueError, r"`density` must be in \(0, 1\]"),
+    (lambda b, f: dare(b, [f], density=0.0, seed=0), ValueError, r"`density` must be in \(0, 1\]"),
+    (lambda b, f: breadcrumbs(b, [f], density=2.0), ValueError, r"`density` must be in \(0, 1\]"),
+    (lambda b, f: breadcrumbs(b, [f], gamma=1.0), ValueError, r"`gamma` must be in \[0, 1\)"),
+    (lambda b, f: della(b, [f], 0.5, 0.6, seed=0), ValueError, "`epsilon` must keep"),
+    (lambda b, f: slerp(b, f, 2.0), ValueError, r"`t` must be in \[0, 1\], got 2.0"),
+    (lambda b, f: model_stock(b, [f]), ValueError, "at least two models"),
+    (lambda b, f: task_arithmetic(b, [], 1.0), ValueError, "`finetuned` must hold at least one"),
+    (lambda b, f: linear([b, f], [1.0]), ValueError, "one value per model"),
+    (lambda b, f: task_arithmetic(b, [{"v": f["w"]}]), ValueError, "'v' is in one only|'w' is in one only"),
+    (lambda b, f: ties_merge(b, [{"w": torch.zeros(5)}]), ValueError, r"\['w'\] has shape \(5,\), expected \(4,\)"),
+    (lambda b, f: task_arithmetic(b, f), TypeError, "`finetuned` must be a list of modules or state dicts"),
+    (lambda b, f: interpolate(b, [1], 0.5), TypeError, "`b` must be an nn.Module or a state dict"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_INPUTS)
+def test_bad_inputs_name_the_argument_or_key(call, error, match):
+    with pytest.raises(error, match=match):
+        call({"w": torch.zeros(4)}, {"w": torch.ones(4)})
