@@ -1,14 +1,23 @@
-"""ModelMerge: merge finished models under ``litplug validate`` with one of five recipes, the
-functional cores of ``litplug.merging`` and ``litplug.modules.soup``.
+"""ModelMerge: merge finished models under ``litplug validate`` with one of eight recipes, the
+functional cores of ``litplug.merging`` and ``litplug.modules.soup``, optionally after aligning
+every ingredient's hidden units onto the base.
 
 Method card
     * ``uniform`` / ``greedy``: model soups (Wortsman et al. 2022), as :class:`ModelSoup`.
     * ``task_arithmetic``: ``base + lambda * sum_t (theta_t - base)`` (Ilharco et al. 2023).
     * ``ties``: TIES-merging (Yadav et al. 2023): trim each whole-model task vector to its
       ``density`` share of largest magnitudes, elect signs, average the agreeing entries.
+    * ``dare`` (Yu et al. 2024): Bernoulli drop of task-vector entries, ``1 / density`` rescale.
+    * ``breadcrumbs`` (Davari & Belilovsky 2024): drop the largest ``gamma`` and the smallest
+      task-vector magnitudes per tensor, keep ``density``.
+    * ``model_stock`` (Jang et al. 2024): per tensor, move from the base towards the fine-tunes'
+      mean by ``t = N cos / (1 + (N - 1) cos)``.
     * ``align_then_average``: permute every ingredient onto the first by Git Re-Basin weight
       matching (Ainsworth et al. 2023; the permutation structure comes from an fx trace of the
       backbone), then average uniformly: for models trained from *different* initialisations.
+    * ``align=True`` does the same before any recipe: every ingredient is permuted onto ``base``
+      (onto the first ingredient without a base), so TIES, DARE or model stock can merge models
+      that do not share an initialisation; something mergekit does not offer.
     * With several ``scale`` values (task arithmetic, TIES) the one with the best validation
       metric is kept, as both papers choose ``lambda`` on held-out data.
     * Cost: one evaluation per ingredient and per candidate (greedy soup, scales); alignment
@@ -27,16 +36,20 @@ from typing import Literal
 from torch import Tensor, nn
 from typing_extensions import override
 
-from litplug.validation import check_choice, check_list, check_number, check_str
+from litplug.validation import check_bool, check_choice, check_int, check_list, check_number, check_str
 
-from ..merging import align, task_arithmetic, ties_merge
+from ..merging import align, breadcrumbs, dare, model_stock, task_arithmetic, ties_merge
 from ..plumbing import save_rank_zero
 from .classifier import Classifier
 from .soup import Metric, ModelSoup, check_compatible, greedy_soup, load_ingredient, uniform_soup
 
 State = dict[str, Tensor]
-Recipe = Literal["uniform", "greedy", "task_arithmetic", "ties", "align_then_average"]
-RECIPES = ("uniform", "greedy", "task_arithmetic", "ties", "align_then_average")
+Recipe = Literal[
+    "uniform", "greedy", "task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock", "align_then_average"
+]
+RECIPES = ("uniform", "greedy", "task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock", "align_then_average")
+WITH_BASE = ("task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock")
+SCALED = ("task_arithmetic", "ties", "dare", "breadcrumbs")
 
 
 class ModelMerge(Classifier):
@@ -55,13 +68,18 @@ class ModelMerge(Classifier):
     Args:
         backbone: the architecture of the ingredients (its own weights are replaced).
         checkpoints: ingredient files: Lightning ``.ckpt`` (``backbone.*`` keys) or plain backbone
-            state dicts; for ``task_arithmetic``/``ties`` the fine-tunes of ``base``.
-        recipe: ``uniform``, ``greedy``, ``task_arithmetic``, ``ties`` or ``align_then_average``.
-        base: the pre-trained weights the fine-tunes started from (``task_arithmetic``, ``ties``
-            only).
-        scale: ``lambda`` of task arithmetic / TIES, or a list of candidates chosen on the
-            validation split.
-        density: TIES' share of task-vector entries kept, in (0, 1].
+            state dicts; for the task-vector recipes the fine-tunes of ``base``.
+        recipe: ``uniform``, ``greedy``, ``task_arithmetic``, ``ties``, ``dare``, ``breadcrumbs``,
+            ``model_stock`` or ``align_then_average``.
+        base: the pre-trained weights the fine-tunes started from (``task_arithmetic``, ``ties``,
+            ``dare``, ``breadcrumbs``, ``model_stock`` only).
+        scale: ``lambda`` of task arithmetic / TIES / DARE / breadcrumbs, or a list of candidates
+            chosen on the validation split (unused by the other recipes).
+        density: share of task-vector entries kept by TIES, DARE and breadcrumbs, in (0, 1].
+        gamma: share of the largest task-vector magnitudes breadcrumbs drops, in [0, 1).
+        seed: seed of DARE's drop masks.
+        align: permute every ingredient onto ``base`` (onto the first ingredient without one) by
+            weight matching before merging.
         metric: held-out metric used to choose (greedy, scales) and logged: ``"val/acc"``
             (maximised) or ``"val/loss"`` (minimised).
         num_classes: number of classes.
@@ -78,6 +96,9 @@ class ModelMerge(Classifier):
         base: str | None = None,
         scale: float | list[float] = 1.0,
         density: float = 0.2,
+        gamma: float = 0.01,
+        seed: int = 0,
+        align: bool = False,
         metric: Metric = "val/acc",
         num_classes: int = 10,
         output_path: str | None = "runs/merge.pt",
@@ -86,16 +107,19 @@ class ModelMerge(Classifier):
         check_choice("metric", metric, ("val/acc", "val/loss"))
         check_list("checkpoints", checkpoints, check_str, nonempty=True)
         check_str("base", base, allow_none=True)
-        needs_base = recipe in ("task_arithmetic", "ties")
+        needs_base = recipe in WITH_BASE
         if needs_base and base is None:
             raise ValueError(f"`base` (the pre-trained weights) is required by recipe {recipe!r}")
         if not needs_base and base is not None:
-            raise ValueError(f"`base` is only used by recipes 'task_arithmetic' and 'ties', got recipe {recipe!r}")
+            raise ValueError(f"`base` is only used by recipes {', '.join(WITH_BASE)}, got recipe {recipe!r}")
         if isinstance(scale, (list, tuple)):
             scales = check_list("scale", scale, check_number, nonempty=True)
         else:
             scales = [check_number("scale", scale)]
         check_number("density", density, 0, 1, low_open=True)
+        check_number("gamma", gamma, 0, 1, high_open=True)
+        check_int("seed", seed)
+        check_bool("align", align)
         check_str("output_path", output_path, allow_none=True)
         super().__init__(backbone, num_classes)
         reference = dict(backbone.state_dict())
@@ -112,6 +136,9 @@ class ModelMerge(Classifier):
         self.recipe = recipe
         self.scales = [float(s) for s in scales]
         self.density = float(density)
+        self.gamma = float(gamma)
+        self.seed = int(seed)
+        self.align = bool(align)
         self.metric = metric
         self.output_path = output_path
         self.kept: list[int] = []
@@ -134,32 +161,37 @@ class ModelMerge(Classifier):
         batch = next(iter(loader[0] if isinstance(loader, (list, tuple)) else loader))
         return self.trainer.strategy.batch_to_device(batch)[0]
 
+    def _aligned(self, states: list[State], reference: State) -> list[State]:
+        """Every state permuted onto ``reference`` by weight matching (on a validation batch)."""
+        x = self._example_input()
+        architecture = copy.deepcopy(self.backbone)
+        architecture.load_state_dict(reference)
+        return [state if state is reference else align(architecture, state, x) for state in states]
+
     def merge(self) -> State:
         """Run the recipe (needs the trainer's validation split) and return the merged state."""
         states = self.ingredients
+        if self.align or self.recipe == "align_then_average":
+            states = self._aligned(states, states[0] if self.base_state is None else self.base_state)
         if self.recipe == "greedy":
             merged, self.kept, self.scores = greedy_soup(states, self.evaluate_state, self.metric == "val/acc")
             return merged
         self.scores = [self.evaluate_state(s) for s in states]
         self.kept = list(range(len(states)))
-        if self.recipe == "uniform":
+        if self.recipe in ("uniform", "align_then_average"):
             return uniform_soup(states)
-        if self.recipe == "align_then_average":
-            x = self._example_input()
-            reference = copy.deepcopy(self.backbone)
-            reference.load_state_dict(states[0])
-            other = copy.deepcopy(self.backbone)
-            aligned = [states[0]]
-            for state in states[1:]:
-                other.load_state_dict(state)
-                aligned.append(dict(align(reference, other, x).state_dict()))
-            return uniform_soup(aligned)
+        if self.recipe == "model_stock":
+            return model_stock(self.base_state, states)
         best: tuple[State, float] | None = None
         for s in self.scales:
             if self.recipe == "task_arithmetic":
                 candidate = task_arithmetic(self.base_state, states, s)
-            else:
+            elif self.recipe == "ties":
                 candidate = ties_merge(self.base_state, states, density=self.density, scale=s)
+            elif self.recipe == "dare":
+                candidate = dare(self.base_state, states, density=self.density, seed=self.seed, scale=s)
+            else:
+                candidate = breadcrumbs(self.base_state, states, density=self.density, gamma=self.gamma, scale=s)
             score = self.evaluate_state(candidate) if len(self.scales) > 1 else float("nan")
             self.scale_scores.append(score)
             if best is None or self._better(score, best[1]):  # ties keep the first (smaller) scale
@@ -179,7 +211,7 @@ class ModelMerge(Classifier):
                 self.logger.log_metrics(
                     {f"merge/ingredient_{name}": score, "merge/kept": float(i in self.kept)}, step=i
                 )
-            if len(self.scales) > 1 and self.recipe in ("task_arithmetic", "ties"):
+            if len(self.scales) > 1 and self.recipe in SCALED:
                 for i, (s, score) in enumerate(zip(self.scales, self.scale_scores)):
                     self.logger.log_metrics({f"merge/scale_{name}": score, "merge/scale": s}, step=i)
             self.logger.log_metrics({f"merge/{name}": self.merged_score}, step=len(self.scores))

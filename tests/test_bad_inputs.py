@@ -185,6 +185,9 @@ SPEC: dict[str, dict[str, Arg]] = {
             }
         ),
         "density": Arg(0, 1, low_open=True),
+        "gamma": Arg(0, 1, high_open=True, ok={"zero": "0 drops no large magnitudes"}),
+        "seed": SEED_ARG,
+        "align": ANY,
         "metric": ANY,
         "num_classes": CLASSES,
         "output_path": ANY,

@@ -10,7 +10,7 @@ from harness import read_scalars
 
 from litplug.cli import LitplugCLI
 from litplug.datamodules import Digits
-from litplug.merging import align, task_arithmetic, ties_merge
+from litplug.merging import align, breadcrumbs, dare, model_stock, task_arithmetic, ties_merge
 from litplug.modules import MLP, ModelMerge
 from litplug.modules.soup import uniform_soup
 
@@ -69,12 +69,15 @@ def states(paths):
 def test_recipe_from_yaml_equals_the_functional_core(config, files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recipe = config.stem
-    ingredients = files["seeds"] if recipe == "align_then_average" else files["finetunes"]
+    ingredients = files["seeds"] if recipe.startswith("align") else files["finetunes"]
+    base_file = files["base"]
+    if recipe == "align_then_ties":  # independently trained models, merged relative to the first
+        base_file, ingredients = ingredients[0], ingredients[1:]
     args = ["validate", "--config", str(config), f"--model.init_args.backbone.init_args.hidden={HIDDEN}",
             "--model.init_args.backbone.init_args.batch_norm=true", f"--model.init_args.checkpoints={ingredients}",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
-    if recipe in ("task_arithmetic", "ties"):
-        args.append(f"--model.init_args.base={files['base']}")
+    if recipe not in ("uniform", "greedy", "align_then_average"):
+        args.append(f"--model.init_args.base={base_file}")
     cli = LitplugCLI(args=args)
     merge = cli.model
     written = torch.load(tmp_path / "runs" / "merge" / f"{recipe}.pt")
@@ -96,15 +99,28 @@ def test_recipe_from_yaml_equals_the_functional_core(config, files, tmp_path, mo
             aligned.append(align(ref, other, x).state_dict())
         expected = uniform_soup(aligned)
         assert any(not torch.equal(expected[k], v) for k, v in uniform_soup(parts).items())  # alignment moved units
+    elif recipe == "model_stock":
+        expected = model_stock(states([base_file])[0], parts)
     else:
-        base = states([files["base"]])[0]
+        base = states([base_file])[0]
+        if recipe == "align_then_ties":
+            x = next(iter(cli.datamodule.val_dataloader()))[0]
+            reference = mlp(0)
+            reference.load_state_dict(base)
+            aligned = [align(reference, p, x) for p in parts]
+            assert any(not torch.equal(a[k], p[k]) for a, p in zip(aligned, parts) for k in p)
+            parts = aligned
         scores = merge.scale_scores
         best = max(range(len(scores)), key=lambda i: (scores[i], -i))
         assert merge.chosen_scale == merge.scales[best] and len(scores) == 5
-        if recipe == "task_arithmetic":
-            expected = task_arithmetic(base, parts, merge.chosen_scale)
-        else:
-            expected = ties_merge(base, parts, density=0.2, scale=merge.chosen_scale)
+        s = merge.chosen_scale
+        expected = {
+            "task_arithmetic": lambda: task_arithmetic(base, parts, s),
+            "ties": lambda: ties_merge(base, parts, density=0.2, scale=s),
+            "align_then_ties": lambda: ties_merge(base, parts, density=0.2, scale=s),
+            "dare": lambda: dare(base, parts, density=0.5, seed=0, scale=s),
+            "breadcrumbs": lambda: breadcrumbs(base, parts, density=0.8, gamma=0.01, scale=s),
+        }[recipe]()
     for k, v in expected.items():
         assert torch.equal(got[k], v), k
     scalars = read_scalars(tmp_path / "runs" / "merge" / recipe)
