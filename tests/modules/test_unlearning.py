@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import fast_trainer, read_scalars, run_distributed
-from lightning.pytorch import seed_everything
+from lightning.pytorch import LightningModule, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 
 from litplug.datamodules import Digits, ForgetRetain
 from litplug.modules import MLP, Classifier, Unlearner
@@ -381,3 +382,66 @@ def test_lm_saliency_mask_scores_the_token_nll(tmp_path):
         assert torch.equal(p.detach()[~keep], original[n][~keep]) and not torch.equal(
             p.detach()[keep], original[n][keep]
         )
+
+
+def _tiny_gpt2(transformers):
+    config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_hugging_face_checkpoints_load(tmp_path):
+    """A save_pretrained folder, its model.safetensors (lm_head.weight tied to transformer.wte.weight,
+    stored once) and a user's own Lightning checkpoint holding the model as ``self.model``."""
+    transformers = pytest.importorskip("transformers", reason="the `lm` extra (transformers) is not installed")
+    torch.manual_seed(0)
+    original = _tiny_gpt2(transformers)
+    original.save_pretrained(tmp_path / "hf")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # the tied weight is stored once
+
+    class UserLM(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = original
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0], labels=batch[0]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = fast_trainer(tmp_path, max_steps=0, limit_val_batches=0)
+    trainer.strategy.connect(UserLM())
+    trainer.save_checkpoint(tmp_path / "user.ckpt")
+    want = original.state_dict()
+    for path in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors", tmp_path / "user.ckpt"):
+        model = Unlearner(_tiny_gpt2(transformers), str(path), "finetune", objective="causal_lm")
+        got = model.backbone.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), path
+        assert model.backbone.lm_head.weight is model.backbone.transformer.wte.weight  # still tied
+
+
+def test_checkpoint_prefix_found_or_named(tmp_path):
+    """Modules written here: the prefix of any module holding the backbone is found; weights tied in
+    the backbone may be stored once; otherwise one line names both key prefixes."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.body = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    source = Tied()
+    stored = {k: v for k, v in source.state_dict().items() if k != "head.weight"}
+    torch.save({"state_dict": {f"net.inner.{k}": v for k, v in stored.items()}}, tmp_path / "nested.ckpt")
+    model = Unlearner(Tied(), str(tmp_path / "nested.ckpt"), "finetune")
+    assert torch.equal(model.backbone.head.weight, source.embed.weight)
+    torch.save({"state_dict": {f"encoder.{k}": v for k, v in _mlp().state_dict().items()}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError) as err:
+        Unlearner(Tied(), str(tmp_path / "other.ckpt"), "finetune")
+    message = str(err.value)
+    assert "\n" not in message and "['embed.', 'body.', 'head.']" in message and "['encoder.']" in message
