@@ -211,6 +211,20 @@ class FictitiousQA(LightningDataModule):
         ids, labels = self._encode(pairs)
         return QADataset(ids, labels, torch.full((len(pairs),), int(split == "forget")))
 
+    def evaluation_sets(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[str]]]:
+        """The ``data`` and ``texts`` of :func:`litplug.functional.unlearning_metrics.unlearning_suite`:
+        forget and retain questions with their answers, paraphrases and perturbed answers, and the
+        held-out questions; the answer texts of the forget and held-out questions."""
+        data = {}
+        for split in ("forget", "retain"):
+            for kind, suffix in (("answer", ""), ("paraphrase", "_paraphrase"), ("perturbed", "_perturbed")):
+                qa = self.question_answer(split, kind)
+                data[split + suffix] = (qa.input_ids, qa.labels)
+        holdout = self.question_answer("holdout")
+        data["holdout"] = (holdout.input_ids, holdout.labels)
+        texts = {k: [self.decode(row[row != IGNORE_INDEX]) for row in data[k][1]] for k in ("forget", "holdout")}
+        return data, texts
+
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)

@@ -43,7 +43,8 @@ Example:
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -251,3 +252,95 @@ def model_utility(values: Sequence[float]) -> float:
     if v.size == 0 or np.any(v < 0) or not np.all(np.isfinite(v)):
         raise ValueError(f"`model_utility` needs finite values >= 0, got {v.tolist()}")
     return 0.0 if np.any(v == 0) else float(len(v) / np.sum(1.0 / v))
+
+
+@torch.no_grad()
+def answer_statistics(
+    model: Callable[[torch.Tensor], Any], input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+) -> dict[str, torch.Tensor]:
+    """Run ``model`` (token ids -> logits, or an output with ``logits``) over ``input_ids`` in
+    batches and return the per-sample ``loss``, ``exact_memorization``, ``extraction_strength``,
+    ``min_k`` and ``min_k_plus_plus`` (k = 0.2) on CPU, in sample order."""
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in STATISTICS}
+    device = next((p.device for p in getattr(model, "parameters", list)()), torch.device("cpu"))
+    for start in range(0, len(input_ids), batch_size):
+        ids = input_ids[start : start + batch_size].to(device)
+        lab = labels[start : start + batch_size].to(device)
+        output = model(ids)
+        logits = (output if isinstance(output, torch.Tensor) else output.logits).cpu()
+        lab = lab.cpu()
+        out["loss"].append(answer_loss(logits, lab))
+        out["exact_memorization"].append(exact_memorization(logits, lab))
+        out["extraction_strength"].append(extraction_strength(logits, lab))
+        out["min_k"].append(min_k_score(logits, lab))
+        out["min_k_plus_plus"].append(min_k_plus_plus_score(logits, lab))
+    return {k: torch.cat(v) if v else torch.zeros(0) for k, v in out.items()}
+
+
+STATISTICS = ("loss", "exact_memorization", "extraction_strength", "min_k", "min_k_plus_plus")
+SUITE_SETS = ("forget", "forget_paraphrase", "forget_perturbed", "retain", "retain_paraphrase", "retain_perturbed",
+              "holdout")  # fmt: skip
+
+
+def unlearning_suite(
+    model: Callable[[torch.Tensor], Any],
+    retain_model: Callable[[torch.Tensor], Any],
+    data: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    texts: Mapping[str, Sequence[str]],
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """The whole evaluation of an unlearned ``model`` against the ``retain_model`` (trained without
+    the forget data), as TOFU/MUSE/open-unlearning report it.
+
+    ``data`` maps each of ``SUITE_SETS`` to ``(input_ids, labels)``: the forget questions with their
+    answers, paraphrased answers and perturbed answers (``forget_perturbed`` holds ``K`` rows per
+    question, question-major), the same for retained data, and the held-out questions (never trained
+    on). ``texts`` maps ``forget`` and ``holdout`` to the answer texts (for the zlib attack).
+
+    Returns ``forget_quality``, ``forget_truth_ratio`` (closer-to-one aggregate), ``forget_em``,
+    ``forget_es``, ``forget_prob`` (mean ``exp(-loss)``), ``retain_truth_ratio`` (true-better),
+    ``retain_prob``, ``model_utility`` (harmonic mean of retain prob and retain truth ratio),
+    ``mia_<attack>`` AUCs (forget vs held-out) for ``loss``, ``zlib``, ``min_k``, ``min_k_plus_plus``
+    and ``reference`` (the retain model as the reference), and ``privleak`` (Min-K% AUC against the
+    retain model's). Both models are evaluated; nothing is cached.
+    """
+    missing = [k for k in SUITE_SETS if k not in data]
+    if missing:
+        raise ValueError(f"`data` lacks {missing}; it needs {list(SUITE_SETS)}")
+    stats = {
+        (who, k): answer_statistics(m, *data[k], batch_size=batch_size)
+        for who, m in (("model", model), ("retain", retain_model))
+        for k in SUITE_SETS
+    }
+
+    def ratios(who: str, split: str) -> torch.Tensor:
+        correct = stats[who, f"{split}_paraphrase"]["loss"]
+        return truth_ratio(correct, stats[who, f"{split}_perturbed"]["loss"].view(len(correct), -1))
+
+    forget_tr, retain_tr = ratios("model", "forget"), ratios("model", "retain")
+    retain_prob = float(torch.exp(-stats["model", "retain"]["loss"]).mean())
+    report = {
+        "forget_quality": forget_quality(forget_tr, ratios("retain", "forget")),
+        "forget_truth_ratio": closer_to_one(forget_tr),
+        "forget_em": float(stats["model", "forget"]["exact_memorization"].mean()),
+        "forget_es": float(stats["model", "forget"]["extraction_strength"].mean()),
+        "forget_prob": float(torch.exp(-stats["model", "forget"]["loss"]).mean()),
+        "retain_truth_ratio": true_better(retain_tr),
+        "retain_prob": retain_prob,
+        "model_utility": model_utility([retain_prob, true_better(retain_tr)]),
+    }
+    for who, prefix in (("model", "mia"), ("retain", "retain_mia")):
+        f, h = stats[who, "forget"], stats[who, "holdout"]
+        report[f"{prefix}_loss"] = mia_auc(f["loss"], h["loss"])
+        report[f"{prefix}_min_k"] = mia_auc(f["min_k"], h["min_k"])
+        report[f"{prefix}_min_k_plus_plus"] = mia_auc(f["min_k_plus_plus"], h["min_k_plus_plus"])
+        sizes = {
+            k: torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in texts[k]]) for k in ("forget", "holdout")
+        }
+        report[f"{prefix}_zlib"] = mia_auc(f["loss"] / sizes["forget"], h["loss"] / sizes["holdout"])
+    report["mia_reference"] = mia_auc(
+        reference_score(stats["model", "forget"]["loss"], stats["retain", "forget"]["loss"]),
+        reference_score(stats["model", "holdout"]["loss"], stats["retain", "holdout"]["loss"]),
+    )
+    report["privleak"] = privleak(report["mia_min_k"], report["retain_mia_min_k"])
+    return report

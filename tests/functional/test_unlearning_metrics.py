@@ -137,3 +137,25 @@ def test_model_utility_is_the_harmonic_mean():
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match=r"\[B, T, V\]"):
         um.answer_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_the_suite_on_a_corpus_scores_a_model_against_itself_as_indistinguishable():
+    from litplug.datamodules import FictitiousQA
+    from litplug.modules import CausalTransformer
+
+    dm = FictitiousQA(num_entities=40, forget_percent=10, num_perturbed=2)
+    data, texts = dm.evaluation_sets()
+    torch.manual_seed(0)
+    a = CausalTransformer(vocab_size=dm.vocab_size, max_len=dm.max_len, dim=16, depth=1, heads=2).eval()
+    b = CausalTransformer(vocab_size=dm.vocab_size, max_len=dm.max_len, dim=16, depth=1, heads=2).eval()
+    same = um.unlearning_suite(a, a, data, texts)
+    assert same["forget_quality"] == pytest.approx(1.0) and same["privleak"] == pytest.approx(0.0, abs=1e-6)
+    assert same["mia_reference"] == pytest.approx(0.5)  # the reference score is 0 for every sample
+    assert same["mia_loss"] == same["retain_mia_loss"]
+    other = um.unlearning_suite(a, b, data, texts)
+    assert other["forget_truth_ratio"] == same["forget_truth_ratio"] and 0 <= other["forget_quality"] <= 1
+    assert set(same) == set(other) and all(math.isfinite(v) for v in same.values())
+    loss = um.answer_loss(a(data["forget"][0]), data["forget"][1])
+    assert same["forget_prob"] == pytest.approx(float(torch.exp(-loss).mean()), abs=1e-6)
+    with pytest.raises(ValueError, match="lacks"):
+        um.unlearning_suite(a, a, {"forget": data["forget"]}, texts)
