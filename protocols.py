@@ -13,6 +13,7 @@ Protocol                    needed by
 :class:`CertifiedModule`    ``IBPWarmup`` (the module)
 :class:`ForgetRetainData`   ``UnlearningMask("saliency" | "attribution")`` (the datamodule)
 :class:`OfflineDesignsData` ``GradientAscentSearch`` (the datamodule)
+:class:`IndexedData`        ``DataPruning``, ``ELR``, ``PSKD`` (the datamodule)
 ==========================  =====================================================================
 
 Example:
@@ -42,6 +43,7 @@ __all__ = [
     "CertifiedModule",
     "ForgetRetainData",
     "HasBatchLoss",
+    "IndexedData",
     "OfflineDesignsData",
     "missing_members",
     "module_loss",
@@ -112,6 +114,25 @@ class OfflineDesignsData(Protocol):
     def score(self, x: Tensor) -> Tensor: ...
 
     def unstandardise(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class IndexedData(Protocol):
+    """A datamodule whose training samples carry their training-set index
+    (``litplug.datamodules.Indexed`` wraps any datamodule into one): ``batch_index`` holds the
+    indices of the current training batch from ``on_train_batch_start`` on, ``num_examples`` is the
+    training-set size, ``labels()`` the training labels, ``keep(indices)`` restricts the next
+    training loader to ``indices`` and ``subset_loader(indices, batch_size)`` loads training samples
+    in a given order (batches as the module sees them)."""
+
+    batch_index: Tensor | None
+    num_examples: int
+
+    def labels(self) -> Tensor: ...
+
+    def keep(self, indices: Tensor | None) -> None: ...
+
+    def subset_loader(self, indices: Any, batch_size: int) -> Iterable[Any]: ...
 
 
 def missing_members(obj: Any, protocol: type) -> list[str]:

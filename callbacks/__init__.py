@@ -5,11 +5,13 @@ from .ema import EMA
 from .ignite import SurrogateSharpness
 from .monitor import SharpnessMonitor
 from .offline import GradientAscentSearch
+from .pruning import DataPruning
 from .sam import SAM, SharpnessAwareMinimization
 from .swa import SWA
 from .unlearning import UnlearningMask
 
 __all__: list[str] = [
+    "DataPruning",
     "EMA",
     "GradientAscentSearch",
     "SAM",

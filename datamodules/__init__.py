@@ -1,8 +1,10 @@
-"""litplug datamodules: embedded digits, synthetic data, text and question/answer pairs, MNIST/CIFAR-10 from disk."""
+"""litplug datamodules: embedded digits, synthetic data, text and question/answer pairs, MNIST/CIFAR-10 from
+disk, and wrappers for anyone's datamodule (forget/retain splits, per-example indices)."""
 
 from .base import TensorDataModule
 from .digits import Digits
 from .forgetting import ForgetRetain
+from .indexed import Indexed
 from .offline import OfflineDesigns
 from .qa import FictitiousQA
 from .synthetic import SyntheticClassification
@@ -15,6 +17,7 @@ __all__ = [
     "Digits",
     "FictitiousQA",
     "ForgetRetain",
+    "Indexed",
     "MarkovText",
     "OfflineDesigns",
     "SyntheticClassification",

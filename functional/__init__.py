@@ -5,7 +5,9 @@
   :func:`ignite_gradient` (``ignite_gradient_``), :func:`dual_ascent`, :func:`global_norm`;
 * weight masks: :func:`topk_masks`, :func:`kth_largest_key`, :func:`saliency_scores`,
   :func:`attribution_scores`, :func:`pack_mask`, :func:`unpack_mask`, :func:`frozen_values`,
-  :func:`enforce_masked_grads_`, :func:`restore_frozen_`.
+  :func:`enforce_masked_grads_`, :func:`restore_frozen_`;
+* data scores: :func:`el2n_scores`, :func:`grand_scores`, :func:`forgetting_events`,
+  :func:`forgetting_scores`.
 
 Example:
     >>> import torch
@@ -27,6 +29,7 @@ from .masks import (
     topk_masks,
     unpack_mask,
 )
+from .pruning import el2n_scores, forgetting_events, forgetting_scores, grand_scores
 from .sharpness import (
     dual_ascent,
     global_norm,
@@ -38,6 +41,10 @@ from .sharpness import (
 )
 
 __all__ = [
+    "el2n_scores",
+    "forgetting_events",
+    "forgetting_scores",
+    "grand_scores",
     "attribution_scores",
     "average_update_",
     "dual_ascent",

@@ -15,13 +15,14 @@ from litplug.callbacks import (
     EMA,
     SAM,
     SWA,
+    DataPruning,
     GradientAscentSearch,
     IBPWarmup,
     SharpnessMonitor,
     SurrogateSharpness,
     UnlearningMask,
 )
-from litplug.datamodules import Digits, ForgetRetain, OfflineDesigns
+from litplug.datamodules import Digits, ForgetRetain, Indexed, OfflineDesigns
 from litplug.modules import MLP, CertifiedClassifier, Classifier, Regressor, Unlearner
 
 
@@ -126,6 +127,19 @@ CASES["GradientAscentSearch+SurrogateSharpness"] = Case(
     ],
     model=small_regressor,
     data=offline_sphere,
+)
+
+
+# Data pruning (callbacks/pruning.py): scored at the end of epoch 0, pruned in epoch 1, so the
+# resumed run starts from a checkpoint holding the kept set and the forgetting counts.
+def indexed_digits() -> LightningDataModule:
+    return Indexed(digits())
+
+
+CASES["DataPruning"] = Case(lambda: DataPruning("forgetting", keep=0.5, score_epoch=0), data=indexed_digits)
+CASES["DataPruning+SAM+EMA"] = Case(
+    callback=lambda: [DataPruning("grand", keep=0.3, score_epoch=0), SAM(rho=0.05), EMA(decay=0.9)],
+    data=indexed_digits,
 )
 
 

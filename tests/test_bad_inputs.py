@@ -59,6 +59,13 @@ CLASSES = Arg(2)
 SEED_ARG = Arg(ok={"zero": SEED, "negative": SEED})
 
 SPEC: dict[str, dict[str, Arg]] = {
+    "DataPruning": {
+        "score": ANY,
+        "keep": Arg(0, 1, low_open=True),
+        "score_epoch": Arg(0, ok={"zero": "0 scores after the first epoch"}),
+        "offset": Arg(0, 0.5, ok={"zero": "0 keeps the hardest samples"}),  # [0, 1 - keep], keep=0.5
+        "batch_size": COUNT,
+    },
     "EMA": {
         "decay": UNIT_OPEN,
         "warmup": ANY,
@@ -262,6 +269,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         "held_out": ANY,
         "batch_size": COUNT,
     },
+    "Indexed": {"datamodule": ANY, "seed": SEED_ARG},
     "OfflineDesigns": {
         "task": ANY,
         "dim": COUNT,

@@ -19,6 +19,7 @@ from litplug.callbacks import (
     EMA,
     SAM,
     SWA,
+    DataPruning,
     GradientAscentSearch,
     IBPWarmup,
     SharpnessMonitor,
@@ -146,6 +147,8 @@ REFUSALS = {
         for c in ("manual", "two_optimizers")
         for name, short in (("SharpnessAwareMinimization", "SAM"), ("SurrogateSharpness", "SurrogateSharpness"))
     },
+    ("DataPruning", "boring"): "DataPruning.score='grand'. needs a classifier-like module.*not .inputs, targets.",
+    ("DataPruning", "lm"): "DataPruning.score='grand'. needs a classifier-like module.*targets have shape .1, 8.",
     (
         "SurrogateSharpness",
         "lm",
@@ -312,7 +315,30 @@ def _mask_cell(column, tmp_dir):
     assert moved and sum(int(m.sum()) for m in mask.masks.values()) == mask.num_selected
 
 
+def _pruning_cell(column, tmp_dir):
+    """GraNd after epoch 0 keeps half of the 64 samples; epoch 1 trains on exactly those."""
+    from litplug.datamodules import Indexed
+
+    class Seen(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1:
+                self.seen += trainer.datamodule.batch_index.tolist()
+
+    seen, pruning = Seen(), DataPruning("grand", keep=0.5, score_epoch=0)
+    seed_everything(0)
+    model = column.model()
+    args = {"limit_train_batches": 4, "limit_val_batches": 0, **column.trainer}
+    trainer = fast_trainer(tmp_dir, max_epochs=2, precision="64-true", callbacks=[pruning, seen], **args)
+    trainer.fit(model, Indexed(column.data()))
+    assert len(pruning.kept) == 32 and torch.isfinite(pruning.scores).all()
+    assert seen.seen and set(seen.seen) <= set(pruning.kept.tolist())
+
+
 CELLS = {
+    "DataPruning": _pruning_cell,
     "EMA": _ema_cell,
     "SWA": _swa_cell,
     "SharpnessAwareMinimization": _sam_cell,

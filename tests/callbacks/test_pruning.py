@@ -1,0 +1,152 @@
+"""DataPruning: DDP on 2 ranks equals one process in float64 (same scores, same kept set, same
+weights), the ranks' pruned epochs cover exactly the kept set, pruned epochs take the kept share
+of the batches, the logs (read back from TensorBoard), clear errors before training. Resume and
+the foreign-module matrix: tests/test_registry.py."""
+
+from functools import partial
+
+import pytest
+import torch
+from foreign import features
+from harness import fast_trainer, make_strategy, read_histograms, read_scalars, run_distributed, state_of
+from lightning.pytorch import Callback, LightningDataModule, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
+
+from litplug.callbacks import DataPruning
+from litplug.datamodules import Digits, Indexed
+from litplug.modules import MLP, Classifier
+
+SCORES = ("el2n", "grand", "forgetting")
+
+
+def _module():
+    # no BatchNorm: DDP's per-rank batch statistics would differ from one process's
+    return Classifier(MLP(input_shape=[6], num_outputs=3, hidden=[8]), 3, optimizer=partial(torch.optim.SGD, lr=0.5))
+
+
+class Seen(Callback):
+    """The training indices of every epoch, in order."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.setdefault(trainer.current_epoch, []).extend(trainer.datamodule.batch_index.tolist())
+
+
+class Sharded(LightningDataModule):
+    """``features`` in index order, sharded by its own ``DistributedSampler`` under DDP (Lightning's
+    would reshuffle): rank r's k-th batch of 8 is half of one process's k-th batch of 16."""
+
+    def __init__(self, batch_size, world=1):
+        super().__init__()
+        self.data, self.batch_size, self.world = features(n=64), batch_size, world
+
+    def train_dataloader(self):
+        dataset = TensorDataset(self.data.x, self.data.y)
+        if self.world == 1:
+            return DataLoader(dataset, batch_size=self.batch_size)
+        sampler = DistributedSampler(dataset, self.world, self.trainer.global_rank, shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+def _run(score, tmp_dir, batch_size, world=1, **kwargs):
+    seed_everything(0)
+    model = _module() if score else Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8]), 10)
+    seen, pruning = Seen(), DataPruning(score or "el2n", keep=0.25, score_epoch=1)
+    trainer = fast_trainer(tmp_dir, max_epochs=3, precision="64-true", callbacks=[pruning, seen], **kwargs)
+    trainer.fit(model, Indexed(Sharded(batch_size, world) if score else Digits(batch_size=32)))
+    return {"state": state_of(model), "kept": pruning.kept, "scores": pruning.scores, "seen": seen.seen}
+
+
+def ddp_worker(strategy, tmp_dir):
+    own = {
+        s: _run(s, tmp_dir / s, 8, 2, strategy=make_strategy("ddp"), devices=2, use_distributed_sampler=False)
+        for s in SCORES
+    }
+    lightning = _run(None, tmp_dir / "digits", 32, strategy=make_strategy("ddp"), devices=2, limit_val_batches=0)
+    return {**own, "lightning": lightning}
+
+
+def test_ddp_matches_one_process_and_the_ranks_cover_the_kept_set(tmp_path):
+    r0, r1 = run_distributed(ddp_worker, "ddp", tmp_path)
+    # Lightning's own sharding (a DistributedSamplerWrapper around the KeptSampler): 324 kept
+    # (25% of 1294), 162 per rank, the union exactly the kept set
+    a, b = r0["lightning"], r1["lightning"]
+    assert torch.equal(a["kept"], b["kept"]) and len(a["kept"]) == 324
+    assert len(a["seen"][2]) == len(b["seen"][2]) == 162 and sorted(a["seen"][2] + b["seen"][2]) == a["kept"].tolist()
+    assert sorted(a["seen"][0] + b["seen"][0]) == list(range(1294))
+    for score in SCORES:
+        # one process with the global batch (2 x 8): the same batches as the two ranks together
+        single = _run(score, tmp_path / score, 16)
+        a, b = r0[score], r1[score]
+        assert len(single["kept"]) == 16
+        assert torch.equal(a["kept"], b["kept"]) and torch.equal(a["kept"], single["kept"]), score
+        torch.testing.assert_close(a["scores"], single["scores"], rtol=1e-12, atol=1e-12)
+        assert sorted(a["seen"][0] + b["seen"][0]) == list(range(64))
+        pruned = a["seen"][2] + b["seen"][2]
+        assert sorted(pruned) == single["kept"].tolist(), f"{score}: the ranks' samples are not the kept set"
+        assert len(a["seen"][2]) == len(b["seen"][2]) == 8
+        assert single["seen"][2] == single["kept"].tolist()  # a sequential loader: the kept set in index order
+        for key, value in single["state"].items():
+            assert torch.equal(a["state"][key], b["state"][key])
+            torch.testing.assert_close(a["state"][key], value, rtol=0, atol=1e-10)
+
+
+def test_pruned_epochs_train_on_the_kept_share_and_log(tmp_path):
+    seed_everything(0)
+    model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), 10)
+    pruning, seen = DataPruning("el2n", keep=0.3, score_epoch=0, offset=0.1), Seen()
+    dm = Indexed(Digits(batch_size=64))
+    logger = TensorBoardLogger(tmp_path, name="", version=0)
+    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[pruning, seen], logger=logger)
+    trainer.fit(model, dm)
+    n = dm.num_examples
+    assert len(seen.seen[0]) == n and sorted(seen.seen[1]) == pruning.kept.tolist()
+    assert len(pruning.kept) == round(0.3 * n)
+    order = torch.sort(-pruning.scores, stable=True).indices  # the band [0.1 n, 0.4 n) of the hardest
+    assert set(pruning.kept.tolist()) == set(order[round(0.1 * n) : round(0.1 * n) + len(pruning.kept)].tolist())
+    assert trainer.reload_dataloaders_every_n_epochs == 0  # the user's setting is back
+    scalars = read_scalars(tmp_path)
+    labels = dm.labels()
+    assert scalars["pruning/kept_fraction"][0][1] == pytest.approx(len(pruning.kept) / n)
+    kept_per_class = sum(
+        scalars[f"pruning/kept_fraction/class_{c}"][0][1] * int((labels == c).sum()) for c in range(10)
+    )
+    assert kept_per_class == pytest.approx(len(pruning.kept), abs=1e-3)
+    assert "pruning/scores" in read_histograms(tmp_path)
+
+
+def test_forgetting_counts_events_of_the_training_forward(tmp_path):
+    seed_everything(0)
+    pruning = DataPruning("forgetting", keep=0.5, score_epoch=3)
+    dm = Indexed(Digits(batch_size=64))
+    model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), 10)
+    fast_trainer(tmp_path, max_epochs=5, callbacks=[pruning]).fit(model, dm)
+    learned = (pruning.last_correct == 1) | (pruning.forgotten > 0)
+    assert pruning.forgotten.sum() > 0 and learned.any() and (~learned).any()
+    assert torch.isinf(pruning.scores[~learned]).all()
+    assert torch.equal(pruning.scores[learned], pruning.forgotten[learned].double())
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        return iter([(torch.zeros(6), 0)] * 4)
+
+
+class StreamData(LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(Stream(), batch_size=2)
+
+
+def test_bad_setups_fail_before_training(tmp_path):
+    model = _module()
+    with pytest.raises(ValueError, match="Wrap it: `litplug.datamodules.Indexed"):
+        fast_trainer(tmp_path, callbacks=[DataPruning()]).fit(model, features())
+    with pytest.raises(TypeError, match="map-style dataset.*IterableDataset"):
+        fast_trainer(tmp_path, callbacks=[DataPruning()]).fit(model, Indexed(StreamData()))
+    wrong = Classifier(MLP(input_shape=[5], num_outputs=3), 3)  # a module whose forward rejects the inputs
+    with pytest.raises(ValueError, match="classifier-like module.*raised RuntimeError"):
+        fast_trainer(tmp_path, callbacks=[DataPruning()]).fit(wrong, Indexed(features()))
+    assert wrong.global_step == 0

@@ -1,0 +1,95 @@
+"""Indexed: the index of every training sample travels with it, the module sees the wrapped
+datamodule's batches unchanged (its own batch hooks still run), KeptSampler restricts any sampler,
+iterable datasets are refused."""
+
+import pytest
+import torch
+from harness import fast_trainer
+from lightning.pytorch import Callback, LightningDataModule
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, TensorDataset
+
+from litplug.datamodules import Digits, Indexed
+from litplug.datamodules.base import EpochShuffle
+from litplug.datamodules.indexed import KeptSampler
+from litplug.modules import MLP, Classifier
+
+
+class Check(Callback):
+    def __init__(self):
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        dm = trainer.datamodule
+        x, y = batch
+        for row, i in enumerate(dm.batch_index.tolist()):
+            xi, yi = dm.train_dataset[i]
+            assert torch.equal(x[row], xi) and int(y[row]) == int(yi)
+        self.batches += 1
+
+
+class Tagged(Classifier):
+    """A module with its own on_before_batch_transfer (it doubles the inputs)."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.seen = batch
+        return batch[0] * 2, batch[1]
+
+
+def test_the_index_travels_with_every_sample(tmp_path):
+    dm, check = Indexed(Digits(batch_size=32)), Check()
+    model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10), 10)
+    fast_trainer(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[check]).fit(model, dm)
+    assert check.batches == 6 and dm.num_examples == len(dm.datamodule.train_set)
+    assert torch.equal(dm.labels(), dm.datamodule.train_set.y)
+
+
+def test_the_modules_own_batch_hook_still_runs(tmp_path):
+    dm = Indexed(Digits(batch_size=8))
+    model = Tagged(MLP(input_shape=[1, 8, 8], num_outputs=10), 10)
+    fast_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, dm)
+    x, _ = model.seen
+    assert isinstance(model.seen, (list, tuple)) and x.shape == (8, 1, 8, 8)  # the index is off already
+
+
+def test_kept_sampler_restricts_any_sampler():
+    kept = torch.tensor([7, 2, 5])
+    assert list(KeptSampler(SequentialSampler(range(10)), kept, 10)) == [2, 5, 7]
+    shuffled = KeptSampler(RandomSampler(range(10)), kept, 10, seed=1)
+    first = list(shuffled)
+    assert sorted(first) == [2, 5, 7] and list(shuffled) == first  # seeded by (seed, epoch)
+    orders = set()
+    for epoch in range(6):
+        shuffled.set_epoch(epoch)
+        orders.add(tuple(shuffled))
+    assert len(orders) > 1
+    base = EpochShuffle(10, seed=0)
+    filtered = KeptSampler(base, kept, 10)
+    filtered.set_epoch(3)
+    base.set_epoch(3)
+    assert list(filtered) == [i for i in base if i in {2, 5, 7}] and len(filtered) == 3
+    data = TensorDataset(torch.arange(10))
+    ranks = [list(KeptSampler(DistributedSampler(data, 2, r, shuffle=True, seed=4), kept, 10)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 2 and sorted(set(ranks[0] + ranks[1])) == [2, 5, 7]  # one padded
+    cut = [KeptSampler(DistributedSampler(data, 2, r, shuffle=False, drop_last=True), kept, 10) for r in range(2)]
+    assert [list(s) for s in cut] == [[2], [5]] and len(cut[0]) == 1
+
+
+class Custom(LightningDataModule):
+    def train_dataloader(self):
+        data = TensorDataset(torch.randn(12, 6), torch.randint(0, 3, (12,)))
+        return DataLoader(data, batch_size=5, shuffle=True, drop_last=True, collate_fn=lambda s: tuple(zip(*s)))
+
+
+def test_the_wrapped_loader_keeps_its_settings():
+    dm = Indexed(Custom())
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, RandomSampler) and loader.drop_last and len(loader) == 2
+    batch = dm.on_before_batch_transfer(next(iter(loader)), 0)
+    assert isinstance(batch, tuple) and len(batch[0]) == 5 and len(dm.batch_index) == 5
+    dm.keep(torch.tensor([0, 1, 2, 3, 4, 5]))
+    assert len(dm.train_dataloader()) == 1
+
+
+def test_an_unknown_datamodule_type_is_refused():
+    with pytest.raises(TypeError, match="`datamodule` must be a LightningDataModule"):
+        Indexed(TensorDataset(torch.zeros(2)))
