@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -69,6 +69,10 @@ class DataPruning(Callback):
         offset: fraction of the hardest samples skipped before the kept band, in [0, 1 - keep].
         batch_size: batch size of the scoring passes (None: the training loader's).
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "data": {"kept fraction (all, per class)": ["^pruning/kept_fraction"]},
+    }
 
     def __init__(
         self,
