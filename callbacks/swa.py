@@ -1,32 +1,46 @@
 """Stochastic weight averaging (SWA; Izmailov et al. 2018, "Averaging Weights Leads to Wider
 Optima"): the uniform mean of one snapshot per epoch from ``start`` on,
-``avg <- avg + (w - avg) / (n + 1)``; BatchNorm statistics are recomputed for the averaged weights
-with one pass over the training data.
+``avg <- avg + (w - avg) / (n + 1)``, under the SWA learning rate (``swa_lrs``: from ``start`` on,
+torch's ``SWALR`` anneals each parameter group's rate to its SWA value and holds it there);
+BatchNorm statistics are recomputed for the averaged weights with one pass over the training data.
 
 The formulas are :func:`litplug.functional.average_update_` and :func:`litplug.functional.update_bn_`;
 the shared machinery is :class:`litplug.callbacks.weight_averaging._WeightAveraging`.
 
 Example:
     >>> from litplug.callbacks import SWA
-    >>> swa = SWA(start=0.75, update_bn=True)
+    >>> swa = SWA(start=0.75, swa_lrs=0.05, annealing_epochs=5, annealing_strategy="cos")
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import nn
+from torch.optim.swa_utils import SWALR
 from typing_extensions import override
 
 from ..functional.averaging import update_bn_
-from ..validation import check_bool, check_fraction, check_int, check_positive_int
+from ..validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_list,
+    check_number,
+    check_positive_int,
+)
 from .hooks import logs_now
 from .weight_averaging import DType, Which, _WeightAveraging
 
 __all__ = ["SWA"]
+
+_STRATEGIES = ("cos", "linear")
 
 
 class SWA(_WeightAveraging):
@@ -35,14 +49,23 @@ class SWA(_WeightAveraging):
     validation), then BatchNorm statistics recomputed for the averaged weights at the end of
     ``fit`` with one pass over the training data (``limit_train_batches`` respected).
 
+    The SWA learning rate (``swa_lrs`` set): at the start of epoch ``start`` the callback replaces
+    the optimizer's schedulers with ``torch.optim.swa_utils.SWALR`` stepped at every epoch end (as
+    Lightning's ``StochasticWeightAveraging`` does): epoch ``start`` keeps the rate it has, and over
+    the next ``annealing_epochs`` epochs each parameter group's rate moves to its SWA value,
+    ``lr_t = swa_lr * a(t) + lr_0 * (1 - a(t))`` with ``t = min(1, k / annealing_epochs)`` after
+    the k-th epoch and ``a(t) = (1 - cos(pi t)) / 2`` (``"cos"``) or ``t`` (``"linear"``), then
+    stays there. The scheduler's state is checkpointed: a resumed run continues the same schedule.
+    With ``swa_lrs=None`` the user's schedule keeps running.
+
     Floating parameters and buffers are averaged, integer buffers copied, paired by name. Before
-    the first snapshot, validation uses the live weights. Use a constant or cyclic learning rate
-    over the averaging phase (e.g. ``SWALR``) as in the paper. A snapshot whose weights are not
-    finite is skipped with a warning (as in :class:`EMA`).
+    the first snapshot, validation uses the live weights. A snapshot whose weights are not finite
+    is skipped with a warning (as in :class:`EMA`).
 
     Distributed: DDP and FSDP2 add no communication to the snapshots (FSDP2 keeps the average
-    per local shard). The BatchNorm pass runs on each rank's share of the data, then averages the
-    BatchNorm buffers over ranks with one all-reduce so the replicas agree.
+    per local shard); every rank builds the same ``SWALR``. The BatchNorm pass runs on each rank's
+    share of the data, then averages the BatchNorm buffers over ranks with one all-reduce so the
+    replicas agree.
 
     Data without a length (an ``IterableDataset``): the snapshot is taken when the epoch ends,
     after its validation (which still sees the previous average).
@@ -53,16 +76,24 @@ class SWA(_WeightAveraging):
             ``max_epochs`` when that is set (checked at setup).
         every_n_epochs: snapshot every n-th epoch from ``start`` (>= 1).
         update_bn: recompute BatchNorm statistics for the final averaged weights.
+        swa_lrs: the SWA learning rate: one positive number for every parameter group, a list
+            with one per group (its length is checked against the optimizer at the start of
+            ``fit``), or ``None`` to keep the user's schedule. Needs automatic optimisation and
+            one optimizer.
+        annealing_epochs: epochs over which the rate moves to ``swa_lrs`` (int >= 0; 0 switches
+            at once, so epoch ``start`` already runs at ``swa_lrs``).
+        annealing_strategy: ``"cos"`` or ``"linear"``.
         dtype, device, evaluate_with, final_weights, export_path: as in :class:`EMA`.
 
     Example:
-        >>> swa = SWA(start=0.75, update_bn=True)
+        >>> swa = SWA(start=0.75, swa_lrs=0.05, annealing_epochs=5, update_bn=True)
     """
 
     litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
         "averaging": {
             "loss: train vs validation (evaluated on the average)": ["^train/loss$", "^val/loss$"],
             "SWA snapshot weight": ["^swa/weight$"],
+            "SWA learning rate (swa_lrs), per parameter group": ["^swa/lr"],
         },
     }
 
@@ -71,6 +102,9 @@ class SWA(_WeightAveraging):
         start: int | float = 0.75,
         every_n_epochs: int = 1,
         update_bn: bool = True,
+        swa_lrs: float | list[float] | None = None,
+        annealing_epochs: int = 10,
+        annealing_strategy: Literal["cos", "linear"] = "cos",
         dtype: DType | None = None,
         device: str | None = None,
         evaluate_with: Which = "average",
@@ -88,11 +122,24 @@ class SWA(_WeightAveraging):
             )
         check_positive_int("every_n_epochs", every_n_epochs)
         check_bool("update_bn", update_bn)
+        if swa_lrs is not None and not isinstance(swa_lrs, (list, tuple)):
+            swa_lrs = check_number("swa_lrs", swa_lrs, low=0, low_open=True)
+        elif swa_lrs is not None:
+            swa_lrs = check_list(
+                "swa_lrs", swa_lrs, lambda n, v: check_number(n, v, low=0, low_open=True), nonempty=True
+            )
+        check_int("annealing_epochs", annealing_epochs, low=0)
+        check_choice("annealing_strategy", annealing_strategy, _STRATEGIES)
         super().__init__(dtype, device, evaluate_with, final_weights, export_path)
         self.start = start
         self.every_n_epochs = every_n_epochs
         self.update_bn = update_bn
+        self.swa_lrs = swa_lrs
+        self.annealing_epochs = annealing_epochs
+        self.annealing_strategy = annealing_strategy
         self._start_epoch = start if isinstance(start, int) else 0
+        self._scheduler: SWALR | None = None
+        self._scheduler_state: dict[str, Any] | None = None  # restored from a checkpoint, loaded at fit start
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -114,6 +161,70 @@ class SWA(_WeightAveraging):
                 f"`start` = {self.start} is epoch {self._start_epoch}, beyond the last epoch {max_epochs - 1} "
                 f"(max_epochs={max_epochs})"
             )
+        if self.swa_lrs is not None and not pl_module.automatic_optimization:
+            raise ValueError(
+                f"SWA(swa_lrs={self.swa_lrs}) hands the learning rate to a SWALR scheduler that Lightning steps at "
+                "every epoch end, which it does only under automatic optimisation; this module sets "
+                "`automatic_optimization = False`: set `swa_lrs=None` and step a "
+                "`torch.optim.swa_utils.SWALR` in the module's own loop"
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._scheduler = None
+        if self.swa_lrs is None:
+            return
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"SWA(swa_lrs=...) sets the learning rate of one optimizer, the module has {len(trainer.optimizers)}"
+            )
+        groups = len(trainer.optimizers[0].param_groups)
+        if isinstance(self.swa_lrs, list) and len(self.swa_lrs) != groups:
+            raise ValueError(
+                f"`swa_lrs` has {len(self.swa_lrs)} learning rates ({self.swa_lrs}), the optimizer {groups} "
+                "parameter groups: give one per group, or one number for all"
+            )
+        if self._scheduler_state is not None:
+            # Resuming after the swap: SWALR takes the scheduler's place before Lightning restores the
+            # checkpoint's scheduler states (which hold SWALR's), so they never reach the user's scheduler.
+            self._use_swalr(trainer, self._scheduler_state)
+            self._scheduler_state = None
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.swa_lrs is None or self._scheduler is not None or trainer.current_epoch < self._start_epoch:
+            return
+        if trainer.current_epoch > self._start_epoch:
+            rank_zero_warn(
+                f"SWA: the SWA learning rate begins at epoch {trainer.current_epoch}, after `start` (epoch "
+                f"{self._start_epoch}), since the run resumed from a checkpoint without SWA's scheduler state; "
+                "the annealing starts from here"
+            )
+        self._use_swalr(trainer, None)
+
+    def _use_swalr(self, trainer: pl.Trainer, state: dict[str, Any] | None) -> None:
+        """Replace every scheduler of the (single) optimizer with ``SWALR``, stepped every epoch."""
+        optimizer = trainer.optimizers[0]
+        lrs = self.swa_lrs if isinstance(self.swa_lrs, list) else [self.swa_lrs] * len(optimizer.param_groups)
+        self._scheduler = SWALR(
+            optimizer, swa_lr=lrs, anneal_epochs=self.annealing_epochs, anneal_strategy=self.annealing_strategy
+        )
+        if state is not None:
+            self._scheduler.load_state_dict(state)
+        configs = trainer.lr_scheduler_configs
+        if configs and state is None:
+            replaced = ", ".join(
+                f"{type(c.scheduler).__name__}(interval={c.interval!r}, frequency={c.frequency})" for c in configs
+            )
+            rank_zero_warn(
+                f"SWA: from epoch {trainer.current_epoch} the learning rate follows SWALR(swa_lr={lrs}, "
+                f"anneal_epochs={self.annealing_epochs}, anneal_strategy={self.annealing_strategy!r}), stepped at "
+                f"every epoch end; it replaces {'the' if len(configs) == 1 else f'all {len(configs)}'} scheduler"
+                f"{'' if len(configs) == 1 else 's'} of the optimizer: {replaced}"
+            )
+        configs.clear()
+        configs.append(LRSchedulerConfig(self._scheduler))
 
     @override
     def on_train_batch_end(
@@ -121,11 +232,6 @@ class SWA(_WeightAveraging):
     ) -> None:
         if batch_idx + 1 == trainer.num_training_batches:  # the epoch's last batch (data with a length)
             self._snapshot(trainer, pl_module, on_step=True)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not math.isfinite(trainer.num_training_batches):  # data without a length: the epoch has ended
-            self._snapshot(trainer, pl_module, on_step=False)
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         epoch = trainer.current_epoch
@@ -138,6 +244,15 @@ class SWA(_WeightAveraging):
             pl_module.log_dict(
                 {"swa/weight": weight, "swa/updates": float(self.updates)}, on_step=on_step, on_epoch=not on_step
             )
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not math.isfinite(trainer.num_training_batches):  # data without a length: the epoch has ended
+            self._snapshot(trainer, pl_module, on_step=False)
+        if self._scheduler is not None:  # the rate this epoch ran at (SWALR steps after this hook)
+            groups = trainer.optimizers[0].param_groups
+            names = ["swa/lr"] if len(groups) == 1 else [f"swa/lr_{i}" for i in range(len(groups))]
+            pl_module.log_dict({n: float(g["lr"]) for n, g in zip(names, groups)}, on_step=False, on_epoch=True)
 
     def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.update_bn:
@@ -165,3 +280,14 @@ class SWA(_WeightAveraging):
             for name, avg in zip(g.names, g.average):
                 if name in stats:
                     avg.copy_(stats[name])
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["scheduler"] = self._scheduler.state_dict() if self._scheduler is not None else self._scheduler_state
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._scheduler_state = state_dict.get("scheduler")

@@ -56,9 +56,9 @@ CASES["SharpnessAwareMinimization"] = Case(lambda: SAM(rho=0.05, every_n_steps=2
 CASES["SurrogateSharpness"] = Case(lambda: SurrogateSharpness(rho=0.05, epsilon=0.01, lambda_init=0.1, lambda_lr=0.1))
 CASES["SharpnessMonitor"] = Case(lambda: SharpnessMonitor(rho=0.05))
 
-# Weight averaging (callbacks/averaging.py). SWA snapshots from epoch 0 so both epochs update.
+# Weight averaging (callbacks/averaging.py). SWA snapshots from epoch 0 so both epochs update, under SWALR.
 CASES["EMA"] = Case(lambda: EMA(decay=0.9, warmup=True))
-CASES["SWA"] = Case(lambda: SWA(start=0))
+CASES["SWA"] = Case(lambda: SWA(start=0, swa_lrs=0.05, annealing_epochs=1))
 
 
 # Unlearning (callbacks/unlearning.py): the mask needs forget data and an Unlearner.
