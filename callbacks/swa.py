@@ -193,15 +193,19 @@ class SWA(_WeightAveraging):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.swa_lrs is None or self._scheduler is not None or trainer.current_epoch < self._start_epoch:
+        if self.swa_lrs is None or trainer.current_epoch < self._start_epoch:
             return
-        if trainer.current_epoch > self._start_epoch:
-            rank_zero_warn(
-                f"SWA: the SWA learning rate begins at epoch {trainer.current_epoch}, after `start` (epoch "
-                f"{self._start_epoch}), since the run resumed from a checkpoint without SWA's scheduler state; "
-                "the annealing starts from here"
-            )
-        self._use_swalr(trainer, None)
+        if self._scheduler is None:
+            if trainer.current_epoch > self._start_epoch:
+                rank_zero_warn(
+                    f"SWA: the SWA learning rate begins at epoch {trainer.current_epoch}, after `start` (epoch "
+                    f"{self._start_epoch}), since the run resumed from a checkpoint without SWA's scheduler state; "
+                    "the annealing starts from here"
+                )
+            self._use_swalr(trainer, None)
+        groups = trainer.optimizers[0].param_groups  # the rate this epoch runs at
+        names = ["swa/lr"] if len(groups) == 1 else [f"swa/lr_{i}" for i in range(len(groups))]
+        pl_module.log_dict({n: float(g["lr"]) for n, g in zip(names, groups)}, on_step=False, on_epoch=True)
 
     def _use_swalr(self, trainer: pl.Trainer, state: dict[str, Any] | None) -> None:
         """Replace every scheduler of the (single) optimizer with ``SWALR``, stepped every epoch."""
@@ -249,10 +253,6 @@ class SWA(_WeightAveraging):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not math.isfinite(trainer.num_training_batches):  # data without a length: the epoch has ended
             self._snapshot(trainer, pl_module, on_step=False)
-        if self._scheduler is not None:  # the rate this epoch ran at (SWALR steps after this hook)
-            groups = trainer.optimizers[0].param_groups
-            names = ["swa/lr"] if len(groups) == 1 else [f"swa/lr_{i}" for i in range(len(groups))]
-            pl_module.log_dict({n: float(g["lr"]) for n, g in zip(names, groups)}, on_step=False, on_epoch=True)
 
     def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.update_bn:

@@ -16,9 +16,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import make_strategy, run_distributed
+from harness import make_strategy, read_scalars, run_distributed
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.loggers import TensorBoardLogger
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.optim.swa_utils import SWALR
@@ -104,7 +105,7 @@ class Recorder(Callback):
             self.weights[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
 
 
-def run(callback, tmp_path, epochs=EPOCHS, ckpt_path=None, extra=(), **net):
+def run(callback, tmp_path, epochs=EPOCHS, ckpt_path=None, extra=(), logger=False, **net):
     """Fit a freshly seeded ``Net(**net)`` in float64 with ``callback`` and a ``Recorder``."""
     seed_everything(0)
     # float64 before fit: Lightning's callback copies the module at setup, before the precision
@@ -118,7 +119,7 @@ def run(callback, tmp_path, epochs=EPOCHS, ckpt_path=None, extra=(), **net):
         accelerator="cpu",
         devices=1,
         limit_val_batches=0,
-        logger=False,
+        logger=logger,
         enable_checkpointing=bool(extra),
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -255,11 +256,17 @@ def test_several_schedulers_are_all_replaced_with_a_warning(tmp_path):
 
 def test_multiple_parameter_groups(tmp_path):
     swa_lrs = [0.123, 0.321]
-    trainer, _, rec = run(SWA(start=1, swa_lrs=swa_lrs, annealing_epochs=2), tmp_path, groups=2, scheduler=None)
+    logger = TensorBoardLogger(tmp_path / "tb")
+    swa = SWA(start=1, swa_lrs=swa_lrs, annealing_epochs=2)
+    trainer, _, rec = run(swa, tmp_path, groups=2, scheduler=None, logger=logger)
     groups = trainer.optimizers[0].param_groups
     assert [g["swa_lr"] for g in groups] == swa_lrs
     assert rec.lrs[1] == [0.2, 0.1] and rec.lrs[3] == rec.lrs[EPOCHS - 1] == swa_lrs
     assert rec.lrs[2] == pytest.approx([0.2 / 2 + 0.123 / 2, 0.1 / 2 + 0.321 / 2], rel=1e-12)  # cos at t = 1/2
+    scalars = read_scalars(tmp_path / "tb")  # the rate each epoch ran at, from the swap on, per group
+    for i in range(2):
+        logged = [v for _, v in scalars[f"swa/lr_{i}"]]
+        assert logged == pytest.approx([rec.lrs[e][i] for e in range(1, EPOCHS)], rel=1e-6)
 
     with pytest.raises(ValueError, match=r"`swa_lrs` has 3 learning rates .* 2 parameter groups"):
         run(SWA(start=1, swa_lrs=[0.1, 0.2, 0.3]), tmp_path / "bad", groups=2)
@@ -287,6 +294,19 @@ def test_resume_mid_averaging_is_bit_exact(tmp_path, crash_on_epoch, scheduler):
     assert swa.updates == full_swa.updates == EPOCHS - 2
     for name, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_resume_without_scheduler_state_starts_swalr_late_with_a_warning(tmp_path):
+    """A checkpoint of a run without ``swa_lrs``, resumed with it after ``start``: SWALR begins at
+    the resumed epoch (from the rate the user's schedule reached), and a warning says so."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    with pytest.raises(RuntimeError, match="crash for the resume test"):
+        run(SWA(start=2), tmp_path / "crashed", extra=[ckpt], crash_on_epoch=4)
+    swa = SWA(start=2, swa_lrs=0.05, annealing_epochs=1)
+    with pytest.warns(UserWarning, match=r"begins at epoch 4, after `start` \(epoch 2\)"):
+        _, _, rec = run(swa, tmp_path / "resumed", ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert rec.lrs[4] == pytest.approx([0.2 * 0.7**4], rel=1e-12) and rec.lrs[5] == [0.05]
+    assert rec.schedulers[4] == [SWALR] and swa.updates == EPOCHS - 2
 
 
 def ddp_worker(strategy, tmp_dir, kind):
