@@ -9,6 +9,7 @@ from .pruning import DataPruning
 from .sam import SAM, SharpnessAwareMinimization
 from .swa import SWA
 from .unlearning import UnlearningMask
+from .unlearning_evaluation import UnlearningEvaluation
 
 __all__: list[str] = [
     "DataPruning",
@@ -20,5 +21,6 @@ __all__: list[str] = [
     "SharpnessAwareMinimization",
     "SharpnessMonitor",
     "SurrogateSharpness",
+    "UnlearningEvaluation",
     "UnlearningMask",
 ]

@@ -20,9 +20,10 @@ from litplug.callbacks import (
     IBPWarmup,
     SharpnessMonitor,
     SurrogateSharpness,
+    UnlearningEvaluation,
     UnlearningMask,
 )
-from litplug.datamodules import Digits, ForgetRetain, Indexed, OfflineDesigns
+from litplug.datamodules import Digits, FictitiousQA, ForgetRetain, Indexed, OfflineDesigns
 from litplug.modules import MLP, CertifiedClassifier, Classifier, Regressor, Unlearner
 
 
@@ -77,6 +78,42 @@ CASES["UnlearningMask"] = Case(
     model=small_unlearner,
     data=forget_digits,
     trainer={"gradient_clip_val": 1.0},
+)
+
+
+# Unlearning evaluation (callbacks/unlearning_evaluation.py): an Unlearner on the QA corpus, scored
+# against a retain model (an untrained network written once per machine: the callback's mechanics,
+# not the metrics' values, are what the registry checks).
+def qa_corpus() -> LightningDataModule:
+    return ForgetRetain(FictitiousQA(num_entities=20, forget_percent=10, batch_size=16), "class", [1])
+
+
+def qa_unlearner() -> LightningModule:
+    from litplug.oracle import backbone
+
+    return Unlearner(backbone(qa_corpus().datamodule), None, "gradient_difference", objective="causal_lm")
+
+
+def qa_retain_checkpoint() -> str:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    path = Path(tempfile.gettempdir()) / "litplug_registry_qa_retain.pt"
+    if not path.exists():
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            state = qa_unlearner().backbone.state_dict()
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+    return str(path)
+
+
+CASES["UnlearningEvaluation"] = Case(
+    callback=lambda: UnlearningEvaluation(qa_retain_checkpoint()), model=qa_unlearner, data=qa_corpus
 )
 
 

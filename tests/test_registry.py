@@ -24,6 +24,7 @@ from litplug.callbacks import (
     IBPWarmup,
     SharpnessMonitor,
     SurrogateSharpness,
+    UnlearningEvaluation,
     UnlearningMask,
 )
 
@@ -337,6 +338,13 @@ def _pruning_cell(column, tmp_dir):
     assert seen.seen and set(seen.seen) <= set(pruning.kept.tolist())
 
 
+def _evaluation_cell(column, tmp_dir):
+    from registry import qa_retain_checkpoint
+
+    with pytest.raises(TypeError, match="evaluation_sets"):  # none of the columns' datamodules has QA sets
+        _fit_cell(column, [UnlearningEvaluation(qa_retain_checkpoint())], tmp_dir)
+
+
 CELLS = {
     "DataPruning": _pruning_cell,
     "EMA": _ema_cell,
@@ -345,6 +353,7 @@ CELLS = {
     "SurrogateSharpness": _ignite_cell,
     "SharpnessMonitor": _monitor_cell,
     "UnlearningMask": _mask_cell,
+    "UnlearningEvaluation": _evaluation_cell,
     "IBPWarmup": lambda column, tmp_dir: _fit_cell(column, [IBPWarmup()], tmp_dir),
     "GradientAscentSearch": lambda column, tmp_dir: _fit_cell(column, [GradientAscentSearch()], tmp_dir),
 }

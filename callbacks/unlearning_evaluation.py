@@ -1,0 +1,128 @@
+"""Evaluate a causal LM's unlearning against its retain model, as TOFU/MUSE/open-unlearning do."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, ClassVar
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+from typing_extensions import override
+
+from ..functional.unlearning_metrics import unlearning_suite
+from ..loading import load_weights
+from ..validation import check_bool, check_path, check_positive_int
+
+__all__ = ["UnlearningEvaluation"]
+
+
+def _evaluation_sets(datamodule: Any) -> Any:
+    """The ``evaluation_sets`` method of ``datamodule`` or of the datamodule it wraps."""
+    for candidate in (datamodule, getattr(datamodule, "datamodule", None)):
+        method = getattr(candidate, "evaluation_sets", None)
+        if callable(method):
+            return method
+    raise TypeError(
+        f"UnlearningEvaluation needs a datamodule with `evaluation_sets()` (e.g. FictitiousQA, or ForgetRetain "
+        f"around it), got {type(datamodule).__name__}"
+    )
+
+
+class UnlearningEvaluation(Callback):
+    """Score the model against a retain model (trained without the forget data) with the whole
+    suite of :func:`litplug.functional.unlearning_metrics.unlearning_suite`: forget quality (TOFU's
+    KS-test p-value on truth ratios), truth ratios, exact memorisation, extraction strength, the MIA
+    suite (LOSS, zlib, Min-K%, Min-K%++, reference) and privleak, and model utility.
+
+    At the end of every ``every_n_epochs``-th validation epoch (and of ``test``), both models run
+    over the datamodule's ``evaluation_sets()`` (:class:`litplug.datamodules.FictitiousQA`, also
+    through ``ForgetRetain``), and each value is logged as ``unlearn/suite/<name>``; the last
+    report is in :attr:`results`. The retain model has the module's backbone architecture: a copy
+    of ``pl_module.backbone`` (or of ``pl_module`` without one) with the weights of
+    ``retain_checkpoint``, read through :mod:`litplug.loading` (a Lightning checkpoint of any module
+    holding it, a state dict, safetensors or a ``save_pretrained`` folder); a checkpoint of another
+    architecture or vocabulary, or a missing file, is refused at setup, before training. The retain model stays off
+    the optimizer and out of the checkpoint.
+
+    Distributed: every rank evaluates the same full sets (no collective; the values agree).
+
+    Args:
+        retain_checkpoint: the retain model's weights (a file or a ``save_pretrained`` folder).
+        every_n_epochs: evaluate every k-th validation epoch (>= 1).
+        on_validation: evaluate at validation end (``test`` always evaluates).
+        batch_size: samples per forward pass (>= 1).
+
+    Example:
+        >>> UnlearningEvaluation("runs/qa/forget05/seed0/retain.ckpt")  # doctest: +SKIP
+    """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "unlearning": {
+            "forget quality and privleak": ["^unlearn/suite/forget_quality$", "^unlearn/suite/privleak$"],
+            "membership AUC (forget vs held-out)": ["^unlearn/suite/mia_"],
+            "memorisation and utility": [
+                "^unlearn/suite/forget_(em|es|prob|truth_ratio)$",
+                "^unlearn/suite/model_utility$",
+            ],
+        }
+    }
+
+    def __init__(
+        self, retain_checkpoint: str, every_n_epochs: int = 1, on_validation: bool = True, batch_size: int = 256
+    ) -> None:
+        check_path("retain_checkpoint", retain_checkpoint)
+        check_positive_int("every_n_epochs", every_n_epochs)
+        check_bool("on_validation", on_validation)
+        check_positive_int("batch_size", batch_size)
+        self.retain_checkpoint, self.every_n_epochs = retain_checkpoint, every_n_epochs
+        self.on_validation, self.batch_size = on_validation, batch_size
+        self.results: dict[str, float] = {}
+        self._retain: list[nn.Module] = []  # a list keeps it out of any module's parameters
+
+    @staticmethod
+    def _network(pl_module: LightningModule) -> nn.Module:
+        return getattr(pl_module, "backbone", pl_module)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _evaluation_sets(trainer.datamodule)
+        if self._retain:
+            return
+        if not os.path.exists(self.retain_checkpoint):
+            raise ValueError(
+                f"`retain_checkpoint` {self.retain_checkpoint!r} does not exist: train the retain model first "
+                "(python -m litplug.oracle)"
+            )
+        retain = copy.deepcopy(self._network(pl_module)).cpu()
+        try:
+            load_weights(retain, self.retain_checkpoint)
+        except ValueError as err:
+            raise ValueError(
+                f"`retain_checkpoint` {self.retain_checkpoint!r} does not fit the model being unlearned (another "
+                f"architecture or vocabulary?): {err}"
+            ) from err
+        self._retain.append(retain.eval().requires_grad_(False))
+
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        data, texts = _evaluation_sets(trainer.datamodule)()
+        network = self._network(pl_module)
+        retain = self._retain[0].to(pl_module.device)
+        was_training = network.training
+        network.eval()
+        try:
+            self.results = unlearning_suite(network, retain, data, texts, batch_size=self.batch_size)
+        finally:
+            network.train(was_training)
+        for name, value in self.results.items():
+            pl_module.log(f"unlearn/suite/{name}", value)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.on_validation or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._evaluate(trainer, pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._evaluate(trainer, pl_module)

@@ -1,0 +1,79 @@
+"""UnlearningEvaluation scores an Unlearner on FictitiousQA against the retain model of the oracle;
+the oracle trains each model once; wrong inputs are refused before training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from litplug.callbacks import UnlearningEvaluation
+from litplug.datamodules import FictitiousQA, ForgetRetain
+from litplug.functional.unlearning_metrics import unlearning_suite
+from litplug.modules import CausalTransformer, Unlearner
+from litplug.oracle import backbone, main, train_oracle
+
+CORPUS = {"num_entities": 20, "forget_percent": 10}
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qa")
+    return train_oracle(out, 10, seed=0, num_entities=20, epochs=2)
+
+
+def test_the_oracle_trains_once_and_the_retain_model_never_saw_the_forget_people(oracle, capsys):
+    out = oracle["target"].parents[2]
+    stamps = {k: p.stat().st_mtime_ns for k, p in oracle.items()}
+    main(["--out", str(out), "--forget-percent", "10", "--seeds", "0", "--num-entities", "20", "--epochs", "2"])
+    assert {k: p.stat().st_mtime_ns for k, p in oracle.items()} == stamps  # cached: nothing retrained
+    assert "forget 10% seed 0" in capsys.readouterr().out
+    target, retain = (torch.load(oracle[k], weights_only=True) for k in ("target", "retain"))
+    assert target.keys() == retain.keys() and not all(torch.equal(target[k], retain[k]) for k in target)
+
+
+def test_the_suite_is_logged_and_equals_the_function(oracle, tmp_path):
+    dm = FictitiousQA(**CORPUS)
+    model = Unlearner(backbone(dm), str(oracle["target"]), "gradient_difference", objective="causal_lm")
+    evaluation = UnlearningEvaluation(str(oracle["retain"]))
+    trainer = Trainer(
+        max_epochs=1, limit_train_batches=2, callbacks=[evaluation], logger=CSVLogger(tmp_path),
+        enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(model, ForgetRetain(dm, scenario="class", forget_classes=[1]))
+    logged = {k[len("unlearn/suite/") :]: float(v) for k, v in trainer.callback_metrics.items() if "suite" in k}
+    retain = backbone(dm)
+    retain.load_state_dict(torch.load(oracle["retain"], weights_only=True))
+    expected = unlearning_suite(model.backbone.eval(), retain.eval(), *dm.evaluation_sets())
+    assert logged.keys() == expected.keys() and evaluation.results == expected
+    assert all(logged[k] == pytest.approx(v, rel=1e-5, abs=1e-6) or math.isnan(v) for k, v in expected.items())
+    assert not any("retain" in n for n, _ in model.named_parameters())
+
+
+def test_a_retain_model_of_another_vocabulary_is_refused_before_training(tmp_path):
+    dm = FictitiousQA(**CORPUS)
+    other = CausalTransformer(vocab_size=dm.vocab_size + 3, max_len=dm.max_len, dim=64, depth=2, heads=4)
+    path = tmp_path / "other.pt"
+    torch.save(other.state_dict(), path)
+    model = Unlearner(backbone(dm), None, "retrain", objective="causal_lm")
+    trainer = Trainer(max_epochs=1, callbacks=[UnlearningEvaluation(str(path))], logger=False, accelerator="cpu")
+    with pytest.raises(ValueError, match="does not fit the model being unlearned"):
+        trainer.fit(model, ForgetRetain(dm, scenario="class", forget_classes=[1]))
+    assert trainer.global_step == 0
+
+
+def test_missing_retain_model_and_wrong_datamodule(tmp_path, oracle):
+    from litplug.datamodules import MarkovText
+
+    dm = FictitiousQA(**CORPUS)
+    missing = Trainer(max_epochs=1, callbacks=[UnlearningEvaluation(str(tmp_path / "missing.pt"))], logger=False)
+    with pytest.raises(ValueError, match="train the retain model first"):
+        missing.fit(Unlearner(backbone(dm), None, "retrain", objective="causal_lm"), ForgetRetain(dm, "class", [1]))
+
+    model = Unlearner(CausalTransformer(vocab_size=16, max_len=24), None, "retrain", objective="causal_lm")
+    trainer = Trainer(max_epochs=1, callbacks=[UnlearningEvaluation(str(oracle["retain"]))], logger=False)
+    with pytest.raises(TypeError, match="evaluation_sets"):
+        trainer.fit(model, ForgetRetain(MarkovText(), scenario="class", forget_classes=[1]))
