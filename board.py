@@ -28,7 +28,16 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["CHARTS_ATTRIBUTE", "has_tag", "log_figure", "summary_writer", "write_best", "write_charts", "write_hparams"]
+__all__ = [
+    "CHARTS_ATTRIBUTE",
+    "has_tag",
+    "has_tensorboard",
+    "log_figure",
+    "summary_writer",
+    "write_best",
+    "write_charts",
+    "write_hparams",
+]
 
 CHARTS_ATTRIBUTE = "litplug_charts"
 LAYOUT_TAG = "custom_scalars__config__"
@@ -42,6 +51,12 @@ def _tensorboard_logger(trainer: Any) -> Any:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def has_tensorboard(trainer: Any) -> bool:
+    """Whether the Trainer logs to TensorBoard (the same answer on every rank: decide with it
+    whether to compute a figure's numbers collectively)."""
+    return _tensorboard_logger(trainer) is not None
 
 
 def why_no_writer(trainer: Any) -> str | None:
@@ -118,9 +133,10 @@ def write_charts(trainer: Any) -> bool:
     """Write the run's custom-scalars layout (every family in use) once per log folder, on rank
     zero with a TensorBoard logger. Returns whether it wrote the layout."""
     writer = summary_writer(trainer)
-    if writer is None or writer.log_dir in _charted:
+    if writer is None or os.path.abspath(writer.log_dir) in _charted:
         return False
-    _charted.add(writer.log_dir)
+    folder = os.path.abspath(writer.log_dir)
+    _charted.add(folder)
     layout = collect_charts([trainer.lightning_module, *trainer.callbacks])
     if not layout or _written_before(writer, LAYOUT_TAG):
         return False

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["bar_chart", "histograms", "line_chart", "to_image"]
+__all__ = ["bar_chart", "histograms", "line_chart", "panels", "to_image"]
 
 # Small pictures: TensorBoard shows images at their pixel size; 5.5 x 3.2 in at 100 dpi.
 SIZE = (5.5, 3.2)
@@ -81,6 +81,30 @@ def line_chart(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize="small")
+    return fig
+
+
+def panels(
+    x: Sequence[float],
+    series: Mapping[str, Mapping[str, Sequence[float]]],
+    title: str,
+    xlabel: str,
+) -> Figure:
+    """Side-by-side line panels sharing ``x``: ``series = {"line": {"panel": values}}`` (e.g. the
+    loss and the accuracy along an interpolation path, one line per path)."""
+    names = list(dict.fromkeys(p for lines in series.values() for p in lines))
+    fig = _figure()
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, panel in zip(axes, names):
+        for name, lines in series.items():
+            if panel in lines:
+                if len(lines[panel]) != len(x):
+                    raise ValueError(f"series {name!r} has {len(lines[panel])} {panel} values for {len(x)} x positions")
+                ax.plot(list(x), [_finite(v) for v in lines[panel]], marker="o", markersize=3, label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_title(panel)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
     return fig
 
 

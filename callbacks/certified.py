@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -143,6 +143,10 @@ class IBPWarmup(Callback):
         >>> trainer = Trainer(max_epochs=20, callbacks=[IBPWarmup(start_epoch=1, ramp_epochs=8)])
         >>> trainer.fit(model, Digits())  # doctest: +SKIP
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "certified": {"warmup regularizer weight and eps": ["^certified/reg_weight$", "^certified/eps$"]},
+    }
 
     def __init__(
         self,

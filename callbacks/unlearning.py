@@ -107,6 +107,8 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 from typing_extensions import override
 
+from ..board import log_figure
+from ..figures import bar_chart
 from ..functional.masks import (
     CHUNK,
     Reduce,
@@ -366,6 +368,12 @@ class UnlearningMask(Callback):
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
         self._log_histogram(trainer)
+        fractions = dict(self.layer_fractions)  # all-reduced counts: the same on every rank
+        log_figure(
+            trainer,
+            "unlearn/mask_layers",
+            lambda: bar_chart(fractions, f"updatable fraction per tensor ({self.criterion})", "fraction"),
+        )
 
     def _log_histogram(self, trainer: Trainer) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger

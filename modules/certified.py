@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from typing_extensions import override
 from litplug.bounds import bounded, input_box, margin_spec, warmup_regularizers
 from litplug.validation import check_int, check_list, check_number
 
+from ..board import has_tensorboard, log_figure
+from ..figures import bar_chart, line_chart
+from ..plumbing import training_mode
 from .classifier import Classifier
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -113,6 +116,16 @@ class CertifiedClassifier(Classifier):
         >>> model = CertifiedClassifier(MLP(input_shape=[1, 8, 8], num_outputs=10), num_classes=10, eps=0.1)
         >>> Trainer(max_epochs=10, callbacks=[IBPWarmup(ramp_epochs=5)]).fit(model, Digits())  # doctest: +SKIP
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        **Classifier.litplug_charts,
+        "certified": {
+            "accuracy: clean vs verified vs PGD (validation)": ["^val/acc$", "^val/verified_acc$", "^val/pgd_acc$"],
+            "eps ramp and clean-loss weight kappa": ["^certified/eps$", "^certified/kappa$"],
+            "losses: robust vs train": ["^certified/robust_loss$", "^train/loss$"],
+            "unstable ReLUs and tightness": ["^certified/unstable_relu$", "^certified/tightness$"],
+        },
+    }
 
     def __init__(
         self,
@@ -287,6 +300,56 @@ class CertifiedClassifier(Classifier):
             x = batch[0].float()
             lower, upper = self.box(x, self.eps)
             self.log("certified/tightness", linearized_tightness(self.backbone, x, (upper - lower) / 2), sync_dist=True)
+
+    @override
+    def on_fit_end(self) -> None:
+        loader = self.trainer.val_dataloaders
+        if self.eps == 0 or not loader or not has_tensorboard(self.trainer):
+            return
+        batch = next(iter(loader[0] if isinstance(loader, (list, tuple)) else loader))
+        x, y = self.trainer.strategy.batch_to_device(batch)
+        profile = self.bound_profile(x, y)
+        title = f"on the first validation batch, eps={self.eps:g}"
+        width, unstable = profile["bound_width"], profile["unstable_relu"]
+        log_figure(self.trainer, "certified/layer_bound_width", lambda: bar_chart(width, title, "mean u - l"))
+        log_figure(self.trainer, "certified/layer_unstable_relu", lambda: bar_chart(unstable, title, "fraction"))
+        log_figure(
+            self.trainer,
+            "certified/verified_vs_eps",
+            lambda: line_chart(profile["eps"], {"verified": profile["verified_acc"]}, title, "eps", "accuracy"),
+        )
+
+    @torch.no_grad()
+    def bound_profile(self, x: torch.Tensor, y: torch.Tensor, points: int = 7) -> dict[str, Any]:
+        """The numbers behind the certified figures, in eval mode and float32: per ReLU layer the
+        mean pre-activation bound width ``u - l`` and the fraction of unstable ReLUs (``l < 0 < u``)
+        at ``eps``, and the verified accuracy of ``(x, y)`` at ``points`` radii from 0 to
+        ``1.5 eps``. Under DDP every rank takes part; the values are the mean over ranks."""
+        radii = [1.5 * self.eps * i / (points - 1) for i in range(points)]
+        x = x.float()
+        with torch.autocast(x.device.type, enabled=False), training_mode(self, False):
+            relu = self.robust_terms(x, y, self.eps, record_relu=True, clean_output=False).relu
+            others = torch.ones(len(y), self.num_classes, dtype=torch.bool, device=x.device)
+            others.scatter_(1, y[:, None], False)
+            verified = [
+                ((self.robust_terms(x, y, e, clean_output=False).lower > 0) | ~others).all(1).float().mean()
+                for e in radii
+            ]
+        stats = torch.stack(
+            [
+                *((up - lo).mean() for lo, up in relu),
+                *(((lo < 0) & (up > 0)).float().mean() for lo, up in relu),
+                *verified,
+            ]
+        )
+        stats = self.trainer.strategy.reduce(stats, reduce_op="mean").tolist()
+        names = [f"relu {i + 1}" for i in range(len(relu))]
+        return {
+            "bound_width": dict(zip(names, stats[: len(relu)])),
+            "unstable_relu": dict(zip(names, stats[len(relu) : 2 * len(relu)])),
+            "eps": radii,
+            "verified_acc": stats[2 * len(relu) :],
+        }
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -33,11 +33,14 @@ from __future__ import annotations
 import copy
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
 from litplug.validation import check_bool, check_choice, check_int, check_list, check_number, check_str
 
+from ..board import has_tensorboard, log_figure
+from ..figures import panels
 from ..merging import align, breadcrumbs, dare, model_stock, task_arithmetic, ties_merge
 from ..plumbing import save_rank_zero
 from .classifier import Classifier
@@ -50,6 +53,7 @@ Recipe = Literal[
 RECIPES = ("uniform", "greedy", "task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock", "align_then_average")
 WITH_BASE = ("task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock")
 SCALED = ("task_arithmetic", "ties", "dare", "breadcrumbs")
+PATH_POINTS = 11  # t values of the interpolation figure
 
 
 class ModelMerge(Classifier):
@@ -87,6 +91,7 @@ class ModelMerge(Classifier):
     """
 
     evaluate_state = ModelSoup.evaluate_state
+    evaluate_loss_and_accuracy = ModelSoup.evaluate_loss_and_accuracy
 
     def __init__(
         self,
@@ -217,3 +222,39 @@ class ModelMerge(Classifier):
             self.logger.log_metrics({f"merge/{name}": self.merged_score}, step=len(self.scores))
         if self.output_path:
             save_rank_zero({k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}, self.output_path)
+        self._log_interpolation(merged)
+
+    def interpolation_path(self, points: int = PATH_POINTS) -> dict[str, dict[str, list[float]]]:
+        """Validation loss and accuracy of ``(1 - t) w_0 + t w_1`` between the first two ingredients
+        at ``points`` evenly spaced ``t`` (``naive``), and to ``w_1`` permuted onto ``w_0`` by
+        weight matching (``aligned``, with ``align`` or ``align_then_average``): the loss barrier of linear
+        mode connectivity. Floating-point buffers (BatchNorm statistics) are interpolated too.
+        Cost: ``points`` evaluations of the validation split per path; all ranks take part."""
+        first, second = self.ingredients[0], self.ingredients[1]
+        ends = {"naive": second}
+        if self.align or self.recipe == "align_then_average":
+            ends["aligned"] = self._aligned([first, second], first)[1]
+        out: dict[str, dict[str, list[float]]] = {}
+        for name, end in ends.items():
+            scores = [self.evaluate_loss_and_accuracy(_lerp(first, end, t)) for t in _grid(points)]
+            out[name] = {"loss": [s[0] for s in scores], "accuracy": [s[1] for s in scores]}
+        return out
+
+    def _log_interpolation(self, merged: State) -> None:
+        if len(self.ingredients) < 2 or not has_tensorboard(self.trainer):
+            return
+        path = self.interpolation_path()
+        self.backbone.load_state_dict(merged)  # the evaluations loaded the path's states
+        log_figure(
+            self.trainer,
+            "merge/interpolation",
+            lambda: panels(_grid(PATH_POINTS), path, "between the first two ingredients", "t"),
+        )
+
+
+def _grid(points: int) -> list[float]:
+    return [i / (points - 1) for i in range(points)]
+
+
+def _lerp(a: State, b: State, t: float) -> State:
+    return {k: torch.lerp(v, b[k].to(v.dtype), t) if v.is_floating_point() else v for k, v in a.items()}

@@ -176,6 +176,12 @@ class ModelSoup(Classifier):
     @torch.no_grad()
     def evaluate_state(self, state: State) -> float:
         """Load ``state`` into the backbone and return ``metric`` on the validation split."""
+        loss, acc = self.evaluate_loss_and_accuracy(state)
+        return acc if self.metric == "val/acc" else loss
+
+    @torch.no_grad()
+    def evaluate_loss_and_accuracy(self, state: State) -> tuple[float, float]:
+        """Load ``state`` into the backbone; mean cross-entropy and accuracy on the validation split."""
         self.backbone.load_state_dict(state)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         loader = self.trainer.val_dataloaders
@@ -187,7 +193,7 @@ class ModelSoup(Classifier):
                 totals[1] += (logits.argmax(-1) == y).sum()
                 totals[2] += len(y)
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        return float(totals[1] / totals[2]) if self.metric == "val/acc" else float(totals[0] / totals[2])
+        return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
     @override
     def on_validation_start(self) -> None:

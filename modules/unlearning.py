@@ -55,7 +55,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,8 @@ from typing_extensions import override
 from litplug.loading import load_weights
 from litplug.validation import check_bool, check_choice, check_int, check_number, check_path
 
+from ..board import log_figure
+from ..figures import histograms
 from ..plumbing import mix_seed
 from .base import TrainingModule
 from .language import labels_of, logits_of, sequence_log_likelihood, tokens_of
@@ -151,6 +153,14 @@ class Unlearner(TrainingModule):
         trust_checkpoint: read a ``checkpoint`` that names Python globals beyond tensors and plain
             values, which runs code from the file: only for a file from someone you trust.
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "unlearning": {
+            "UA / RA / TA / MIA (validation)": ["^unlearn/val/(UA|RA|TA|MIA)$"],
+            "losses on forget / retain / test (validation, language models)": ["^unlearn/val/.*_loss$"],
+            "training loss": ["^unlearn/train_loss$"],
+        },
+    }
 
     def __init__(
         self,
@@ -329,6 +339,8 @@ class Unlearner(TrainingModule):
     def _report(self, stage: str) -> None:
         data = {name: self._gathered(name) for name in self._eval_names()}
         self._outputs = {}
+        if stage == "val":  # the per-sample losses behind the MIA number, for the figure at fit end
+            self.sample_losses = {n: self._sample_loss(*data[n]).cpu() for n in ("forget", "test") if n in data}
         empty = torch.zeros(0)  # no held-out data: TA and MIA are NaN
         if self.objective == "causal_lm":
             metrics = {
@@ -362,6 +374,22 @@ class Unlearner(TrainingModule):
         if not self.trainer.sanity_checking:
             self._report("val")
         self._outputs = {}
+
+    def _sample_loss(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss: ``-log p(y | x)`` (classification), mean token NLL (language models)."""
+        if self.objective == "causal_lm":
+            return -first / second.clamp_min(1)
+        return -first.clamp_min(1e-12).log()
+
+    @override
+    def on_fit_end(self) -> None:
+        losses = getattr(self, "sample_losses", None)
+        if losses:
+            log_figure(
+                self.trainer,
+                "unlearn/sample_loss",
+                lambda: histograms(losses, "per-sample loss at the last validation (MIA)", "loss"),
+            )
 
     @override
     def on_test_epoch_start(self) -> None:

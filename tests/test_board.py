@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -221,3 +222,60 @@ def test_figures_render_off_screen():
         assert image.std() > 0  # something drawn
     with pytest.raises(ValueError, match="series 'naive' has 2 values for 3 x positions"):
         line_chart([0.0, 0.5, 1.0], {"naive": [1, 2]}, "t", "alpha", "loss")
+
+
+QUICK = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def test_certified_config_writes_its_figures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    small = ["--model.backbone.init_args.channels=[4, 8]", "--model.backbone.init_args.hidden=16"]
+    main(["fit", "--config", str(CONFIGS / "digits" / "ibp.yaml"), *QUICK, "--trainer.max_epochs=2", *small])
+    acc = accumulator(tmp_path / "runs" / "litplug" / "version_0")
+    expected = ["certified/layer_bound_width", "certified/layer_unstable_relu", "certified/verified_vs_eps"]
+    assert sorted(acc.Tags()["images"]) == expected
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(board.LAYOUT_TAG)[-1].tensor_proto.string_val[0])
+    assert [c.title for c in layout.category] == ["training", "certified"]
+    charts = [ch.title for c in layout.category for ch in c.chart]
+    assert "warmup regularizer weight and eps" in charts  # IBPWarmup's chart joins the module's section
+
+
+def test_certified_bound_profile_values():
+    from litplug.modules import CertifiedClassifier
+
+    model = CertifiedClassifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16, 16]), eps=0.1)
+    model.normalization = {"mean": (0.0,), "std": (1.0,), "pixel_range": (0.0, 1.0)}
+    Trainer(logger=False, enable_progress_bar=False).strategy.connect(model)
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    model.trainer = Trainer(logger=False, enable_progress_bar=False, max_epochs=0)
+    profile = model.bound_profile(x, y)
+    assert list(profile["bound_width"]) == ["relu 1", "relu 2"]
+    assert profile["verified_acc"][0] == pytest.approx(float((model(x).argmax(1) == y).float().mean()))  # eps 0
+    assert all(a >= b for a, b in zip(profile["verified_acc"], profile["verified_acc"][1:]))  # nested boxes
+    assert all(0.0 <= f <= 1.0 for f in profile["unstable_relu"].values())
+
+
+def test_unlearning_configs_write_their_figures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    unlearning = CONFIGS / "digits" / "unlearning"
+    main(["fit", "--config", str(unlearning / "original.yaml"), *QUICK, "--test_after_fit=false"])
+    method = [
+        "--config",
+        str(unlearning / "class.yaml"),
+        "--config",
+        str(unlearning / "methods/random_label_saliency.yaml"),
+    ]
+    main(["fit", *method, *QUICK, "--test_after_fit=false"])
+    acc = accumulator(tmp_path / "runs" / "litplug" / "version_1")
+    assert sorted(acc.Tags()["images"]) == ["unlearn/mask_layers", "unlearn/sample_loss"]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(board.LAYOUT_TAG)[-1].tensor_proto.string_val[0])
+    assert [c.title for c in layout.category] == ["unlearning"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import read_scalars
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from litplug.cli import LitplugCLI
 from litplug.datamodules import Digits
@@ -126,6 +127,16 @@ def test_recipe_from_yaml_equals_the_functional_core(config, files, tmp_path, mo
     scalars = read_scalars(tmp_path / "runs" / "merge" / recipe)
     assert scalars["merge/acc"][0][1] == pytest.approx(merge.merged_score)
     assert scalars["val/acc"][0][1] == pytest.approx(merge.merged_score, abs=1e-6)  # validation ran on the merge
+    events = EventAccumulator(str(tmp_path / "runs" / "merge" / recipe))
+    events.Reload()
+    assert events.Tags()["images"] == ["merge/interpolation"]
+    path = merge.interpolation_path(points=3)
+    aligns = merge.align or recipe == "align_then_average"
+    assert list(path) == (["naive", "aligned"] if aligns else ["naive"])
+    ends = [merge.evaluate_loss_and_accuracy(s) for s in parts[:2]]
+    assert [path["naive"]["loss"][i] for i in (0, 2)] == pytest.approx([e[0] for e in ends])
+    if aligns:  # aligned end: the same function as the second ingredient
+        assert path["aligned"]["accuracy"][2] == pytest.approx(ends[1][1])
 
 
 def test_arguments_are_validated(files):

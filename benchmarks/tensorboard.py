@@ -1,0 +1,142 @@
+"""What litplug's TensorBoard output costs on the 20-epoch digits run, and the pictures of the cards.
+
+    python benchmarks/tensorboard.py                      # the overhead (a few minutes on 2 CPU cores)
+    python benchmarks/tensorboard.py --images docs/img    # also the runs behind the cards' PNGs
+
+The overhead run is ``litplug fit`` of configs/digits/classifier.yaml (20 epochs) with EMA, SAM
+and the sharpness monitor: every call that writes the layout, a figure or the hparams is timed
+inside the run (wall clock, rendering included), and the sum is set against the whole ``fit``.
+litplug's writers are wrapped before the callbacks and modules import them, so the timed calls
+are the ones the run makes.
+
+With ``--images`` it also runs, on digits: two models from different seeds aligned and averaged
+(``align_then_average``: the interpolation figure), short certified training (configs/digits/ibp.yaml,
+8 epochs, a 5-epoch eps ramp) and the SalUn unlearning recipe after a short original run, then copies the figures out of
+the event files (TensorBoard's own PNG bytes) into the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import litplug.board as board
+
+SPENT: dict[str, float] = {}
+
+
+def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SPENT[name] = SPENT.get(name, 0.0) + time.perf_counter() - start
+
+    return wrapper
+
+
+for _name in ("log_figure", "write_charts", "write_hparams", "write_best"):
+    setattr(board, _name, timed(_name, getattr(board, _name)))
+
+from litplug.cli import LitplugCLI, main  # noqa: E402  (after the wrapping above)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def overhead() -> None:
+    args = ["--config", str(CONFIGS / "digits" / "classifier.yaml")]
+    for fragment in ("ema", "sam", "sharpness_monitor"):
+        args += ["--config", str(CONFIGS / "callbacks" / f"{fragment}.yaml")]
+    cli = LitplugCLI(args=[*args, *QUIET], run=False)
+    SPENT.clear()
+    start = time.perf_counter()
+    cli.before_fit()  # the hparams, as `litplug fit` writes them
+    cli.trainer.fit(cli.model, cli.datamodule)
+    total = time.perf_counter() - start
+    spent = sum(SPENT.values())
+    print(f"digits classifier + EMA + SAM + SharpnessMonitor, {cli.trainer.current_epoch} epochs: fit {total:.1f} s")
+    for name, seconds in sorted(SPENT.items()):
+        print(f"  {name:14s} {1000 * seconds:8.1f} ms")
+    print(f"  TensorBoard extras: {1000 * spent:.1f} ms = {100 * spent / total:.2f}% of the run (bound: 2%)")
+
+
+def _copy_images(run: Path, out: Path, names: dict[str, str]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"images": 0})
+    acc.Reload()
+    for tag, file in names.items():
+        (out / file).write_bytes(acc.Images(tag)[-1].encoded_image_string)
+        print(f"  {tag} -> {out / file}")
+
+
+def images(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    runs = Path("runs")
+    _copy_images(runs / "litplug" / "version_0", out, {"sharpness/layers": "sharpness_layers.png"})
+
+    seeds = []
+    for seed in (0, 1):
+        main(["fit", "--config", str(CONFIGS / "digits" / "soup_finetune.yaml"), f"--seed_everything={seed}",
+              f"--trainer.logger.init_args.version=seed_{seed}", "--test_after_fit=false", *QUIET])  # fmt: skip
+        seeds.append(f"runs/soup/seed_{seed}/checkpoints/last.ckpt")
+    main(["validate", "--config", str(CONFIGS / "digits" / "merge" / "align_then_average.yaml"),
+          f"--model.init_args.checkpoints={seeds}", *QUIET])  # fmt: skip
+    _copy_images(runs / "merge" / "align_then_average", out, {"merge/interpolation": "merge_interpolation.png"})
+
+    warmup = ("{trainer: {callbacks: [{class_path: IBPWarmup, init_args: {start_epoch: 1, ramp_epochs: 5, "
+              "schedule: smoothed, ibp_init: true, regularizer_weight: 0.5, tolerance: 0.5}}]}}")  # fmt: skip
+    main(["fit", "--config", str(CONFIGS / "digits" / "ibp.yaml"), "--config", warmup, "--trainer.max_epochs=8",
+          "--trainer.logger.init_args.name=ibp", "--test_after_fit=false", *QUIET])  # fmt: skip
+    _copy_images(
+        runs / "ibp" / "version_0",
+        out,
+        {
+            "certified/layer_bound_width": "certified_bound_width.png",
+            "certified/layer_unstable_relu": "certified_unstable_relu.png",
+            "certified/verified_vs_eps": "certified_verified_vs_eps.png",
+        },
+    )
+
+    unlearning = CONFIGS / "digits" / "unlearning"
+    main(["fit", "--config", str(unlearning / "original.yaml"), "--trainer.max_epochs=10",
+          "--trainer.logger.init_args.name=original", "--test_after_fit=false", *QUIET])  # fmt: skip
+    main(["fit", "--config", str(unlearning / "class.yaml"), "--config",
+          str(unlearning / "methods" / "random_label_saliency.yaml"), "--trainer.logger.init_args.name=salun",
+          "--test_after_fit=false", *QUIET])  # fmt: skip
+    _copy_images(
+        runs / "salun" / "version_0",
+        out,
+        {"unlearn/mask_layers": "unlearning_mask_layers.png", "unlearn/sample_loss": "unlearning_sample_loss.png"},
+    )
+
+
+def run(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, help="also render the cards' PNGs into this folder")
+    args = parser.parse_args(argv)
+    out = args.images.resolve() if args.images else None
+    work = Path(tempfile.mkdtemp(prefix="litplug_tb_"))
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        overhead()
+        if out is not None:
+            images(out)
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
