@@ -8,10 +8,12 @@ from .language import CausalTransformer, LanguageModel
 from .merge import ModelMerge
 from .networks import CNN7, MLP, ConvNet
 from .regression import Regressor
+from .sisa import SISA
 from .soup import ModelSoup
 from .unlearning import Unlearner
 
 __all__ = [
+    "SISA",
     "CNN7",
     "CausalTransformer",
     "MLP",
