@@ -34,13 +34,14 @@ from types import TracebackType
 from typing import Any
 
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 # Imported for their side effect: jsonargparse resolves `class_path: EMA` among loaded subclasses.
 import litplug.callbacks  # noqa: F401
 import litplug.datamodules  # noqa: F401
 import litplug.modules  # noqa: F401
+from litplug.callbacks.hooks import ended_ranks
 from litplug.plumbing import close_process_group
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -122,6 +123,7 @@ class LitplugCLI(LightningCLI):
             if not self.usage_errors:
                 raise
             raise UsageError(explain_construction_error(err)) from err
+        self.trainer.callbacks.append(ReportLostRanks())
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
@@ -154,6 +156,15 @@ class LitplugCLI(LightningCLI):
         from litplug.board import write_best
 
         write_best(self.trainer)  # best/<metric> of every monitored metric: a column of the HPARAMS table
+
+
+class ReportLostRanks(Callback):
+    """Name the ranks that ended when a multi-process run fails (a rank killed in the middle of a
+    step leaves the others with gloo's "Connection reset by peer", which names no rank)."""
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        for line in ended_ranks(trainer):
+            sys.stderr.write(f"litplug: {line}; the run stopped. Resume it from its last checkpoint.\n")
 
 
 # ----------------------------------------------------------------------------- input checks

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-__all__ = ["logs_now", "muted", "no_grad_sync", "version", "wrap_optimizer_step"]
+__all__ = ["ended_ranks", "logs_now", "muted", "no_grad_sync", "version", "wrap_optimizer_step"]
 
 
 def wrap_optimizer_step(
@@ -115,3 +115,35 @@ def version(t: Tensor) -> int:
     Why: UnlearningMask skips a second masking pass over a gradient that nothing wrote to since the
     first one. Missing upstream: a public accessor of the counter (torch exposes ``Tensor._version``)."""
     return t._version
+
+
+def ended_ranks(trainer: Trainer, wait: float = 10.0) -> list[str]:
+    """One line per rank that Lightning's own launcher started on this node and that has ended with
+    a non-zero status or a signal, e.g. ``rank 1 (pid 4242) ended by signal SIGKILL``; empty for a
+    single process or processes started by another launcher (torchrun, SLURM's srun report their
+    own). Waits up to ``wait`` seconds for one to end: a dying process closes its sockets (the
+    error this rank sees) before its exit status can be read.
+
+    Why: a rank killed in the middle of a step leaves the others with gloo's "Connection reset by
+    peer", which names an address, not a rank; the launcher holds the child processes in
+    ``_SubprocessScriptLauncher.procs`` (ranks 1..n-1 of the node, in order). Missing upstream: a
+    public accessor of the launched processes, or a launcher report naming the lost rank before the
+    exception is raised."""
+    import signal
+    import time
+
+    procs = getattr(trainer.strategy.launcher, "procs", None) or []
+    first = trainer.node_rank * trainer.num_devices
+    deadline = time.monotonic() + wait
+    while procs:
+        codes = [proc.poll() for proc in procs]
+        if any(codes) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    lines = []
+    for local_rank, proc in enumerate(procs, start=1):
+        code = proc.returncode
+        if code:
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            lines.append(f"rank {first + local_rank} (pid {proc.pid}) ended by {how}")
+    return lines

@@ -3,11 +3,13 @@ normalises and serves seeded loaders."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..plumbing import mix_seed
 from ..validation import check_fraction, check_int, check_positive_int
@@ -33,24 +35,72 @@ class ImageTensors(Dataset):
         return (self.x[i].float() * self.scale - self.mean) / self.std, self.y[i]
 
 
-class EpochShuffle(Sampler[int]):
-    """Random order drawn from ``(seed, epoch)``. Lightning calls ``set_epoch`` every epoch, so a
-    run resumed from a checkpoint sees the same order as an uninterrupted one (a plain
-    ``RandomSampler`` restarts its generator instead)."""
+class EpochShuffle(DistributedSampler):
+    """This rank's share of a random order of ``items`` (``range(items)`` for an int) drawn from
+    ``(seed, epoch)``, resumable in the middle of an epoch.
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    Rank ``r`` of ``W`` takes every ``W``-th index of the epoch's order from ``r`` (the order padded
+    with its own head to a multiple of ``W``, as ``DistributedSampler`` pads), so ``W`` ranks with
+    batch ``B`` see, batch by batch, the samples one process sees with batch ``W * B``. The ranks
+    come from the initialised process group (one rank without one). Being a ``DistributedSampler``,
+    Lightning leaves it in place under DDP/FSDP2 and calls ``set_epoch`` every epoch.
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    ``state_dict`` holds the epoch and how many samples of it all ranks have been served;
+    ``torchdata``'s ``StatefulDataLoader`` saves it in Lightning's checkpoints, and a loader whose
+    sampler loaded it skips those samples when it starts the same epoch again. The next epoch
+    starts from its beginning.
 
-    def __len__(self) -> int:
-        return self.n
+    Example:
+        >>> sampler = EpochShuffle(6, seed=0)
+        >>> first = list(sampler)
+        >>> sorted(first)
+        [0, 1, 2, 3, 4, 5]
+        >>> it = iter(sampler); _ = next(it), next(it)
+        >>> state = sampler.state_dict()
+        >>> resumed = EpochShuffle(6, seed=0)
+        >>> resumed.load_state_dict(state)
+        >>> list(resumed) == first[2:]
+        True
+    """
 
-    def __iter__(self):
-        # base 100_003 (not mix_seed's default): the same shuffles as earlier versions of litplug
+    def __init__(self, items: int | torch.Tensor, seed: int) -> None:
+        import torch.distributed as dist
+
+        self.items = torch.arange(items) if isinstance(items, int) else torch.as_tensor(items)
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        super().__init__(range(len(self.items)), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.served = 0  # samples of this rank served in epoch `self.epoch`
+        self._resume: tuple[int, int] | None = None  # (epoch, samples per rank to skip) from load_state_dict
+
+    def order(self) -> list[int]:
+        """The whole epoch's order (every rank's samples), drawn from ``(seed, epoch)``."""
+        # base 100_003, not mix_seed's default: the orders litplug's published results were measured with
         gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, prime=100_003))
-        return iter(torch.randperm(self.n, generator=gen).tolist())
+        return self.items[torch.randperm(len(self.items), generator=gen)].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        resume, self._resume = self._resume, None
+        self.served = 0
+        return self._serve(resume)
+
+    def _serve(self, resume: tuple[int, int] | None) -> Iterator[int]:
+        # Runs at the first `next`, after Lightning's `set_epoch`: a position saved in another epoch
+        # (an epoch-end checkpoint) does not skip anything.
+        order = self.order()
+        order = (order * math.ceil(self.total_size / len(order)))[: self.total_size]
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        skip = resume[1] if resume is not None and resume[0] == self.epoch else 0
+        self.served = skip
+        for index in mine[skip:]:
+            self.served += 1
+            yield index
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "samples": self.served * self.num_replicas}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = (int(state_dict["epoch"]), int(state_dict["samples"]) // self.num_replicas)
 
 
 def flip_labels(y: torch.Tensor, rate: float, num_classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -83,7 +133,8 @@ class SeededDataModule(LightningDataModule):
         self.num_workers = num_workers
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        # Training loaders are StatefulDataLoaders: Lightning saves their position in checkpoints.
+        return (StatefulDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from litplug.validation import check_choice, check_int, check_list, check_number
 
@@ -229,7 +230,8 @@ class ForgetRetain(LightningDataModule):
         return Subset(self.train_set, self.retain_indices.tolist())
 
     def _loader(self, dataset: Dataset, shuffle: bool, offset: int = 0) -> DataLoader:
-        return DataLoader(
+        # Training loaders are StatefulDataLoaders: Lightning saves their position in checkpoints.
+        return (StatefulDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffle(len(dataset), self.seed + offset) if shuffle else None,

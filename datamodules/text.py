@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
-from ..plumbing import mix_seed
 from ..validation import check_int, check_number
+from .base import EpochShuffle
 
 
 class TokenSequences(Dataset):
@@ -34,24 +35,12 @@ class TokenSequences(Dataset):
         return self.tokens[i]
 
 
-class RepeatShuffle(Sampler[int]):
-    """Every index once, plus ``repeats - 1`` more times each index of ``repeated``, in a random
-    order drawn from ``(seed, epoch)`` (Lightning calls ``set_epoch``, so a resumed run sees the
-    same order)."""
+class RepeatShuffle(EpochShuffle):
+    """Every index once, plus ``repeats - 1`` more times each index of ``repeated``, shuffled as
+    :class:`~litplug.datamodules.base.EpochShuffle` shuffles (per epoch, per rank, resumable)."""
 
     def __init__(self, n: int, repeated: torch.Tensor, repeats: int, seed: int) -> None:
-        self.indices = torch.cat([torch.arange(n), repeated.repeat(repeats - 1)])
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, prime=100_003))
-        return iter(self.indices[torch.randperm(len(self.indices), generator=gen)].tolist())
+        super().__init__(torch.cat([torch.arange(n), repeated.repeat(repeats - 1)]), seed)
 
 
 def markov_chain(vocab_size: int, sharpness: float, generator: torch.Generator) -> torch.Tensor:
@@ -156,7 +145,8 @@ class MarkovText(LightningDataModule):
         return entropy_rate(self.transition)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
-        return DataLoader(
+        # Training loaders are StatefulDataLoaders: Lightning saves their position in checkpoints.
+        return (DataLoader if sampler is None else StatefulDataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
