@@ -32,9 +32,11 @@ from torch.utils.data import (
     Subset,
 )
 from torch.utils.data.dataloader import default_collate
+from torchdata.stateful_dataloader.sampler import BatchSampler as StatefulBatchSampler
 
 from ..plumbing import mix_seed
 from ..validation import check_int
+from .base import EpochShuffle
 from .forgetting import LABEL_ATTRIBUTES, dataset_labels
 
 __all__ = ["Indexed", "IndexedBatch", "KeptSampler"]
@@ -72,7 +74,8 @@ class _IndexedCollate:
 class KeptSampler(Sampler[int]):
     """The samples of ``base`` restricted to ``kept`` (training-set indices), in ``base``'s order:
     a ``RandomSampler`` becomes a shuffle of the kept indices drawn from ``(seed, epoch)`` (the same
-    on every rank and after a resume), a ``SequentialSampler`` their sorted order, any other
+    on every rank and after a resume), litplug's ``EpochShuffle`` its epoch's whole order restricted
+    to them, a ``SequentialSampler`` their sorted order, any other
     sampler's stream is filtered (it must yield each index once per epoch). Under DDP Lightning
     shards it with its ``DistributedSamplerWrapper``; a ``DistributedSampler`` of the user's own
     (``use_distributed_sampler=False``) is applied to the kept set: its global order restricted to
@@ -84,7 +87,7 @@ class KeptSampler(Sampler[int]):
         self.kept = torch.as_tensor(kept, dtype=torch.long).sort().values
         self.mask = torch.zeros(num_samples, dtype=torch.bool)
         self.mask[self.kept] = True
-        if isinstance(base, DistributedSampler) and type(base) is not DistributedSampler:
+        if isinstance(base, DistributedSampler) and type(base) not in (DistributedSampler, EpochShuffle):
             raise ValueError(
                 f"KeptSampler restricts torch's DistributedSampler, not its subclass {type(base).__name__}: let "
                 "Lightning shard the training loader (use_distributed_sampler=True)"
@@ -96,12 +99,14 @@ class KeptSampler(Sampler[int]):
             self.base.set_epoch(epoch)
 
     def __len__(self) -> int:
-        if isinstance(self.base, DistributedSampler):
+        if isinstance(self.base, DistributedSampler) and not isinstance(self.base, EpochShuffle):
             n, world = len(self.kept), self.base.num_replicas
             return n // world if self.base.drop_last else -(-n // world)
         return len(self.kept)
 
     def __iter__(self) -> Iterator[int]:
+        if isinstance(self.base, EpochShuffle):  # its whole epoch's order (Lightning shards this sampler)
+            return iter([i for i in self.base.order() if self.mask[i]])
         if isinstance(self.base, DistributedSampler):
             b = self.base
             full = DistributedSampler(b.dataset, num_replicas=1, rank=0, shuffle=b.shuffle, seed=b.seed)
@@ -243,7 +248,7 @@ class Indexed(LightningDataModule):
             common["prefetch_factor"] = loader.prefetch_factor
         indexed = _IndexedDataset(dataset)
         batch_sampler = loader.batch_sampler
-        if batch_sampler is None or type(batch_sampler) is not BatchSampler:
+        if batch_sampler is None or type(batch_sampler) not in (BatchSampler, StatefulBatchSampler):
             if self.kept is not None:
                 raise ValueError(
                     f"Indexed.keep needs a training loader with a `batch_size` (a torch BatchSampler) to restrict; "

@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..plumbing import mix_seed
 from ..validation import check_bool, check_choice, check_int
@@ -227,7 +228,9 @@ class FictitiousQA(LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        # Training loaders are StatefulDataLoaders: Lightning saves their position in checkpoints.
+        loader = StatefulDataLoader if shuffle else DataLoader
+        return loader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
