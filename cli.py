@@ -42,7 +42,7 @@ import litplug.callbacks  # noqa: F401
 import litplug.datamodules  # noqa: F401
 import litplug.modules  # noqa: F401
 from litplug.callbacks.hooks import ended_ranks
-from litplug.plumbing import close_process_group
+from litplug.plumbing import end_distributed_run
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHIPPED_CONFIGS = PACKAGE_DIR / "configs"
@@ -384,7 +384,7 @@ def main(args: Any = None) -> None:
         except UsageError as err:
             sys.stderr.write(f"litplug: error: {err}\n(add --debug or set LITPLUG_DEBUG=1 for the full traceback)\n")
             raise SystemExit(2) from None
-    close_process_group()
+    end_distributed_run()
 
 
 if __name__ == "__main__":

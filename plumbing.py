@@ -8,7 +8,7 @@
 * :func:`save_rank_zero`: write a file once (rank 0) under DDP/FSDP2.
 * :func:`training_mode`: put a module in train or eval mode and restore every submodule's mode.
 * :func:`mix_seed`: one integer seed from a base seed and counters (step, rank, index).
-* :func:`close_process_group`: end a finished multi-process run cleanly.
+* :func:`end_distributed_run`: end the process of a finished multi-process run cleanly.
 
 Pure torch: importing it imports no Lightning. The hooks litplug takes into Lightning's (and
 torchmetrics') private state are in ``litplug.callbacks.hooks``, each with the upstream hook that
@@ -17,6 +17,7 @@ would remove it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "close_process_group",
+    "end_distributed_run",
     "grad_scaler",
     "is_sharded",
     "local",
@@ -123,16 +124,27 @@ def mix_seed(seed: int, *counters: int, prime: int = 1_000_003) -> int:
     return out
 
 
-def close_process_group() -> None:
-    """Wait for every rank, then destroy the default process group, if one is initialised.
+def end_distributed_run() -> None:
+    """End this rank's process once a multi-process run has finished on every rank: wait for every
+    rank, destroy the process groups, flush stdout/stderr and leave with status 0 at once,
+    without finalising the interpreter. Does nothing without an initialised process group (one
+    process: the caller goes on).
 
-    Call it once a multi-process run has finished on every rank (not after an error: a rank that
-    failed never reaches the barrier). Lightning leaves the process group alive after ``fit``; a
-    process that exits with a live gloo group can abort during interpreter shutdown (SIGABRT,
-    "terminate called without an active exception") after all its work is done.
+    Call it as the last statement of each rank (the ``litplug`` command and the tests' launcher
+    do), not after an error: a rank that failed never reaches the barrier. Why the process leaves
+    at once: a rank whose interpreter finalises with gloo's worker threads around has aborted now
+    and then (SIGABRT, "terminate called without an active exception") after all its work was
+    done, even with the group destroyed first. ``os._exit`` skips ``atexit`` handlers; Lightning's
+    loggers have flushed and closed their files when ``fit``/``test`` return.
     """
+    import sys
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -11,8 +11,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from harness import make_strategy  # noqa: E402
+
+from litplug.plumbing import end_distributed_run  # noqa: E402
 
 
 def main() -> None:
@@ -24,14 +25,7 @@ def main() -> None:
     result = getattr(module, func)(strategy=make_strategy(strategy), tmp_dir=Path(out), **json.loads(kwargs))
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(result, Path(out) / f"rank{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has saved its result
-    # Leave without tearing down the process group or finalising the interpreter: with the work
-    # done and saved, that teardown (gloo's threads) has aborted a rank now and then (SIGABRT,
-    # "terminate called without an active exception"), failing a run whose results were all there.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_distributed_run()  # every rank has saved its result
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ ranks with identical weights on both, that a run interrupted at an epoch boundar
 from its checkpoint ends exactly like an uninterrupted one, and that each works on modules
 litplug did not write (tests/foreign.py) or refuses them at setup saying why."""
 
+import contextlib
 import copy
 import inspect
 
@@ -12,6 +13,7 @@ from harness import fast_trainer, make_strategy, run_distributed, state_of
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from registry import CASES, COLUMNS
 
 import litplug.callbacks
@@ -27,6 +29,7 @@ from litplug.callbacks import (
     UnlearningEvaluation,
     UnlearningMask,
 )
+from litplug.datamodules import Indexed
 
 STEPS_PER_EPOCH = 4
 
@@ -107,18 +110,50 @@ def _assert_same(a, b, where):
         assert a == b, where
 
 
+class _Cut(Exception):
+    pass
+
+
+class _CutAt(Callback):
+    """Raise at the start of the batch of training step ``step`` (a run that dies there)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1:
+            raise _Cut
+
+
+@pytest.mark.parametrize("at", ["epoch_end", "mid_epoch"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_callback_resume_matches_uninterrupted(name, tmp_path):
+def test_callback_resume_matches_uninterrupted(name, at, tmp_path):
+    """Resumed from the checkpoint of epoch 0's end, or of step 6 (the middle of epoch 1)."""
     case = CASES[name]
     trainer, model, data, callback = _fit(case, tmp_path / "full", 2)
     trainer.fit(model, data)
     full_state, full_cb = state_of(model), _callback_state(callback)
 
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer, model, data, callback = _fit(case, tmp_path / "part", 1, enable_checkpointing=True)
+    if at == "epoch_end":
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        trainer, model, data, callback = _fit(case, tmp_path / "part", 1, enable_checkpointing=True)
+    else:  # the run is cut by an error at the batch after its step-6 checkpoint
+        step = STEPS_PER_EPOCH + 2
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=step)
+        trainer, model, data, callback = _fit(case, tmp_path / "part", 2, enable_checkpointing=True)
+        trainer.callbacks.append(_CutAt(step + 1))
     trainer.callbacks.append(ckpt)
-    trainer.fit(model, data)
+    with pytest.raises(_Cut) if at == "mid_epoch" else contextlib.nullcontext():
+        trainer.fit(model, data)
+    if at == "mid_epoch":
+        assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == step
     trainer, model, data, callback = _fit(case, tmp_path / "resumed", 2)
+    if at == "mid_epoch" and isinstance(data, Indexed):
+        # Indexed's training loader (DataPruning) does not save its position: Lightning warns, the
+        # resumed epoch restarts its loader (docs/long_runs.md)
+        with pytest.warns(PossibleUserWarning, match="not resumable"):
+            trainer.fit(model, data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        return
     trainer.fit(model, data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
 
     for key, value in full_state.items():
