@@ -41,6 +41,7 @@ from typing_extensions import get_protocol_members
 
 __all__ = [
     "CertifiedModule",
+    "FORGET_RETAIN_HINT",
     "ForgetRetainData",
     "HasBatchLoss",
     "IndexedData",
@@ -96,6 +97,15 @@ class ForgetRetainData(Protocol):
     def forget_dataloader(self) -> Iterable[Any]: ...
 
     def retain_dataloader(self) -> Iterable[Any]: ...
+
+
+FORGET_RETAIN_HINT = (
+    "To use UnlearningMask on your own module, keep your own datamodule and add the two loaders the mask "
+    "reads (litplug.protocols.ForgetRetainData):\n"
+    "    def forget_dataloader(self):\n"
+    "        return DataLoader(self.forget_set, batch_size=self.batch_size)\n"
+    "    # retain_dataloader: the same over the retain set"
+)
 
 
 @runtime_checkable

@@ -127,7 +127,7 @@ from ..functional.masks import (
     unpack_mask,
 )
 from ..plumbing import grad_scaler, is_sharded, local, local_rows, mix_seed, refuse_flat_strategies, training_mode
-from ..protocols import ForgetRetainData, module_loss, require, require_loss
+from ..protocols import FORGET_RETAIN_HINT, ForgetRetainData, module_loss, require, require_loss
 from ..validation import check_choice, check_int, check_number, check_positive_int
 from .hooks import version
 
@@ -212,7 +212,10 @@ class UnlearningMask(Callback):
         refuse_flat_strategies(trainer, "UnlearningMask")
         if stage == "fit" and self.criterion in ("saliency", "attribution") and self._packed is None:
             by = f"UnlearningMask(criterion={self.criterion!r})"
-            require(trainer.datamodule, ForgetRetainData, by, "datamodule")
+            try:
+                require(trainer.datamodule, ForgetRetainData, by, "datamodule")
+            except ValueError as err:
+                raise ValueError(f"{err}.\n{FORGET_RETAIN_HINT}") from err
             require_loss(pl_module, by)
 
     def _scoped(self, pl_module: LightningModule) -> list[tuple[str, nn.Parameter]]:

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from litplug.protocols import FORGET_RETAIN_HINT
 from litplug.validation import check_choice, check_int, check_list, check_number
 
 from .base import EpochShuffle, TensorDataModule
@@ -46,6 +47,23 @@ def dataset_labels(dataset: Dataset, label_fn: Callable[[Any], Any] | None = Non
         f"{type(dataset).__name__} has no `targets` or `labels` attribute; pass `label_fn` (a function "
         "sample -> label), or use scenario='random', which needs no labels"
     )
+
+
+def _require_split_aware(module: Any) -> None:
+    """Refuse a module that cannot take ForgetRetain's several validation loaders."""
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    step = getattr(type(module), "validation_step", None)
+    if step is None or step is LightningModule.validation_step:
+        return
+    if not is_param_in_hook_signature(module.validation_step, "dataloader_idx"):
+        raise ValueError(
+            f"ForgetRetain feeds Unlearner (or a module written for its batches): training batches are "
+            f"{{'forget': batch, 'retain': batch}} dicts and validation has one loader per split (forget, retain, "
+            f"test), so `validation_step` needs a `dataloader_idx` argument, which "
+            f"{type(module).__name__}.validation_step lacks.\n{FORGET_RETAIN_HINT}"
+        )
 
 
 class ForgetRetain(LightningDataModule):
@@ -76,6 +94,16 @@ class ForgetRetain(LightningDataModule):
       classes): held-out samples of the forgotten classes.
 
     Under DDP/FSDP2 Lightning shards every loader with a ``DistributedSampler``.
+
+    Contract: these batches and loaders are for ``Unlearner`` (or a module written for them: a
+    ``training_step`` reading ``batch["forget"]``/``batch["retain"]`` and a ``validation_step``
+    taking ``dataloader_idx``); ``fit`` with a module whose ``validation_step`` has no
+    ``dataloader_idx`` is refused, saying so. To put ``UnlearningMask`` on your own module, keep
+    your datamodule and add the two loaders the mask reads (:class:`litplug.protocols.ForgetRetainData`)::
+
+        def forget_dataloader(self):
+            return DataLoader(self.forget_set, batch_size=self.batch_size)
+        # retain_dataloader: the same over the retain set
 
     Args:
         datamodule: a ``LightningDataModule`` (``Digits``, ``MNIST``, ``CIFAR10``, ``MarkovText``, any
@@ -249,6 +277,9 @@ class ForgetRetain(LightningDataModule):
         return self._loader(self.retain_set, shuffle, offset=1)
 
     def train_dataloader(self) -> CombinedLoader:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None:
+            _require_split_aware(module)
         loaders = {"forget": self.forget_dataloader(shuffle=True), "retain": self.retain_dataloader(shuffle=True)}
         return CombinedLoader(loaders, mode="max_size_cycle")
 

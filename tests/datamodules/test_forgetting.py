@@ -2,9 +2,11 @@
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from harness import fast_trainer
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
+from litplug.callbacks import UnlearningMask
 from litplug.datamodules import Digits, ForgetRetain
 
 
@@ -204,3 +206,57 @@ def test_forget_retain_over_mnist_and_cifar10_files(tmp_path):
     dm.setup()
     n = len(dm.datamodule.train_set)
     assert len(dm.forget_indices) == int(n * 0.25) and len(dm.forget_indices) + len(dm.retain_indices) == n
+
+
+class _PlainClassifier(LightningModule):
+    """A user's module: (x, y) batches, one validation loader."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(64, 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x.flatten(1)), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", torch.nn.functional.cross_entropy(self.net(x.flatten(1)), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _UserData(LightningDataModule):
+    """A user's datamodule; ``with_split`` adds the three-line loaders the mask reads."""
+
+    def __init__(self, with_split: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(48, 1, 8, 8, generator=g), torch.randint(0, 10, (48,), generator=g)
+        self.forget_set, self.retain_set = TensorDataset(x[:16], y[:16]), TensorDataset(x[16:], y[16:])
+        self.batch_size = 8
+        if with_split:
+            self.forget_dataloader = lambda: DataLoader(self.forget_set, batch_size=self.batch_size)
+            self.retain_dataloader = lambda: DataLoader(self.retain_set, batch_size=self.batch_size)
+
+    def train_dataloader(self):
+        return DataLoader(ConcatDataset([self.forget_set, self.retain_set]), batch_size=self.batch_size)
+
+
+def test_forget_retain_refuses_a_plain_module_saying_what_to_add(tmp_path):
+    dm = ForgetRetain(Digits(batch_size=32), scenario="class", forget_classes=[0])
+    with pytest.raises(ValueError, match=r"(?s)validation_step` needs a `dataloader_idx`.*def forget_dataloader"):
+        fast_trainer(tmp_path, max_steps=1).fit(_PlainClassifier(), dm)
+
+
+def test_mask_on_a_user_module_needs_only_the_two_loaders(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"(?s)lacks \['forget_dataloader', 'retain_dataloader'\].*def forget_dataloader"
+    ):
+        trainer = fast_trainer(tmp_path, max_steps=1, callbacks=[UnlearningMask("saliency", ratio=0.5)])
+        trainer.fit(_PlainClassifier(), _UserData(with_split=False))
+    mask = UnlearningMask("saliency", ratio=0.5, num_batches=1)
+    model = _PlainClassifier()
+    fast_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[mask]).fit(model, _UserData(with_split=True))
+    assert mask.num_selected == sum(int(m.sum()) for m in mask.masks.values()) > 0
