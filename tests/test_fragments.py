@@ -71,12 +71,12 @@ TRAINER = [
 
 # Fragments trained together on the user's module (one run per group: SAM and IGNITE are one
 # penalty per Trainer, EMA and SWA both evaluate on their average); the other SAM variants and the
-# fragments that need a litplug module contract (certified, unlearning) are parsed only.
+# fragments that need a litplug contract (certified, unlearning, indexed data) are parsed only.
 FIT_GROUPS = [
     ["ema", "sam", "sharpness_monitor", "lr_monitor", "early_stopping"],
     ["swa", "ignite"],
 ]
-PARSE_ONLY = ["asam", "gnp", "ibp_warmup", "unlearning_mask"]
+PARSE_ONLY = ["asam", "data_pruning", "gnp", "ibp_warmup", "unlearning_mask"]
 
 
 def _configs(names: list[str]) -> list[str]:
