@@ -1,6 +1,7 @@
 """litplug callbacks, importable by short name (``from litplug.callbacks import EMA``)."""
 
 from .certified import IBPWarmup
+from .checkpoint_soup import CheckpointSoup
 from .ema import EMA
 from .ignite import SurrogateSharpness
 from .monitor import SharpnessMonitor
@@ -10,8 +11,10 @@ from .sam import SAM, SharpnessAwareMinimization
 from .swa import SWA
 from .unlearning import UnlearningMask
 from .unlearning_evaluation import UnlearningEvaluation
+from .wise_ft import WiSEFT
 
 __all__: list[str] = [
+    "CheckpointSoup",
     "DataPruning",
     "EMA",
     "GradientAscentSearch",
@@ -23,4 +26,5 @@ __all__: list[str] = [
     "SurrogateSharpness",
     "UnlearningEvaluation",
     "UnlearningMask",
+    "WiSEFT",
 ]

@@ -15,6 +15,7 @@ from litplug.callbacks import (
     EMA,
     SAM,
     SWA,
+    CheckpointSoup,
     DataPruning,
     GradientAscentSearch,
     IBPWarmup,
@@ -22,6 +23,7 @@ from litplug.callbacks import (
     SurrogateSharpness,
     UnlearningEvaluation,
     UnlearningMask,
+    WiSEFT,
 )
 from litplug.datamodules import Digits, FictitiousQA, ForgetRetain, Indexed, OfflineDesigns
 from litplug.modules import MLP, CertifiedClassifier, Classifier, Regressor, Unlearner
@@ -60,6 +62,11 @@ CASES["SharpnessMonitor"] = Case(lambda: SharpnessMonitor(rho=0.05))
 # Weight averaging (callbacks/averaging.py). SWA snapshots from epoch 0 so both epochs update, under SWALR.
 CASES["EMA"] = Case(lambda: EMA(decay=0.9, warmup=True))
 CASES["SWA"] = Case(lambda: SWA(start=0, swa_lrs=0.05, annealing_epochs=1))
+
+# Merges inside training (callbacks/checkpoint_soup.py, callbacks/wise_ft.py): chosen on the
+# validation batches at fit end, rank zero's merge broadcast.
+CASES["CheckpointSoup"] = Case(lambda: CheckpointSoup(k=2))
+CASES["WiSEFT"] = Case(lambda: WiSEFT(alpha=[0.5, 1.0]))
 
 
 # Unlearning (callbacks/unlearning.py): the mask needs forget data and an Unlearner.

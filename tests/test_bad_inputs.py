@@ -79,6 +79,17 @@ SPEC: dict[str, dict[str, Arg]] = {
         "final_weights": ANY,
         "export_path": ANY,
     },
+    "CheckpointSoup": {"k": COUNT, "final_weights": ANY},
+    "WiSEFT": {
+        "alpha": Arg(
+            ok={
+                "zero": "0 is the starting weights",
+                "negative": "extrapolation beyond the start (the paper's appendix)",
+                "item_zero": "0 among the candidates is the starting weights",
+                "item_negative": "a negative candidate extrapolates",
+            }
+        )
+    },
     "SWA": {
         "start": Arg(0, 1, high_open=True, ok={"zero": "0.0 averages from the first epoch"}),
         "every_n_epochs": COUNT,

@@ -21,6 +21,7 @@ from litplug.callbacks import (
     EMA,
     SAM,
     SWA,
+    CheckpointSoup,
     DataPruning,
     GradientAscentSearch,
     IBPWarmup,
@@ -28,6 +29,7 @@ from litplug.callbacks import (
     SurrogateSharpness,
     UnlearningEvaluation,
     UnlearningMask,
+    WiSEFT,
 )
 from litplug.datamodules import Indexed
 
@@ -380,7 +382,29 @@ def _evaluation_cell(column, tmp_dir):
         _fit_cell(column, [UnlearningEvaluation(qa_retain_checkpoint())], tmp_dir)
 
 
+def _soup_cell(column, tmp_dir):
+    """The uniform soup of the last two epoch ends is their mean."""
+    rec = Recorder()
+    model, _, _ = _fit_cell(column, [rec, CheckpointSoup(k=2, final_weights="uniform")], tmp_dir, max_epochs=3,
+                            limit_val_batches=2)  # fmt: skip
+    for name, value in model.named_parameters():
+        want = (rec.epochs[1][name] + rec.epochs[2][name]) / 2
+        torch.testing.assert_close(value.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+def _wise_cell(column, tmp_dir):
+    """WiSE-FT with one alpha is the interpolation of the start and the trained weights."""
+    rec = Recorder()
+    model, start, _ = _fit_cell(column, [rec, WiSEFT(alpha=0.25)], tmp_dir, limit_val_batches=2)
+    before = dict(start.named_parameters())
+    for name, value in model.named_parameters():
+        want = torch.lerp(before[name].detach(), rec.epochs[-1][name], 0.25)
+        torch.testing.assert_close(value.detach(), want, rtol=1e-12, atol=1e-12)
+
+
 CELLS = {
+    "CheckpointSoup": _soup_cell,
+    "WiSEFT": _wise_cell,
     "DataPruning": _pruning_cell,
     "EMA": _ema_cell,
     "SWA": _swa_cell,
