@@ -2,11 +2,13 @@
 
 from .certified import IBPWarmup
 from .checkpoint_soup import CheckpointSoup
+from .elr import ELR
 from .ema import EMA
 from .ignite import SurrogateSharpness
 from .monitor import SharpnessMonitor
 from .offline import GradientAscentSearch
 from .pruning import DataPruning
+from .pskd import PSKD
 from .sam import SAM, SharpnessAwareMinimization
 from .swa import SWA
 from .unlearning import UnlearningMask
@@ -16,11 +18,13 @@ from .wise_ft import WiSEFT
 __all__: list[str] = [
     "CheckpointSoup",
     "DataPruning",
+    "ELR",
     "EMA",
     "GradientAscentSearch",
     "SAM",
     "SWA",
     "IBPWarmup",
+    "PSKD",
     "SharpnessAwareMinimization",
     "SharpnessMonitor",
     "SurrogateSharpness",

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from ..plumbing import training_mode
+from ..plumbing import loss_scale, refuse_flat_strategies, training_mode
 from ..protocols import IndexedData, missing_members
 
 
@@ -91,3 +91,108 @@ class LogitsCapture:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+class LogitTerm(Callback):
+    """Base of callbacks that add a term ``T(z)`` of the logits ``z`` to the module's own loss,
+    with per-example state ``[N, classes]`` (``ELR``, ``PSKD``), on any classifier-like module.
+
+    The seam: a forward hook on the module catches the logits its ``training_step`` computes
+    (``self(inputs)``), and a tensor hook on them adds ``c dT/dz`` to their gradient during the
+    module's own backward, ``c`` the scale Lightning applies to the loss (``1/accumulate_grad_batches``
+    in automatic optimisation, the GradScaler's scale in ``16-mixed``). The sum is the gradient of
+    ``loss + T``; nothing is run twice, the module is not edited. Under DDP each rank updates the
+    rows of its own samples and after the last batch of every epoch one ``all_reduce`` of the rows
+    touched (averaged where a padded sample was seen twice) makes the state equal on every rank.
+
+    Subclasses set ``logged`` and implement :meth:`batch_term` (called on the first capture of a
+    batch: update the state rows, return ``dT/dz``) and :meth:`init_state`."""
+
+    logged = "term"  # the tag of the value each batch logs
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: Tensor | None = None
+        self._dm: Any = None
+        self._capture: LogitsCapture | None = None
+        self._touched: Tensor | None = None
+        self._grad: Tensor | None = None
+        self._targets: Tensor | None = None
+        self._value: Tensor | None = None
+        self._closed_epoch = -1
+
+    def init_state(self, n: int, num_classes: int) -> Tensor:
+        raise NotImplementedError
+
+    def batch_term(self, trainer: Trainer, logits: Tensor, index: Tensor, targets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            name = type(self).__name__
+            refuse_flat_strategies(trainer, name)
+            self._dm = indexed_data(trainer, name)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        num_classes = check_classifier(trainer, pl_module, self._dm, type(self).__name__)
+        n = self._dm.num_examples
+        if self.state is None or self.state.shape != (n, num_classes):
+            # float32 (float64 for a float64 module: its trajectory is then exact)
+            dtype = torch.float64 if pl_module.dtype == torch.float64 else torch.float32
+            self.state = self.init_state(n, num_classes).to(dtype)
+        self._touched = torch.zeros(n, dtype=torch.bool)
+        self._capture = LogitsCapture(pl_module, num_classes, on_logits=lambda z: self._on_logits(trainer, z))
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._grad, self._targets = None, batch[1]
+        self._capture.open(len(self._dm.batch_index))
+
+    def _on_logits(self, trainer: Trainer, z: Tensor) -> None:
+        if self._grad is None:  # the first pass of the batch updates the state
+            index = self._dm.batch_index
+            self._grad = self.batch_term(trainer, z.detach(), index, self._targets).to(z.dtype)
+            self._touched[index] = True
+        automatic = trainer.lightning_module.automatic_optimization
+        scale = loss_scale(trainer, z).to(z.dtype) / (trainer.accumulate_grad_batches if automatic else 1)
+        grad = self._grad
+        z.register_hook(lambda g: g + scale * grad)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._capture.logits is None:
+            raise ValueError(
+                f"{type(self).__name__} adds its term through the logits of the module's training forward, but "
+                f"{type(pl_module).__name__}.training_step did not call the module (self(inputs)) on the batch"
+            )
+        self._capture.close()
+        if self._value is not None:
+            pl_module.log(self.logged, self._value.float(), on_step=True, on_epoch=False)
+        if batch_idx + 1 >= trainer.num_training_batches:
+            self._sync(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sync(trainer)
+
+    def _sync(self, trainer: Trainer) -> None:
+        if self._closed_epoch == trainer.current_epoch:
+            return
+        self._closed_epoch = trainer.current_epoch
+        if trainer.world_size > 1:
+            touched = self._touched.to(self.state.dtype)
+            rows = trainer.strategy.reduce(self.state * touched[:, None], reduce_op="sum")
+            count = trainer.strategy.reduce(touched, reduce_op="sum")
+            seen = count > 0
+            self.state[seen] = rows[seen] / count[seen, None]
+        self._touched.zero_()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state = state_dict["state"]

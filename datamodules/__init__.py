@@ -5,6 +5,7 @@ from .base import TensorDataModule
 from .digits import Digits
 from .forgetting import ForgetRetain
 from .indexed import Indexed
+from .noisy import NoisyLabels
 from .offline import OfflineDesigns
 from .qa import FictitiousQA
 from .synthetic import SyntheticClassification
@@ -19,6 +20,7 @@ __all__ = [
     "ForgetRetain",
     "Indexed",
     "MarkovText",
+    "NoisyLabels",
     "OfflineDesigns",
     "SyntheticClassification",
     "TensorDataModule",

@@ -39,7 +39,7 @@ from ..validation import check_int
 from .base import EpochShuffle
 from .forgetting import LABEL_ATTRIBUTES, dataset_labels
 
-__all__ = ["Indexed", "IndexedBatch", "KeptSampler"]
+__all__ = ["Indexed", "IndexedBatch", "KeptSampler", "training_labels"]
 
 _HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
@@ -126,6 +126,22 @@ class KeptSampler(Sampler[int]):
         return (int(i) for i in self.base if self.mask[int(i)])
 
 
+def training_labels(dataset: Dataset, who: str) -> Tensor:
+    """The label of every sample of ``dataset``: its ``targets``/``labels``/``y`` attribute (through
+    ``Subset``s), else the second element of each ``(inputs, target)`` sample."""
+    try:
+        return dataset_labels(dataset).long()
+    except ValueError:
+        pass
+    first = dataset[0]
+    if not isinstance(first, (tuple, list)) or len(first) != 2:
+        raise ValueError(
+            f"{who} needs the labels of the training set: {type(dataset).__name__} has none of the attributes "
+            f"{list(LABEL_ATTRIBUTES)} and its samples are not (inputs, target) pairs"
+        )
+    return torch.as_tensor([int(torch.as_tensor(dataset[i][1])) for i in range(len(dataset))])
+
+
 class Indexed(LightningDataModule):
     """Wrap ``datamodule`` so that its training batches carry each sample's index.
 
@@ -200,21 +216,9 @@ class Indexed(LightningDataModule):
     def labels(self) -> Tensor:
         """The label of every training sample: the dataset's ``targets``/``labels``/``y`` attribute
         (through ``Subset``s), else the second element of each ``(inputs, target)`` sample."""
-        dataset = self.train_dataset
-        if dataset is None:
+        if self.train_dataset is None:
             self.train_dataloader()
-            dataset = self.train_dataset
-        try:
-            return dataset_labels(dataset).long()
-        except ValueError:
-            pass
-        first = dataset[0]
-        if not isinstance(first, (tuple, list)) or len(first) < 2:
-            raise ValueError(
-                f"the labels of the training set are unknown: {type(dataset).__name__} has none of the attributes "
-                f"{list(LABEL_ATTRIBUTES)} and its samples are not (inputs, target) pairs"
-            )
-        return torch.as_tensor([int(torch.as_tensor(dataset[i][1])) for i in range(len(dataset))])
+        return training_labels(self.train_dataset, "Indexed")
 
     def subset_loader(self, indices: Sequence[int], batch_size: int) -> DataLoader:
         """A loader over the training samples ``indices``, in that order, with the wrapped loader's

@@ -6,6 +6,8 @@
 * weight masks: :func:`topk_masks`, :func:`kth_largest_key`, :func:`saliency_scores`,
   :func:`attribution_scores`, :func:`pack_mask`, :func:`unpack_mask`, :func:`frozen_values`,
   :func:`enforce_masked_grads_`, :func:`restore_frozen_`;
+* noisy labels: :func:`elr_update`, :func:`elr_regularizer`, :func:`elr_logit_grad`,
+  :func:`pskd_alpha`, :func:`pskd_targets`, :func:`pskd_logit_grad`;
 * data scores: :func:`el2n_scores`, :func:`grand_scores`, :func:`forgetting_events`,
   :func:`forgetting_scores`.
 
@@ -29,6 +31,14 @@ from .masks import (
     topk_masks,
     unpack_mask,
 )
+from .noisy_labels import (
+    elr_logit_grad,
+    elr_regularizer,
+    elr_update,
+    pskd_alpha,
+    pskd_logit_grad,
+    pskd_targets,
+)
 from .pruning import el2n_scores, forgetting_events, forgetting_scores, grand_scores
 from .sharpness import (
     dual_ascent,
@@ -41,6 +51,12 @@ from .sharpness import (
 )
 
 __all__ = [
+    "elr_logit_grad",
+    "elr_regularizer",
+    "elr_update",
+    "pskd_alpha",
+    "pskd_logit_grad",
+    "pskd_targets",
     "el2n_scores",
     "forgetting_events",
     "forgetting_scores",

@@ -12,7 +12,9 @@ from typing import Any
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
 from litplug.callbacks import (
+    ELR,
     EMA,
+    PSKD,
     SAM,
     SWA,
     CheckpointSoup,
@@ -184,6 +186,13 @@ CASES["DataPruning"] = Case(lambda: DataPruning("forgetting", keep=0.5, score_ep
 CASES["DataPruning+SAM+EMA"] = Case(
     callback=lambda: [DataPruning("grand", keep=0.3, score_epoch=0), SAM(rho=0.05), EMA(decay=0.9)],
     data=indexed_digits,
+)
+
+# Noisy labels (callbacks/elr.py, callbacks/pskd.py): per-example state synchronised at epoch end.
+CASES["ELR"] = Case(lambda: ELR(beta=0.7, lam=3.0), data=indexed_digits)
+CASES["PSKD"] = Case(lambda: PSKD(alpha=0.8), data=indexed_digits)
+CASES["ELR+DataPruning+SAM"] = Case(
+    callback=lambda: [ELR(), DataPruning("el2n", keep=0.5, score_epoch=0), SAM(rho=0.05)], data=indexed_digits
 )
 
 

@@ -66,6 +66,8 @@ SPEC: dict[str, dict[str, Arg]] = {
         "offset": Arg(0, 0.5, ok={"zero": "0 keeps the hardest samples"}),  # [0, 1 - keep], keep=0.5
         "batch_size": COUNT,
     },
+    "ELR": {"beta": Arg(0, 1, high_open=True, ok={"zero": "0 makes the targets the last prediction"}), "lam": POSITIVE},
+    "PSKD": {"alpha": Arg(0, 1, low_open=True), "end_epoch": COUNT},
     "EMA": {
         "decay": UNIT_OPEN,
         "warmup": ANY,
@@ -284,6 +286,13 @@ SPEC: dict[str, dict[str, Arg]] = {
         "batch_size": COUNT,
     },
     "Indexed": {"datamodule": ANY, "seed": SEED_ARG},
+    "NoisyLabels": {
+        "datamodule": ANY,
+        "rate": LABEL_NOISE,
+        "kind": ANY,
+        "num_classes": CLASSES,
+        "seed": SEED_ARG,
+    },
     "OfflineDesigns": {
         "task": ANY,
         "dim": COUNT,

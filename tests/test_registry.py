@@ -18,7 +18,9 @@ from registry import CASES, COLUMNS
 
 import litplug.callbacks
 from litplug.callbacks import (
+    ELR,
     EMA,
+    PSKD,
     SAM,
     SWA,
     CheckpointSoup,
@@ -185,8 +187,14 @@ REFUSALS = {
         for c in ("manual", "two_optimizers")
         for name, short in (("SharpnessAwareMinimization", "SAM"), ("SurrogateSharpness", "SurrogateSharpness"))
     },
-    ("DataPruning", "boring"): "DataPruning.score='grand'. needs a classifier-like module.*not .inputs, targets.",
-    ("DataPruning", "lm"): "DataPruning.score='grand'. needs a classifier-like module.*targets have shape .1, 8.",
+    **{
+        (name, "boring"): f"{name}.* needs a classifier-like module.*not .inputs, targets."
+        for name in ("DataPruning", "ELR", "PSKD")
+    },
+    **{
+        (name, "lm"): f"{name}.* needs a classifier-like module.*targets have shape .1, 8."
+        for name in ("DataPruning", "ELR", "PSKD")
+    },
     (
         "SurrogateSharpness",
         "lm",
@@ -402,10 +410,35 @@ def _wise_cell(column, tmp_dir):
         torch.testing.assert_close(value.detach(), want, rtol=1e-12, atol=1e-12)
 
 
+def _noisy_cell(make):
+    """The callback trains the module to finite weights that differ from plain training (its term
+    reaches the gradient whatever the module's optimisation), with state for every sample seen."""
+
+    def cell(column, tmp_dir):
+        from litplug.datamodules import Indexed
+
+        def fit(callbacks):
+            seed_everything(0)
+            model = column.model()
+            args = {"limit_train_batches": 4, "limit_val_batches": 0, "max_epochs": 2, **column.trainer}
+            fast_trainer(tmp_dir, precision="64-true", callbacks=callbacks, **args).fit(model, Indexed(column.data()))
+            return model
+
+        plain, callback = fit([]), make()
+        model = fit([callback])
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), model.parameters()))
+        assert ((callback.state >= 0).all(dim=1) & (callback.state.sum(1) > 0)).sum() >= 8
+
+    return cell
+
+
 CELLS = {
     "CheckpointSoup": _soup_cell,
     "WiSEFT": _wise_cell,
     "DataPruning": _pruning_cell,
+    "ELR": _noisy_cell(ELR),
+    "PSKD": _noisy_cell(PSKD),
     "EMA": _ema_cell,
     "SWA": _swa_cell,
     "SharpnessAwareMinimization": _sam_cell,
