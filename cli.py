@@ -149,7 +149,9 @@ class LitplugCLI(LightningCLI):
         config = self.config.get(self.subcommand, self.config)
         # LightningCLI keeps the subcommand parsers (their defaults: the Trainer's arguments with
         # `trainer_defaults`, `ckpt_path`, ...) in a private attribute; there is no public accessor.
-        defaults = self._subcommand_parsers[self.subcommand].get_defaults().as_dict()
+        # Without a subcommand (`run=False`) the one parser holds them.
+        parsers = getattr(self, "_subcommand_parsers", None) if self.subcommand else None
+        defaults = (parsers[self.subcommand] if parsers else self.parser).get_defaults().as_dict()
         write_hparams(self.trainer, flatten_config(config.as_dict(), defaults))
 
     def _write_best(self) -> None:

@@ -22,13 +22,15 @@ from matplotlib.figure import Figure
 
 __all__ = ["bar_chart", "histograms", "line_chart", "panels", "to_image"]
 
-# Small pictures: TensorBoard shows images at their pixel size; 5.5 x 3.2 in at 100 dpi.
+# Small pictures: TensorBoard shows images at their pixel size; 5.5 x 3.2 in at 80 dpi (440 x 256).
 SIZE = (5.5, 3.2)
-DPI = 100
+DPI = 80
 
 
 def _figure() -> Figure:
-    fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+    # Fixed margins: matplotlib's constrained/tight layout solvers more than double the render time.
+    fig = Figure(figsize=SIZE, dpi=DPI)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.3, top=0.86, wspace=0.3)
     FigureCanvasAgg(fig)
     return fig
 

@@ -218,7 +218,7 @@ def test_figures_render_off_screen():
     lines = to_image(line_chart([0.0, 0.5, 1.0], {"naive": [1, 2, 1]}, "t", "alpha", "loss", marks={"m": (0.5, 2)}))
     hist = to_image(histograms({"forget": np.random.rand(50), "test": []}, "t", "loss"))
     for image in (bars, lines, hist):
-        assert image.dtype == np.uint8 and image.shape == (320, 550, 3)
+        assert image.dtype == np.uint8 and image.shape == (256, 440, 3)
         assert image.std() > 0  # something drawn
     with pytest.raises(ValueError, match="series 'naive' has 2 values for 3 x positions"):
         line_chart([0.0, 0.5, 1.0], {"naive": [1, 2]}, "t", "alpha", "loss")
@@ -279,3 +279,38 @@ def test_unlearning_configs_write_their_figures(tmp_path, monkeypatch):
     layout = layout_pb2.Layout()
     layout.ParseFromString(acc.Tensors(board.LAYOUT_TAG)[-1].tensor_proto.string_val[0])
     assert [c.title for c in layout.category] == ["unlearning"]
+
+
+def ddp_monitor_worker(strategy, tmp_dir):
+    model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), num_classes=10)
+    monitor = SharpnessMonitor()
+    trainer = Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=TensorBoardLogger(tmp_dir, name="", version=0),
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, Digits(batch_size=16))
+    local = {k: float(v) for k, v in monitor.measure(model).items()}  # this rank's own held batch
+    reduced = {k[len("sharpness/") :]: float(v) for k, v in trainer.callback_metrics.items() if "sharpness/" in k}
+    return {"local": local, "reduced": reduced, "writer": board.summary_writer(trainer) is not None}
+
+
+def test_ddp_rank_zero_writes_the_reduced_values_once(tmp_path):
+    from harness import run_distributed
+
+    r0, r1 = run_distributed(ddp_monitor_worker, "ddp", tmp_path)
+    assert (r0["writer"], r1["writer"]) == (True, False)
+    folder = next(p.parent for p in tmp_path.rglob("*tfevents*"))
+    assert len(list(tmp_path.rglob("*tfevents*"))) == 1  # rank 1 wrote no event file
+    assert count_tag(folder, board.LAYOUT_TAG) == 1 and count_tag(folder, "sharpness/layers") == 1
+    # the bars are the logged values: the mean of the ranks' own measurements
+    for key, value in r0["reduced"].items():
+        assert value == pytest.approx((r0["local"][key] + r1["local"][key]) / 2, rel=1e-4, abs=1e-6)

@@ -1,7 +1,7 @@
 """What litplug's TensorBoard output costs on the 20-epoch digits run, and the pictures of the cards.
 
-    python benchmarks/tensorboard.py                      # the overhead (a few minutes on 2 CPU cores)
-    python benchmarks/tensorboard.py --images docs/img    # also the runs behind the cards' PNGs
+    python benchmarks/lab_notebook.py                      # the overhead (a few minutes on 2 CPU cores)
+    python benchmarks/lab_notebook.py --images docs/img    # also the runs behind the cards' PNGs
 
 The overhead run is ``litplug fit`` of configs/digits/classifier.yaml (20 epochs) with EMA, SAM
 and the sharpness monitor: every call that writes the layout, a figure or the hparams is timed
