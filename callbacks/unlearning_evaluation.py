@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from ..functional.unlearning_metrics import unlearning_suite
+from ..functional.unlearning_metrics import classifier_suite, unlearning_suite
 from ..loading import load_weights
 from ..validation import check_bool, check_path, check_positive_int
 
@@ -18,14 +18,24 @@ __all__ = ["UnlearningEvaluation"]
 
 
 def _evaluation_sets(datamodule: Any) -> Any:
-    """The ``evaluation_sets`` method of ``datamodule`` or of the datamodule it wraps."""
+    """The ``evaluation_sets`` method of ``datamodule`` or of the datamodule it wraps, or None for a
+    classifier's ``ForgetRetain`` (forget/retain loaders and held-out data)."""
     for candidate in (datamodule, getattr(datamodule, "datamodule", None)):
         method = getattr(candidate, "evaluation_sets", None)
         if callable(method):
             return method
+    if all(callable(getattr(datamodule, m, None)) for m in ("forget_dataloader", "retain_dataloader")):
+        batch = next(iter(datamodule.forget_dataloader()), None)
+        if (
+            isinstance(batch, (tuple, list))
+            and len(batch) >= 2
+            and batch[1].dim() == 1
+            and not batch[1].is_floating_point()
+        ):
+            return None
     raise TypeError(
         f"UnlearningEvaluation needs a datamodule with `evaluation_sets()` (e.g. FictitiousQA, or ForgetRetain "
-        f"around it), got {type(datamodule).__name__}"
+        f"around it) or a classifier's ForgetRetain, got {type(datamodule).__name__}"
     )
 
 
@@ -38,11 +48,18 @@ class UnlearningEvaluation(Callback):
     At the end of every ``every_n_epochs``-th validation epoch (and of ``test``), both models run
     over the datamodule's ``evaluation_sets()`` (:class:`litplug.datamodules.FictitiousQA`, also
     through ``ForgetRetain``), and each value is logged as ``unlearn/suite/<name>``; the last
-    report is in :attr:`results`. The retain model has the module's backbone architecture: a copy
+    report is in :attr:`results`. On a classifier's ``ForgetRetain`` (``(inputs, targets)`` batches)
+    the same language is spoken by :func:`~litplug.functional.unlearning_metrics.classifier_suite`:
+    forget quality on the per-sample losses, accuracies, the LOSS attack and privleak, with the
+    held-out data of the ``test`` loader (of the validation or test loaders; a datamodule of one's
+    own with ``forget_dataloader()``/``retain_dataloader()`` gives its validation loader).
+
+    The retain model has the module's backbone architecture: a copy
     of ``pl_module.backbone`` (or of ``pl_module`` without one) with the weights of
     ``retain_checkpoint``, read through :mod:`litplug.loading` (a Lightning checkpoint of any module
     holding it, a state dict, safetensors or a ``save_pretrained`` folder); a checkpoint of another
-    architecture or vocabulary, or a missing file, is refused at setup, before training. The retain model stays off
+    architecture or vocabulary, or a missing file, is refused at setup, before training. The retain
+    model stays off
     the optimizer and out of the checkpoint.
 
     Distributed: every rank evaluates the same full sets (no collective; the values agree).
@@ -105,13 +122,23 @@ class UnlearningEvaluation(Callback):
         self._retain.append(retain.eval().requires_grad_(False))
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        data, texts = _evaluation_sets(trainer.datamodule)()
+        sets = _evaluation_sets(trainer.datamodule)
         network = self._network(pl_module)
-        retain = self._retain[0].to(pl_module.device)
+        reference = next(network.parameters(), None)
+        dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
+        retain = self._retain[0].to(device=pl_module.device, dtype=dtype)  # the precision the module runs in
         was_training = network.training
         network.eval()
         try:
-            self.results = unlearning_suite(network, retain, data, texts, batch_size=self.batch_size)
+            if sets is not None:
+                self.results = unlearning_suite(network, retain, *sets(), batch_size=self.batch_size)
+            else:
+                dm = trainer.datamodule
+                loaders = dm.test_dataloader() if trainer.testing else dm.val_dataloader()
+                holdout = loaders.get("test", []) if isinstance(loaders, dict) else loaders
+                self.results = classifier_suite(
+                    network, retain, dm.forget_dataloader(), dm.retain_dataloader(), holdout
+                )
         finally:
             network.train(was_training)
         for name, value in self.results.items():

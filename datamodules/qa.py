@@ -113,6 +113,7 @@ class FictitiousQA(LightningDataModule):
     ) -> None:
         super().__init__()
         check_int("num_entities", num_entities, low=20, high=len(FIRST) * len(LAST))
+        check_int("forget_percent", forget_percent)
         check_choice("forget_percent", forget_percent, (1, 5, 10))
         check_int("num_perturbed", num_perturbed, low=1, high=min(len(v) for v in VALUES.values()) - 1)
         check_bool("exclude_forget", exclude_forget)

@@ -43,7 +43,7 @@ Example:
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -344,3 +344,52 @@ def unlearning_suite(
     )
     report["privleak"] = privleak(report["mia_min_k"], report["retain_mia_min_k"])
     return report
+
+
+@torch.no_grad()
+def classifier_losses(
+    model: Callable[[torch.Tensor], Any], batches: Iterable[Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample cross-entropy and correctness of ``model`` (inputs -> class logits) over
+    ``(inputs, targets)`` batches, on CPU in batch order (inputs moved to the model's device and
+    floating dtype)."""
+    losses, correct = [], []
+    first = next(iter(getattr(model, "parameters", list)()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None and first.is_floating_point() else None
+    for x, y, *_ in batches:
+        output = model(x.to(device=device, dtype=dtype if x.is_floating_point() else None))
+        logits = (output if isinstance(output, torch.Tensor) else output.logits).float().cpu()
+        losses.append(F.cross_entropy(logits, y.cpu(), reduction="none"))
+        correct.append((logits.argmax(-1) == y.cpu()).float())
+    return (torch.cat(losses), torch.cat(correct)) if losses else (torch.zeros(0), torch.zeros(0))
+
+
+def classifier_suite(
+    model: Callable[[torch.Tensor], Any],
+    retain_model: Callable[[torch.Tensor], Any],
+    forget: Iterable[Any],
+    retain: Iterable[Any],
+    holdout: Iterable[Any],
+) -> dict[str, float]:
+    """The suite for a classifier, in the same language as :func:`unlearning_suite`: the
+    per-sample loss takes the place of the truth ratio.
+
+    Returns ``forget_quality`` (KS-test p-value between the per-sample losses of the model and of
+    the retain model on the forget set), ``forget_acc``, ``retain_acc``, ``holdout_acc`` (in
+    [0, 1]), ``mia_loss`` and ``retain_mia_loss`` (the LOSS attack's AUC, forget vs held-out, for
+    each model) and ``privleak`` (of ``mia_loss`` against ``retain_mia_loss``). ``forget``,
+    ``retain`` and ``holdout`` are iterables of ``(inputs, targets)`` batches (re-iterated once per
+    model)."""
+    out: dict[str, float] = {}
+    stats = {}
+    for who, m in (("model", model), ("retain", retain_model)):
+        for name, batches in (("forget", forget), ("retain", retain), ("holdout", holdout)):
+            stats[who, name] = classifier_losses(m, batches)
+    for name in ("forget", "retain", "holdout"):
+        out[f"{name}_acc"] = float(stats["model", name][1].mean()) if len(stats["model", name][1]) else float("nan")
+    out["forget_quality"] = forget_quality(stats["model", "forget"][0], stats["retain", "forget"][0])
+    out["mia_loss"] = mia_auc(stats["model", "forget"][0], stats["model", "holdout"][0])
+    out["retain_mia_loss"] = mia_auc(stats["retain", "forget"][0], stats["retain", "holdout"][0])
+    out["privleak"] = privleak(out["mia_loss"], out["retain_mia_loss"])
+    return out

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..datamodules.base import EpochShuffle
 from ..plumbing import mix_seed
-from ..validation import check_int, check_positive_int
+from ..validation import check_int, check_positive_int, check_str
 
 __all__ = ["SISA"]
 
@@ -47,7 +46,7 @@ class SISA:
         seed: seed of the partition, of each shard's initialisation and of its order.
         batch_size: samples per batch.
         max_epochs: epochs per shard.
-        trainer_kwargs: more ``Trainer`` arguments (``accelerator``, ``precision``, ...).
+        accelerator: the ``Trainer``'s accelerator for every shard (one device).
     """
 
     def __init__(
@@ -58,8 +57,13 @@ class SISA:
         seed: int = 0,
         batch_size: int = 64,
         max_epochs: int = 10,
-        trainer_kwargs: dict[str, Any] | None = None,
+        accelerator: str = "cpu",
     ) -> None:
+        if not callable(make_module):
+            raise TypeError(f"`make_module` must be a callable returning a LightningModule, got {make_module!r:.60}")
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"`dataset` must be a map-style torch Dataset, got {type(dataset).__name__}")
+        check_str("accelerator", accelerator)
         n = len(dataset)  # type: ignore[arg-type]
         check_int("num_shards", num_shards, low=1, high=max(1, n))
         check_int("seed", seed)
@@ -67,7 +71,7 @@ class SISA:
         check_positive_int("max_epochs", max_epochs)
         self.make_module, self.dataset, self.seed = make_module, dataset, seed
         self.batch_size, self.max_epochs = batch_size, max_epochs
-        self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.accelerator = accelerator
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
         self.shards: list[list[int]] = [sorted(order[k::num_shards]) for k in range(num_shards)]
         self.modules: list[LightningModule | None] = [None] * num_shards
@@ -81,10 +85,9 @@ class SISA:
         loader = DataLoader(
             subset, batch_size=self.batch_size, sampler=EpochShuffle(len(subset), mix_seed(self.seed, k))
         )
-        kwargs = {"accelerator": "cpu", "devices": 1, **self.trainer_kwargs}
         Trainer(
             max_epochs=self.max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, **kwargs,
+            enable_model_summary=False, accelerator=self.accelerator, devices=1,
         ).fit(module, loader)  # fmt: skip
         return module.eval()
 

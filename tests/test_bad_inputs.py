@@ -247,6 +247,30 @@ SPEC: dict[str, dict[str, Arg]] = {
         "dropout": Arg(0, 1, high_open=True, ok={"zero": "0 disables dropout"}),
     },
     "LanguageModel": {"backbone": ANY, "optimizer": ANY, "lr_scheduler": ANY},
+    "FictitiousQA": {
+        "num_entities": Arg(20, 520),
+        "forget_percent": Arg(1, 10),
+        "num_perturbed": Arg(1, 5),
+        "exclude_forget": ANY,
+        "batch_size": COUNT,
+        "seed": SEED_ARG,
+        "num_workers": NUM_WORKERS,
+    },
+    "SISA": {
+        "make_module": ANY,
+        "dataset": ANY,
+        "num_shards": COUNT,
+        "seed": SEED_ARG,
+        "batch_size": COUNT,
+        "max_epochs": COUNT,
+        "accelerator": ANY,
+    },
+    "UnlearningEvaluation": {
+        "retain_checkpoint": ANY,
+        "every_n_epochs": COUNT,
+        "on_validation": ANY,
+        "batch_size": COUNT,
+    },
     "MarkovText": {
         "vocab_size": Arg(2),
         "seq_len": Arg(2),
@@ -473,6 +497,11 @@ def base_kwargs(cls: type, ingredient: str) -> dict[str, Any]:
         kwargs["checkpoints"] = [ingredient]
     if "datamodule" in names:
         kwargs["datamodule"] = litplug.datamodules.Digits()
+    if "retain_checkpoint" in names:
+        kwargs["retain_checkpoint"] = ingredient
+    if "make_module" in names:
+        kwargs["make_module"] = lambda: litplug.modules.Classifier(_backbone(), num_classes=10)
+        kwargs["dataset"] = torch.utils.data.TensorDataset(torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
     return kwargs
 
 

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import inspect
 
+import foreign
 import pytest
 import torch
 from harness import fast_trainer, make_strategy, run_distributed, state_of
@@ -384,10 +385,18 @@ def _pruning_cell(column, tmp_dir):
 
 
 def _evaluation_cell(column, tmp_dir):
-    from registry import qa_retain_checkpoint
-
-    with pytest.raises(TypeError, match="evaluation_sets"):  # none of the columns' datamodules has QA sets
-        _fit_cell(column, [UnlearningEvaluation(qa_retain_checkpoint())], tmp_dir)
+    """Classifier columns (forget/retain loaders of (inputs, class) batches) are scored against a
+    retain model (a fresh copy of the column's module); the others have no evaluation sets."""
+    net = column.model()
+    path = tmp_dir / "retain.pt"
+    torch.save(getattr(net, "backbone", net).state_dict(), path)
+    evaluation = UnlearningEvaluation(str(path))
+    if column.data is foreign.features:
+        _fit_cell(column, [evaluation], tmp_dir, limit_val_batches=1)
+        assert 0 <= evaluation.results["forget_quality"] <= 1 and 0 <= evaluation.results["mia_loss"] <= 1
+    else:
+        with pytest.raises(TypeError, match="evaluation_sets"):
+            _fit_cell(column, [evaluation], tmp_dir)
 
 
 def _soup_cell(column, tmp_dir):

@@ -77,3 +77,36 @@ def test_missing_retain_model_and_wrong_datamodule(tmp_path, oracle):
     trainer = Trainer(max_epochs=1, callbacks=[UnlearningEvaluation(str(oracle["retain"]))], logger=False)
     with pytest.raises(TypeError, match="evaluation_sets"):
         trainer.fit(model, ForgetRetain(MarkovText(), scenario="class", forget_classes=[1]))
+
+
+def test_a_classifier_is_scored_in_the_same_language(tmp_path):
+    from scipy.stats import ks_2samp
+    from sklearn.metrics import roc_auc_score
+
+    from litplug.datamodules import Digits
+    from litplug.functional.unlearning_metrics import classifier_losses
+    from litplug.modules import MLP
+
+    torch.manual_seed(0)
+    make = lambda: MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16])  # noqa: E731
+    retain_path = tmp_path / "retain.pt"
+    torch.save(make().state_dict(), retain_path)
+    dm = ForgetRetain(Digits(batch_size=64), scenario="class", forget_classes=[3])
+    model = Unlearner(make(), None, "retrain")
+    evaluation = UnlearningEvaluation(str(retain_path))
+    trainer = Trainer(max_epochs=1, limit_train_batches=3, callbacks=[evaluation], logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(model, dm)
+    r = evaluation.results
+    retain = make()
+    retain.load_state_dict(torch.load(retain_path, weights_only=True))
+    net = model.backbone.eval()
+    loss_f, _ = classifier_losses(net, dm.forget_dataloader())
+    loss_h, _ = classifier_losses(net, dm.val_dataloader()["test"])
+    retain_f, _ = classifier_losses(retain.eval(), dm.forget_dataloader())
+    assert r["forget_quality"] == pytest.approx(ks_2samp(loss_f.numpy(), retain_f.numpy()).pvalue, abs=1e-9)
+    auc = roc_auc_score([0] * len(loss_f) + [1] * len(loss_h), torch.cat([loss_f, loss_h]).numpy())
+    assert r["mia_loss"] == pytest.approx(auc, abs=1e-9)
+    assert set(r) == {"forget_acc", "retain_acc", "holdout_acc", "forget_quality", "mia_loss", "retain_mia_loss",
+                      "privleak"}  # fmt: skip
+    assert float(trainer.callback_metrics["unlearn/suite/forget_quality"]) == pytest.approx(r["forget_quality"])
