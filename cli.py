@@ -1,6 +1,6 @@
 """The ``litplug`` command: LightningCLI with litplug's classes resolvable by short name.
 
-    litplug fit --config configs/digits/classifier.yaml
+    litplug fit --config configs/digits/main.yaml
     litplug fit --config configs/digits/classifier.yaml --config configs/callbacks/ema.yaml
     litplug test --config runs/litplug/version_0/config.yaml --ckpt_path best
     litplug compare runs/          # one table of the runs: differing hparams, final metrics
@@ -9,46 +9,75 @@
 ``class_path``); the default logger is TensorBoard under ``runs/``; the saved ``config.yaml`` is
 overwritten when a run reuses a log folder. Every ``fit`` writes the TensorBoard hparams of the run
 (the config values that differ from the defaults) when it ends; ``litplug compare`` reads them
-back (:mod:`litplug.compare`).
+back (:mod:`litplug.compare`). The working directory is on the import path, as with
+``python -m``, so ``--model mymodels.Net`` imports ``mymodels.py`` from it.
 
 A ``--config`` path under ``configs/`` that does not exist in the working directory is read from
 the configs shipped inside the installed package, so ``litplug fit --config
-configs/digits/classifier.yaml`` runs from any directory.
+configs/digits/main.yaml`` runs from any directory.
 
-Errors in the user's input (a bad value or type, an unknown class name, a YAML error or a missing
-``--config`` file, a missing or unreadable ``--ckpt_path``) are printed by the ``litplug``
-command in a few lines on stderr, with exit status 2; ``--debug`` (or ``LITPLUG_DEBUG=1``) shows
-the full traceback instead. Errors raised while training keep their traceback.
+Errors in the user's input are printed by the ``litplug`` command in a few lines on stderr, with
+exit status 2; ``--debug`` (or ``LITPLUG_DEBUG=1``) shows the full traceback instead. Each message
+is built from structured data, never from another library's wording:
+
+* a YAML error: the file and yaml's ``problem_mark`` (line, column);
+* a ``--config`` file or ``--ckpt_path`` that is missing or truncated, a checkpoint written by
+  another class: checked here before Lightning reads them;
+* an unknown class (on the command line or in a ``class_path`` of a config): resolved here, with
+  "did you mean" among the loaded classes and, for an import path, where Python looked;
+* a bad value or type caught by a constructor: the constructor's own ``ValueError``/``TypeError``
+  and the class whose ``__init__`` raised it, read from the traceback;
+* anything else jsonargparse rejects: the innermost of its ``ArgumentError`` messages, as it is.
+
+Errors raised while training keep their traceback.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 import os
-import re
 import sys
+import typing
 import zipfile
 from argparse import ArgumentError
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import torch
 import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import Logger
 
 # Imported for their side effect: jsonargparse resolves `class_path: EMA` among loaded subclasses.
-import litplug.callbacks  # noqa: F401
-import litplug.datamodules  # noqa: F401
-import litplug.modules  # noqa: F401
-from litplug.callbacks.hooks import ended_ranks
-from litplug.plumbing import end_distributed_run
+from . import callbacks, datamodules, modules  # noqa: F401
+from .plumbing import end_distributed_run
+from .plumbing.third_party_private import ended_ranks
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHIPPED_CONFIGS = PACKAGE_DIR / "configs"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Lightning's own values of --ckpt_path, resolved by the Trainer.
 _CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
+# Command-line keys whose value is a class (a short name or an import path).
+_CLASS_KEYS = {
+    "model": LightningModule,
+    "data": LightningDataModule,
+    "trainer.callbacks": Callback,
+    "trainer.logger": Logger,
+}
+
+DESCRIPTION = (
+    "litplug: research training methods (EMA/SWA, SAM, IGNITE, certified training, unlearning, model "
+    "merging) as PyTorch Lightning plugins, composed in YAML. `litplug fit --config a.yaml --config "
+    "b.yaml` trains; short class names (EMA, SAM, Classifier, Digits) resolve; the working directory is on "
+    "the import path (`--model mymodels.Net` imports mymodels.py from it). Input errors print in a few "
+    "lines (exit status 2); --debug shows the traceback."
+)
 
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -73,13 +102,11 @@ class LitplugCLI(LightningCLI):
         trainer_defaults = {"logger": DEFAULT_LOGGER, **kwargs.pop("trainer_defaults", {})}
         save_config_kwargs = {"overwrite": True, **kwargs.pop("save_config_kwargs", {})}
         self.usage_errors = usage_errors
+        parser_kwargs: dict[str, Any] = {"description": DESCRIPTION}
         if usage_errors:
             quiet = {"exit_on_error": False}
-            kwargs["parser_kwargs"] = {
-                **quiet,
-                **{s: dict(quiet) for s in SUBCOMMANDS},
-                **kwargs.get("parser_kwargs", {}),
-            }
+            parser_kwargs.update(quiet, **{s: dict(quiet) for s in SUBCOMMANDS})
+        kwargs["parser_kwargs"] = {**parser_kwargs, **kwargs.get("parser_kwargs", {})}
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -97,24 +124,19 @@ class LitplugCLI(LightningCLI):
         if isinstance(args, dict) or hasattr(args, "as_dict"):  # a dict or Namespace
             return super().parse_arguments(parser, args)
         args = resolve_shipped_configs(list(sys.argv[1:] if args is None else args))
+        configs = read_configs(args) if self.usage_errors else []
         if self.usage_errors:
-            check_config_files(args)
+            for value, config in configs:
+                check_class_paths(config, f"--config {value}: ")
+            check_command_line_classes(args)
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as err:
             if not self.usage_errors:
                 raise
-            raise UsageError(explain_parse_error(str(err))) from err
-
-    def _parse_ckpt_path(self) -> None:
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path:
-            check_checkpoint(str(ckpt_path))
-        try:
-            super()._parse_ckpt_path()
-        except Exception as err:
-            raise UsageError(f"--ckpt_path {ckpt_path}: cannot be loaded ({type(err).__name__}: {err})") from err
+            raise UsageError(reproduce_parse_error(args, [c for _, c in configs]) or explain_parse_error(err)) from err
+        if self.usage_errors:
+            check_checkpoint(self.config)
 
     def instantiate_classes(self) -> None:
         try:
@@ -122,7 +144,10 @@ class LitplugCLI(LightningCLI):
         except Exception as err:
             if not self.usage_errors:
                 raise
-            raise UsageError(explain_construction_error(err)) from err
+            config = self.config.get(self.config.get("subcommand") or "", self.config)
+            raise UsageError(
+                explain_construction_error(err) or reproduce_construction_error(config) or str(err)
+            ) from err
         self.trainer.callbacks.append(ReportLostRanks())
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -143,19 +168,15 @@ class LitplugCLI(LightningCLI):
     def before_fit(self) -> None:
         """Write the run's hparams: the config values that differ from the defaults (see
         :mod:`litplug.board` and :func:`litplug.compare.flatten_config`)."""
-        from litplug.board import write_hparams
-        from litplug.compare import flatten_config
+        from .board import write_hparams
+        from .compare import flatten_config
+        from .plumbing.third_party_private import subcommand_defaults
 
         config = self.config.get(self.subcommand, self.config)
-        # LightningCLI keeps the subcommand parsers (their defaults: the Trainer's arguments with
-        # `trainer_defaults`, `ckpt_path`, ...) in a private attribute; there is no public accessor.
-        # Without a subcommand (`run=False`) the one parser holds them.
-        parsers = getattr(self, "_subcommand_parsers", None) if self.subcommand else None
-        defaults = (parsers[self.subcommand] if parsers else self.parser).get_defaults().as_dict()
-        write_hparams(self.trainer, flatten_config(config.as_dict(), defaults))
+        write_hparams(self.trainer, flatten_config(config.as_dict(), subcommand_defaults(self, self.subcommand)))
 
     def _write_best(self) -> None:
-        from litplug.board import write_best
+        from .board import write_best
 
         write_best(self.trainer)  # best/<metric> of every monitored metric: a column of the HPARAMS table
 
@@ -169,7 +190,7 @@ class ReportLostRanks(Callback):
             sys.stderr.write(f"litplug: {line}; the run stopped. Resume it from its last checkpoint.\n")
 
 
-# ----------------------------------------------------------------------------- input checks
+# ----------------------------------------------------------------------------- config files
 def resolve_shipped_configs(args: list[str]) -> list[str]:
     """Point ``--config configs/...`` at the package's shipped configs when the path does not
     exist relative to the working directory."""
@@ -194,9 +215,10 @@ def _config_arguments(args: list[str]) -> list[tuple[int, tuple[str | None, str]
     return found
 
 
-def check_config_files(args: list[str]) -> None:
-    """Every ``--config`` file exists and is valid YAML; else a :class:`UsageError` naming the
-    file, line and column. (jsonargparse reports YAML errors without the file name.)"""
+def read_configs(args: list[str]) -> list[tuple[str, Any]]:
+    """``(value, parsed YAML)`` of every ``--config`` file; a :class:`UsageError` naming the file
+    (and yaml's line and column) for a missing file or a YAML error."""
+    out = []
     for _, (_, value) in _config_arguments(args):
         if any(c in value for c in "\n{:") and not Path(value).exists():
             continue  # inline YAML, e.g. --config '{trainer: {max_epochs: 1}}'
@@ -214,151 +236,302 @@ def check_config_files(args: list[str]) -> None:
             hint = f"; did you mean {(path.parent / close[0]).as_posix()}?" if close else ""
             raise UsageError(f"--config {value}: no such file {where}{hint}")
         try:
-            yaml.safe_load(path.read_text())
+            out.append((value, yaml.safe_load(path.read_text())))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = " ".join(
-                str(x) for x in (getattr(err, "problem", None), getattr(err, "context", None)) if x
-            ) or str(err)
-            raise UsageError(f"--config {value}{at}: YAML syntax error: {problem}") from err
+            problem = " ".join(str(x) for x in (getattr(err, "problem", None), getattr(err, "context", None)) if x)
+            raise UsageError(f"--config {value}{at}: YAML syntax error: {problem or type(err).__name__}") from err
+    return out
 
 
-def check_checkpoint(ckpt_path: str) -> None:
-    """A ``--ckpt_path`` file exists and its archive is complete (an interrupted save leaves a
-    truncated file); Lightning's keywords (``best``, ``last``, ...) and URLs are left to the Trainer."""
-    if ckpt_path in _CKPT_KEYWORDS or "://" in ckpt_path:
-        return
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UsageError(f"--ckpt_path {ckpt_path}: no such file (working directory {Path.cwd()})")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:1] == b"\x80":  # torch's legacy (pickle) format, before PyTorch 1.6: left to torch.load
-        return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if not any(name.endswith("data.pkl") for name in archive.namelist()):
-                raise zipfile.BadZipFile("no data.pkl record")
-    except zipfile.BadZipFile as err:
-        size = path.stat().st_size
-        raise UsageError(
-            f"--ckpt_path {ckpt_path}: not a complete checkpoint ({size} bytes; {err}); the file is truncated or "
-            "not written by torch.save. Resume from an earlier checkpoint."
-        ) from err
+# ----------------------------------------------------------------------------- class names
+def check_class_paths(config: Any, where: str) -> None:
+    """Resolve every ``class_path`` in a parsed config; a :class:`UsageError` naming the key for
+    the first that does not resolve."""
+    for key, value in _class_paths(config, ""):
+        if isinstance(value, str):
+            resolve_class(value, f"{where}{key}")
 
 
-# ----------------------------------------------------------------------------- error messages
-def registered_names(key: str) -> list[str]:
-    """Short class names the CLI resolves for the config ``key`` (for "did you mean")."""
-    import lightning.pytorch.callbacks as pl_callbacks
-    import lightning.pytorch.loggers as pl_loggers
-    import torch
+def _class_paths(node: Any, key: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        if "class_path" in node:
+            yield f"{key}.class_path".lstrip("."), node["class_path"]
+        for k, v in node.items():
+            yield from _class_paths(v, f"{key}.{k}".lstrip(".").removesuffix("+"))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _class_paths(v, f"{key}[{i}]")
 
-    leaf = key.split(".")[-1]
-    if leaf == "callbacks":
-        groups = [litplug.callbacks.__all__, pl_callbacks.__all__]
-    elif leaf == "model":
-        groups = [[n for n in litplug.modules.__all__ if isinstance(getattr(litplug.modules, n), type)]]
-    elif leaf == "data" or leaf == "datamodule":
-        groups = [litplug.datamodules.__all__]
-    elif leaf == "logger":
-        groups = [pl_loggers.__all__]
-    elif leaf in ("optimizer", "lr_scheduler"):
-        groups = [
-            [n for n in dir(torch.optim) if n[:1].isupper()],
-            [n for n in dir(torch.optim.lr_scheduler) if n[:1].isupper()],
-        ]
-    else:
-        groups = [litplug.callbacks.__all__, litplug.modules.__all__, litplug.datamodules.__all__]
-    return sorted({n for g in groups for n in g})
+
+def check_command_line_classes(args: list[str]) -> None:
+    """Resolve the classes named on the command line (``--model X``, ``--trainer.callbacks+=X``,
+    ``--x.class_path X``)."""
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        flag, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("-"):
+                continue
+            value = args[i + 1]
+        key = flag.removesuffix("+")
+        if key in _CLASS_KEYS or key.endswith(".class_path"):
+            if _looks_like_a_class(value):
+                resolve_class(value, f"--{key}")
+
+
+def _looks_like_a_class(value: str) -> bool:
+    parts = value.split(".")
+    if value.lower() in ("null", "none", "true", "false") or parts[-1] in ("yaml", "yml", "json"):
+        return False
+    return all(p.isidentifier() for p in parts)
+
+
+def resolve_class(value: str, where: str) -> type:
+    """The class ``value`` names: an import path, or the short name of a loaded subclass of one
+    of the types the CLI instantiates (what jsonargparse resolves). A :class:`UsageError` says
+    what is wrong, with "did you mean" and, for a missing module, where Python looked."""
+    if "." in value:
+        module_name, _, name = value.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            missing = err.name or module_name
+            raise UsageError(
+                f"{where}: cannot import {value!r}: no module named {missing!r} (looked in the working directory "
+                f"{Path.cwd()} and in sys.path: {', '.join(p for p in sys.path if p) or 'empty'}); run litplug "
+                f"from the folder that holds {missing.split('.')[0]}.py or add that folder to PYTHONPATH"
+            ) from err
+        found = getattr(module, name, None)
+        if not inspect.isclass(found):
+            names = [n for n, o in vars(module).items() if inspect.isclass(o) and not n.startswith("_")]
+            raise UsageError(f"{where}: module {module_name!r} has no class {name!r}{suggest(name, names)}")
+        return found
+    known = loaded_classes(_base_of(where))
+    if value in known:
+        return known[value]
+    ours = sorted(n for n in known if known[n].__module__.startswith("litplug."))
+    raise UsageError(
+        f"{where}: unknown class {value!r}{suggest(value, list(known))}\n"
+        f"  accepted: a short class name ({', '.join(ours[:12])}{', ...' if len(ours) > 12 else ''}) "
+        "or a full import path"
+    )
+
+
+def _base_of(where: str) -> type | None:
+    """The type a key's class must have, for the suggestions: ``trainer.callbacks[0].class_path``
+    names a Callback; None when the key does not say."""
+    key = where.rsplit(": ", 1)[-1].lstrip("-")
+    for prefix, base in _CLASS_KEYS.items():
+        if key == prefix or key.startswith((f"{prefix}.class_path", f"{prefix}[")):
+            return base
+    return None
+
+
+def loaded_classes(base: type | None = None) -> dict[str, type]:
+    """Public classes by short name: every loaded subclass of ``base``, or of every type the CLI
+    instantiates (modules, datamodules, callbacks, loggers, networks, optimizers, schedulers)."""
+    roots = (
+        (base,)
+        if base is not None
+        else (
+            LightningModule,
+            LightningDataModule,
+            Callback,
+            Logger,
+            torch.nn.Module,
+            torch.optim.Optimizer,
+            torch.optim.lr_scheduler.LRScheduler,
+        )
+    )
+    found: dict[str, type] = {}
+    stack = list(roots)
+    while stack:
+        cls = stack.pop()
+        if not cls.__name__.startswith("_"):
+            found.setdefault(cls.__name__, cls)
+        stack.extend(cls.__subclasses__())
+    return found
 
 
 def suggest(value: str, names: list[str]) -> str:
     """``"; did you mean EMA?"`` or ``""``."""
     leaf = value.rsplit(".", 1)[-1]
     lowered = {n.lower(): n for n in names}
-    close = [lowered[m] for m in difflib.get_close_matches(leaf.lower(), list(lowered), n=3, cutoff=0.6)]
+    matches = difflib.get_close_matches(leaf.lower(), list(lowered), n=3, cutoff=0.6)
+    ratios = [difflib.SequenceMatcher(None, leaf.lower(), m).ratio() for m in matches]
+    close = [lowered[m] for m, r in zip(matches, ratios) if r >= max(ratios) - 0.1]
     return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
-def explain_parse_error(message: str) -> str:
-    """A few lines from jsonargparse's message: the argument, what was wrong, what is allowed."""
-    key_match = re.match(r'Parser key "([^"]+)":', message)
-    key = key_match.group(1) if key_match else None
-    unknown = re.search(r"Expected a dot import path string: (\S+)", message) or re.search(
-        r"Import path (\S+) does not correspond", message
-    )
-    if key and unknown:
-        value = unknown.group(1)
-        names = registered_names(key)
-        ours = [n for n in names if n in _litplug_names()] or names
-        return (
-            f"--{key}: unknown class {value!r}{suggest(value, names)}\n"
-            f"  accepted: a short class name ({', '.join(ours[:10])}{', ...' if len(ours) > 10 else ''}) "
-            "or a full import path"
+# ----------------------------------------------------------------------------- checkpoints
+def check_checkpoint(config: Any) -> None:
+    """``--ckpt_path``: the file exists, its archive is complete (an interrupted save leaves a
+    truncated file) and it was written by the class the config builds. Lightning's keywords
+    (``best``, ``last``, ...) and URLs are left to the Trainer."""
+    subcommand = config.get("subcommand")
+    ckpt_path = config[subcommand].get("ckpt_path") if subcommand else None
+    if not ckpt_path or str(ckpt_path) in _CKPT_KEYWORDS or "://" in str(ckpt_path):
+        return
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UsageError(f"--ckpt_path {ckpt_path}: no such file (working directory {Path.cwd()})")
+    with open(path, "rb") as f:
+        pickle_only = f.read(1) == b"\x80"  # torch's format without a zip archive, read as it is
+    if not pickle_only:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                    raise zipfile.BadZipFile("no data.pkl record")
+        except zipfile.BadZipFile as err:
+            raise UsageError(
+                f"--ckpt_path {ckpt_path}: not a complete checkpoint ({path.stat().st_size} bytes; {err}); the file "
+                "is truncated or not written by torch.save. Resume from an earlier checkpoint."
+            ) from err
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=not pickle_only)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UsageError(f"--ckpt_path {ckpt_path}: cannot be loaded ({type(err).__name__}: {err})") from err
+    model = config[subcommand].get("model")
+    wanted = model.get("class_path") if hasattr(model, "get") else None
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    written_by = hparams.get("_class_path")
+    if wanted and written_by and written_by != wanted:
+        raise UsageError(
+            f"--ckpt_path {ckpt_path}: this checkpoint belongs to class {written_by}, the config builds {wanted}"
         )
-    nested = re.search(r"Problem with given class_path '([^']+)':\s*Parser key \"([^\"]+)\":\s*(.+)", message)
-    if key and nested:
-        cls, arg, problem = nested.group(1), nested.group(2), nested.group(3).strip()
-        return f"--{key}: {cls.rsplit('.', 1)[-1]}: `{arg}`: {_types_in_words(problem)}"
-    option = re.search(r"Problem with given class_path '([^']+)':\s*(.+)", message)
-    if key and option:
-        return f"--{key}: {option.group(1).rsplit('.', 1)[-1]}: {option.group(2).strip()}"
-    if key:
-        expected = re.findall(r"Expected a <class '([\w.]+)'>", message)
-        given = re.search(r"Given value: (.*)", message)
-        if expected and given:
-            return f"--{key}: expected {' or '.join(dict.fromkeys(expected))}, got {given.group(1).strip()!r}"
-        body = [line.strip() for line in message.splitlines()[1:] if line.strip()]
-        return f"--{key}: " + " ".join(body[:2])
-    if message.startswith("unrecognized arguments"):
-        return f"{message}\n  accepted: see `litplug fit --help`"
-    return "\n".join(message.splitlines()[:4])
+    if wanted and not written_by:
+        accepted = inspect.signature(resolve_class(wanted, "--model")).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+        foreign = sorted(k for k in hparams if not k.startswith("_") and k not in accepted)
+        if foreign and not takes_any:
+            raise UsageError(
+                f"--ckpt_path {ckpt_path}: this checkpoint belongs to another class (its hyperparameters "
+                f"{', '.join(foreign)} are not arguments of {wanted})"
+            )
 
 
-def _litplug_names() -> set[str]:
-    return {*litplug.callbacks.__all__, *litplug.modules.__all__, *litplug.datamodules.__all__}
+# ----------------------------------------------------------------------------- error messages
+def explain_parse_error(err: ArgumentError) -> str:
+    """jsonargparse's most specific message: the innermost ``ArgumentError`` of the chain (a bad
+    value inside a class's arguments rather than the union of types around it), as it is, in at
+    most three lines."""
+    chain = [e for e in _chain(err) if isinstance(e, ArgumentError)]
+    lines = [line.strip() for line in str(chain[-1]).splitlines() if line.strip()]
+    return "\n  ".join(lines[:3]) + ("\n  (see `litplug fit --help`)" if len(lines) > 3 or len(lines) == 1 else "")
 
 
-def _types_in_words(problem: str) -> str:
-    """``Expected a <class 'int'>. Got value: ten`` -> ``expected int, got 'ten'``."""
-    match = re.match(r"Expected a <class '([\w.]+)'>\. Got value: (.*)", problem)
-    if match:
-        return f"expected {match.group(1)}, got {match.group(2).strip()!r}"
-    return re.sub(r"<class '([\w.]+)'>", r"\1", problem)
+def reproduce_parse_error(args: list[str], configs: list[Any] = ()) -> str | None:
+    """Check each ``--<class key>.<argument>=<value>`` of the command line against the signature of
+    the class it configures (the last ``--trainer.callbacks+=X`` for a callback, ``--model`` /
+    ``--data`` or the configs' ``model``/``data`` for the others): an argument the class does not
+    take, or a value jsonargparse cannot read as the argument's annotation (whether it reads, not
+    its wording), named with the class. None when every one reads."""
+    from jsonargparse import ArgumentParser
+
+    current: dict[str, str] = {}
+    for config in configs:
+        for key in ("model", "data"):
+            node = config.get(key) if isinstance(config, dict) else None
+            if isinstance(node, dict) and isinstance(node.get("class_path"), str):
+                current[key] = node["class_path"]
+            elif isinstance(node, str):
+                current[key] = node
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        flag, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                continue
+            value = args[i + 1]
+        key = flag.removesuffix("+")
+        if key in _CLASS_KEYS and _looks_like_a_class(value):
+            current[key] = value
+            continue
+        for prefix in ("trainer.callbacks", "model", "data"):
+            name = key.removeprefix(f"{prefix}.").removeprefix("init_args.")
+            if not key.startswith(f"{prefix}.") or "." in name or prefix not in current:
+                continue
+            try:
+                cls = resolve_class(current[prefix], f"--{prefix}")
+                hints = typing.get_type_hints(cls.__init__)
+            except Exception:  # noqa: BLE001 - a class that cannot be read is jsonargparse's to report
+                continue
+            params = inspect.signature(cls.__init__).parameters
+            if name not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                accepted = [n for n in params if n != "self"]
+                return f"--{key}: {cls.__name__} has no argument `{name}`{suggest(name, accepted)}"
+            if name in hints:
+                parser = ArgumentParser(exit_on_error=False)
+                parser.add_argument("--value", type=hints[name])
+                try:
+                    parser.parse_args([f"--value={value}"])
+                except ArgumentError:
+                    return f"--{key}: {cls.__name__}: `{name}` cannot be {value!r} (expected {_type_name(hints[name])})"
+    return None
 
 
-def explain_construction_error(err: BaseException) -> str:
-    """The constructor's own message (the outermost error of the chain not raised by
-    jsonargparse's type adaptation), with the class whose ``__init__`` raised it."""
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _chain(err: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     e: BaseException | None = err
     while e is not None and e not in chain:
         chain.append(e)
         e = e.__cause__ or e.__context__
-    own = [e for e in chain if not _raised_in(e, ("jsonargparse", os.path.join("lightning", "pytorch", "cli.py")))]
-    chosen = own[0] if own else chain[-1]
-    owner = _raising_class(chosen.__traceback__)
-    return f"{owner + ': ' if owner else ''}{chosen}"
+    return chain
 
 
-def _raised_in(err: BaseException, places: tuple[str, ...]) -> bool:
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and any(p in tb.tb_frame.f_code.co_filename for p in places)
+def explain_construction_error(err: BaseException) -> str | None:
+    """The constructor's own message: the outermost error of the chain whose traceback runs
+    through the ``__init__`` of a public class (the class that raised it, named in front); None
+    when the chain holds none (jsonargparse versions that keep only the message of an error
+    inside a union of types)."""
+    for e in _chain(err):
+        owner = _raising_class(e.__traceback__)
+        if owner is not None:
+            return f"{owner}: {e}"
+    return None
+
+
+def reproduce_construction_error(config: Any) -> str | None:
+    """Construct the configured callbacks and datamodule again, one at a time, from their
+    plain arguments; the first ``ValueError``/``TypeError`` a constructor raises, with its class."""
+    trainer = config.get("trainer") if hasattr(config, "get") else None
+    listed = (trainer.get("callbacks") if hasattr(trainer, "get") else None) or []
+    for node in [*(listed if isinstance(listed, list) else [listed]), config.get("data")]:
+        if not hasattr(node, "get") or not isinstance(node.get("class_path"), str):
+            continue
+        kwargs = node.get("init_args")
+        kwargs = dict(kwargs.as_dict() if hasattr(kwargs, "as_dict") else kwargs or {})
+        if any(isinstance(v, dict) and "class_path" in v for v in kwargs.values()):
+            continue  # nested classes are built by jsonargparse only
+        try:
+            resolve_class(node["class_path"], "")(**kwargs)
+        except (ValueError, TypeError) as err:
+            return f"{node['class_path'].rsplit('.', 1)[-1]}: {err}"
+        except Exception:  # noqa: BLE001 - any other failure is not the one being explained
+            continue
+    return None
 
 
 def _raising_class(tb: TracebackType | None) -> str | None:
-    """Name of the public class whose ``__init__`` is the innermost constructor frame of ``tb``."""
+    """Name of the public class whose ``__init__`` is the innermost constructor frame of ``tb``
+    (jsonargparse's and Lightning's own classes left out)."""
     name = None
     while tb is not None:
         frame = tb.tb_frame
         if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
-            cls = type(frame.f_locals["self"]).__name__
-            if not cls.startswith("_"):
-                name = cls
+            cls = type(frame.f_locals["self"])
+            if not cls.__name__.startswith("_") and not cls.__module__.startswith(
+                ("jsonargparse", "lightning.pytorch.cli")
+            ):
+                name = cls.__name__
         tb = tb.tb_next
     return name
 
@@ -369,11 +542,14 @@ def debug_requested(args: list[str]) -> bool:
 
 def main(args: Any = None) -> None:
     """Entry point of the ``litplug`` console script; ``args`` as in ``LightningCLI`` (default
-    ``sys.argv[1:]``). ``--debug`` anywhere in ``args`` (or ``LITPLUG_DEBUG=1``) shows tracebacks
-    of input errors; without it they are printed in a few lines and the exit status is 2."""
+    ``sys.argv[1:]``). The working directory goes first on the import path, as ``python -m``
+    puts it. ``--debug`` anywhere in ``args`` (or ``LITPLUG_DEBUG=1``) shows tracebacks of input
+    errors; without it they are printed in a few lines and the exit status is 2."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["compare"]:
-        from litplug.compare import main as compare_main
+        from .compare import main as compare_main
 
         raise SystemExit(compare_main(argv[1:]))
     debug = debug_requested(argv)
@@ -383,8 +559,11 @@ def main(args: Any = None) -> None:
     else:
         try:
             LitplugCLI(args=argv, usage_errors=True)
-        except UsageError as err:
-            sys.stderr.write(f"litplug: error: {err}\n(add --debug or set LITPLUG_DEBUG=1 for the full traceback)\n")
+        except (UsageError, ArgumentError) as err:
+            message = explain_parse_error(err) if isinstance(err, ArgumentError) else str(err)
+            sys.stderr.write(
+                f"litplug: error: {message}\n(add --debug or set LITPLUG_DEBUG=1 for the full traceback)\n"
+            )
             raise SystemExit(2) from None
     end_distributed_run()
 

@@ -9,7 +9,7 @@ Protocol                    needed by
 ==========================  =====================================================================
 :class:`HasBatchLoss`       optional everywhere a callback needs a loss on a batch
                             (``UnlearningMask`` scoring, ``SharpnessMonitor``): when a module lacks
-                            it, :func:`module_loss` runs its ``training_step`` muted instead
+                            it, :func:`litplug.plumbing.loss.module_loss` runs its ``training_step`` muted
 :class:`CertifiedModule`    ``IBPWarmup`` (the module)
 :class:`ForgetRetainData`   ``UnlearningMask("saliency" | "attribution")`` (the datamodule)
 :class:`OfflineDesignsData` ``GradientAscentSearch`` (the datamodule)
@@ -28,7 +28,7 @@ Example:
     >>> require(nn.Linear(1, 1), CertifiedModule, "IBPWarmup")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: IBPWarmup needs the module to satisfy CertifiedModule (...); Linear lacks ['backbone', ...]
+    TypeError: IBPWarmup needs the module to satisfy CertifiedModule (...); Linear lacks ['backbone', ...]
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ __all__ = [
     "IndexedData",
     "OfflineDesignsData",
     "missing_members",
-    "module_loss",
     "require",
 ]
 
@@ -61,9 +60,10 @@ class HasBatchLoss(Protocol):
     It must not log, step an optimizer or change state other than through autograd. Callbacks
     call it in the module's current mode (mask scoring and the monitor put it in eval mode first).
 
-    A module without it still works with every callback: :func:`module_loss` falls back to its
-    ``training_step`` with logging muted. Define it when ``training_step`` does more than compute
-    a loss (manual optimisation, a batch of another shape, extra terms that are no objective).
+    A module without it still works with every callback: :func:`litplug.plumbing.loss.module_loss`
+    falls back to its ``training_step`` with logging muted. Define it when ``training_step`` does
+    more than compute a loss (manual optimisation, a batch of another shape, extra terms that are
+    no objective).
     """
 
     def batch_loss(self, batch: Any) -> Tensor: ...
@@ -92,7 +92,7 @@ class CertifiedModule(Protocol):
 class ForgetRetainData(Protocol):
     """A datamodule that splits its training data into a forget and a retain set
     (``litplug.datamodules.ForgetRetain`` is one). Each loader yields batches the module's
-    :func:`module_loss` accepts."""
+    :func:`litplug.plumbing.loss.module_loss` accepts."""
 
     def forget_dataloader(self) -> Iterable[Any]: ...
 
@@ -151,7 +151,7 @@ def missing_members(obj: Any, protocol: type) -> list[str]:
 
 
 def require(obj: Any, protocol: type, by: str, what: str = "module") -> None:
-    """Raise a ``ValueError`` naming ``protocol`` and the missing members unless ``obj`` has them all.
+    """Raise a ``TypeError`` naming ``protocol`` and the missing members unless ``obj`` has them all.
 
     Args:
         obj: the module or datamodule checked (``None`` counts as lacking everything).
@@ -161,48 +161,7 @@ def require(obj: Any, protocol: type, by: str, what: str = "module") -> None:
     """
     missing = missing_members(obj, protocol)
     if missing:
-        raise ValueError(
+        raise TypeError(
             f"{by} needs the {what} to satisfy {protocol.__name__} (litplug.protocols); "
             f"{type(obj).__name__} lacks {missing}"
-        )
-
-
-def module_loss(pl_module: Any, batch: Any, batch_idx: int = 0) -> Tensor:
-    """The loss of ``pl_module``'s own objective on ``batch``: ``pl_module.batch_loss(batch)``
-    (:class:`HasBatchLoss`) if it defines one, else its ``training_step(batch, batch_idx)`` run
-    with ``self.log`` muted and torchmetrics states put back (the mechanism SAM's second pass
-    uses). ``training_step`` must return the loss (or a dict with ``"loss"``). Callers that must
-    not update normalisation statistics put the module in eval mode first (in eval mode those
-    statistics are part of the graph, so they cannot be put back before the backward).
-
-    A module with ``automatic_optimization = False`` steps its optimizers inside
-    ``training_step``, so it must define ``batch_loss``; without it this raises (callbacks check
-    this at setup with :func:`require_loss`).
-    """
-    if isinstance(pl_module, HasBatchLoss):
-        return pl_module.batch_loss(batch)
-    _check_automatic(pl_module, "module_loss")
-    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
-
-    from .callbacks.hooks import muted
-    from .callbacks.passes import _loss_of
-
-    takes_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
-    with muted(pl_module, None, freeze_bn_stats=False):
-        return _loss_of(pl_module.training_step(batch, batch_idx) if takes_idx else pl_module.training_step(batch))
-
-
-def require_loss(pl_module: Any, by: str) -> None:
-    """Check at setup that :func:`module_loss` can run on ``pl_module`` (it can, unless the module
-    uses manual optimisation and defines no ``batch_loss``)."""
-    if not isinstance(pl_module, HasBatchLoss):
-        _check_automatic(pl_module, by)
-
-
-def _check_automatic(pl_module: Any, by: str) -> None:
-    if not getattr(pl_module, "automatic_optimization", True):
-        raise ValueError(
-            f"{by} needs a loss on a batch; {type(pl_module).__name__} uses manual optimisation "
-            "(`automatic_optimization = False`), so its `training_step` steps optimizers and cannot be re-run: "
-            "define `batch_loss(self, batch) -> Tensor` (the HasBatchLoss protocol of litplug.protocols)"
         )

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from litplug.plumbing import is_sharded
+from ..plumbing import is_sharded
+from ..plumbing.third_party_private import version
 
 _SCRATCH: dict[int, dict[str, Any]] = {}  # id(weight) -> buffers, dropped with the weight
 
@@ -58,7 +59,7 @@ def _abs_into_scratch(weight: torch.Tensor, reuse: bool) -> torch.Tensor:
         return weight.abs()
     buf = _scratch(weight, "abs")
     storage = weight.untyped_storage()  # a preserved Python object: the same one while the storage lives
-    key = (weight._version, weight.storage_offset(), weight.shape, weight.stride(), weight.dtype)
+    key = (version(weight), weight.storage_offset(), weight.shape, weight.stride(), weight.dtype)
     buffers = _buffers(weight)
     seen = buffers.get("abs_of")
     if not reuse or seen is None or seen[0] is not buf or seen[1]() is not storage or seen[2] != key:

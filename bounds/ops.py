@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from litplug.plumbing import is_sharded
-
+from ..plumbing import is_sharded
 from .fused import IntervalBatchNorm, IntervalLinear, IntervalReLU, cached_abs, can_fuse, relu_box
 from .interval import Interval, Pass, UnsupportedOperationError, name_of, where
 from .relaxation import ADD, AVG_POOL, BATCH_NORM, CAT, CONV, DROPOUT, GETITEM, LINEAR, MUL, RELU, RESHAPE, Linear

@@ -9,7 +9,7 @@ from .monitor import SharpnessMonitor
 from .offline import GradientAscentSearch
 from .pruning import DataPruning
 from .pskd import PSKD
-from .sam import SAM, SharpnessAwareMinimization
+from .sam import SAM
 from .swa import SWA
 from .unlearning import UnlearningMask
 from .unlearning_evaluation import UnlearningEvaluation
@@ -25,7 +25,6 @@ __all__: list[str] = [
     "SWA",
     "IBPWarmup",
     "PSKD",
-    "SharpnessAwareMinimization",
     "SharpnessMonitor",
     "SurrogateSharpness",
     "UnlearningEvaluation",

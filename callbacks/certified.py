@@ -20,83 +20,18 @@ Cost: nothing beyond the module's IBP loss (the regularizers reuse its bounds).
 from __future__ import annotations
 
 import math
-import operator
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import fx, nn
 from typing_extensions import override
 
-from litplug.validation import check_bool, check_choice, check_int, check_number, check_positive_int
-
+from ..functional.certified import Schedule, eps_schedule, ibp_init_
 from ..protocols import CertifiedModule, require
+from ..validation import check_bool, check_choice, check_int, check_number, check_positive_int
 
-__all__ = ["IBPWarmup", "eps_schedule", "ibp_init_"]
+__all__ = ["IBPWarmup"]
 
-Schedule = Literal["smoothed", "linear"]
 _SCHEDULES = ("smoothed", "linear")
-
-
-def eps_schedule(
-    progress: float, eps: float, schedule: Schedule = "smoothed", mid: float = 0.25, beta: float = 4.0
-) -> float:
-    """Scheduled eps at ramp ``progress`` (clamped to [0, 1]) towards the target ``eps``.
-
-    Example:
-        >>> eps_schedule(0.0, 0.1), eps_schedule(1.0, 0.1), eps_schedule(0.5, 0.1, "linear")
-        (0.0, 0.1, 0.05)
-    """
-    p = min(max(progress, 0.0), 1.0)
-    if schedule == "linear":
-        return eps * p
-    a = mid / (beta * (1 - mid) + mid)
-    if p < mid:
-        return eps * a * (p / mid) ** beta
-    return eps * (a + (1 - a) * (p - mid) / (1 - mid))
-
-
-def _is_weighted(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-
-
-@torch.no_grad()
-def ibp_init_(network: nn.Module) -> list[str]:
-    """IBP initialisation (Shi et al. 2021, Sec. 4.1) in place; returns the re-initialised module
-    names. Each Linear/Conv layer but the last one run gets ``N(0, (sqrt(2 pi) / fan_in)^2)``
-    weights, ``std / 2`` on a residual branch (its output flows without forking into a residual add).
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 10))
-        >>> ibp_init_(net)
-        ['0']
-        >>> round(float(net[0].weight.detach().std()), 3) == round(math.sqrt(2 * math.pi) / 100, 3)
-        True
-    """
-    graph = fx.symbolic_trace(network).graph
-    layers = [n for n in graph.nodes if n.op == "call_module" and _is_weighted(network.get_submodule(n.target))]
-    names = []
-    for node in layers[:-1]:
-        module = network.get_submodule(node.target)
-        fan_in = module.weight[0].numel()
-        std = math.sqrt(2 * math.pi) / fan_in
-        if _feeds_residual(node, network):
-            std /= 2
-        module.weight.normal_(0.0, std)
-        names.append(node.target)
-    return names
-
-
-def _feeds_residual(node: fx.Node, network: nn.Module) -> bool:
-    """Whether ``node`` sits on a residual branch: its output flows, without forking, into an add
-    of two computed tensors before reaching another Linear/Conv."""
-    while len(node.users) == 1:
-        (node,) = node.users
-        if node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd):
-            return sum(isinstance(a, fx.Node) for a in node.args) == 2
-        if node.op == "call_module" and _is_weighted(network.get_submodule(node.target)):
-            return False
-    return False
 
 
 class IBPWarmup(Callback):

@@ -26,12 +26,14 @@ Final = Literal["greedy", "uniform", "live"]
 
 
 class CheckpointSoup(Callback):
-    """Keep the weights of the last ``k`` training epochs (taken when each epoch ends) and, when
+    """A soup of the last epochs' weights, chosen on validation at the end of fit.
+
+    Keep the weights of the last ``k`` training epochs (taken when each epoch ends) and, when
     ``fit`` ends, validate their uniform soup ``mean_i w_i`` and their greedy soup (Wortsman et al.
     2022, "Model soups", Recipe 1: snapshots sorted by validation loss, each added to the soup
     only if the soup's validation loss does not rise), then load ``final_weights``.
 
-    The validation loss is the module's own loss (:func:`litplug.protocols.module_loss`) on the
+    The validation loss is the module's own loss (:func:`litplug.plumbing.loss.module_loss`) on the
     run's first validation loader in eval mode, so the soup is chosen on held-out data; the greedy
     soup is never worse than its best snapshot there. Floating tensors (BatchNorm statistics
     included) are averaged with :func:`litplug.merging.linear`, integer buffers come from the

@@ -26,8 +26,8 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from ..functional.averaging import ema_decay
+from ..plumbing.third_party_private import logs_now
 from ..validation import check_bool, check_int, check_number, check_positive_int
-from .hooks import logs_now
 from .weight_averaging import DType, Which, _WeightAveraging
 
 __all__ = ["EMA"]

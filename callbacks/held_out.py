@@ -12,8 +12,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 from ..plumbing import refuse_flat_strategies, training_mode
-from ..protocols import module_loss, require_loss
-from .hooks import muted
+from ..plumbing.loss import module_loss, require_loss
+from ..plumbing.third_party_private import muted
 
 
 def check_can_validate(trainer: Trainer, pl_module: LightningModule, who: str) -> None:
@@ -50,7 +50,7 @@ def _val_batches(trainer: Trainer, pl_module: LightningModule) -> tuple[Any, flo
 
 @torch.no_grad()
 def held_out_loss(trainer: Trainer, pl_module: LightningModule, state: Mapping[str, Tensor]) -> float:
-    """Mean of the module's own loss (:func:`litplug.protocols.module_loss`, eval mode, logging
+    """Mean of the module's own loss (:func:`litplug.plumbing.loss.module_loss`, eval mode, logging
     muted) over the first validation loader with ``state`` loaded, weighted by batches and summed
     over ranks (one all-reduce); the module's weights are put back."""
     live = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}

@@ -57,13 +57,13 @@ class SurrogateSharpness(_ExtraPasses):
     (``||grad G(b)||``).
 
     Defaults: the IGNITE authors' code (cuong-dm/IGNITE) sets its per-task values in Python
-    scripts (``scripts/IGNITE/*.py``, called by the repository's shell scripts) that were not
-    available when the defaults were chosen, nor was a statement of them in the paper, so the
-    defaults are litplug's: ``rho = radius = 0.05``, ``epsilon = 0.1``, ``lambda_init = 1e-3`` and
-    ``lambda_lr = 0.1``. The dual step is the one that enforces the constraint within a short
-    run: with ``1e-3`` the multiplier stays below ~0.06 over 540 steps while ``rho ||grad G||``
-    stays at twice ``epsilon`` (no measurable effect on any offline task); with ``0.1`` it binds
-    (README, offline results: +20% on Ackley, -7.5% on Hartmann).
+    scripts (``scripts/IGNITE/*.py``, called by the repository's shell scripts) that litplug could
+    not consult, and the paper does not state them, so the defaults are litplug's:
+    ``rho = radius = 0.05``, ``epsilon = 0.1``, ``lambda_init = 1e-3`` and ``lambda_lr = 0.1``.
+    The dual step is the one that enforces the constraint within a short run: with ``1e-3`` the
+    multiplier stays below ~0.06 over 540 steps while ``rho ||grad G||`` stays at twice
+    ``epsilon`` (no measurable effect on any offline task); with ``0.1`` it binds
+    (benchmarks/RESULTS.md, offline optimisation: +20% on Ackley, -7.5% on Hartmann).
 
     Args:
         rho: sharpness radius in the constraint, > 0.

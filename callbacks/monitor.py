@@ -16,9 +16,9 @@ from ..board import log_figure, write_charts
 from ..figures import bar_chart
 from ..functional.sharpness import EPS, global_norm
 from ..plumbing import local, training_mode
-from ..protocols import module_loss, require_loss
+from ..plumbing.loss import module_loss, require_loss
+from ..plumbing.third_party_private import muted
 from ..validation import check_bool, check_number, check_positive_int
-from .hooks import muted
 from .passes import PerturbedWeights
 
 __all__ = ["SharpnessMonitor"]
@@ -34,7 +34,7 @@ class SharpnessMonitor(Callback):
     (``sharpness/layer/<name>``: only that layer perturbed, along its own gradient), which shows
     the "straggler" layers of "In Search of the Successful Interpolation". The held batches are
     the first ``num_batches`` training batches of the run (kept in the callback state, so a resumed
-    run measures the same ones). The loss is the module's own (:func:`litplug.protocols.module_loss`:
+    run measures the same ones). The loss is the module's own (:func:`litplug.plumbing.loss.module_loss`:
     its ``batch_loss`` if it has one, else its ``training_step`` with logging muted), in eval mode
     and full precision; the monitor never steps an optimizer. Manual optimisation needs
     ``batch_loss`` (its ``training_step`` steps optimizers) and is refused at setup without it.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -25,15 +25,17 @@ from typing_extensions import override
 
 from ..board import write_charts
 from ..plumbing import grad_scaler, is_sharded, local, loss_scale, refuse_flat_strategies
+from ..plumbing.loss import loss_of
+from ..plumbing.storage import swap_, writable
+from ..plumbing.third_party_private import muted, no_grad_sync, wrap_optimizer_step
 from ..validation import check_bool, check_list, check_str
-from .hooks import muted, no_grad_sync, wrap_optimizer_step
 
 __all__ = ["PerturbedWeights"]
 
 
 class PerturbedWeights:
     """Perturbed weights ``w + alpha * d`` in buffers allocated once (one like each parameter) and
-    swapped in through ``param.data``: per perturbation one fused pass (``torch.add(w, d,
+    swapped in (:func:`litplug.plumbing.storage.swap_`): per perturbation one fused pass (``torch.add(w, d,
     alpha=alpha, out=buffer)``, or ``addcmul`` for a tensor ``alpha``) and no copy, neither of the
     weights nor back, since :meth:`restore_` swaps the original storage in again (bit-exact, and
     the parameter is again a view of the same memory, e.g. of an EMA's flat buffer). Each swap
@@ -74,26 +76,22 @@ class PerturbedWeights:
         for p, d in zip(params, direction):
             buffer = self._buffer(p)
             if is_sharded(p):
-                shard = local(p)
+                shard = writable(p)
                 buffer.copy_(shard)
                 _add_scaled(shard, d, alpha, out=shard)
                 self._applied.append((p, buffer))
             else:
                 _add_scaled(p, d, alpha, out=buffer)
-                own = p.data
-                p.data = buffer
-                _changed(p)
-                self._applied.append((p, own))
+                self._applied.append((p, swap_(p, buffer)))
 
     @torch.no_grad()
     def restore_(self) -> None:
         """Put the weights of the last :meth:`apply_` back, bit-exact."""
         for p, saved in self._applied:
             if is_sharded(p):
-                local(p).copy_(saved)
+                writable(p).copy_(saved)
             else:
-                p.data = saved
-                _changed(p)
+                swap_(p, saved)
         self._applied = []
 
     def release(self) -> None:
@@ -112,20 +110,6 @@ def _add_scaled(w: Tensor, d: Tensor, alpha: float | Tensor, out: Tensor) -> Non
         torch.addcmul(w, d, alpha, out=out)
     else:
         torch.add(w, d, alpha=alpha, out=out)
-
-
-def _changed(p: nn.Parameter) -> None:
-    # Swapping ``p.data`` keeps the parameter's version counter; bump it, as an in-place write would,
-    # so that caches keyed on it (``litplug.bounds.cached_abs``) see new values in a reused buffer
-    # and a graph that saved the old weights refuses to backpropagate.
-    torch.autograd.graph.increment_version(p)
-
-
-def _loss_of(output: Any) -> Tensor:
-    loss = output.get("loss") if isinstance(output, Mapping) else output
-    if not isinstance(loss, Tensor):
-        raise RuntimeError("`training_step` must return a loss tensor (or a dict with 'loss') for a sharpness callback")
-    return loss
 
 
 class _ExtraPasses(Callback):
@@ -300,7 +284,7 @@ class _ExtraPasses(Callback):
                 last = i == len(self._batches) - 1
                 args = (batch, batch_idx) if self._step_takes_batch_idx or objective is not None else (batch,)
                 with no_grad_sync(strategy, block=not last):
-                    value = _loss_of(strategy.training_step(*args)) / k
+                    value = loss_of(strategy.training_step(*args)) / k
                     loss = value * weight
                     if scaler is not None:
                         loss = scaler.scale(loss)

@@ -17,13 +17,13 @@ from ..protocols import IndexedData, missing_members
 
 
 def indexed_data(trainer: Trainer, who: str) -> Any:
-    """The trainer's datamodule if it satisfies :class:`IndexedData`, else a ``ValueError`` that
+    """The trainer's datamodule if it satisfies :class:`IndexedData`, else a ``TypeError`` that
     says how to get one."""
     dm = trainer.datamodule
     missing = missing_members(dm, IndexedData)
     if dm is None or missing:
         got = "no datamodule (dataloaders passed to fit)" if dm is None else f"{type(dm).__name__} lacks {missing}"
-        raise ValueError(
+        raise TypeError(
             f"{who} needs per-example indices: the datamodule must satisfy IndexedData (litplug.protocols); {got}. "
             "Wrap it: `litplug.datamodules.Indexed(datamodule)`"
         )

@@ -30,7 +30,9 @@ Score = Literal["el2n", "grand", "forgetting"]
 
 
 class DataPruning(Callback):
-    """Score every training sample at the end of epoch ``score_epoch``, then train on a ``keep``
+    """Prune the training set to its most useful samples by a per-sample score.
+
+    Score every training sample at the end of epoch ``score_epoch``, then train on a ``keep``
     fraction of them from the next epoch on.
 
     Scores (higher is harder; :mod:`litplug.functional.pruning`):

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -27,14 +26,14 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from ..functional.sharpness import EPS, global_norm, sam_gradient_, sam_perturbation
-from ..plumbing import local, loss_scale
+from ..plumbing import local, loss_scale, warn
 from ..validation import check_bool, check_number, check_positive_int
 from .passes import _ExtraPasses
 
-__all__ = ["SAM", "SharpnessAwareMinimization"]
+__all__ = ["SAM"]
 
 
-class SharpnessAwareMinimization(_ExtraPasses):
+class SAM(_ExtraPasses):
     """Sharpness-aware minimization as a callback (SAM, adaptive SAM, gradient-norm penalty).
 
     With ``g`` the gradient of the loss at ``w`` (after accumulation) and
@@ -97,7 +96,7 @@ class SharpnessAwareMinimization(_ExtraPasses):
 
     Example:
         >>> from lightning.pytorch import Trainer
-        >>> trainer = Trainer(callbacks=[SharpnessAwareMinimization(rho=0.05, adaptive=True)])  # doctest: +SKIP
+        >>> trainer = Trainer(callbacks=[SAM(rho=0.05, adaptive=True)])  # doctest: +SKIP
     """
 
     _prefix = "sam"
@@ -158,11 +157,10 @@ class SharpnessAwareMinimization(_ExtraPasses):
             alpha = float(self.rho / (norm + EPS))
         finite = bool(torch.isfinite(norm))
         if not finite:  # a non-finite gradient: no direction to perturb along
-            warnings.warn(
+            warn(
                 f"{type(self).__name__}: the gradient norm is not finite ({float(norm)}) "
                 f"at step {trainer.global_step}; "
-                "the weights are not perturbed in this step (the second pass runs at the unperturbed weights)",
-                stacklevel=1,
+                "the weights are not perturbed in this step (the second pass runs at the unperturbed weights)"
             )
             e_norm = torch.zeros_like(e_norm)
         scale = loss_scale(trainer, norm)
@@ -184,8 +182,3 @@ class SharpnessAwareMinimization(_ExtraPasses):
             "grad_norm": (norm / scale).detach(),
             "perturbation_norm": e_norm.detach(),
         }
-
-
-class SAM(SharpnessAwareMinimization):
-    """Short name of :class:`SharpnessAwareMinimization` (a subclass, not an alias, so that
-    ``class_path: SAM`` resolves in YAML)."""

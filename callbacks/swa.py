@@ -26,6 +26,7 @@ from torch.optim.swa_utils import SWALR
 from typing_extensions import override
 
 from ..functional.averaging import update_bn_
+from ..plumbing.third_party_private import logs_now
 from ..validation import (
     check_bool,
     check_choice,
@@ -35,7 +36,6 @@ from ..validation import (
     check_number,
     check_positive_int,
 )
-from .hooks import logs_now
 from .weight_averaging import DType, Which, _WeightAveraging
 
 __all__ = ["SWA"]
@@ -44,7 +44,9 @@ _STRATEGIES = ("cos", "linear")
 
 
 class SWA(_WeightAveraging):
-    """Stochastic weight averaging: the uniform mean of one snapshot per ``every_n_epochs``
+    """Stochastic weight averaging (Izmailov et al. 2018) of epoch-end snapshots.
+
+    Stochastic weight averaging: the uniform mean of one snapshot per ``every_n_epochs``
     epochs from epoch ``start`` on, taken after the epoch's last optimizer step (before its
     validation), then BatchNorm statistics recomputed for the averaged weights at the end of
     ``fit`` with one pass over the training data (``limit_train_batches`` respected).

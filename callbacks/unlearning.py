@@ -9,7 +9,7 @@ Method card. At the start of training, every entry of the parameters in ``scope`
 - ``magnitude``: |theta| (the prune-first-then-unlearn view of Jia et al. 2023);
 - ``random``: seeded uniform scores (a control).
 
-The forget (retain) loss is the module's own: :func:`litplug.protocols.module_loss` on each batch
+The forget (retain) loss is the module's own: :func:`litplug.plumbing.loss.module_loss` on each batch
 of the datamodule's ``forget_dataloader()`` (``retain_dataloader()``), in eval mode, weighted by
 the batch's share of the samples, so ``g_f`` is the gradient of the mean loss over the whole set.
 
@@ -110,39 +110,25 @@ from typing_extensions import override
 from ..board import log_figure
 from ..figures import bar_chart
 from ..functional.masks import (
-    CHUNK,
     Reduce,
-    _bits,
-    _chunks,
-    _unpack,
     attribution_scores,
+    count_selected,
     enforce_masked_grads_,
+    frozen_entries_are_zero,
     frozen_values,
     iter_topk_masks,
-    kth_largest_key,
     pack_mask,
     restore_frozen_,
-    saliency_scores,
-    topk_masks,
     unpack_mask,
 )
 from ..plumbing import grad_scaler, is_sharded, local, local_rows, mix_seed, refuse_flat_strategies, training_mode
-from ..protocols import FORGET_RETAIN_HINT, ForgetRetainData, module_loss, require, require_loss
+from ..plumbing.loss import module_loss, require_loss
+from ..plumbing.storage import writable
+from ..plumbing.third_party_private import version
+from ..protocols import FORGET_RETAIN_HINT, ForgetRetainData, require
 from ..validation import check_choice, check_int, check_number, check_positive_int
-from .hooks import version
 
-__all__ = [
-    "UnlearningMask",
-    "attribution_scores",
-    "enforce_masked_grads_",
-    "frozen_values",
-    "pack_mask",
-    "unpack_mask",
-    "kth_largest_key",
-    "restore_frozen_",
-    "saliency_scores",
-    "topk_masks",
-]
+__all__ = ["UnlearningMask"]
 
 Criterion = Literal["saliency", "attribution", "magnitude", "random"]
 Scope = Literal["weights", "all"]
@@ -151,7 +137,9 @@ DEFAULT_SCOPE: dict[str, Scope] = {"saliency": "all", "attribution": "all", "mag
 
 
 class UnlearningMask(Callback):
-    """Keep exactly ``int(N * ratio)`` parameter entries updatable, chosen by ``criterion`` on
+    """Train only a chosen fraction of the parameter entries; freeze the rest bit-exactly.
+
+    Keep exactly ``int(N * ratio)`` parameter entries updatable, chosen by ``criterion`` on
     the original weights; freeze the rest bit-exactly (see the module docstring). Non-finite
     scores (NaN/inf from a non-finite loss or weight) raise a ``ValueError`` naming the
     parameters at fit start; frozen entries stay bit-exact whatever the later gradients hold.
@@ -239,7 +227,7 @@ class UnlearningMask(Callback):
     def _gradients(
         self, trainer: Trainer, pl_module: LightningModule, split: str
     ) -> tuple[list[torch.Tensor], list[str]]:
-        """Local gradients of the module's mean loss (:func:`~litplug.protocols.module_loss`)
+        """Local gradients of the module's mean loss (:func:`~litplug.plumbing.loss.module_loss`)
         over the whole ``split`` set: each batch's mean loss weighted by its share of the samples;
         reduced over ranks."""
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
@@ -354,10 +342,7 @@ class UnlearningMask(Callback):
             del scores, masks
         self._shapes = {n: local(p).shape for n, p in named}
         counts = torch.tensor(
-            [
-                int(_unpack(self._packed[n], 0, t.numel(), torch.uint8).sum()) if t.numel() else 0
-                for n, t in ((n, local(p)) for n, p in named)
-            ],
+            [count_selected(self._packed[n], local(p).numel()) for n, p in named],
             dtype=torch.long,
         )
         if all_reduce is not None:
@@ -437,11 +422,8 @@ class UnlearningMask(Callback):
                 shard = local(value) if torch.is_tensor(value) else None
                 if shard is None or shard.shape != shape:
                     continue
-                flat = _bits(shard.detach().contiguous()).view(-1)
-                for s in _chunks(flat.numel()):
-                    part = flat[s : s + CHUNK]
-                    if bool(part[_unpack(bits, s, s + part.numel()).logical_not()].any()):
-                        return False
+                if not frozen_entries_are_zero(shard, bits):
+                    return False
         return True
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -449,7 +431,7 @@ class UnlearningMask(Callback):
         if self._skips_restore(optimizer):
             return
         with torch.no_grad():
-            restore_frozen_([local(p) for p in self._params], self._frozen, self._bitmasks)
+            restore_frozen_([writable(p) for p in self._params], self._frozen, self._bitmasks)
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:

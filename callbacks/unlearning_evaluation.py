@@ -40,7 +40,9 @@ def _evaluation_sets(datamodule: Any) -> Any:
 
 
 class UnlearningEvaluation(Callback):
-    """Score the model against a retain model (trained without the forget data) with the whole
+    """Score an unlearned model against a retain model with the unlearning metrics.
+
+    Score the model against a retain model (trained without the forget data) with the whole
     suite of :func:`litplug.functional.unlearning_metrics.unlearning_suite`: forget quality (TOFU's
     KS-test p-value on truth ratios), truth ratios, exact memorisation, extraction strength, the MIA
     suite (LOSS, zlib, Min-K%, Min-K%++, reference) and privleak, and model utility.

@@ -26,13 +26,13 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from ..board import write_charts
 from ..functional.averaging import average_update_
-from ..plumbing import is_sharded, local, refuse_flat_strategies, save_rank_zero
+from ..plumbing import is_sharded, local, refuse_flat_strategies, save_rank_zero, warn
+from ..plumbing.storage import flatten_
 from ..validation import check_choice, check_path, check_str
 
 Which = Literal["average", "live"]
@@ -63,17 +63,10 @@ def _flatten(g: _Group) -> None:
     """Re-lay the group's parameters (same Parameter objects, same values) into one contiguous
     buffer, and the averages into another, so that an update is a single ``lerp_``."""
     sizes = [t.numel() for t in g.live]
-    flat_live = torch.empty(sum(sizes), dtype=g.live[0].dtype, device=g.live[0].device)
-    views = [v.view_as(t) for v, t in zip(flat_live.split(sizes), g.live)]
-    g.live = []  # no reference to the old storage may outlive its copy
-    # One tensor at a time: each old storage is freed as soon as it is copied, so the re-layout
-    # holds at most one tensor twice (not the whole model).
-    for param, view in zip(g.sources, views):
-        view.copy_(param.detach())
-        param.data = view
+    g.live = []  # no reference to the old storage may outlive its copy (flatten_ frees one at a time)
+    g.flat_live = flatten_(g.sources)
     g.live = [p.detach() for p in g.sources]
-    g.flat_live = flat_live
-    g.flat_average = torch.empty_like(flat_live, dtype=g.dtype, device=g.device)
+    g.flat_average = torch.empty_like(g.flat_live, dtype=g.dtype, device=g.device)
     g.average = [v.view_as(t) for v, t in zip(g.flat_average.split(sizes), g.live)]
 
 
@@ -123,7 +116,7 @@ class _WeightAveraging(Callback):
         if self.evaluate_with == "average" and any(
             isinstance(c, ModelCheckpoint) and c.save_weights_only for c in trainer.callbacks
         ):
-            rank_zero_warn(
+            warn(
                 f"{type(self).__name__}: Lightning calls no callback when it saves a weights-only checkpoint, so "
                 "ModelCheckpoint(save_weights_only=True) files hold the live weights, not the average validation "
                 "measured; save full checkpoints to get the average in `state_dict`"
@@ -224,7 +217,7 @@ class _WeightAveraging(Callback):
         groups = self._bind(pl_module)
         if not self._live_is_finite(pl_module, groups):
             self.skipped += 1
-            rank_zero_warn(
+            warn(
                 f"{type(self).__name__}: the weights are not finite (NaN or inf) "
                 f"at step {pl_module.trainer.global_step}, "
                 f"e.g. after a non-finite loss; this update is skipped and the average keeps its last finite value "

@@ -23,7 +23,9 @@ __all__ = ["WiSEFT"]
 
 
 class WiSEFT(Callback):
-    """Weight-space ensembling of a fine-tune with its starting point: the weights at the start of
+    """Weight-space ensembling of a fine-tune with its starting point (WiSE-FT).
+
+    Weight-space ensembling of a fine-tune with its starting point: the weights at the start of
     ``fit`` (``theta_0``, e.g. a pre-trained or zero-shot model) are kept, and when ``fit`` ends the
     module gets ``theta_alpha = (1 - alpha) theta_0 + alpha theta_1`` (:func:`litplug.merging.
     interpolate`; ``theta_1`` the fine-tuned weights). With several ``alpha`` the one of lowest

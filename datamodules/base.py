@@ -152,7 +152,9 @@ class SeededDataModule(LightningDataModule):
 
 
 class TensorDataModule(SeededDataModule):
-    """Base class. Subclasses set ``num_classes``, ``input_shape``, ``mean``, ``std`` and
+    """The base of litplug's in-memory tensor datamodules.
+
+    Base class. Subclasses set ``num_classes``, ``input_shape``, ``mean``, ``std`` and
     ``pixel_range`` (the valid range of raw inputs before normalisation) and implement
     :meth:`load` returning ``(x_train, y_train, x_test, y_test, scale)``.
 

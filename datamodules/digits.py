@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from litplug.validation import check_fraction
-
+from ..validation import check_fraction
 from .base import TensorDataModule
 
 

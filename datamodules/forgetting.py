@@ -20,9 +20,8 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from litplug.protocols import FORGET_RETAIN_HINT
-from litplug.validation import check_choice, check_int, check_list, check_number
-
+from ..protocols import FORGET_RETAIN_HINT
+from ..validation import check_choice, check_int, check_list, check_number
 from .base import EpochShuffle, TensorDataModule
 
 Scenario = Literal["class", "random"]

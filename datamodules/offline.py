@@ -35,8 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
-from litplug.validation import check_choice, check_int, check_number, check_positive_int
-
+from ..validation import check_choice, check_int, check_number, check_positive_int
 from .base import SeededDataModule
 
 # name -> (BoTorch class, default dim); `sphere` is built in.
@@ -100,7 +99,9 @@ def withhold_top(scores: torch.Tensor, keep_percentile: float) -> torch.Tensor:
 
 
 class OfflineDesigns(SeededDataModule):
-    """An offline dataset of ``task`` (module docstring): batches ``(x, y)`` of standardised
+    """An offline model-based optimisation dataset of designs and their scores.
+
+    An offline dataset of ``task`` (module docstring): batches ``(x, y)`` of standardised
     designs ``[B, dim]`` and standardised scores ``[B]`` (mean 0, std 1 over the kept data).
 
     Attributes after ``setup()``: ``designs``/``scores`` (all kept data, standardised; train and

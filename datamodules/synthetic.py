@@ -14,13 +14,14 @@ from collections.abc import Sequence
 
 import torch
 
-from litplug.validation import check_fraction, check_int, check_list, check_number, check_positive_int
-
+from ..validation import check_fraction, check_int, check_list, check_number, check_positive_int
 from .base import TensorDataModule
 
 
 class SyntheticClassification(TensorDataModule):
-    """``num_classes`` Gaussian blobs in ``prod(input_shape)`` dimensions, reshaped to
+    """Gaussian blobs, one per class: a synthetic classification task.
+
+    ``num_classes`` Gaussian blobs in ``prod(input_shape)`` dimensions, reshaped to
     ``input_shape``. Class centres are drawn with ``seed``; ``separation`` scales them against
     unit noise, so larger values give an easier problem.
 

@@ -69,7 +69,9 @@ def entropy_rate(transition: torch.Tensor) -> float:
 
 
 class MarkovText(LightningDataModule):
-    """Sequences of a seeded random Markov chain over ``vocab_size`` tokens, split into training,
+    """Token sequences of a seeded random Markov chain.
+
+    Sequences of a seeded random Markov chain over ``vocab_size`` tokens, split into training,
     validation and test sets of ``num_train``, ``num_val`` and ``num_test`` sequences (all
     distinct draws of the same distribution).
 

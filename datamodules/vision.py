@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from litplug.loading import load_data_pickle
-from litplug.validation import check_bool, check_path
-
+from ..loading import load_data_pickle
+from ..validation import check_bool, check_path
 from .base import TensorDataModule
 
 

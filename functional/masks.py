@@ -10,10 +10,13 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 __all__ = [
-    "attribution_scores",
-    "enforce_masked_grads_",
     "CHUNK",
     "CPU_BLOCK",
+    "Reduce",
+    "attribution_scores",
+    "count_selected",
+    "enforce_masked_grads_",
+    "frozen_entries_are_zero",
     "frozen_values",
     "iter_topk_masks",
     "kth_largest_key",
@@ -202,6 +205,32 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int] | torch.Size) -> torc
         if n
         else torch.zeros(tuple(shape), dtype=torch.bool, device=packed.device)
     )
+
+
+def count_selected(packed: torch.Tensor, numel: int) -> int:
+    """The number of selected entries (bit 1) among the first ``numel`` of a packed mask.
+
+    Example:
+        >>> count_selected(pack_mask(torch.tensor([True, False, True])), 3)
+        2
+    """
+    return int(_unpack(packed, 0, numel, torch.uint8).sum()) if numel else 0
+
+
+def frozen_entries_are_zero(t: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether every frozen entry (bit 0) of ``t`` is +0.0 bit for bit (``-0.0`` and NaN are not),
+    ``CHUNK`` entries at a time.
+
+    Example:
+        >>> frozen_entries_are_zero(torch.tensor([0.0, 5.0]), pack_mask(torch.tensor([False, True])))
+        True
+    """
+    flat = _bits(t.detach().contiguous()).view(-1)
+    for s in _chunks(flat.numel()):
+        part = flat[s : s + CHUNK]
+        if bool(part[_unpack(packed, s, s + part.numel()).logical_not()].any()):
+            return False
+    return True
 
 
 def frozen_values(param: torch.Tensor, packed: torch.Tensor) -> list[torch.Tensor]:

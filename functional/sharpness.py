@@ -1,12 +1,10 @@
 """Sharpness penalties, pure torch: SAM/ASAM's perturbation, the SAM / gradient-norm-penalty and
 IGNITE gradient combinations and IGNITE's dual ascent.
 
-Each combination has two forms: the equation (``sam_gradient``, ``ignite_gradient``: new tensors
-from both gradients) and the in-place form the callbacks use (``sam_gradient_``,
-``ignite_gradient_``): it rewrites the first gradient in place and returns the weight with which the
-second gradient must then be accumulated into the same buffers (by a backward pass), so the
-buffers end holding the equation's value. That is what lets DDP all-reduce once, on the combined
-gradient, with no extra copy of either gradient.
+Each combination is computed in place (``sam_gradient_``, ``ignite_gradient_``): it rewrites the
+first gradient and returns the weight with which the second gradient must then be accumulated into
+the same buffers (by a backward pass), so the buffers end holding the combination's value. That is
+what lets DDP all-reduce once, on the combined gradient, with no extra copy of either gradient.
 """
 
 from __future__ import annotations
@@ -22,9 +20,7 @@ __all__ = [
     "EPS",
     "dual_ascent",
     "global_norm",
-    "ignite_gradient",
     "ignite_gradient_",
-    "sam_gradient",
     "sam_gradient_",
     "sam_perturbation",
 ]
@@ -85,18 +81,12 @@ def sam_perturbation(
     return e, norm
 
 
-def sam_gradient(grad: Sequence[Tensor], grad_perturbed: Sequence[Tensor], penalty_weight: float) -> list[Tensor]:
-    """Final gradient ``(1 - a) g + a grad L(w + e)``: SAM for ``a = 1``, the gradient-norm penalty
-    of Zhao et al. for ``0 < a < 1``."""
-    a = penalty_weight
-    return [(1 - a) * g + a * gp for g, gp in zip(grad, grad_perturbed)]
-
-
 @torch.no_grad()
 def sam_gradient_(grad: Sequence[Tensor], penalty_weight: float) -> tuple[list[Tensor | None], float]:
-    """In-place form of :func:`sam_gradient`: returns ``(buffers, a)``: the buffers are ``(1 - a) g``
-    (``g`` scaled in place; None for ``a = 1``, where ``g`` is dropped) into which ``a grad L(w + e)``
-    is then accumulated.
+    """SAM's final gradient ``(1 - a) g + a grad L(w + e)`` (SAM for ``a = 1``, the gradient-norm
+    penalty of Zhao et al. for ``0 < a < 1``) in place: returns ``(buffers, a)``: the buffers are
+    ``(1 - a) g`` (``g`` scaled in place; None for ``a = 1``, where ``g`` is dropped) into which
+    ``a grad L(w + e)`` is then accumulated.
 
     Example:
         >>> g, gp = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 5.0])]
@@ -112,26 +102,14 @@ def sam_gradient_(grad: Sequence[Tensor], penalty_weight: float) -> tuple[list[T
     return list(grad), a
 
 
-def ignite_gradient(
-    grad_loss: Sequence[Tensor],
-    grad_g: Sequence[Tensor],
-    grad_g_hat: Sequence[Tensor],
-    lam: float | Tensor,
-    rho: float,
-    radius: float,
-) -> list[Tensor]:
-    """IGNITE's final gradient ``grad L(b) + (lambda rho / radius) (grad G(b_hat) - grad G(b))``."""
-    c = lam * rho / radius
-    return [gl + c * (gh - gg) for gl, gg, gh in zip(grad_loss, grad_g, grad_g_hat)]
-
-
 @torch.no_grad()
 def ignite_gradient_(
     grad_loss: Sequence[Tensor], grad_g: Sequence[Tensor], lam: float | Tensor, rho: float, radius: float
 ) -> float | Tensor:
-    """In-place form of :func:`ignite_gradient`: ``grad_loss <- grad L(b) - c grad G(b)`` with
-    ``c = lambda rho / radius``; returns ``c``, the weight with which ``grad G(b_hat)`` is then
-    accumulated into ``grad_loss``. DTensors are updated through their local shards.
+    """IGNITE's final gradient ``grad L(b) + c (grad G(b_hat) - grad G(b))`` in place:
+    ``grad_loss <- grad L(b) - c grad G(b)`` with ``c = lambda rho / radius``; returns ``c``, the
+    weight with which ``grad G(b_hat)`` is then accumulated into ``grad_loss``. DTensors are
+    updated through their local shards.
 
     Example:
         >>> gl, gg, gh = [torch.tensor([1.0])], [torch.tensor([2.0])], [torch.tensor([4.0])]

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from litplug.plumbing import training_mode
-
+from ..plumbing import training_mode
 from .arithmetic import interpolate
 from .permutation import align
 from .states import AnyWeights, state_of

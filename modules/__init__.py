@@ -1,6 +1,5 @@
-"""litplug LightningModules, backbones and the interval bound engine."""
+"""litplug LightningModules and backbones."""
 
-from ..bounds import interval_bounds, margin_bounds
 from .base import TrainingModule
 from .certified import CertifiedClassifier
 from .classifier import Classifier
@@ -26,6 +25,4 @@ __all__ = [
     "Regressor",
     "TrainingModule",
     "Unlearner",
-    "interval_bounds",
-    "margin_bounds",
 ]

@@ -23,50 +23,15 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from litplug.bounds import bounded, input_box, margin_spec, warmup_regularizers
-from litplug.validation import check_int, check_list, check_number
-
 from ..board import has_tensorboard, log_figure
+from ..bounds import bounded, input_box, margin_spec, warmup_regularizers
 from ..figures import bar_chart, line_chart
+from ..functional.certified import linearized_tightness, pgd_attack
 from ..plumbing import training_mode
+from ..validation import check_int, check_list, check_number
 from .classifier import Classifier
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def pgd_attack(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, steps: int
-) -> torch.Tensor:
-    """L-inf PGD (Madry et al. 2018) inside the box ``[lower, upper]`` from the clean ``x``
-    (deterministic: no random start), step ``2.5 * radius / steps``, maximising cross-entropy."""
-    step = 2.5 * (upper - lower) / 2 / steps
-    with torch.inference_mode(False), torch.enable_grad():
-        x, y, lower, upper, step = (t.clone() for t in (x, y, lower, upper, step))
-        adv = x.clone()
-        for _ in range(steps):
-            adv.requires_grad_(True)
-            (grad,) = torch.autograd.grad(F.cross_entropy(model(adv), y), adv)
-            adv = torch.minimum(torch.maximum(adv.detach() + step * grad.sign(), lower), upper)
-    return adv.detach()
-
-
-def linearized_tightness(model: nn.Module, x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-    """Tightness of Mao et al. 2023 ("Understanding Certified Training with Interval Bound
-    Propagation"): for the network linearised at ``x`` (eval mode, activation pattern fixed), the
-    ratio of the optimal box radius ``|J| r`` to the IBP radius of the same linear network,
-    averaged over samples and outputs (1 = IBP exact, small = loose)."""
-    engine = bounded(model)
-    with torch.inference_mode(False), torch.enable_grad():
-        x, radius = x.clone().requires_grad_(True), radius.clone()
-        out = model(x)
-        optimal = []
-        for k in range(out.shape[-1]):
-            (grad,) = torch.autograd.grad(out[:, k].sum(), x, retain_graph=True)
-            optimal.append((grad.abs() * radius).flatten(1).sum(1))
-        optimal_r = torch.stack(optimal, 1)
-    with torch.no_grad():
-        ibp_r = engine.linearized_radius(x.detach(), radius)
-    return (optimal_r / ibp_r.clamp(min=1e-12)).mean()
 
 
 class CertifiedClassifier(Classifier):

@@ -19,13 +19,14 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from litplug.validation import check_int
-
+from ..validation import check_int
 from .base import TrainingModule
 
 
 class Classifier(TrainingModule):
-    """Train ``backbone`` with cross-entropy; logs ``train/loss``, ``val/loss``, ``val/acc``,
+    """A classifier: ``backbone`` trained with cross-entropy.
+
+    Train ``backbone`` with cross-entropy; logs ``train/loss``, ``val/loss``, ``val/acc``,
     ``test/loss`` and ``test/acc`` (accuracy in [0, 1], via torchmetrics).
 
     Args:

@@ -25,8 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
-from litplug.validation import check_fraction, check_int
-
+from ..validation import check_fraction, check_int
 from .base import TrainingModule
 
 

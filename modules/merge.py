@@ -37,14 +37,14 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from litplug.validation import check_bool, check_choice, check_int, check_list, check_number, check_str
-
 from ..board import has_tensorboard, log_figure
 from ..figures import panels
+from ..functional.soup import greedy_soup, uniform_soup
 from ..merging import align, breadcrumbs, dare, model_stock, task_arithmetic, ties_merge
 from ..plumbing import save_rank_zero
+from ..validation import check_bool, check_choice, check_int, check_list, check_number, check_str
 from .classifier import Classifier
-from .soup import Metric, ModelSoup, check_compatible, greedy_soup, load_ingredient, uniform_soup
+from .soup import Metric, ModelSoup, check_compatible, load_ingredient
 
 State = dict[str, Tensor]
 Recipe = Literal[
@@ -57,7 +57,9 @@ PATH_POINTS = 11  # t values of the interpolation figure
 
 
 class ModelMerge(Classifier):
-    """A classifier whose weights are merged from finished models when validation starts
+    """A classifier whose weights are merged from finished models.
+
+    A classifier whose weights are merged from finished models when validation starts
     (``litplug validate --config configs/digits/merge/<recipe>.yaml``).
 
     Logs to the logger ``merge/ingredient_<metric>`` (step = ingredient index, in the order of

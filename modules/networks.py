@@ -19,7 +19,7 @@ from typing import Literal
 
 from torch import nn
 
-from litplug.validation import check_bool, check_choice, check_fraction, check_list, check_positive_int
+from ..validation import check_bool, check_choice, check_fraction, check_list, check_positive_int
 
 Activation = Literal["relu", "tanh", "sigmoid", "leaky_relu"]
 
@@ -89,7 +89,9 @@ class MLP(nn.Sequential):
 
 
 class ConvNet(nn.Sequential):
-    """Small CNN: ``Conv3x3 -> [BatchNorm] -> act`` blocks (stride 2 after the first), then a
+    """A small CNN of 3x3 convolution blocks and a hidden linear layer.
+
+    Small CNN: ``Conv3x3 -> [BatchNorm] -> act`` blocks (stride 2 after the first), then a
     hidden ``Linear`` and the output layer.
 
     Args:
@@ -145,7 +147,9 @@ class ConvNet(nn.Sequential):
 
 
 class CNN7(nn.Sequential):
-    """``cnn_7layer_bn2`` of Shi et al. 2021 ("Fast Certified Robust Training with Short Warmup"):
+    """The 7-layer CNN of certified training (Shi et al. 2021).
+
+    ``cnn_7layer_bn2`` of Shi et al. 2021 ("Fast Certified Robust Training with Short Warmup"):
     five ``Conv3x3 -> BatchNorm2d -> ReLU`` blocks with ``width, width, 2w (stride 2), 2w, 2w``
     channels, then ``Linear(linear_size) -> BatchNorm1d -> ReLU`` and the output layer.
 

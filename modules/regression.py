@@ -20,15 +20,16 @@ from torch import nn
 from torchmetrics import MeanSquaredError, SpearmanCorrCoef
 from typing_extensions import override
 
-from litplug.validation import check_choice
-
+from ..validation import check_choice
 from .base import TrainingModule
 
 _LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
 
 
 class Regressor(TrainingModule):
-    """Fit ``backbone`` to real-valued targets; logs ``train/loss``, ``{val,test}/loss``,
+    """A regressor: ``backbone`` fit to real-valued targets.
+
+    Fit ``backbone`` to real-valued targets; logs ``train/loss``, ``{val,test}/loss``,
     ``{val,test}/mse`` and ``{val,test}/spearman`` (rank correlation of predictions and targets,
     what matters when the model ranks designs; torchmetrics, gathered over ranks).
 

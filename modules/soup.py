@@ -12,18 +12,13 @@ Method card
     * Cost: one evaluation per ingredient, plus one per candidate (greedy); inference cost of
       the soup = one model.
 
-Functional core: :func:`load_ingredient`, :func:`uniform_soup`, :func:`greedy_soup`;
-:class:`ModelSoup` runs them on the validation split under ``litplug validate``.
-
-Example:
-    >>> soup = uniform_soup([{"w": torch.zeros(2)}, {"w": torch.ones(2)}])
-    >>> soup["w"]
-    tensor([0.5000, 0.5000])
+The recipes are :func:`litplug.functional.uniform_soup` and :func:`litplug.functional.greedy_soup`;
+:class:`ModelSoup` loads the ingredients (:func:`load_ingredient`) and runs a recipe on the
+validation split under ``litplug validate``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -31,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from ..functional.soup import greedy_soup, uniform_soup
 from ..loading import load_file
 from ..plumbing import save_rank_zero, training_mode
 from ..validation import check_choice, check_list, check_path
@@ -70,50 +66,11 @@ def check_compatible(reference: State, state: State, where: str) -> None:
         raise ValueError(f"{where}: unexpected parameter {extra[0]!r} (shape {tuple(state[extra[0]].shape)})")
 
 
-def uniform_soup(states: Sequence[State]) -> State:
-    """Mean of the floating tensors of ``states`` (computed in float64, returned in the first
-    state's dtypes); integer tensors (``num_batches_tracked``) are taken from the first."""
-    if not states:
-        raise ValueError("`states` must hold at least one state dict")
-    out = {}
-    for name, first in states[0].items():
-        if first.is_floating_point():
-            out[name] = torch.stack([s[name].double() for s in states]).mean(0).to(first.dtype)
-        else:
-            out[name] = first.clone()
-    return out
-
-
-def greedy_soup(
-    states: Sequence[State], evaluate: Callable[[State], float], maximize: bool = True
-) -> tuple[State, list[int], list[float]]:
-    """Greedy soup of Wortsman et al. 2022.
-
-    Args:
-        states: the ingredients.
-        evaluate: held-out metric of a state dict.
-        maximize: whether larger metric values are better.
-
-    Returns:
-        ``(soup, kept, scores)``: the soup, the indices of the kept ingredients in the order they
-        were added, and every ingredient's own score.
-    """
-    scores = [evaluate(s) for s in states]
-    order = sorted(range(len(states)), key=lambda i: scores[i], reverse=maximize)
-    kept = [order[0]]
-    best = scores[order[0]]
-    soup = states[order[0]]
-    for i in order[1:]:
-        candidate = uniform_soup([states[j] for j in kept + [i]])
-        score = evaluate(candidate)
-        if (score > best) if maximize else (score < best):
-            kept, best, soup = kept + [i], score, candidate
-    return soup, kept, scores
-
-
 # ----------------------------------------------------------------------------- module
 class ModelSoup(Classifier):
-    """A classifier whose weights are a soup of fine-tuned checkpoints, built on the validation
+    """A classifier whose weights are a soup of fine-tuned checkpoints.
+
+    A classifier whose weights are a soup of fine-tuned checkpoints, built on the validation
     split when validation starts (``litplug validate --config configs/digits/soup.yaml``).
 
     Logs to the logger ``soup/ingredient_<metric>`` (step = ingredient index, in the order of

@@ -56,12 +56,12 @@ class Case:
 
 CASES: dict[str, Case] = {}
 
-# Sharpness (callbacks/sharpness.py).
-CASES["SharpnessAwareMinimization"] = Case(lambda: SAM(rho=0.05, every_n_steps=2), trainer={"gradient_clip_val": 1.0})
+# Sharpness (callbacks/sam.py, ignite.py, monitor.py).
+CASES["SAM"] = Case(lambda: SAM(rho=0.05, every_n_steps=2), trainer={"gradient_clip_val": 1.0})
 CASES["SurrogateSharpness"] = Case(lambda: SurrogateSharpness(rho=0.05, epsilon=0.01, lambda_init=0.1, lambda_lr=0.1))
 CASES["SharpnessMonitor"] = Case(lambda: SharpnessMonitor(rho=0.05))
 
-# Weight averaging (callbacks/averaging.py). SWA snapshots from epoch 0 so both epochs update, under SWALR.
+# Weight averaging (callbacks/ema.py, swa.py). SWA snapshots from epoch 0 so both epochs update, under SWALR.
 CASES["EMA"] = Case(lambda: EMA(decay=0.9, warmup=True))
 CASES["SWA"] = Case(lambda: SWA(start=0, swa_lrs=0.05, annealing_epochs=1))
 

@@ -122,7 +122,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         "start": ANY,
         "seed": SEED_ARG,
     },
-    "SharpnessAwareMinimization": {
+    "SAM": {
         "rho": POSITIVE,
         "adaptive": ANY,
         "penalty_weight": Arg(0, 1, low_open=True),
@@ -362,7 +362,7 @@ def public_classes() -> list[type]:
 
 
 def owner(cls: type) -> str:
-    """The class whose ``__init__`` ``cls`` uses (``SAM`` uses ``SharpnessAwareMinimization``'s)."""
+    """The class whose ``__init__`` ``cls`` uses (a subclass without its own ``__init__`` uses its parent's)."""
     return cls.__init__.__qualname__.split(".")[0]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from harness import read_scalars
 
-from litplug.callbacks import EMA, SharpnessAwareMinimization, UnlearningMask
+from litplug.callbacks import EMA, SAM, UnlearningMask
 from litplug.cli import LitplugCLI, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -49,7 +49,7 @@ def test_unlearning_mask_with_sam_and_ema_from_yaml(tmp_path, monkeypatch):
 
     (mask_cb,) = [c for c in cli.trainer.callbacks if isinstance(c, UnlearningMask)]
     (ema,) = [c for c in cli.trainer.callbacks if isinstance(c, EMA)]
-    assert any(isinstance(c, SharpnessAwareMinimization) for c in cli.trainer.callbacks)
+    assert any(isinstance(c, SAM) for c in cli.trainer.callbacks)
     assert ema.updates == 8
     masks = mask_cb.state_dict()["masks"]
     final = cli.model.state_dict()  # fit ended on the EMA average (final_weights: average)

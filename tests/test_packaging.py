@@ -74,6 +74,9 @@ def test_wheel_ships_every_file_under_configs(wheel):
     assert "configs/digits/unlearning/methods/npo.yaml" in shipped
 
 
+MAIN_JOB = "configs/digits/main.yaml"
+
+
 def test_main_job_runs_from_the_installed_wheel_outside_the_repository(wheel, tmp_path):
     """The README's command for a wheel install: ``litplug fit --config configs/...`` from any
     directory reads the config shipped in the package. The wheel is unpacked onto PYTHONPATH,
@@ -91,8 +94,13 @@ def test_main_job_runs_from_the_installed_wheel_outside_the_repository(wheel, tm
     ]
     code = "import sys, litplug; print(litplug.__file__); from litplug.cli import main; main(sys.argv[1:])"
     env = {**os.environ, "PYTHONPATH": str(site)}
+    # The README's run command is this one: the main job, with its plugins.
+    assert (
+        f"litplug fit --config {MAIN_JOB}"
+        in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
+    )
     proc = subprocess.run(
-        [sys.executable, "-c", code, "fit", "--config", "configs/digits/classifier.yaml", *fast],
+        [sys.executable, "-c", code, "fit", "--config", MAIN_JOB, *fast],
         cwd=work, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,6 +108,7 @@ def test_main_job_runs_from_the_installed_wheel_outside_the_repository(wheel, tm
     assert "test/acc" in proc.stdout
     saved = (work / "runs" / "litplug" / "version_0" / "config.yaml").read_text()
     assert "class_path: litplug.modules.Classifier" in saved
+    assert "class_path: litplug.callbacks.EMA" in saved and "class_path: litplug.callbacks.SAM" in saved
 
 
 def test_imports_from_any_directory(tmp_path):

@@ -1,4 +1,4 @@
-"""litplug.protocols: the contracts callbacks check at setup, and the module's own loss."""
+"""litplug.protocols: the contracts callbacks check at setup."""
 
 import pytest
 import torch
@@ -9,8 +9,8 @@ from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 from litplug.callbacks import GradientAscentSearch, IBPWarmup, SharpnessMonitor, UnlearningMask
-from litplug.callbacks.unlearning import topk_masks
 from litplug.datamodules import Digits, ForgetRetain, OfflineDesigns
+from litplug.functional import topk_masks
 from litplug.modules import MLP, CertifiedClassifier, Classifier, Regressor, Unlearner
 from litplug.protocols import (
     CertifiedModule,
@@ -18,7 +18,6 @@ from litplug.protocols import (
     HasBatchLoss,
     OfflineDesignsData,
     missing_members,
-    module_loss,
 )
 
 
@@ -63,34 +62,9 @@ def _loader():
 )
 def test_setup_error_names_the_protocol_and_what_lacks(tmp_path, callback, protocol, lacks):
     with pytest.raises(
-        ValueError, match=f"needs the (module|datamodule) to satisfy {protocol} \\(litplug.protocols\\); {lacks}"
+        TypeError, match=f"needs the (module|datamodule) to satisfy {protocol} \\(litplug.protocols\\); {lacks}"
     ):
         fast_trainer(tmp_path, max_steps=1, callbacks=[callback()]).fit(Handwritten(), _loader())
-
-
-class Logging(Handwritten):
-    def __init__(self):
-        super().__init__()
-        self.logged = []
-
-    def log(self, name, *args, **kwargs):
-        self.logged.append(name)
-
-
-def test_module_loss_runs_training_step_muted_or_batch_loss():
-    torch.manual_seed(0)
-    module = Logging()
-    x, y = features().x[:8], features().y[:8]
-    module.eval()
-    got = module_loss(module, (x, y), 3)
-    assert module.logged == []
-    assert torch.equal(got, F.cross_entropy(module(x), y)) and got.requires_grad
-
-    manual = Manual()
-    manual.optimizers = lambda: pytest.fail("module_loss stepped an optimizer")  # batch_loss, not training_step
-    assert torch.equal(module_loss(manual, (x, y)), F.cross_entropy(manual(x), y))
-    with pytest.raises(ValueError, match="manual optimisation.*batch_loss"):
-        module_loss(ManualNoLoss(), (x, y))
 
 
 def test_saliency_mask_scores_the_modules_own_loss(tmp_path):
@@ -135,11 +109,11 @@ def test_monitor_never_steps_an_optimizer(tmp_path):
     assert model.steps == 8 and trainer.global_step == 8
     assert torch.isfinite(trainer.callback_metrics["sharpness/model"])
     with pytest.raises(
-        ValueError, match="SharpnessMonitor needs a loss on a batch; ManualNoLoss uses manual optimisation"
+        TypeError, match="SharpnessMonitor needs a loss on a batch; ManualNoLoss uses manual optimisation"
     ):
         fast_trainer(tmp_path, max_steps=1, callbacks=[SharpnessMonitor()]).fit(ManualNoLoss(), features())
     with pytest.raises(
-        ValueError, match="UnlearningMask\\(criterion='saliency'\\) needs a loss on a batch; ManualNoLoss uses manual"
+        TypeError, match="UnlearningMask\\(criterion='saliency'\\) needs a loss on a batch; ManualNoLoss uses manual"
     ):
         fast_trainer(tmp_path, max_steps=1, callbacks=[UnlearningMask("saliency")]).fit(ManualNoLoss(), features())
 

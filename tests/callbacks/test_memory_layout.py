@@ -86,9 +86,9 @@ def test_mask_holds_one_bit_per_entry_and_the_frozen_values(tmp_path):
 
 
 def test_packed_masks_round_trip_across_chunks(monkeypatch):
-    import litplug.functional.masks as unlearning
+    import litplug.functional.masks as masks
 
-    monkeypatch.setattr(unlearning, "CHUNK", 16)  # several chunks, a partial last byte
+    monkeypatch.setattr(masks, "CHUNK", 16)  # several chunks, a partial last byte
     gen = torch.Generator().manual_seed(0)
     for shape in [(0,), (1,), (7,), (3, 11), (5, 8)]:
         mask = torch.rand(shape, generator=gen) > 0.5
@@ -97,13 +97,13 @@ def test_packed_masks_round_trip_across_chunks(monkeypatch):
         assert torch.equal(unpack_mask(packed, shape), mask)
         weights = torch.randn(shape, generator=gen)
         weights.view(-1)[:1] = -0.0
-        values = unlearning.frozen_values(weights, packed)
+        values = masks.frozen_values(weights, packed)
         moved = torch.full(shape, float("nan"))
-        unlearning.restore_frozen_([moved], [values], [packed])
+        masks.restore_frozen_([moved], [values], [packed])
         assert torch.equal(moved[~mask].view(torch.int32), weights[~mask].view(torch.int32))  # bit-exact, -0.0 too
         assert moved[mask].isnan().all()
         grad = torch.full(shape, float("inf"))
-        unlearning.enforce_masked_grads_([grad], [packed])
+        masks.enforce_masked_grads_([grad], [packed])
         assert (grad[~mask].view(torch.int32) == 0).all() and grad[mask].isinf().all()
 
 

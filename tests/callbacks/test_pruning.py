@@ -142,7 +142,7 @@ class StreamData(LightningDataModule):
 
 def test_bad_setups_fail_before_training(tmp_path):
     model = _module()
-    with pytest.raises(ValueError, match="Wrap it: `litplug.datamodules.Indexed"):
+    with pytest.raises(TypeError, match="IndexedData.*Wrap it: `litplug.datamodules.Indexed"):
         fast_trainer(tmp_path, callbacks=[DataPruning()]).fit(model, features())
     with pytest.raises(TypeError, match="map-style dataset.*IterableDataset"):
         fast_trainer(tmp_path, callbacks=[DataPruning()]).fit(model, Indexed(StreamData()))

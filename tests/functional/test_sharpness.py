@@ -3,16 +3,9 @@ forms the callbacks use) and IGNITE's dual ascent against their equations."""
 
 import pytest
 import torch
+from references import ignite_gradient, sam_gradient
 
-from litplug.functional import (
-    dual_ascent,
-    global_norm,
-    ignite_gradient,
-    ignite_gradient_,
-    sam_gradient,
-    sam_gradient_,
-    sam_perturbation,
-)
+from litplug.functional import dual_ascent, global_norm, ignite_gradient_, sam_gradient_, sam_perturbation
 
 
 def test_sam_perturbation_closed_form_and_loss_scale_invariance():

@@ -11,9 +11,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from litplug.cli import LitplugCLI
 from litplug.datamodules import Digits
+from litplug.functional import uniform_soup
 from litplug.merging import align, breadcrumbs, dare, model_stock, task_arithmetic, ties_merge
 from litplug.modules import MLP, ModelMerge
-from litplug.modules.soup import uniform_soup
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs" / "digits" / "merge").glob("*.yaml"))

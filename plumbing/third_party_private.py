@@ -1,4 +1,4 @@
-"""Every place where litplug reaches into Lightning's or torchmetrics' private state.
+"""Every private attribute of another library (Lightning, torchmetrics, torch) that litplug uses.
 
 Each function names why it is needed and the public hook whose arrival upstream would remove it.
 Nothing else in litplug touches a private attribute of another library.
@@ -8,13 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-__all__ = ["ended_ranks", "logs_now", "muted", "no_grad_sync", "version", "wrap_optimizer_step"]
+if TYPE_CHECKING:  # importing this file imports no Lightning: the bound engine reads `version`
+    from lightning.pytorch import LightningModule, Trainer
+
+__all__ = [
+    "ended_ranks",
+    "logs_now",
+    "muted",
+    "no_grad_sync",
+    "subcommand_defaults",
+    "version",
+    "wrap_optimizer_step",
+]
 
 
 def wrap_optimizer_step(
@@ -113,7 +123,8 @@ def version(t: Tensor) -> int:
     """The in-place write counter of ``t`` (autograd's version counter).
 
     Why: UnlearningMask skips a second masking pass over a gradient that nothing wrote to since the
-    first one. Missing upstream: a public accessor of the counter (torch exposes ``Tensor._version``)."""
+    first one, and the bound engine keeps ``|W|`` while the weight is unchanged. Missing upstream: a
+    public accessor of the counter (torch exposes ``Tensor._version``)."""
     return t._version
 
 
@@ -147,3 +158,14 @@ def ended_ranks(trainer: Trainer, wait: float = 10.0) -> list[str]:
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
             lines.append(f"rank {first + local_rank} (pid {proc.pid}) ended by {how}")
     return lines
+
+
+def subcommand_defaults(cli: Any, subcommand: str | None) -> dict[str, Any]:
+    """The defaults of a LightningCLI subcommand's parser (the Trainer's arguments with
+    ``trainer_defaults``, ``ckpt_path``, ...), as a dict; without a subcommand (``run=False``) the
+    one parser holds them.
+
+    Why: the run's hparams are the config values that differ from these defaults. Missing upstream:
+    a public accessor of the subcommand parsers (LightningCLI keeps them in ``_subcommand_parsers``)."""
+    parsers = getattr(cli, "_subcommand_parsers", None) if subcommand else None
+    return (parsers[subcommand] if parsers else cli.parser).get_defaults().as_dict()

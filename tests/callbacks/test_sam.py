@@ -1,136 +1,38 @@
-"""Tests of litplug.callbacks.sharpness: the functional core against closed forms, one Trainer step
-against the update computed by hand, the peer (pytorch_optimizer.SAM), precision / accumulation /
-clipping / BatchNorm / logging behaviour, DDP and FSDP2 on 2 CPU ranks."""
+"""litplug.callbacks.sam: one Trainer step against the update computed by hand, the peer
+(pytorch_optimizer.SAM), precision / accumulation / clipping / BatchNorm / logging behaviour, setup
+errors, DDP and FSDP2 on 2 CPU ranks (with IGNITE and the monitor beside SAM), shipped configs."""
 
 from __future__ import annotations
 
 import copy
-import gc
-import weakref
 from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 from harness import fast_trainer, read_scalars, run_distributed
-from lightning.pytorch import Callback, LightningModule, seed_everything
+from lightning.pytorch import LightningModule, seed_everything
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
-from torch.utils.data import DataLoader, TensorDataset
+from sharpness_helpers import (
+    F64,
+    Counting,
+    Probe,
+    _full,
+    asam_scale,
+    data,
+    hand_grads,
+    hand_step,
+    loader,
+    run_cli,
+    tiny,
+)
 
-from litplug.bounds.fused import cached_abs
-from litplug.callbacks import SAM, SharpnessAwareMinimization, SharpnessMonitor, SurrogateSharpness
-from litplug.callbacks.passes import PerturbedWeights
+from litplug.callbacks import SAM, SharpnessMonitor, SurrogateSharpness
 from litplug.datamodules import SyntheticClassification
-from litplug.functional import ignite_gradient
 from litplug.modules import MLP, Classifier
-
-# ------------------------------------------------------------------------------------------
-# helpers (module level: the distributed workers import them)
-# ------------------------------------------------------------------------------------------
-
-
-class Counting(Classifier):
-    """Classifier that counts its training_step calls."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.calls = 0
-
-    def training_step(self, batch, batch_idx):
-        self.calls += 1
-        return super().training_step(batch, batch_idx)
-
-
-# Tests that compare a run with a hand-computed update, a peer or another run use float64 (F64):
-# their float32 results differ by rounding that depends on the CPU's kernels and thread count.
-F64 = torch.float64
-
-
-def tiny(optimizer=None, batch_norm=False, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    optimizer = optimizer or partial(torch.optim.SGD, lr=0.1, momentum=0.9)
-    net = MLP(input_shape=[4], num_outputs=3, hidden=[6], batch_norm=batch_norm).to(dtype)
-    return Counting(net, num_classes=3, optimizer=optimizer)
-
-
-def data(n=16, seed=1, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=gen).to(dtype), torch.randint(0, 3, (n,), generator=gen)
-
-
-def loader(x, y, batch_size):
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-def _full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-class Probe(Callback):
-    """Records, per optimizer step, the weights at batch start, the gradient and weights that
-    on_before_optimizer_step sees (and how often it is called), and the weights after the step."""
-
-    def __init__(self):
-        self.start, self.grads, self.at_step, self.after, self.batches = [], [], [], [], []
-        self.backwards = 0
-
-    def on_after_backward(self, trainer, pl_module):
-        self.backwards += 1
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.start.append([_full(p.detach()).clone() for p in pl_module.parameters()])
-        self.batches.append([t.detach().cpu().clone() for t in batch])
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append([_full(p.grad).clone() for p in pl_module.parameters()])
-        self.at_step.append([_full(p.detach()).clone() for p in pl_module.parameters()])
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.after.append([_full(p.detach()).clone() for p in pl_module.parameters()])
-
-
-def asam_scale(net, adaptive, eta=0.01):
-    """T of the ASAM authors' ascent step (SamsungLabs/ASAM, asam.py): |w| + eta for parameters
-    whose name contains "weight", 1 for the others; 1 everywhere for SAM."""
-    return [
-        p.detach().abs() + eta if adaptive and "weight" in n else torch.ones_like(p) for n, p in net.named_parameters()
-    ]
-
-
-def hand_grads(net, batches, rho, adaptive, a, eta=0.01):
-    """(1 - a) g + a grad L(w + e) computed from the equations, on a copy of ``net``. The ascent
-    step is the ASAM authors': g <- T g on weights, n = ||g|| over all, e = rho T g / n."""
-    net = copy.deepcopy(net)
-    params = list(net.parameters())
-
-    def grads():
-        net.zero_grad()
-        loss = sum(F.cross_entropy(net(x), y) for x, y in batches) / len(batches)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in params]
-
-    _, g = grads()
-    t = asam_scale(net, adaptive, eta)
-    tg = [ti * gi for ti, gi in zip(t, g)]
-    norm = torch.sqrt(sum((x**2).sum() for x in tg))
-    with torch.no_grad():
-        for p, ti, x in zip(params, t, tg):
-            p.add_(rho * ti * x / (norm + 1e-12))
-    _, g2 = grads()
-    return [(1 - a) * gi + a * g2i for gi, g2i in zip(g, g2)]
-
-
-def hand_step(net, final, optimizer):
-    net = copy.deepcopy(net)
-    opt = optimizer(net.parameters())
-    for p, g in zip(net.parameters(), final):
-        p.grad = g.clone()
-    opt.step()
-    return [p.detach() for p in net.parameters()]
-
 
 # ------------------------------------------------------------------------------------------
 # one Trainer step against the equations
@@ -396,155 +298,6 @@ def test_sam_with_ema_averages_restored_weights(tmp_path):
         torch.testing.assert_close(p.detach(), a, rtol=1e-12, atol=1e-14)
 
 
-def test_surrogate_sharpness_one_step_equals_equations(tmp_path):
-    x, y = data(dtype=F64)
-    model = tiny(partial(torch.optim.SGD, lr=0.1), dtype=F64)
-    w0 = copy.deepcopy(model.backbone)
-    probe = Probe()
-    cb = SurrogateSharpness(rho=0.5, radius=0.1, epsilon=0.01, lambda_init=2.0, lambda_lr=0.5)
-    trainer = fast_trainer(tmp_path, max_steps=1, callbacks=[cb, probe])
-    trainer.fit(model, loader(x, y, 16))
-    net = copy.deepcopy(w0)
-    params = list(net.parameters())
-
-    def grad(fn):
-        net.zero_grad()
-        fn().backward()
-        return [p.grad.clone() for p in params]
-
-    g_loss = grad(lambda: F.cross_entropy(net(x), y))
-    g_g = grad(lambda: net(x).mean())
-    norm = torch.sqrt(sum((g**2).sum() for g in g_g))
-    with torch.no_grad():
-        for p, g in zip(params, g_g):
-            p.add_(0.1 * g / norm)
-    g_hat = grad(lambda: net(x).mean())
-    final = ignite_gradient(g_loss, g_g, g_hat, lam=2.0, rho=0.5, radius=0.1)
-    # Run in float64, but the callback takes G's mean and lambda in float32 (so that fp16/bf16
-    # outputs are averaged in float32): the finite difference (x lambda rho / radius = 10) carries
-    # that rounding, measured 8e-7 relative. Tolerance from float32, not from the trajectory.
-    for got, want in zip(probe.grads[0], final):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for got, want in zip(probe.at_step[0], probe.start[0]):
-        assert torch.equal(got, want)
-    assert float(cb.state_dict()["lambda"]) == pytest.approx(max(0.0, 2.0 + 0.5 * (0.5 * float(norm) - 0.01)), rel=1e-5)
-    assert model.calls == 1  # G is the model's forward, not training_step
-
-
-@pytest.mark.parametrize("variant", ["accumulate", "16-mixed", "bf16-mixed"])
-def test_surrogate_sharpness_accumulation_and_precision(tmp_path, variant):
-    dtype = F64 if variant == "accumulate" else torch.float32
-    x, y = data(dtype=dtype)
-
-    def final_grads(batch_size, **kwargs):
-        model, probe = tiny(partial(torch.optim.SGD, lr=0.1), dtype=dtype), Probe()
-        cb = SurrogateSharpness(rho=0.5, radius=0.1, epsilon=0.01, lambda_init=2.0, lambda_lr=0.5)
-        fast_trainer(tmp_path, max_steps=1, callbacks=[cb, probe], **kwargs).fit(model, loader(x, y, batch_size))
-        return probe.grads[0], float(cb.state_dict()["lambda"]), model.calls
-
-    reference, lam, _ = final_grads(16)
-    if variant == "accumulate":
-        got, got_lam, calls = final_grads(8, accumulate_grad_batches=2)
-        assert calls == 2
-        for a, b in zip(got, reference):  # float64; G's float32 mean scales by powers of 2 in both
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-        assert got_lam == pytest.approx(lam, rel=1e-6)
-    else:
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if variant == "16-mixed" else None
-        got, got_lam, _ = final_grads(16, plugins=[MixedPrecision(variant, "cpu", scaler)])
-        err = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(got, reference)))
-        # The finite difference (lambda rho / radius = 10) magnifies bf16's 8-bit mantissa rounding.
-        tol = 0.05 if variant == "16-mixed" else 0.15
-        assert err / torch.sqrt(sum((b**2).sum() for b in reference)) < tol
-        assert got_lam == pytest.approx(lam, rel=0.05)  # ||grad G|| unscaled before the dual step
-
-
-def test_perturbed_weights_swaps_count_as_writes():
-    """Swapping a reused buffer in is a write of the parameter: a cache keyed on its version (the
-    certified bounds' |W|) recomputes, and a graph that saved the old weights refuses to run. The
-    buffers do not keep the parameter alive."""
-    w = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
-    own = w.detach().clone()
-    d = [torch.tensor([[-3.0, 1.0], [-2.0, -4.0]])]
-    perturbed = PerturbedWeights()
-    with torch.no_grad():
-        # the same buffer, new values, no |W| taken between the two; a number or a 0-dim tensor
-        for alpha in (1.0, torch.tensor(2.0)):
-            perturbed.apply_([w], d, alpha)
-            assert torch.equal(cached_abs(w), (own + alpha * d[0]).abs())
-            perturbed.restore_()
-        assert torch.equal(w, own) and torch.equal(cached_abs(w), own.abs())
-    loss = (w * w).sum()
-    perturbed.apply_([w], d, 1.0)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
-    perturbed.restore_()
-    alive = weakref.ref(w)
-    del w, loss
-    gc.collect()
-    assert alive() is None and perturbed.nbytes() > 0  # the buffers hold no reference to the parameter
-
-
-def test_monitor_measure_restores_rng_weights_and_grads():
-    x, y = data()
-    torch.manual_seed(0)
-    model = Counting(MLP(input_shape=[4], num_outputs=3, hidden=[6], dropout=0.5, batch_norm=True), num_classes=3)
-    model.train()
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 7.0)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    monitor = SharpnessMonitor(rho=0.1)
-    monitor.held = [(x, y)]
-    rng = torch.get_rng_state()
-    values = monitor.measure(model)
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
-    assert model.training and all(m.training for m in model.modules())
-    assert set(values) == {"model", "layer/backbone.1.0", "layer/backbone.1.1", "layer/backbone.2"}
-
-
-def test_monitor_leaves_training_untouched_and_logs_layers(tmp_path):
-    x, y = data()
-    runs = []
-    for callbacks in ([], [SharpnessMonitor(rho=0.1)]):
-        model = tiny(partial(torch.optim.Adam, lr=0.01), batch_norm=True)
-        logger = TensorBoardLogger(tmp_path, name=str(len(callbacks)))
-        trainer = fast_trainer(tmp_path, max_epochs=2, logger=logger, callbacks=callbacks)
-        trainer.fit(model, loader(x, y, 4))
-        runs.append((model, read_scalars(logger.log_dir), trainer.optimizers[0].state_dict()))
-    (plain, _, opt_plain), (monitored, logs, opt_mon) = runs
-    for a, b in zip(plain.state_dict().values(), monitored.state_dict().values()):
-        assert torch.equal(a, b)
-    for s_plain, s_mon in zip(opt_plain["state"].values(), opt_mon["state"].values()):
-        assert all(torch.equal(s_plain[k], s_mon[k]) for k in s_plain)
-    assert len(logs["sharpness/model"]) == 2 and all(v > 0 for _, v in logs["sharpness/model"])
-    assert {"sharpness/layer/backbone.1.0", "sharpness/layer/backbone.1.1", "sharpness/layer/backbone.2"} <= set(logs)
-
-
-# ------------------------------------------------------------------------------------------
-# errors
-# ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "make,arg",
-    [
-        (lambda: SAM(rho=0.0), "rho"),
-        (lambda: SAM(penalty_weight=0.0), "penalty_weight"),
-        (lambda: SAM(penalty_weight=1.5), "penalty_weight"),
-        (lambda: SAM(every_n_steps=0), "every_n_steps"),
-        (lambda: SAM(adaptive=True, eta=-0.1), "eta"),
-        (lambda: SurrogateSharpness(radius=0.0), "radius"),
-        (lambda: SurrogateSharpness(lambda_init=-1.0), "lambda_init"),
-        (lambda: SharpnessMonitor(num_batches=0), "num_batches"),
-    ],
-)
-def test_bad_arguments(make, arg):
-    with pytest.raises(ValueError, match=f"`{arg}`"):
-        make()
-
-
 class ClosureFirst(Classifier):
     """Runs the closure itself before `optimizer.step()`: no closure reaches the optimizer."""
 
@@ -671,22 +424,13 @@ def test_fsdp2(tmp_path):
 # configs
 # ------------------------------------------------------------------------------------------
 
-CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
-
-
-def _cli(*configs, run=True, extra=()):
-    from litplug.cli import LitplugCLI
-
-    args = [a for c in configs for a in ("--config", str(CONFIGS / c))] + list(extra)
-    return LitplugCLI(args=["fit", *args] if run else args, run=run)
-
 
 @pytest.mark.parametrize("fragments", [("sam", "sharpness_monitor"), ("ignite",)])
 def test_callback_configs_compose(tmp_path, fragments):
     extra = ["--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
     extra += ["--trainer.limit_val_batches", "0"]
     extra += ["--trainer.default_root_dir", str(tmp_path), "--test_after_fit", "false"]
-    cli = _cli("digits/classifier.yaml", *[f"callbacks/{f}.yaml" for f in fragments], extra=extra)
+    cli = run_cli("digits/classifier.yaml", *[f"callbacks/{f}.yaml" for f in fragments], extra=extra)
     kinds = {type(cb).__name__ for cb in cli.trainer.callbacks}
     assert {"sam": "SAM", "ignite": "SurrogateSharpness"}[fragments[0]] in kinds
     assert ("SharpnessMonitor" in kinds) == (len(fragments) == 2)
@@ -696,31 +440,11 @@ def test_callback_configs_compose(tmp_path, fragments):
 def test_label_noise_and_fragment_configs_parse():
     expected = {"sgd": None, "sam": (0.1, False, 1.0), "asam": (1.0, True, 1.0), "gnp": (0.1, False, 0.5)}
     for method, want in expected.items():
-        cli = _cli(f"digits/label_noise/{method}.yaml", run=False)
+        cli = run_cli(f"digits/label_noise/{method}.yaml", run=False)
         assert cli.datamodule.label_noise == 0.4
-        sam = [cb for cb in cli.trainer.callbacks if isinstance(cb, SharpnessAwareMinimization)]
+        sam = [cb for cb in cli.trainer.callbacks if isinstance(cb, SAM)]
         assert [(c.rho, c.adaptive, c.penalty_weight) for c in sam] == ([want] if want else [])
     for fragment, want in {"asam": (0.5, True, 1.0), "gnp": (0.05, False, 0.5)}.items():
-        cli = _cli("digits/classifier.yaml", f"callbacks/{fragment}.yaml", run=False)
-        sam = [cb for cb in cli.trainer.callbacks if isinstance(cb, SharpnessAwareMinimization)]
+        cli = run_cli("digits/classifier.yaml", f"callbacks/{fragment}.yaml", run=False)
+        sam = [cb for cb in cli.trainer.callbacks if isinstance(cb, SAM)]
         assert [(c.rho, c.adaptive, c.penalty_weight) for c in sam] == [want]
-
-
-def test_ignite_configs_carry_the_defaults():
-    """configs/callbacks/ignite.yaml and configs/offline/ignite.yaml state SurrogateSharpness's
-    defaults, whose dual step (0.1) enforces the constraint within a short run."""
-    defaults = SurrogateSharpness()
-    assert (defaults.rho, defaults.radius, defaults.epsilon, defaults.lambda_init, defaults.lambda_lr) == (
-        0.05,
-        0.05,
-        0.1,
-        1e-3,
-        0.1,
-    )
-    keys = ("rho", "radius", "epsilon", "lambda_init", "lambda_lr", "adaptive_lambda", "input_index")
-    for configs in (
-        ("digits/classifier.yaml", "callbacks/ignite.yaml"),
-        ("offline/sphere.yaml", "offline/ignite.yaml"),
-    ):
-        (cb,) = [c for c in _cli(*configs, run=False).trainer.callbacks if isinstance(c, SurrogateSharpness)]
-        assert [getattr(cb, k) for k in keys] == [getattr(defaults, k) for k in keys]

@@ -9,10 +9,12 @@
 * :func:`training_mode`: put a module in train or eval mode and restore every submodule's mode.
 * :func:`mix_seed`: one integer seed from a base seed and counters (step, rank, index).
 * :func:`end_distributed_run`: end the process of a finished multi-process run cleanly.
+* :func:`warn`: the one way litplug warns, once per run (global rank zero).
 
-Pure torch: importing it imports no Lightning. The hooks litplug takes into Lightning's (and
-torchmetrics') private state are in ``litplug.callbacks.hooks``, each with the upstream hook that
-would remove it.
+Pure torch: importing it imports no Lightning. Submodules: :mod:`litplug.plumbing.loss` (the
+loss of a module's own objective on a batch, for callbacks) and
+:mod:`litplug.plumbing.third_party_private` (every private attribute of another library litplug
+uses, each with the public hook whose arrival upstream would remove it).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "refuse_flat_strategies",
     "save_rank_zero",
     "training_mode",
+    "warn",
 ]
 
 
@@ -148,3 +151,19 @@ def end_distributed_run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def warn(message: str) -> None:
+    """A ``UserWarning`` from global rank zero only (one per run, not one per process).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn("EMA: an update is skipped")
+        >>> str(caught[0].message)
+        'EMA: an update is skipped'
+    """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    rank_zero_warn(message, category=UserWarning)

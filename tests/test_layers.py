@@ -1,0 +1,74 @@
+"""The layers of the package (docs/architecture.md), read from the source's imports: imports point
+down only, the cores export public names only and the wrappers import only public core names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import litplug.callbacks
+import litplug.functional
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ("bounds", "callbacks", "datamodules", "functional", "merging", "modules", "plumbing")
+LOWER = ("functional", "bounds", "merging", "plumbing", "protocols", "validation", "loading", "figures", "board")
+UPPER = ("callbacks", "modules", "datamodules", "cli", "compare")
+
+
+def _files() -> list[Path]:
+    files = [p for d in LIBRARY for p in sorted((ROOT / d).rglob("*.py"))]
+    return files + sorted(ROOT.glob("*.py"))
+
+
+def _layer(path: Path) -> str:
+    return path.relative_to(ROOT).parts[0].removesuffix(".py")
+
+
+def _imports(path: Path) -> list[tuple[str, list[str], bool]]:
+    """``(absolute module inside litplug, imported names, relative)`` of every import in ``path``."""
+    package = ["litplug", *path.relative_to(ROOT).parent.parts]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            out.append((module, [a.name for a in node.names], bool(node.level)))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, [], False) for a in node.names]
+    return [(m, names, rel) for m, names, rel in out if m == "litplug" or m.startswith("litplug.")]
+
+
+def _target(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+@pytest.mark.parametrize("path", _files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_point_down_and_name_public_things(path):
+    layer = _layer(path)
+    for module, names, relative in _imports(path):
+        target = _target(module)
+        if layer in LOWER:
+            assert target not in UPPER, f"{path.relative_to(ROOT)} imports {module} (a lower layer importing upward)"
+        if target != layer:  # across files of different packages: public names only
+            private = [n for n in names if n.startswith("_") and n != "__version__"]
+            assert not private, f"{path.relative_to(ROOT)} imports private {private} from {module}"
+        assert relative or path.parent == ROOT, (
+            f"{path.relative_to(ROOT)} imports {module} absolutely; the package uses relative imports"
+        )
+
+
+def test_cores_export_public_names_only_and_one_name_per_class():
+    assert all(not n.startswith("_") for n in litplug.functional.__all__)
+    for name in ("eps_schedule", "ibp_init_", "gradient_ascent", "starting_designs", "pgd_attack", "npo_loss"):
+        assert callable(getattr(litplug.functional, name))
+    for name in ("mia_efficacy", "uniform_soup", "greedy_soup"):
+        assert callable(getattr(litplug.functional, name))
+    classes = [getattr(litplug.callbacks, n) for n in litplug.callbacks.__all__]
+    assert len(set(classes)) == len(classes)
+    assert not (ROOT / "callbacks" / "averaging.py").exists() and not (ROOT / "callbacks" / "sharpness.py").exists()
