@@ -24,7 +24,9 @@ from .per_example import LogitTerm
 
 
 class ELR(LogitTerm):
-    """Add ``lam * mean_i log(1 - <p_i, t_i>)`` to the module's loss, ``p`` the (clamped) softmax of
+    """Early-learning regularization (ELR) for training on noisy labels.
+
+    Add ``lam * mean_i log(1 - <p_i, t_i>)`` to the module's loss, ``p`` the (clamped) softmax of
     the logits and ``t_i <- beta t_i + (1 - beta) p_i / sum(p_i)`` a per-example moving average of
     the predictions, updated with the batch's logits before the term is taken (as the reference
     code does). Early in training the model fits the clean labels; the term pulls the prediction

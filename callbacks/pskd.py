@@ -24,7 +24,9 @@ from .per_example import LogitTerm
 
 
 class PSKD(LogitTerm):
-    """Train on ``(1 - a_t) y + a_t P`` with ``P`` the model's softmax for the sample at its last
+    """Progressive self-knowledge distillation (PS-KD): soft targets from the model itself.
+
+    Train on ``(1 - a_t) y + a_t P`` with ``P`` the model's softmax for the sample at its last
     presentation (the previous epoch) and ``a_t = alpha (t + 1) / T`` (epochs 0-based, ``T`` the
     last epoch + 1), as the reference code does; at the first presentation ``P`` is the one-hot
     label (no change to the loss).

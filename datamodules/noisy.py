@@ -38,7 +38,9 @@ class _Relabelled(Dataset):
 
 
 class NoisyLabels(LightningDataModule):
-    """Corrupt a ``rate`` fraction of the training labels of ``datamodule``; validation and test
+    """Any datamodule with a fraction of its training labels corrupted.
+
+    Corrupt a ``rate`` fraction of the training labels of ``datamodule``; validation and test
     data stay clean.
 
     - ``kind="symmetric"``: ``round(rate N)`` samples, drawn uniformly, get a uniformly drawn
