@@ -80,14 +80,25 @@ def main() -> None:
 
         return step
 
+    def crown_ibp() -> None:
+        # in the eps ramp (0 < beta < 1): IBP and CROWN-IBP margins, mixed; the cost is the same for any beta > 0
+        model.bound, model.current_eps, model.regularizer_weight = "crown-ibp", args.eps / 2, 0.0
+        model.zero_grad()
+        model.training_step((x, y), 0).backward()
+        model.bound = "ibp"
+
     peer = auto_lirpa_step(model.backbone, x, y, args.eps)
-    fns = [natural, ibp(0.0), ibp(0.25)] + ([peer] if callable(peer) else [])
+    peer_crown = auto_lirpa_step(model.backbone, x, y, args.eps, crown_ibp=True)
+    fns = [natural, ibp(0.0), ibp(0.25), crown_ibp] + [f for f in (peer, peer_crown) if callable(f)]
     times = median_times(fns, args.steps)
+    peer_times = iter(times[4:])
     rows: list[tuple[str, float | str]] = [
         ("plain training step (cross-entropy)", times[0]),
         ("litplug IBP step (after warmup)", times[1]),
         ("litplug IBP step + warmup regularizers", times[2]),
-        ("auto_LiRPA IBP step", times[3] if callable(peer) else peer),
+        ("litplug CROWN-IBP step (in the ramp)", times[3]),
+        ("auto_LiRPA IBP step", next(peer_times) if callable(peer) else peer),
+        ("auto_LiRPA CROWN-IBP step", next(peer_times) if callable(peer_crown) else peer_crown),
     ]
 
     print(
@@ -101,15 +112,20 @@ def main() -> None:
             print(f"{name:42s} {'-':>9s} {'-':>8s}  ({value})")
         else:
             print(f"{name:42s} {value * 1e3:9.1f} {value / base:8.2f}")
+    print(f"{'CROWN-IBP step / IBP step':42s} {'':9s} {times[3] / times[1]:8.2f}")
 
     model.eval()
     xe = torch.rand(4 * args.batch, *args.shape)
     ye = torch.randint(0, 10, (4 * args.batch,))
     with torch.no_grad():
-        t_plain, t_cert = median_times([lambda: model.backbone(xe), lambda: model.certify(xe, ye)], args.steps)
+        t_plain, t_cert, t_crown_ibp = median_times(
+            [lambda: model.backbone(xe), lambda: model.certify(xe, ye), lambda: model.certify(xe, ye, "crown-ibp")],
+            args.steps,
+        )
     print(f"\n{'evaluation (batch %d)' % len(xe):42s} {'samples/s':>9s} {'x plain':>8s}")
     print(f"{'plain forward':42s} {len(xe) / t_plain:9.0f} {1.0:8.2f}")
     print(f"{'CertifiedClassifier.certify (verified)':42s} {len(xe) / t_cert:9.0f} {t_plain / t_cert:8.2f}")
+    print(f"{'certify(method=crown-ibp)':42s} {len(xe) / t_crown_ibp:9.0f} {t_plain / t_crown_ibp:8.2f}")
 
 
 def _torch_compat_for_auto_lirpa() -> None:
@@ -134,12 +150,14 @@ def _torch_compat_for_auto_lirpa() -> None:
 
 
 def auto_lirpa_step(
-    backbone: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
+    backbone: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, crown_ibp: bool = False
 ) -> Callable[[], None] | str:
     """auto_LiRPA's IBP training step as in Shi et al. 2021's code: a clean forward (which sets the
     train-mode batch-norm statistics from the clean batch, as litplug does), IBP lower bounds of the
     9 margins ``z_y - z_j`` with the spec folded into the last linear layer, robust cross-entropy,
-    backward. Margins agree with litplug's ``margin_bounds`` to float rounding in eval and train mode."""
+    backward. Margins agree with litplug's ``margin_bounds`` to float rounding in eval and train mode.
+    ``crown_ibp``: its CROWN-IBP step as in its examples/vision/simple_training.py, in the ramp:
+    IBP bounds, then CROWN bounds on them (``method="backward"``, lower only), mixed half and half."""
     import importlib.util
 
     if importlib.util.find_spec("auto_LiRPA") is None:
@@ -167,6 +185,9 @@ def auto_lirpa_step(
         )
         bounded(box)
         lower, _ = bounded.compute_bounds(x=(box,), C=spec, method="IBP", bound_upper=False)
+        if crown_ibp:
+            crown, _ = bounded.compute_bounds(IBP=False, C=spec, method="backward", bound_upper=False)
+            lower = 0.5 * crown + 0.5 * lower
         F.cross_entropy(torch.cat([torch.zeros_like(lower[:, :1]), -lower], 1), torch.zeros_like(y)).backward()
 
     return step

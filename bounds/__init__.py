@@ -89,6 +89,7 @@ from __future__ import annotations
 from .crown import crown_bounds, linear_bounds
 from .engine import BoundedNetwork, bounded, interval_bounds
 from .interval import BoundResult, Interval, Pass, UnsupportedOperationError
+from .lipschitz import local_lipschitz
 from .ops import OPERATORS, Op
 from .regularizers import warmup_regularizers
 from .specs import input_box, margin_bounds, margin_spec
@@ -106,6 +107,7 @@ __all__ = [
     "input_box",
     "interval_bounds",
     "linear_bounds",
+    "local_lipschitz",
     "margin_bounds",
     "margin_spec",
     "warmup_regularizers",

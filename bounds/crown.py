@@ -143,9 +143,13 @@ def linear_bounds(
         check_spec(spec, batch, out.radius.shape[1])
         spec = spec.to(out.radius.dtype)
         rows = spec.transpose(0, 1)
-        ibp_centre = torch.einsum("bsk,bk->bs", spec, out.centre)
-        ibp_radius = torch.einsum("bsk,bk->bs", spec.abs(), out.radius)
-        ibp_lower, ibp_upper = ibp_centre - ibp_radius, ibp_centre + ibp_radius
+        if engine.elide is not None:  # interval bounds with the last layer elided, as the interval engine
+            folded = engine._elided(Pass(engine.model, True, False, None), engine.elide, run.env, spec)
+            ibp_lower, ibp_upper = folded.lower, folded.upper
+        else:
+            ibp_centre = torch.einsum("bsk,bk->bs", spec, out.centre)
+            ibp_radius = torch.einsum("bsk,bk->bs", spec.abs(), out.radius)
+            ibp_lower, ibp_upper = ibp_centre - ibp_radius, ibp_centre + ibp_radius
         lo, up = run.backward(out_node, rows, rows if bound_upper else None)
         lo, up = lo.transpose(0, 1), up.transpose(0, 1) if up is not None else None
     else:

@@ -11,11 +11,13 @@ from .pruning import DataPruning
 from .pskd import PSKD
 from .sam import SAM
 from .swa import SWA
+from .tightness import BoundTightness
 from .unlearning import UnlearningMask
 from .unlearning_evaluation import UnlearningEvaluation
 from .wise_ft import WiSEFT
 
 __all__: list[str] = [
+    "BoundTightness",
     "CheckpointSoup",
     "DataPruning",
     "ELR",

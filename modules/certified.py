@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +24,11 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from ..board import has_tensorboard, log_figure
-from ..bounds import bounded, input_box, margin_spec, warmup_regularizers
+from ..bounds import BoundResult, bounded, input_box, linear_bounds, margin_spec, warmup_regularizers
 from ..figures import bar_chart, line_chart
 from ..functional.certified import linearized_tightness, pgd_attack
 from ..plumbing import training_mode
-from ..validation import check_int, check_list, check_number
+from ..validation import check_choice, check_int, check_list, check_number
 from .classifier import Classifier
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -43,7 +43,8 @@ class CertifiedClassifier(Classifier):
 
     Logs ``train/loss``, ``certified/eps``, ``certified/kappa``, ``certified/robust_loss``,
     ``certified/unstable_relu`` (fraction of ReLUs whose bounds straddle 0),
-    ``certified/reg_tightness`` and ``certified/reg_relu`` (when the warmup regularizers are on);
+    ``certified/reg_tightness`` and ``certified/reg_relu`` (when the warmup regularizers are on),
+    ``certified/beta`` (``bound="crown-ibp"``, while ``beta > 0``);
     on validation/test ``{val,test}/acc`` (clean), ``{val,test}/verified_acc`` (all margin lower
     bounds > 0 at ``eps``), ``{val,test}/pgd_acc`` (when ``pgd_steps > 0``),
     ``certified/verified_acc`` (validation) and, every ``tightness_every_n_epochs``,
@@ -71,6 +72,12 @@ class CertifiedClassifier(Classifier):
         pgd_steps: PGD steps for ``pgd_acc`` in validation/test (0 disables the attack).
         mean, std, pixel_range: input normalisation; ``None`` reads them from the datamodule.
         tightness_every_n_epochs: how often to log ``certified/tightness`` (0 disables it).
+        bound: the margin bounds of the robust loss: ``"ibp"``, or ``"crown-ibp"`` (Zhang et al.
+            2020): ``m = beta * m_CROWN-IBP + (1 - beta) * m_IBP`` with ``beta = 1 - eps_t / eps``
+            (1 to 0 over the eps ramp of :class:`~litplug.callbacks.IBPWarmup`; pure IBP, at IBP's
+            cost, once ``eps_t = eps``). One interval pass gives both bounds and the
+            intermediate bounds; the CROWN pass runs backwards with the margin specification
+            folded into the last linear layer (one row per class).
         optimizer, lr_scheduler: as in :class:`~litplug.modules.Classifier`.
 
     Example:
@@ -103,10 +110,12 @@ class CertifiedClassifier(Classifier):
         std: Sequence[float] | None = None,
         pixel_range: tuple[float, float] | None = None,
         tightness_every_n_epochs: int = 1,
+        bound: Literal["ibp", "crown-ibp"] = "ibp",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         check_number("eps", eps, low=0)
+        check_choice("bound", bound, ("ibp", "crown-ibp"))
         check_number("kappa_final", kappa_final, 0, 1)
         check_int("pgd_steps", pgd_steps, low=0)
         check_int("tightness_every_n_epochs", tightness_every_n_epochs, low=0)
@@ -124,6 +133,7 @@ class CertifiedClassifier(Classifier):
         self.kappa_final = kappa_final
         self.pgd_steps = pgd_steps
         self.tightness_every_n_epochs = tightness_every_n_epochs
+        self.bound = bound
         self.normalization: dict[str, Any] | None = None
         if mean is not None or std is not None or pixel_range is not None:
             self.normalization = {
@@ -143,6 +153,14 @@ class CertifiedClassifier(Classifier):
         """Weight of the clean loss at the current eps: 1 at ``eps_t = 0``, ``kappa_final`` at ``eps``."""
         progress = min(self.current_eps / self.eps, 1.0) if self.eps > 0 else 1.0
         return 1.0 - (1.0 - self.kappa_final) * progress
+
+    @property
+    def beta(self) -> float:
+        """Weight of the CROWN-IBP bound in the robust loss (``bound="crown-ibp"``): 1 at
+        ``eps_t = 0``, 0 at ``eps`` (Zhang et al. 2020); always 0 with ``bound="ibp"``."""
+        if self.bound == "ibp" or self.eps == 0:
+            return 0.0
+        return 1.0 - min(self.current_eps / self.eps, 1.0)
 
     @override
     def setup(self, stage: str) -> None:
@@ -195,7 +213,16 @@ class CertifiedClassifier(Classifier):
         logs: dict[str, Any] = {"certified/eps": (eps, False), "certified/kappa": (kappa, False)}
         if eps == 0:
             return self.loss(self(x), y), logs
-        result = self.robust_terms(x, y, eps, record_relu=True)
+        beta = self.beta
+        if beta > 0:
+            lower, upper = self.box(x, eps)
+            spec = margin_spec(y, self.num_classes)
+            both = linear_bounds(bounded(self.backbone), lower, upper, "crown-ibp", spec, x, False, True)
+            margins = beta * both.lower + (1 - beta) * both.ibp_lower
+            result = BoundResult(margins, margins, both.clean, both.ibp_relu)
+            logs["certified/beta"] = (beta, False)
+        else:
+            result = self.robust_terms(x, y, eps, record_relu=True)
         robust = F.cross_entropy(-result.lower, y)
         loss = kappa * F.cross_entropy(result.clean, y) + (1 - kappa) * robust
         if self.regularizer_weight > 0:
@@ -220,9 +247,10 @@ class CertifiedClassifier(Classifier):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def certify(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def certify(self, x: torch.Tensor, y: torch.Tensor, method: str = "ibp") -> dict[str, torch.Tensor]:
         """Per-sample ``verified`` (all margins > 0 at ``eps``, float32, autocast off) and, with
-        ``pgd_steps > 0``, ``pgd_correct``.
+        ``pgd_steps > 0``, ``pgd_correct``. ``method``: the verifier, ``"ibp"``, ``"crown-ibp"``
+        or ``"crown"`` (:func:`litplug.bounds.crown_bounds`; tighter, slower).
 
         Cost (eval mode, gradients off): about two forward passes of the backbone (centre and
         radius; the clean batch is not carried along unless batch norm is in train mode), i.e.
@@ -231,10 +259,16 @@ class CertifiedClassifier(Classifier):
         in-place change of the weight (optimizer step, ``load_state_dict``); a write through
         ``weight.data`` is not seen by autograd's version counter: write under ``torch.no_grad()``.
         """
+        check_choice("method", method, ("ibp", "crown-ibp", "crown"))
         out: dict[str, torch.Tensor] = {}
         with torch.autocast(x.device.type, enabled=False):
             x32 = x.float()
-            margins = self.robust_terms(x32, y, self.eps, clean_output=False).lower
+            if method == "ibp":
+                margins = self.robust_terms(x32, y, self.eps, clean_output=False).lower
+            else:
+                lower, upper = self.box(x32, self.eps)
+                engine, spec = bounded(self.backbone), margin_spec(y, self.num_classes)
+                margins = linear_bounds(engine, lower, upper, method, spec, None, False).lower  # type: ignore[arg-type]
             others = torch.ones_like(margins, dtype=torch.bool).scatter_(1, y[:, None], False)
             out["verified"] = ((margins > 0) | ~others).all(1)
             if self.pgd_steps > 0:

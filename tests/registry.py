@@ -17,6 +17,7 @@ from litplug.callbacks import (
     PSKD,
     SAM,
     SWA,
+    BoundTightness,
     CheckpointSoup,
     DataPruning,
     GradientAscentSearch,
@@ -134,6 +135,23 @@ def certified_classifier() -> LightningModule:
 
 # Epoch 0 natural, epoch 1 the eps ramp with regularizers: resume restores the schedule position.
 CASES["IBPWarmup"] = Case(callback=lambda: IBPWarmup(start_epoch=1, ramp_epochs=1), model=certified_classifier)
+
+
+def crown_ibp_classifier() -> LightningModule:
+    backbone = MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32], batch_norm=True)
+    return CertifiedClassifier(backbone, num_classes=10, eps=0.1, bound="crown-ibp")
+
+
+# The tightness monitor (CROWN / IBP widths) beside the warmup: stateless, the same on every rank.
+CASES["BoundTightness"] = Case(
+    callback=lambda: [IBPWarmup(start_epoch=0, ramp_epochs=1), BoundTightness(num_samples=8)],
+    model=certified_classifier,
+)
+
+# CROWN-IBP training (beta from 1 to 0 over the ramp) with the warmup regularizers.
+CASES["IBPWarmup(crown-ibp)"] = Case(
+    callback=lambda: IBPWarmup(start_epoch=1, ramp_epochs=1), model=crown_ibp_classifier
+)
 
 # Families combined in one run (SAM + EMA + IBP; the mask under SAM and EMA), held to
 # the same bar: identical ranks under ddp, bit-identical resume.

@@ -105,6 +105,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         "final_weights": ANY,
         "export_path": ANY,
     },
+    "BoundTightness": {"every_n_epochs": COUNT, "num_samples": COUNT},
     "IBPWarmup": {
         "start_epoch": Arg(0, ok={"zero": "0 starts the ramp at once, without natural epochs"}),
         "ramp_epochs": COUNT,
@@ -173,6 +174,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         "std": ANY,
         "pixel_range": ANY,
         "tightness_every_n_epochs": Arg(0, ok={"zero": "0 disables the tightness log"}),
+        "bound": ANY,  # a choice: tests/modules/test_certified.py::test_crown_ibp_objective
         "optimizer": ANY,
         "lr_scheduler": ANY,
     },

@@ -12,7 +12,7 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from litplug.bounds import UnsupportedOperationError, margin_bounds
+from litplug.bounds import UnsupportedOperationError, crown_bounds, margin_bounds, margin_spec
 from litplug.callbacks import IBPWarmup
 from litplug.datamodules import Digits
 from litplug.modules import MLP, CertifiedClassifier
@@ -174,8 +174,57 @@ def test_fit_logs_and_verified_samples_survive_pgd(tmp_path):
     assert result["pgd_correct"].float().mean() <= clean_ok.float().mean()
 
 
+def test_crown_ibp_objective():
+    """beta * CROWN-IBP + (1 - beta) * IBP margins, beta = 1 - eps_t / eps; IBP's objective at eps."""
+    with pytest.raises(ValueError, match="`bound` must be one of 'ibp', 'crown-ibp'"):
+        _model(bound="crown")
+    torch.manual_seed(0)
+    backbone = MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32, 32]).double()
+    model = CertifiedClassifier(backbone, num_classes=10, eps=0.1, bound="crown-ibp", **NORM)
+    reference = CertifiedClassifier(copy.deepcopy(backbone), num_classes=10, eps=0.1, **NORM)
+    x, y = torch.rand(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,))
+    model.current_eps = reference.current_eps = 0.025
+    assert model.beta == pytest.approx(0.75) and reference.beta == 0.0
+    loss = model.training_step((x, y), 0)
+    lower, upper = model.box(x, 0.025)
+    crown_ibp = crown_bounds(backbone, lower, upper, "crown-ibp", margin_spec(y, 10).double(), grad=True)[0]
+    ibp = margin_bounds(backbone, x, y, 0.025, **NORM)
+    margins = 0.75 * crown_ibp + 0.25 * ibp
+    kappa = model.kappa
+    expected = kappa * F.cross_entropy(backbone(x), y) + (1 - kappa) * F.cross_entropy(-margins, y)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(loss, list(backbone.parameters()))
+    assert all(g.abs().sum() > 0 for g in grads)
+    model.current_eps = reference.current_eps = 0.1  # end of the ramp: IBP's objective
+    assert model.beta == 0.0
+    torch.testing.assert_close(model.training_step((x, y), 0), reference.training_step((x, y), 0))
+
+
+def test_crown_ibp_fit_and_crown_verifies_at_least_what_ibp_does(tmp_path):
+    seed_everything(0)
+    model = _model(eps=0.05, bound="crown-ibp", optimizer=partial(torch.optim.Adam, lr=3e-3))
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    trainer = fast_trainer(
+        tmp_path, max_epochs=3, logger=logger, log_every_n_steps=1, limit_train_batches=6, limit_val_batches=1,
+        callbacks=[IBPWarmup(start_epoch=1, ramp_epochs=2)],
+    )  # fmt: skip
+    dm = Digits(batch_size=64)
+    trainer.fit(model, dm)
+    beta = [v for _, v in sorted(read_scalars(tmp_path)["certified/beta"])]
+    assert beta[0] == pytest.approx(1.0, abs=0.01) and all(a >= b for a, b in zip(beta, beta[1:]))
+    model.eval()
+    x, y = next(iter(dm.test_dataloader()))
+    ibp, crown = model.certify(x, y)["verified"], model.certify(x, y, method="crown")["verified"]
+    assert not (ibp & ~crown).any() and crown.sum() >= ibp.sum()
+
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-CONFIGS = sorted(f"{p.parent.name}/{p.name}" for p in CONFIG_DIR.glob("*/ibp*.yaml") if p.parent.name != "callbacks")
+CONFIGS = sorted(
+    f"{p.parent.name}/{p.name}"
+    for pattern in ("*/ibp*.yaml", "*/crown_ibp*.yaml")
+    for p in CONFIG_DIR.glob(pattern)
+    if p.parent.name != "callbacks"
+)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -185,6 +234,7 @@ def test_configs_instantiate(config):
     cli = LitplugCLI(args=["--config", str(CONFIG_DIR / config), "--trainer.logger", "false"], run=False)
     assert isinstance(cli.model, CertifiedClassifier)
     assert sum(isinstance(c, IBPWarmup) for c in cli.trainer.callbacks) == 1
+    assert cli.model.bound == ("crown-ibp" if "crown_ibp" in config else "ibp")
     assert cli.model.eps == pytest.approx(
         {"0.3": 0.3, "0.4": 0.4, "2_255": 2 / 255, "8_255": 8 / 255}.get(config.split("eps")[-1][:-5], cli.model.eps)
     )
@@ -208,6 +258,12 @@ def test_callback_fragment_appends(tmp_path):
     ]
     cli = LitplugCLI(args=args, run=False)
     assert [type(c).__name__ for c in cli.trainer.callbacks[:2]] == ["LearningRateMonitor", "IBPWarmup"]
+    cli = LitplugCLI(args=[*args, "--config", str(CONFIG_DIR / "callbacks/bound_tightness.yaml")], run=False)
+    assert [type(c).__name__ for c in cli.trainer.callbacks[:3]] == [
+        "LearningRateMonitor",
+        "IBPWarmup",
+        "BoundTightness",
+    ]
 
 
 def test_short_digits_run_from_config(tmp_path):

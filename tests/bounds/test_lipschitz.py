@@ -1,0 +1,55 @@
+"""local_lipschitz (litplug.bounds.lipschitz): never below the largest gradient l1 norm over
+10,000 sampled points (box corners included), exact where no ReLU is unstable, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bound_networks import networks, samples
+from torch import nn
+
+from litplug.bounds import UnsupportedOperationError, local_lipschitz
+
+
+def _gradient_norms(net: nn.Module, points: torch.Tensor) -> torch.Tensor:
+    """``||d net(x)_k / dx||_1`` for every point and output: ``[N, K]``."""
+    points = points.detach().requires_grad_(True)
+    out = net(points)
+    norms = []
+    for k in range(out.shape[1]):
+        (grad,) = torch.autograd.grad(out[:, k].sum(), points, retain_graph=True)
+        norms.append(grad.flatten(1).abs().sum(1))
+    return torch.stack(norms, 1)
+
+
+@pytest.mark.parametrize(("name", "eps"), [("mlp", 0.01), ("mlp", 0.1), ("cnn_bn", 0.05), ("residual", 0.05)])
+def test_bound_above_every_sampled_gradient_norm(name: str, eps: float) -> None:
+    net = networks()[name]
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 1, 8, 8, generator=g, dtype=torch.float64)
+    for method in ("crown", "crown-ibp"):
+        bound = local_lipschitz(net, x - eps, x + eps, method=method)
+        assert bound.shape == (1, 10 if name != "residual" else 5)
+    bound = local_lipschitz(net, x - eps, x + eps)
+    sampled = _gradient_norms(net, samples(x[0] - eps, x[0] + eps, 10_000, g)).amax(0)
+    assert (sampled <= bound[0] * (1 + 1e-12)).all()
+    assert (bound <= local_lipschitz(net, x - eps, x + eps, method="crown-ibp") + 1e-12).all()
+
+
+def test_exact_where_every_relu_is_stable() -> None:
+    net = networks()["mlp"]
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    bound = local_lipschitz(net, x - 1e-9, x + 1e-9)
+    torch.testing.assert_close(bound, _gradient_norms(net, x), rtol=1e-9, atol=1e-12)
+
+
+def test_errors() -> None:
+    bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.rand(5, 4)
+    with pytest.raises(ValueError, match="batch norm with fixed statistics.*module '1'"):
+        local_lipschitz(bn, x, x)
+    local_lipschitz(bn.eval(), x, x)
+    with pytest.raises(UnsupportedOperationError, match="Tanh at module '1'"):
+        local_lipschitz(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), x, x)
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        local_lipschitz(bn, x, x, method="ibp")  # type: ignore[arg-type]
