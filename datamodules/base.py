@@ -66,6 +66,9 @@ class EpochShuffle(DistributedSampler):
     def __init__(self, items: int | torch.Tensor, seed: int) -> None:
         import torch.distributed as dist
 
+        if not isinstance(items, torch.Tensor):
+            check_positive_int("items", items)
+        check_int("seed", seed)
         self.items = torch.arange(items) if isinstance(items, int) else torch.as_tensor(items)
         distributed = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)

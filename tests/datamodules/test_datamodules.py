@@ -114,6 +114,12 @@ def test_epoch_shuffle_resumes_in_the_same_epoch_only():
     assert list(r0) == list(_ranks(lambda: EpochShuffle(10, seed=0), 2)[0])[2:]
 
 
+@pytest.mark.parametrize(("args", "error", "name"), [((0, 1), ValueError, "items"), ((3, 1.5), TypeError, "seed")])
+def test_epoch_shuffle_bad_arguments(args, error, name):
+    with pytest.raises(error, match=f"`{name}`"):
+        EpochShuffle(*args)
+
+
 def test_training_loaders_are_stateful():
     loader = Digits(batch_size=4).train_dataloader()
     assert isinstance(loader, StatefulDataLoader) and isinstance(loader.sampler, EpochShuffle)
