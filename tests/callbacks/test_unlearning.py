@@ -282,7 +282,7 @@ def test_logs_and_resume_without_recompute(tmp_path, monkeypatch):
 
     import litplug.callbacks.unlearning as unlearning
 
-    monkeypatch.setattr(unlearning, "saliency_scores", boom)
+    monkeypatch.setattr(unlearning, "iter_topk_masks", boom)  # the mask selection, run only when computing
     resumed = UnlearningMask("saliency", ratio=0.25, num_batches=2)
     checker = FrozenChecker(resumed)
     trainer = fast_trainer(
@@ -365,12 +365,12 @@ def dist_worker(strategy, tmp_dir):
     model = Unlearner(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), None, "gradient_difference")
     import litplug.callbacks.unlearning as unlearning
 
-    real, unlearning.saliency_scores = unlearning.saliency_scores, None  # calling it would fail
+    real, unlearning.iter_topk_masks = unlearning.iter_topk_masks, None  # selecting masks again would fail
     try:
         data = ForgetRetain(Digits(batch_size=16), scenario="random", forget_fraction=0.2)
         trainer.fit(model, data, ckpt_path=str(tmp_dir / "last.ckpt"))
     finally:
-        unlearning.saliency_scores = real
+        unlearning.iter_topk_masks = real
     out["resumed_masks"] = resumed.state_dict()["masks"]
     return out
 
