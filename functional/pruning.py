@@ -96,7 +96,7 @@ def grand_scores(model: nn.Module, loader: Iterable[Any], loss: Loss | None = No
         with torch.no_grad():
             _logits(model, x[:1], y[:1])  # the shape check, on one sample
         grads = per_sample(params, x, y)
-        squares = sum(grads[n].flatten(1).double().square().sum(1) for n in names)
+        squares = sum(torch.linalg.vector_norm(grads[n].flatten(1), dim=1).double().square() for n in names)
         scores.append(squares.sqrt())
     return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
 
