@@ -92,7 +92,7 @@ def test_pskd_step_equals_the_reference_soft_targets():
 def test_bad_setups_fail_before_training(tmp_path):
     model = Classifier(MLP(input_shape=[6], num_outputs=3), 3)
     for callback in (ELR(), PSKD()):
-        with pytest.raises(ValueError, match="Wrap it: `litplug.datamodules.Indexed"):
+        with pytest.raises(TypeError, match="Wrap it: `litplug.datamodules.Indexed"):
             fast_trainer(tmp_path, callbacks=[callback]).fit(model, features())
         wrong = Classifier(MLP(input_shape=[5], num_outputs=3), 3)
         with pytest.raises(ValueError, match=f"{type(callback).__name__} needs a classifier-like module"):
