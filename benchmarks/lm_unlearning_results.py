@@ -24,7 +24,7 @@ from unlearning_results import cli, train_original
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LM = CONFIGS / "lm"
-METHODS = ["gradient_ascent", "gradient_difference", "npo"]
+METHODS = ["gradient_ascent", "gradient_difference", "npo_rt"]
 COLUMNS = ["forget_loss", "retain_loss", "test_loss", "MIA"]
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     results: dict[str, dict[int, dict[str, float]]] = {r: {} for r in rows}
     for seed in args.seeds:
         checkpoint = train_original(seed, LM, "runs/lm/original.ckpt")
-        results["original"][seed] = run_row("npo", False, seed, checkpoint, fit=False)
+        results["original"][seed] = run_row("npo_rt", False, seed, checkpoint, fit=False)
         for method in args.methods:
             for mask in args.masks:
                 row = method + ("" if mask == "none" else " + saliency mask")

@@ -29,7 +29,7 @@ ROWS = [
     "gradient_ascent",
     "gradient_difference",
     "random_label",
-    "npo",
+    "npo_rt",
     "l1_sparse",
     "random_label_saliency",
     "random_label_attribution",

@@ -17,8 +17,8 @@ are thin wrappers over these names.
 * certified training: :func:`eps_schedule`, :func:`ibp_init_`, :func:`pgd_attack`,
   :func:`linearized_tightness`;
 * offline optimisation: :func:`gradient_ascent`, :func:`starting_designs`;
-* unlearning: :func:`npo_loss`, :func:`random_other_labels`, :func:`l1_alpha`, :func:`mia_efficacy`,
-  :func:`loss_mia_auc`;
+* unlearning: :func:`npo_loss`, :func:`simnpo_loss`, :func:`rmu_loss`, :func:`rmu_direction`,
+  :func:`random_other_labels`, :func:`l1_alpha`, :func:`mia_efficacy`, :func:`loss_mia_auc`;
 * model soups: :func:`uniform_soup`, :func:`greedy_soup`;
 * data scores: :func:`el2n_scores`, :func:`grand_scores`, :func:`forgetting_events`,
   :func:`forgetting_scores`.
@@ -59,7 +59,16 @@ from .offline import gradient_ascent, starting_designs
 from .pruning import el2n_scores, forgetting_events, forgetting_scores, grand_scores
 from .sharpness import dual_ascent, global_norm, ignite_gradient_, sam_gradient_, sam_perturbation
 from .soup import greedy_soup, uniform_soup
-from .unlearning import l1_alpha, loss_mia_auc, mia_efficacy, npo_loss, random_other_labels
+from .unlearning import (
+    l1_alpha,
+    loss_mia_auc,
+    mia_efficacy,
+    npo_loss,
+    random_other_labels,
+    rmu_direction,
+    rmu_loss,
+    simnpo_loss,
+)
 
 __all__ = [
     "elr_logit_grad",
@@ -93,6 +102,9 @@ __all__ = [
     "loss_mia_auc",
     "mia_efficacy",
     "npo_loss",
+    "rmu_direction",
+    "rmu_loss",
+    "simnpo_loss",
     "pack_mask",
     "pgd_attack",
     "random_other_labels",

@@ -1,4 +1,5 @@
-"""Unlearning cores: the NPO loss (Zhang et al. 2024), random other labels (Golatkar et al. 2020),
+"""Unlearning cores: the NPO loss (Zhang et al. 2024), the SimNPO loss (Fan et al. 2024), the RMU
+loss and its random direction (Li et al. 2024), random other labels (Golatkar et al. 2020),
 the decaying L1 weight (Jia et al. 2023) and the membership-inference metrics (MIA-efficacy of
 Jia et al. 2023 after Song & Mittal 2021; the loss AUC). :class:`litplug.modules.Unlearner` uses
 them.
@@ -14,7 +15,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["l1_alpha", "loss_mia_auc", "mia_efficacy", "npo_loss", "random_other_labels"]
+__all__ = [
+    "l1_alpha",
+    "loss_mia_auc",
+    "mia_efficacy",
+    "npo_loss",
+    "random_other_labels",
+    "rmu_direction",
+    "rmu_loss",
+    "simnpo_loss",
+]
 
 
 def npo_loss(logp: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
@@ -22,6 +32,30 @@ def npo_loss(logp: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.T
     log-likelihoods of the true labels (Zhang et al. 2024, eq. 3). Its gradient is the gradient of
     ``-CE`` scaled by ``2 sigmoid(beta (logp - logp_ref))``, which vanishes once a sample is forgotten."""
     return -(2.0 / beta) * F.logsigmoid(-beta * (logp - logp_ref)).mean()
+
+
+def simnpo_loss(logp: torch.Tensor, length: torch.Tensor, beta: float, delta: float = 0.0) -> torch.Tensor:
+    """SimNPO loss ``-(2 / beta) mean log sigmoid(beta (-logp / length - delta))`` over per-sample
+    log-likelihoods ``logp`` of ``length`` predictions each (Fan et al. 2024, "Simplicity Prevails",
+    eq. 4, with the margin written ``beta delta`` as in the authors' code): NPO without a reference
+    model, on the length-normalised loss."""
+    return -(2.0 / beta) * F.logsigmoid(beta * (-logp / length - delta)).mean()
+
+
+def rmu_direction(dim: int, seed: int) -> torch.Tensor:
+    """The fixed random unit vector of RMU: uniform in [0, 1)^dim (seeded), normalised to length 1."""
+    u = torch.rand(dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return u / u.norm()
+
+
+def rmu_loss(
+    forget_act: torch.Tensor, target: torch.Tensor, retain_act: torch.Tensor, retain_ref: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """RMU loss ``mean (forget_act - target)^2 + gamma mean (retain_act - retain_ref)^2`` (Li et al. 2024,
+    eq. 1-2; the means run over every element, as ``F.mse_loss``); ``target`` = c u broadcasts over
+    the leading dimensions."""
+    forget = (forget_act - target).pow(2).mean()
+    return forget + gamma * (retain_act - retain_ref).pow(2).mean() if gamma > 0 else forget
 
 
 def random_other_labels(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:

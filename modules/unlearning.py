@@ -12,9 +12,21 @@ token-level next-token NLL for ``objective="causal_lm"``):
 - ``random_label``: CE(forget with every label replaced by a random *other* class) + gamma CE(retain)
   (Golatkar et al. 2020; the unlearning step of SalUn, Fan et al. 2024, eq. 6 with alpha = gamma);
 - ``npo``: -(2 / beta) mean log sigmoid(-beta (log p(y|x) - log p_orig(y|x))) on forget, against
-  the frozen original model (Negative Preference Optimization, Zhang et al. 2024), + gamma CE(retain);
-  for a causal LM, log p(y|x) is the log-likelihood of a whole sequence (the sum of its tokens'
-  log-probabilities, as in the NPO paper), the mean is over sequences;
+  the frozen original model (Negative Preference Optimization, Zhang et al. 2024), alone: no retain
+  term (``gamma`` is ignored, as by ``gradient_ascent``); for a causal LM, log p(y|x) is the
+  log-likelihood of a whole sequence (the sum of its tokens' log-probabilities, as in the NPO
+  paper), the mean is over sequences;
+- ``npo_rt``: ``npo`` + gamma CE(retain) (the NPO paper's NPO-RT);
+- ``simnpo``: -(2 / beta) mean log sigmoid(beta (-log p(y|x) / |y| - delta)) on forget + gamma
+  CE(retain) (SimNPO, Fan et al. 2024: length-normalised, no reference model; |y| is the number of
+  predicted tokens, 1 for a class label; delta is scaled by beta as in the authors' code, which the
+  paper writes as a margin gamma = beta delta);
+- ``rmu``: mean squared distance between the activations of the backbone's submodule ``layer`` on
+  forget data and ``steering`` u, + gamma mean squared distance between that submodule's activations
+  on retain data and those of the frozen original model (Representation Misdirection for
+  Unlearning, Li et al. 2024); u is a fixed unit vector drawn uniformly from [0, 1)^d then
+  normalised (as in the WMDP code), seeded by ``seed``; every parameter is trained (the WMDP code
+  trains the MLPs of three layers only: compose with ``UnlearningMask`` to restrict it);
 - ``l1_sparse``: CE(retain) + alpha_t ||theta||_1 with alpha_t = alpha (1 - t / T) decaying
   linearly to 0 over the T optimizer steps of the run (Jia et al. 2023, "Model sparsity can
   simplify machine unlearning"); the L1 subgradient alpha_t sign(theta) is added to the gradients
@@ -39,8 +51,8 @@ recognised as trained on; well below 50 = recognisable as *unlearned*).
 
 DDP/FSDP2: per-sample confidences and correctness are all-gathered once per evaluation epoch
 (Lightning's ``DistributedSampler`` pads each loader, so a few samples can count twice); the
-scores are then computed identically on every rank. The NPO reference model is a plain replicated
-copy on every rank (not sharded).
+scores are then computed identically on every rank. The reference model of ``npo``, ``npo_rt`` and
+``rmu`` is a plain replicated copy on every rank (not sharded).
 
 Example:
     >>> from lightning.pytorch import Trainer
@@ -65,16 +77,43 @@ from typing_extensions import override
 
 from ..board import log_figure
 from ..figures import histograms
-from ..functional.unlearning import l1_alpha, loss_mia_auc, mia_efficacy, npo_loss, random_other_labels
+from ..functional.unlearning import (
+    l1_alpha,
+    loss_mia_auc,
+    mia_efficacy,
+    npo_loss,
+    random_other_labels,
+    rmu_direction,
+    rmu_loss,
+    simnpo_loss,
+)
 from ..loading import load_weights
 from ..plumbing import mix_seed
-from ..validation import check_bool, check_choice, check_int, check_number, check_path
+from ..validation import check_bool, check_choice, check_int, check_number, check_path, check_str
 from .base import TrainingModule
 from .language import labels_of, logits_of, sequence_log_likelihood, tokens_of
 
-Method = Literal["retrain", "finetune", "gradient_ascent", "gradient_difference", "random_label", "npo", "l1_sparse"]
+Method = Literal[
+    "retrain",
+    "finetune",
+    "gradient_ascent",
+    "gradient_difference",
+    "random_label",
+    "npo",
+    "npo_rt",
+    "simnpo",
+    "rmu",
+    "l1_sparse",
+]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 Objective = Literal["classification", "causal_lm"]
+
+
+def _submodule(backbone: nn.Module, layer: str) -> nn.Module:
+    names = [name for name, _ in backbone.named_modules() if name]
+    if layer not in names:
+        raise ValueError(f"`layer` must name a submodule of the backbone, one of {names}, got {layer!r}")
+    return backbone.get_submodule(layer)
 
 
 class Unlearner(TrainingModule):
@@ -91,10 +130,11 @@ class Unlearner(TrainingModule):
             ``save_pretrained`` folder; read by :func:`litplug.loading.load_weights` without
             running code from the file. None only for ``retrain`` (which starts from scratch).
         method: one of ``retrain``, ``finetune``, ``gradient_ascent``, ``gradient_difference``,
-            ``random_label``, ``npo``, ``l1_sparse``.
+            ``random_label``, ``npo``, ``npo_rt``, ``simnpo``, ``rmu``, ``l1_sparse``.
         num_classes: number of classes (>= 2; unused for a causal LM).
-        gamma: weight of the retain loss for ``gradient_difference``, ``random_label`` and ``npo`` (>= 0).
-        beta: NPO temperature (> 0).
+        gamma: weight of the retain loss for ``gradient_difference``, ``random_label``, ``npo_rt``,
+            ``simnpo`` and ``rmu`` (>= 0).
+        beta: NPO and SimNPO temperature (> 0).
         alpha: initial L1 weight of ``l1_sparse`` (>= 0).
         seed: seed of the random labels and of the MIA subsampling.
         optimizer: optimizer callable (default Adam, lr 1e-3).
@@ -104,6 +144,11 @@ class Unlearner(TrainingModule):
             causal LM, e.g. ``CausalTransformer`` or a Hugging Face ``GPT2LMHeadModel``).
         trust_checkpoint: read a ``checkpoint`` that names Python globals beyond tensors and plain
             values, which runs code from the file: only for a file from someone you trust.
+        delta: SimNPO's margin (>= 0).
+        layer: ``rmu``'s submodule of the backbone, as a path of ``named_modules()`` (e.g.
+            ``blocks.1`` or ``transformer.h.1``); required for ``rmu``, refused otherwise. A module
+            returning a tuple (a Hugging Face block) contributes its first element.
+        steering: ``rmu``'s scale c of the random unit vector (> 0).
     """
 
     litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
@@ -128,6 +173,9 @@ class Unlearner(TrainingModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         objective: Objective = "classification",
         trust_checkpoint: bool = False,
+        delta: float = 0.0,
+        layer: str | None = None,
+        steering: float = 20.0,
     ) -> None:
         check_path("checkpoint", checkpoint, allow_none=True)
         check_bool("trust_checkpoint", trust_checkpoint)
@@ -141,6 +189,16 @@ class Unlearner(TrainingModule):
         check_number("beta", beta, low=0, low_open=True)
         check_number("alpha", alpha, low=0)
         check_int("seed", seed)
+        check_number("delta", delta, low=0)
+        check_str("layer", layer, allow_none=True)
+        check_number("steering", steering, low=0, low_open=True)
+        if (method == "rmu") != (layer is not None):
+            raise ValueError(
+                "`layer` is required by method='rmu' and used by no other method, got "
+                f"method={method!r}, layer={layer!r}"
+            )
+        if layer is not None:
+            _submodule(backbone, layer)
         if method == "retrain" and checkpoint is not None:
             raise ValueError(
                 f"`checkpoint` must be None for method='retrain' (it trains from scratch), got {checkpoint!r}"
@@ -157,10 +215,11 @@ class Unlearner(TrainingModule):
         self.objective = objective
         self.num_classes = num_classes
         self.gamma, self.beta, self.alpha, self.seed = gamma, beta, alpha, seed
+        self.delta, self.layer, self.steering = delta, layer, steering
         # A list, not a submodule: the frozen reference stays out of parameters(), the optimizer,
         # FSDP2 sharding and the checkpoint (it is rebuilt from `checkpoint`).
         self._reference: list[nn.Module] = []
-        if method == "npo":
+        if method in ("npo", "npo_rt", "rmu"):
             reference = copy.deepcopy(backbone).eval().requires_grad_(False)
             self._reference.append(reference)
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -213,12 +272,39 @@ class Unlearner(TrainingModule):
             gen = torch.Generator().manual_seed(mix_seed(self.seed, self.global_step * 101 + self.global_rank))
             forget = F.cross_entropy(self(x), random_other_labels(y, self.num_classes, gen))
             return forget + self.gamma * self._ce(batch["retain"]) if self.gamma > 0 else forget
-        # npo: per-sample (per-sequence) log-likelihoods against the frozen original model
-        logp, _ = self.log_likelihood(batch["forget"])
-        with torch.no_grad():
-            logp_ref, _ = self.log_likelihood(batch["forget"], self._reference[0])
-        loss = npo_loss(logp, logp_ref, self.beta)
+        if method == "rmu":
+            forget = self.activations(batch["forget"])
+            target = self.steering * rmu_direction(forget.shape[-1], self.seed).to(forget)
+            retain = self.activations(batch["retain"])
+            with torch.no_grad():
+                retain_ref = self.activations(batch["retain"], self._reference[0])
+            return rmu_loss(forget, target, retain, retain_ref, self.gamma)
+        if method == "simnpo":
+            logp, count = self.log_likelihood(batch["forget"])
+            loss = simnpo_loss(logp, count, self.beta, self.delta)
+        else:  # npo, npo_rt: per-sample (per-sequence) log-likelihoods against the frozen original model
+            logp, _ = self.log_likelihood(batch["forget"])
+            with torch.no_grad():
+                logp_ref, _ = self.log_likelihood(batch["forget"], self._reference[0])
+            loss = npo_loss(logp, logp_ref, self.beta)
+            if method == "npo":
+                return loss
         return loss + self.gamma * self._ce(batch["retain"]) if self.gamma > 0 else loss
+
+    def activations(self, batch: Any, model: nn.Module | None = None) -> torch.Tensor:
+        """The output of ``model``'s (default: the backbone's) submodule ``self.layer`` on ``batch``."""
+        model = self.backbone if model is None else model
+        captured: list[torch.Tensor] = []
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+        handle = _submodule(model, self.layer).register_forward_hook(hook)
+        try:
+            model(tokens_of(batch) if self.objective == "causal_lm" else batch[0])
+        finally:
+            handle.remove()
+        return captured[0]
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

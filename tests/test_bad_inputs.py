@@ -238,6 +238,9 @@ SPEC: dict[str, dict[str, Arg]] = {
         "lr_scheduler": ANY,
         "objective": ANY,
         "trust_checkpoint": ANY,
+        "delta": Arg(0, ok={"zero": "0 is SimNPO's margin-free default"}),
+        "layer": ANY,
+        "steering": POSITIVE,
     },
     "CausalTransformer": {
         "vocab_size": Arg(2),

@@ -71,7 +71,7 @@ def test_wheel_ships_every_file_under_configs(wheel):
     assert shipped == in_tree, (
         f"missing from the wheel: {sorted(in_tree - shipped)}; extra: {sorted(shipped - in_tree)}"
     )
-    assert "configs/digits/unlearning/methods/npo.yaml" in shipped
+    assert "configs/digits/unlearning/methods/npo_rt.yaml" in shipped
 
 
 MAIN_JOB = "configs/digits/main.yaml"

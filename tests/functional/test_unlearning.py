@@ -1,4 +1,4 @@
-"""litplug.functional.unlearning: the NPO loss, random other labels, the L1 weight and the
+"""litplug.functional.unlearning: the NPO, SimNPO and RMU losses, random other labels, the L1 weight and the
 membership-inference metrics against their definitions."""
 
 import math
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from litplug.functional import l1_alpha, mia_efficacy, npo_loss, random_other_labels
+from litplug.functional.unlearning import rmu_direction, rmu_loss, simnpo_loss
 
 
 def test_npo_loss_closed_form_and_gradient():
@@ -49,3 +50,29 @@ def test_loss_mia_auc():
     assert loss_mia_auc(torch.tensor([5.0, 6.0]), torch.tensor([1.0, 2.0])) == 0.0
     assert loss_mia_auc(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 3.0])) == pytest.approx(100 * (2 + 0.5) / 4)
     assert math.isnan(loss_mia_auc(torch.zeros(0), torch.ones(3)))
+
+
+def test_simnpo_and_rmu_losses_equal_their_formulas_in_float64():
+    logp = torch.tensor([-3.0, -0.4, -7.5], dtype=torch.float64)
+    length = torch.tensor([3.0, 1.0, 5.0], dtype=torch.float64)
+    beta, delta = 2.5, 0.3
+    # -(2 / beta) mean log sigmoid(beta (-logp / |y| - delta)), log sigmoid(z) = -log(1 + e^-z)
+    terms = [-math.log(1 + math.exp(-beta * (-lp / n - delta))) for lp, n in zip(logp.tolist(), length.tolist())]
+    assert simnpo_loss(logp, length, beta, delta).item() == pytest.approx(-(2 / beta) * sum(terms) / 3, abs=1e-9)
+    assert simnpo_loss(logp, length, beta).item() == pytest.approx(
+        -(2 / beta) * sum(-math.log(1 + math.exp(lp / n * beta)) for lp, n in zip(logp.tolist(), length.tolist())) / 3,
+        abs=1e-9,
+    )
+    u = rmu_direction(4, seed=3)
+    assert torch.equal(u, rmu_direction(4, seed=3)) and not torch.equal(u, rmu_direction(4, seed=4))
+    assert u.norm().item() == pytest.approx(1.0, abs=1e-12) and (u >= 0).all()
+    gen = torch.Generator().manual_seed(0)
+    forget, retain, ref = (torch.randn(2, 3, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    target = 6.5 * u
+    expected = sum(
+        (forget[b, t, d].item() - target[d].item()) ** 2 for b in range(2) for t in range(3) for d in range(4)
+    )
+    expected_r = sum((retain[b, t, d] - ref[b, t, d]).item() ** 2 for b in range(2) for t in range(3) for d in range(4))
+    got = rmu_loss(forget, target, retain, ref, 100.0).item()
+    assert got == pytest.approx(expected / 24 + 100.0 * expected_r / 24, abs=1e-9)
+    assert rmu_loss(forget, target, retain, ref, 0.0).item() == pytest.approx(expected / 24, abs=1e-9)

@@ -261,7 +261,9 @@ def test_lm_recipe_under_ddp(tmp_path):
     original = LanguageModel(_small_lm(), optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
     fast_trainer(tmp_path, max_epochs=5, limit_val_batches=0).fit(original, MarkovText(**LM_CORPUS, batch_size=16))
     torch.save(original.backbone.state_dict(), tmp_path / "original.pt")
-    r0, r1 = run_distributed(lm_recipe_worker, "ddp", tmp_path, checkpoint=str(tmp_path / "original.pt"), method="npo")
+    r0, r1 = run_distributed(
+        lm_recipe_worker, "ddp", tmp_path, checkpoint=str(tmp_path / "original.pt"), method="npo_rt"
+    )
     assert r0 == r1  # metrics are gathered, then computed identically on every rank
     _check_recipe(r0)
     scalars = read_scalars(tmp_path / "dist_lm_recipe_worker_ddp" / "tb")
@@ -284,10 +286,10 @@ def test_lm_configs_instantiate(tmp_path):
     assert isinstance(original.model, LanguageModel)
     torch.save(original.model.backbone.state_dict(), tmp_path / "orig.pt")
     rows = sorted((configs / "lm" / "unlearning").glob("*.yaml"))
-    assert [r.stem for r in rows] == ["gradient_ascent", "gradient_difference", "npo"]
+    assert [r.stem for r in rows] == ["gradient_ascent", "gradient_difference", "npo_rt", "rmu", "simnpo"]
     for row in rows:
         for mask in (
-            ([], ["--config", str(configs / "callbacks" / "unlearning_mask.yaml")]) if row.stem == "npo" else ([],)
+            ([], ["--config", str(configs / "callbacks" / "unlearning_mask.yaml")]) if row.stem == "npo_rt" else ([],)
         ):
             args = ["--config", str(configs / "lm" / "unlearning.yaml"), "--config", str(row), *mask,
                     "--trainer.logger", "false", "--model.init_args.checkpoint", str(tmp_path / "orig.pt")]  # fmt: skip
@@ -388,3 +390,106 @@ def test_checkpoint_prefix_found_or_named(tmp_path):
         Unlearner(Tied(), str(tmp_path / "other.ckpt"), "finetune")
     message = str(err.value)
     assert "\n" not in message and "['embed.', 'body.', 'head.']" in message and "['encoder.']" in message
+
+
+@pytest.mark.parametrize("objective", ["classification", "causal_lm"])
+def test_npo_npo_rt_simnpo_rmu_in_the_unlearner(tmp_path, objective):
+    from litplug.functional.unlearning import rmu_direction, rmu_loss, simnpo_loss
+    from litplug.modules.language import sequence_log_likelihood
+
+    torch.manual_seed(0)
+    if objective == "causal_lm":
+        make, layer = _lm, "blocks.layers.0"
+        forget, retain = torch.randint(0, 8, (4, 12)), torch.randint(0, 8, (6, 12))
+        batch = {"forget": forget, "retain": (retain,)}
+    else:
+        make, layer = _mlp, "1"
+        forget, retain = (
+            (torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))),
+            (torch.randn(6, 1, 8, 8), torch.arange(6)),
+        )
+        batch = {"forget": forget, "retain": retain}
+    torch.save(make().state_dict(), tmp_path / "orig.pt")
+    kwargs = dict(objective=objective, beta=0.7, gamma=2.0)
+    models = {m: Unlearner(make(), str(tmp_path / "orig.pt"), m, **kwargs) for m in ("npo", "npo_rt", "simnpo")}
+    models["rmu"] = Unlearner(make(), str(tmp_path / "orig.pt"), "rmu", layer=layer, steering=3.0, seed=5, **kwargs)
+    with torch.no_grad():
+        for model in models.values():  # move away from the original weights, the same way for every method
+            for p in model.backbone.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    net = models["npo"].backbone
+    ref = models["npo"]._reference[0]
+
+    def loglik(model, data):
+        if objective == "causal_lm":
+            return sequence_log_likelihood(model(data), data)
+        x, y = data
+        return -F.cross_entropy(model(x), y, reduction="none"), torch.ones(len(y))
+
+    ce_r = models["npo"].batch_loss(batch["retain"])
+    logp, count = loglik(net, forget)
+    with torch.no_grad():
+        logp_ref, _ = loglik(ref, forget)
+    torch.testing.assert_close(models["npo"].unlearning_loss(batch), npo_loss(logp, logp_ref, 0.7))  # no retain term
+    torch.testing.assert_close(models["npo_rt"].unlearning_loss(batch), npo_loss(logp, logp_ref, 0.7) + 2.0 * ce_r)
+    torch.testing.assert_close(models["simnpo"].unlearning_loss(batch), simnpo_loss(logp, count, 0.7) + 2.0 * ce_r)
+    # RMU: the layer's activations, read with a hook of our own
+    rmu = models["rmu"]
+    seen = []
+    handle = rmu.backbone.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
+    inputs = (lambda d: d) if objective == "causal_lm" else (lambda d: d[0])
+    for data in (forget, retain):
+        rmu.backbone(inputs(data))
+    handle.remove()
+    reference_seen = []
+    handle = rmu._reference[0].get_submodule(layer).register_forward_hook(lambda m, i, o: reference_seen.append(o))
+    rmu._reference[0](inputs(retain))
+    handle.remove()
+    target = 3.0 * rmu_direction(seen[0].shape[-1], 5).float()
+    expected = rmu_loss(seen[0], target, seen[1], reference_seen[0], 2.0)
+    torch.testing.assert_close(rmu.unlearning_loss(batch), expected)
+    assert (seen[1] - reference_seen[0]).abs().max() > 1e-4  # the retain term is not trivially zero
+    loss = rmu.unlearning_loss(batch)
+    loss.backward()
+    assert all(p.grad is not None for p in rmu.backbone.get_submodule(layer).parameters())
+
+
+def test_rmu_layer_and_new_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"`layer` must name a submodule of the backbone, one of \['0', '1'"):
+        Unlearner(_mlp(), None, "rmu", layer="blocks.9")
+    with pytest.raises(ValueError, match="`layer` is required by method='rmu'"):
+        Unlearner(_mlp(), None, "rmu")
+    with pytest.raises(ValueError, match="used by no other method"):
+        Unlearner(_mlp(), None, "retrain", layer="1")
+    with pytest.raises(ValueError, match="`steering`"):
+        Unlearner(_mlp(), None, "rmu", layer="1", steering=0.0)
+    with pytest.raises(ValueError, match="`delta`"):
+        Unlearner(_mlp(), None, "simnpo", delta=-1.0)
+
+
+@pytest.fixture(scope="module")
+def qa_oracle(tmp_path_factory):
+    from litplug.oracle import train_oracle
+
+    return train_oracle(tmp_path_factory.mktemp("qa"), 10, seed=0, num_entities=20, epochs=1)
+
+
+@pytest.mark.parametrize("method", ["npo", "npo_rt", "simnpo", "rmu"])
+def test_methods_train_on_fictitious_qa_scored_by_unlearning_evaluation(qa_oracle, method):
+    from lightning.pytorch import Trainer
+
+    from litplug.callbacks import UnlearningEvaluation
+    from litplug.datamodules import FictitiousQA
+    from litplug.oracle import backbone
+
+    paths = qa_oracle
+    dm = FictitiousQA(num_entities=20, forget_percent=10)
+    layer = {"layer": "blocks.layers.1"} if method == "rmu" else {}
+    model = Unlearner(backbone(dm), str(paths["target"]), method, objective="causal_lm", **layer)
+    evaluation = UnlearningEvaluation(str(paths["retain"]))
+    trainer = Trainer(max_epochs=1, limit_train_batches=2, callbacks=[evaluation], logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")  # fmt: skip
+    start = [p.detach().clone() for p in model.backbone.parameters()]
+    trainer.fit(model, ForgetRetain(dm, scenario="class", forget_classes=[1]))
+    assert math.isfinite(evaluation.results["forget_quality"]) and "privleak" in evaluation.results
+    assert any(not torch.equal(a, p) for a, p in zip(start, model.backbone.parameters()))
