@@ -493,3 +493,30 @@ def test_methods_train_on_fictitious_qa_scored_by_unlearning_evaluation(qa_oracl
     trainer.fit(model, ForgetRetain(dm, scenario="class", forget_classes=[1]))
     assert math.isfinite(evaluation.results["forget_quality"]) and "privleak" in evaluation.results
     assert any(not torch.equal(a, p) for a, p in zip(start, model.backbone.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("split", "match"),
+    [
+        ({"scenario": "class", "forget_classes": [5]}, "gives an empty forget or retain split"),
+        ({"scenario": "random", "forget_fraction": 0.01}, "forget_fraction.*empty split"),
+    ],
+)
+def test_an_empty_forget_split_is_refused_before_any_training(tmp_path, split, match):
+    from torch.utils.data import TensorDataset
+
+    # 40 samples of classes 0..3: class 5 has none, and 1% of 40 rounds to no sample
+    data = TensorDataset(torch.randn(40, 1, 8, 8), torch.arange(40) % 4)
+    model = Unlearner(_mlp(), None, "retrain")
+    start = [p.detach().clone() for p in model.parameters()]
+    trainer = fast_trainer(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model, ForgetRetain(data, label_fn=lambda s: int(s[1]), batch_size=8, **split))
+    assert trainer.global_step == 0 and all(torch.equal(a, p) for a, p in zip(start, model.parameters()))
+
+
+def test_forget_and_retain_splits_are_disjoint_and_cover_the_training_set():
+    dm = ForgetRetain(Digits(), scenario="random", forget_fraction=0.1, seed=3)
+    dm.setup()
+    forget, retain = set(dm.forget_indices.tolist()), set(dm.retain_indices.tolist())
+    assert forget and retain and not forget & retain and len(forget | retain) == len(dm.train_set)
