@@ -95,7 +95,7 @@ def test_metrics_logged_and_forgetting_happens(tmp_path):
     trainer = fast_trainer(tmp_path, max_epochs=3, limit_val_batches=0)
     trainer.fit(clf, Digits())
     trainer.save_checkpoint(tmp_path / "clf.ckpt")
-    model = Unlearner(_mlp(), str(tmp_path / "clf.ckpt"), "npo", optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    model = Unlearner(_mlp(), str(tmp_path / "clf.ckpt"), "npo_rt", optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
     data = ForgetRetain(Digits(), "class", [4])
     trainer = fast_trainer(tmp_path, max_epochs=2, limit_train_batches=6, logger=TensorBoardLogger(tmp_path, name="tb"))
     start = trainer.validate(model, data, verbose=False)[0]
@@ -301,8 +301,8 @@ def test_lm_configs_instantiate(tmp_path):
 
 def test_lm_saliency_mask_scores_the_token_nll(tmp_path):
     from litplug.callbacks import UnlearningMask
-    from litplug.callbacks.unlearning import topk_masks
     from litplug.datamodules import MarkovText
+    from litplug.functional import topk_masks
 
     torch.manual_seed(0)
     torch.save(_lm().state_dict(), tmp_path / "orig.pt")
