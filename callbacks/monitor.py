@@ -31,7 +31,8 @@ class SharpnessMonitor(Callback):
 
     Measured every ``every_n_epochs`` at the end of a training epoch for the whole model
     (``sharpness/model``) and, with ``layerwise``, for every layer owning parameters alone
-    (``sharpness/layer/<name>``: only that layer perturbed, along its own gradient), which shows
+    (``sharpness/layer/<NN>_<Type>_<path>``, e.g. ``sharpness/layer/02_Linear_backbone.2``: only
+    that layer perturbed, along its own gradient; numbered input to output), which shows
     the "straggler" layers of "In Search of the Successful Interpolation". The held batches are
     the first ``num_batches`` training batches of the run (kept in the callback state, so a resumed
     run measures the same ones). The loss is the module's own (:func:`litplug.plumbing.loss.module_loss`:
@@ -146,8 +147,11 @@ class SharpnessMonitor(Callback):
                 base = base.detach()
                 groups: dict[str, list[int]] = {"model": list(range(len(params)))}
                 if self.layerwise:
+                    keys: dict[str, str] = {}  # module path -> its key, numbered in parameter order
                     for i, (name, _) in enumerate(named):
-                        groups.setdefault("layer/" + name.rsplit(".", 1)[0], []).append(i)
+                        path = name.rsplit(".", 1)[0] if "." in name else ""
+                        key = keys.setdefault(path, _layer_key(pl_module, path, len(keys)))
+                        groups.setdefault(key, []).append(i)
                 for key, idx in groups.items():
                     ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
                     alpha = self.rho / (global_norm(gs) + EPS)  # e = rho g / ||g||, never materialised
@@ -169,6 +173,14 @@ class SharpnessMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._held = list(state_dict["held"])
+
+
+def _layer_key(pl_module: LightningModule, path: str, index: int) -> str:
+    """``layer/<NN>_<Type>_<path>`` for the module at ``path``: ``NN`` (``index``) its position in
+    parameter order (so TensorBoard lists layers input to output, not ``.10`` before ``.2``), then
+    its class and its path, e.g. ``layer/02_Linear_backbone.2``."""
+    kind = type(pl_module.get_submodule(path)).__name__ if path else type(pl_module).__name__
+    return f"layer/{index:02d}_{kind}_{path or 'module'}"
 
 
 def _clone(batch: Any) -> Any:

@@ -79,8 +79,10 @@ class SAM(_ExtraPasses):
     that every rank makes the same collectives, and the final gradient is the plain one (which a
     GradScaler then skips as usual). Checking costs one scalar host read per perturbed step.
 
-    Logs ``sam/sharpness`` (L(w + e) - L(w)), ``sam/grad_norm`` (``||T g||``),
-    ``sam/perturbation_norm`` (``||e||``) on perturbed steps (with ``every_n_steps > 1``,
+    Logs ``sam/loss_increase`` (``L(w + e) - L(w)`` on the training batch, along SAM's own
+    direction; :class:`SharpnessMonitor`'s ``sharpness/model`` is measured on held batches
+    instead), ``sam/grad_norm`` (``||T g||``) and, with ``adaptive``, ``sam/perturbation_norm``
+    (``||e||``, which plain SAM keeps at ``rho``) on perturbed steps (with ``every_n_steps > 1``,
     Lightning's step logging repeats the latest value on the plain steps in between).
 
     Args:
@@ -102,7 +104,7 @@ class SAM(_ExtraPasses):
     _prefix = "sam"
     litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
         "sam": {
-            "loss: clean L(w) and sharpness L(w + e) - L(w)": ["^train/loss$", "^sam/sharpness$"],
+            "loss: clean L(w) and its increase L(w + e) - L(w)": ["^train/loss$", "^sam/loss_increase$"],
             "gradient and perturbation norms": ["^sam/grad_norm$", "^sam/perturbation_norm$"],
         },
     }
@@ -178,7 +180,8 @@ class SAM(_ExtraPasses):
         finally:
             self._perturbed.restore_()
         self._logs = {
-            "sharpness": (perturbed_loss - self._first_loss(trainer)).detach(),
+            "loss_increase": (perturbed_loss - self._first_loss(trainer)).detach(),
             "grad_norm": (norm / scale).detach(),
-            "perturbation_norm": e_norm.detach(),
         }
+        if self.adaptive:  # plain SAM's ||e|| is rho (up to EPS): nothing to log
+            self._logs["perturbation_norm"] = e_norm.detach()

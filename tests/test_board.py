@@ -90,7 +90,7 @@ def test_ema_sam_monitor_run_writes_layout_image_and_hparams(runs):
     sections = {c.title: [ch.title for ch in c.chart] for c in layout.category}
     assert list(sections) == ["training", "averaging", "sam", "sharpness"]
     sam_chart = next(ch for c in layout.category if c.title == "sam" for ch in c.chart)
-    assert list(sam_chart.multiline.tag) == ["^train/loss$", "^sam/sharpness$"]
+    assert list(sam_chart.multiline.tag) == ["^train/loss$", "^sam/loss_increase$"]
 
     assert acc.Tags()["images"] == ["sharpness/layers"]
     image = acc.Images("sharpness/layers")[0]
