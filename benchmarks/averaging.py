@@ -6,14 +6,15 @@ Compared, on (a) a model with 1,000 small tensors and (b) one with a few large t
   * floor: one ``lerp_`` over a single flat buffer with the same number of elements;
   * litplug ``EMA`` (its bound update: ``torch._foreach_lerp_`` over the name-paired tensors);
   * Lightning's ``EMAWeightAveraging`` (``AveragedModel.update_parameters``, as its callback calls it);
-  * timm's ``ModelEmaV3`` (``update``), when it can be imported.
-timm's package ``__init__`` imports torchvision, which does not load with every torch build; its
-``timm/utils/model_ema.py`` needs only torch, so it is loaded from the installed file directly.
+  * torch's own ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn`` (what
+    Lightning wraps, called directly);
+  * timm's ``ModelEmaV3.update`` rule, written out below (``timm_rule``): timm is not installed,
+    because it pulls a torchvision that replaces the installed torch.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from litplug.callbacks import EMA
 from litplug.datamodules import Digits
@@ -47,18 +49,25 @@ def interleaved(fns: dict[str, Callable[[], None]], rounds: int = 15, budget_s: 
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def load_timm_ema():
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        return None, "timm not installed (pip install timm)"
-    path = f"{spec.submodule_search_locations[0]}/utils/model_ema.py"
-    try:
-        file_spec = importlib.util.spec_from_file_location("timm_model_ema", path)
-        module = importlib.util.module_from_spec(file_spec)
-        file_spec.loader.exec_module(module)
-        return module.ModelEmaV3, "timm.utils.model_ema loaded from its file (timm's __init__ needs torchvision)"
-    except Exception as err:  # noqa: BLE001 - report any reason as "unavailable"
-        return None, f"timm's model_ema does not import: {err}"
+def timm_rule(module: nn.Module, decay: float) -> Callable[[], None]:
+    """timm's ``ModelEmaV3.update`` (timm/utils/model_ema.py, ``foreach=True``, no warmup) written
+    out: the EMA copy is a deep copy of the module; each update pairs the two state dicts in
+    order, lerps the floating tensors with one ``torch._foreach_lerp_(ema, model, 1 - decay)`` and
+    copies the others."""
+    ema = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update() -> None:
+        ema_values, model_values = [], []
+        for ema_v, model_v in zip(ema.state_dict().values(), module.state_dict().values()):
+            if ema_v.is_floating_point():
+                ema_values.append(ema_v)
+                model_values.append(model_v)
+            else:
+                ema_v.copy_(model_v)
+        torch._foreach_lerp_(ema_values, model_values, weight=1.0 - decay)
+
+    return update
 
 
 class Wrap(LightningModule):
@@ -75,7 +84,7 @@ def few_large() -> nn.Module:
     return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)])  # 8 tensors, 4.2 M elements
 
 
-def update_times(make: Callable[[], nn.Module], timm_ema) -> dict[str, float | None]:
+def update_times(make: Callable[[], nn.Module]) -> dict[str, float]:
     torch.manual_seed(0)
     module = Wrap(make())
     n = sum(p.numel() for p in module.parameters())
@@ -90,11 +99,11 @@ def update_times(make: Callable[[], nn.Module], timm_ema) -> dict[str, float | N
     lightning.setup(None, module, "fit")  # builds its AveragedModel (a deep copy)
     fns["lightning"] = lambda: lightning._average_model.update_parameters(module)
 
-    if timm_ema is not None:
-        timm = timm_ema(module, decay=DECAY)
-        step = iter(range(10**9))
-        fns["timm"] = lambda: timm.update(module, step=next(step))
-    out: dict[str, float | None] = {"timm": None, **interleaved(fns)}
+    averaged = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
+    fns["torch"] = lambda: averaged.update_parameters(module)
+
+    fns["timm rule"] = timm_rule(module, DECAY)
+    out: dict[str, float] = interleaved(fns)
     out["elements"] = float(n)
     return out
 
@@ -131,20 +140,16 @@ def digits_step(callback: Callback | None) -> tuple[float, float]:
 
 def main() -> None:
     torch.manual_seed(0)
-    timm_ema, timm_note = load_timm_ema()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, decay {DECAY}; {timm_note}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, decay {DECAY}")
     print("\nTime per EMA update (median), and ratio to the flat-buffer floor")
     print(f"{'model':<34}{'impl':<12}{'ms/update':>10}{'x floor':>9}{'litplug faster by':>19}")
     for label, make in (("(a) 1,000 small tensors", many_small), ("(b) 8 large tensors", few_large)):
-        r = update_times(make, timm_ema)
+        r = update_times(make)
         label = f"{label} ({r['elements'] / 1e6:.2f} M)"
-        for impl in ("floor", "litplug", "lightning", "timm"):
+        for impl in ("floor", "litplug", "lightning", "torch", "timm rule"):
             t = r[impl]
-            if t is None:
-                print(f"{label:<34}{impl:<12}{'unavailable':>10}")
-                continue
-            speedup = f"{t / r['litplug']:.1f}x" if impl in ("lightning", "timm") else ""
+            speedup = f"{t / r['litplug']:.1f}x" if impl not in ("floor", "litplug") else ""
             print(f"{label:<34}{impl:<12}{t * 1e3:>10.3f}{t / r['floor']:>9.2f}{speedup:>19}")
             label = ""
 

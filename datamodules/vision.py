@@ -4,7 +4,8 @@ The files are parsed here (idx for MNIST; for CIFAR-10, pickled batches read by
 :func:`litplug.loading.load_data_pickle`, which rebuilds only dicts, lists, strings, ints and numpy
 arrays, so a crafted batch file runs no code) rather than through ``torchvision.datasets``
 because reading must not depend on a torchvision build that matches the installed torch;
-torchvision (extra ``vision``) is used only for ``download=True``.
+torchvision is used only for ``download=True`` and is not an extra of litplug: install the
+torchvision built for your torch yourself (a plain ``pip install torchvision`` may replace torch).
 A folder downloaded by torchvision works as is:
 
     root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
@@ -33,7 +34,10 @@ def _download(dataset: str, root: Path) -> None:
     try:
         import torchvision.datasets as tvd
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(f"`download=True` needs torchvision: pip install 'litplug[vision]' ({err})") from err
+        raise ImportError(
+            "`download=True` needs torchvision: install the build matching your torch (check with "
+            f"`pip install --dry-run torchvision` that it keeps torch), or place the files under `root` ({err})"
+        ) from err
     getattr(tvd, dataset)(str(root), train=True, download=True)
     getattr(tvd, dataset)(str(root), train=False, download=True)
 
