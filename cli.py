@@ -55,6 +55,7 @@ from lightning.pytorch.loggers import Logger
 
 # Imported for their side effect: jsonargparse resolves `class_path: EMA` among loaded subclasses.
 from . import callbacks, datamodules, modules  # noqa: F401
+from .loading import load_file
 from .plumbing import end_distributed_run
 from .plumbing.third_party_private import ended_ranks
 
@@ -391,7 +392,7 @@ def check_checkpoint(config: Any) -> None:
                 "is truncated or not written by torch.save. Resume from an earlier checkpoint."
             ) from err
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=not pickle_only)
+        ckpt = load_file(path)  # weights_only unpickling with the globals Lightning checkpoints hold
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
         raise UsageError(f"--ckpt_path {ckpt_path}: cannot be loaded ({type(err).__name__}: {err})") from err
     model = config[subcommand].get("model")
