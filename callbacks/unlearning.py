@@ -202,8 +202,8 @@ class UnlearningMask(Callback):
             by = f"UnlearningMask(criterion={self.criterion!r})"
             try:
                 require(trainer.datamodule, ForgetRetainData, by, "datamodule")
-            except ValueError as err:
-                raise ValueError(f"{err}.\n{FORGET_RETAIN_HINT}") from err
+            except TypeError as err:
+                raise TypeError(f"{err}.\n{FORGET_RETAIN_HINT}") from err
             require_loss(pl_module, by)
 
     def _scoped(self, pl_module: LightningModule) -> list[tuple[str, nn.Parameter]]:

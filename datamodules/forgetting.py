@@ -57,7 +57,7 @@ def _require_split_aware(module: Any) -> None:
     if step is None or step is LightningModule.validation_step:
         return
     if not is_param_in_hook_signature(module.validation_step, "dataloader_idx"):
-        raise ValueError(
+        raise TypeError(
             f"ForgetRetain feeds Unlearner (or a module written for its batches): training batches are "
             f"{{'forget': batch, 'retain': batch}} dicts and validation has one loader per split (forget, retain, "
             f"test), so `validation_step` needs a `dataloader_idx` argument, which "

@@ -133,15 +133,15 @@ def test_sam_every_n_steps_counts_training_steps(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "callback, refusal",
+    "callback, error, refusal",
     [
-        (lambda: SAM(), "SAM does not support manual optimisation"),
-        (lambda: SurrogateSharpness(), "SurrogateSharpness does not support manual optimisation"),
-        (lambda: IBPWarmup(), "IBPWarmup needs the module to satisfy CertifiedModule"),
+        (lambda: SAM(), ValueError, "SAM does not support manual optimisation"),
+        (lambda: SurrogateSharpness(), ValueError, "SurrogateSharpness does not support manual optimisation"),
+        (lambda: IBPWarmup(), TypeError, "IBPWarmup needs the module to satisfy CertifiedModule"),
     ],
 )
-def test_step_callbacks_that_need_automatic_optimisation_refuse_two_optimizers(tmp_path, callback, refusal):
-    with pytest.raises(ValueError, match=refusal):
+def test_step_callbacks_that_need_automatic_optimisation_refuse_two_optimizers(tmp_path, callback, error, refusal):
+    with pytest.raises(error, match=refusal):
         _fit(tmp_path, TwoOptimizerGAN(), [callback()], batches=2)
 
 

@@ -228,35 +228,42 @@ class _PlainClassifier(LightningModule):
 
 
 class _UserData(LightningDataModule):
-    """A user's datamodule; ``with_split`` adds the three-line loaders the mask reads."""
+    """A user's datamodule, without the loaders the mask reads."""
 
-    def __init__(self, with_split: bool):
+    def __init__(self):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         x, y = torch.randn(48, 1, 8, 8, generator=g), torch.randint(0, 10, (48,), generator=g)
         self.forget_set, self.retain_set = TensorDataset(x[:16], y[:16]), TensorDataset(x[16:], y[16:])
         self.batch_size = 8
-        if with_split:
-            self.forget_dataloader = lambda: DataLoader(self.forget_set, batch_size=self.batch_size)
-            self.retain_dataloader = lambda: DataLoader(self.retain_set, batch_size=self.batch_size)
 
     def train_dataloader(self):
         return DataLoader(ConcatDataset([self.forget_set, self.retain_set]), batch_size=self.batch_size)
 
 
+class _UserSplitData(_UserData):
+    """The same datamodule with the two loaders a user adds for the mask."""
+
+    def forget_dataloader(self):
+        return DataLoader(self.forget_set, batch_size=self.batch_size)
+
+    def retain_dataloader(self):
+        return DataLoader(self.retain_set, batch_size=self.batch_size)
+
+
 def test_forget_retain_refuses_a_plain_module_saying_what_to_add(tmp_path):
     dm = ForgetRetain(Digits(batch_size=32), scenario="class", forget_classes=[0])
-    with pytest.raises(ValueError, match=r"(?s)validation_step` needs a `dataloader_idx`.*def forget_dataloader"):
+    with pytest.raises(TypeError, match=r"(?s)validation_step` needs a `dataloader_idx`.*def forget_dataloader"):
         fast_trainer(tmp_path, max_steps=1).fit(_PlainClassifier(), dm)
 
 
 def test_mask_on_a_user_module_needs_only_the_two_loaders(tmp_path):
     with pytest.raises(
-        ValueError, match=r"(?s)lacks \['forget_dataloader', 'retain_dataloader'\].*def forget_dataloader"
+        TypeError, match=r"(?s)lacks \['forget_dataloader', 'retain_dataloader'\].*def forget_dataloader"
     ):
         trainer = fast_trainer(tmp_path, max_steps=1, callbacks=[UnlearningMask("saliency", ratio=0.5)])
-        trainer.fit(_PlainClassifier(), _UserData(with_split=False))
+        trainer.fit(_PlainClassifier(), _UserData())
     mask = UnlearningMask("saliency", ratio=0.5, num_batches=1)
     model = _PlainClassifier()
-    fast_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[mask]).fit(model, _UserData(with_split=True))
+    fast_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[mask]).fit(model, _UserSplitData())
     assert mask.num_selected == sum(int(m.sum()) for m in mask.masks.values()) > 0
