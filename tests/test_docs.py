@@ -7,9 +7,10 @@ working directory, so a block may use a file that a command above it wrote:
   starting with ``# fragment`` is a fragment and is skipped; the page must show the complete
   version beside it. A block needs an extra when the line above it says so ("needs the
   ``offline`` extra"); it runs when the extra's packages import, else the test skips with the reason.
-* ``bash`` blocks: every ``litplug ...`` and ``python -c ...`` line runs (continuation lines joined,
-  trailing ``# comments`` dropped). ``litplug`` lines get short trainer settings appended, so a
-  renamed config or argument fails here, not for the user. A command marked "needs MNIST on disk"
+* ``bash`` blocks: every ``litplug ...``, ``python -m litplug...`` and ``python -c ...`` line runs
+  (continuation lines joined, trailing ``# comments`` dropped). ``litplug`` lines get short trainer
+  settings appended (tools such as ``litplug.oracle`` their own, ``SHORT_TOOLS``), so a renamed
+  config or argument fails here, not for the user. A command marked "needs MNIST on disk"
   or "needs CIFAR-10 on disk" runs on tiny files written in the real format. Setup lines (venv,
   ``pip``, ``tensorboard``, the test command, ``bash``/``python`` scripts under ``benchmarks/``) are
   the two README commands or long jobs and are not run here.
@@ -43,6 +44,8 @@ SHORT = [
 NOT_RUN = re.compile(
     r"^(python3? -m venv |\. |source |pip |tensorboard |python -m pytest|bash benchmarks/|python benchmarks/)"
 )
+# `python -m litplug.<tool>` lines run with these settings appended (the last value of an option wins).
+SHORT_TOOLS = {"litplug.oracle": ["--epochs", "1"]}
 EXTRA = re.compile(r"needs the `(\w+)` extra")
 TIMEOUT = 300
 
@@ -147,6 +150,8 @@ def test_page_examples_run_as_written(page: Path, tmp_path: Path) -> None:
                     continue
                 assert "..." not in command, f"{where}: `{command}` is a placeholder; write the complete command"
                 words = shlex.split(command)
+                if words[:3] in (["python", "-m", "litplug"], ["python3", "-m", "litplug"]):
+                    words = ["litplug", *words[3:]]
                 if words[0] == "litplug":
                     if re.search(r"needs (MNIST|CIFAR-10) on disk", block.text) and not (tmp_path / "data").exists():
                         write_tiny_datasets(tmp_path)
@@ -157,6 +162,10 @@ def test_page_examples_run_as_written(page: Path, tmp_path: Path) -> None:
                     ran += 1
                 elif words[0] in ("python", "python3") and words[1] == "-c":
                     run([sys.executable, *words[1:]], tmp_path, f"`{command}` at {where}")
+                    ran += 1
+                elif words[0] in ("python", "python3") and words[1] == "-m" and words[2].startswith("litplug"):
+                    extra = SHORT_TOOLS.get(words[2], [])
+                    run([sys.executable, *words[1:], *extra], tmp_path, f"`{command}` at {where}")
                     ran += 1
                 else:
                     pytest.fail(f"{where}: `{command}` is neither a litplug command nor a setup line this test knows")
