@@ -16,7 +16,9 @@ __all__ = ["BoundTightness"]
 
 
 class BoundTightness(Callback):
-    """Log, per ReLU layer, the width of the CROWN bounds over the width of the IBP bounds of its
+    """Log how much tighter CROWN bounds are than IBP bounds, layer by layer.
+
+    Per ReLU layer: the width of the CROWN bounds over the width of the IBP bounds of its
     pre-activations on a validation batch (Mao et al. 2023, "Understanding Certified Training
     with Interval Bound Propagation": how far IBP is from the tighter linear relaxation, and how
     training changes that).
