@@ -132,12 +132,12 @@ class ModelMerge(Classifier):
         reference = dict(backbone.state_dict())
         self.ingredients: list[State] = []
         for path in checkpoints:
-            state = load_ingredient(path)
+            state = load_ingredient(path, expected=list(reference))
             check_compatible(reference, state, f"checkpoint {path}")
             self.ingredients.append(state)
         self.base_state: State | None = None
         if base is not None:
-            self.base_state = load_ingredient(base)
+            self.base_state = load_ingredient(base, expected=list(reference))
             check_compatible(reference, self.base_state, f"base {base}")
         self.checkpoints = list(checkpoints)
         self.recipe = recipe

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from ..functional.soup import greedy_soup, uniform_soup
-from ..loading import load_file
+from ..loading import find_prefix, load_file
 from ..plumbing import save_rank_zero, training_mode
 from ..validation import check_choice, check_list, check_path
 from .classifier import Classifier
@@ -37,18 +37,31 @@ Metric = Literal["val/acc", "val/loss"]
 
 
 # ----------------------------------------------------------------------------- functional core
-def load_ingredient(path: str, prefix: str = "backbone.") -> State:
+def load_ingredient(path: str, prefix: str = "backbone.", expected: list[str] | None = None) -> State:
     """The backbone weights in ``path``: a Lightning checkpoint (``state_dict`` keys under
-    ``prefix`` are kept, the prefix removed) or a plain state dict (e.g. ``EMA``'s export)."""
+    ``prefix`` are kept, the prefix removed) or a plain state dict (e.g. ``EMA``'s export). With
+    ``expected`` (the backbone's parameter names), a checkpoint of any module holding the backbone
+    works too: the prefix that makes every expected name a key is found
+    (:func:`litplug.loading.find_prefix`)."""
     obj = load_file(path)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+    lightning = isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)
+    if lightning:
         state = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
-        if not state:
-            raise ValueError(f"checkpoint {path} has no weights under {prefix!r} in its `state_dict`")
-        return state
-    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
-        return dict(obj)
-    raise ValueError(f"{path} is neither a Lightning checkpoint nor a plain state dict of tensors")
+        if state:
+            return state
+        found = obj["state_dict"]
+    elif isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        found = obj
+    else:
+        raise ValueError(f"{path} is neither a Lightning checkpoint nor a plain state dict of tensors")
+    found_prefix = find_prefix(expected, found) if expected else None
+    if found_prefix:  # "" (the names as they are) keeps every key, so extra ones are reported
+        return {k: found[found_prefix + k] for k in expected}
+    if found_prefix == "":
+        return dict(found)
+    if lightning:
+        raise ValueError(f"checkpoint {path} has no weights under {prefix!r} in its `state_dict`")
+    return dict(found)
 
 
 def check_compatible(reference: State, state: State, where: str) -> None:
@@ -113,7 +126,7 @@ class ModelSoup(Classifier):
         reference = {k: v for k, v in backbone.state_dict().items()}
         self.ingredients = []
         for path in checkpoints:
-            state = load_ingredient(path)
+            state = load_ingredient(path, expected=list(reference))
             check_compatible(reference, state, f"checkpoint {path}")
             self.ingredients.append(state)
         self.checkpoints = list(checkpoints)

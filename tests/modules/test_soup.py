@@ -140,3 +140,26 @@ def test_digits_recipe_end_to_end(tmp_path, monkeypatch):
     assert soup.soup_score >= max(soup.scores) and len(soup.scores) == 3
     assert Path("runs/soup/soup_backbone.pt").exists()
     assert "soup/acc" in read_scalars(tmp_path / "runs/soup/soup")
+
+
+def test_a_checkpoint_of_any_module_holding_the_backbone_is_an_ingredient(tmp_path):
+    """A user's Lightning checkpoint whose keys start with ``model.`` (not ``backbone.``) is found
+    by its prefix, for ModelSoup and ModelMerge alike."""
+    from litplug.modules import ModelMerge
+
+    torch.manual_seed(0)
+    nets = [MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8]) for _ in range(2)]
+    paths = []
+    for i, net in enumerate(nets):
+        path = tmp_path / f"user_{i}.ckpt"
+        torch.save({"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, path)
+        paths.append(str(path))
+    soup = ModelSoup(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8]), paths, recipe="uniform", output_path=None)
+    for got, net in zip(soup.ingredients, nets):
+        assert all(torch.equal(got[k], v) for k, v in net.state_dict().items())
+    merge = ModelMerge(
+        MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8]), paths, recipe="uniform", output_path=None
+    )
+    assert all(torch.equal(merge.ingredients[1][k], v) for k, v in nets[1].state_dict().items())
+    with pytest.raises(ValueError, match="no weights under 'backbone.'"):
+        load_ingredient(paths[0])  # without the backbone's names there is nothing to find the prefix by
