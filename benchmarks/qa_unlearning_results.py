@@ -18,6 +18,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from litplug.datamodules import FictitiousQA, ForgetRetain
 from litplug.functional.unlearning_metrics import unlearning_suite
+from litplug.loading import load_state_dict
 from litplug.modules import Unlearner
 from litplug.oracle import backbone, train_oracle
 
@@ -35,7 +36,7 @@ COLUMNS = ["forget_quality", "model_utility", "privleak", "mia_loss", "forget_tr
 
 def load(dm: FictitiousQA, path: Path) -> torch.nn.Module:
     net = backbone(dm)
-    net.load_state_dict(torch.load(path, weights_only=True))
+    net.load_state_dict(load_state_dict(path))
     return net.eval()
 
 
