@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -207,3 +208,26 @@ class TensorDataModule(SeededDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+
+class WrappedDataModule(LightningDataModule):
+    """Base of the datamodules that wrap another one (``self.datamodule``): data preparation,
+    setup (with the trainer handed down), teardown and checkpoint state go to the wrapped one."""
+
+    datamodule: LightningDataModule
+
+    def prepare_data(self) -> None:
+        self.datamodule.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        self.datamodule.trainer = self.trainer
+        self.datamodule.setup(stage)
+
+    def teardown(self, stage: str) -> None:
+        self.datamodule.teardown(stage)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.datamodule.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.datamodule.load_state_dict(state_dict)

@@ -36,7 +36,7 @@ from torchdata.stateful_dataloader.sampler import BatchSampler as StatefulBatchS
 
 from ..plumbing import mix_seed
 from ..validation import check_int
-from .base import EpochShuffle
+from .base import EpochShuffle, WrappedDataModule
 from .forgetting import LABEL_ATTRIBUTES, dataset_labels
 
 __all__ = ["Indexed", "IndexedBatch", "KeptSampler", "training_labels"]
@@ -142,7 +142,7 @@ def training_labels(dataset: Dataset, who: str) -> Tensor:
     return torch.as_tensor([int(torch.as_tensor(dataset[i][1])) for i in range(len(dataset))])
 
 
-class Indexed(LightningDataModule):
+class Indexed(WrappedDataModule):
     """Wrap ``datamodule`` so that its training batches carry each sample's index.
 
     The training loader yields :class:`IndexedBatch` ``(batch, index)`` built around the wrapped
@@ -184,22 +184,6 @@ class Indexed(LightningDataModule):
         for name in ("num_classes", "input_shape", "batch_size"):
             if hasattr(datamodule, name):
                 setattr(self, name, getattr(datamodule, name))
-
-    def prepare_data(self) -> None:
-        self.datamodule.prepare_data()
-
-    def setup(self, stage: str) -> None:
-        self.datamodule.trainer = self.trainer
-        self.datamodule.setup(stage)
-
-    def teardown(self, stage: str) -> None:
-        self.datamodule.teardown(stage)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.datamodule.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.datamodule.load_state_dict(state_dict)
 
     def keep(self, indices: Tensor | None) -> None:
         """Train on ``indices`` (training-set indices) from the next ``train_dataloader()`` call on;

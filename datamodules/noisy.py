@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..validation import check_choice, check_int, check_number
-from .base import flip_labels
+from .base import WrappedDataModule, flip_labels
 from .indexed import training_labels
 
 Kind = Literal["symmetric", "pair"]
@@ -37,7 +37,7 @@ class _Relabelled(Dataset):
         return sample[0], self.labels[i]
 
 
-class NoisyLabels(LightningDataModule):
+class NoisyLabels(WrappedDataModule):
     """Any datamodule with a fraction of its training labels corrupted.
 
     Corrupt a ``rate`` fraction of the training labels of ``datamodule``; validation and test
@@ -94,22 +94,6 @@ class NoisyLabels(LightningDataModule):
     def is_noisy(self) -> Tensor:
         """Which training labels were corrupted."""
         return self.noisy_labels != self.clean_labels
-
-    def prepare_data(self) -> None:
-        self.datamodule.prepare_data()
-
-    def setup(self, stage: str) -> None:
-        self.datamodule.trainer = self.trainer
-        self.datamodule.setup(stage)
-
-    def teardown(self, stage: str) -> None:
-        self.datamodule.teardown(stage)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.datamodule.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.datamodule.load_state_dict(state_dict)
 
     def _corrupt(self, clean: Tensor) -> Tensor:
         num_classes = self.num_classes or int(clean.max()) + 1
