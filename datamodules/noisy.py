@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -18,11 +19,11 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..validation import check_choice, check_int, check_number
+from ..validation import check_choice, check_int, check_list, check_number
 from .base import WrappedDataModule, flip_labels
 from .indexed import training_labels
 
-Kind = Literal["symmetric", "pair"]
+Kind = Literal["symmetric", "pair", "transition"]
 
 
 class _Relabelled(Dataset):
@@ -40,45 +41,68 @@ class _Relabelled(Dataset):
 class NoisyLabels(WrappedDataModule):
     """Any datamodule with a fraction of its training labels corrupted.
 
-    Corrupt a ``rate`` fraction of the training labels of ``datamodule``; validation and test
-    data stay clean.
+    Corrupt the training labels of ``datamodule``; validation and test data stay clean.
 
     - ``kind="symmetric"``: ``round(rate N)`` samples, drawn uniformly, get a uniformly drawn
       *different* class (the convention of ``Digits(label_noise=...)``);
     - ``kind="pair"`` (class-dependent, Han et al. 2018's pair flip): ``round(rate N)`` samples
-      drawn uniformly get the next class, ``c -> (c + 1) mod C``.
+      drawn uniformly get the next class, ``c -> (c + 1) mod C``;
+    - ``kind="transition"`` (class-dependent, any noise transition matrix, Patrini et al. 2017):
+      every sample of clean class ``i`` independently gets the label ``j`` with probability
+      ``transition[i][j]`` (the diagonal is the probability of staying clean); ``rate`` is not
+      used, the matrix sets each class's noise rate.
 
-    The flips are drawn from ``seed`` once; ``clean_labels``, ``noisy_labels`` and ``is_noisy``
+    The noise is drawn from ``seed`` once; ``clean_labels``, ``noisy_labels`` and ``is_noisy``
     (training-set order) are kept for evaluation (e.g. how many noisy labels a model memorised).
     Training samples must be ``(inputs, label)`` pairs of a map-style dataset; the labels are read
     from the dataset's ``targets``/``labels``/``y`` attribute or from the samples. The training
-    loader keeps the wrapped one's sampler, batch size, collate function and workers.
+    loader keeps the wrapped one's sampler, batch size, collate function and workers, and is a
+    ``StatefulDataLoader`` (its position is saved in checkpoints, so a run resumes mid-epoch
+    exactly when the wrapped sampler is resumable, as litplug's datamodules' are).
 
     Args:
         datamodule: any ``LightningDataModule`` with a map-style training set.
-        rate: fraction of training labels corrupted, in [0, 1).
-        kind: ``"symmetric"`` or ``"pair"``.
+        rate: fraction of training labels corrupted, in [0, 1), for ``"symmetric"`` and ``"pair"``
+            (None: 0.2); must be None for ``"transition"``.
+        kind: ``"symmetric"``, ``"pair"`` or ``"transition"``.
         num_classes: number of classes (None: the datamodule's ``num_classes``, else the largest
-            label + 1).
-        seed: seed of the flips.
+            label + 1, else the size of ``transition``).
+        seed: seed of the noise.
+        transition: for ``kind="transition"`` only: a ``C x C`` matrix of probabilities, each row
+            summing to 1, ``transition[i][j]`` the probability that a clean ``i`` is labelled ``j``.
     """
 
     def __init__(
         self,
         datamodule: LightningDataModule,
-        rate: float = 0.2,
+        rate: float | None = None,
         kind: Kind = "symmetric",
         num_classes: int | None = None,
         seed: int = 0,
+        transition: list[list[float]] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(datamodule, LightningDataModule):
             raise TypeError(f"`datamodule` must be a LightningDataModule, got {type(datamodule).__name__}")
-        self.rate = check_number("rate", rate, 0, 1, high_open=True)
-        self.kind = check_choice("kind", kind, ("symmetric", "pair"))
+        self.kind = check_choice("kind", kind, ("symmetric", "pair", "transition"))
+        rate = check_number("rate", rate, 0, 1, high_open=True, allow_none=True)
+        self.transition = _check_transition(transition, self.kind)
+        if self.kind == "transition" and rate is not None:
+            raise ValueError(
+                f"`rate` must be None with kind='transition' (the matrix sets each class's noise rate), got {rate!r}"
+            )
+        self.rate = 0.2 if rate is None and self.kind != "transition" else rate
         self.num_classes = check_int("num_classes", num_classes, low=2, allow_none=True) or getattr(
             datamodule, "num_classes", None
         )
+        if self.transition is not None:
+            size = len(self.transition)
+            if self.num_classes is not None and self.num_classes != size:
+                raise ValueError(
+                    f"`transition` must be a {self.num_classes} x {self.num_classes} matrix (num_classes="
+                    f"{self.num_classes}), got {size} x {size}"
+                )
+            self.num_classes = size
         self.seed = check_int("seed", seed)
         self.datamodule = datamodule
         self.clean_labels: Tensor | None = None
@@ -98,6 +122,14 @@ class NoisyLabels(WrappedDataModule):
     def _corrupt(self, clean: Tensor) -> Tensor:
         num_classes = self.num_classes or int(clean.max()) + 1
         gen = torch.Generator().manual_seed(self.seed)
+        if self.kind == "transition":
+            if int(clean.max()) >= num_classes or int(clean.min()) < 0:
+                raise ValueError(
+                    f"`transition` is a {num_classes} x {num_classes} matrix but {type(self.datamodule).__name__}'s "
+                    f"training labels span [{int(clean.min())}, {int(clean.max())}]"
+                )
+            rows = torch.tensor(self.transition, dtype=torch.float64)[clean]
+            return torch.multinomial(rows, 1, generator=gen).squeeze(1).to(clean.dtype)
         if self.kind == "symmetric":
             return flip_labels(clean, self.rate, num_classes, gen)
         noisy = clean.clone()
@@ -131,3 +163,28 @@ class NoisyLabels(WrappedDataModule):
             generator=loader.generator,
             persistent_workers=loader.persistent_workers,
         )
+
+
+def _check_transition(transition: Any, kind: str) -> list[list[float]] | None:
+    """A square matrix of probabilities whose rows sum to 1, given exactly with kind='transition'."""
+    if transition is None:
+        if kind == "transition":
+            raise ValueError("`transition` must be a C x C matrix of probabilities with kind='transition', got None")
+        return None
+    rows = check_list("transition", transition, lambda name, row: check_list(name, row, _probability), nonempty=True)
+    size = len(rows)
+    if size < 2:
+        raise ValueError(f"`transition` must be a C x C matrix with C >= 2 classes, got {transition!r}")
+    for i, row in enumerate(rows):
+        if len(row) != size:
+            raise ValueError(f"`transition` must be square ({size} x {size}), but row {i} has {len(row)} entries")
+        total = math.fsum(row)
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"`transition` rows must sum to 1, but row {i} sums to {total:.6g}: {row!r}")
+    if kind != "transition":
+        raise ValueError(f"`transition` is only used with kind='transition', got kind={kind!r}")
+    return rows
+
+
+def _probability(name: str, value: Any) -> float:
+    return check_number(name, value, 0, 1)

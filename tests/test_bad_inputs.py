@@ -321,6 +321,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         "kind": ANY,
         "num_classes": CLASSES,
         "seed": SEED_ARG,
+        "transition": ANY,
     },
     "OfflineDesigns": {
         "task": ANY,

@@ -1,7 +1,10 @@
-"""NoisyLabels: exact seeded noise of each kind, clean labels and held-out data untouched."""
+"""NoisyLabels: exact seeded noise of each kind (a transition matrix against its empirical
+frequencies), clean labels and held-out data untouched, bad matrices named."""
 
 import pytest
 import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, TensorDataset
 
 from litplug.datamodules import Digits, NoisyLabels
 
@@ -27,3 +30,62 @@ def test_noise_is_seeded_exact_and_keeps_the_clean_labels(kind):
     assert not torch.equal(other.noisy_labels, dm.noisy_labels)
     val = torch.cat([y for _, y in dm.val_dataloader()])
     assert torch.equal(val, dm.datamodule.val_set.y)  # held-out data is the wrapped one's, clean
+
+
+class _Labels(LightningDataModule):
+    """Many labels, balanced over 3 classes: empirical frequencies close to the probabilities."""
+
+    def __init__(self, n=30_000):
+        super().__init__()
+        self.data = TensorDataset(torch.zeros(n, 1), torch.arange(n) % 3)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=1000)
+
+
+TRANSITION = [[0.6, 0.3, 0.1], [0.0, 1.0, 0.0], [0.25, 0.25, 0.5]]
+
+
+def test_a_transition_matrix_gives_its_empirical_frequencies():
+    dm = NoisyLabels(_Labels(), kind="transition", transition=TRANSITION, seed=3)
+    loader = dm.train_dataloader()
+    clean, noisy = dm.clean_labels, dm.noisy_labels
+    assert torch.equal(clean, torch.arange(30_000) % 3) and torch.equal(torch.cat([y for _, y in loader]), noisy)
+    counts = torch.zeros(3, 3)
+    counts.index_put_((clean, noisy), torch.ones(len(clean)), accumulate=True)
+    p = torch.tensor(TRANSITION)
+    freq = counts / counts.sum(1, keepdim=True)
+    sd = (p * (1 - p) / 10_000).sqrt()  # binomial standard deviation, 10,000 samples per class
+    assert ((freq - p).abs() <= 4 * sd + 1e-12).all(), freq
+    assert torch.equal(freq[1], torch.tensor([0.0, 1.0, 0.0]))  # probability 0 never drawn
+    again = NoisyLabels(_Labels(), kind="transition", transition=TRANSITION, seed=3)
+    again.train_dataloader()
+    assert torch.equal(again.noisy_labels, noisy)
+    other = NoisyLabels(_Labels(), kind="transition", transition=TRANSITION, seed=4)
+    other.train_dataloader()
+    assert not torch.equal(other.noisy_labels, noisy)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"kind": "transition"}, ValueError, "`transition` must be a C x C matrix.*got None"),
+        ({"transition": TRANSITION}, ValueError, "`transition` is only used with kind='transition'"),
+        ({"kind": "transition", "transition": TRANSITION, "rate": 0.2}, ValueError, "`rate` must be None"),
+        ({"kind": "transition", "transition": [[0.5, 0.5], [0.2, 0.7]]}, ValueError, r"row 1 sums to 0.9"),
+        ({"kind": "transition", "transition": [[0.5, 0.5], [1.0]]}, ValueError, "must be square"),
+        ({"kind": "transition", "transition": [[1.5, -0.5], [0, 1]]}, ValueError, r"`transition\[0\]\[0\]`"),
+        ({"kind": "transition", "transition": [[1.0]]}, ValueError, "C >= 2"),
+        ({"kind": "transition", "transition": [["a", 1], [0, 1]]}, TypeError, r"`transition\[0\]\[0\]`"),
+        ({"kind": "transition", "transition": TRANSITION, "num_classes": 4}, ValueError, "4 x 4 matrix"),
+    ],
+)
+def test_a_bad_transition_matrix_is_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NoisyLabels(_Labels(), **kwargs)
+
+
+def test_labels_outside_the_matrix_are_refused():
+    dm = NoisyLabels(_Labels(), kind="transition", transition=[[0.9, 0.1], [0.1, 0.9]])
+    with pytest.raises(ValueError, match="2 x 2 matrix but _Labels's training labels span"):
+        dm.train_dataloader()
