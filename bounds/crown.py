@@ -34,9 +34,10 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .engine import BoundedNetwork, _get_attr, _has_interval, bounded
+from .fused import ReLURelaxation
 from .interval import Interval, Pass, UnsupportedOperationError, name_of, where
 from .ops import CENTRE_METHODS
-from .relaxation import Step
+from .relaxation import Step, batch_norm_affine, conv_transpose
 
 Method = Literal["crown", "crown-ibp"]
 METHODS = ("crown", "crown-ibp")
@@ -88,7 +89,9 @@ def crown_bounds(
         model: the network (as for :func:`~.engine.interval_bounds`; batch norm uses its running
             statistics in eval mode).
         lower, upper: the input box, batched like the network's input.
-        method: ``"crown"`` (intermediate bounds by CROWN) or ``"crown-ibp"`` (by IBP).
+        method: ``"crown"`` (intermediate bounds by CROWN) or ``"crown-ibp"`` (by IBP). The
+            bounds are tightened as :func:`linear_bounds` with ``tighten=True`` describes (never
+            looser than IBP's, and ``"crown"`` never looser than ``"crown-ibp"``).
         spec: optional ``[B, S, K]`` matrix for a network with ``K`` outputs; the bounds are then
             ``[B, S]``.
         grad: build the autograd graph (training through the bounds); off by default.
@@ -106,7 +109,7 @@ def crown_bounds(
     """
     check_method(method)
     with torch.set_grad_enabled(grad):
-        result = linear_bounds(bounded(model), lower, upper, method, spec)
+        result = linear_bounds(bounded(model), lower, upper, method, spec, tighten=True)
     assert result.upper is not None
     return result.lower, result.upper
 
@@ -120,11 +123,19 @@ def linear_bounds(
     clean: torch.Tensor | None = None,
     bound_upper: bool = True,
     record_relu: bool = False,
+    tighten: bool = False,
 ) -> LinearResult:
     """CROWN bounds and the interval bounds of the same forward pass (for CROWN-IBP training,
     which mixes both). ``clean`` is carried along as in the interval engine (batch-norm
     statistics in train mode, the clean output); ``record_relu`` collects the pre-activation
-    bounds that the relaxation uses (``relu``) and the interval ones (``ibp_relu``)."""
+    bounds that the relaxation uses (``relu``) and the interval ones (``ibp_relu``).
+
+    ``tighten=False``: the bounds of the papers (and of auto_LiRPA with
+    ``sparse_intermediate_bounds`` off). ``tighten=True`` (what :func:`crown_bounds`, margin
+    bounds and verification use): CROWN's intermediate bounds are intersected with the interval
+    bounds of the same node, and the final bounds are the tighter of CROWN, CROWN-IBP (for
+    ``method="crown"``) and IBP: all are sound, so each of these is too, and the ordering
+    IBP <= CROWN-IBP <= CROWN holds by construction."""
     check_method(method)
     if lower.shape != upper.shape:
         raise ValueError(
@@ -132,7 +143,7 @@ def linear_bounds(
         )
     if bool((lower > upper).any()):
         raise ValueError("`lower` must be <= `upper` everywhere (an empty box)")
-    run = _Run(engine, method, record_relu)
+    run = _Run(engine, method, record_relu, tighten)
     env = run.forward(lower, upper, clean)
     out_node = engine.output.args[0]
     out: Interval = env[out_node]
@@ -142,7 +153,6 @@ def linear_bounds(
             raise ValueError(f"`spec` needs a network with outputs [batch, K], got {tuple(out.radius.shape)}")
         check_spec(spec, batch, out.radius.shape[1])
         spec = spec.to(out.radius.dtype)
-        rows = spec.transpose(0, 1)
         if engine.elide is not None:  # interval bounds with the last layer elided, as the interval engine
             folded = engine._elided(Pass(engine.model, True, False, None), engine.elide, run.env, spec)
             ibp_lower, ibp_upper = folded.lower, folded.upper
@@ -150,20 +160,50 @@ def linear_bounds(
             ibp_centre = torch.einsum("bsk,bk->bs", spec, out.centre)
             ibp_radius = torch.einsum("bsk,bk->bs", spec.abs(), out.radius)
             ibp_lower, ibp_upper = ibp_centre - ibp_radius, ibp_centre + ibp_radius
-        lo, up = run.backward(out_node, rows, rows if bound_upper else None)
-        lo, up = lo.transpose(0, 1), up.transpose(0, 1) if up is not None else None
+        lo, up = _spec_bounds(run, out_node, spec, bound_upper)
     else:
         ibp_lower, ibp_upper = out.lower, out.upper
         lo, up = run.node_bounds(out_node, bound_upper)
+    if tighten:
+        lo = torch.maximum(lo, ibp_lower)
+        up = torch.minimum(up, ibp_upper) if up is not None else None
+        if method == "crown":
+            base = linear_bounds(engine, lower, upper, "crown-ibp", spec, clean, bound_upper, False, True)
+            lo = torch.maximum(lo, base.lower)
+            up = torch.minimum(up, base.upper) if up is not None and base.upper is not None else None
     return LinearResult(lo, up, ibp_lower, ibp_upper, out.clean, run.relu, run.ibp_relu)
+
+
+def _spec_bounds(
+    run: _Run, out_node: fx.Node, spec: torch.Tensor, bound_upper: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bounds ``[B, S]`` of ``spec @ output`` by one backward pass. Rows that are zero (the true
+    class of a margin specification) are bounded by 0 without a backward row, when every sample
+    has as many of them (margins: one each, so the pass carries ``K - 1`` rows, not ``K``)."""
+    batch, rows = spec.shape[:2]
+    live = spec.ne(0).any(2)
+    counts = live.sum(1)
+    kept = int(counts[0])
+    if 0 < kept < rows and bool((counts == kept).all()):
+        index = live.nonzero()[:, 1].view(batch, kept)
+        spec = spec.gather(1, index[:, :, None].expand(-1, -1, spec.shape[2]))
+    else:
+        index = None
+    a = spec.transpose(0, 1)
+    lo, up = run.backward(out_node, a, a if bound_upper else None)
+    lo, up = lo.transpose(0, 1), up.transpose(0, 1) if up is not None else None
+    if index is None:
+        return lo, up
+    lo = lo.new_zeros(batch, rows).scatter(1, index, lo)
+    return lo, up.new_zeros(batch, rows).scatter(1, index, up) if up is not None else None
 
 
 class _Run:
     """One bound computation: the forward pass (interval bounds of every node, CROWN bounds of the
     ReLU inputs for ``method="crown"``) and the backward passes over it."""
 
-    def __init__(self, engine: BoundedNetwork, method: Method, record_relu: bool) -> None:
-        self.engine, self.method = engine, method
+    def __init__(self, engine: BoundedNetwork, method: Method, record_relu: bool, tighten: bool = False) -> None:
+        self.engine, self.method, self.tighten = engine, method, tighten
         self.model = engine.model
         self.index = {n: i for i, n in enumerate(engine.nodes)}
         self.env: dict[fx.Node, Any] = {}
@@ -171,9 +211,22 @@ class _Run:
         self.ibp_relu: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.record = record_relu
         self.needs = {n.args[0] for n in engine.nodes if _is_relu(self._op(n)) and isinstance(n.args[0], fx.Node)}
+        self.folds = {n: n.args[0] for n in engine.nodes if self._folds(n)}
 
     def _op(self, node: fx.Node) -> Any:
         return self.engine._ops.get(node)
+
+    def _folds(self, node: fx.Node) -> bool:
+        """Whether ``node`` is a batch norm applied to a Linear/Conv module node used nowhere else:
+        the backward pass then crosses both as one affine map (batch norm folded into the weight)."""
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            return False
+        if not isinstance(self.model.get_submodule(node.target), (nn.BatchNorm1d, nn.BatchNorm2d)):
+            return False
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
+            return False
+        return type(self.model.get_submodule(source.target)) in (nn.Linear, nn.Conv1d, nn.Conv2d)
 
     def forward(self, lower: torch.Tensor, upper: torch.Tensor, clean: torch.Tensor | None) -> dict[fx.Node, Any]:
         p = Pass(self.model, True, False, None)
@@ -218,6 +271,8 @@ class _Run:
         if self.method == "crown" and not self._exact(node):
             lo, up = self.node_bounds(node, True)
             assert up is not None
+            if self.tighten:  # both enclose the node: so does their intersection
+                lo, up = torch.maximum(lo, box.lower), torch.minimum(up, box.upper)
             self.env[node] = Interval.of((up + lo) / 2, (up - lo) / 2, box.clean)
             if self.record:
                 self.ibp_relu.append((box.lower, box.upper))
@@ -289,6 +344,10 @@ class _Run:
                         radius = (a.abs() * value.radius).flatten(2).sum(2)
                         result[side] = centre + sign * radius + const[side]
                 continue
+            if node in self.folds and isinstance(self.env[self.folds[node]], Interval):
+                source, moved_pair = self._folded(node, coeffs, const)
+                _accumulate(pending, source, moved_pair)
+                continue
             step, inputs = self._step(node)
             linear = self._op(node).linear
             try:
@@ -315,6 +374,31 @@ class _Run:
             (result[1] if result[1] is not None else const[1]) if upper_a is not None else None,
         )
 
+    def _folded(
+        self, node: fx.Node, coeffs: list[torch.Tensor | None], const: list[torch.Tensor]
+    ) -> tuple[fx.Node, list[torch.Tensor | None]]:
+        """Batch norm ``node`` and the Linear/Conv before it as one affine map ``x -> F (W x + b) + o``
+        (``F``, ``o`` per channel): the coefficients of ``x`` are ``(F W)^T A`` and the constant is
+        ``<sum of A over positions, F b + o>``, one pass over ``A`` fewer than crossing them apart."""
+        affine = self.folds[node]
+        m = self.model.get_submodule(affine.target)
+        factor, offset = batch_norm_affine(self.model.get_submodule(node.target), self.env[affine])
+        weight = m.weight * factor.view(-1, *[1] * (m.weight.dim() - 1))
+        shift = offset if m.bias is None else torch.addcmul(offset, factor, m.bias)
+        source = affine.args[0]
+        moved: list[torch.Tensor | None] = []
+        for side, a in enumerate(coeffs):
+            if a is None:
+                moved.append(None)
+                continue
+            if isinstance(m, nn.Linear):
+                const[side] = const[side] + a @ shift
+                moved.append(a @ weight)
+            else:
+                const[side] = const[side] + a.flatten(3).sum(3) @ shift
+                moved.append(conv_transpose(m, weight, a, self.env[source].radius.shape))
+        return source, moved
+
     def _step(self, node: fx.Node) -> tuple[Step, list[fx.Node]]:
         env = self.env
         args = fx.node.map_arg(node.args, env.__getitem__)
@@ -338,10 +422,10 @@ class _Run:
         if a is None:
             return None
         slope_low, slope_up, intercept = linear.relax(step.leaves[0])
-        pos, neg = a.clamp(min=0), a.clamp(max=0)
-        if side == 0:  # lower bound: positive coefficients take the lower line, negative the upper
-            return pos * slope_low + neg * slope_up, (neg * intercept).flatten(2).sum(2)
-        return pos * slope_up + neg * slope_low, (pos * intercept).flatten(2).sum(2)
+        # lower bound: positive coefficients take the lower line, negative the upper; upper: the reverse
+        if side == 0:
+            return ReLURelaxation.apply(a, slope_low.detach(), slope_up, intercept, True)
+        return ReLURelaxation.apply(a, slope_up, slope_low.detach(), intercept, False)
 
 
 def _accumulate(pending: dict[fx.Node, list[torch.Tensor | None]], node: fx.Node, pair: list) -> None:

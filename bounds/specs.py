@@ -77,4 +77,5 @@ def margin_bounds(
     spec = margin_spec(y, num_classes).to(x.dtype)
     if method == "ibp":
         return engine(lower, upper, clean=x, spec=spec).lower
-    return linear_bounds(engine, lower, upper, method, spec, clean=x, bound_upper=False).lower  # type: ignore[arg-type]
+    result = linear_bounds(engine, lower, upper, method, spec, clean=x, bound_upper=False, tighten=True)  # type: ignore[arg-type]
+    return result.lower

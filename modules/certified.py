@@ -268,7 +268,7 @@ class CertifiedClassifier(Classifier):
             else:
                 lower, upper = self.box(x32, self.eps)
                 engine, spec = bounded(self.backbone), margin_spec(y, self.num_classes)
-                margins = linear_bounds(engine, lower, upper, method, spec, None, False).lower  # type: ignore[arg-type]
+                margins = linear_bounds(engine, lower, upper, method, spec, None, False, tighten=True).lower  # type: ignore[arg-type]
             others = torch.ones_like(margins, dtype=torch.bool).scatter_(1, y[:, None], False)
             out["verified"] = ((margins > 0) | ~others).all(1)
             if self.pgd_steps > 0:

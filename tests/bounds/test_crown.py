@@ -19,9 +19,13 @@ from litplug.bounds import (
     UnsupportedOperationError,
     crown_bounds,
     interval_bounds,
+    linear_bounds,
     margin_bounds,
     margin_spec,
 )
+from litplug.bounds import bounded as litplug_bounded
+from litplug.bounds.fused import ReLURelaxation
+from litplug.bounds.relaxation import conv_transpose
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn_bn", "residual"])
@@ -152,11 +156,11 @@ def exact_lower(net: nn.Sequential, lower: np.ndarray, upper: np.ndarray, c: np.
 
 @torch.no_grad()
 def test_ordering_against_exact_milp() -> None:
-    """No bound is ever above the exact minimum, and IBP <= CROWN-IBP <= CROWN <= exact holds on
-    >= 95% of the lower margin bounds of tiny networks. The first two relations are not theorems
+    """No bound is ever above the exact minimum, tightened or not, and the tightened bounds of
+    :func:`crown_bounds` keep IBP <= CROWN-IBP <= CROWN <= exact on every lower margin bound. The
+    papers' bounds (``tighten=False``) need not: neither of the first two relations is a theorem
     (the adaptive lower slope is a heuristic; CROWN's intermediate bounds are not always inside
-    IBP's): on 144 margins (12 seeds) IBP <= CROWN-IBP fails once and CROWN-IBP <= CROWN 4 times
-    (96.5% in order); here 47 of 48 are."""
+    IBP's); on 144 margins (12 seeds) they are in order on 96.5%."""
     rows, above = [], 0
     for seed, eps in itertools.product(range(4), (0.05, 0.15)):
         torch.manual_seed(seed)
@@ -168,15 +172,16 @@ def test_ordering_against_exact_milp() -> None:
         ibp = margin_bounds(net, x, y, eps)
         crown_ibp = crown_bounds(net, lower, upper, "crown-ibp", spec)[0]
         crown = crown_bounds(net, lower, upper, "crown", spec)[0]
+        raw = [linear_bounds(litplug_bounded(net), lower, upper, m, spec).lower for m in ("crown-ibp", "crown")]
         for i, j in itertools.product(range(3), range(3)):
             if j == y[i]:
                 continue
             exact = exact_lower(net, lower[i].numpy(), upper[i].numpy(), spec[i, j].numpy())
             values = [float(ibp[i, j]), float(crown_ibp[i, j]), float(crown[i, j]), exact]
-            above += sum(v > exact + 1e-6 for v in values[:3])
+            above += sum(v > exact + 1e-6 for v in values[:3] + [float(r[i, j]) for r in raw])
             rows.append(all(a <= b + 1e-9 for a, b in itertools.pairwise(values)))
     assert above == 0
-    assert np.mean(rows) >= 0.95, np.mean(rows)
+    assert all(rows), np.mean(rows)
 
 
 # -- peer: auto_LiRPA 0.3 ------------------------------------------------------------------------
@@ -223,8 +228,12 @@ def test_equal_to_auto_lirpa(name: str, monkeypatch: pytest.MonkeyPatch) -> None
     for ours, theirs in (("crown", "backward"), ("crown-ibp", "CROWN-IBP")):
         for c in (None, spec):
             expected = bounded.compute_bounds(x=(box,), method=theirs, C=c)
-            got = crown_bounds(net, x - 0.05, x + 0.05, method=ours, spec=c)
-            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+            with torch.no_grad():  # the papers' bounds: tighten=False
+                raw = linear_bounds(litplug_bounded(net), x - 0.05, x + 0.05, ours, c)
+            torch.testing.assert_close((raw.lower, raw.upper), expected, rtol=0, atol=1e-5)
+            # crown_bounds tightens (intersections, the tighter of the final bounds): never looser
+            lo, up = crown_bounds(net, x - 0.05, x + 0.05, method=ours, spec=c)
+            assert (lo >= expected[0] - 1e-12).all() and (up <= expected[1] + 1e-12).all()
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -250,3 +259,56 @@ def test_errors_name_the_argument_or_the_node() -> None:
         crown_bounds(dropout, x, x)
     lo, up = crown_bounds(dropout.eval(), x, x)
     torch.testing.assert_close(lo, dropout(x).detach())
+
+
+# -- the fused pieces of the backward pass --------------------------------------------------------
+
+
+def test_relu_relaxation_equals_the_plain_formula_and_passes_gradcheck() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    s_pos, s_neg, b = (torch.rand(2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for lower in (True, False):
+        out, const = ReLURelaxation.apply(a, s_pos, s_neg, b, lower)
+        pos, neg = a.clamp(min=0), a.clamp(max=0)
+        torch.testing.assert_close(out, pos * s_pos + neg * s_neg, rtol=0, atol=1e-15)
+        torch.testing.assert_close(const, ((neg if lower else pos) * b).flatten(2).sum(2), rtol=0, atol=1e-15)
+        assert torch.autograd.gradcheck(lambda *t, side=lower: ReLURelaxation.apply(*t, side), (a, s_pos, s_neg, b))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(2, 4, 3, stride=2, padding=1),
+        nn.Conv2d(2, 4, (3, 2), stride=(2, 3), padding=(0, 1), dilation=(1, 2)),
+        nn.Conv2d(2, 4, 3, padding="same", groups=2),
+        nn.Conv2d(2, 4, 3, padding="valid"),
+        nn.Conv1d(2, 4, 4, stride=3, padding=2),
+    ],
+)
+def test_conv_transpose_is_the_adjoint_of_the_convolution(conv: nn.Module) -> None:
+    conv = conv.double()
+    x = torch.randn(2, 2, *([9, 10] if isinstance(conv, nn.Conv2d) else [11]), dtype=torch.float64)
+    out = conv(x)
+    a = torch.randn(3, *out.shape, dtype=torch.float64)
+    _, expected = torch.autograd.functional.vjp(lambda t: conv(t) - conv.bias.view(-1, *[1] * (x.dim() - 2)), x, a[1])
+    got = conv_transpose(conv, conv.weight, a, x.shape)
+    assert got.shape == (3, *x.shape)
+    torch.testing.assert_close(got[1], expected, rtol=0, atol=1e-12)
+
+
+def test_crown_ibp_gradients_through_train_mode_batch_norm_pass_gradcheck() -> None:
+    """The backward pass as training differentiates it (batch norm folded into the conv, train-mode
+    statistics of the clean batch, the fused ReLU relaxation), against finite differences."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)
+    ).double()
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    spec = margin_spec(torch.tensor([0, 2]), 3).double()
+    params = tuple(net.get_parameter(n) for n in ("0.weight", "1.weight", "4.weight"))
+
+    def lower(*_: torch.Tensor) -> torch.Tensor:  # gradcheck perturbs the parameters in place
+        return linear_bounds(litplug_bounded(net), x - 0.1, x + 0.1, "crown-ibp", spec, x, False).lower
+
+    assert torch.autograd.gradcheck(lower, params)
