@@ -4,12 +4,18 @@ pruned-epoch time measured in the same runs.
 
     python benchmarks/data.py pruning [--seeds 0 1 2]
     python benchmarks/data.py noise [--seeds 0 1 2]
+    python benchmarks/data.py cost [--seeds 0 1 2]
 
 Pruning: an MLP (hidden 256, 256; Adam 1e-3, batch 64) on ``Indexed(Digits())`` for 20 epochs;
 ``DataPruning(score, keep, score_epoch)`` scores at the end of epoch 1 (early) or 9 (late) and
 trains the remaining epochs on the kept fraction (hardest first). Random keeps a seeded uniform
 subset at the same epoch. Reported: test accuracy of the final weights, the time of the scoring
 pass, and the median epoch time after pruning relative to before (same run).
+
+Cost: the scoring passes against one plain training epoch of the same MLP (a torch loop: forward,
+backward, Adam step per batch of 64), interleaved repeats, medians; GraNd's closed form for linear
+layers and its general ``torch.func`` path side by side; then ``DataPruning("grand")``'s scoring
+pass against a Lightning training epoch inside 20-epoch runs (the column of the pruning table).
 
 Noise: the same MLP for 30 epochs on ``NoisyLabels(Digits(), rate)`` (symmetric); test accuracy
 and expected calibration error (15 bins, torchmetrics) of the final weights.
@@ -176,13 +182,70 @@ def noise(seeds: list[int]) -> None:
         print(f"| {method} | " + " | ".join(cells) + " |")
 
 
+def cost(seeds: list[int], repeats: int = 11) -> None:
+    from litplug.functional import el2n_scores, grand_scores
+    from litplug.functional.pruning import _per_sample_norms
+
+    seed_everything(0)
+    model = _model()
+    dm = Digits(batch_size=64)
+    dm.setup()
+    x = torch.stack([dm.train_set[i][0] for i in range(len(dm.train_set))])
+    y = torch.stack([dm.train_set[i][1] for i in range(len(dm.train_set))])
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(y), 64)]
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def epoch() -> None:
+        model.train()
+        for xb, yb in batches:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        model.eval()
+
+    def forward_backward() -> None:
+        for xb, yb in batches:
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        model.zero_grad(set_to_none=True)
+
+    def general() -> None:
+        norms = _per_sample_norms(model, trainable, torch.nn.functional.cross_entropy, 256 * 2**20)
+        torch.cat([norms(xb, yb) for xb, yb in batches])
+
+    runs = {
+        "training epoch": epoch,
+        "forward+backward": forward_backward,
+        "EL2N": lambda: el2n_scores(model, batches),
+        "GraNd": lambda: grand_scores(model, batches),
+        "GraNd, general torch.func path": general,
+    }
+    model.eval()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["training epoch"])
+    print(f"\nMedian of {repeats} interleaved repeats, 1,294 samples, batch 64, relative to a training epoch.\n")
+    print("| pass | seconds | / training epoch |\n|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts):.4f} | {statistics.median(ts) / base:.2f} |")
+    inside = [prune_run("grand", 0.5, 1, s) for s in seeds]
+    ratios = [r["score_time"] / r["epoch_time"] for r in inside]
+    print(f"\nDataPruning('grand') scoring / Lightning epoch, seeds {seeds}: {[round(r, 2) for r in ratios]}")
+    print(f"median {statistics.median(ratios):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("part", choices=["pruning", "noise"])
+    parser.add_argument("part", choices=["pruning", "noise", "cost"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"pruning": pruning, "noise": noise}[args.part](args.seeds)
+    {"pruning": pruning, "noise": noise, "cost": cost}[args.part](args.seeds)
 
 
 if __name__ == "__main__":

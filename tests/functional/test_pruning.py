@@ -1,10 +1,12 @@
-"""EL2N, GraNd and forgetting events against their definitions computed one sample at a time."""
+"""EL2N, GraNd (its closed form for linear layers and its general torch.func path) and forgetting
+events against their definitions computed one sample at a time."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import litplug.functional.pruning as pruning
 from litplug.functional import el2n_scores, forgetting_events, forgetting_scores, grand_scores
 
 
@@ -48,6 +50,89 @@ def test_grand_is_the_per_sample_gradient_norm(loss):
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-6, atol=1e-6)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed"
+
+
+def _per_sample_grand(model, x, y, loss=F.cross_entropy):
+    want = []
+    for i in range(len(y)):
+        model.zero_grad()
+        loss(model(x[i : i + 1]), y[i : i + 1]).backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        want.append(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+    model.zero_grad()
+    return torch.stack(want)
+
+
+class Tied(nn.Module):
+    """A linear layer whose weight is also used outside its forward (the closed form would miss it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.fc(x) + x @ self.fc.weight)
+
+
+class Twice(nn.Module):
+    """A layer called twice per forward: its per-sample gradient is a sum inside the norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.fc(torch.tanh(self.fc(x))))
+
+
+class Tokens(nn.Module):
+    """Linear layers on [batch, tokens, features] inputs, mean-pooled: both closed forms (a wide
+    layer takes the token-pair form, a narrow one the per-sample outer product)."""
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.tokens = tokens
+        self.wide, self.narrow = nn.Linear(5, 40), nn.Linear(40, 3)
+        self.narrow.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return self.narrow(torch.tanh(self.wide(x.view(len(x), self.tokens, 5)))).mean(1)
+
+
+@pytest.mark.parametrize("name", ["mlp", "tokens", "long_tokens", "tied", "twice", "train_mode"])
+def test_grand_closed_form_and_its_fallbacks_match_the_definition(name, monkeypatch):
+    general = []  # batches scored by the general torch.func path
+    make = pruning._per_sample_norms
+    monkeypatch.setattr(pruning, "_per_sample_norms", lambda *a: (general.append(name), make(*a))[1])
+    torch.manual_seed(0)
+    width = {"tokens": 2, "long_tokens": 12}.get(name, 1)
+    model = {
+        "mlp": lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)),
+        "tokens": lambda: Tokens(2),
+        "long_tokens": lambda: Tokens(12),
+        "tied": Tied,
+        "twice": Twice,
+        "train_mode": lambda: nn.Sequential(nn.Linear(5, 7), nn.Dropout(0.0), nn.Linear(7, 3)).train(),
+    }[name]()
+    if name != "train_mode":
+        model.eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 5 * width, generator=g), torch.randint(0, 3, (10,), generator=g)
+    got = grand_scores(model, [(x[:6], y[:6]), (x[6:], y[6:])])
+    torch.testing.assert_close(got, _per_sample_grand(model, x, y), rtol=1e-6, atol=1e-6)
+    assert bool(general) == (name in ("tied", "twice", "train_mode")), (
+        "the closed form is used exactly where it applies"
+    )
+
+
+def test_grand_general_path_in_memory_sized_chunks():
+    model = _model()
+    loader, x, y = _loader()
+    want = grand_scores(model, loader)
+    torch.testing.assert_close(grand_scores(model, loader, max_memory=1), want, rtol=1e-6, atol=1e-6)  # one by one
+    with pytest.raises(ValueError, match="`max_memory`"):
+        grand_scores(model, loader, max_memory=0)
 
 
 def test_scores_refuse_batches_that_are_not_inputs_and_classes():
