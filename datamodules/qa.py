@@ -4,8 +4,9 @@ downloaded), tokenised by its own word-level vocabulary.
 Each of ``num_entities`` people has seven attributes (birthplace, birth year, genre, book, award,
 parent's occupation, favourite colour) drawn from fixed value lists. Each attribute gives one
 question and an answer; for evaluation each answer also has a paraphrase (another sentence with
-the same fact) and ``num_perturbed`` perturbed answers (the same sentence with a wrong value),
-as TOFU's truth ratio needs. The people are split, as TOFU does, into
+the same fact) and ``num_perturbed`` perturbed answers (the same sentence with a wrong value);
+:meth:`FictitiousQA.evaluation_sets` scores the truth ratio on the answer's own phrasing. The
+people are split, as TOFU does, into
 
 - ``forget``: ``forget_percent`` percent of the people (1, 5 or 10), trained on, then unlearned;
 - ``retain``: the other trained-on people;
@@ -215,13 +216,22 @@ class FictitiousQA(LightningDataModule):
 
     def evaluation_sets(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[str]]]:
         """The ``data`` and ``texts`` of :func:`litplug.functional.unlearning_metrics.unlearning_suite`:
-        forget and retain questions with their answers, paraphrases and perturbed answers, and the
-        held-out questions; the answer texts of the forget and held-out questions."""
+        forget and retain questions with their answers and perturbed answers, and the held-out
+        questions; the answer texts of the forget and held-out questions.
+
+        The truth ratio compares the perturbed answers with the correct answer in the same,
+        trained phrasing: ``forget_paraphrase`` and ``retain_paraphrase`` hold the answers
+        themselves, not :meth:`question_answer`'s paraphrases. TOFU scores a paraphrase against
+        perturbed paraphrases, which measures knowledge where the model transfers facts across
+        phrasings (a pretrained LLM); a network trained from scratch on this corpus does not (its
+        target model's truth ratios on the paraphrase are those of the retain model), so the
+        ratio is taken where the fact was learnt."""
         data = {}
         for split in ("forget", "retain"):
-            for kind, suffix in (("answer", ""), ("paraphrase", "_paraphrase"), ("perturbed", "_perturbed")):
-                qa = self.question_answer(split, kind)
-                data[split + suffix] = (qa.input_ids, qa.labels)
+            answers = self.question_answer(split, "answer")
+            perturbed = self.question_answer(split, "perturbed")
+            data[split] = data[split + "_paraphrase"] = (answers.input_ids, answers.labels)
+            data[split + "_perturbed"] = (perturbed.input_ids, perturbed.labels)
         holdout = self.question_answer("holdout")
         data["holdout"] = (holdout.input_ids, holdout.labels)
         texts = {k: [self.decode(row[row != IGNORE_INDEX]) for row in data[k][1]] for k in ("forget", "holdout")}

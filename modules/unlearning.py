@@ -25,8 +25,10 @@ token-level next-token NLL for ``objective="causal_lm"``):
   forget data and ``steering`` u, + gamma mean squared distance between that submodule's activations
   on retain data and those of the frozen original model (Representation Misdirection for
   Unlearning, Li et al. 2024); u is a fixed unit vector drawn uniformly from [0, 1)^d then
-  normalised (as in the WMDP code), seeded by ``seed``; every parameter is trained (the WMDP code
-  trains the MLPs of three layers only: compose with ``UnlearningMask`` to restrict it);
+  normalised (as in the WMDP code), seeded by ``seed``; only the parameters of ``rmu_modules`` are
+  trained, by default the MLPs of the steered block and of the two blocks before it (WMDP: three
+  consecutive layers' MLPs, the activations read at the last of them); every other parameter is
+  frozen (``requires_grad=False``);
 - ``l1_sparse``: CE(retain) + alpha_t ||theta||_1 with alpha_t = alpha (1 - t / T) decaying
   linearly to 0 over the T optimizer steps of the run (Jia et al. 2023, "Model sparsity can
   simplify machine unlearning"); the L1 subgradient alpha_t sign(theta) is added to the gradients
@@ -89,7 +91,7 @@ from ..functional.unlearning import (
 )
 from ..loading import load_weights
 from ..plumbing import mix_seed
-from ..validation import check_bool, check_choice, check_int, check_number, check_path, check_str
+from ..validation import check_bool, check_choice, check_int, check_list, check_number, check_path, check_str
 from .base import TrainingModule
 from .language import labels_of, logits_of, sequence_log_likelihood, tokens_of
 
@@ -109,11 +111,47 @@ METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 Objective = Literal["classification", "causal_lm"]
 
 
-def _submodule(backbone: nn.Module, layer: str) -> nn.Module:
+def _submodule(backbone: nn.Module, layer: str, argument: str = "layer") -> nn.Module:
     names = [name for name, _ in backbone.named_modules() if name]
     if layer not in names:
-        raise ValueError(f"`layer` must name a submodule of the backbone, one of {names}, got {layer!r}")
+        raise ValueError(f"`{argument}` must name a submodule of the backbone, one of {names}, got {layer!r}")
     return backbone.get_submodule(layer)
+
+
+def _mlp_of(block: nn.Module) -> list[str]:
+    """The MLP of a transformer block as names of its submodules: ``mlp`` (Hugging Face GPT-2,
+    Llama, ...) or ``linear1``/``linear2`` (``nn.TransformerEncoderLayer``/``DecoderLayer``); the
+    whole block (``""``) where it has neither."""
+    children = dict(block.named_children())
+    if "mlp" in children:
+        return ["mlp"]
+    if "linear1" in children and "linear2" in children:
+        return ["linear1", "linear2"]
+    return [""]
+
+
+def _rmu_default_modules(backbone: nn.Module, layer: str, num_layers: int = 3) -> list[str]:
+    """The submodules RMU trains by default: the MLPs of the block holding ``layer`` and of the
+    ``num_layers - 1`` blocks before it (fewer in a shallower network), as the WMDP code does (steered
+    layer 7, layers 5, 6, 7 updated). ``layer`` is, or lies inside, the ``i``-th element of a
+    numbered block list (``blocks.layers.1``, ``transformer.h.5``, ``model.layers.7``, or ``1`` in a
+    ``Sequential``)."""
+    parts = layer.split(".")
+    index = max((k for k, part in enumerate(parts) if part.isdigit()), default=None)
+    if index is None:
+        raise ValueError(
+            f"`layer`={layer!r} is not inside a numbered block list (e.g. 'transformer.h.5'): name the trained "
+            "submodules with `rmu_modules`"
+        )
+    prefix, i = ".".join(parts[:index]), int(parts[index])
+    container = backbone.get_submodule(prefix) if prefix else backbone
+    names = []
+    for j in range(max(0, i - num_layers + 1), i + 1):
+        if not hasattr(container, str(j)):
+            continue
+        block = f"{prefix}.{j}" if prefix else str(j)
+        names += [f"{block}.{m}" if m else block for m in _mlp_of(container.get_submodule(str(j)))]
+    return names
 
 
 class Unlearner(TrainingModule):
@@ -149,6 +187,12 @@ class Unlearner(TrainingModule):
             ``blocks.1`` or ``transformer.h.1``); required for ``rmu``, refused otherwise. A module
             returning a tuple (a Hugging Face block) contributes its first element.
         steering: ``rmu``'s scale c of the random unit vector (> 0).
+        rmu_modules: ``rmu``'s trained submodules of the backbone (paths of ``named_modules()``);
+            every other parameter is frozen. None: the MLPs of the block holding ``layer`` and of
+            the two blocks before it (the whole block where it has no ``mlp``), e.g. ``blocks.layers.0.linear1``,
+            ``blocks.layers.0.linear2``, ``blocks.layers.1.linear1``, ``blocks.layers.1.linear2`` for
+            ``layer="blocks.layers.1"`` in a ``CausalTransformer``, ``transformer.h.{3,4,5}.mlp`` for
+            ``layer="transformer.h.5"`` in a GPT-2. Refused for other methods.
     """
 
     litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
@@ -176,6 +220,7 @@ class Unlearner(TrainingModule):
         delta: float = 0.0,
         layer: str | None = None,
         steering: float = 20.0,
+        rmu_modules: list[str] | None = None,
     ) -> None:
         check_path("checkpoint", checkpoint, allow_none=True)
         check_bool("trust_checkpoint", trust_checkpoint)
@@ -192,13 +237,25 @@ class Unlearner(TrainingModule):
         check_number("delta", delta, low=0)
         check_str("layer", layer, allow_none=True)
         check_number("steering", steering, low=0, low_open=True)
+        if rmu_modules is not None:
+            check_list("rmu_modules", rmu_modules, check_str, nonempty=True)
         if (method == "rmu") != (layer is not None):
             raise ValueError(
                 "`layer` is required by method='rmu' and used by no other method, got "
                 f"method={method!r}, layer={layer!r}"
             )
+        if rmu_modules is not None and method != "rmu":
+            raise ValueError(f"`rmu_modules` is used by method='rmu' only, got method={method!r}")
         if layer is not None:
             _submodule(backbone, layer)
+            if rmu_modules is None:
+                rmu_modules = _rmu_default_modules(backbone, layer)
+            trained = {id(p) for name in rmu_modules for p in _submodule(backbone, name, "rmu_modules").parameters()}
+            if not trained:
+                raise ValueError(f"`rmu_modules` {rmu_modules!r} hold no parameters to train")
+            for p in backbone.parameters():
+                if id(p) not in trained:
+                    p.requires_grad_(False)
         if method == "retrain" and checkpoint is not None:
             raise ValueError(
                 f"`checkpoint` must be None for method='retrain' (it trains from scratch), got {checkpoint!r}"
@@ -215,7 +272,7 @@ class Unlearner(TrainingModule):
         self.objective = objective
         self.num_classes = num_classes
         self.gamma, self.beta, self.alpha, self.seed = gamma, beta, alpha, seed
-        self.delta, self.layer, self.steering = delta, layer, steering
+        self.delta, self.layer, self.steering, self.rmu_modules = delta, layer, steering, rmu_modules
         # A list, not a submodule: the frozen reference stays out of parameters(), the optimizer,
         # FSDP2 sharding and the checkpoint (it is rebuilt from `checkpoint`).
         self._reference: list[nn.Module] = []

@@ -241,6 +241,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         "delta": Arg(0, ok={"zero": "0 is SimNPO's margin-free default"}),
         "layer": ANY,
         "steering": POSITIVE,
+        "rmu_modules": ANY,
     },
     "CausalTransformer": {
         "vocab_size": Arg(2),

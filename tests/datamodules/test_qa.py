@@ -86,3 +86,15 @@ def test_forget_retain_wraps_it_and_the_loss_scores_answers_only(dm):
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises((ValueError, TypeError), match=name):
         FictitiousQA(**kwargs)
+
+
+def test_truth_ratio_pairs_share_the_trained_phrasing(dm):
+    """evaluation_sets: the correct side of the truth ratio is the trained answer, and each
+    perturbed answer differs from it in the fact only."""
+    data, _ = dm.evaluation_sets()
+    for split in ("forget", "retain"):
+        ids, labels = data[split + "_paraphrase"]
+        assert torch.equal(ids, data[split][0]) and torch.equal(labels, data[split][1])
+        wrong = data[split + "_perturbed"][0].view(len(ids), dm.num_perturbed, -1)
+        differing = (wrong != ids[:, None]).sum(-1)
+        assert differing.min() == differing.max() == 1  # the value (one word), nothing else

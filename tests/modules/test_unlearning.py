@@ -451,7 +451,53 @@ def test_npo_npo_rt_simnpo_rmu_in_the_unlearner(tmp_path, objective):
     assert (seen[1] - reference_seen[0]).abs().max() > 1e-4  # the retain term is not trivially zero
     loss = rmu.unlearning_loss(batch)
     loss.backward()
-    assert all(p.grad is not None for p in rmu.backbone.get_submodule(layer).parameters())
+    # RMU trains the MLPs of the steered block and the blocks before it only (the whole layer of an MLP)
+    trained = ("blocks.layers.0.linear1", "blocks.layers.0.linear2") if objective == "causal_lm" else ("0", "1")
+    for name, p in rmu.backbone.named_parameters():
+        assert (p.grad is not None) == name.startswith(trained) == p.requires_grad, name
+
+
+def test_rmu_trains_three_blocks_mlps_and_nothing_else(tmp_path):
+    """WMDP's RMU: the MLPs of the steered block and of the two blocks before it move; attention,
+    norms, embeddings, the head and the earlier block stay bit-identical (AdamW with weight decay)."""
+    from litplug.modules import CausalTransformer
+
+    def make():
+        return CausalTransformer(8, 12, dim=16, depth=4, heads=2)
+
+    torch.manual_seed(0)
+    torch.save(make().state_dict(), tmp_path / "orig.pt")
+    model = Unlearner(make(), str(tmp_path / "orig.pt"), "rmu", layer="blocks.layers.2", objective="causal_lm",
+                      steering=3.0, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))  # fmt: skip
+    trained = [f"blocks.layers.{i}.linear{j}" for i in (0, 1, 2) for j in (1, 2)]
+    assert model.rmu_modules == trained
+    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    tokens = torch.randint(0, 8, (16, 12), generator=torch.Generator().manual_seed(0))
+    pairs = [{"forget": tokens[i], "retain": tokens[8 + i]} for i in range(8)]
+    loader = torch.utils.data.DataLoader(pairs, batch_size=4)
+    fast_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(model, loader)
+    for name, p in model.backbone.named_parameters():
+        moved = not torch.equal(p.detach(), before[name])
+        assert moved == name.startswith(tuple(trained)), name
+    # explicit modules: only those move (here the WMDP code's one tensor per layer, the MLP's output projection)
+    explicit = Unlearner(make(), str(tmp_path / "orig.pt"), "rmu", layer="blocks.layers.2", objective="causal_lm",
+                         rmu_modules=["blocks.layers.1.linear2", "blocks.layers.2.linear2"])  # fmt: skip
+    assert {n for n, p in explicit.backbone.named_parameters() if p.requires_grad} == {
+        f"blocks.layers.{i}.linear2.{w}" for i in (1, 2) for w in ("weight", "bias")
+    }
+    # a shallower network: the blocks that exist
+    shallow = Unlearner(_lm(), None, "rmu", layer="blocks.layers.0", objective="causal_lm")
+    assert shallow.rmu_modules == ["blocks.layers.0.linear1", "blocks.layers.0.linear2"]
+    with pytest.raises(ValueError, match="`rmu_modules` must name a submodule of the backbone"):
+        Unlearner(make(), None, "rmu", layer="blocks.layers.2", rmu_modules=["blocks.layers.9"])
+    with pytest.raises(ValueError, match="`rmu_modules` is used by method='rmu' only"):
+        Unlearner(make(), None, "npo", rmu_modules=["blocks.layers.1"])
+    with pytest.raises(ValueError, match="hold no parameters"):
+        Unlearner(make(), None, "rmu", layer="blocks.layers.2", rmu_modules=["blocks.layers.2.dropout"])
+    with pytest.raises(ValueError, match="not inside a numbered block list"):
+        Unlearner(make(), None, "rmu", layer="norm")
+    with pytest.raises(TypeError, match="rmu_modules"):
+        Unlearner(make(), None, "rmu", layer="blocks.layers.2", rmu_modules="blocks.layers.2")
 
 
 def test_rmu_layer_and_new_arguments_are_checked():
