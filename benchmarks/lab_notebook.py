@@ -95,7 +95,8 @@ def images(out: Path) -> None:
     _copy_images(runs / "merge" / "align_then_average", out, {"merge/interpolation": "merge_interpolation.png"})
 
     warmup = ("{trainer: {callbacks: [{class_path: IBPWarmup, init_args: {start_epoch: 1, ramp_epochs: 5, "
-              "schedule: smoothed, ibp_init: true, regularizer_weight: 0.5, tolerance: 0.5}}]}}")  # fmt: skip
+              "schedule: smoothed, ibp_init: true, regularizer_weight: 0.5, "
+              "regularizer_tolerance: 0.5}}]}}")  # fmt: skip
     main(["fit", "--config", str(CONFIGS / "digits" / "ibp.yaml"), "--config", warmup, "--trainer.max_epochs=8",
           "--trainer.logger.init_args.name=ibp", "--test_after_fit=false", *QUIET])  # fmt: skip
     _copy_images(

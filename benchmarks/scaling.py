@@ -169,7 +169,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
         make = {
             "ema": lambda: EMA(decay=0.999),
-            "swa": lambda: SWA(start=0),
+            "swa": lambda: SWA(start_epoch=0),
             "sam": lambda: SAM(rho=0.05),
             "sam_every5": lambda: SAM(rho=0.05, every_n_steps=5),
             "ignite": lambda: SurrogateSharpness(),

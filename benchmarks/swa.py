@@ -6,9 +6,9 @@
 Every arm trains the same MLP (64-128-128-10, BatchNorm) with SGD (lr 0.1, momentum 0.9, weight
 decay 5e-4) and a cosine schedule over ``--epochs`` epochs (20), on the same split, from the same seed:
   * plain: the schedule runs to the end; the final weights;
-  * SWA, user's schedule: ``SWA(start=0.75)``, the mean of the last quarter's epochs while the
+  * SWA, user's schedule: ``SWA(start_epoch=0.75)``, the mean of the last quarter's epochs while the
     cosine schedule decays the rate to 0, BatchNorm recomputed;
-  * SWA + SWA lr: ``SWA(start=0.75, swa_lrs=0.05, annealing_epochs=2)``: from epoch 15 of 20 on,
+  * SWA + SWA lr: ``SWA(start_epoch=0.75, swa_lrs=0.05, annealing_epochs=2)``: from epoch 15 of 20 on,
     SWALR replaces the cosine schedule and holds the rate at 0.05; the average, and the live
     (last) weights of that run ("SWA lr, live");
   * Lightning: ``StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=16, annealing_epochs=2)``,
@@ -67,9 +67,9 @@ def test(net: Classifier, trainer: Trainer, data: Digits) -> tuple[float, float]
 def run_seed(seed: int) -> dict[str, tuple[float, float]]:
     res = {}
     res["plain"] = test(*fit_and_test(seed))
-    res["SWA, user's schedule"] = test(*fit_and_test(seed, SWA(start=0.75)))
+    res["SWA, user's schedule"] = test(*fit_and_test(seed, SWA(start_epoch=0.75)))
     # "live" everywhere, so that `test` sees the weights the model holds: first the live ones
-    swa = SWA(start=0.75, swa_lrs=SWA_LR, annealing_epochs=ANNEALING, evaluate_with="live", final_weights="live")
+    swa = SWA(start_epoch=0.75, swa_lrs=SWA_LR, annealing_epochs=ANNEALING, evaluate_with="live", final_weights="live")
     net, trainer, data = fit_and_test(seed, swa)
     res["SWA lr, live"] = test(net, trainer, data)  # the last weights of the run, BatchNorm as trained
     net.load_state_dict(swa.averaged_state_dict())  # the average, BatchNorm recomputed

@@ -68,7 +68,7 @@ class IBPWarmup(Callback):
         beta: power of the polynomial growth (smoothed), >= 1.
         ibp_init: re-initialise the backbone with IBP initialisation at the start of fit.
         regularizer_weight: ``lambda`` of the warmup regularizers, >= 0 (0 disables them).
-        tolerance: ``tau`` of the regularizers, in (0, 1].
+        regularizer_tolerance: ``tau`` of the regularizers, in (0, 1].
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -92,7 +92,7 @@ class IBPWarmup(Callback):
         beta: float = 4.0,
         ibp_init: bool = True,
         regularizer_weight: float = 0.5,
-        tolerance: float = 0.5,
+        regularizer_tolerance: float = 0.5,
     ) -> None:
         check_int("start_epoch", start_epoch, low=0)
         check_positive_int("ramp_epochs", ramp_epochs)
@@ -101,7 +101,7 @@ class IBPWarmup(Callback):
         check_number("beta", beta, low=1)
         check_bool("ibp_init", ibp_init)
         check_number("regularizer_weight", regularizer_weight, low=0)
-        check_number("tolerance", tolerance, 0, 1, low_open=True)
+        check_number("regularizer_tolerance", regularizer_tolerance, 0, 1, low_open=True)
         self.start_epoch = start_epoch
         self.ramp_epochs = ramp_epochs
         self.schedule = schedule
@@ -109,7 +109,7 @@ class IBPWarmup(Callback):
         self.beta = beta
         self.ibp_init = ibp_init
         self.regularizer_weight = regularizer_weight
-        self.tolerance = tolerance
+        self.regularizer_tolerance = regularizer_tolerance
         self.batches = 0  # schedule position: training batches started so far
 
     @override
@@ -133,7 +133,7 @@ class IBPWarmup(Callback):
         in_ramp = 0.0 < eps < target
         pl_module.current_eps = eps
         pl_module.regularizer_weight = self.regularizer_weight * (1 - eps / target) if in_ramp else 0.0
-        pl_module.regularizer_tolerance = self.tolerance
+        pl_module.regularizer_tolerance = self.regularizer_tolerance
         pl_module.log("certified/reg_weight", pl_module.regularizer_weight)
         self.batches += 1
 

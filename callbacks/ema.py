@@ -42,12 +42,12 @@ class EMA(_WeightAveraging):
 
     Schedule, in training steps (batches that reached an optimizer step: one per batch however
     many optimizers a manual module steps, so not ``trainer.global_step``; docs/schedules.md): the
-    update follows the training step with 0-based index ``i`` when ``i >= update_after_step`` and
+    update follows the training step with 0-based index ``i`` when ``i >= start_step`` and
     ``i % every_n_steps == 0``, i.e. after steps 1, n + 1, 2n + 1, ... (1-based) from step
-    ``update_after_step + 1`` on, the rule of Lightning's
-    ``EMAWeightAveraging(update_every_n_steps=n, update_starting_at_step=update_after_step)`` for a
-    module with one optimizer. The phase is that of the step count, not of ``update_after_step``
-    (as in Lightning): with ``update_after_step=2, every_n_steps=3`` the updates follow steps 4,
+    ``start_step + 1`` on, the rule of Lightning's
+    ``EMAWeightAveraging(update_every_n_steps=n, update_starting_at_step=start_step)`` for a
+    module with one optimizer. The phase is that of the step count, not of ``start_step``
+    (as in Lightning): with ``start_step=2, every_n_steps=3`` the updates follow steps 4,
     7, 10, ...
 
     Non-finite weights (after a NaN/inf loss, or a step that overflowed) never enter the
@@ -65,7 +65,7 @@ class EMA(_WeightAveraging):
         warmup: use ``decay_t = min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)``.
         warmup_gamma: > 0, the ``gamma`` of the warmup rule.
         warmup_power: > 0, the ``power`` of the warmup rule (2/3 for short runs, 3/4 for long).
-        update_after_step: no update after the first this-many training steps (>= 0).
+        start_step: training steps taken before updates begin (>= 0; none in the first ``start_step``).
         every_n_steps: update after training steps 1, n + 1, 2n + 1, ... (>= 1; see Schedule).
         dtype: dtype of the average of floating tensors (``"float32"`` for a bf16 model, so small
             updates are not rounded away); ``None`` keeps the model's dtype.
@@ -92,7 +92,7 @@ class EMA(_WeightAveraging):
         warmup: bool = False,
         warmup_gamma: float = 1.0,
         warmup_power: float = 2 / 3,
-        update_after_step: int = 0,
+        start_step: int = 0,
         every_n_steps: int = 1,
         dtype: DType | None = None,
         device: str | None = None,
@@ -104,14 +104,14 @@ class EMA(_WeightAveraging):
         check_bool("warmup", warmup)
         check_number("warmup_gamma", warmup_gamma, low=0, low_open=True)
         check_number("warmup_power", warmup_power, low=0, low_open=True)
-        check_int("update_after_step", update_after_step, low=0)
+        check_int("start_step", start_step, low=0)
         check_positive_int("every_n_steps", every_n_steps)
         super().__init__(dtype, device, evaluate_with, final_weights, export_path)
         self.decay = decay
         self.warmup = warmup
         self.warmup_gamma = warmup_gamma
         self.warmup_power = warmup_power
-        self.update_after_step = update_after_step
+        self.start_step = start_step
         self.every_n_steps = every_n_steps
         self.steps = 0  # training steps so far
         self._global_step_before = -1  # trainer.global_step when the batch began
@@ -145,7 +145,7 @@ class EMA(_WeightAveraging):
             return
         self.steps += 1
         index = self.steps - 1  # 0-based index of the step just taken, as in Lightning's WeightAveraging
-        if index < self.update_after_step or index % self.every_n_steps:
+        if index < self.start_step or index % self.every_n_steps:
             return
         decay = self.current_decay()
         self._update(pl_module, 1.0 - decay)

@@ -74,6 +74,8 @@ class SurrogateSharpness(_ExtraPasses):
         adaptive_lambda: update ``lambda`` by dual ascent (else fixed at ``lambda_init``).
         input_index: index (or key) of the inputs in a batch (a batch that is one tensor is the
             inputs). The module's ``forward`` must take the inputs alone (checked at setup).
+        start_step: plain training steps before the constraint begins (>= 0; ``lambda`` stays at
+            ``lambda_init`` until then).
 
     Example:
         >>> trainer = Trainer(callbacks=[SurrogateSharpness(rho=0.05, epsilon=0.1)])  # doctest: +SKIP
@@ -97,6 +99,7 @@ class SurrogateSharpness(_ExtraPasses):
         lambda_lr: float = 0.1,
         adaptive_lambda: bool = True,
         input_index: int | str = 0,
+        start_step: int = 0,
     ) -> None:
         check_number("rho", rho, low=0, low_open=True)
         check_number("radius", radius, low=0, low_open=True)
@@ -109,7 +112,7 @@ class SurrogateSharpness(_ExtraPasses):
                 "`input_index` must be an int (a position in the batch) or a str (a key), "
                 f"got {input_index!r} ({type(input_index).__name__})"
             )
-        super().__init__(freeze_bn_stats=True)
+        super().__init__(freeze_bn_stats=True, start_step=start_step)
         self.rho = rho
         self.radius = radius
         self.epsilon = epsilon

@@ -62,11 +62,12 @@ class GradientAscentSearch(Callback):
     unaffected; the callback has no state to checkpoint.
 
     Args:
-        num_designs: designs searched (the best ``num_designs`` offline ones with ``start="top"``).
+        num_designs: designs searched (the best ``num_designs`` offline ones with ``init="top"``).
         steps: gradient-ascent steps (0 scores the starting designs).
         step_size: step in standardised input units per unit of surrogate gradient, > 0.
-        start: ``top`` (best offline designs) or ``random`` (uniform sample of offline designs).
-        seed: seed of the ``random`` start.
+        init: the starting designs: ``top`` (best offline designs) or ``random`` (uniform sample of
+            offline designs).
+        seed: seed of the ``random`` draw.
     """
 
     def __init__(
@@ -74,18 +75,18 @@ class GradientAscentSearch(Callback):
         num_designs: int = 128,
         steps: int = 100,
         step_size: float = 0.05,
-        start: Literal["top", "random"] = "top",
+        init: Literal["top", "random"] = "top",
         seed: int = 0,
     ) -> None:
         check_positive_int("num_designs", num_designs)
         check_int("steps", steps, low=0)
         check_number("step_size", step_size, low=0, low_open=True)
-        check_choice("start", start, ("top", "random"))
+        check_choice("init", init, ("top", "random"))
         check_int("seed", seed)
         self.num_designs = num_designs
         self.steps = steps
         self.step_size = step_size
-        self.start = start
+        self.init = init
         self.seed = seed
         self.results: dict[str, float] = {}
         self.designs: torch.Tensor | None = None
@@ -101,7 +102,7 @@ class GradientAscentSearch(Callback):
         dm = trainer.datamodule
         dm.setup("fit")
         device = pl_module.device
-        x0 = starting_designs(dm.designs, dm.scores, self.num_designs, self.start, self.seed).to(device)
+        x0 = starting_designs(dm.designs, dm.scores, self.num_designs, self.init, self.seed).to(device)
         precision = trainer.precision_plugin
 
         def surrogate(x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ..plumbing import grad_scaler, is_sharded, local, loss_scale, refuse_flat_s
 from ..plumbing.loss import loss_of
 from ..plumbing.storage import swap_, writable
 from ..plumbing.third_party_private import muted, no_grad_sync, wrap_optimizer_step
-from ..validation import check_bool, check_list, check_str
+from ..validation import check_bool, check_int, check_list, check_str
 
 __all__ = ["PerturbedWeights"]
 
@@ -117,17 +117,20 @@ class _ExtraPasses(Callback):
 
     Subclasses implement ``_should_perturb`` and ``_combine`` (called after Lightning's pass with
     the gradient in ``param.grad``) using ``_params``, ``_rerun`` and ``_perturbed`` (a
-    :class:`PerturbedWeights`).
+    :class:`PerturbedWeights`). The first ``start_step`` training steps are plain steps: manual
+    optimisation is refused, so ``trainer.global_step`` (restored on resume) counts training steps.
     """
 
     _prefix = ""
     _sync_first_pass = True
 
-    def __init__(self, freeze_bn_stats: bool = True, exclude: Sequence[str] = ()) -> None:
+    def __init__(self, freeze_bn_stats: bool = True, exclude: Sequence[str] = (), start_step: int = 0) -> None:
         super().__init__()
         check_bool("freeze_bn_stats", freeze_bn_stats)
         check_list("exclude", exclude, check_str)
+        check_int("start_step", start_step, low=0)
         self.freeze_bn_stats = freeze_bn_stats
+        self.start_step = start_step
         self.exclude = list(exclude)
         self._batches: list[tuple[Any, int]] = []
         self._first_losses: list[Tensor] = []
@@ -203,7 +206,7 @@ class _ExtraPasses(Callback):
         if batch_idx % trainer.accumulate_grad_batches == 0:  # first micro-batch of an optimizer step
             self._batches.clear()
             self._first_losses.clear()
-            self._active = self._should_perturb(trainer)
+            self._active = trainer.global_step >= self.start_step and self._should_perturb(trainer)
             self._outside = 0
         if self._active:
             self._batches.append((batch, batch_idx))

@@ -90,7 +90,11 @@ class SAM(_ExtraPasses):
         adaptive: scale the perturbation by ``|w| + eta`` (adaptive SAM).
         eta: ASAM's offset in ``T = |w| + eta``, >= 0 (used with ``adaptive``).
         penalty_weight: ``a`` in (0, 1].
-        every_n_steps: perturb every k-th training step (steps 1, k + 1, ...), plain steps in between.
+        every_n_steps: perturb the training step with 0-based index ``i`` when ``i % k == 0`` (steps
+            1, k + 1, ... counted 1-based), plain steps in between.
+        start_step: plain training steps before SAM begins (>= 0): step ``i`` is perturbed only
+            when ``i >= start_step``; the phase of ``every_n_steps`` is that of the step count,
+            as in :class:`EMA`.
         sync_first_pass: all-reduce the first pass's gradient under DDP.
         exclude: ``fnmatch`` patterns of parameter names not perturbed, e.g. ``["*.bias"]``;
             each must match a parameter.
@@ -115,6 +119,7 @@ class SAM(_ExtraPasses):
         adaptive: bool = False,
         penalty_weight: float = 1.0,
         every_n_steps: int = 1,
+        start_step: int = 0,
         sync_first_pass: bool = False,
         exclude: Sequence[str] = (),
         freeze_bn_stats: bool = True,
@@ -126,7 +131,7 @@ class SAM(_ExtraPasses):
         check_positive_int("every_n_steps", every_n_steps)
         check_bool("sync_first_pass", sync_first_pass)
         check_number("eta", eta, low=0)
-        super().__init__(freeze_bn_stats=freeze_bn_stats, exclude=exclude)
+        super().__init__(freeze_bn_stats=freeze_bn_stats, exclude=exclude, start_step=start_step)
         self.rho = rho
         self.adaptive = adaptive
         self.eta = eta
@@ -137,7 +142,8 @@ class SAM(_ExtraPasses):
 
     @override
     def _should_perturb(self, trainer: Trainer) -> bool:
-        # Automatic optimisation (manual is refused): one optimizer, so global_step counts training steps.
+        # Automatic optimisation (manual is refused): one optimizer, so global_step counts training steps;
+        # the base class checks start_step.
         return trainer.global_step % self.every_n_steps == 0
 
     @override

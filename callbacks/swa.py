@@ -1,6 +1,6 @@
 """Stochastic weight averaging (SWA; Izmailov et al. 2018, "Averaging Weights Leads to Wider
-Optima"): the uniform mean of one snapshot per epoch from ``start`` on,
-``avg <- avg + (w - avg) / (n + 1)``, under the SWA learning rate (``swa_lrs``: from ``start`` on,
+Optima"): the uniform mean of one snapshot per epoch from ``start_epoch`` on,
+``avg <- avg + (w - avg) / (n + 1)``, under the SWA learning rate (``swa_lrs``: from ``start_epoch`` on,
 torch's ``SWALR`` anneals each parameter group's rate to its SWA value and holds it there);
 BatchNorm statistics are recomputed for the averaged weights with one pass over the training data.
 
@@ -9,7 +9,7 @@ the shared machinery is :class:`litplug.callbacks.weight_averaging._WeightAverag
 
 Example:
     >>> from litplug.callbacks import SWA
-    >>> swa = SWA(start=0.75, swa_lrs=0.05, annealing_epochs=5, annealing_strategy="cos")
+    >>> swa = SWA(start_epoch=0.75, swa_lrs=0.05, annealing_epochs=5, annealing_strategy="cos")
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ class SWA(_WeightAveraging):
     """Stochastic weight averaging (Izmailov et al. 2018) of epoch-end snapshots.
 
     Stochastic weight averaging: the uniform mean of one snapshot per ``every_n_epochs``
-    epochs from epoch ``start`` on, taken after the epoch's last optimizer step (before its
+    epochs from epoch ``start_epoch`` on, taken after the epoch's last optimizer step (before its
     validation), then BatchNorm statistics recomputed for the averaged weights at the end of
     ``fit`` with one pass over the training data (``limit_train_batches`` respected).
 
-    The SWA learning rate (``swa_lrs`` set): at the start of epoch ``start`` the callback replaces
+    The SWA learning rate (``swa_lrs`` set): at the start of epoch ``start_epoch`` the callback replaces
     the optimizer's schedulers with ``torch.optim.swa_utils.SWALR`` stepped at every epoch end (as
-    Lightning's ``StochasticWeightAveraging`` does): epoch ``start`` keeps the rate it has, and over
+    Lightning's ``StochasticWeightAveraging`` does): epoch ``start_epoch`` keeps the rate it has, and over
     the next ``annealing_epochs`` epochs each parameter group's rate moves to its SWA value,
     ``lr_t = swa_lr * a(t) + lr_0 * (1 - a(t))`` with ``t = min(1, k / annealing_epochs)`` after
     the k-th epoch and ``a(t) = (1 - cos(pi t)) / 2`` (``"cos"``) or ``t`` (``"linear"``), then
@@ -73,22 +73,22 @@ class SWA(_WeightAveraging):
     after its validation (which still sees the previous average).
 
     Args:
-        start: first averaged epoch: an epoch index (int >= 0; works with a ``max_steps``-only
+        start_epoch: first averaged epoch: an epoch index (int >= 0; works with a ``max_steps``-only
             Trainer) or a fraction of ``max_epochs`` (float in [0, 1)); must lie before
             ``max_epochs`` when that is set (checked at setup).
-        every_n_epochs: snapshot every n-th epoch from ``start`` (>= 1).
+        every_n_epochs: snapshot every n-th epoch from ``start_epoch`` (>= 1).
         update_bn: recompute BatchNorm statistics for the final averaged weights.
         swa_lrs: the SWA learning rate: one positive number for every parameter group, a list
             with one per group (its length is checked against the optimizer at the start of
             ``fit``), or ``None`` to keep the user's schedule. Needs automatic optimisation and
             one optimizer.
         annealing_epochs: epochs over which the rate moves to ``swa_lrs`` (int >= 0; 0 switches
-            at once, so epoch ``start`` already runs at ``swa_lrs``).
+            at once, so epoch ``start_epoch`` already runs at ``swa_lrs``).
         annealing_strategy: ``"cos"`` or ``"linear"``.
         dtype, device, evaluate_with, final_weights, export_path: as in :class:`EMA`.
 
     Example:
-        >>> swa = SWA(start=0.75, swa_lrs=0.05, annealing_epochs=5, update_bn=True)
+        >>> swa = SWA(start_epoch=0.75, swa_lrs=0.05, annealing_epochs=5, update_bn=True)
     """
 
     litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
@@ -101,7 +101,7 @@ class SWA(_WeightAveraging):
 
     def __init__(
         self,
-        start: int | float = 0.75,
+        start_epoch: int | float = 0.75,
         every_n_epochs: int = 1,
         update_bn: bool = True,
         swa_lrs: float | list[float] | None = None,
@@ -113,14 +113,14 @@ class SWA(_WeightAveraging):
         final_weights: Which = "average",
         export_path: str | None = None,
     ) -> None:
-        if isinstance(start, float):
-            check_fraction("start", start)  # a fraction of max_epochs
-        elif not isinstance(start, bool) and isinstance(start, int):
-            check_int("start", start, low=0)  # an epoch index
+        if isinstance(start_epoch, float):
+            check_fraction("start_epoch", start_epoch)  # a fraction of max_epochs
+        elif not isinstance(start_epoch, bool) and isinstance(start_epoch, int):
+            check_int("start_epoch", start_epoch, low=0)  # an epoch index
         else:
             raise TypeError(
-                "`start` must be an epoch index (an int >= 0) or a fraction of max_epochs (a float in [0, 1)), "
-                f"got {start!r} ({type(start).__name__})"
+                "`start_epoch` must be an epoch index (an int >= 0) or a fraction of max_epochs (a float in [0, 1)), "
+                f"got {start_epoch!r} ({type(start_epoch).__name__})"
             )
         check_positive_int("every_n_epochs", every_n_epochs)
         check_bool("update_bn", update_bn)
@@ -133,13 +133,13 @@ class SWA(_WeightAveraging):
         check_int("annealing_epochs", annealing_epochs, low=0)
         check_choice("annealing_strategy", annealing_strategy, _STRATEGIES)
         super().__init__(dtype, device, evaluate_with, final_weights, export_path)
-        self.start = start
+        self.start_epoch = start_epoch
         self.every_n_epochs = every_n_epochs
         self.update_bn = update_bn
         self.swa_lrs = swa_lrs
         self.annealing_epochs = annealing_epochs
         self.annealing_strategy = annealing_strategy
-        self._start_epoch = start if isinstance(start, int) else 0
+        self._first_epoch = start_epoch if isinstance(start_epoch, int) else 0
         self._scheduler: SWALR | None = None
         self._scheduler_state: dict[str, Any] | None = None  # restored from a checkpoint, loaded at fit start
 
@@ -149,19 +149,20 @@ class SWA(_WeightAveraging):
         if stage != "fit":
             return
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 1 else None
-        if isinstance(self.start, float):
+        if isinstance(self.start_epoch, float):
             if max_epochs is None:
                 raise ValueError(
-                    f"SWA(start={self.start}) is a fraction of `max_epochs`, which the Trainer does not set "
-                    f"(max_epochs={trainer.max_epochs}); give `start` as an epoch index (int) or set `max_epochs`"
+                    f"SWA(start_epoch={self.start_epoch}) is a fraction of `max_epochs`, which the Trainer does not "
+                    f"set (max_epochs={trainer.max_epochs}); give `start_epoch` as an epoch index (int) or set "
+                    "`max_epochs`"
                 )
-            self._start_epoch = int(self.start * max_epochs)
+            self._first_epoch = int(self.start_epoch * max_epochs)
         else:
-            self._start_epoch = self.start
-        if max_epochs is not None and self._start_epoch >= max_epochs:
+            self._first_epoch = self.start_epoch
+        if max_epochs is not None and self._first_epoch >= max_epochs:
             raise ValueError(
-                f"`start` = {self.start} is epoch {self._start_epoch}, beyond the last epoch {max_epochs - 1} "
-                f"(max_epochs={max_epochs})"
+                f"`start_epoch` = {self.start_epoch} is epoch {self._first_epoch}, beyond the last epoch "
+                f"{max_epochs - 1} (max_epochs={max_epochs})"
             )
         if self.swa_lrs is not None and not pl_module.automatic_optimization:
             raise ValueError(
@@ -195,13 +196,13 @@ class SWA(_WeightAveraging):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.swa_lrs is None or trainer.current_epoch < self._start_epoch:
+        if self.swa_lrs is None or trainer.current_epoch < self._first_epoch:
             return
         if self._scheduler is None:
-            if trainer.current_epoch > self._start_epoch:
+            if trainer.current_epoch > self._first_epoch:
                 rank_zero_warn(
-                    f"SWA: the SWA learning rate begins at epoch {trainer.current_epoch}, after `start` (epoch "
-                    f"{self._start_epoch}), since the run resumed from a checkpoint without SWA's scheduler state; "
+                    f"SWA: the SWA learning rate begins at epoch {trainer.current_epoch}, after `start_epoch` (epoch "
+                    f"{self._first_epoch}), since the run resumed from a checkpoint without SWA's scheduler state; "
                     "the annealing starts from here"
                 )
             self._use_swalr(trainer, None)
@@ -241,7 +242,7 @@ class SWA(_WeightAveraging):
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         epoch = trainer.current_epoch
-        if epoch < self._start_epoch or (epoch - self._start_epoch) % self.every_n_epochs or epoch == self._last_step:
+        if epoch < self._first_epoch or (epoch - self._first_epoch) % self.every_n_epochs or epoch == self._last_step:
             return
         weight = 1.0 / (self.updates + 1)
         self._update(pl_module, weight)

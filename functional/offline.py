@@ -43,12 +43,12 @@ def gradient_ascent(
 
 
 def starting_designs(
-    designs: torch.Tensor, scores: torch.Tensor, num: int, start: Literal["top", "random"], seed: int = 0
+    designs: torch.Tensor, scores: torch.Tensor, num: int, init: Literal["top", "random"], seed: int = 0
 ) -> torch.Tensor:
     """The ``num`` offline designs with the highest scores (``top``), or ``num`` drawn uniformly
     without replacement with ``seed`` (``random``)."""
     num = min(num, len(scores))
-    if start == "top":
+    if init == "top":
         idx = torch.topk(scores, num).indices
     else:
         idx = torch.randperm(len(scores), generator=torch.Generator().manual_seed(seed))[:num]

@@ -64,7 +64,7 @@ CASES["SharpnessMonitor"] = Case(lambda: SharpnessMonitor(rho=0.05))
 
 # Weight averaging (callbacks/ema.py, swa.py). SWA snapshots from epoch 0 so both epochs update, under SWALR.
 CASES["EMA"] = Case(lambda: EMA(decay=0.9, warmup=True))
-CASES["SWA"] = Case(lambda: SWA(start=0, swa_lrs=0.05, annealing_epochs=1))
+CASES["SWA"] = Case(lambda: SWA(start_epoch=0, swa_lrs=0.05, annealing_epochs=1))
 
 # Merges inside training (callbacks/checkpoint_soup.py, callbacks/wise_ft.py): chosen on the
 # validation batches at fit end, rank zero's merge broadcast.

@@ -73,7 +73,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         "warmup": ANY,
         "warmup_gamma": POSITIVE,
         "warmup_power": POSITIVE,
-        "update_after_step": Arg(0, ok={"zero": "0 updates from the first optimizer step"}),
+        "start_step": Arg(0, ok={"zero": "0 updates from the first optimizer step"}),
         "every_n_steps": COUNT,
         "dtype": ANY,
         "device": ANY,
@@ -93,7 +93,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         )
     },
     "SWA": {
-        "start": Arg(0, 1, high_open=True, ok={"zero": "0.0 averages from the first epoch"}),
+        "start_epoch": Arg(0, 1, high_open=True, ok={"zero": "0.0 averages from the first epoch"}),
         "every_n_epochs": COUNT,
         "update_bn": ANY,
         "swa_lrs": POSITIVE,
@@ -114,13 +114,13 @@ SPEC: dict[str, dict[str, Arg]] = {
         "beta": Arg(1),
         "ibp_init": ANY,
         "regularizer_weight": Arg(0, ok={"zero": "0 disables the warmup regularizers"}),
-        "tolerance": Arg(0, 1, low_open=True),
+        "regularizer_tolerance": Arg(0, 1, low_open=True),
     },
     "GradientAscentSearch": {
         "num_designs": COUNT,
         "steps": Arg(0, ok={"zero": "0 steps scores the starting designs"}),
         "step_size": POSITIVE,
-        "start": ANY,
+        "init": ANY,
         "seed": SEED_ARG,
     },
     "SAM": {
@@ -128,6 +128,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         "adaptive": ANY,
         "penalty_weight": Arg(0, 1, low_open=True),
         "every_n_steps": COUNT,
+        "start_step": Arg(0, ok={"zero": "0 perturbs from the first training step"}),
         "sync_first_pass": ANY,
         "exclude": Arg(ok={"empty": "no pattern: every parameter is perturbed"}),
         "freeze_bn_stats": ANY,
@@ -147,6 +148,7 @@ SPEC: dict[str, dict[str, Arg]] = {
                 "empty": "a str is a key of a dict batch; any str can be one",
             }
         ),
+        "start_step": Arg(0, ok={"zero": "0 constrains from the first training step"}),
     },
     "SharpnessMonitor": {"every_n_epochs": COUNT, "rho": POSITIVE, "layerwise": ANY, "num_batches": COUNT},
     "UnlearningMask": {

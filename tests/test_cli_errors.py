@@ -83,7 +83,7 @@ def test_missing_and_truncated_checkpoints_name_the_file(tmp_path, capsys):
 
 
 def test_errors_inside_training_keep_their_traceback(capsys):
-    # SWA checks `start` against max_epochs at setup, inside Trainer.fit: not an input error.
+    # SWA checks `start_epoch` against max_epochs at setup, inside Trainer.fit: not an input error.
     with pytest.raises(ValueError, match="beyond the last epoch"):
         main(
             [
@@ -92,7 +92,7 @@ def test_errors_inside_training_keep_their_traceback(capsys):
                 CLASSIFIER,
                 "--trainer.max_epochs=1",
                 "--trainer.callbacks+=SWA",
-                "--trainer.callbacks.start=3",
+                "--trainer.callbacks.start_epoch=3",
             ]
         )
 

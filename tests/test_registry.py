@@ -249,7 +249,7 @@ def _ema_cell(column, tmp_dir):
 
 
 def _swa_cell(column, tmp_dir):
-    rec, swa = Recorder(), SWA(start=0, update_bn=False, evaluate_with="live", final_weights="live")
+    rec, swa = Recorder(), SWA(start_epoch=0, update_bn=False, evaluate_with="live", final_weights="live")
     _fit_cell(column, [rec, swa], tmp_dir, max_epochs=2, limit_train_batches=2)
     assert swa.updates == 2
     got = swa.averaged_state_dict()
@@ -474,7 +474,7 @@ def lm_ddp_worker(strategy, tmp_dir):
     out = {}
     for name, make in {
         "EMA": lambda: EMA(decay=0.5),
-        "SWA": lambda: SWA(start=0),
+        "SWA": lambda: SWA(start_epoch=0),
         "SAM": lambda: SAM(rho=0.05),
         "SharpnessMonitor": lambda: SharpnessMonitor(),
         "UnlearningMask": lambda: UnlearningMask("saliency", ratio=0.3),

@@ -63,8 +63,8 @@ def test_device_must_name_a_torch_device():
 
 
 def test_swa_start_beyond_max_epochs_fails_at_setup(tmp_path):
-    with pytest.raises(ValueError, match="`start` = 5"):
-        fit(tmp_path, SWA(start=5), epochs=3)
+    with pytest.raises(ValueError, match="`start_epoch` = 5"):
+        fit(tmp_path, SWA(start_epoch=5), epochs=3)
 
 
 def test_unverified_sharding_strategies_raise(tmp_path):
@@ -123,7 +123,7 @@ def test_ema_swaps_for_validation_exactly_and_ends_on_average(tmp_path):
 
 def test_ema_without_update_keeps_trained_weights(tmp_path):
     probe = Probe()
-    ema = EMA(update_after_step=100)
+    ema = EMA(start_step=100)
     trainer, model = fit(tmp_path, ema, probe=probe)
     assert ema.updates == 0
     assert_states_equal(probe.after_step[-1], state_of(model))
@@ -154,10 +154,10 @@ def test_ema_live_final_weights_every_n_steps(tmp_path):
 @pytest.mark.parametrize("after,every", [(0, 3), (2, 3)])
 def test_ema_update_steps_match_lightning(tmp_path, after, every):
     """EMA updates after the same optimizer steps as Lightning's EMAWeightAveraging (both run in
-    one Trainer): step index i = global_step - 1 with i >= update_after_step, i % n == 0."""
+    one Trainer): step index i = global_step - 1 with i >= start_step, i % n == 0."""
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
-    ours = EMA(decay=0.5, update_after_step=after, every_n_steps=every, final_weights="live", evaluate_with="live")
+    ours = EMA(decay=0.5, start_step=after, every_n_steps=every, final_weights="live", evaluate_with="live")
     peer = EMAWeightAveraging(decay=0.5, update_every_n_steps=every, update_starting_at_step=after)
 
     class Steps(Callback):
@@ -192,7 +192,7 @@ def test_ema_bf16_model_fp32_average(tmp_path):
 
 def test_swa_mean_of_epoch_snapshots_and_bn_pass(tmp_path):
     probe = Probe()
-    swa = SWA(start=0.5, update_bn=True)
+    swa = SWA(start_epoch=0.5, update_bn=True)
     logger = TensorBoardLogger(tmp_path / "tb")
     trainer, model = fit(tmp_path, swa, epochs=4, probe=probe, logger=logger, log_every_n_steps=1)
     assert swa.updates == 2  # epochs 2 and 3 of 4
@@ -242,8 +242,8 @@ def test_yaml_composition_with_classifier(tmp_path, monkeypatch, name, kind):
 
 def test_two_averaging_callbacks_on_the_model_conflict(tmp_path):
     with pytest.raises(ValueError, match="evaluate_with"):
-        fit(tmp_path, EMA(), probe=SWA(start=0))
-    fit(tmp_path, EMA(), probe=SWA(start=0, evaluate_with="live", final_weights="live"))  # composes
+        fit(tmp_path, EMA(), probe=SWA(start_epoch=0))
+    fit(tmp_path, EMA(), probe=SWA(start_epoch=0, evaluate_with="live", final_weights="live"))  # composes
 
 
 # ----------------------------------------------------------------------------- DDP and FSDP2
@@ -290,7 +290,7 @@ def distributed_worker(strategy, tmp_dir, kind):
     out["live_is_model"] = live.keys() == final.keys() and all(torch.equal(live[k], final[k]) for k in live)
 
     seed_everything(0)
-    swa = SWA(start=0)
+    swa = SWA(start_epoch=0)
     trainer = fast_trainer(
         tmp_dir / "swa",
         strategy=make_strategy(kind),
@@ -433,7 +433,7 @@ def test_swa_snapshots_data_without_length_and_integer_start_with_max_steps(tmp_
     loader = DataLoader(_Stream(), batch_size=4)  # 2 batches per epoch, unknown to the Trainer
     for name, kwargs in (("epochs", {"max_epochs": 3}), ("steps", {"max_steps": 6, "max_epochs": None})):
         seed_everything(0)
-        swa, ends = SWA(start=1, update_bn=False, final_weights="live"), _EpochEnds()
+        swa, ends = SWA(start_epoch=1, update_bn=False, final_weights="live"), _EpochEnds()
         model = small_classifier(batch_norm=False)
         fast_trainer(tmp_path / name, precision="64-true", limit_val_batches=0, callbacks=[ends, swa], **kwargs).fit(
             model, loader
@@ -443,5 +443,7 @@ def test_swa_snapshots_data_without_length_and_integer_start_with_max_steps(tmp_
         for key in ends.weights[0]:
             want = (ends.weights[1][key] + ends.weights[2][key]) / 2
             torch.testing.assert_close(avg[key], want, rtol=0, atol=1e-15)
-    with pytest.raises(ValueError, match="SWA\\(start=0.5\\) is a fraction of `max_epochs`.*epoch index"):
-        fast_trainer(tmp_path, max_steps=2, max_epochs=None, callbacks=[SWA(start=0.5)]).fit(small_classifier(), loader)
+    with pytest.raises(ValueError, match="SWA\\(start_epoch=0.5\\) is a fraction of `max_epochs`.*epoch index"):
+        fast_trainer(tmp_path, max_steps=2, max_epochs=None, callbacks=[SWA(start_epoch=0.5)]).fit(
+            small_classifier(), loader
+        )

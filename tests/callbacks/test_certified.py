@@ -48,7 +48,9 @@ def _loader(n=24, batch=4):
 def test_drives_any_module_with_the_certified_interface(tmp_path):
     torch.manual_seed(0)
     module = MinimalCertified()
-    callback = IBPWarmup(start_epoch=1, ramp_epochs=2, schedule="linear", regularizer_weight=0.3, tolerance=0.7)
+    callback = IBPWarmup(
+        start_epoch=1, ramp_epochs=2, schedule="linear", regularizer_weight=0.3, regularizer_tolerance=0.7
+    )
     fast_trainer(tmp_path, max_epochs=4, callbacks=[callback]).fit(module, _loader())
     steps = 6  # batches per epoch
     assert len(module.seen) == 4 * steps and callback.batches == 4 * steps

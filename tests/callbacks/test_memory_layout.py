@@ -28,7 +28,7 @@ def _bytes(tensors):
 
 
 def test_averages_hold_one_copy_and_the_weights_one_buffer(tmp_path):
-    for callback in (EMA(decay=0.9), SWA(start=0)):
+    for callback in (EMA(decay=0.9), SWA(start_epoch=0)):
         model = _fit(tmp_path, callback)
         # one averaged copy of every parameter and buffer (integer buffers included), nothing else
         assert callback.state_bytes() == _bytes(model.parameters()) + _bytes(model.buffers()), type(callback).__name__

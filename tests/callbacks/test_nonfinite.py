@@ -67,7 +67,7 @@ def test_ema_skips_non_finite_weights_and_warns(tmp_path):
 
 
 def test_swa_skips_a_non_finite_snapshot(tmp_path):
-    swa = SWA(start=0, update_bn=False, final_weights="live")
+    swa = SWA(start_epoch=0, update_bn=False, final_weights="live")
     with pytest.warns(UserWarning, match="SWA: the weights are not finite"):
         fast_trainer(tmp_path, max_epochs=3, callbacks=[swa]).fit(Poisoned(from_step=5), loader())
     assert swa.updates == 1 and swa.skipped == 2  # epoch 0 averaged; epochs 1 and 2 ended on NaN

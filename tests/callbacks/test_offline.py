@@ -69,7 +69,7 @@ def test_search_improves_on_the_sphere_logs_once_and_leaves_training_untouched(t
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_bf16_and_random_start(precision, tmp_path):
     seed_everything(0)
-    search = GradientAscentSearch(num_designs=16, steps=5, step_size=0.05, start="random", seed=3)
+    search = GradientAscentSearch(num_designs=16, steps=5, step_size=0.05, init="random", seed=3)
     trainer = fast_trainer(tmp_path, max_steps=3, precision=precision, callbacks=[search])
     dm = sphere()
     trainer.fit(small_surrogate(4), dm)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from harness import fast_trainer
 from lightning.pytorch import LightningModule, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -55,6 +56,9 @@ class Accumulating(LightningModule):
         super().__init__()
         self.net = nn.Linear(4, 1)
 
+    def forward(self, x):
+        return self.net(x)
+
     def training_step(self, batch, batch_idx):
         (x,) = batch
         return self.net(x).pow(2).mean()
@@ -83,7 +87,7 @@ def _expected(batches: int, after: int, every: int) -> list[int]:
 @pytest.mark.parametrize("every, after", [(2, 0), (3, 0), (4, 0), (2, 5)])
 def test_ema_counts_batches_not_optimizer_steps(tmp_path, every, after):
     model = TwoOptimizerGAN()
-    ema = EMA(decay=0.5, every_n_steps=every, update_after_step=after)
+    ema = EMA(decay=0.5, every_n_steps=every, start_step=after)
     trainer = _fit(tmp_path, model, [ema])
     assert trainer.global_step == 2 * 19 and model.batches == 19
     want = _expected(19, after, every)
@@ -110,7 +114,7 @@ def test_ema_step_count_survives_resume(tmp_path):
 def test_swa_with_max_steps_snapshots_once_per_epoch(tmp_path):
     """``max_steps`` is Lightning's: it counts every optimizer's step (here 2 per batch)."""
     model = TwoOptimizerGAN()
-    swa = SWA(start=1, update_bn=False)
+    swa = SWA(start_epoch=1, update_bn=False)
     trainer = _fit(tmp_path, model, [swa], batches=3, max_epochs=None, max_steps=2 * 3 * 4)
     assert trainer.current_epoch == 4 and model.batches == 12
     assert swa.updates == 3 and swa.last_update == 3  # epochs 1, 2, 3
@@ -130,6 +134,43 @@ def test_sam_every_n_steps_counts_training_steps(tmp_path):
     sam = CountingSAM(rho=0.05, every_n_steps=2)
     trainer = _fit(tmp_path, Accumulating(), [sam], batches=12, accumulate_grad_batches=2)
     assert trainer.global_step == 6 and sam.perturbed == 3  # training steps 1, 3, 5 of 6
+
+
+def _recording(base):
+    class Recording(base):
+        """Records the 0-based index (``global_step``) of every step the method acts on."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.acted = []
+
+        def _combine(self, trainer, pl_module):
+            self.acted.append(trainer.global_step)
+            super()._combine(trainer, pl_module)
+
+    return Recording
+
+
+@pytest.mark.parametrize(
+    "base, kwargs, want",
+    [
+        (SAM, {"start_step": 3, "every_n_steps": 2}, [4, 6]),  # phase of the step count, as EMA
+        (SAM, {"start_step": 5}, [5, 6, 7]),
+        (SurrogateSharpness, {"start_step": 6}, [6, 7]),
+    ],
+)
+def test_start_step_counts_training_steps_and_survives_a_mid_epoch_resume(tmp_path, base, kwargs, want):
+    """8 training steps of 2 accumulated batches in one epoch; a run resumed from the checkpoint of
+    step 3 (mid-epoch) acts on the same later steps as the uninterrupted one."""
+    whole = _recording(base)(**kwargs)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    _fit(tmp_path, Accumulating(), [whole, ckpt], batches=16, accumulate_grad_batches=2, enable_checkpointing=True)
+    assert whole.acted == want
+    resumed = _recording(base)(**kwargs)
+    seed_everything(0)
+    trainer = fast_trainer(tmp_path, callbacks=[resumed], limit_val_batches=0, accumulate_grad_batches=2)
+    trainer.fit(Accumulating(), _loader(16), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+    assert trainer.global_step == 8 and resumed.acted == [i for i in want if i >= 3]
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,12 @@
 """SWA's learning rate: float64 parity with Lightning's ``StochasticWeightAveraging`` on the same
-run, and the scenarios of Lightning's own SWA tests (initial state, scheduler swap at ``start``,
+run, and the scenarios of Lightning's own SWA tests (initial state, scheduler swap at ``start_epoch``,
 several parameter groups, resume mid-averaging, DDP and FSDP2 on 2 CPU ranks, bad arguments) run
 against litplug's ``SWA``.
 
 Lightning's callback takes its snapshots at the start of epochs ``swa_epoch_start - 1`` to
 ``max_epochs - 1`` (the weights after epochs ``swa_epoch_start - 2`` to ``max_epochs - 2``);
-litplug's ``SWA(start=swa_epoch_start - 1)`` takes them after epochs ``start`` to ``max_epochs - 1``.
+litplug's ``SWA(start_epoch=swa_epoch_start - 1)`` takes them after epochs ``start_epoch`` to
+``max_epochs - 1``.
 Both build ``SWALR`` at the start of the same epoch, so the runs share one trajectory and one
 learning-rate schedule, and their averages are means over windows one epoch apart.
 """
@@ -168,7 +169,11 @@ def test_parity_with_lightning_stochastic_weight_averaging(tmp_path, strategy, g
     )
     _, ref_model, ref = run(lightning, tmp_path / "lightning", batch_norm=batch_norm, groups=groups)
     litplug = SWA(
-        start=k - 1, swa_lrs=swa_lrs, annealing_epochs=annealing, annealing_strategy=strategy, update_bn=batch_norm
+        start_epoch=k - 1,
+        swa_lrs=swa_lrs,
+        annealing_epochs=annealing,
+        annealing_strategy=strategy,
+        update_bn=batch_norm,
     )
     _, model, rec = run(litplug, tmp_path / "litplug", batch_norm=batch_norm, groups=groups)
 
@@ -211,8 +216,8 @@ def test_parity_with_lightning_stochastic_weight_averaging(tmp_path, strategy, g
 
 
 def test_initial_state():
-    swa = SWA(swa_lrs=0.01, start=0.1, annealing_epochs=1, annealing_strategy="linear")
-    assert (swa.swa_lrs, swa.start, swa.annealing_epochs, swa.annealing_strategy) == (0.01, 0.1, 1, "linear")
+    swa = SWA(swa_lrs=0.01, start_epoch=0.1, annealing_epochs=1, annealing_strategy="linear")
+    assert (swa.swa_lrs, swa.start_epoch, swa.annealing_epochs, swa.annealing_strategy) == (0.01, 0.1, 1, "linear")
     assert swa.updates == 0 and swa.average_tensors() == {} and swa.last_update == -1
     assert swa.state_dict()["scheduler"] is None
     assert SWA().swa_lrs is None  # the user's schedule keeps running
@@ -220,7 +225,7 @@ def test_initial_state():
 
 @pytest.mark.parametrize("interval", ["epoch", "step"])
 def test_scheduler_swapped_for_swalr_at_start(tmp_path, interval):
-    swa = SWA(start=2, swa_lrs=0.1, annealing_epochs=2)
+    swa = SWA(start_epoch=2, swa_lrs=0.1, annealing_epochs=2)
     with pytest.warns(UserWarning, match=rf"from epoch 2 .* replaces the scheduler .*StepLR\(interval='{interval}'"):
         trainer, _, rec = run(swa, tmp_path, interval=interval)
     assert all(rec.schedulers[e] == [torch.optim.lr_scheduler.StepLR] for e in range(2))
@@ -231,7 +236,7 @@ def test_scheduler_swapped_for_swalr_at_start(tmp_path, interval):
     assert rec.lrs[4] == rec.lrs[5] == [0.1]
     assert swa.updates == EPOCHS - 2
     if interval == "epoch":
-        assert rec.lrs[2] == pytest.approx([0.2 * 0.7**2], rel=1e-12)  # epoch `start` keeps its rate
+        assert rec.lrs[2] == pytest.approx([0.2 * 0.7**2], rel=1e-12)  # epoch `start_epoch` keeps its rate
     else:  # StepLR stepped after every batch before the swap
         assert rec.lrs[2] == pytest.approx([0.2 * 0.7 ** (2 * BATCHES)], rel=1e-12)
 
@@ -239,25 +244,25 @@ def test_scheduler_swapped_for_swalr_at_start(tmp_path, interval):
 def test_without_a_scheduler_swalr_is_added_and_none_keeps_the_users(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="SWA: from epoch")  # nothing is replaced: no warning
-        _, _, rec = run(SWA(start=1, swa_lrs=0.05, annealing_epochs=0), tmp_path / "none", scheduler=None)
+        _, _, rec = run(SWA(start_epoch=1, swa_lrs=0.05, annealing_epochs=0), tmp_path / "none", scheduler=None)
     assert rec.schedulers[0] == [] and rec.schedulers[1] == [SWALR]
     assert [lrs[0] for lrs in rec.lrs.values()] == [0.2] + [0.05] * (EPOCHS - 1)  # 0 epochs: at once
 
-    _, _, rec = run(SWA(start=1), tmp_path / "users")  # swa_lrs=None: StepLR runs to the end
+    _, _, rec = run(SWA(start_epoch=1), tmp_path / "users")  # swa_lrs=None: StepLR runs to the end
     assert [lrs[0] for lrs in rec.lrs.values()] == pytest.approx([0.2 * 0.7**e for e in range(EPOCHS)], rel=1e-12)
     assert all(s == [torch.optim.lr_scheduler.StepLR] for s in rec.schedulers.values())
 
 
 def test_several_schedulers_are_all_replaced_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"replaces all 2 schedulers .*StepLR.*LambdaLR"):
-        _, _, rec = run(SWA(start=1, swa_lrs=0.05, annealing_epochs=1), tmp_path, scheduler="two")
+        _, _, rec = run(SWA(start_epoch=1, swa_lrs=0.05, annealing_epochs=1), tmp_path, scheduler="two")
     assert rec.schedulers[1] == [SWALR] and rec.lrs[EPOCHS - 1] == [0.05]
 
 
 def test_multiple_parameter_groups(tmp_path):
     swa_lrs = [0.123, 0.321]
     logger = TensorBoardLogger(tmp_path / "tb")
-    swa = SWA(start=1, swa_lrs=swa_lrs, annealing_epochs=2)
+    swa = SWA(start_epoch=1, swa_lrs=swa_lrs, annealing_epochs=2)
     trainer, _, rec = run(swa, tmp_path, groups=2, scheduler=None, logger=logger)
     groups = trainer.optimizers[0].param_groups
     assert [g["swa_lr"] for g in groups] == swa_lrs
@@ -269,7 +274,7 @@ def test_multiple_parameter_groups(tmp_path):
         assert logged == pytest.approx([rec.lrs[e][i] for e in range(1, EPOCHS)], rel=1e-6)
 
     with pytest.raises(ValueError, match=r"`swa_lrs` has 3 learning rates .* 2 parameter groups"):
-        run(SWA(start=1, swa_lrs=[0.1, 0.2, 0.3]), tmp_path / "bad", groups=2)
+        run(SWA(start_epoch=1, swa_lrs=[0.1, 0.2, 0.3]), tmp_path / "bad", groups=2)
 
 
 @pytest.mark.parametrize("scheduler", ["step", "lambda"])
@@ -278,7 +283,7 @@ def test_resume_mid_averaging_is_bit_exact(tmp_path, crash_on_epoch, scheduler):
     """Interrupted before the swap (epoch 1) or inside the annealing (epoch 3 of start 2 and 3
     annealing epochs) and resumed from the last epoch-end checkpoint: the same rates, the same
     average, the same final weights (with BatchNorm recomputed) as an uninterrupted run."""
-    make = lambda: SWA(start=2, swa_lrs=0.05, annealing_epochs=3)  # noqa: E731
+    make = lambda: SWA(start_epoch=2, swa_lrs=0.05, annealing_epochs=3)  # noqa: E731
     net = {"batch_norm": True, "scheduler": scheduler}
     full_swa = make()
     _, full, full_rec = run(full_swa, tmp_path / "full", **net)
@@ -297,13 +302,13 @@ def test_resume_mid_averaging_is_bit_exact(tmp_path, crash_on_epoch, scheduler):
 
 
 def test_resume_without_scheduler_state_starts_swalr_late_with_a_warning(tmp_path):
-    """A checkpoint of a run without ``swa_lrs``, resumed with it after ``start``: SWALR begins at
+    """A checkpoint of a run without ``swa_lrs``, resumed with it after ``start_epoch``: SWALR begins at
     the resumed epoch (from the rate the user's schedule reached), and a warning says so."""
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     with pytest.raises(RuntimeError, match="crash for the resume test"):
-        run(SWA(start=2), tmp_path / "crashed", extra=[ckpt], crash_on_epoch=4)
-    swa = SWA(start=2, swa_lrs=0.05, annealing_epochs=1)
-    with pytest.warns(UserWarning, match=r"begins at epoch 4, after `start` \(epoch 2\)"):
+        run(SWA(start_epoch=2), tmp_path / "crashed", extra=[ckpt], crash_on_epoch=4)
+    swa = SWA(start_epoch=2, swa_lrs=0.05, annealing_epochs=1)
+    with pytest.warns(UserWarning, match=r"begins at epoch 4, after `start_epoch` \(epoch 2\)"):
         _, _, rec = run(swa, tmp_path / "resumed", ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert rec.lrs[4] == pytest.approx([0.2 * 0.7**4], rel=1e-12) and rec.lrs[5] == [0.05]
     assert rec.schedulers[4] == [SWALR] and swa.updates == EPOCHS - 2
@@ -321,7 +326,7 @@ def ddp_worker(strategy, tmp_dir, kind):
         optimizer=partial(torch.optim.SGD, lr=0.2),
         lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.7),
     )
-    swa, rec = SWA(start=1, swa_lrs=0.05, annealing_epochs=2, annealing_strategy="linear"), Recorder(4)
+    swa, rec = SWA(start_epoch=1, swa_lrs=0.05, annealing_epochs=2, annealing_strategy="linear"), Recorder(4)
     trainer = Trainer(
         default_root_dir=tmp_dir, strategy=make_strategy(kind), accelerator="cpu", devices=2, max_epochs=4,
         limit_train_batches=3, limit_val_batches=1, logger=False, enable_checkpointing=False,
@@ -355,8 +360,8 @@ def test_ddp_and_fsdp2_ranks_follow_one_schedule(tmp_path, kind):
         ({"annealing_epochs": -1}, ValueError, "`annealing_epochs`"),
         ({"annealing_epochs": 1.5}, TypeError, "`annealing_epochs`"),
         ({"annealing_strategy": "exp"}, ValueError, "`annealing_strategy`"),
-        ({"start": 1.5}, ValueError, "`start`"),
-        ({"start": -1}, ValueError, "`start`"),
+        ({"start_epoch": 1.5}, ValueError, "`start_epoch`"),
+        ({"start_epoch": -1}, ValueError, "`start_epoch`"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, error, match):
@@ -366,7 +371,7 @@ def test_bad_arguments_raise_at_construction(kwargs, error, match):
 
 def test_manual_optimisation_is_refused_with_swa_lrs_and_runs_without(tmp_path):
     with pytest.raises(ValueError, match=r"swa_lrs=0.05.*automatic_optimization = False.*swa_lrs=None"):
-        run(SWA(start=1, swa_lrs=0.05), tmp_path / "refused", manual=True, scheduler=None)
-    swa = SWA(start=1)
+        run(SWA(start_epoch=1, swa_lrs=0.05), tmp_path / "refused", manual=True, scheduler=None)
+    swa = SWA(start_epoch=1)
     run(swa, tmp_path / "runs", manual=True, scheduler=None)
     assert swa.updates == EPOCHS - 1
