@@ -7,10 +7,11 @@
 
 ``model`` and ``data`` are in subclass mode (any LightningModule / LightningDataModule by
 ``class_path``); the default logger is TensorBoard under ``runs/``; the saved ``config.yaml`` is
-overwritten when a run reuses a log folder. Every ``fit`` writes the TensorBoard hparams of the run
-(the config values that differ from the defaults) when it ends; ``litplug compare`` reads them
-back (:mod:`litplug.compare`). The working directory is on the import path, as with
-``python -m``, so ``--model mymodels.Net`` imports ``mymodels.py`` from it.
+overwritten when a run reuses a log folder. Every run (``fit``, ``validate``, ``test``,
+``predict``) writes the TensorBoard hparams of the run (the config values that differ from the
+defaults) when it starts; ``litplug compare`` reads them back (:mod:`litplug.compare`). The
+working directory is on the import path, as with ``python -m``, so ``--model mymodels.Net``
+imports ``mymodels.py`` from it.
 
 A ``--config`` path under ``configs/`` that does not exist in the working directory is read from
 the configs shipped inside the installed package, so ``litplug fit --config
@@ -168,13 +169,19 @@ class LitplugCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Write the run's hparams: the config values that differ from the defaults (see
-        :mod:`litplug.board` and :func:`litplug.compare.flatten_config`)."""
+        :mod:`litplug.board` and :func:`litplug.compare.flatten_config`), and ``subcommand`` for
+        a run other than ``fit``."""
         from .board import write_hparams
         from .compare import flatten_config
         from .plumbing.third_party_private import subcommand_defaults
 
         config = self.config.get(self.subcommand, self.config)
-        write_hparams(self.trainer, flatten_config(config.as_dict(), subcommand_defaults(self, self.subcommand)))
+        hparams = flatten_config(config.as_dict(), subcommand_defaults(self, self.subcommand))
+        if self.subcommand not in (None, "fit"):
+            hparams = {"subcommand": self.subcommand, **hparams}
+        write_hparams(self.trainer, hparams)
+
+    before_validate = before_test = before_predict = before_fit
 
     def _write_best(self) -> None:
         from .board import write_best

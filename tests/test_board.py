@@ -314,3 +314,24 @@ def test_ddp_rank_zero_writes_the_reduced_values_once(tmp_path):
     # the bars are the logged values: the mean of the ranks' own measurements
     for key, value in r0["reduced"].items():
         assert value == pytest.approx((r0["local"][key] + r1["local"][key]) / 2, rel=1e-4, abs=1e-6)
+
+
+def session_hparams(acc: EventAccumulator) -> dict:
+    start = metadata.parse_session_start_info_plugin_data(
+        acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+    )
+    return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_every_subcommand_writes_hparams(subcommand, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    limits = ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.limit_predict_batches=1"]
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    args = ["--config", str(CONFIGS / "digits" / "classifier.yaml"), "--model.backbone.init_args.hidden=[8]"]
+    main([subcommand, *args, *limits, *quiet])
+    acc = accumulator(tmp_path / "runs" / "litplug" / "version_0")
+    hparams = session_hparams(acc)
+    assert hparams["subcommand"] == subcommand
+    assert hparams["model.backbone.hidden"] == "[8]"
+    assert count_tag(tmp_path / "runs" / "litplug" / "version_0", metadata.SESSION_START_INFO_TAG) == 1
