@@ -17,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["bar_chart", "histograms", "line_chart", "panels", "to_image"]
 
@@ -33,6 +35,15 @@ def _figure() -> Figure:
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.3, top=0.86, wspace=0.3)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _axes(ax: Axes, title: str, xlabel: str = "", ylabel: str = "") -> None:
+    """Labels, a title at a fixed height (matplotlib otherwise measures every tick label to place
+    it, a third of a small figure's draw) and at most five y ticks."""
+    ax.set_title(title, y=1.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
 
 
 def bar_chart(
@@ -53,8 +64,7 @@ def bar_chart(
         heights = [_finite(s.get(k, float("nan"))) for k in labels]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=name or None)
     ax.set_xticks(x, labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    _axes(ax, title, ylabel=ylabel)
     ax.axhline(0.0, color="black", linewidth=0.6)
     if len(series) > 1:
         ax.legend(fontsize="small")
@@ -79,9 +89,7 @@ def line_chart(
         ax.plot(list(x), [_finite(v) for v in ys], marker="o", markersize=3, label=name)
     for name, (px, py) in (marks or {}).items():
         ax.scatter([px], [py], marker="*", s=80, zorder=3, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    _axes(ax, title, xlabel, ylabel)
     ax.legend(fontsize="small")
     return fig
 
@@ -103,8 +111,7 @@ def panels(
                 if len(lines[panel]) != len(x):
                     raise ValueError(f"series {name!r} has {len(lines[panel])} {panel} values for {len(x)} x positions")
                 ax.plot(list(x), [_finite(v) for v in lines[panel]], marker="o", markersize=3, label=name)
-        ax.set_xlabel(xlabel)
-        ax.set_title(panel)
+        _axes(ax, panel, xlabel)
         ax.legend(fontsize="small")
     fig.suptitle(title)
     return fig
@@ -125,9 +132,7 @@ def histograms(samples: Mapping[str, Sequence[float]], title: str, xlabel: str, 
             ax.hist(a, bins=edges, density=True, alpha=0.5, label=label)
         else:
             ax.plot([], [], label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
-    ax.set_title(title)
+    _axes(ax, title, xlabel, "density")
     ax.legend(fontsize="small")
     return fig
 

@@ -1,13 +1,16 @@
 """What litplug's TensorBoard output costs on the 20-epoch digits run, and the pictures of the cards.
 
-    python benchmarks/lab_notebook.py                      # the overhead (a few minutes on 2 CPU cores)
+    python benchmarks/lab_notebook.py                      # the overhead (about 5 minutes on 2 CPU cores)
     python benchmarks/lab_notebook.py --images docs/img    # also the runs behind the cards' PNGs
 
 The overhead run is ``litplug fit`` of configs/digits/classifier.yaml (20 epochs) with EMA, SAM
-and the sharpness monitor: every call that writes the layout, a figure or the hparams is timed
-inside the run (wall clock, rendering included), and the sum is set against the whole ``fit``.
-litplug's writers are wrapped before the callbacks and modules import them, so the timed calls
-are the ones the run makes.
+and the sharpness monitor, each repeat in a fresh process (a user's run pays matplotlib's first
+draw: font loading, caches). Every call that writes the layout, a figure or the hparams is timed
+inside the run (wall clock and process CPU time, rendering and PNG encoding included) and set
+against the whole ``fit``. litplug's writers are wrapped before the callbacks and modules import
+them, so the timed calls are the ones the run makes. Interleaved with each such run is the same
+run with the writers replaced by no-ops (``none``): the difference of the medians of the two
+``fit`` times is the end-to-end check (noisier than the timed calls on a shared machine).
 
 With ``--images`` it also runs, on digits: two models from different seeds aligned and averaged
 (``align_then_average``: the interpolation figure), short certified training (configs/digits/ibp.yaml,
@@ -18,8 +21,11 @@ the event files (TensorBoard's own PNG bytes) into the folder.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,45 +35,81 @@ from typing import Any
 
 import litplug.board as board
 
-SPENT: dict[str, float] = {}
+WRITERS = ("log_figure", "write_charts", "write_hparams", "write_best")
+SPENT: dict[str, list[float]] = {}  # name -> [wall seconds, CPU seconds]
 
 
 def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
-            SPENT[name] = SPENT.get(name, 0.0) + time.perf_counter() - start
+            spent = SPENT.setdefault(name, [0.0, 0.0])
+            spent[0] += time.perf_counter() - wall
+            spent[1] += time.process_time() - cpu
 
     return wrapper
 
 
-for _name in ("log_figure", "write_charts", "write_hparams", "write_best"):
-    setattr(board, _name, timed(_name, getattr(board, _name)))
+if os.environ.get("LAB_NOTEBOOK_VARIANT") == "none":
+    for _name in WRITERS:
+        setattr(board, _name, (lambda *a, **k: {}) if _name == "write_best" else (lambda *a, **k: False))
+else:
+    for _name in WRITERS:
+        setattr(board, _name, timed(_name, getattr(board, _name)))
 
 from litplug.cli import LitplugCLI, main  # noqa: E402  (after the wrapping above)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+VARIANTS = ("extras", "none")
 
 
-def overhead() -> None:
+def one_run() -> dict[str, Any]:
+    """One 20-epoch run in this process; its timings."""
     args = ["--config", str(CONFIGS / "digits" / "classifier.yaml")]
     for fragment in ("ema", "sam", "sharpness_monitor"):
         args += ["--config", str(CONFIGS / "callbacks" / f"{fragment}.yaml")]
     cli = LitplugCLI(args=[*args, *QUIET], run=False)
     SPENT.clear()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     cli.before_fit()  # the hparams, as `litplug fit` writes them
     cli.trainer.fit(cli.model, cli.datamodule)
-    total = time.perf_counter() - start
-    spent = sum(SPENT.values())
-    print(f"digits classifier + EMA + SAM + SharpnessMonitor, {cli.trainer.current_epoch} epochs: fit {total:.1f} s")
-    for name, seconds in sorted(SPENT.items()):
-        print(f"  {name:14s} {1000 * seconds:8.1f} ms")
-    print(f"  TensorBoard extras: {1000 * spent:.1f} ms = {100 * spent / total:.2f}% of the run (bound: 2%)")
+    return {
+        "epochs": cli.trainer.current_epoch,
+        "fit": time.perf_counter() - wall,
+        "fit_cpu": time.process_time() - cpu,
+        "spent": dict(SPENT),
+    }
+
+
+def overhead(repeats: int) -> None:
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    for r in range(repeats):
+        for variant in VARIANTS:  # interleaved: both variants see the same load
+            env = {**os.environ, "LAB_NOTEBOOK_VARIANT": variant}
+            done = subprocess.run(
+                [sys.executable, __file__, "--one"], env=env, capture_output=True, text=True, check=True
+            )
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            runs[variant].append(result)
+            share = sum(w for w, _ in result["spent"].values()) / result["fit"]
+            print(f"repeat {r} {variant:6s}: fit {result['fit']:.2f} s, extras {100 * share:.2f}%", flush=True)
+    extras = runs["extras"]
+    med = statistics.median
+    epochs = extras[0]["epochs"]
+    print(f"\ndigits classifier + EMA + SAM + SharpnessMonitor, {epochs} epochs, {repeats} repeats (median)")
+    for name in sorted(extras[0]["spent"]):
+        wall = med(e["spent"][name][0] for e in extras)
+        cpu = med(e["spent"][name][1] for e in extras)
+        print(f"  {name:14s} {1000 * wall:8.1f} ms wall {1000 * cpu:8.1f} ms CPU")
+    share = med(sum(w for w, _ in e["spent"].values()) / e["fit"] for e in extras)
+    share_cpu = med(sum(c for _, c in e["spent"].values()) / e["fit_cpu"] for e in extras)
+    fit, fit_none = med(e["fit"] for e in extras), med(e["fit"] for e in runs["none"])
+    print(f"  fit {fit:.2f} s (extras no-ops: {fit_none:.2f} s, difference {100 * (fit / fit_none - 1):+.2f}%)")
+    print(f"  TensorBoard extras / fit: {100 * share:.2f}% wall, {100 * share_cpu:.2f}% CPU (bound: 2%)")
 
 
 def _copy_images(run: Path, out: Path, names: dict[str, str]) -> None:
@@ -125,13 +167,18 @@ def images(out: Path) -> None:
 def run(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, help="also render the cards' PNGs into this folder")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each variant, interleaved")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one timed run (a child process)
     args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(one_run()))
+        return
     out = args.images.resolve() if args.images else None
     work = Path(tempfile.mkdtemp(prefix="litplug_tb_"))
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        overhead()
+        overhead(args.repeats)
         if out is not None:
             images(out)
     finally:
