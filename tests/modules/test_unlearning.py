@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import fast_trainer, read_scalars, run_distributed
+from harness import fast_trainer, read_scalars, run_distributed, state_of
 from lightning.pytorch import LightningModule, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
@@ -566,3 +566,116 @@ def test_forget_and_retain_splits_are_disjoint_and_cover_the_training_set():
     dm.setup()
     forget, retain = set(dm.forget_indices.tolist()), set(dm.retain_indices.tolist())
     assert forget and retain and not forget & retain and len(forget | retain) == len(dm.train_set)
+
+
+# --- npo, npo_rt, simnpo, rmu: DDP equals one process; Hugging Face models -------------------------
+NEW_METHODS = {"npo": {}, "npo_rt": {"gamma": 2.0}, "simnpo": {"gamma": 2.0}, "rmu": {"layer": "blocks.layers.0"}}
+
+
+def _pair_loader(rank=None):
+    """8 forget/retain pairs of token ids; rank r takes half of every global batch of 4 (same global
+    batches as one process)."""
+    tokens = torch.randint(0, 8, (16, 12), generator=torch.Generator().manual_seed(1))
+    pairs = [{"forget": tokens[i], "retain": tokens[8 + i]} for i in range(8)]
+    if rank is not None:
+        pairs = [pairs[i] for i in torch.arange(8).view(2, 2, 2)[:, rank].flatten().tolist()]
+    return torch.utils.data.DataLoader(pairs, batch_size=2 if rank is not None else 4)
+
+
+def _new_method_run(tmp_dir, method, checkpoint, rank=None, strategy=None):
+    seed_everything(0)
+    model = Unlearner(_lm(), checkpoint, method, objective="causal_lm", beta=0.5, steering=2.0,
+                      optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), **NEW_METHODS[method])  # fmt: skip
+    extra = {} if strategy is None else {"strategy": strategy, "devices": 2, "use_distributed_sampler": False}
+    trainer = fast_trainer(tmp_dir / method, max_steps=2, limit_val_batches=0, precision="64-true", **extra)
+    trainer.fit(model, _pair_loader(rank))
+    return state_of(model.backbone)
+
+
+def new_methods_ddp_worker(strategy, tmp_dir, checkpoint):
+    import os
+
+    from harness import make_strategy
+
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    out = {}
+    for i, method in enumerate(NEW_METHODS):  # a Strategy instance serves one Trainer
+        out[method] = _new_method_run(tmp_dir, method, checkpoint, rank, strategy if i == 0 else make_strategy("ddp"))
+    return out
+
+
+def test_npo_npo_rt_simnpo_rmu_under_ddp_equal_one_process(tmp_path):
+    # float64: the two ranks and one process sum the global batch's gradient in different orders
+    torch.manual_seed(0)
+    torch.save(_lm().state_dict(), tmp_path / "orig.pt")
+    r0, r1 = run_distributed(new_methods_ddp_worker, "ddp", tmp_path, checkpoint=str(tmp_path / "orig.pt"))
+    original = _lm().state_dict()
+    for method in NEW_METHODS:
+        single = _new_method_run(tmp_path, method, str(tmp_path / "orig.pt"))
+        assert any(not torch.equal(single[k], original[k].double()) for k in single), method  # it trained
+        for key, value in single.items():
+            assert value.dtype == torch.float64
+            assert torch.equal(r0[method][key], r1[method][key]), (method, key)
+            torch.testing.assert_close(r0[method][key], value, rtol=0, atol=1e-10, msg=f"{method} {key}")
+
+
+def _tiny_hf(transformers, kind):
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=16, n_positions=12, n_embd=16, n_layer=3, n_head=2,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        return transformers.GPT2LMHeadModel(config), "transformer.h"
+    config = transformers.LlamaConfig(
+        vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=12,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config), "model.layers"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_npo_npo_rt_simnpo_rmu_on_hugging_face_models(tmp_path, kind):
+    """Each loss from the model's own outputs (Hugging Face's loss for the log-likelihoods, its
+    hidden states for RMU's activations); RMU trains the MLPs of blocks 0 and 1 only."""
+    from litplug.functional.unlearning import rmu_direction, rmu_loss, simnpo_loss
+
+    transformers = pytest.importorskip("transformers", reason="the `lm` extra (transformers) is not installed")
+    torch.manual_seed(0)
+    original, blocks = _tiny_hf(transformers, kind)
+    torch.save(original.state_dict(), tmp_path / "orig.pt")
+    tokens = torch.randint(0, 16, (8, 12), generator=torch.Generator().manual_seed(0))
+    forget, retain = tokens[:4], tokens[4:]
+    batch = {"forget": {"input_ids": forget}, "retain": {"input_ids": retain}}
+    layer = {"layer": f"{blocks}.1", "steering": 2.0}
+    models = {m: Unlearner(_tiny_hf(transformers, kind)[0], str(tmp_path / "orig.pt"), m, objective="causal_lm",
+                           beta=0.5, gamma=2.0, **(layer if m == "rmu" else {})) for m in NEW_METHODS}  # fmt: skip
+    for model in models.values():
+        with torch.no_grad():  # move away from the original weights, the same way for every method
+            for p in model.backbone.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    net, ref = models["npo"].backbone, models["npo"]._reference[0]
+
+    def loglik(model, data):  # Hugging Face's own mean token loss, times the 11 predicted tokens
+        return torch.stack([-model(s[None], labels=s[None]).loss * 11 for s in data])
+
+    logp = loglik(net, forget)
+    with torch.no_grad():
+        logp_ref = loglik(ref, forget)
+    ce_r = net(retain, labels=retain).loss
+    torch.testing.assert_close(models["npo"].unlearning_loss(batch), npo_loss(logp, logp_ref, 0.5))
+    torch.testing.assert_close(models["npo_rt"].unlearning_loss(batch), npo_loss(logp, logp_ref, 0.5) + 2 * ce_r)
+    torch.testing.assert_close(
+        models["simnpo"].unlearning_loss(batch), simnpo_loss(logp, torch.full((4,), 11), 0.5) + 2 * ce_r
+    )
+    rmu = models["rmu"]
+    assert rmu.rmu_modules == [f"{blocks}.0.mlp", f"{blocks}.1.mlp"]
+    hidden = [rmu.backbone(d, output_hidden_states=True).hidden_states[2] for d in (forget, retain)]
+    with torch.no_grad():
+        hidden_ref = rmu._reference[0](retain, output_hidden_states=True).hidden_states[2]
+    expected = rmu_loss(hidden[0], 2.0 * rmu_direction(16, 0).float(), hidden[1], hidden_ref, 2.0)
+    torch.testing.assert_close(rmu.unlearning_loss(batch), expected)
+    before = {n: p.detach().clone() for n, p in rmu.backbone.named_parameters()}
+    trainer = fast_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    pairs = [{"forget": forget[i], "retain": retain[i]} for i in range(4)]
+    trainer.fit(rmu, torch.utils.data.DataLoader(pairs, batch_size=2))
+    for name, p in rmu.backbone.named_parameters():
+        moved = not torch.equal(p.detach(), before[name])
+        assert moved == name.startswith((f"{blocks}.0.mlp.", f"{blocks}.1.mlp.")), name
