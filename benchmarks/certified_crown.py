@@ -31,12 +31,12 @@ CONFIG = "configs/digits/crown_ibp.yaml"
 VERIFIERS = ("ibp", "crown-ibp", "crown")
 
 
-def run_one(bound: str, eps: float, seed: int, epochs: int | None, lipschitz: int) -> None:
+def run_one(bound: str, eps: float, seed: int, epochs: int | None, lipschitz: int, ramp: int | None = None) -> None:
     import torch
     from lightning.pytorch import Callback
 
     from litplug.bounds import local_lipschitz
-    from litplug.callbacks import BoundTightness
+    from litplug.callbacks import BoundTightness, IBPWarmup
     from litplug.cli import LitplugCLI
 
     torch.set_num_threads(1)
@@ -66,9 +66,13 @@ def run_one(bound: str, eps: float, seed: int, epochs: int | None, lipschitz: in
         ],
         run=False,
     )  # fmt: skip
+    if ramp:
+        (warmup,) = [c for c in cli.trainer.callbacks if isinstance(c, IBPWarmup)]
+        warmup.ramp_epochs = ramp
     cli.trainer.callbacks.extend([BoundTightness(every_n_epochs=2, num_samples=32), Recorder()])
     cli.trainer.fit(cli.model, cli.datamodule)
     seconds = time.perf_counter() - start
+    start = time.perf_counter()
     model = cli.model.eval()
     cli.datamodule.setup("test")
     counts = dict.fromkeys(("clean", *VERIFIERS), 0)
@@ -99,6 +103,7 @@ def run_one(bound: str, eps: float, seed: int, epochs: int | None, lipschitz: in
     ratio = torch.stack(ratios)
     result = {
         "seconds": seconds,
+        "eval_seconds": time.perf_counter() - start,
         "epochs": cli.trainer.max_epochs,
         **{f"{k}_acc": v / total for k, v in counts.items()},
         "lipschitz_ratio_mean": float(ratio.mean()),
@@ -121,13 +126,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2])
     parser.add_argument("--epochs", type=int, help="max_epochs of every run (default: the config's)")
+    parser.add_argument("--ramp", type=int, help="epochs of the eps ramp (default: the config's, 15)")
     parser.add_argument("--lipschitz", type=int, default=8, help="test samples for the Lipschitz comparison")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, help="append each run's result here as a JSON line")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        run_one(args.one[0], float(args.one[1]), int(args.one[2]), args.epochs, args.lipschitz)
+        run_one(args.one[0], float(args.one[1]), int(args.one[2]), args.epochs, args.lipschitz, args.ramp)
         return
     todo = [(bound, eps, seed) for eps in args.eps for bound in ("ibp", "crown-ibp") for seed in range(args.seeds)]
     results: dict[tuple[str, float], list[dict]] = {}
@@ -147,6 +153,8 @@ def main() -> None:
             ]
             if args.epochs:
                 cmd += ["--epochs", str(args.epochs)]
+            if args.ramp:
+                cmd += ["--ramp", str(args.ramp)]
             running.append((run, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)))
         (bound, eps, seed), proc = running.pop(0)
         stdout, _ = proc.communicate()

@@ -345,3 +345,21 @@ def test_certify_matches_the_plain_engine_and_reads_the_clean_batch_only_for_bat
         torch.testing.assert_close(train_margins.lower, plain(x), rtol=1e-5, atol=1e-5)
         model.backbone.load_state_dict(state)
         assert not torch.allclose(train_margins.lower, plain(None), rtol=1e-3, atol=1e-3)
+
+
+def test_certify_with_crown_runs_crown_on_the_undecided_samples_only():
+    torch.manual_seed(0)
+    model = CertifiedClassifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32, 32]), eps=0.02, **NORM).eval()
+    x = torch.rand(64, 1, 8, 8)
+    with torch.no_grad():
+        y = model.backbone(x).argmax(1)
+        y[::8] = (y[::8] + 1) % 10
+        lower, upper = model.box(x, model.eps)
+        engine, spec = bounded(model.backbone), margin_spec(y, 10)
+        others = F.one_hot(y, 10) == 0
+        full = linear_bounds(engine, lower, upper, "crown", spec, tighten=True).lower
+        first = linear_bounds(engine, lower, upper, "crown-ibp", spec, tighten=True).lower
+        verified = model.certify(x, y, method="crown")["verified"]
+    assert torch.equal(verified, ((full > 0) | ~others).all(1))
+    decided_by_crown = verified & ~((first > 0) | ~others).all(1)
+    assert decided_by_crown.any() and not verified.all()
