@@ -52,10 +52,11 @@ class DataPruning(Callback):
     (the paper's ablation that drops the very hardest, often mislabelled, samples).
 
     Pruning replaces the training sampler: the datamodule (wrapped in
-    ``litplug.datamodules.Indexed``) serves a ``KeptSampler`` over the kept indices, which Lightning
-    reloads at the first pruned epoch; under DDP its ``DistributedSamplerWrapper`` shards it, so
-    the ranks together see exactly the kept set (padded like a ``DistributedSampler``). An epoch
-    takes ``keep`` of the batches.
+    ``litplug.datamodules.Indexed``) serves a ``KeptShuffle`` (litplug's datamodules: resumable
+    mid-epoch, sharded by rank) or a ``KeptSampler`` (other samplers; sharded by Lightning's
+    ``DistributedSamplerWrapper`` under DDP) over the kept indices, which Lightning reloads at the
+    first pruned epoch; the ranks together see exactly the kept set (padded like a
+    ``DistributedSampler``). An epoch takes ``keep`` of the batches.
 
     The module must be classifier-like: training batches ``(inputs, targets)`` and
     ``forward(inputs)`` returning logits (checked on one sample before the first step). Logged
@@ -95,7 +96,7 @@ class DataPruning(Callback):
         self.scores: Tensor | None = None
         self.last_correct: Tensor | None = None  # int8: 1 correct, 0 wrong, -1 not presented yet
         self.forgotten: Tensor | None = None  # int32 forgetting events
-        self._epoch_correct: Tensor | None = None
+        self._epoch_correct: Tensor | None = None  # int8 correctness of this epoch's presentations so far
         self._capture: LogitsCapture | None = None
         self._dm: Any = None
         self._closed_epoch = -1
@@ -130,7 +131,7 @@ class DataPruning(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._reload is not None:  # the pruned loader is built: the user's reload setting back
             trainer.reload_dataloaders_every_n_epochs, self._reload = self._reload, None
-        if self._capture is not None:
+        if self._capture is not None:  # not called when a run resumes mid-epoch: the state has the epoch so far
             self._epoch_correct = torch.full_like(self.last_correct, -1)
 
     def _counting(self, trainer: Trainer) -> bool:
@@ -245,12 +246,22 @@ class DataPruning(Callback):
             self._capture = None
 
     @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Runs on every rank; rank zero writes. Mid-epoch under DDP each rank has the presentations
+        # of its own samples: the checkpoint holds all of them (max, as the epoch end joins them).
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None and trainer.world_size > 1 and self._counting(trainer):
+            state["epoch_correct"] = trainer.strategy.reduce(self._epoch_correct.int(), reduce_op="max").to(torch.int8)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "kept": self.kept,
             "scores": self.scores,
             "last_correct": self.last_correct,
             "forgotten": self.forgotten,
+            "epoch_correct": self._epoch_correct,
+            "closed_epoch": self._closed_epoch,
         }
 
     @override
@@ -259,3 +270,5 @@ class DataPruning(Callback):
         self.scores = state_dict["scores"]
         self.last_correct = state_dict["last_correct"]
         self.forgotten = state_dict["forgotten"]
+        self._epoch_correct = state_dict["epoch_correct"]
+        self._closed_epoch = state_dict["closed_epoch"]

@@ -32,6 +32,7 @@ from torch.utils.data import (
     Subset,
 )
 from torch.utils.data.dataloader import default_collate
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import BatchSampler as StatefulBatchSampler
 
 from ..plumbing import mix_seed
@@ -39,7 +40,7 @@ from ..validation import check_int
 from .base import EpochShuffle, WrappedDataModule
 from .forgetting import LABEL_ATTRIBUTES, dataset_labels
 
-__all__ = ["Indexed", "IndexedBatch", "KeptSampler", "training_labels"]
+__all__ = ["Indexed", "IndexedBatch", "KeptSampler", "KeptShuffle", "training_labels"]
 
 _HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
@@ -71,12 +72,31 @@ class _IndexedCollate:
         return IndexedBatch(self.collate([s for s, _ in samples]), torch.tensor([i for _, i in samples]))
 
 
+class KeptShuffle(EpochShuffle):
+    """``base``'s epoch order (every rank's samples, drawn from ``(seed, epoch)``) restricted to
+    ``kept``, sharded and resumable as :class:`EpochShuffle` is: rank ``r`` takes every ``W``-th
+    kept index from ``r`` (padded with the head), and a loader restarted mid-epoch from its
+    ``state_dict`` skips the samples already served. Being a ``DistributedSampler``, Lightning
+    leaves it in place under DDP."""
+
+    def __init__(self, base: EpochShuffle, kept: Tensor) -> None:
+        kept = torch.as_tensor(kept, dtype=torch.long)
+        super().__init__(len(kept), base.seed)
+        self.base = base
+        self.mask = torch.zeros(len(base.items), dtype=torch.bool)
+        self.mask[kept] = True
+
+    def order(self) -> list[int]:
+        self.base.set_epoch(self.epoch)
+        return [i for i in self.base.order() if self.mask[i]]
+
+
 class KeptSampler(Sampler[int]):
     """The samples of ``base`` restricted to ``kept`` (training-set indices), in ``base``'s order:
     a ``RandomSampler`` becomes a shuffle of the kept indices drawn from ``(seed, epoch)`` (the same
-    on every rank and after a resume), litplug's ``EpochShuffle`` its epoch's whole order restricted
-    to them, a ``SequentialSampler`` their sorted order, any other
-    sampler's stream is filtered (it must yield each index once per epoch). Under DDP Lightning
+    on every rank and after a resume), a ``SequentialSampler`` their sorted order, any other
+    sampler's stream is filtered (it must yield each index once per epoch); litplug's
+    ``EpochShuffle`` is restricted by :class:`KeptShuffle` instead. Under DDP Lightning
     shards it with its ``DistributedSamplerWrapper``; a ``DistributedSampler`` of the user's own
     (``use_distributed_sampler=False``) is applied to the kept set: its global order restricted to
     the kept indices, padded (or cut with ``drop_last``) and sharded as it does. Either way the
@@ -87,7 +107,9 @@ class KeptSampler(Sampler[int]):
         self.kept = torch.as_tensor(kept, dtype=torch.long).sort().values
         self.mask = torch.zeros(num_samples, dtype=torch.bool)
         self.mask[self.kept] = True
-        if isinstance(base, DistributedSampler) and type(base) not in (DistributedSampler, EpochShuffle):
+        if isinstance(base, EpochShuffle):
+            raise TypeError("KeptSampler does not restrict an EpochShuffle: use KeptShuffle(base, kept)")
+        if isinstance(base, DistributedSampler) and type(base) is not DistributedSampler:
             raise ValueError(
                 f"KeptSampler restricts torch's DistributedSampler, not its subclass {type(base).__name__}: let "
                 "Lightning shard the training loader (use_distributed_sampler=True)"
@@ -99,14 +121,12 @@ class KeptSampler(Sampler[int]):
             self.base.set_epoch(epoch)
 
     def __len__(self) -> int:
-        if isinstance(self.base, DistributedSampler) and not isinstance(self.base, EpochShuffle):
+        if isinstance(self.base, DistributedSampler):
             n, world = len(self.kept), self.base.num_replicas
             return n // world if self.base.drop_last else -(-n // world)
         return len(self.kept)
 
     def __iter__(self) -> Iterator[int]:
-        if isinstance(self.base, EpochShuffle):  # its whole epoch's order (Lightning shards this sampler)
-            return iter([i for i in self.base.order() if self.mask[i]])
         if isinstance(self.base, DistributedSampler):
             b = self.base
             full = DistributedSampler(b.dataset, num_replicas=1, rank=0, shuffle=b.shuffle, seed=b.seed)
@@ -154,8 +174,11 @@ class Indexed(WrappedDataModule):
 
     The index travels inside the batch, so it is right under any sampler, ``DistributedSampler``
     sharding, worker count and after a resume. :meth:`keep` restricts training to a subset of
-    indices from the next training loader on (through :class:`KeptSampler`); ``DataPruning`` uses
-    it. Validation, test and predict loaders are the wrapped datamodule's.
+    indices from the next training loader on (through :class:`KeptShuffle` for litplug's
+    ``EpochShuffle``, :class:`KeptSampler` for other samplers); ``DataPruning`` uses it. The
+    training loader is a ``StatefulDataLoader``: Lightning saves its position in checkpoints, and
+    with a resumable sampler (litplug's datamodules') a run resumed from a mid-epoch checkpoint
+    continues the epoch exactly. Validation, test and predict loaders are the wrapped datamodule's.
 
     The training set must be map-style (``__getitem__`` and ``__len__``): an ``IterableDataset``
     has no stable index and raises a ``TypeError`` when the training loader is built.
@@ -243,12 +266,14 @@ class Indexed(WrappedDataModule):
                     f"{type(self.datamodule).__name__}'s uses {type(batch_sampler).__name__}"
                 )
             if batch_sampler is None:
-                return DataLoader(indexed, batch_size=None, sampler=loader.sampler, **common)
-            return DataLoader(indexed, batch_sampler=batch_sampler, **common)
+                return StatefulDataLoader(indexed, batch_size=None, sampler=loader.sampler, **common)
+            return StatefulDataLoader(indexed, batch_sampler=batch_sampler, **common)
         sampler = loader.sampler
-        if self.kept is not None:
+        if self.kept is not None and isinstance(sampler, EpochShuffle):
+            sampler = KeptShuffle(sampler, self.kept)
+        elif self.kept is not None:
             sampler = KeptSampler(sampler, self.kept, len(dataset), self.seed)
-        return DataLoader(
+        return StatefulDataLoader(
             indexed, batch_size=batch_sampler.batch_size, sampler=sampler, drop_last=batch_sampler.drop_last, **common
         )
 

@@ -18,6 +18,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..validation import check_choice, check_int, check_list, check_number
 from .base import WrappedDataModule, flip_labels
@@ -153,15 +154,19 @@ class NoisyLabels(WrappedDataModule):
             batching: dict[str, Any] = {"batch_sampler": loader.batch_sampler}
         else:
             batching = {"batch_size": loader.batch_size, "sampler": loader.sampler, "drop_last": loader.drop_last}
-        return DataLoader(
+        extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
+        return StatefulDataLoader(
             relabelled,
             **batching,
             num_workers=loader.num_workers,
             collate_fn=loader.collate_fn,
             pin_memory=loader.pin_memory,
+            timeout=loader.timeout,
             worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context,
             generator=loader.generator,
             persistent_workers=loader.persistent_workers,
+            **extra,
         )
 
 

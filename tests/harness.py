@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -145,3 +145,42 @@ def write_idx(path: Path, array: Any, compress: bool = False) -> None:
             f.write(data)
     else:
         path.write_bytes(data)
+
+
+class _Cut(Exception):
+    pass
+
+
+class _CutAt(Callback):
+    """Raise at the start of the batch of training step ``step`` (a run that dies there)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step - 1:
+            raise _Cut
+
+
+def cut_and_resume(build: Any, tmp_path: Path, step: int) -> tuple[Any, Any]:
+    """``build(tmp_dir, **trainer_kwargs)`` returns ``(trainer, model, data, probe)``; runs it
+    uninterrupted, then checkpointed every ``step`` training steps and cut at the batch after the
+    first checkpoint, then resumed from that checkpoint. Returns the ``(model, probe)`` pairs of
+    the uninterrupted and the resumed run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    trainer, model, data, probe = build(tmp_path / "full")
+    trainer.fit(model, data)
+    full = (model, probe)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=step, save_top_k=0)
+    trainer, model, data, _ = build(tmp_path / "part", enable_checkpointing=True)
+    trainer.callbacks.extend([_CutAt(step + 1), ckpt])
+    try:
+        trainer.fit(model, data)
+    except _Cut:
+        pass
+    else:
+        raise AssertionError(f"the run ended before training step {step + 1}")
+    trainer, model, data, probe = build(tmp_path / "resumed")
+    trainer.fit(model, data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    return full, (model, probe)

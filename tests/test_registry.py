@@ -14,7 +14,6 @@ from harness import fast_trainer, make_strategy, run_distributed, state_of
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from registry import CASES, COLUMNS
 
 import litplug.callbacks
@@ -35,7 +34,6 @@ from litplug.callbacks import (
     UnlearningMask,
     WiSEFT,
 )
-from litplug.datamodules import Indexed
 
 STEPS_PER_EPOCH = 4
 
@@ -144,12 +142,6 @@ def test_callback_resume_matches_uninterrupted(name, at, tmp_path):
     if at == "mid_epoch":
         assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == step
     trainer, model, data, callback = _fit(case, tmp_path / "resumed", 2)
-    if at == "mid_epoch" and isinstance(data, Indexed):
-        # Indexed's training loader (DataPruning) does not save its position: Lightning warns, the
-        # resumed epoch restarts its loader (docs/long_runs.md)
-        with pytest.warns(PossibleUserWarning, match="not resumable"):
-            trainer.fit(model, data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-        return
     trainer.fit(model, data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
 
     for key, value in full_state.items():

@@ -3,14 +3,24 @@ weights), the ranks' pruned epochs cover exactly the kept set, pruned epochs tak
 of the batches, the logs (read back from TensorBoard), clear errors before training. Resume and
 the foreign-module matrix: tests/test_registry.py."""
 
+import warnings
 from functools import partial
 
 import pytest
 import torch
 from foreign import features
-from harness import fast_trainer, make_strategy, read_histograms, read_scalars, run_distributed, state_of
+from harness import (
+    cut_and_resume,
+    fast_trainer,
+    make_strategy,
+    read_histograms,
+    read_scalars,
+    run_distributed,
+    state_of,
+)
 from lightning.pytorch import Callback, LightningDataModule, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
 
 from litplug.callbacks import DataPruning
@@ -150,3 +160,30 @@ def test_bad_setups_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="classifier-like module.*raised RuntimeError"):
         fast_trainer(tmp_path, callbacks=[DataPruning()]).fit(wrong, Indexed(features()))
     assert wrong.global_step == 0
+
+
+@pytest.mark.parametrize(("score", "step"), [("forgetting", 9), ("grand", 9), ("el2n", 14)])
+def test_a_run_resumes_mid_epoch_exactly(score, step, tmp_path):
+    """Cut in the middle of a counted epoch (forgetting: the presentations before the checkpoint are
+    in it) or of a pruned epoch (the KeptShuffle's position is in it); 6 steps an epoch, scored at
+    the end of epoch 1. Weights, kept set, scores and counts equal the uninterrupted run's, and
+    Lightning does not warn about the loader."""
+
+    def build(tmp_dir, **kwargs):
+        seed_everything(0)
+        model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8]), 10)
+        pruning = DataPruning(score, keep=0.5, score_epoch=1)
+        trainer = fast_trainer(tmp_dir, max_epochs=3, limit_val_batches=0, callbacks=[pruning], **kwargs)
+        return trainer, model, Indexed(Digits(batch_size=256)), pruning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PossibleUserWarning)
+        (full, a), (resumed, b) = cut_and_resume(build, tmp_path, step)
+    for key, value in state_of(full).items():
+        assert torch.equal(state_of(resumed)[key], value), key
+    for key, value in a.state_dict().items():
+        assert (
+            value is None
+            and b.state_dict()[key] is None
+            or torch.equal(torch.as_tensor(value), torch.as_tensor(b.state_dict()[key]))
+        ), key

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from litplug.datamodules import Digits, Indexed
 from litplug.datamodules.base import EpochShuffle
-from litplug.datamodules.indexed import KeptSampler
+from litplug.datamodules.indexed import KeptSampler, KeptShuffle
 from litplug.modules import MLP, Classifier
 
 
@@ -63,10 +63,18 @@ def test_kept_sampler_restricts_any_sampler():
         orders.add(tuple(shuffled))
     assert len(orders) > 1
     base = EpochShuffle(10, seed=0)
-    filtered = KeptSampler(base, kept, 10)
+    filtered = KeptShuffle(EpochShuffle(10, seed=0), kept)
     filtered.set_epoch(3)
     base.set_epoch(3)
     assert list(filtered) == [i for i in base if i in {2, 5, 7}] and len(filtered) == 3
+    it = iter(filtered)
+    first = next(it)
+    resumed = KeptShuffle(EpochShuffle(10, seed=0), kept)
+    resumed.load_state_dict(filtered.state_dict())
+    resumed.set_epoch(3)
+    assert [first, *resumed] == list(filtered)  # resumable in the middle of an epoch
+    with pytest.raises(TypeError, match="use KeptShuffle"):
+        KeptSampler(base, kept, 10)
     data = TensorDataset(torch.arange(10))
     ranks = [list(KeptSampler(DistributedSampler(data, 2, r, shuffle=True, seed=4), kept, 10)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 2 and sorted(set(ranks[0] + ranks[1])) == [2, 5, 7]  # one padded

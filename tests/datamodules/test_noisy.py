@@ -1,12 +1,17 @@
 """NoisyLabels: exact seeded noise of each kind (a transition matrix against its empirical
 frequencies), clean labels and held-out data untouched, bad matrices named."""
 
+import warnings
+
 import pytest
 import torch
+from harness import cut_and_resume, fast_trainer, state_of
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, TensorDataset
 
 from litplug.datamodules import Digits, NoisyLabels
+from litplug.modules import MLP, Classifier
 
 
 @pytest.mark.parametrize("kind", ["symmetric", "pair"])
@@ -89,3 +94,21 @@ def test_labels_outside_the_matrix_are_refused():
     dm = NoisyLabels(_Labels(), kind="transition", transition=[[0.9, 0.1], [0.1, 0.9]])
     with pytest.raises(ValueError, match="2 x 2 matrix but _Labels's training labels span"):
         dm.train_dataloader()
+
+
+def test_a_run_resumes_mid_epoch_exactly(tmp_path):
+    """The loader is a StatefulDataLoader over the wrapped EpochShuffle: a run cut after a mid-epoch
+    checkpoint ends with the uninterrupted run's weights, bit for bit, and Lightning does not warn."""
+    from lightning.pytorch import seed_everything
+
+    def build(tmp_dir, **kwargs):
+        seed_everything(0)
+        model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8]), 10)
+        data = NoisyLabels(Digits(batch_size=256), rate=0.3, kind="pair")  # 6 steps an epoch
+        return fast_trainer(tmp_dir, max_epochs=2, limit_val_batches=0, **kwargs), model, data, None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PossibleUserWarning)
+        (full, _), (resumed, _) = cut_and_resume(build, tmp_path, step=8)  # the middle of epoch 1
+    for key, value in state_of(full).items():
+        assert torch.equal(state_of(resumed)[key], value), key
