@@ -72,7 +72,7 @@ Adding an operator: one entry in ``OPERATORS`` (:mod:`litplug.bounds.ops`) and i
    apply. ``BoundedNetwork(net)(..., fused=False)`` runs the plain rules; a test compares both.
 5. The test: bounds contain the outputs of sampled inputs in the box, are exact for a zero-width
    box, and (for a fused variant) equal the plain rule's values and gradients in float64
-   (``tests/modules/test_bounds.py``).
+   (``tests/bounds/test_engine.py``, ``tests/bounds/test_fused.py``).
 
 Example:
     >>> import torch

@@ -1,12 +1,16 @@
 """Small networks for the bound tests (importable as ``bound_networks``): an MLP, a CNN with batch
 norm, a residual block with average pooling (and without, for auto_LiRPA 0.3), and a network of
-the remaining operators of the relaxation table; and box sampling with corners."""
+the remaining operators of the relaxation table, the engine's test networks (``engine_networks``,
+``FunctionalOps``); box sampling with corners, a batch-norm warm-up and the plain-rule reference
+bounds."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from litplug.modules import CNN7, MLP, ConvNet
 
 
 class Residual(nn.Module):
@@ -69,3 +73,51 @@ def samples(lower: torch.Tensor, upper: torch.Tensor, n: int, generator: torch.G
     inside = torch.rand((n - n // 2, *lower.shape), generator=generator, dtype=lower.dtype)
     t = torch.cat([corners, inside])
     return lower + t * (upper - lower)
+
+
+class FunctionalOps(nn.Module):
+    """Exercises the functional ops: residual add, concat, reshape, pooling, activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 1))
+        self.pool = nn.MaxPool2d(2)
+        self.avg = nn.AvgPool2d(2)
+        self.adapt = nn.AdaptiveAvgPool2d(2)
+        self.conv1d = nn.Conv1d(8, 3, 2)
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Identity(), nn.Linear(64 + 16 + 24, 5))
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        h = h + self.block(h)
+        h = torch.tanh(h) - 0.5 * torch.sigmoid(h)
+        a = self.pool(h).flatten(1)
+        b = self.adapt(self.avg(h) * 2.0).reshape(x.size(0), -1)
+        c = F.relu(self.conv1d(h.view(x.size(0), 8, 32)[:, :, :9])).flatten(1)
+        return self.head(torch.cat([a, b, c], dim=1))
+
+
+def engine_networks():
+    torch.manual_seed(0)
+    return {
+        "mlp": MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32, 16], batch_norm=True),
+        "convnet": ConvNet(input_shape=[1, 8, 8], num_outputs=10, channels=[4, 8], hidden=16),
+        "cnn7": CNN7(input_shape=[1, 8, 8], num_outputs=10, width=4, linear_size=16),
+        "sigmoid": MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16], activation="sigmoid"),
+    }
+
+
+def warm_bn(net, x):
+    net.train()
+    with torch.no_grad():
+        net(x)
+    return net.eval()
+
+
+def plain_bounds(engine, lower, upper, **kwargs):
+    """The reference: the plain rules with gradients on (``weight.abs()`` each call, no box overwritten)."""
+    with torch.enable_grad():
+        out = engine(lower, upper, fused=False, **kwargs)
+    return out.lower.detach(), out.upper.detach(), None if out.clean is None else out.clean.detach()

@@ -184,3 +184,9 @@ def cut_and_resume(build: Any, tmp_path: Path, step: int) -> tuple[Any, Any]:
     trainer, model, data, probe = build(tmp_path / "resumed")
     trainer.fit(model, data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     return full, (model, probe)
+
+
+def concatenated(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """All inputs and all targets of a loader of ``(x, y)`` batches, concatenated."""
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)

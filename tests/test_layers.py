@@ -72,3 +72,15 @@ def test_cores_export_public_names_only_and_one_name_per_class():
     classes = [getattr(litplug.callbacks, n) for n in litplug.callbacks.__all__]
     assert len(set(classes)) == len(classes)
     assert not (ROOT / "callbacks" / "averaging.py").exists() and not (ROOT / "callbacks" / "sharpness.py").exists()
+
+
+def test_tests_mirror_the_source_tree():
+    """tests/<package>/test_<module>.py tests <package>/<module>.py; tests over several files (the
+    registry, the bad-input matrix, schedules, ...) sit at the top of tests/."""
+    strays = [
+        str(test.relative_to(ROOT))
+        for package in LIBRARY
+        for test in sorted((ROOT / "tests" / package).glob("test_*.py"))
+        if not (ROOT / package / f"{test.stem.removeprefix('test_')}.py").exists()
+    ]
+    assert not strays, f"test files named after no source file of their package: {strays}"

@@ -17,7 +17,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import make_strategy, read_scalars, run_distributed
+from averaging_helpers import Probe, assert_states_equal, fit, small_classifier
+from harness import fast_trainer, make_strategy, read_scalars, run_distributed, state_of
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -27,6 +28,8 @@ from torch.optim.swa_utils import SWALR
 from torch.utils.data import DataLoader, TensorDataset
 
 from litplug.callbacks import SWA
+from litplug.datamodules import Digits
+from litplug.modules import MLP, Classifier
 
 EPOCHS, BATCHES, BATCH = 6, 4, 32
 
@@ -318,7 +321,6 @@ def ddp_worker(strategy, tmp_dir, kind):
     from functools import partial
 
     from litplug.datamodules import Digits
-    from litplug.modules import MLP, Classifier
 
     seed_everything(0)
     model = Classifier(
@@ -348,30 +350,78 @@ def test_ddp_and_fsdp2_ranks_follow_one_schedule(tmp_path, kind):
         assert torch.equal(value, r1["average"][name]), name
 
 
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        ({"swa_lrs": 0.0}, ValueError, "`swa_lrs`"),
-        ({"swa_lrs": -0.1}, ValueError, "`swa_lrs`"),
-        ({"swa_lrs": float("nan")}, ValueError, "`swa_lrs`"),
-        ({"swa_lrs": [0.2, 0.0]}, ValueError, r"`swa_lrs\[1\]`"),
-        ({"swa_lrs": []}, ValueError, "`swa_lrs`"),
-        ({"swa_lrs": "0.1"}, TypeError, "`swa_lrs`"),
-        ({"annealing_epochs": -1}, ValueError, "`annealing_epochs`"),
-        ({"annealing_epochs": 1.5}, TypeError, "`annealing_epochs`"),
-        ({"annealing_strategy": "exp"}, ValueError, "`annealing_strategy`"),
-        ({"start_epoch": 1.5}, ValueError, "`start_epoch`"),
-        ({"start_epoch": -1}, ValueError, "`start_epoch`"),
-    ],
-)
-def test_bad_arguments_raise_at_construction(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        SWA(**kwargs)
-
-
 def test_manual_optimisation_is_refused_with_swa_lrs_and_runs_without(tmp_path):
     with pytest.raises(ValueError, match=r"swa_lrs=0.05.*automatic_optimization = False.*swa_lrs=None"):
         run(SWA(start_epoch=1, swa_lrs=0.05), tmp_path / "refused", manual=True, scheduler=None)
     swa = SWA(start_epoch=1)
     run(swa, tmp_path / "runs", manual=True, scheduler=None)
     assert swa.updates == EPOCHS - 1
+
+
+def test_swa_start_beyond_max_epochs_fails_at_setup(tmp_path):
+    with pytest.raises(ValueError, match="`start_epoch` = 5"):
+        fit(tmp_path, SWA(start_epoch=5), epochs=3)
+
+
+def test_swa_mean_of_epoch_snapshots_and_bn_pass(tmp_path):
+    probe = Probe()
+    swa = SWA(start_epoch=0.5, update_bn=True)
+    logger = TensorBoardLogger(tmp_path / "tb")
+    trainer, model = fit(tmp_path, swa, epochs=4, probe=probe, logger=logger, log_every_n_steps=1)
+    assert swa.updates == 2  # epochs 2 and 3 of 4
+    final = state_of(model)
+    snaps = probe.epoch_snapshots[2:]
+    for k in final:
+        if k.startswith("backbone.") and "running" not in k and "num_batches" not in k:
+            torch.testing.assert_close(final[k], (snaps[0][k] + snaps[1][k]) / 2, rtol=1e-6, atol=1e-6, msg=k)
+    # BatchNorm statistics: one pass over the (limited) training data with the averaged weights
+    ref = small_classifier().backbone
+    ref.load_state_dict({k[len("backbone.") :]: v for k, v in final.items()})
+    loader = Digits(batch_size=32).train_dataloader()
+    loader.sampler.set_epoch(3)  # the pass runs at the end of fit, over the last epoch's order
+    batches = [b for _, b in zip(range(4), loader)]
+    torch.optim.swa_utils.update_bn(batches, ref)
+    assert_states_equal({"backbone." + k: v for k, v in state_of(ref).items()}, final)
+    assert_states_equal(swa.averaged_state_dict(""), final)
+    scalars = read_scalars(tmp_path / "tb")
+    assert [v for _, v in scalars["swa/updates"]] == [1.0, 2.0]
+    assert [v for _, v in scalars["swa/weight"]] == [1.0, 0.5]
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """8 samples of 8x8 digits-like data, no length."""
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(8):
+            yield torch.rand(1, 8, 8, generator=g, dtype=torch.float64), int(torch.randint(0, 10, (), generator=g))
+
+
+class _EpochEnds(Callback):
+    def __init__(self):
+        self.weights = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.weights.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
+
+
+def test_swa_snapshots_data_without_length_and_integer_start_with_max_steps(tmp_path):
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_Stream(), batch_size=4)  # 2 batches per epoch, unknown to the Trainer
+    for name, kwargs in (("epochs", {"max_epochs": 3}), ("steps", {"max_steps": 6, "max_epochs": None})):
+        seed_everything(0)
+        swa, ends = SWA(start_epoch=1, update_bn=False, final_weights="live"), _EpochEnds()
+        model = small_classifier(batch_norm=False)
+        fast_trainer(tmp_path / name, precision="64-true", limit_val_batches=0, callbacks=[ends, swa], **kwargs).fit(
+            model, loader
+        )
+        assert swa.updates == 2, name  # epochs 1 and 2
+        avg = swa.averaged_state_dict()
+        for key in ends.weights[0]:
+            want = (ends.weights[1][key] + ends.weights[2][key]) / 2
+            torch.testing.assert_close(avg[key], want, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="SWA\\(start_epoch=0.5\\) is a fraction of `max_epochs`.*epoch index"):
+        fast_trainer(tmp_path, max_steps=2, max_epochs=None, callbacks=[SWA(start_epoch=0.5)]).fit(
+            small_classifier(), loader
+        )
