@@ -12,7 +12,10 @@ The rows come from each argument's annotation (``inspect.signature`` + ``typing.
 
 ``SPEC`` holds one entry per argument, keyed by the class that defines the ``__init__``;
 ``test_every_public_argument_has_a_row`` fails when an argument is added without one.
-Constructors only: nothing is fitted.
+``COMBINATIONS`` holds the bad values no generated row reaches: a range set by another argument or
+by the data, a structured value (an optimizer, a transition matrix), a required pairing.
+Constructors only: nothing is fitted. This file is the one place that checks bad constructor
+arguments of the public classes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pytest
@@ -569,3 +573,116 @@ def test_the_matrix_covers_every_public_class():
         len(rows(annotation, SPEC[owner(cls)][name])) for cls, name, annotation in (p.values for p in ARGUMENTS)
     )
     assert len(ARGUMENTS) > 100 and rows_total > 900
+
+
+# ------------------------------------------------------------------------------ combinations
+TRANSITION = [[0.6, 0.3, 0.1], [0.0, 1.0, 0.0], [0.25, 0.25, 0.5]]
+
+
+def _noisy(**kwargs: Any) -> Any:
+    data = litplug.datamodules.SyntheticClassification(num_classes=3)
+    return litplug.datamodules.NoisyLabels(data, **kwargs)
+
+
+def _sgd(**kwargs: Any) -> Any:
+    return litplug.modules.Classifier(_backbone(), num_classes=10, optimizer=partial(torch.optim.SGD, **kwargs))
+
+
+COMBINATIONS = {
+    "CausalTransformer-dim_not_divisible_by_heads": (
+        lambda p: litplug.modules.CausalTransformer(vocab_size=8, max_len=8, dim=10, heads=4),
+        ValueError,
+        "dim",
+    ),
+    "ConvNet-input_shape_without_channels": (
+        lambda p: litplug.modules.ConvNet(input_shape=[8, 8]),
+        ValueError,
+        "input_shape",
+    ),
+    "Classifier-optimizer_negative_lr": (lambda p: _sgd(lr=-0.1), ValueError, "lr=-0.1"),
+    "Classifier-optimizer_negative_momentum": (lambda p: _sgd(lr=0.1, momentum=-1), ValueError, "momentum"),
+    "Regressor-optimizer_negative_lr": (
+        lambda p: litplug.modules.Regressor(_backbone(), optimizer=lambda ps: torch.optim.Adam(ps, lr=-1.0)),
+        ValueError,
+        "optimizer",
+    ),
+    "FictitiousQA-forget_percent_not_1_5_or_10": (
+        lambda p: litplug.datamodules.FictitiousQA(forget_percent=3),
+        ValueError,
+        "forget_percent",
+    ),
+    "ForgetRetain-forget_classes_beyond_the_data": (
+        lambda p: litplug.datamodules.ForgetRetain(litplug.datamodules.Digits(), "class", forget_classes=[10]),
+        ValueError,
+        "forget_classes",
+    ),
+    "ForgetRetain-forget_classes_all_of_them": (
+        lambda p: litplug.datamodules.ForgetRetain(
+            litplug.datamodules.Digits(), "class", forget_classes=list(range(10))
+        ),
+        ValueError,
+        "forget_classes",
+    ),
+    "ModelMerge-base_required_by_the_recipe": (
+        lambda p: litplug.modules.ModelMerge(_backbone(), [p], recipe="ties"),
+        ValueError,
+        "`base` .* is required by recipe 'ties'",
+    ),
+    "ModelMerge-base_unused_by_the_recipe": (
+        lambda p: litplug.modules.ModelMerge(_backbone(), [p], recipe="uniform", base=p),
+        ValueError,
+        "`base` is only used by",
+    ),
+    "NoisyLabels-transition_missing": (
+        lambda p: _noisy(kind="transition"),
+        ValueError,
+        "`transition` must be a C x C matrix.*got None",
+    ),
+    "NoisyLabels-transition_without_its_kind": (
+        lambda p: _noisy(transition=TRANSITION),
+        ValueError,
+        "`transition` is only used with kind='transition'",
+    ),
+    "NoisyLabels-rate_with_a_transition": (
+        lambda p: _noisy(kind="transition", transition=TRANSITION, rate=0.2),
+        ValueError,
+        "`rate` must be None",
+    ),
+    "NoisyLabels-transition_row_sum": (
+        lambda p: _noisy(kind="transition", transition=[[0.5, 0.5], [0.2, 0.7]]),
+        ValueError,
+        "row 1 sums to 0.9",
+    ),
+    "NoisyLabels-transition_not_square": (
+        lambda p: _noisy(kind="transition", transition=[[0.5, 0.5], [1.0]]),
+        ValueError,
+        "must be square",
+    ),
+    "NoisyLabels-transition_entry_outside_0_1": (
+        lambda p: _noisy(kind="transition", transition=[[1.5, -0.5], [0, 1]]),
+        ValueError,
+        r"`transition\[0\]\[0\]`",
+    ),
+    "NoisyLabels-transition_one_class": (
+        lambda p: _noisy(kind="transition", transition=[[1.0]]),
+        ValueError,
+        "C >= 2",
+    ),
+    "NoisyLabels-transition_entry_type": (
+        lambda p: _noisy(kind="transition", transition=[["a", 1], [0, 1]]),
+        TypeError,
+        r"`transition\[0\]\[0\]`",
+    ),
+    "NoisyLabels-transition_size_against_num_classes": (
+        lambda p: _noisy(kind="transition", transition=TRANSITION, num_classes=4),
+        ValueError,
+        "4 x 4 matrix",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(COMBINATIONS))
+def test_combinations(case, ingredient):
+    factory, error, match = COMBINATIONS[case]
+    with pytest.raises(error, match=match):
+        factory(ingredient)

@@ -14,13 +14,6 @@ from litplug.datamodules import Digits
 from litplug.modules import MLP, CertifiedClassifier
 
 
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="every_n_epochs"):
-        BoundTightness(every_n_epochs=0)
-    with pytest.raises(ValueError, match="num_samples"):
-        BoundTightness(num_samples=0)
-
-
 def test_logs_width_ratios_during_fit(tmp_path):
     seed_everything(0)
     backbone = MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[32, 32], batch_norm=True)

@@ -71,25 +71,6 @@ def test_a_transition_matrix_gives_its_empirical_frequencies():
     assert not torch.equal(other.noisy_labels, noisy)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"kind": "transition"}, ValueError, "`transition` must be a C x C matrix.*got None"),
-        ({"transition": TRANSITION}, ValueError, "`transition` is only used with kind='transition'"),
-        ({"kind": "transition", "transition": TRANSITION, "rate": 0.2}, ValueError, "`rate` must be None"),
-        ({"kind": "transition", "transition": [[0.5, 0.5], [0.2, 0.7]]}, ValueError, r"row 1 sums to 0.9"),
-        ({"kind": "transition", "transition": [[0.5, 0.5], [1.0]]}, ValueError, "must be square"),
-        ({"kind": "transition", "transition": [[1.5, -0.5], [0, 1]]}, ValueError, r"`transition\[0\]\[0\]`"),
-        ({"kind": "transition", "transition": [[1.0]]}, ValueError, "C >= 2"),
-        ({"kind": "transition", "transition": [["a", 1], [0, 1]]}, TypeError, r"`transition\[0\]\[0\]`"),
-        ({"kind": "transition", "transition": TRANSITION, "num_classes": 4}, ValueError, "4 x 4 matrix"),
-    ],
-)
-def test_a_bad_transition_matrix_is_named(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        NoisyLabels(_Labels(), **kwargs)
-
-
 def test_labels_outside_the_matrix_are_refused():
     dm = NoisyLabels(_Labels(), kind="transition", transition=[[0.9, 0.1], [0.1, 0.9]])
     with pytest.raises(ValueError, match="2 x 2 matrix but _Labels's training labels span"):

@@ -65,24 +65,6 @@ def test_seed_determines_the_data():
     assert not torch.equal(data(1), data(2))
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"task": "branin"}, "`task` must be one of"),
-        ({"keep_percentile": 0.0}, r"`keep_percentile` must be in \(0, 100\), got 0.0"),
-        ({"keep_percentile": 100.0}, "keep_percentile"),
-        ({"keep_percentile": -5.0}, "keep_percentile"),
-        ({"dim": 0}, "`dim` must be >= 1"),
-        ({"num_samples": 5}, "num_samples"),
-        ({"val_fraction": 1.0}, "val_fraction"),
-        ({"batch_size": 0}, "batch_size"),
-    ],
-)
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        OfflineDesigns(**kwargs)
-
-
 def test_botorch_task_without_botorch_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "botorch.test_functions", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"litplug\[offline\]"):

@@ -79,15 +79,6 @@ def test_forget_retain_wraps_it_and_the_loss_scores_answers_only(dm):
         assert float(logp[b]) == pytest.approx(sum(float(lsm[b, t - 1, labels[b, t]]) for t in scored), abs=1e-9)
 
 
-@pytest.mark.parametrize(
-    "kwargs, name", [({"num_entities": 10}, "num_entities"), ({"forget_percent": 3}, "forget_percent"),
-                     ({"num_perturbed": 0}, "num_perturbed")],
-)  # fmt: skip
-def test_bad_arguments_name_the_argument(kwargs, name):
-    with pytest.raises((ValueError, TypeError), match=name):
-        FictitiousQA(**kwargs)
-
-
 def test_truth_ratio_pairs_share_the_trained_phrasing(dm):
     """evaluation_sets: the correct side of the truth ratio is the trained answer, and each
     perturbed answer differs from it in the fact only."""

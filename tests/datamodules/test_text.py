@@ -33,13 +33,3 @@ def test_entropy_rate_is_the_loss_of_the_true_chain():
     nll = -dm.transition[tokens[:, :-1], tokens[:, 1:]].log().mean().item()
     assert nll == pytest.approx(dm.entropy_rate, rel=0.03)
     assert 0 < dm.entropy_rate < math.log(5)
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [({"vocab_size": 1}, "vocab_size"), ({"num_marked": 0}, "num_marked"), ({"num_marked": 256}, "num_marked"),
-     ({"sharpness": 0.0}, "sharpness"), ({"marked_repeats": 0}, "marked_repeats"), ({"seq_len": 1}, "seq_len")],
-)  # fmt: skip
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        MarkovText(**kwargs)

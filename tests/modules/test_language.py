@@ -63,18 +63,6 @@ def test_language_model_trains(tmp_path):
     assert start > 1.5 and model.batch_loss(tokens).item() < 0.1
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"vocab_size": 1}, "vocab_size"),
-        ({"max_len": 1}, "max_len"),
-        ({"dim": 10, "heads": 4}, "dim"),
-        ({"depth": 0}, "depth"),
-        ({"dropout": 1.0}, "dropout"),
-    ],
-)
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        CausalTransformer(**{"vocab_size": 8, "max_len": 8, "dim": 16, "heads": 2, **kwargs})
+def test_inputs_longer_than_max_len_are_refused():
     with pytest.raises(ValueError, match="max_len"):
         CausalTransformer(8, 4, dim=8, heads=2)(torch.zeros(1, 5, dtype=torch.long))

@@ -42,11 +42,9 @@ def test_delete_retrains_only_the_shards_that_held_the_samples_bit_exactly(data)
     assert p.shape == (8, 10) and torch.allclose(p.sum(-1), torch.ones(8))
 
 
-def test_bad_deletions_and_arguments(data):
+def test_bad_deletions_and_predictions_before_fit(data):
     sisa = SISA(make, data, num_shards=2, seed=0, max_epochs=1)
     with pytest.raises(ValueError, match="not in the training set"):
         sisa.delete([10_000])
     with pytest.raises(RuntimeError, match="before fit"):
         sisa.predict_proba(torch.zeros(1, 1, 8, 8))
-    with pytest.raises(ValueError, match="num_shards"):
-        SISA(make, data, num_shards=0)
