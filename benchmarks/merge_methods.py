@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from litplug.merging import (
     align,
@@ -40,9 +39,8 @@ from litplug.merging import (
     task_arithmetic,
     ties_merge,
 )
+from litplug.merging.states import State
 from merging import TASKS, best_scale, digits, finetunes, load, mean_std, mlp, task_accs, train
-
-State = dict[str, Tensor]
 
 
 def merges(sb: State, fts: list[State], seed: int) -> dict[str, Callable[[float], State] | State]:

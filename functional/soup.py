@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+
+from ..merging.states import State
 
 __all__ = ["greedy_soup", "uniform_soup"]
-
-State = dict[str, Tensor]
 
 
 def uniform_soup(states: Sequence[State]) -> State:

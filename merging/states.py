@@ -48,18 +48,28 @@ def returned_as(template: AnyWeights, state: Mapping[str, Tensor]) -> AnyWeights
     return dict(state)
 
 
-def check_states(states: Sequence[Mapping[str, Tensor]], what: str) -> None:
-    """Every state has the first one's keys and shapes; the error names the key."""
+def check_states(
+    states: Sequence[Mapping[str, Tensor]], what: str = "states", labels: Sequence[str] | None = None
+) -> None:
+    """Every state has the first one's keys and shapes; the error names the state and the key.
+
+    ``labels`` name the states in the message (default: ``` `what`[i] ```), e.g. their files."""
+    labels = list(labels) if labels is not None else [f"`{what}`[{i}]" for i in range(len(states))]
     first = states[0]
-    for i, state in enumerate(states[1:], 1):
-        if state.keys() != first.keys():
-            missing = sorted(set(first) ^ set(state))[0]
-            raise ValueError(f"`{what}`[{i}] and `{what}`[0] differ in their tensors: {missing!r} is in one only")
-        for name, value in state.items():
-            if value.shape != first[name].shape:
+    for label, state in zip(labels[1:], states[1:]):
+        for name, ref in first.items():
+            if name not in state:
+                raise ValueError(f"{label}: {name!r} (shape {tuple(ref.shape)}) is missing; {labels[0]} has it")
+            if state[name].shape != ref.shape:
                 raise ValueError(
-                    f"`{what}`[{i}][{name!r}] has shape {tuple(value.shape)}, expected {tuple(first[name].shape)}"
+                    f"{label}: {name!r} has shape {tuple(state[name].shape)}, expected {tuple(ref.shape)} "
+                    f"(as in {labels[0]})"
                 )
+        extra = [k for k in state if k not in first]
+        if extra:
+            raise ValueError(
+                f"{label}: unexpected {extra[0]!r} (shape {tuple(state[extra[0]].shape)}), not in {labels[0]}"
+            )
 
 
 def check_finite(name: str, value: float) -> None:

@@ -41,12 +41,12 @@ from ..board import has_tensorboard, log_figure
 from ..figures import panels
 from ..functional.soup import greedy_soup, uniform_soup
 from ..merging import align, breadcrumbs, dare, model_stock, task_arithmetic, ties_merge
+from ..merging.states import State, check_states
 from ..plumbing import save_rank_zero
 from ..validation import check_bool, check_choice, check_int, check_list, check_number, check_str
 from .classifier import Classifier
-from .soup import Metric, ModelSoup, check_compatible, load_ingredient
+from .soup import Metric, ModelSoup, load_ingredient
 
-State = dict[str, Tensor]
 Recipe = Literal[
     "uniform", "greedy", "task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock", "align_then_average"
 ]
@@ -133,12 +133,12 @@ class ModelMerge(Classifier):
         self.ingredients: list[State] = []
         for path in checkpoints:
             state = load_ingredient(path, expected=list(reference))
-            check_compatible(reference, state, f"checkpoint {path}")
+            check_states([reference, state], labels=["the backbone", f"checkpoint {path}"])
             self.ingredients.append(state)
         self.base_state: State | None = None
         if base is not None:
             self.base_state = load_ingredient(base, expected=list(reference))
-            check_compatible(reference, self.base_state, f"base {base}")
+            check_states([reference, self.base_state], labels=["the backbone", f"base {base}"])
         self.checkpoints = list(checkpoints)
         self.recipe = recipe
         self.scales = [float(s) for s in scales]

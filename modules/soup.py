@@ -28,11 +28,11 @@ from typing_extensions import override
 
 from ..functional.soup import greedy_soup, uniform_soup
 from ..loading import find_prefix, load_file
+from ..merging.states import State, check_states
 from ..plumbing import save_rank_zero, training_mode
 from ..validation import check_choice, check_list, check_path
 from .classifier import Classifier
 
-State = dict[str, Tensor]
 Metric = Literal["val/acc", "val/loss"]
 
 
@@ -62,21 +62,6 @@ def load_ingredient(path: str, prefix: str = "backbone.", expected: list[str] | 
     if lightning:
         raise ValueError(f"checkpoint {path} has no weights under {prefix!r} in its `state_dict`")
     return dict(found)
-
-
-def check_compatible(reference: State, state: State, where: str) -> None:
-    """Raise ``ValueError`` naming the first parameter where ``state`` differs from ``reference``
-    (a missing or extra name, or a different shape)."""
-    for name, ref in reference.items():
-        if name not in state:
-            raise ValueError(f"{where}: parameter {name!r} (shape {tuple(ref.shape)}) is missing")
-        if state[name].shape != ref.shape:
-            raise ValueError(
-                f"{where}: parameter {name!r} has shape {tuple(state[name].shape)}, expected {tuple(ref.shape)}"
-            )
-    extra = [k for k in state if k not in reference]
-    if extra:
-        raise ValueError(f"{where}: unexpected parameter {extra[0]!r} (shape {tuple(state[extra[0]].shape)})")
 
 
 # ----------------------------------------------------------------------------- module
@@ -127,7 +112,7 @@ class ModelSoup(Classifier):
         self.ingredients = []
         for path in checkpoints:
             state = load_ingredient(path, expected=list(reference))
-            check_compatible(reference, state, f"checkpoint {path}")
+            check_states([reference, state], labels=["the backbone", f"checkpoint {path}"])
             self.ingredients.append(state)
         self.checkpoints = list(checkpoints)
         self.recipe = recipe

@@ -37,7 +37,8 @@ def module_loss(pl_module: Any, batch: Any, batch_idx: int = 0) -> Tensor:
     """The loss of ``pl_module``'s own objective on ``batch``: ``pl_module.batch_loss(batch)``
     (:class:`~litplug.protocols.HasBatchLoss`) if it defines one, else its
     ``training_step(batch, batch_idx)`` run with ``self.log`` muted and torchmetrics states put
-    back. ``training_step`` must return the loss (or a dict with ``"loss"``). Callers that must not
+    back (once: inside a caller's :func:`~litplug.plumbing.third_party_private.muted` it runs as
+    is). ``training_step`` must return the loss (or a dict with ``"loss"``). Callers that must not
     update normalisation statistics put the module in eval mode first (in eval mode those
     statistics are part of the graph, so they cannot be put back before the backward).
 
@@ -59,11 +60,14 @@ def module_loss(pl_module: Any, batch: Any, batch_idx: int = 0) -> Tensor:
     _check_automatic(pl_module, "module_loss")
     from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
-    from .third_party_private import muted
+    from .third_party_private import is_muted, muted
 
     takes_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+    step = pl_module.training_step
+    if is_muted(pl_module):  # inside a caller's `muted` (the monitor, the held-out loss): mute once
+        return loss_of(step(batch, batch_idx) if takes_idx else step(batch))
     with muted(pl_module, None, freeze_bn_stats=False):
-        return loss_of(pl_module.training_step(batch, batch_idx) if takes_idx else pl_module.training_step(batch))
+        return loss_of(step(batch, batch_idx) if takes_idx else step(batch))
 
 
 def require_loss(pl_module: Any, by: str) -> None:

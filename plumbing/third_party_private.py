@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # importing this file imports no Lightning: the bound engine 
 
 __all__ = [
     "ended_ranks",
+    "is_muted",
     "logs_now",
     "muted",
     "no_grad_sync",
@@ -117,6 +118,12 @@ def muted(pl_module: LightningModule, objective: Callable[..., Tensor] | None, f
             for m, buffers in zip(norms, saved):
                 for b, s in zip(m.buffers(recurse=False), buffers):
                     b.copy_(s)
+
+
+def is_muted(pl_module: Any) -> bool:
+    """Whether ``pl_module`` runs inside :func:`muted` (its ``log`` is the muted one), so that a
+    nested caller does not snapshot and put back the metric states a second time."""
+    return pl_module.__dict__.get("log") is _no_log
 
 
 def version(t: Tensor) -> int:

@@ -20,6 +20,7 @@ from litplug.merging import (
     task_arithmetic,
     ties_merge,
 )
+from litplug.merging.states import check_states
 
 X = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
@@ -81,8 +82,12 @@ BAD_INPUTS = [
     (lambda b, f: model_stock(b, [f]), ValueError, "at least two models"),
     (lambda b, f: task_arithmetic(b, [], 1.0), ValueError, "`finetuned` must hold at least one"),
     (lambda b, f: linear([b, f], [1.0]), ValueError, "one value per model"),
-    (lambda b, f: task_arithmetic(b, [{"v": f["w"]}]), ValueError, "'v' is in one only|'w' is in one only"),
-    (lambda b, f: ties_merge(b, [{"w": torch.zeros(5)}]), ValueError, r"\['w'\] has shape \(5,\), expected \(4,\)"),
+    (lambda b, f: task_arithmetic(b, [{"v": f["w"]}]), ValueError, r"`states`\[1\]: 'w' \(shape \(4,\)\) is missing"),
+    (
+        lambda b, f: ties_merge(b, [{"w": torch.zeros(5)}]),
+        ValueError,
+        r"\[1\]: 'w' has shape \(5,\), expected \(4,\)",
+    ),
     (lambda b, f: task_arithmetic(b, f), TypeError, "`finetuned` must be a list of modules or state dicts"),
     (lambda b, f: interpolate(b, [1], 0.5), TypeError, "`b` must be an nn.Module or a state dict"),
 ]
@@ -92,3 +97,16 @@ BAD_INPUTS = [
 def test_bad_inputs_name_the_argument_or_key(call, error, match):
     with pytest.raises(error, match=match):
         call({"w": torch.zeros(4)}, {"w": torch.ones(4)})
+
+
+def test_check_states_names_the_state_and_the_first_difference():
+    ref = {"a.weight": torch.zeros(2, 3), "b.bias": torch.zeros(2)}
+    labels = ["the backbone", "checkpoint x.pt"]
+    with pytest.raises(ValueError, match=r"^checkpoint x.pt: 'a.weight' has shape \(3, 3\), expected \(2, 3\)"):
+        check_states([ref, {"a.weight": torch.zeros(3, 3), "b.bias": torch.zeros(2)}], labels=labels)
+    with pytest.raises(ValueError, match=r"'b.bias' \(shape \(2,\)\) is missing; the backbone has it"):
+        check_states([ref, {"a.weight": torch.zeros(2, 3)}], labels=labels)
+    with pytest.raises(ValueError, match=r"unexpected 'c' \(shape \(1,\)\), not in the backbone"):
+        check_states([ref, {**ref, "c": torch.zeros(1)}], labels=labels)
+    with pytest.raises(ValueError, match=r"^`models`\[2\]: 'b.bias' has shape"):
+        check_states([ref, ref, {**ref, "b.bias": torch.zeros(3)}], "models")

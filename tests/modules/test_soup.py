@@ -11,23 +11,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from litplug.datamodules import Digits
 from litplug.modules import MLP, Classifier, ModelSoup
-from litplug.modules.soup import check_compatible, load_ingredient
+from litplug.modules.soup import load_ingredient
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def mlp(hidden=16):
     return MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[hidden], batch_norm=True)
-
-
-def test_check_compatible_names_first_difference():
-    ref = {"a.weight": torch.zeros(2, 3), "b.bias": torch.zeros(2)}
-    with pytest.raises(ValueError, match=r"'a.weight' has shape \(3, 3\), expected \(2, 3\)"):
-        check_compatible(ref, {"a.weight": torch.zeros(3, 3), "b.bias": torch.zeros(2)}, "x")
-    with pytest.raises(ValueError, match="'b.bias'.*missing"):
-        check_compatible(ref, {"a.weight": torch.zeros(2, 3)}, "x")
-    with pytest.raises(ValueError, match="unexpected parameter 'c'"):
-        check_compatible(ref, {**ref, "c": torch.zeros(1)}, "x")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +85,7 @@ def test_greedy_never_worse_than_best_ingredient(ingredients, tmp_path):
 
 def test_mismatched_checkpoints_fail(ingredients, tmp_path):
     torch.save(mlp(hidden=8).state_dict(), tmp_path / "narrow.pt")
-    with pytest.raises(ValueError, match=r"narrow.pt: parameter '1.0.weight' has shape \(8, 64\), expected \(16, 64\)"):
+    with pytest.raises(ValueError, match=r"narrow.pt: '1.0.weight' has shape \(8, 64\), expected \(16, 64\)"):
         ModelSoup(mlp(), [ingredients[0], str(tmp_path / "narrow.pt")])
     with pytest.raises(ValueError, match="`recipe`"):
         ModelSoup(mlp(), ingredients, recipe="best")

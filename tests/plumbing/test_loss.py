@@ -31,3 +31,26 @@ class Logging(Handwritten):
 
     def log(self, name, *args, **kwargs):
         self.logged.append(name)
+
+
+def test_the_monitor_path_mutes_once(monkeypatch):
+    """SharpnessMonitor.measure mutes the module itself; module_loss inside it does not snapshot
+    and put back the metric states again for every held batch."""
+    import litplug.plumbing.third_party_private as private
+    from litplug.callbacks import SharpnessMonitor
+
+    entered = []
+    original = private.muted
+
+    def counting(*args, **kwargs):
+        entered.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(private, "muted", counting)
+    module = Logging()
+    monitor = SharpnessMonitor(layerwise=False)
+    monitor.held = [(features().x[:8], features().y[:8]), (features().x[8:16], features().y[8:16])]
+    values = monitor.measure(module)
+    assert entered == [] and module.logged == [] and torch.isfinite(values["model"])
+    module_loss(module, monitor.held[0])  # outside any `muted`: muted here
+    assert entered == [module]
