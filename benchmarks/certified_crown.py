@@ -135,7 +135,8 @@ def main() -> None:
     if args.one:
         run_one(args.one[0], float(args.one[1]), int(args.one[2]), args.epochs, args.lipschitz, args.ramp)
         return
-    todo = [(bound, eps, seed) for eps in args.eps for bound in ("ibp", "crown-ibp") for seed in range(args.seeds)]
+    # seed by seed: a partial run covers every cell
+    todo = [(bound, eps, seed) for seed in range(args.seeds) for eps in args.eps for bound in ("ibp", "crown-ibp")]
     results: dict[tuple[str, float], list[dict]] = {}
     running: list[tuple[tuple[str, float, int], subprocess.Popen]] = []
     while todo or running:

@@ -378,12 +378,12 @@ class _Run:
         self, node: fx.Node, coeffs: list[torch.Tensor | None], const: list[torch.Tensor]
     ) -> tuple[fx.Node, list[torch.Tensor | None]]:
         """Batch norm ``node`` and the Linear/Conv before it as one affine map ``x -> F (W x + b) + o``
-        (``F``, ``o`` per channel): the coefficients of ``x`` are ``(F W)^T A`` and the constant is
-        ``<sum of A over positions, F b + o>``, one pass over ``A`` fewer than crossing them apart."""
+        (``F``, ``o`` per channel): the coefficients of ``x`` are ``(F W)^T A`` (``F`` folded into
+        a conv's weight, into ``A`` at a Linear) and the constant is ``<sum of A over positions,
+        F b + o>``: passes over ``A`` fewer than crossing them apart."""
         affine = self.folds[node]
         m = self.model.get_submodule(affine.target)
         factor, offset = batch_norm_affine(self.model.get_submodule(node.target), self.env[affine])
-        weight = m.weight * factor.view(-1, *[1] * (m.weight.dim() - 1))
         shift = offset if m.bias is None else torch.addcmul(offset, factor, m.bias)
         source = affine.args[0]
         moved: list[torch.Tensor | None] = []
@@ -391,11 +391,12 @@ class _Run:
             if a is None:
                 moved.append(None)
                 continue
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):  # A is the smaller of A and W here (few rows, wide layer)
                 const[side] = const[side] + a @ shift
-                moved.append(a @ weight)
-            else:
+                moved.append((a * factor) @ m.weight)
+            else:  # a conv's weight is the smaller: scale it
                 const[side] = const[side] + a.flatten(3).sum(3) @ shift
+                weight = m.weight * factor.view(-1, *[1] * (m.weight.dim() - 1))
                 moved.append(conv_transpose(m, weight, a, self.env[source].radius.shape))
         return source, moved
 

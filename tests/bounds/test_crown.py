@@ -302,11 +302,12 @@ def test_crown_ibp_gradients_through_train_mode_batch_norm_pass_gradcheck() -> N
     statistics of the clean batch, the fused ReLU relaxation), against finite differences."""
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)
-    ).double()
+        nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3),
+    ).double()  # fmt: skip
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
     spec = margin_spec(torch.tensor([0, 2]), 3).double()
-    params = tuple(net.get_parameter(n) for n in ("0.weight", "1.weight", "4.weight"))
+    params = tuple(net.get_parameter(n) for n in ("0.weight", "1.weight", "4.weight", "5.weight", "7.weight"))
 
     def lower(*_: torch.Tensor) -> torch.Tensor:  # gradcheck perturbs the parameters in place
         return linear_bounds(litplug_bounded(net), x - 0.1, x + 0.1, "crown-ibp", spec, x, False).lower
