@@ -18,11 +18,14 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from ..functional import el2n_scores, forgetting_events, forgetting_scores, grand_scores
-from ..plumbing import refuse_flat_strategies, training_mode
+from ..plumbing import mix_seed, refuse_flat_strategies, training_mode
+from ..plumbing.loss import module_loss, require_loss
+from ..plumbing.third_party_private import module_copy
 from ..validation import check_choice, check_int, check_number
 from .per_example import LogitsCapture, check_classifier, indexed_data, to_module
 
@@ -63,7 +66,9 @@ class DataPruning(Callback):
     once, at scoring: ``pruning/kept_fraction``, ``pruning/kept_fraction/class_<c>`` and the score
     histogram ``pruning/scores`` (TensorBoard). The kept set, the scores and the forgetting counts
     are in ``state_dict`` (a resumed run prunes the same samples). Memory: one float64 score per
-    sample; forgetting adds 6 bytes per sample. Under FSDP2 it raises at setup (not supported).
+    sample; forgetting adds 6 bytes per sample. ``seeds > 1`` costs ``seeds - 1`` copies of the
+    module and ``(seeds - 1)(score_epoch + 1)`` training epochs at scoring (split over the ranks).
+    Under FSDP2 it raises at setup (not supported).
 
     Args:
         score: ``"el2n"``, ``"grand"`` or ``"forgetting"``.
@@ -72,6 +77,13 @@ class DataPruning(Callback):
             starts at the next epoch.
         offset: fraction of the hardest samples skipped before the kept band, in [0, 1 - keep].
         batch_size: batch size of the scoring passes (None: the training loader's).
+        seeds: number of initialisations whose scores are averaged (the paper averages over a
+            few): the run itself and ``seeds - 1`` copies of the module, each re-initialised
+            (``reset_parameters`` of every submodule, under seed ``mix_seed(Indexed.seed, k)``)
+            and trained ``score_epoch + 1`` epochs with the module's own loss and the first
+            optimizer of its ``configure_optimizers`` (no scheduler) on the whole training set
+            (a seeded shuffle per epoch, the global batch), then scored. Under DDP rank ``r``
+            trains the copies ``k`` with ``k % world == r`` and one ``all_reduce`` sums them.
     """
 
     litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
@@ -85,6 +97,7 @@ class DataPruning(Callback):
         score_epoch: int = 1,
         offset: float = 0.0,
         batch_size: int | None = None,
+        seeds: int = 1,
     ) -> None:
         super().__init__()
         self.score = check_choice("score", score, ("el2n", "grand", "forgetting"))
@@ -92,6 +105,8 @@ class DataPruning(Callback):
         self.score_epoch = check_int("score_epoch", score_epoch, low=0)
         self.offset = check_number("offset", offset, 0, 1 - self.keep_fraction)
         self.batch_size = check_int("batch_size", batch_size, low=1, allow_none=True)
+        self.seeds = check_int("seeds", seeds, low=1)
+        self._num_classes = 0
         self.kept: Tensor | None = None
         self.scores: Tensor | None = None
         self.last_correct: Tensor | None = None  # int8: 1 correct, 0 wrong, -1 not presented yet
@@ -112,6 +127,8 @@ class DataPruning(Callback):
         if isinstance(trainer.strategy, ModelParallelStrategy):
             raise ValueError("DataPruning does not support ModelParallelStrategy (FSDP2); use one device or DDP")
         self._dm = indexed_data(trainer, "DataPruning")
+        if self.seeds > 1:
+            require_loss(pl_module, f"DataPruning(seeds={self.seeds})")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -120,6 +137,7 @@ class DataPruning(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         num_classes = check_classifier(trainer, pl_module, self._dm, f"DataPruning(score={self.score!r})")
+        self._num_classes = num_classes
         n = self._dm.num_examples
         if self.score == "forgetting" and self.kept is None:
             if self.last_correct is None or len(self.last_correct) != n:
@@ -187,6 +205,8 @@ class DataPruning(Callback):
             self._capture = None
         else:
             scores = self._model_scores(trainer, pl_module, n)
+        if self.seeds > 1:
+            scores = (scores + self._copies_scores(trainer, pl_module, n)) / self.seeds
         order = torch.sort(-scores, stable=True).indices
         start, count = round(self.offset * n), max(1, round(self.keep_fraction * n))
         self.scores, self.kept = scores, order[start : start + count].sort().values
@@ -214,6 +234,72 @@ class DataPruning(Callback):
         for r in range(world):
             scores[[(r + world * j) % n for j in range(per_rank)]] = gathered[r].double()
         return scores
+
+    def _copies_scores(self, trainer: Trainer, pl_module: LightningModule, n: int) -> Tensor:
+        """The sum of the scores of copies ``1 .. seeds - 1``: rank ``r`` trains and scores the copies
+        ``k`` with ``k % world == r`` and one ``all_reduce`` adds them up (the same sum on every rank)."""
+        world, rank = trainer.world_size, trainer.global_rank
+        total = torch.zeros(n, dtype=torch.float64)
+        for k in range(1, self.seeds):
+            if k % world == rank:
+                total += self._copy_scores(trainer, pl_module, k, n).cpu()
+        if world > 1:
+            total = trainer.strategy.reduce(total.to(pl_module.device), reduce_op="sum").cpu()
+        return total
+
+    def _copy_scores(self, trainer: Trainer, pl_module: LightningModule, k: int, n: int) -> Tensor:
+        """Copy ``k``: the module re-initialised from seed ``mix_seed(Indexed.seed, k)``
+        (``reset_parameters`` of every submodule), trained ``score_epoch + 1`` epochs with its own
+        loss and first optimizer on the whole training set (a shuffle per epoch, the global batch),
+        then scored (all samples)."""
+        seed = mix_seed(getattr(self._dm, "seed", 0), k)
+        batch_size = (getattr(trainer.train_dataloader, "batch_size", None) or 64) * trainer.world_size
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(seed)
+            copy = _fresh_copy(pl_module)
+            try:
+                optimizer = _first_optimizer(copy.configure_optimizers())
+            except Exception as err:  # noqa: BLE001  the module's own error, said in our terms
+                raise ValueError(
+                    f"DataPruning(seeds={self.seeds}) trains re-initialised copies of {type(pl_module).__name__} with "
+                    f"the first optimizer of its configure_optimizers(), which raised {type(err).__name__}: {err}"
+                ) from err
+            capture = LogitsCapture(copy, self._num_classes) if self.score == "forgetting" else None
+            last = torch.full((n,), -1, dtype=torch.int8)
+            forgotten = torch.zeros(n, dtype=torch.int32)
+            copy.train()
+            for epoch in range(self.score_epoch + 1):
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+                for i, batch in enumerate(self._dm.subset_loader(order.tolist(), batch_size)):
+                    index = order[i * batch_size : (i + 1) * batch_size]
+                    batch = to_module(trainer, copy, batch)
+                    if capture is not None:
+                        capture.open(len(index))
+                    with trainer.precision_plugin.forward_context():
+                        loss = module_loss(copy, batch, i)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    if capture is not None:
+                        if capture.logits is None:
+                            raise ValueError(
+                                f"DataPruning(score='forgetting', seeds={self.seeds}) reads the logits of the copies' "
+                                f"training forward, but {type(copy).__name__}'s loss did not call the module"
+                            )
+                        correct = (capture.logits.detach().argmax(-1) == batch[1]).cpu()
+                        capture.close()
+                        forgotten[index] += forgetting_events(last[index], correct).int()
+                        last[index] = correct.to(torch.int8)
+            if capture is not None:
+                capture.remove()
+                return forgetting_scores(forgotten, (last == 1) | (forgotten > 0))
+            loader = (to_module(trainer, copy, b) for b in self._dm.subset_loader(range(n), batch_size))
+            copy.eval()
+            with trainer.precision_plugin.forward_context():
+                if self.score == "el2n":
+                    with torch.no_grad():
+                        return el2n_scores(copy, loader)
+                return grand_scores(copy, loader)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -272,3 +358,26 @@ class DataPruning(Callback):
         self.forgotten = state_dict["forgotten"]
         self._epoch_correct = state_dict["epoch_correct"]
         self._closed_epoch = state_dict["closed_epoch"]
+
+
+def _fresh_copy(module: LightningModule) -> LightningModule:
+    """A copy of ``module`` (its own tensors, no hooks) whose submodules' ``reset_parameters`` ran
+    under the current RNG state."""
+    copy = module_copy(module)
+    for m in copy.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if isinstance(m, nn.Module) and callable(reset):
+            reset()
+    return copy
+
+
+def _first_optimizer(config: Any) -> Optimizer:
+    """The first optimizer of what ``configure_optimizers`` returned (an optimizer, a list or tuple,
+    a dict with ``"optimizer"``, or ``(optimizers, schedulers)``)."""
+    if isinstance(config, Optimizer):
+        return config
+    if isinstance(config, dict) and "optimizer" in config:
+        return _first_optimizer(config["optimizer"])
+    if isinstance(config, (list, tuple)) and config:
+        return _first_optimizer(config[0])
+    raise TypeError(f"configure_optimizers() returned no optimizer: {config!r}")

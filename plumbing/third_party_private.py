@@ -20,6 +20,7 @@ __all__ = [
     "ended_ranks",
     "is_muted",
     "logs_now",
+    "module_copy",
     "muted",
     "no_grad_sync",
     "subcommand_defaults",
@@ -176,3 +177,28 @@ def subcommand_defaults(cli: Any, subcommand: str | None) -> dict[str, Any]:
     a public accessor of the subcommand parsers (LightningCLI keeps them in ``_subcommand_parsers``)."""
     parsers = getattr(cli, "_subcommand_parsers", None) if subcommand else None
     return (parsers[subcommand] if parsers else cli.parser).get_defaults().as_dict()
+
+
+def module_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` with its own parameters, buffers and submodules (deep copies) and no
+    hooks; every other attribute (optimizer factories, configuration, references to a trainer or a
+    CLI) is shared with the original, not copied.
+
+    Why: a plain ``deepcopy`` of a LightningModule built by a CLI follows its optimizer factory to
+    the CLI, the trainer and its live data-loader iterators (which cannot be copied), and a copy
+    carries the hooks others registered on the original (litplug's logits captures, a user's),
+    which would fire on the copy's forwards and act on the original's state. torch's ``Module``
+    has no public way to copy the tensors alone or to drop hooks (a hook is removed only through
+    the handle its registration returned). Missing upstream: a public ``Module`` copy of the
+    parameters and structure without hooks."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for key, value in vars(m).items():
+            if key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set") or isinstance(
+                value, Tensor
+            ):
+                continue
+            memo[id(value)] = type(value)() if key.endswith("hooks") or "_hooks_" in key else value
+    return copy.deepcopy(module, memo)

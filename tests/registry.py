@@ -209,8 +209,9 @@ CASES["DataPruning+SAM+EMA"] = Case(
 # Noisy labels (callbacks/elr.py, callbacks/pskd.py): per-example state synchronised at epoch end.
 CASES["ELR"] = Case(lambda: ELR(beta=0.7, lam=3.0), data=indexed_digits)
 CASES["PSKD"] = Case(lambda: PSKD(alpha=0.8), data=indexed_digits)
+# scores averaged with a re-initialised copy: the copy leaves ELR's hook on the module alone
 CASES["ELR+DataPruning+SAM"] = Case(
-    callback=lambda: [ELR(), DataPruning("el2n", keep=0.5, score_epoch=0), SAM(rho=0.05)], data=indexed_digits
+    callback=lambda: [ELR(), DataPruning("el2n", keep=0.5, score_epoch=0, seeds=2), SAM(rho=0.05)], data=indexed_digits
 )
 
 

@@ -69,6 +69,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         "score_epoch": Arg(0, ok={"zero": "0 scores after the first epoch"}),
         "offset": Arg(0, 0.5, ok={"zero": "0 keeps the hardest samples"}),  # [0, 1 - keep], keep=0.5
         "batch_size": COUNT,
+        "seeds": COUNT,
     },
     "ELR": {"beta": Arg(0, 1, high_open=True, ok={"zero": "0 makes the targets the last prediction"}), "lam": POSITIVE},
     "PSKD": {"alpha": Arg(0, 1, low_open=True), "end_epoch": COUNT},

@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Te
 
 from litplug.callbacks import DataPruning
 from litplug.datamodules import Digits, Indexed
+from litplug.functional import el2n_scores, grand_scores
 from litplug.modules import MLP, Classifier
+from litplug.plumbing import mix_seed
 
 SCORES = ("el2n", "grand", "forgetting")
 
@@ -64,7 +66,8 @@ class Sharded(LightningDataModule):
 def _run(score, tmp_dir, batch_size, world=1, **kwargs):
     seed_everything(0)
     model = _module() if score else Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8]), 10)
-    seen, pruning = Seen(), DataPruning(score or "el2n", keep=0.25, score_epoch=1)
+    # the scores of the sharded runs average the run and one re-initialised copy (trained on rank 1)
+    seen, pruning = Seen(), DataPruning(score or "el2n", keep=0.25, score_epoch=1, seeds=2 if score else 1)
     trainer = fast_trainer(tmp_dir, max_epochs=3, precision="64-true", callbacks=[pruning, seen], **kwargs)
     trainer.fit(model, Indexed(Sharded(batch_size, world) if score else Digits(batch_size=32)))
     return {"state": state_of(model), "kept": pruning.kept, "scores": pruning.scores, "seen": seen.seen}
@@ -187,3 +190,51 @@ def test_a_run_resumes_mid_epoch_exactly(score, step, tmp_path):
             and b.state_dict()[key] is None
             or torch.equal(torch.as_tensor(value), torch.as_tensor(b.state_dict()[key]))
         ), key
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_scores_average_over_reinitialised_copies(score, tmp_path):
+    """seeds=3: the run's own scores and those of two copies, each a fresh module built under seed
+    mix_seed(Indexed.seed, k), trained score_epoch + 1 epochs with the module's optimizer and loss
+    on shuffles drawn from mix_seed(seed_k, epoch), then scored; written out here by hand. The
+    copies leave the run untouched (weights, RNG)."""
+    n, batch = 64, 16
+
+    def run(seeds):
+        seed_everything(0)
+        model = _module()
+        pruning = DataPruning(score, keep=0.5, score_epoch=1, seeds=seeds)
+        fast_trainer(tmp_path / str(seeds), max_epochs=2, callbacks=[pruning]).fit(model, Indexed(Sharded(batch)))
+        return model, pruning.scores, torch.rand(1)
+
+    model, own, after = run(1)
+    averaged_model, averaged, averaged_after = run(3)
+    assert torch.equal(averaged_after, after)
+    for key, value in state_of(model).items():
+        assert torch.equal(state_of(averaged_model)[key], value), key
+    data = features(n=64)
+    copies = []
+    for k in (1, 2):
+        seed = mix_seed(0, k)
+        torch.manual_seed(seed)
+        copy = _module()  # built under the seed: its layers' initialisation draws in module order
+        optimizer = copy.configure_optimizers()
+        last, events = torch.full((n,), -1), torch.zeros(n)
+        for epoch in range(2):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+            for index in order.split(batch):
+                logits = copy(data.x[index])
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(logits, data.y[index]).backward()
+                optimizer.step()
+                correct = (logits.argmax(-1) == data.y[index]).long()
+                events[index] += ((last[index] == 1) & (correct == 0)).float()
+                last[index] = correct
+        copy.eval()
+        loader = [(data.x[i : i + batch], data.y[i : i + batch]) for i in range(0, n, batch)]
+        if score == "forgetting":
+            copies.append(torch.where((last == 1) | (events > 0), events, torch.inf).double())
+        else:
+            copies.append((el2n_scores if score == "el2n" else grand_scores)(copy, loader))
+    torch.testing.assert_close(averaged, (own + copies[0] + copies[1]) / 3, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(averaged, own)
