@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, str], list[dict[str, 
     parser.add_argument("--forget-percents", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--num-entities", type=int, default=100)
-    parser.add_argument("--oracle-epochs", type=int, default=60)
+    parser.add_argument("--oracle-epochs", type=int, default=20)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--eval-retain-people", type=int, default=None, help="score utility on this many people")
+    parser.add_argument("--eval-retain-people", type=int, default=20, help="score utility on this many people")
     args = parser.parse_args(argv)
     if len(args.seeds) < 2:
         parser.error("--seeds needs two seeds or more (the retain model is compared with another seed's)")
