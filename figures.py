@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["bar_chart", "histograms", "line_chart", "panels", "to_image"]
+__all__ = ["bar_chart", "greedy_chart", "histograms", "line_chart", "panels", "to_image"]
 
 # Small pictures: TensorBoard shows images at their pixel size; 5.5 x 3.2 in at 80 dpi (440 x 256).
 SIZE = (5.5, 3.2)
@@ -117,9 +117,16 @@ def panels(
     return fig
 
 
-def histograms(samples: Mapping[str, Sequence[float]], title: str, xlabel: str, bins: int = 30) -> Figure:
+def histograms(
+    samples: Mapping[str, Sequence[float]],
+    title: str,
+    xlabel: str,
+    bins: int = 30,
+    lines: Mapping[str, float] | None = None,
+) -> Figure:
     """Overlaid density histograms of several samples on shared bins (e.g. per-sample loss on
-    forget vs test data); empty samples are left out of the plot but kept in the legend."""
+    forget vs test data); empty samples are left out of the plot but kept in the legend. ``lines =
+    {"label": x}`` marks single values with labelled vertical lines (e.g. the best design found)."""
     arrays = {name: np.asarray(v, dtype=np.float64).ravel() for name, v in samples.items()}
     arrays = {name: a[np.isfinite(a)] for name, a in arrays.items()}
     pooled = np.concatenate([a for a in arrays.values()]) if arrays else np.zeros(0)
@@ -132,7 +139,39 @@ def histograms(samples: Mapping[str, Sequence[float]], title: str, xlabel: str, 
             ax.hist(a, bins=edges, density=True, alpha=0.5, label=label)
         else:
             ax.plot([], [], label=label)
+    for i, (name, x) in enumerate((lines or {}).items()):
+        ax.axvline(_finite(x), color=f"C{len(arrays) + i}", linestyle="--", linewidth=1.2, label=f"{name} ({x:.3g})")
     _axes(ax, title, xlabel, "density")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def greedy_chart(trials: Sequence[tuple[str, float, float, bool]], title: str, ylabel: str) -> Figure:
+    """A greedy soup's trials in the order tried, ``(ingredient, its own held-out score, the
+    held-out score of the soup with it added, accepted)``: the own scores as bars (dark if the
+    ingredient was accepted, light if not), the soups' scores as markers (dot accepted, cross
+    rejected); the line joins the accepted soups, the soup as it grows."""
+    names = [str(t[0]) for t in trials]
+    own = [t[1] for t in trials]
+    soup = [t[2] for t in trials]
+    kept = [bool(t[3]) for t in trials]
+    fig = _figure()
+    ax = fig.add_subplot()
+    x = np.arange(len(names))
+    keep = np.asarray(kept, dtype=bool)
+    own_v, soup_v = np.array([_finite(v) for v in own]), np.array([_finite(v) for v in soup])
+    ax.bar(x[keep], own_v[keep], 0.6, color="C0", alpha=0.8, label="ingredient, accepted")
+    ax.bar(x[~keep], own_v[~keep], 0.6, color="C0", alpha=0.25, label="ingredient, rejected")
+    ax.plot(x[keep], soup_v[keep], color="C1", marker="o", markersize=5, label="soup")
+    ax.scatter(x[~keep], soup_v[~keep], color="C3", marker="x", s=40, zorder=3, label="soup with it (rejected)")
+    finite = np.concatenate([own_v, soup_v])
+    finite = finite[np.isfinite(finite)]
+    if finite.size:  # bars start at 0: zoom on the scores, as they are often close
+        low, high = float(finite.min()), float(finite.max())
+        pad = 0.15 * (high - low) or 0.05 * abs(high) or 0.05
+        ax.set_ylim(low - pad, high + pad)
+    ax.set_xticks(x, list(names), rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    _axes(ax, title, ylabel=ylabel)
     ax.legend(fontsize="small")
     return fig
 

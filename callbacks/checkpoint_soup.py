@@ -9,13 +9,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from ..board import log_figure, write_charts
+from ..figures import greedy_chart
 from ..merging import linear
 from ..validation import check_choice, check_positive_int
 from .held_out import check_can_validate, held_out_loss, load_everywhere, log_rank_zero, snapshot
@@ -39,7 +41,9 @@ class CheckpointSoup(Callback):
     included) are averaged with :func:`litplug.merging.linear`, integer buffers come from the
     first snapshot of the soup. Logs to the logger ``soup/snapshot_loss`` (step = snapshot index,
     oldest first), ``soup/uniform_loss``, ``soup/greedy_loss``, ``soup/greedy_size`` and
-    ``soup/live_loss``. The snapshots live in the callback's state, so a resumed run soups the
+    ``soup/live_loss``, the custom-scalars section ``merging`` and the figure ``soup/greedy``
+    (each snapshot's loss in the order tried and the soup's loss as it grows; rank zero, with a
+    TensorBoard logger). The snapshots live in the callback's state, so a resumed run soups the
     same weights.
 
     Distributed: single device or DDP. Every rank holds the same snapshots (DDP replicas agree);
@@ -55,6 +59,15 @@ class CheckpointSoup(Callback):
     Example:
         >>> soup = CheckpointSoup(k=3, final_weights="greedy")
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "merging": {
+            "checkpoint soup: validation loss of the snapshots and the soups": [
+                "^soup/snapshot_loss$",
+                "^soup/(uniform|greedy|live)_loss$",
+            ],
+        },
+    }
 
     def __init__(self, k: int = 3, final_weights: Final = "greedy") -> None:
         super().__init__()
@@ -74,6 +87,10 @@ class CheckpointSoup(Callback):
             check_can_validate(trainer, pl_module, "CheckpointSoup")
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        write_charts(trainer)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.snapshots.append(snapshot(pl_module))
         self.epochs.append(trainer.current_epoch)
@@ -88,8 +105,10 @@ class CheckpointSoup(Callback):
         uniform = linear(self.snapshots)
         order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
         members, best = [order[0]], scores[order[0]]
+        trials = [(order[0], best, True)]
         for i in order[1:]:
             candidate = held_out_loss(trainer, pl_module, linear([self.snapshots[j] for j in [*members, i]]))
+            trials.append((i, candidate, candidate <= best))
             if candidate <= best:
                 members.append(i)
                 best = candidate
@@ -109,6 +128,9 @@ class CheckpointSoup(Callback):
             | {"soup/greedy_size": float(len(members))},
             step=len(scores),
         )
+        rows = [(f"epoch {self.epochs[i]}", scores[i], loss, kept) for i, loss, kept in trials]
+        title = f"greedy soup: {len(members)} of {len(trials)} snapshots kept"
+        log_figure(trainer, "soup/greedy", lambda: greedy_chart(rows, title, "validation loss"))
         chosen = {"greedy": greedy, "uniform": uniform, "live": live}[self.final_weights]
         load_everywhere(trainer, pl_module, chosen)
 

@@ -27,12 +27,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from ..board import log_figure, write_charts
+from ..figures import histograms
 from ..functional.offline import gradient_ascent, starting_designs
 from ..plumbing import training_mode
 from ..protocols import OfflineDesignsData, require
@@ -46,7 +48,11 @@ class GradientAscentSearch(Callback):
     ``offline/score_max`` and ``offline/score_median`` (normalised true scores of the final
     designs) and ``offline/start_max`` (the best starting design, for reference) to every logger,
     at the last global step. The values are also kept in ``results`` and
-    ``trainer.callback_metrics``; the final raw designs in ``designs``.
+    ``trainer.callback_metrics``; the final raw designs in ``designs``. On rank zero with a
+    TensorBoard logger, the figure ``offline/designs`` shows the normalised true scores of the
+    offline dataset (every kept design), of the starting and of the final designs, with the best
+    final design marked; the custom-scalars section ``offline`` holds the surrogate's validation
+    rank correlation and the search's scores.
 
     The datamodule must expose the offline data as ``OfflineDesigns`` does: ``designs``,
     ``scores``, ``lower``, ``upper``, ``score(x)`` and ``unstandardise(x)``
@@ -69,6 +75,13 @@ class GradientAscentSearch(Callback):
             offline designs).
         seed: seed of the ``random`` draw.
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "offline": {
+            "surrogate: validation rank correlation and loss": ["^val/spearman$", "^val/loss$"],
+            "search: normalised true scores of the designs": ["^offline/"],
+        },
+    }
 
     def __init__(
         self,
@@ -96,6 +109,10 @@ class GradientAscentSearch(Callback):
         require(trainer.datamodule, OfflineDesignsData, "GradientAscentSearch", "datamodule")
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        write_charts(trainer)
+
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # `pl_module.log` is not allowed in on_train_end, and the search needs the final weights:
         # the loggers are called directly (they write on rank 0 only).
@@ -121,3 +138,13 @@ class GradientAscentSearch(Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self.results.items()})
         for logger in trainer.loggers:
             logger.log_metrics(self.results, step=trainer.global_step)
+        log_figure(
+            trainer,
+            "offline/designs",
+            lambda: histograms(
+                {"offline dataset": dm.score(dm.designs), "start": initial, "found": final},
+                f"designs after {self.steps} gradient-ascent steps",
+                "normalised true score (1: best of the full task)",
+                lines={"best found": float(final.max())},
+            ),
+        )

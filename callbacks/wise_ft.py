@@ -8,13 +8,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from ..board import write_charts
 from ..merging import interpolate
 from ..validation import check_list, check_number
 from .held_out import check_can_validate, held_out_loss, load_everywhere, log_rank_zero, snapshot
@@ -33,8 +34,9 @@ class WiSEFT(Callback):
     kept, the smaller on a tie; with one it is applied as given and still evaluated.
 
     Logs to the logger ``wise_ft/loss`` at step ``round(1000 * alpha)`` for every candidate and
-    ``wise_ft/alpha`` (the chosen one). ``theta_0`` lives in the callback's state, so a resumed run
-    interpolates from the first start's weights, not the resumed ones.
+    ``wise_ft/alpha`` (the chosen one), and the custom-scalars section ``merging``. ``theta_0``
+    lives in the callback's state, so a resumed run interpolates from the first start's weights,
+    not the resumed ones.
 
     Distributed: single device or DDP; the losses are summed over ranks (one all-reduce per
     candidate) and rank zero's result is broadcast, so every rank ends with the same weights.
@@ -47,6 +49,10 @@ class WiSEFT(Callback):
     Example:
         >>> wise = WiSEFT(alpha=0.5)
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "merging": {"WiSE-FT: validation loss against 1000 alpha": ["^wise_ft/loss$"]},
+    }
 
     def __init__(self, alpha: float | list[float] = 0.5) -> None:
         super().__init__()
@@ -64,6 +70,10 @@ class WiSEFT(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_can_validate(trainer, pl_module, "WiSEFT")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        write_charts(trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -35,7 +35,10 @@ def uniform_soup(states: Sequence[State]) -> State:
 
 
 def greedy_soup(
-    states: Sequence[State], evaluate: Callable[[State], float], maximize: bool = True
+    states: Sequence[State],
+    evaluate: Callable[[State], float],
+    maximize: bool = True,
+    on_trial: Callable[[int, float, bool], None] | None = None,
 ) -> tuple[State, list[int], list[float]]:
     """Greedy soup of Wortsman et al. 2022.
 
@@ -43,6 +46,9 @@ def greedy_soup(
         states: the ingredients.
         evaluate: held-out metric of a state dict.
         maximize: whether larger metric values are better.
+        on_trial: called once per ingredient in the order tried, with its index, the held-out
+            metric of the soup with it added (the best ingredient alone first) and whether it was
+            kept: what a figure of the soup as it grows needs, at no extra evaluation.
 
     Returns:
         ``(soup, kept, scores)``: the soup, the indices of the kept ingredients in the order they
@@ -53,9 +59,14 @@ def greedy_soup(
     kept = [order[0]]
     best = scores[order[0]]
     soup = states[order[0]]
+    if on_trial is not None:
+        on_trial(order[0], best, True)
     for i in order[1:]:
         candidate = uniform_soup([states[j] for j in kept + [i]])
         score = evaluate(candidate)
-        if (score > best) if maximize else (score < best):
+        accepted = (score > best) if maximize else (score < best)
+        if accepted:
             kept, best, soup = kept + [i], score, candidate
+        if on_trial is not None:
+            on_trial(i, score, accepted)
     return soup, kept, scores

@@ -31,13 +31,13 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ..board import has_tensorboard, log_figure
+from ..board import has_tensorboard, log_figure, write_charts
 from ..figures import panels
 from ..functional.soup import greedy_soup, uniform_soup
 from ..merging import align, breadcrumbs, dare, model_stock, task_arithmetic, ties_merge
@@ -45,7 +45,7 @@ from ..merging.states import State, check_states
 from ..plumbing import save_rank_zero
 from ..validation import check_bool, check_choice, check_int, check_list, check_number, check_str
 from .classifier import Classifier
-from .soup import Metric, ModelSoup, load_ingredient
+from .soup import Metric, ModelSoup, load_ingredient, log_greedy_figure, short_names
 
 Recipe = Literal[
     "uniform", "greedy", "task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock", "align_then_average"
@@ -66,7 +66,10 @@ class ModelMerge(Classifier):
     ``checkpoints``), ``merge/kept`` (greedy: 1 if the ingredient is in the soup),
     ``merge/scale_<metric>`` and ``merge/scale`` (step = index in ``scale``, when several are
     tried) and ``merge/<metric>``; the validation epoch then logs ``val/acc`` and ``val/loss`` of
-    the merged model. Its backbone weights are written to ``output_path`` (a plain state dict).
+    the merged model. Figures (rank zero, with a TensorBoard logger): ``merge/interpolation``
+    (:meth:`interpolation_path`) and, for ``greedy``, ``merge/greedy`` (every ingredient's score in
+    the order tried and the soup's score as it grows); the custom-scalars section ``merging``. Its
+    backbone weights are written to ``output_path`` (a plain state dict).
 
     Distributed: single process or DDP (every rank merges identically; held-out counts are summed
     with one all-reduce per evaluation). FSDP2 is not supported (raises at setup).
@@ -91,6 +94,17 @@ class ModelMerge(Classifier):
         num_classes: number of classes.
         output_path: where to write the merged backbone's state dict (``None``: do not write).
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "merging": {
+            "each ingredient's held-out metric, kept or not, and the merge's": [
+                "^merge/ingredient_",
+                "^merge/kept$",
+                "^merge/(acc|loss)$",
+            ],
+            "held-out metric of each scale tried": ["^merge/scale"],
+        },
+    }
 
     evaluate_state = ModelSoup.evaluate_state
     evaluate_loss_and_accuracy = ModelSoup.evaluate_loss_and_accuracy
@@ -150,6 +164,7 @@ class ModelMerge(Classifier):
         self.output_path = output_path
         self.kept: list[int] = []
         self.scores: list[float] = []
+        self.trials: list[tuple[int, float, bool]] = []
         self.scale_scores: list[float] = []
         self.chosen_scale: float | None = None
         self.merged_score: float | None = None
@@ -181,7 +196,9 @@ class ModelMerge(Classifier):
         if self.align or self.recipe == "align_then_average":
             states = self._aligned(states, states[0] if self.base_state is None else self.base_state)
         if self.recipe == "greedy":
-            merged, self.kept, self.scores = greedy_soup(states, self.evaluate_state, self.metric == "val/acc")
+            self.trials = []
+            trial = lambda i, score, kept: self.trials.append((i, score, kept))  # noqa: E731
+            merged, self.kept, self.scores = greedy_soup(states, self.evaluate_state, self.metric == "val/acc", trial)
             return merged
         self.scores = [self.evaluate_state(s) for s in states]
         self.kept = list(range(len(states)))
@@ -209,6 +226,7 @@ class ModelMerge(Classifier):
     def on_validation_start(self) -> None:
         if self._built:
             return
+        write_charts(self.trainer)
         merged = self.merge()
         self.merged_score = self.evaluate_state(merged)
         self._built = True
@@ -225,6 +243,9 @@ class ModelMerge(Classifier):
         if self.output_path:
             save_rank_zero({k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}, self.output_path)
         self._log_interpolation(merged)
+        if self.trials:
+            names = short_names(self.checkpoints)
+            log_greedy_figure(self.trainer, "merge/greedy", names, self.scores, self.trials, self.metric)
 
     def interpolation_path(self, points: int = PATH_POINTS) -> dict[str, dict[str, list[float]]]:
         """Validation loss and accuracy of ``(1 - t) w_0 + t w_1`` between the first two ingredients

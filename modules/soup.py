@@ -19,13 +19,16 @@ validation split under ``litplug validate``.
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from ..board import log_figure, write_charts
+from ..figures import greedy_chart
 from ..functional.soup import greedy_soup, uniform_soup
 from ..loading import find_prefix, load_file
 from ..merging.states import State, check_states
@@ -64,6 +67,30 @@ def load_ingredient(path: str, prefix: str = "backbone.", expected: list[str] | 
     return dict(found)
 
 
+def short_names(paths: list[str]) -> list[str]:
+    """The parts of ``paths`` that tell them apart (``runs/soup/lr_1e-3/checkpoints/last.ckpt``
+    -> ``lr_1e-3``), for labels; the index where two paths are the same."""
+    parts = [Path(p).with_suffix("").parts for p in paths]
+    width = min(len(p) for p in parts)
+    differ = [i for i in range(width) if len({p[i] for p in parts}) > 1]
+    if len({len(p) for p in parts}) > 1 or not differ:
+        names = [str(Path(p).with_suffix("")) for p in paths]
+    else:
+        names = ["/".join(p[differ[0] : differ[-1] + 1]) for p in parts]
+    return [n if names.count(n) == 1 else f"{i}: {n}" for i, n in enumerate(names)]
+
+
+def log_greedy_figure(
+    trainer: Any, tag: str, names: list[str], scores: list[float], trials: list[tuple[int, float, bool]], metric: str
+) -> None:
+    """Log the greedy soup's trials (``greedy_soup``'s ``on_trial`` calls) as a figure under ``tag``
+    (:func:`litplug.figures.greedy_chart`; rank zero, with a TensorBoard logger)."""
+    accepted = sum(k for *_, k in trials)
+    rows = [(names[i], scores[i], soup, kept) for i, soup, kept in trials]
+    title = f"greedy soup: {accepted} of {len(trials)} ingredients kept"
+    log_figure(trainer, tag, lambda: greedy_chart(rows, title, f"held-out {metric}"))
+
+
 # ----------------------------------------------------------------------------- module
 class ModelSoup(Classifier):
     """A classifier whose weights are a soup of fine-tuned checkpoints.
@@ -73,8 +100,10 @@ class ModelSoup(Classifier):
 
     Logs to the logger ``soup/ingredient_<metric>`` (step = ingredient index, in the order of
     ``checkpoints``), ``soup/kept`` (1 if the ingredient is in the soup) and ``soup/<metric>``;
-    the validation epoch then logs ``val/acc`` and ``val/loss`` of the soup as usual. The soup's
-    backbone weights are written to ``output_path`` (a plain state dict).
+    the validation epoch then logs ``val/acc`` and ``val/loss`` of the soup as usual. The greedy
+    recipe logs the figure ``soup/greedy`` (every ingredient's score in the order tried and the
+    soup's score as it grows; rank zero, with a TensorBoard logger) and the custom-scalars section
+    ``averaging``. The soup's backbone weights are written to ``output_path`` (a plain state dict).
 
     Distributed: single process or DDP (the held-out counts are summed over ranks with one
     all-reduce per evaluation). FSDP2 is not supported (raises at setup).
@@ -93,6 +122,16 @@ class ModelSoup(Classifier):
         >>> soup = ModelSoup(MLP(), ["a.ckpt", "b.ckpt"], recipe="greedy")  # doctest: +SKIP
         >>> Trainer().validate(soup, Digits())  # doctest: +SKIP
     """
+
+    litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {
+        "averaging": {
+            "model soup: each ingredient's held-out metric, kept or not, and the soup's": [
+                "^soup/ingredient_",
+                "^soup/kept$",
+                "^soup/(acc|loss)$",
+            ],
+        },
+    }
 
     def __init__(
         self,
@@ -120,6 +159,7 @@ class ModelSoup(Classifier):
         self.output_path = output_path
         self.kept: list[int] = []
         self.scores: list[float] = []
+        self.trials: list[tuple[int, float, bool]] = []
         self.soup_score: float | None = None
         self._built = False
 
@@ -154,9 +194,11 @@ class ModelSoup(Classifier):
     def on_validation_start(self) -> None:
         if self._built:
             return
+        write_charts(self.trainer)
         maximize = self.metric == "val/acc"
         if self.recipe == "greedy":
-            soup, self.kept, self.scores = greedy_soup(self.ingredients, self.evaluate_state, maximize)
+            trial = lambda i, score, kept: self.trials.append((i, score, kept))  # noqa: E731
+            soup, self.kept, self.scores = greedy_soup(self.ingredients, self.evaluate_state, maximize, trial)
         else:
             self.scores = [self.evaluate_state(s) for s in self.ingredients]
             soup, self.kept = uniform_soup(self.ingredients), list(range(len(self.ingredients)))
@@ -169,3 +211,6 @@ class ModelSoup(Classifier):
             self.logger.log_metrics({f"soup/{name}": self.soup_score}, step=len(self.scores))
         if self.output_path:
             save_rank_zero({k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}, self.output_path)
+        if self.trials:
+            names = short_names(self.checkpoints)
+            log_greedy_figure(self.trainer, "soup/greedy", names, self.scores, self.trials, self.metric)

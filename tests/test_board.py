@@ -21,7 +21,7 @@ from litplug.callbacks import SharpnessMonitor
 from litplug.cli import main
 from litplug.compare import compare, flatten_config, format_table, read_run
 from litplug.datamodules import Digits
-from litplug.figures import bar_chart, histograms, line_chart, to_image
+from litplug.figures import bar_chart, greedy_chart, histograms, line_chart, to_image
 from litplug.modules import MLP, Classifier
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -217,7 +217,9 @@ def test_figures_render_off_screen():
     bars = to_image(bar_chart({"a": {"fc1": 0.1, "fc2": float("nan")}, "b": {"fc1": -0.2}}, "t", "y"))
     lines = to_image(line_chart([0.0, 0.5, 1.0], {"naive": [1, 2, 1]}, "t", "alpha", "loss", marks={"m": (0.5, 2)}))
     hist = to_image(histograms({"forget": np.random.rand(50), "test": []}, "t", "loss"))
-    for image in (bars, lines, hist):
+    marked = to_image(histograms({"dataset": np.random.rand(50)}, "t", "score", lines={"best found": 0.9}))
+    trials = to_image(greedy_chart([("a", 0.9, 0.9, True), ("b", 0.8, 0.95, True), ("c", 0.5, 0.7, False)], "t", "acc"))
+    for image in (bars, lines, hist, marked, trials):
         assert image.dtype == np.uint8 and image.shape == (256, 440, 3)
         assert image.std() > 0  # something drawn
     with pytest.raises(ValueError, match="series 'naive' has 2 values for 3 x positions"):
@@ -335,3 +337,84 @@ def test_every_subcommand_writes_hparams(subcommand, tmp_path, monkeypatch):
     assert hparams["subcommand"] == subcommand
     assert hparams["model.backbone.hidden"] == "[8]"
     assert count_tag(tmp_path / "runs" / "litplug" / "version_0", metadata.SESSION_START_INFO_TAG) == 1
+
+
+def layout_of(acc: EventAccumulator) -> dict[str, list[str]]:
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(board.LAYOUT_TAG)[-1].tensor_proto.string_val[0])
+    return {c.title: [ch.title for ch in c.chart] for c in layout.category}
+
+
+def tensorboard(tmp_path: Path) -> TensorBoardLogger:
+    return TensorBoardLogger(tmp_path, name="", version=0)
+
+
+def test_offline_search_writes_the_designs_figure_and_section(tmp_path):
+    from harness import fast_trainer
+
+    from litplug.callbacks import GradientAscentSearch
+    from litplug.datamodules import OfflineDesigns
+    from litplug.modules import Regressor
+
+    search = GradientAscentSearch(num_designs=16, steps=3)
+    trainer = fast_trainer(tmp_path, limit_train_batches=2, limit_val_batches=1, logger=tensorboard(tmp_path))
+    trainer.callbacks.append(search)
+    dm = OfflineDesigns("sphere", dim=4, num_samples=200, batch_size=32)
+    trainer.fit(Regressor(MLP(input_shape=[4], num_outputs=1, hidden=[8])), dm)
+    acc = accumulator(Path(trainer.logger.log_dir))
+    assert acc.Tags()["images"] == ["offline/designs"]
+    assert acc.Images("offline/designs")[0].step == trainer.global_step
+    assert "search: normalised true scores of the designs" in layout_of(acc)["offline"]
+
+
+def _ingredients(tmp_path: Path, n: int = 3) -> list[str]:
+    paths = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        paths.append(str(tmp_path / f"seed_{seed}" / "last.pt"))
+        Path(paths[-1]).parent.mkdir()
+        torch.save(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8]).state_dict(), paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("module", ["ModelSoup", "ModelMerge"])
+def test_greedy_soups_write_their_trials_figure(module, tmp_path):
+    from harness import fast_trainer
+
+    from litplug.modules import ModelMerge, ModelSoup
+
+    cls, tag, section = {
+        "ModelSoup": (ModelSoup, "soup/greedy", "averaging"),
+        "ModelMerge": (ModelMerge, "merge/greedy", "merging"),
+    }[module]
+    paths = _ingredients(tmp_path)
+    model = cls(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8]), paths, recipe="greedy", output_path=None)
+    trainer = fast_trainer(tmp_path, limit_val_batches=2, logger=tensorboard(tmp_path))
+    trainer.validate(model, Digits(batch_size=64))
+    # one trial per ingredient, best first; the kept ones are the soup's
+    assert sorted(i for i, _, _ in model.trials) == [0, 1, 2] and model.trials[0][2]
+    assert [i for i, _, kept in model.trials if kept] == model.kept
+    acc = accumulator(Path(trainer.logger.log_dir))
+    assert tag in acc.Tags()["images"]
+    assert list(layout_of(acc)) == [section]
+
+
+def test_checkpoint_soup_writes_its_trials_figure_and_nothing_breaks_with_csv(tmp_path):
+    from harness import fast_trainer
+
+    from litplug.callbacks import CheckpointSoup, WiSEFT
+
+    for logger in (tensorboard(tmp_path), CSVLogger(tmp_path)):
+        model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8]), num_classes=10)
+        trainer = fast_trainer(
+            tmp_path, max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=logger,
+            callbacks=[CheckpointSoup(k=3), WiSEFT(alpha=[0.5, 1.0])],
+        )  # fmt: skip
+        trainer.fit(model, Digits(batch_size=32))
+    acc = accumulator(tmp_path / "version_0")
+    assert acc.Tags()["images"] == ["soup/greedy"]
+    charts = layout_of(acc)["merging"]
+    assert charts == [
+        "checkpoint soup: validation loss of the snapshots and the soups",
+        "WiSE-FT: validation loss against 1000 alpha",
+    ]

@@ -22,3 +22,7 @@ def test_greedy_soup_adds_only_strict_improvements():
     assert scores[2] < scores[0]  # [5, 5] is never added: it would make the soup worse
     _, kept_min, _ = greedy_soup(states, lambda s: -score(s), maximize=False)
     assert kept_min == [0, 1]
+    trials = []
+    greedy_soup(states, score, on_trial=lambda i, s, kept: trials.append((i, round(s, 4), kept)))
+    # in the order tried (ties in index order): the best alone, then each candidate soup's score
+    assert trials == [(0, -1.4142, True), (1, 0.0, True), (3, -0.4714, False), (2, -1.8856, False)]
