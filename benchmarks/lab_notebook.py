@@ -2,6 +2,7 @@
 
     python benchmarks/lab_notebook.py                      # the overhead (about 5 minutes on 2 CPU cores)
     python benchmarks/lab_notebook.py --images docs/img    # also the runs behind the cards' PNGs
+    python benchmarks/lab_notebook.py --repeats 0 --images docs/img --figures soup offline  # some PNGs only
 
 The overhead run is ``litplug fit`` of configs/digits/classifier.yaml (20 epochs) with EMA, SAM
 and the sharpness monitor, each repeat in a fresh process (a user's run pays matplotlib's first
@@ -14,8 +15,10 @@ run with the writers replaced by no-ops (``none``): the difference of the median
 
 With ``--images`` it also runs, on digits: two models from different seeds aligned and averaged
 (``align_then_average``: the interpolation figure), short certified training (configs/digits/ibp.yaml,
-8 epochs, a 5-epoch eps ramp) and the SalUn unlearning recipe after a short original run, then copies the figures out of
-the event files (TensorBoard's own PNG bytes) into the folder.
+8 epochs, a 5-epoch eps ramp), the SalUn unlearning recipe after a short original run, the four
+fine-tunes of configs/digits/soup_finetune.yaml and their greedy soup (configs/digits/soup.yaml),
+and the offline search on the sphere (configs/offline/sphere.yaml, 10 epochs); then copies the
+figures out of the event files (TensorBoard's own PNG bytes) into the folder.
 """
 
 from __future__ import annotations
@@ -122,11 +125,16 @@ def _copy_images(run: Path, out: Path, names: dict[str, str]) -> None:
         print(f"  {tag} -> {out / file}")
 
 
-def images(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    runs = Path("runs")
-    _copy_images(runs / "litplug" / "version_0", out, {"sharpness/layers": "sharpness_layers.png"})
+RUNS = Path("runs")
 
+
+def sharpness_image(out: Path) -> None:
+    """From the first timed run (needs ``--repeats`` >= 1)."""
+    _copy_images(RUNS / "litplug" / "version_0", out, {"sharpness/layers": "sharpness_layers.png"})
+
+
+def merge_image(out: Path) -> None:
+    runs = RUNS
     seeds = []
     for seed in (0, 1):
         main(["fit", "--config", str(CONFIGS / "digits" / "soup_finetune.yaml"), f"--seed_everything={seed}",
@@ -136,6 +144,9 @@ def images(out: Path) -> None:
           f"--model.init_args.checkpoints={seeds}", *QUIET])  # fmt: skip
     _copy_images(runs / "merge" / "align_then_average", out, {"merge/interpolation": "merge_interpolation.png"})
 
+
+def certified_images(out: Path) -> None:
+    runs = RUNS
     warmup = ("{trainer: {callbacks: [{class_path: IBPWarmup, init_args: {start_epoch: 1, ramp_epochs: 5, "
               "schedule: smoothed, ibp_init: true, regularizer_weight: 0.5, "
               "regularizer_tolerance: 0.5}}]}}")  # fmt: skip
@@ -151,6 +162,9 @@ def images(out: Path) -> None:
         },
     )
 
+
+def unlearning_images(out: Path) -> None:
+    runs = RUNS
     unlearning = CONFIGS / "digits" / "unlearning"
     main(["fit", "--config", str(unlearning / "original.yaml"), "--trainer.max_epochs=10",
           "--trainer.logger.init_args.name=original", "--test_after_fit=false", *QUIET])  # fmt: skip
@@ -164,10 +178,43 @@ def images(out: Path) -> None:
     )
 
 
+def soup_image(out: Path) -> None:
+    """The four fine-tunes of configs/digits/soup_finetune.yaml (its header), then their greedy soup."""
+    finetune = str(CONFIGS / "digits" / "soup_finetune.yaml")
+    for version, extra in (
+        ("lr_1e-3", []),
+        ("lr_3e-3", ["--model.init_args.optimizer.init_args.lr=0.003"]),
+        ("lr_3e-4", ["--model.init_args.optimizer.init_args.lr=0.0003"]),
+        ("wd_1e-2", ["--model.init_args.optimizer.init_args.weight_decay=0.01"]),
+    ):
+        main(["fit", "--config", finetune, f"--trainer.logger.init_args.version={version}", *extra,
+              "--test_after_fit=false", *QUIET])  # fmt: skip
+    main(["validate", "--config", str(CONFIGS / "digits" / "soup.yaml"), *QUIET])
+    _copy_images(RUNS / "soup" / "soup", out, {"soup/greedy": "soup_greedy.png"})
+
+
+def offline_image(out: Path) -> None:
+    """configs/offline/sphere.yaml (10 epochs): the search's designs against the dataset."""
+    main(["fit", "--config", str(CONFIGS / "offline" / "sphere.yaml"), "--trainer.max_epochs=10",
+          "--trainer.logger.init_args.name=offline", "--test_after_fit=false", *QUIET])  # fmt: skip
+    _copy_images(RUNS / "offline" / "version_0", out, {"offline/designs": "offline_designs.png"})
+
+
+IMAGES = {
+    "sharpness": sharpness_image,
+    "merge": merge_image,
+    "certified": certified_images,
+    "unlearning": unlearning_images,
+    "soup": soup_image,
+    "offline": offline_image,
+}
+
+
 def run(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, help="also render the cards' PNGs into this folder")
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each variant, interleaved")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each variant, interleaved (0: none)")
+    parser.add_argument("--figures", nargs="+", choices=list(IMAGES), default=list(IMAGES), help="which PNGs")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one timed run (a child process)
     args = parser.parse_args(argv)
     if args.one:
@@ -178,9 +225,12 @@ def run(argv: list[str]) -> None:
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        overhead(args.repeats)
+        if args.repeats:
+            overhead(args.repeats)
         if out is not None:
-            images(out)
+            out.mkdir(parents=True, exist_ok=True)
+            for name in args.figures:
+                IMAGES[name](out)
     finally:
         os.chdir(cwd)
         shutil.rmtree(work, ignore_errors=True)

@@ -145,7 +145,7 @@ def test_compare_refuses_a_folder_without_runs(tmp_path, capsys):
     assert "no TensorBoard event files" in capsys.readouterr().err
 
 
-def _monitor_fit(logger, tmp_path) -> Trainer:
+def _monitor_fit(logger, tmp_path, hparams=None) -> Trainer:
     model = Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[16]), num_classes=10)
     trainer = Trainer(
         max_epochs=1,
@@ -157,6 +157,8 @@ def _monitor_fit(logger, tmp_path) -> Trainer:
         enable_checkpointing=False,
         default_root_dir=tmp_path,
     )
+    if hparams is not None:
+        board.write_hparams(trainer, hparams)
     trainer.fit(model, Digits(batch_size=16))
     return trainer
 
@@ -174,11 +176,12 @@ def test_without_tensorboard_figures_are_skipped_with_one_line(logger, tmp_path,
     assert len(lines) == 1 and expected in lines[0]
 
 
-def test_python_api_run_writes_the_layout_once(tmp_path):
-    trainer = _monitor_fit(TensorBoardLogger(tmp_path, name="", version=0), tmp_path)
+def test_python_api_run_writes_the_layout_once_and_hparams_when_asked(tmp_path):
+    trainer = _monitor_fit(TensorBoardLogger(tmp_path, name="", version=0), tmp_path, {"lr": 1e-3, "sam": True})
     folder = Path(trainer.logger.log_dir)
     assert count_tag(folder, board.LAYOUT_TAG) == 1
     assert count_tag(folder, "sharpness/layers") == 1
+    assert session_hparams(accumulator(folder)) == {"lr": 1e-3, "sam": True}
 
 
 def test_flatten_config_lists_callbacks_and_drops_defaults():
