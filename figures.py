@@ -166,13 +166,13 @@ def greedy_chart(trials: Sequence[tuple[str, float, float, bool]], title: str, y
     ax.scatter(x[~keep], soup_v[~keep], color="C3", marker="x", s=40, zorder=3, label="soup with it (rejected)")
     finite = np.concatenate([own_v, soup_v])
     finite = finite[np.isfinite(finite)]
-    if finite.size:  # bars start at 0: zoom on the scores, as they are often close
+    if finite.size:  # bars start at 0: zoom on the scores, as they are often close; room above for the legend
         low, high = float(finite.min()), float(finite.max())
         pad = 0.15 * (high - low) or 0.05 * abs(high) or 0.05
-        ax.set_ylim(low - pad, high + pad)
+        ax.set_ylim(low - pad, high + 5 * pad)
     ax.set_xticks(x, list(names), rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
     _axes(ax, title, ylabel=ylabel)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", ncols=2, loc="upper center")
     return fig
 
 
