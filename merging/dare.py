@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor
 
 from .arithmetic import scales_for
 from .states import AnyWeights, Weights, check_density, returned_as
@@ -47,12 +48,29 @@ def dare(
     """
     check_density(density)
     check_seed(seed)
+    return drop_and_rescale(base, finetuned, lambda d: density, scale, seed, consensus)
+
+
+def drop_and_rescale(
+    base: Weights,
+    finetuned: Sequence[AnyWeights],
+    keep: Callable[[Tensor], Tensor | float],
+    scale: float | Sequence[float],
+    seed: int,
+    consensus: bool,
+) -> Weights:
+    """The merge of DARE and DELLA: each task-vector entry ``d`` is kept with probability
+    ``p = keep(d)`` (a number, or a tensor shaped like the stacked deltas) and divided by it, so
+    the kept vector is ``d`` in expectation; then the task vectors are combined. One Bernoulli draw
+    per entry from a generator seeded with ``seed``."""
     base_state, states, deltas = stacked_deltas(base, finetuned)
     scales = scales_for(scale, len(states))
     gen = torch.Generator().manual_seed(seed)
     kept = {}
     for name, d in deltas.items():
-        mask = torch.bernoulli(torch.full(d.shape, float(density)), generator=gen).to(d.dtype)
-        kept[name] = d * mask / density if density < 1 else d
+        p = keep(d)
+        probabilities = p.float() if isinstance(p, Tensor) else torch.full(d.shape, float(p))
+        mask = torch.bernoulli(probabilities, generator=gen).to(d.dtype)
+        kept[name] = d * mask / p
     merged = combine(base_state, kept, scales, consensus=consensus, normalize=consensus, scale=1.0)
     return returned_as(base, merged)

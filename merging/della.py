@@ -7,10 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .arithmetic import scales_for
-from .dare import check_seed
-from .states import AnyWeights, Weights, check_density, check_finite, returned_as
-from .task_vectors import combine, stacked_deltas
+from .dare import check_seed, drop_and_rescale
+from .states import AnyWeights, Weights, check_density, check_finite
 
 
 def keep_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -60,13 +58,8 @@ def della(
             f"with density={density}"
         )
     check_seed(seed)
-    base_state, states, deltas = stacked_deltas(base, finetuned)
-    scales = scales_for(scale, len(states))
-    gen = torch.Generator().manual_seed(seed)
-    kept = {}
-    for name, d in deltas.items():
-        p = torch.stack([keep_probabilities(row.float(), density, epsilon) for row in d]).to(d.dtype)
-        mask = torch.bernoulli(p.float(), generator=gen).to(d.dtype)
-        kept[name] = d * mask / p
-    merged = combine(base_state, kept, scales, consensus=consensus, normalize=consensus, scale=1.0)
-    return returned_as(base, merged)
+
+    def keep(d: Tensor) -> Tensor:
+        return torch.stack([keep_probabilities(row.float(), density, epsilon) for row in d]).to(d.dtype)
+
+    return drop_and_rescale(base, finetuned, keep, scale, seed, consensus)
