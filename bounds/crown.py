@@ -31,8 +31,8 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
+from ..plumbing.third_party_private import tree_flatten, tree_leaves, tree_unflatten
 from .engine import BoundedNetwork, _get_attr, _has_interval, bounded
 from .fused import ReLURelaxation
 from .interval import Interval, Pass, UnsupportedOperationError, name_of, where
@@ -405,13 +405,13 @@ class _Run:
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         target = self.model.get_submodule(node.target) if node.op == "call_module" else node.target
-        flat_nodes = pytree.tree_leaves((node.args, node.kwargs))
+        flat_nodes = tree_leaves((node.args, node.kwargs))
         inputs = [n for n in flat_nodes if isinstance(n, fx.Node) and isinstance(env[n], Interval)]
-        leaves, tree = pytree.tree_flatten((args, kwargs))
+        leaves, tree = tree_flatten((args, kwargs))
 
         def call(*tensors: torch.Tensor) -> torch.Tensor:
             it = iter(tensors)
-            a, k = pytree.tree_unflatten([next(it) if isinstance(v, Interval) else v for v in leaves], tree)
+            a, k = tree_unflatten([next(it) if isinstance(v, Interval) else v for v in leaves], tree)
             if node.op == "call_method":
                 return getattr(a[0], target)(*a[1:], **k)
             return target(*a, **k)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..plumbing.third_party_private import BatchNorm
 from .interval import BoundResult, Interval, Pass, UnsupportedOperationError
 from .ops import CENTRE_METHODS, Op, lookup
 
@@ -55,7 +56,7 @@ class BoundedNetwork:
         self._batch_norms = [
             n.target
             for n in self.nodes
-            if n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
+            if n.op == "call_module" and isinstance(model.get_submodule(n.target), BatchNorm)
         ]
         self._owns_input = {n for n in self.nodes if _may_overwrite(n, model)}
         last = self.output.args[0]

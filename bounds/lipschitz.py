@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
+from ..plumbing.third_party_private import BatchNorm, tree_leaves
 from .crown import Method, _accumulate, _Run, check_method
 from .engine import bounded
 from .interval import Interval, UnsupportedOperationError, where
@@ -67,7 +67,7 @@ def local_lipschitz(
         )
     engine = bounded(model)
     for node in engine.nodes:
-        if node.op == "call_module" and isinstance(model.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+        if node.op == "call_module" and isinstance(model.get_submodule(node.target), BatchNorm):
             bn = model.get_submodule(node.target)
             if bn.training or bn.running_mean is None:
                 raise ValueError(f"local_lipschitz needs batch norm with fixed statistics (eval mode) at {where(node)}")
@@ -176,9 +176,7 @@ def _linear_bound(
 def _interval_inputs(run: _Run, node: fx.Node) -> list[fx.Node]:
     """The nodes of ``node``'s perturbed arguments, in the order of ``Step.leaves``."""
     return [
-        n
-        for n in pytree.tree_leaves((node.args, node.kwargs))
-        if isinstance(n, fx.Node) and isinstance(run.env[n], Interval)
+        n for n in tree_leaves((node.args, node.kwargs)) if isinstance(n, fx.Node) and isinstance(run.env[n], Interval)
     ]
 
 

@@ -21,9 +21,25 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..plumbing import is_sharded
+from ..plumbing.third_party_private import BatchNorm
 from .fused import IntervalBatchNorm, IntervalLinear, IntervalReLU, cached_abs, can_fuse, relu_box
 from .interval import Interval, Pass, UnsupportedOperationError, name_of, where
-from .relaxation import ADD, AVG_POOL, BATCH_NORM, CAT, CONV, DROPOUT, GETITEM, LINEAR, MUL, RELU, RESHAPE, Linear
+from .relaxation import (
+    ADD,
+    AVG_POOL,
+    BATCH_NORM,
+    CAT,
+    CONV,
+    DROPOUT,
+    GETITEM,
+    LINEAR,
+    MUL,
+    RELU,
+    RESHAPE,
+    Linear,
+    batch_norm_affine,
+    batch_norm_statistics,
+)
 
 Rule = Callable[[Pass, Any, tuple, dict], Any]
 Check = Callable[[Any, fx.Node, "set[fx.Node]"], None]
@@ -154,21 +170,12 @@ def _check_conv(m: nn.Conv1d | nn.Conv2d, node: fx.Node, perturbed: set[fx.Node]
         raise UnsupportedOperationError(f"unsupported padding_mode={m.padding_mode!r} of Conv at {where(node)}")
 
 
-def _batch_norm(p: Pass, m: nn.modules.batchnorm._BatchNorm, args: tuple, kwargs: dict) -> Interval:
+def _batch_norm(p: Pass, m: BatchNorm, args: tuple, kwargs: dict) -> Interval:
     x: Interval = args[0]
     batch_stats = m.training or m.running_mean is None
     shape = [1, -1] + [1] * (x.stack.dim() - 2)
-    if batch_stats:
-        ref = x.clean if x.tracked else x.centre
-        var, mean = torch.var_mean(ref, [0, *range(2, ref.dim())], unbiased=False)  # one pass over the batch
-    else:
-        mean, var = m.running_mean, m.running_var
-    factor = torch.rsqrt(var + m.eps)
-    if m.weight is not None:
-        factor = factor * m.weight
-    offset = -mean * factor
-    if m.bias is not None:
-        offset = offset + m.bias
+    mean, var = batch_norm_statistics(m, x)
+    factor, offset = batch_norm_affine(m, x, (mean, var))
     if p.owned and not torch.is_grad_enabled() and factor.dtype == x.stack.dtype == x.radius.dtype:
         # In place, no new activation-sized tensors. Two passes (x f, then + offset) are several
         # times faster than addcmul's broadcasting kernel on CPU; they round x f before the sum,
@@ -182,7 +189,7 @@ def _batch_norm(p: Pass, m: nn.modules.batchnorm._BatchNorm, args: tuple, kwargs
     return _after_batch_norm(m, x, out, mean, var, batch_stats)
 
 
-def _batch_norm_fused(p: Pass, m: nn.modules.batchnorm._BatchNorm, args: tuple, kwargs: dict) -> Interval | None:
+def _batch_norm_fused(p: Pass, m: BatchNorm, args: tuple, kwargs: dict) -> Interval | None:
     x: Interval = args[0]
     batch_stats = m.training or m.running_mean is None
     if not (batch_stats and can_fuse(x.stack, m.weight)):
@@ -192,7 +199,7 @@ def _batch_norm_fused(p: Pass, m: nn.modules.batchnorm._BatchNorm, args: tuple, 
 
 
 def _after_batch_norm(
-    m: nn.modules.batchnorm._BatchNorm, x: Interval, out: Interval, mean: torch.Tensor, var: torch.Tensor, batch: bool
+    m: BatchNorm, x: Interval, out: Interval, mean: torch.Tensor, var: torch.Tensor, batch: bool
 ) -> Interval:
     # The clean batch goes through the same affine map (its own statistics in train mode: what the
     # module computes), and the running statistics are updated once per step as the module would,
@@ -203,7 +210,7 @@ def _after_batch_norm(
 
 
 @torch.no_grad()
-def _update_running_stats(m: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+def _update_running_stats(m: BatchNorm, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
     """What ``m.forward`` does to the running statistics in train mode (unbiased running variance,
     cumulative average when ``momentum`` is None)."""
     if not m.track_running_stats:

@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import _pytree as pytree
 
+from ..plumbing.third_party_private import BatchNorm, adaptive_avg_pool2d_backward, tree_leaves
 from .interval import Interval, UnsupportedOperationError
 
 
@@ -42,7 +42,7 @@ class Step(NamedTuple):
 
     @property
     def leaves(self) -> list[Interval]:
-        return [v for v in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(v, Interval)]
+        return [v for v in tree_leaves((self.args, self.kwargs)) if isinstance(v, Interval)]
 
 
 class Linear(NamedTuple):
@@ -125,14 +125,22 @@ def _conv_offset(step: Step, a: torch.Tensor) -> torch.Tensor:
     return a.flatten(3).sum(3) @ bias
 
 
-def batch_norm_affine(m: nn.modules.batchnorm._BatchNorm, x: Interval) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(factor, offset)`` of a batch norm as the interval rule applies it: running
-    statistics in eval mode, those of the clean batch (else of the box centres) in train mode."""
+def batch_norm_statistics(m: BatchNorm, x: Interval) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, var)`` a batch norm normalises with under the interval rule: running statistics in
+    eval mode, those of the clean batch (else of the box centres) in train mode."""
     if m.training or m.running_mean is None:
         ref = x.clean if x.tracked else x.centre
-        var, mean = torch.var_mean(ref, [0, *range(2, ref.dim())], unbiased=False)
-    else:
-        mean, var = m.running_mean, m.running_var
+        var, mean = torch.var_mean(ref, [0, *range(2, ref.dim())], unbiased=False)  # one pass over the batch
+        return mean, var
+    return m.running_mean, m.running_var
+
+
+def batch_norm_affine(
+    m: BatchNorm, x: Interval, statistics: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(factor, offset)`` of a batch norm as the interval rule applies it, from
+    ``statistics`` (default: :func:`batch_norm_statistics`)."""
+    mean, var = statistics if statistics is not None else batch_norm_statistics(m, x)
     factor = torch.rsqrt(var + m.eps)
     if m.weight is not None:
         factor = factor * m.weight
@@ -170,7 +178,7 @@ def _avg_pool_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[tor
     like = x.radius.new_zeros(()).expand(flat.shape[0], *x.radius.shape[1:])
     m = step.target
     if isinstance(m, nn.AdaptiveAvgPool2d) or (not isinstance(m, nn.Module) and "adaptive" in m.__name__):
-        out = torch.ops.aten._adaptive_avg_pool2d_backward(flat, like)
+        out = adaptive_avg_pool2d_backward(flat, like)
     else:
         if isinstance(m, nn.AvgPool2d):
             k, st, pad, ceil, include, div = (
@@ -186,10 +194,13 @@ def _avg_pool_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[tor
             defaults = dict(zip(names, (None, None, 0, False, True, None)))
             given = {**defaults, **dict(zip(names, step.args[1:])), **step.kwargs}
             k, st, pad, ceil, include, div = (given[n] for n in names)
-        pair = torch.nn.modules.utils._pair
         st = k if st is None or st == [] else st
-        out = torch.ops.aten.avg_pool2d_backward(flat, like, pair(k), pair(st), pair(pad), ceil, include, div)
+        out = torch.ops.aten.avg_pool2d_backward(flat, like, _pair(k), _pair(st), _pair(pad), ceil, include, div)
     return [out.unflatten(0, a.shape[:2])]
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _signs(step: Step) -> list[float]:

@@ -21,12 +21,11 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
-from torch import nn
 from torch.optim.swa_utils import SWALR
 from typing_extensions import override
 
 from ..functional.averaging import update_bn_
-from ..plumbing.third_party_private import logs_now
+from ..plumbing.third_party_private import BatchNorm, logs_now
 from ..validation import (
     check_bool,
     check_choice,
@@ -273,7 +272,7 @@ class SWA(_WeightAveraging):
             return
         stats = {}
         for prefix, m in pl_module.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            if isinstance(m, BatchNorm) and m.track_running_stats:
                 for name, buf in m.named_buffers(recurse=False):
                     if trainer.world_size > 1 and buf.is_floating_point():
                         buf.copy_(trainer.strategy.reduce(buf.clone(), reduce_op="mean"))

@@ -33,6 +33,7 @@ from ..board import write_charts
 from ..functional.averaging import average_update_
 from ..plumbing import is_sharded, local, refuse_flat_strategies, save_rank_zero, warn
 from ..plumbing.storage import flatten_
+from ..plumbing.third_party_private import foreach_copy_, foreach_norm
 from ..validation import check_choice, check_path, check_str
 
 Which = Literal["average", "live"]
@@ -246,7 +247,7 @@ class _WeightAveraging(Callback):
             if g.flat_live is not None:
                 sums.append(g.flat_live.sum(dtype=acc))
             elif any(t.numel() for t in g.live):
-                sums.extend(torch._foreach_norm([t for t in g.live if t.numel()], 2, dtype=acc))
+                sums.extend(foreach_norm([t for t in g.live if t.numel()], 2, dtype=acc))
         if not sums:
             return True
         total = sums[0] if len(sums) == 1 else torch.stack([t.to(sums[0].device, torch.float64) for t in sums]).sum()
@@ -273,14 +274,14 @@ class _WeightAveraging(Callback):
         # no copy of them is made.
         self._backup = [[t.clone() for t in g.live] for g in groups] if keep_live else None
         for g in groups:
-            torch._foreach_copy_(g.live, g.average)
+            foreach_copy_(g.live, g.average)
 
     def _restore_live(self) -> None:
         if self._backup is None:
             return
         assert self._groups is not None
         for g, backup in zip(self._groups, self._backup):
-            torch._foreach_copy_(g.live, backup)
+            foreach_copy_(g.live, backup)
         self._backup = None
 
     @override

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..plumbing import training_mode
+from ..plumbing.third_party_private import BatchNorm, foreach_add_, foreach_copy_, foreach_lerp_, foreach_mul_
 
 __all__ = ["average_update_", "ema_decay", "update_bn_"]
 
@@ -50,18 +51,18 @@ def average_update_(
     if not average:
         return
     if weight == 1.0:
-        torch._foreach_copy_(average, current)
+        foreach_copy_(average, current)
         return
     if average[0].device != current[0].device:
         if staging is None:
             staging = [torch.empty_like(a) for a in average]
-        torch._foreach_copy_(staging, current)
+        foreach_copy_(staging, current)
         current = staging
     if average[0].dtype == current[0].dtype:
-        torch._foreach_lerp_(average, current, weight)
+        foreach_lerp_(average, current, weight)
     else:
-        torch._foreach_mul_(average, 1.0 - weight)
-        torch._foreach_add_(average, current, alpha=weight)
+        foreach_mul_(average, 1.0 - weight)
+        foreach_add_(average, current, alpha=weight)
 
 
 @torch.no_grad()
@@ -73,7 +74,7 @@ def update_bn_(module: nn.Module, batches: Iterable[Any]) -> bool:
     ``torch.optim.swa_utils.update_bn`` but over an already device-placed iterable, so the caller
     decides how many batches (``limit_train_batches``) and how to move them.
     """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in module.modules() if isinstance(m, BatchNorm) and m.track_running_stats]
     if not norms:
         return False
     momenta = {m: m.momentum for m in norms}

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..plumbing import is_sharded, local
+from ..plumbing.third_party_private import foreach_mul_
 
 __all__ = [
     "EPS",
@@ -77,7 +78,7 @@ def sam_perturbation(
         e = [local(x).clone() if ti is None else local(x) * local(ti) for x, ti in zip(tg, t)]
     else:
         e = [local(g) if inplace else local(g).clone() for g in grads]
-    torch._foreach_mul_(e, scale.to(e[0].device) if e else scale)
+    foreach_mul_(e, scale.to(e[0].device) if e else scale)
     return e, norm
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from ..plumbing.third_party_private import BatchNorm
 from .states import AnyWeights, Weights, check_states, returned_as, state_of
 
 
@@ -286,7 +287,7 @@ def permutation_spec(model: nn.Module, example_input: Tensor) -> PermutationSpec
                 if is_moving(inp):
                     st.axes[st.find(inp.group)].append(Axis(prefix + "weight", 1, inp.block))
                 labels[node] = _Label(g, 1, len(shape(node)))
-            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            elif isinstance(mod, BatchNorm):
                 if inp is None:
                     inp = fixed(node)
                 if is_moving(inp) and inp.block != 1:

@@ -11,12 +11,23 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils import _pytree
 
 if TYPE_CHECKING:  # importing this file imports no Lightning: the bound engine reads `version`
     from lightning.pytorch import LightningModule, Trainer
 
 __all__ = [
+    "BatchNorm",
+    "adaptive_avg_pool2d_backward",
+    "foreach_add_",
+    "foreach_copy_",
+    "foreach_lerp_",
+    "foreach_mul_",
+    "foreach_norm",
+    "tree_flatten",
+    "tree_leaves",
+    "tree_unflatten",
     "ended_ranks",
     "is_muted",
     "logs_now",
@@ -202,3 +213,34 @@ def module_copy(module: torch.nn.Module) -> torch.nn.Module:
                 continue
             memo[id(value)] = type(value)() if key.endswith("hooks") or "_hooks_" in key else value
     return copy.deepcopy(module, memo)
+
+
+# -- torch ------------------------------------------------------------------------------------
+
+BatchNorm = nn.modules.batchnorm._BatchNorm
+"""The base class of BatchNorm1d/2d/3d, their lazy forms and SyncBatchNorm, for one ``isinstance``
+check. Missing upstream: a public base class of the batch-norm layers."""
+
+tree_leaves = _pytree.tree_leaves
+tree_flatten = _pytree.tree_flatten
+tree_unflatten = _pytree.tree_unflatten
+"""The leaves of an fx node's nested ``args``/``kwargs``, and putting new leaves back. Missing
+upstream: a public pytree module (``torch.utils._pytree`` is what ``torch.fx`` and
+``torch.export`` use themselves)."""
+
+foreach_copy_ = torch._foreach_copy_
+foreach_lerp_ = torch._foreach_lerp_
+foreach_mul_ = torch._foreach_mul_
+foreach_add_ = torch._foreach_add_
+foreach_norm = torch._foreach_norm
+"""One kernel launch per list of tensors for the averages' updates and swaps and the
+perturbation's scaling. Missing upstream: a public foreach API (``torch.optim`` calls these
+private ops itself)."""
+
+
+def adaptive_avg_pool2d_backward(grad: Tensor, like: Tensor) -> Tensor:
+    """The transpose of ``adaptive_avg_pool2d`` applied to ``grad``, for an input shaped like
+    ``like`` (CROWN's backward step through adaptive average pooling), in one kernel. Missing
+    upstream: a public adjoint of adaptive pooling (``avg_pool2d_backward`` is public in
+    ``torch.ops.aten``, its adaptive counterpart is not)."""
+    return torch.ops.aten._adaptive_avg_pool2d_backward(grad, like)

@@ -1,5 +1,6 @@
 """The layers of the package (docs/architecture.md), read from the source's imports: imports point
-down only, the cores export public names only and the wrappers import only public core names."""
+down only, the cores export public names only, the wrappers import only public core names, and
+private names of other libraries appear only in plumbing/third_party_private.py."""
 
 from __future__ import annotations
 
@@ -84,3 +85,50 @@ def test_tests_mirror_the_source_tree():
         if not (ROOT / package / f"{test.stem.removeprefix('test_')}.py").exists()
     ]
     assert not strays, f"test files named after no source file of their package: {strays}"
+
+
+# Public despite the underscore: documented in the standard library.
+PUBLIC_UNDERSCORED = {"os._exit"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _foreign_private(path: Path) -> list[str]:
+    """Private names of other libraries that ``path`` imports or reads through an imported name
+    (``torch.nn.modules.utils._pair``, ``from torch.utils import _pytree``)."""
+    tree = ast.parse(path.read_text())
+    roots: dict[str, str] = {}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "litplug":
+                    continue
+                if any(_private(part) for part in a.name.split(".")):
+                    found.append(a.name)
+                roots[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module not in (None, "__future__"):
+            if node.module.split(".")[0] == "litplug":
+                continue
+            found += [f"{node.module}.{a.name}" for a in node.names if _private(a.name)]
+            found += [node.module] if any(_private(part) for part in node.module.split(".")) else []
+            roots.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            chain, base = [node.attr], node.value
+            while isinstance(base, ast.Attribute):
+                chain.append(base.attr)
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in roots:
+                found.append(".".join([roots[base.id], *reversed(chain)]))
+    return sorted(set(found) - PUBLIC_UNDERSCORED)
+
+
+def test_private_names_of_other_libraries_only_in_their_adapter():
+    adapter = ROOT / "plumbing" / "third_party_private.py"
+    found = {str(p.relative_to(ROOT)): _foreign_private(p) for p in _files() if p != adapter}
+    found = {path: names for path, names in found.items() if names}
+    assert not found, f"private names of other libraries outside plumbing/third_party_private.py: {found}"
+    assert "torch.ops.aten._adaptive_avg_pool2d_backward" in _foreign_private(adapter)  # the check sees them
