@@ -276,18 +276,24 @@ def _class_paths(node: Any, key: str) -> Iterator[tuple[str, Any]]:
 def check_command_line_classes(args: list[str]) -> None:
     """Resolve the classes named on the command line (``--model X``, ``--trainer.callbacks+=X``,
     ``--x.class_path X``)."""
+    for key, value in _flag_values(args):
+        if key in _CLASS_KEYS or key.endswith(".class_path"):
+            if _looks_like_a_class(value):
+                resolve_class(value, f"--{key}")
+
+
+def _flag_values(args: list[str]) -> Iterator[tuple[str, str]]:
+    """``(key, value)`` of each ``--key=value`` or ``--key value`` of the command line (the key
+    without a trailing ``+``); a flag followed by another ``--`` flag has no value."""
     for i, arg in enumerate(args):
         if not arg.startswith("--"):
             continue
         flag, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(args) or args[i + 1].startswith("-"):
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 continue
             value = args[i + 1]
-        key = flag.removesuffix("+")
-        if key in _CLASS_KEYS or key.endswith(".class_path"):
-            if _looks_like_a_class(value):
-                resolve_class(value, f"--{key}")
+        yield flag.removesuffix("+"), value
 
 
 def _looks_like_a_class(value: str) -> bool:
@@ -447,15 +453,7 @@ def reproduce_parse_error(args: list[str], configs: list[Any] = ()) -> str | Non
                 current[key] = node["class_path"]
             elif isinstance(node, str):
                 current[key] = node
-    for i, arg in enumerate(args):
-        if not arg.startswith("--"):
-            continue
-        flag, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                continue
-            value = args[i + 1]
-        key = flag.removesuffix("+")
+    for key, value in _flag_values(args):
         if key in _CLASS_KEYS and _looks_like_a_class(value):
             current[key] = value
             continue
