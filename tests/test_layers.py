@@ -15,7 +15,8 @@ import litplug.functional
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("bounds", "callbacks", "datamodules", "functional", "merging", "modules", "plumbing")
 LOWER = ("functional", "bounds", "merging", "plumbing", "protocols", "validation", "loading", "figures", "board")
-UPPER = ("callbacks", "modules", "datamodules", "cli", "compare")
+UPPER = ("callbacks", "modules", "datamodules", "cli", "compare", "oracle")
+ENTRY = ("__init__", "__main__", "cli", "compare", "oracle")
 
 
 def _files() -> list[Path]:
@@ -132,3 +133,10 @@ def test_private_names_of_other_libraries_only_in_their_adapter():
     found = {path: names for path, names in found.items() if names}
     assert not found, f"private names of other libraries outside plumbing/third_party_private.py: {found}"
     assert "torch.ops.aten._adaptive_avg_pool2d_backward" in _foreign_private(adapter)  # the check sees them
+
+
+def test_every_root_file_has_a_layer_named_in_the_architecture_page():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    for path in sorted(ROOT.glob("*.py")):
+        assert path.stem in LOWER + UPPER + ENTRY, f"{path.name} is in no layer of tests/test_layers.py"
+        assert path.stem == "__init__" or path.name in page, f"{path.name} is not in docs/architecture.md"
