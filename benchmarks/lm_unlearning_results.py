@@ -24,7 +24,7 @@ from unlearning_results import cli, train_original
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LM = CONFIGS / "lm"
-METHODS = ["gradient_ascent", "gradient_difference", "npo_rt"]
+METHODS = ["gradient_ascent", "gradient_difference", "npo", "npo_rt"]
 COLUMNS = ["forget_loss", "retain_loss", "test_loss", "MIA"]
 
 

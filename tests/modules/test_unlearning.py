@@ -286,7 +286,7 @@ def test_lm_configs_instantiate(tmp_path):
     assert isinstance(original.model, LanguageModel)
     torch.save(original.model.backbone.state_dict(), tmp_path / "orig.pt")
     rows = sorted((configs / "lm" / "unlearning").glob("*.yaml"))
-    assert [r.stem for r in rows] == ["gradient_ascent", "gradient_difference", "npo_rt", "rmu", "simnpo"]
+    assert [r.stem for r in rows] == ["gradient_ascent", "gradient_difference", "npo", "npo_rt", "rmu", "simnpo"]
     for row in rows:
         for mask in (
             ([], ["--config", str(configs / "callbacks" / "unlearning_mask.yaml")]) if row.stem == "npo_rt" else ([],)
