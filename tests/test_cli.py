@@ -42,8 +42,9 @@ def _subcommand(config: Path) -> str:
 
 
 def test_main_job_reaches_95_percent(tmp_path, monkeypatch):
+    """The README's run command (the digits classifier with EMA, SAM and the sharpness monitor)."""
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(CONFIGS / "digits" / "classifier.yaml"), "--trainer.enable_progress_bar=false"])
+    main(["fit", "--config", str(CONFIGS / "digits" / "main.yaml"), "--trainer.enable_progress_bar=false"])
     scalars = read_scalars(tmp_path / "runs")
     assert scalars["test/acc"][-1][1] >= 0.95
     assert (tmp_path / "runs" / "litplug" / "version_0" / "config.yaml").exists()

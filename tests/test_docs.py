@@ -3,6 +3,9 @@
 Each page is one test. Its fenced blocks run in the order the page shows them, in one empty
 working directory, so a block may use a file that a command above it wrote:
 
+Commands run in a child of ``forkserver`` (a clean interpreter with torch, Lightning and litplug
+already imported), as the real programs would.
+
 * ``python`` blocks run as a script (``python block.py``). A block whose first line is a comment
   starting with ``# fragment`` is a fragment and is skipped; the page must show the complete
   version beside it.
@@ -25,13 +28,12 @@ import importlib.util
 import os
 import re
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from forkserver import run_command
 from harness import write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,16 +121,8 @@ def write_tiny_datasets(folder: Path) -> None:
 
 
 def run(cmd: list[str], cwd: Path, what: str) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LITPLUG_DEBUG": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
-    assert proc.returncode == 0, (
-        f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
-
-
-def litplug_command() -> list[str]:
-    script = Path(sys.executable).with_name("litplug")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "litplug"]
+    result = run_command(cmd, cwd, env={**os.environ, "LITPLUG_DEBUG": "1"}, timeout=TIMEOUT)
+    assert result.returncode == 0, f"{what} failed (exit {result.returncode}):\n{result.output[-8000:]}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
@@ -145,7 +139,7 @@ def test_page_examples_run_as_written(page: Path, tmp_path: Path) -> None:
                 continue
             script = tmp_path / f"block_{block.line}.py"
             script.write_text(block.text + "\n")
-            run([sys.executable, str(script)], tmp_path, f"python block at {where}")
+            run(["python", str(script)], tmp_path, f"python block at {where}")
             ran += 1
         elif block.lang in ("bash", "sh", "shell"):
             if block.text.lstrip().startswith("# fragment"):
@@ -160,7 +154,7 @@ def test_page_examples_run_as_written(page: Path, tmp_path: Path) -> None:
                 if words[0] == "litplug":
                     if re.search(r"needs (MNIST|CIFAR-10) on disk", block.text) and not (tmp_path / "data").exists():
                         write_tiny_datasets(tmp_path)
-                    cmd = [*litplug_command(), *words[1:]]
+                    cmd = list(words)
                     if len(words) > 1 and words[1] in ("fit", "validate", "test", "predict"):
                         cmd += SHORT
                         if "--ckpt_path" in words:  # a resumed run trains one epoch beyond the one it resumes
@@ -168,11 +162,11 @@ def test_page_examples_run_as_written(page: Path, tmp_path: Path) -> None:
                     run(cmd, tmp_path, f"`{command}` at {where}")
                     ran += 1
                 elif words[0] in ("python", "python3") and words[1] == "-c":
-                    run([sys.executable, *words[1:]], tmp_path, f"`{command}` at {where}")
+                    run(["python", *words[1:]], tmp_path, f"`{command}` at {where}")
                     ran += 1
                 elif words[0] in ("python", "python3") and words[1] == "-m" and words[2].startswith("litplug"):
                     extra = SHORT_TOOLS.get(words[2], [])
-                    run([sys.executable, *words[1:], *extra], tmp_path, f"`{command}` at {where}")
+                    run(["python", *words[1:], *extra], tmp_path, f"`{command}` at {where}")
                     ran += 1
                 else:
                     pytest.fail(f"{where}: `{command}` is neither a litplug command nor a setup line this test knows")
