@@ -53,12 +53,12 @@ import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.precision import DoublePrecision
 
 # Imported for their side effect: jsonargparse resolves `class_path: EMA` among loaded subclasses.
 from . import callbacks, datamodules, modules  # noqa: F401
 from .loading import load_file
-from .plumbing import end_distributed_run
-from .plumbing.third_party_private import ended_ranks
+from .plumbing import end_distributed_run, ended_ranks, rank_processes
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHIPPED_CONFIGS = PACKAGE_DIR / "configs"
@@ -170,10 +170,13 @@ class LitplugCLI(LightningCLI):
     def before_fit(self) -> None:
         """Write the run's hparams: the config values that differ from the defaults (see
         :mod:`litplug.board` and :func:`litplug.compare.flatten_config`), and ``subcommand`` for
-        a run other than ``fit``."""
+        a run other than ``fit``; under ``64-true``, convert the model before ``--ckpt_path`` is
+        restored into it."""
         from .board import write_hparams
         from .compare import flatten_config
         from .plumbing.third_party_private import subcommand_defaults
+
+        self._convert_before_restore()
 
         config = self.config.get(self.subcommand, self.config)
         hparams = flatten_config(config.as_dict(), subcommand_defaults(self, self.subcommand))
@@ -183,6 +186,14 @@ class LitplugCLI(LightningCLI):
 
     before_validate = before_test = before_predict = before_fit
 
+    def _convert_before_restore(self) -> None:
+        """Give the model float64 parameters before Lightning restores ``--ckpt_path`` into it when
+        the precision is ``64-true``: Lightning restores the weights before its precision plugin
+        converts the module, so a model built in float32 would round the checkpoint's float64
+        weights to float32 on the way in."""
+        if isinstance(self.trainer.precision_plugin, DoublePrecision):
+            self.trainer.precision_plugin.convert_module(self.model)
+
     def _write_best(self) -> None:
         from .board import write_best
 
@@ -190,11 +201,19 @@ class LitplugCLI(LightningCLI):
 
 
 class ReportLostRanks(Callback):
-    """Name the ranks that ended when a multi-process run fails (a rank killed in the middle of a
-    step leaves the others with gloo's "Connection reset by peer", which names no rank)."""
+    """Name the ranks whose process ended when a multi-process run fails (a rank killed in the
+    middle of a step leaves the others with gloo's "Connection reset by peer", which names no
+    rank), whichever launcher started them: every rank learns the others' process ids at setup."""
+
+    def __init__(self) -> None:
+        self.processes: list[tuple[str, int]] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            self.processes = rank_processes()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        for line in ended_ranks(trainer):
+        for line in ended_ranks(self.processes) if self.processes else []:
             sys.stderr.write(f"litplug: {line}; the run stopped. Resume it from its last checkpoint.\n")
 
 

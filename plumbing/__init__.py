@@ -9,6 +9,8 @@
 * :func:`training_mode`: put a module in train or eval mode and restore every submodule's mode.
 * :func:`mix_seed`: one integer seed from a base seed and counters (step, rank, index).
 * :func:`end_distributed_run`: end the process of a finished multi-process run cleanly.
+* :func:`rank_processes` / :func:`ended_ranks`: name the ranks whose process ended when a
+  multi-process run fails.
 * :func:`warn`: the one way litplug warns, once per run (global rank zero).
 
 Pure torch: importing it imports no Lightning. Submodules: :mod:`litplug.plumbing.loss` (the
@@ -30,12 +32,14 @@ from torch import Tensor, nn
 
 __all__ = [
     "end_distributed_run",
+    "ended_ranks",
     "grad_scaler",
     "is_sharded",
     "local",
     "local_rows",
     "loss_scale",
     "mix_seed",
+    "rank_processes",
     "refuse_flat_strategies",
     "save_rank_zero",
     "training_mode",
@@ -151,6 +155,80 @@ def end_distributed_run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def rank_processes() -> list[tuple[str, int]]:
+    """``(host name, process id)`` of every rank of the default process group, in rank order.
+
+    A collective (``all_gather_object``): call it on every rank, once the group is initialised;
+    one process gets its own entry only."""
+    import socket
+
+    import torch.distributed as dist
+
+    mine = (socket.gethostname(), os.getpid())
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return [(str(host), int(pid)) for host, pid in out]
+
+
+def ended_ranks(processes: list[tuple[str, int]], wait: float = 10.0) -> list[str]:
+    """One line per rank in ``processes`` (from :func:`rank_processes`) that runs on this machine
+    and whose process has ended, e.g. ``rank 1 (pid 4242) ended by signal SIGKILL`` (the status
+    is read while the process waits for its parent, ``has ended`` once it is gone). Waits up to
+    ``wait`` seconds for one to end: a dying process resets its sockets (the error the caller
+    sees) a moment before it ends. Ranks on other machines are not checked (torchrun's agent and
+    srun report those).
+
+    Why: a rank killed in the middle of a step leaves the others with gloo's "Connection reset by
+    peer", which names an address, not a rank, whichever launcher started the processes.
+
+    Example:
+        >>> ended_ranks(rank_processes(), wait=0)  # one process, still running
+        []
+    """
+    import socket
+    import time
+
+    host, me = socket.gethostname(), os.getpid()
+    local = [(rank, pid) for rank, (h, pid) in enumerate(processes) if h == host and pid != me]
+    deadline = time.monotonic() + wait
+    while True:
+        ended = [(rank, pid, how) for rank, pid in local if (how := _process_end(pid)) is not None]
+        if ended or time.monotonic() >= deadline:
+            return [f"rank {rank} (pid {pid}) {how}" for rank, pid, how in ended]
+        time.sleep(0.1)
+
+
+def _process_end(pid: int) -> str | None:
+    """How process ``pid`` ended (``ended by signal SIGKILL``, ``ended with exit status 1``,
+    ``has ended``), None while it runs. Linux's ``/proc/PID/stat`` shows an ended process that
+    its parent has not waited for (state ``Z``) with its wait status as the last field."""
+    import signal
+
+    if not Path("/proc/self/stat").exists():  # not Linux: alive while a signal 0 reaches it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "has ended"
+        except OSError:
+            pass
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return "has ended"
+    if fields[0] not in ("Z", "X"):
+        return None
+    status = int(fields[-1]) if len(fields) >= 50 else 0
+    if status & 0x7F:
+        try:
+            return f"ended by signal {signal.Signals(status & 0x7F).name}"
+        except ValueError:
+            return f"ended by signal {status & 0x7F}"
+    return f"ended with exit status {status >> 8}" if status else "has ended"
 
 
 def warn(message: str) -> None:

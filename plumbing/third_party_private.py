@@ -28,7 +28,6 @@ __all__ = [
     "tree_flatten",
     "tree_leaves",
     "tree_unflatten",
-    "ended_ranks",
     "is_muted",
     "logs_now",
     "module_copy",
@@ -145,38 +144,6 @@ def version(t: Tensor) -> int:
     first one, and the bound engine keeps ``|W|`` while the weight is unchanged. Missing upstream: a
     public accessor of the counter (torch exposes ``Tensor._version``)."""
     return t._version
-
-
-def ended_ranks(trainer: Trainer, wait: float = 10.0) -> list[str]:
-    """One line per rank that Lightning's own launcher started on this node and that has ended with
-    a non-zero status or a signal, e.g. ``rank 1 (pid 4242) ended by signal SIGKILL``; empty for a
-    single process or processes started by another launcher (torchrun, SLURM's srun report their
-    own). Waits up to ``wait`` seconds for one to end: a dying process closes its sockets (the
-    error this rank sees) before its exit status can be read.
-
-    Why: a rank killed in the middle of a step leaves the others with gloo's "Connection reset by
-    peer", which names an address, not a rank; the launcher holds the child processes in
-    ``_SubprocessScriptLauncher.procs`` (ranks 1..n-1 of the node, in order). Missing upstream: a
-    public accessor of the launched processes, or a launcher report naming the lost rank before the
-    exception is raised."""
-    import signal
-    import time
-
-    procs = getattr(trainer.strategy.launcher, "procs", None) or []
-    first = trainer.node_rank * trainer.num_devices
-    deadline = time.monotonic() + wait
-    while procs:
-        codes = [proc.poll() for proc in procs]
-        if any(codes) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    lines = []
-    for local_rank, proc in enumerate(procs, start=1):
-        code = proc.returncode
-        if code:
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-            lines.append(f"rank {first + local_rank} (pid {proc.pid}) ended by {how}")
-    return lines
 
 
 def subcommand_defaults(cli: Any, subcommand: str | None) -> dict[str, Any]:

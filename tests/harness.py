@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -190,3 +191,45 @@ def concatenated(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """All inputs and all targets of a loader of ``(x, y)`` batches, concatenated."""
     xs, ys = zip(*loader)
     return torch.cat(xs), torch.cat(ys)
+
+
+def assert_same(a: Any, b: Any, where: str) -> None:
+    """``a`` and ``b`` hold the same structure of bit-identical tensors and equal values."""
+    if torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+class KillAt(Callback):
+    """SIGKILL this process in the middle of training step ``step`` (0-based: ``step`` steps
+    done), after its forward pass and before its backward, on global rank ``rank`` (-1: every
+    rank). For ``litplug fit`` subprocesses: ``--trainer.callbacks+=harness.KillAt``."""
+
+    def __init__(self, step: int, rank: int = -1) -> None:
+        self.step, self.rank = step, rank
+
+    def on_before_backward(self, trainer: Trainer, pl_module: Any, loss: torch.Tensor) -> None:
+        if trainer.global_step == self.step and self.rank in (-1, trainer.global_rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAt(Callback):
+    """Send ``signum`` to this process on every rank at the end of the training batch that
+    completes step ``step`` (where a step checkpoint would be written), e.g. SLURM's requeue
+    signal: ``--trainer.callbacks+=harness.SignalAt``."""
+
+    def __init__(self, step: int, signum: str = "SIGUSR1") -> None:
+        self.step, self.signum = step, signal.Signals[signum]
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
