@@ -139,10 +139,11 @@ def end_distributed_run() -> None:
 
     Call it as the last statement of each rank (the ``litplug`` command and the tests' launcher
     do), not after an error: a rank that failed never reaches the barrier. Why the process leaves
-    at once: a rank whose interpreter finalises with gloo's worker threads around has aborted at
-    times (SIGABRT, "terminate called without an active exception") after all its work was
-    done, even with the group destroyed first. ``os._exit`` skips ``atexit`` handlers; Lightning's
-    loggers have flushed and closed their files when ``fit``/``test`` return.
+    at once: a rank whose interpreter finalises while a thread of it is inside a gloo collective
+    aborts (SIGABRT, "terminate called without an active exception": the interpreter ends the
+    thread with ``pthread_exit`` inside a C++ destructor of torch's bindings), after all its work
+    is done. ``os._exit`` skips ``atexit`` handlers; Lightning's loggers have flushed and closed
+    their files when ``fit``/``test`` return.
     """
     import sys
 

@@ -3,17 +3,22 @@
 uninterrupted run: weights, optimizer, every callback's state and the logged metrics, with
 UnlearningMask + SAM(every_n_steps=3) + EMA on, on one process and under DDP on 2 ranks (rank 0
 killed: rank 1 stops at its next collective, naming rank 0). Lost ranks under torchrun and SLURM:
-tests/test_launchers.py."""
+tests/test_launchers.py. Also: how lost ranks are found, and the shutdown abort that
+``end_distributed_run`` avoids."""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from harness import assert_same, read_scalars
+
+from litplug.plumbing import ended_ranks, rank_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -139,3 +144,83 @@ def test_ddp_rank_zero_killed_mid_step_stops_the_job_naming_it_then_resumes_exac
     # names rank 0 before leaving; the job's output ends when rank 1 has exited.
     out = _kill_and_resume(tmp_path, kill=("--trainer.callbacks.rank=0",), extra=("--config", "ddp.yaml"))
     assert "litplug: rank 0 (pid " in out and "the run stopped" in out, out[-4000:]
+
+
+def test_ended_ranks_names_the_ranks_whose_process_ended_on_this_machine():
+    host = socket.gethostname()
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    roster = [rank_processes()[0], (host, procs[0].pid), (host, procs[1].pid), ("elsewhere", procs[0].pid)]
+    try:
+        assert ended_ranks(roster, wait=0) == []  # all running
+        os.kill(procs[0].pid, signal.SIGKILL)
+        # Not waited for yet (what a launcher's parent sees): the signal is named.
+        assert ended_ranks(roster, wait=5) == [f"rank 1 (pid {procs[0].pid}) ended by signal SIGKILL"]
+        procs[0].wait()
+        assert ended_ranks(roster, wait=0) == [f"rank 1 (pid {procs[0].pid}) has ended"]  # gone
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+EXIT_RANK = """
+import sys, threading, time
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+group = dist.new_group([0, 1])
+x = torch.ones(8)
+
+
+def collectives():
+    while True:
+        dist.all_reduce(x, group=group)
+
+
+threading.Thread(target=collectives, daemon=True).start()
+time.sleep(0.5)  # the thread is in its collectives
+if sys.argv[1] == "end":
+    from litplug.plumbing import end_distributed_run
+
+    end_distributed_run()
+"""
+
+
+def _exit_job(script, how: str) -> list[subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
+    return [
+        subprocess.Popen(
+            [sys.executable, str(script), how],
+            env={**env, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+
+
+def test_a_thread_in_a_collective_aborts_the_interpreter_shutdown_and_end_distributed_run_exits_cleanly(tmp_path):
+    """The abort ``end_distributed_run`` avoids, on demand: a rank whose interpreter finalises while
+    a thread of it is inside a gloo collective aborts after its work is done ("terminate called
+    without an active exception", SIGABRT); ending it with ``end_distributed_run`` (no
+    finalisation) exits with status 0."""
+    script = tmp_path / "rank.py"
+    script.write_text(EXIT_RANK)
+    jobs = {how: _exit_job(script, how) for how in ("finalise", "end")}
+    results = {how: [(p.communicate(timeout=300)[0], p.returncode) for p in procs] for how, procs in jobs.items()}
+    for out, rc in results["end"]:
+        assert rc == 0, out[-3000:]
+    aborted = [(out, rc) for out, rc in results["finalise"] if rc == -signal.SIGABRT]
+    assert aborted, results["finalise"]
+    assert "terminate called without an active exception" in aborted[0][0]
