@@ -37,6 +37,15 @@ def _figure() -> Figure:
     return fig
 
 
+def _xticks(ax: Axes, x: np.ndarray, labels: Sequence[str]) -> None:
+    """Category labels, slanted and smaller when they would not fit side by side (more than about
+    40 characters)."""
+    if len(labels) > 4 or sum(len(label) for label in labels) > 40:
+        ax.set_xticks(x, list(labels), rotation=20, ha="right", fontsize="small")
+    else:
+        ax.set_xticks(x, list(labels))
+
+
 def _axes(ax: Axes, title: str, xlabel: str = "", ylabel: str = "") -> None:
     """Labels, a title at a fixed height (matplotlib otherwise measures every tick label to place
     it, a third of a small figure's draw) and at most five y ticks."""
@@ -63,7 +72,7 @@ def bar_chart(
     for i, (name, s) in enumerate(series.items()):
         heights = [_finite(s.get(k, float("nan"))) for k in labels]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=name or None)
-    ax.set_xticks(x, labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+    _xticks(ax, x, labels)
     _axes(ax, title, ylabel=ylabel)
     ax.axhline(0.0, color="black", linewidth=0.6)
     if len(series) > 1:
@@ -114,6 +123,7 @@ def panels(
         _axes(ax, panel, xlabel)
         ax.legend(fontsize="small")
     fig.suptitle(title)
+    fig.subplots_adjust(top=0.8)  # room for the panel titles under the figure's
     return fig
 
 
@@ -170,7 +180,7 @@ def greedy_chart(trials: Sequence[tuple[str, float, float, bool]], title: str, y
         low, high = float(finite.min()), float(finite.max())
         pad = 0.15 * (high - low) or 0.05 * abs(high) or 0.05
         ax.set_ylim(low - pad, high + 5 * pad)
-    ax.set_xticks(x, list(names), rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    _xticks(ax, x, names)
     _axes(ax, title, ylabel=ylabel)
     ax.legend(fontsize="small", ncols=2, loc="upper center")
     return fig
