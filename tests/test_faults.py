@@ -13,9 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from forkserver import run_command
 from harness import assert_same, read_scalars
 
 from litplug.plumbing import ended_ranks, rank_processes
@@ -75,7 +77,10 @@ trainer:
 """
 
 
-def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
+def _start(run_dir: Path, *extra: str, fork: bool = False) -> Callable[[], tuple[int, str]]:
+    """Start ``litplug fit`` in ``run_dir``; the returned function waits for it: ``(status,
+    output)``. ``fork``: one process, run to its end at once as a child of the session's fork
+    server (torch, Lightning and litplug imported once)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.yaml").write_text(RUN)
     (run_dir / "ddp.yaml").write_text(DDP)
@@ -85,29 +90,33 @@ def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
         "OMP_NUM_THREADS": "1",
     }
     env.pop("LOCAL_RANK", None)
+    if fork:
+        result = run_command(["litplug", "fit", "--config", "run.yaml", *extra], cwd=run_dir, env=env, timeout=600)
+        return lambda: (result.returncode, result.output)
     cmd = [sys.executable, "-m", "litplug", "fit", "--config", "run.yaml", *extra]
-    return subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish() -> tuple[int, str]:
+        out, _ = proc.communicate(timeout=600)
+        return proc.returncode, out
+
+    return finish
 
 
-def _finish(proc: subprocess.Popen) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=600)
-    return proc.returncode, out
-
-
-def _kill_and_resume(tmp_path: Path, kill: tuple[str, ...], extra: tuple[str, ...] = ()) -> str:
-    """Run uninterrupted and killed side by side, resume the killed one, compare; return the killed
-    run's output."""
+def _kill_and_resume(tmp_path: Path, kill: tuple[str, ...], extra: tuple[str, ...] = (), fork: bool = False) -> str:
+    """Run uninterrupted and killed (side by side unless ``fork``), resume the killed one, compare;
+    return the killed run's output."""
     kill_args = ("--trainer.callbacks+=harness.KillAt", f"--trainer.callbacks.step={KILL_STEP}", *kill)
-    full = _start(tmp_path / "full", *extra)
-    killed = _start(tmp_path / "killed", *extra, *kill_args)
-    (rc_full, out_full), (rc_killed, out_killed) = _finish(full), _finish(killed)
+    full = _start(tmp_path / "full", *extra, fork=fork)
+    killed = _start(tmp_path / "killed", *extra, *kill_args, fork=fork)
+    (rc_full, out_full), (rc_killed, out_killed) = full(), killed()
     assert rc_full == 0, out_full[-4000:]
     assert rc_killed != 0, out_killed[-4000:]
     last = tmp_path / "killed/ckpt/last.ckpt"
     state = torch.load(last, weights_only=False)
     assert (state["epoch"], state["global_step"]) == (1, 6)  # saved in the middle of epoch 1
     assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # the loaders' positions
-    rc, out = _finish(_start(tmp_path / "killed", *extra, "--ckpt_path", str(last)))
+    rc, out = _start(tmp_path / "killed", *extra, "--ckpt_path", str(last), fork=fork)()
     assert rc == 0, out[-4000:]
     assert "not resumable" not in out  # Lightning's warning for a loader that cannot resume mid-epoch
 
@@ -136,7 +145,7 @@ def _kill_and_resume(tmp_path: Path, kill: tuple[str, ...], extra: tuple[str, ..
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
-    _kill_and_resume(tmp_path, kill=())
+    _kill_and_resume(tmp_path, kill=(), fork=True)
 
 
 def test_ddp_rank_zero_killed_mid_step_stops_the_job_naming_it_then_resumes_exactly(tmp_path):
