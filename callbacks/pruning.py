@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from ..functional import el2n_scores, forgetting_events, forgetting_scores, grand_scores
-from ..plumbing import mix_seed, refuse_flat_strategies, training_mode
+from ..plumbing import is_sharded, mix_seed, refuse_flat_strategies, training_mode
 from ..plumbing.loss import module_loss, require_loss
 from ..plumbing.third_party_private import module_copy
 from ..validation import check_choice, check_int, check_number
@@ -68,7 +68,8 @@ class DataPruning(Callback):
     are in ``state_dict`` (a resumed run prunes the same samples). Memory: one float64 score per
     sample; forgetting adds 6 bytes per sample. ``seeds > 1`` costs ``seeds - 1`` copies of the
     module and ``(seeds - 1)(score_epoch + 1)`` training epochs at scoring (split over the ranks).
-    Under FSDP2 it raises at setup (not supported).
+    Under FSDP2 the scoring passes and the copies run on a replica holding the full parameters
+    (one all-gather per parameter at scoring; the full model on every rank while scoring).
 
     Args:
         score: ``"el2n"``, ``"grand"`` or ``"forgetting"``.
@@ -122,10 +123,6 @@ class DataPruning(Callback):
         if stage != "fit":
             return
         refuse_flat_strategies(trainer, "DataPruning")
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        if isinstance(trainer.strategy, ModelParallelStrategy):
-            raise ValueError("DataPruning does not support ModelParallelStrategy (FSDP2); use one device or DDP")
         self._dm = indexed_data(trainer, "DataPruning")
         if self.seeds > 1:
             require_loss(pl_module, f"DataPruning(seeds={self.seeds})")
@@ -203,10 +200,14 @@ class DataPruning(Callback):
             scores = forgetting_scores(self.forgotten, (self.last_correct == 1) | (self.forgotten > 0))
             self._capture.remove()
             self._capture = None
-        else:
-            scores = self._model_scores(trainer, pl_module, n)
+        # FSDP2: score (and copy) a replica holding the full parameters, no collective inside
+        model = pl_module
+        if (self.score != "forgetting" or self.seeds > 1) and any(is_sharded(p) for p in pl_module.parameters()):
+            model = _full_replica(pl_module)
+        if self.score != "forgetting":
+            scores = self._model_scores(trainer, model, n)
         if self.seeds > 1:
-            scores = (scores + self._copies_scores(trainer, pl_module, n)) / self.seeds
+            scores = (scores + self._copies_scores(trainer, model, n)) / self.seeds
         order = torch.sort(-scores, stable=True).indices
         start, count = round(self.offset * n), max(1, round(self.keep_fraction * n))
         self.scores, self.kept = scores, order[start : start + count].sort().values
@@ -381,3 +382,10 @@ def _first_optimizer(config: Any) -> Optimizer:
     if isinstance(config, (list, tuple)) and config:
         return _first_optimizer(config[0])
     raise TypeError(f"configure_optimizers() returned no optimizer: {config!r}")
+
+
+def _full_replica(module: LightningModule) -> LightningModule:
+    """A copy of an FSDP2 module whose parameters are the full tensors (one all-gather each, every
+    rank in the same order) and which runs without collectives."""
+    full = {id(p): nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad) for p in module.parameters()}
+    return module_copy(module, full)

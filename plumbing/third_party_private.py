@@ -157,29 +157,64 @@ def subcommand_defaults(cli: Any, subcommand: str | None) -> dict[str, Any]:
     return (parsers[subcommand] if parsers else cli.parser).get_defaults().as_dict()
 
 
-def module_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``module`` with its own parameters, buffers and submodules (deep copies) and no
-    hooks; every other attribute (optimizer factories, configuration, references to a trainer or a
-    CLI) is shared with the original, not copied.
+def module_copy(module: torch.nn.Module, tensors: dict[int, Tensor] | None = None) -> torch.nn.Module:
+    """A copy of ``module`` with its own parameters, buffers, tensor attributes and submodules
+    (clones, or ``tensors[id(original)]`` where given: e.g. full tensors for FSDP2's sharded
+    parameters), no hooks and no trainer; an FSDP2 module's copy is of its original class. Every
+    other attribute (optimizer factories, configuration, references to a CLI) is shared with the
+    original, not copied.
 
-    Why: a plain ``deepcopy`` of a LightningModule built by a CLI follows its optimizer factory to
-    the CLI, the trainer and its live data-loader iterators (which cannot be copied), and a copy
-    carries the hooks others registered on the original (litplug's logits captures, a user's),
-    which would fire on the copy's forwards and act on the original's state. torch's ``Module``
-    has no public way to copy the tensors alone or to drop hooks (a hook is removed only through
-    the handle its registration returned). Missing upstream: a public ``Module`` copy of the
-    parameters and structure without hooks."""
-    import copy
+    Why: ``deepcopy`` refuses FSDP2 modules, follows a CLI-built module's optimizer factory to the
+    CLI, the trainer and its live data-loader iterators (which cannot be copied), and copies the
+    hooks others registered on the original (litplug's logits captures, a user's), which would
+    fire on the copy's forwards and act on the original's state. This builds the copy from each
+    module's ``__dict__``: ``_parameters``, ``_buffers``, ``_modules`` and the hook dictionaries are
+    torch's private layout. Missing upstream: a public ``Module`` copy of the tensors and structure
+    without hooks (and one for FSDP2 modules with full parameters)."""
+    import types
 
-    memo: dict[int, Any] = {}
-    for m in module.modules():
+    from torch.distributed.fsdp import FSDPModule
+
+    memo: dict[int, Any] = dict(tensors or {})
+
+    def tensor(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        if id(t) not in memo:
+            clone = t.detach().clone()
+            memo[id(t)] = torch.nn.Parameter(clone, t.requires_grad) if isinstance(t, torch.nn.Parameter) else clone
+        return memo[id(t)]
+
+    def copy(m: torch.nn.Module) -> torch.nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        cls = type(m).__mro__[2] if isinstance(m, FSDPModule) else type(m)  # FSDPModule.__new__'s rule
+        new = cls.__new__(cls)
+        memo[id(m)] = new
+        state: dict[str, Any] = {}
         for key, value in vars(m).items():
-            if key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set") or isinstance(
-                value, Tensor
-            ):
-                continue
-            memo[id(value)] = type(value)() if key.endswith("hooks") or "_hooks_" in key else value
-    return copy.deepcopy(module, memo)
+            if key in ("_parameters", "_buffers"):
+                value = {k: tensor(v) for k, v in value.items()}
+            elif key == "_modules":
+                value = {k: None if c is None else copy(c) for k, c in value.items()}
+            elif key.endswith("hooks") or "_hooks_" in key:
+                value = type(value)()
+            elif key == "_non_persistent_buffers_set":
+                value = set(value)
+            elif key == "_trainer":
+                value = None
+            elif isinstance(value, Tensor):
+                value = tensor(value)
+            elif isinstance(value, list) and any(isinstance(v, Tensor) for v in value):
+                value = [tensor(v) for v in value]
+            elif isinstance(value, types.MethodType) and isinstance(value.__self__, torch.nn.Module):
+                # a method patched onto the instance (e.g. by a strategy): bound to the copy
+                value = types.MethodType(value.__func__, copy(value.__self__))
+            state[key] = value
+        new.__dict__.update(state)
+        return new
+
+    return copy(module)
 
 
 # -- torch ------------------------------------------------------------------------------------

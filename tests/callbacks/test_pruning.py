@@ -51,25 +51,31 @@ class Sharded(LightningDataModule):
     """``features`` in index order, sharded by its own ``DistributedSampler`` under DDP (Lightning's
     would reshuffle): rank r's k-th batch of 8 is half of one process's k-th batch of 16."""
 
-    def __init__(self, batch_size, world=1):
+    def __init__(self, batch_size, world=1, dtype=torch.float32):
         super().__init__()
-        self.data, self.batch_size, self.world = features(n=64), batch_size, world
+        self.data, self.batch_size, self.world, self.dtype = features(n=64), batch_size, world, dtype
 
     def train_dataloader(self):
-        dataset = TensorDataset(self.data.x, self.data.y)
+        dataset = TensorDataset(self.data.x.to(self.dtype), self.data.y)
         if self.world == 1:
             return DataLoader(dataset, batch_size=self.batch_size)
         sampler = DistributedSampler(dataset, self.world, self.trainer.global_rank, shuffle=False)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
 
 
-def _run(score, tmp_dir, batch_size, world=1, **kwargs):
+def _run(score, tmp_dir, batch_size, world=1, float64=False, **kwargs):
+    """float64: a float64 model on float64 inputs at precision 32-true (ModelParallelStrategy
+    refuses 64-true); otherwise precision 64-true."""
     seed_everything(0)
     model = _module() if score else Classifier(MLP(input_shape=[1, 8, 8], num_outputs=10, hidden=[8]), 10)
+    if float64:
+        model = model.double()
     # the scores of the sharded runs average the run and one re-initialised copy (trained on rank 1)
     seen, pruning = Seen(), DataPruning(score or "el2n", keep=0.25, score_epoch=1, seeds=2 if score else 1)
-    trainer = fast_trainer(tmp_dir, max_epochs=3, precision="64-true", callbacks=[pruning, seen], **kwargs)
-    trainer.fit(model, Indexed(Sharded(batch_size, world) if score else Digits(batch_size=32)))
+    precision = "32-true" if float64 else "64-true"
+    trainer = fast_trainer(tmp_dir, max_epochs=3, precision=precision, callbacks=[pruning, seen], **kwargs)
+    data = Sharded(batch_size, world, torch.float64 if float64 else torch.float32)
+    trainer.fit(model, Indexed(data if score else Digits(batch_size=32)))
     return {"state": state_of(model), "kept": pruning.kept, "scores": pruning.scores, "seen": seen.seen}
 
 
@@ -104,6 +110,25 @@ def test_ddp_matches_one_process_and_the_ranks_cover_the_kept_set(tmp_path):
         assert single["seen"][2] == single["kept"].tolist()  # a sequential loader: the kept set in index order
         for key, value in single["state"].items():
             assert torch.equal(a["state"][key], b["state"][key])
+            torch.testing.assert_close(a["state"][key], value, rtol=0, atol=1e-10)
+
+
+def fsdp2_worker(strategy, tmp_dir):
+    kwargs = dict(devices=2, use_distributed_sampler=False, float64=True)
+    return {s: _run(s, tmp_dir / s, 8, 2, strategy=make_strategy("fsdp2"), **kwargs) for s in ("grand", "forgetting")}
+
+
+def test_fsdp2_matches_one_process(tmp_path):
+    """FSDP2 (DTensor parameters): scored on a replica with the full parameters, the copies of
+    seeds=2 trained from it; the same scores, kept set and weights as one process (and so as DDP)."""
+    r0, r1 = run_distributed(fsdp2_worker, "fsdp2", tmp_path)
+    for score in ("grand", "forgetting"):  # EL2N scores the same replica as GraNd
+        single = _run(score, tmp_path / score, 16)
+        a, b = r0[score], r1[score]
+        assert torch.equal(a["kept"], b["kept"]) and torch.equal(a["kept"], single["kept"]), score
+        torch.testing.assert_close(a["scores"], single["scores"], rtol=1e-12, atol=1e-12)
+        assert sorted(a["seen"][2] + b["seen"][2]) == single["kept"].tolist()
+        for key, value in single["state"].items():
             torch.testing.assert_close(a["state"][key], value, rtol=0, atol=1e-10)
 
 
