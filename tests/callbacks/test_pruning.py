@@ -80,15 +80,17 @@ def _run(score, tmp_dir, batch_size, world=1, float64=False, **kwargs):
 
 
 def ddp_worker(strategy, tmp_dir):
-    own = {
-        s: _run(s, tmp_dir / s, 8, 2, strategy=make_strategy("ddp"), devices=2, use_distributed_sampler=False)
-        for s in SCORES
-    }
+    kwargs = dict(devices=2, use_distributed_sampler=False)
+    own = {s: _run(s, tmp_dir / s, 8, 2, strategy=make_strategy("ddp"), **kwargs) for s in SCORES}
     lightning = _run(None, tmp_dir / "digits", 32, strategy=make_strategy("ddp"), devices=2, limit_val_batches=0)
-    return {**own, "lightning": lightning}
+    fsdp2 = {
+        f"fsdp2_{s}": _run(s, tmp_dir / f"fsdp2_{s}", 8, 2, strategy=make_strategy("fsdp2"), **kwargs, float64=True)
+        for s in ("grand", "forgetting")  # EL2N scores the same replica as GraNd
+    }
+    return {**own, "lightning": lightning, **fsdp2}
 
 
-def test_ddp_matches_one_process_and_the_ranks_cover_the_kept_set(tmp_path):
+def test_ddp_and_fsdp2_match_one_process_and_the_ranks_cover_the_kept_set(tmp_path):
     r0, r1 = run_distributed(ddp_worker, "ddp", tmp_path)
     # Lightning's own sharding (a DistributedSamplerWrapper around the KeptSampler): 324 kept
     # (25% of 1294), 162 per rank, the union exactly the kept set
@@ -111,20 +113,11 @@ def test_ddp_matches_one_process_and_the_ranks_cover_the_kept_set(tmp_path):
         for key, value in single["state"].items():
             assert torch.equal(a["state"][key], b["state"][key])
             torch.testing.assert_close(a["state"][key], value, rtol=0, atol=1e-10)
-
-
-def fsdp2_worker(strategy, tmp_dir):
-    kwargs = dict(devices=2, use_distributed_sampler=False, float64=True)
-    return {s: _run(s, tmp_dir / s, 8, 2, strategy=make_strategy("fsdp2"), **kwargs) for s in ("grand", "forgetting")}
-
-
-def test_fsdp2_matches_one_process(tmp_path):
-    """FSDP2 (DTensor parameters): scored on a replica with the full parameters, the copies of
-    seeds=2 trained from it; the same scores, kept set and weights as one process (and so as DDP)."""
-    r0, r1 = run_distributed(fsdp2_worker, "fsdp2", tmp_path)
-    for score in ("grand", "forgetting"):  # EL2N scores the same replica as GraNd
-        single = _run(score, tmp_path / score, 16)
-        a, b = r0[score], r1[score]
+        if score == "el2n":
+            continue
+        # FSDP2 (DTensor parameters; a float64 model, as ModelParallelStrategy refuses 64-true):
+        # scored on a replica with the full parameters, the seeds=2 copy trained from it
+        a, b = r0[f"fsdp2_{score}"], r1[f"fsdp2_{score}"]
         assert torch.equal(a["kept"], b["kept"]) and torch.equal(a["kept"], single["kept"]), score
         torch.testing.assert_close(a["scores"], single["scores"], rtol=1e-12, atol=1e-12)
         assert sorted(a["seen"][2] + b["seen"][2]) == single["kept"].tolist()
