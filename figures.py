@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["bar_chart", "greedy_chart", "histograms", "line_chart", "panels", "to_image"]
+__all__ = ["bar_chart", "greedy_chart", "histograms", "line_chart", "panels", "pareto_chart", "to_image"]
 
 # Small pictures: TensorBoard shows images at their pixel size; 5.5 x 3.2 in at 80 dpi (440 x 256).
 SIZE = (5.5, 3.2)
@@ -183,6 +183,30 @@ def greedy_chart(trials: Sequence[tuple[str, float, float, bool]], title: str, y
     _xticks(ax, x, names)
     _axes(ax, title, ylabel=ylabel)
     ax.legend(fontsize="small", ncols=2, loc="upper center")
+    return fig
+
+
+def pareto_chart(
+    evaluated: Sequence[Sequence[float]],
+    front: Sequence[Sequence[float]],
+    chosen: Sequence[float],
+    title: str,
+    labels: Sequence[str],
+) -> Figure:
+    """A Pareto front of two metrics: the ``evaluated`` points (rows ``(metric_1, metric_2, ...)``)
+    as dots, the ``front`` as a line through its points sorted by the first metric, the ``chosen``
+    point as a star. Rows with more than two metrics are drawn by their first two (a projection:
+    the line is then not a front in the plane)."""
+    ev = np.asarray(evaluated, dtype=np.float64).reshape(len(evaluated), -1)[:, :2]
+    fr = np.asarray(front, dtype=np.float64).reshape(len(front), -1)[:, :2]
+    fr = fr[np.argsort(fr[:, 0], kind="stable")]
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.scatter(ev[:, 0], ev[:, 1], s=14, color="C0", label="evaluated")
+    ax.plot(fr[:, 0], fr[:, 1], color="C1", linewidth=1.5, label="predicted front")
+    ax.scatter([_finite(chosen[0])], [_finite(chosen[1])], marker="*", s=120, color="C3", zorder=3, label="chosen")
+    _axes(ax, title, labels[0], labels[1])
+    ax.legend(fontsize="small")
     return fig
 
 

@@ -18,6 +18,11 @@ Method card
     * ``align=True`` does the same before any recipe: every ingredient is permuted onto ``base``
       (onto the first ingredient without a base), so TIES, DARE or model stock can merge models
       that do not share an initialisation; something mergekit does not offer.
+    * ``map`` (Li et al. 2024, MAP): per-task coefficients ``c`` of task arithmetic,
+      ``base + sum_t c_t (theta_t - base)``; fine-tune ``t`` is scored on validation dataloader
+      ``t``, one quadratic per task metric is fitted to the evaluated ``c`` in ``[0, 1]^T``
+      (:func:`litplug.merging.map_pareto_front`, ``seed`` draws the points), and the predicted
+      front's point with the best mean predicted metric is loaded (ties: the first), then scored again.
     * With several ``scale`` values (task arithmetic, TIES) the one with the best validation
       metric is kept, as both papers choose ``lambda`` on held-out data.
     * Cost: one evaluation per ingredient and per candidate (greedy soup, scales); alignment
@@ -38,20 +43,22 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from ..board import has_tensorboard, log_figure, write_charts
-from ..figures import panels
+from ..figures import panels, pareto_chart
 from ..functional.soup import greedy_soup, uniform_soup
-from ..merging import align, breadcrumbs, dare, model_stock, task_arithmetic, ties_merge
+from ..merging import MAPResult, align, breadcrumbs, dare, map_pareto_front, model_stock, task_arithmetic, ties_merge
 from ..merging.states import State, check_states
 from ..plumbing import save_rank_zero
 from ..validation import check_bool, check_choice, check_int, check_list, check_number, check_str
 from .classifier import Classifier
-from .soup import Metric, ModelSoup, load_ingredient, log_greedy_figure, short_names
+from .soup import Metric, ModelSoup, load_ingredient, log_greedy_figure, short_names, val_loaders
 
 Recipe = Literal[
-    "uniform", "greedy", "task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock", "align_then_average"
+    "uniform", "greedy", "task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock", "align_then_average", "map"
 ]
-RECIPES = ("uniform", "greedy", "task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock", "align_then_average")
-WITH_BASE = ("task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock")
+RECIPES = (
+    "uniform", "greedy", "task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock", "align_then_average", "map"
+)  # fmt: skip
+WITH_BASE = ("task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock", "map")
 SCALED = ("task_arithmetic", "ties", "dare", "breadcrumbs")
 PATH_POINTS = 11  # t values of the interpolation figure
 
@@ -68,7 +75,12 @@ class ModelMerge(Classifier):
     tried) and ``merge/<metric>``; the validation epoch then logs ``val/acc`` and ``val/loss`` of
     the merged model. Figures (rank zero, with a TensorBoard logger): ``merge/interpolation``
     (:meth:`interpolation_path`) and, for ``greedy``, ``merge/greedy`` (every ingredient's score in
-    the order tried and the soup's score as it grows); the custom-scalars section ``merging``. Its
+    the order tried and the soup's score as it grows); the custom-scalars section ``merging``.
+    ``map`` logs ``merge/map_coefficient`` and ``merge/map_<metric>`` (step = task: the chosen
+    coefficients, the chosen merge's measured metric per task) and the figure ``merge/pareto``
+    (:func:`litplug.figures.pareto_chart`: the evaluated points' measured metrics, the predicted
+    front and the loaded merge's measured metrics; with more than two tasks, the first two); with several validation dataloaders the
+    validation epoch logs ``val/acc/dataloader_idx_<k>`` and ``val/loss/dataloader_idx_<k>``. Its
     backbone weights are written to ``output_path`` (a plain state dict).
 
     Distributed: single process or DDP (every rank merges identically; held-out counts are summed
@@ -79,14 +91,15 @@ class ModelMerge(Classifier):
         checkpoints: ingredient files: Lightning ``.ckpt`` (``backbone.*`` keys) or plain backbone
             state dicts; for the task-vector recipes the fine-tunes of ``base``.
         recipe: ``uniform``, ``greedy``, ``task_arithmetic``, ``ties``, ``dare``, ``breadcrumbs``,
-            ``model_stock`` or ``align_then_average``.
+            ``model_stock``, ``align_then_average`` or ``map`` (needs one validation dataloader per
+            fine-tune, in the order of ``checkpoints``).
         base: the pre-trained weights the fine-tunes started from (``task_arithmetic``, ``ties``,
-            ``dare``, ``breadcrumbs``, ``model_stock`` only).
+            ``dare``, ``breadcrumbs``, ``model_stock``, ``map`` only).
         scale: ``lambda`` of task arithmetic / TIES / DARE / breadcrumbs, or a list of candidates
             chosen on the validation split (unused by the other recipes).
         density: share of task-vector entries kept by TIES, DARE and breadcrumbs, in (0, 1].
         gamma: share of the largest task-vector magnitudes breadcrumbs drops, in [0, 1).
-        seed: seed of DARE's drop masks.
+        seed: seed of DARE's drop masks and of MAP's sampled coefficients.
         align: permute every ingredient onto ``base`` (onto the first ingredient without one) by
             weight matching before merging.
         metric: held-out metric used to choose (greedy, scales) and logged: ``"val/acc"``
@@ -103,6 +116,7 @@ class ModelMerge(Classifier):
                 "^merge/(acc|loss)$",
             ],
             "held-out metric of each scale tried": ["^merge/scale"],
+            "MAP: chosen coefficient and measured metric per task": ["^merge/map_"],
         },
     }
 
@@ -168,6 +182,9 @@ class ModelMerge(Classifier):
         self.scale_scores: list[float] = []
         self.chosen_scale: float | None = None
         self.merged_score: float | None = None
+        self.map_result: MAPResult | None = None
+        self.map_choice: int | None = None  # row of map_result.coefficients loaded
+        self.map_scores: list[float] = []  # the loaded merge's measured metric per task
         self._built = False
 
     @override
@@ -179,8 +196,7 @@ class ModelMerge(Classifier):
         return a > b if self.metric == "val/acc" else a < b
 
     def _example_input(self) -> Tensor:
-        loader = self.trainer.val_dataloaders
-        batch = next(iter(loader[0] if isinstance(loader, (list, tuple)) else loader))
+        batch = next(iter(val_loaders(self.trainer)[0]))
         return self.trainer.strategy.batch_to_device(batch)[0]
 
     def _aligned(self, states: list[State], reference: State) -> list[State]:
@@ -195,6 +211,8 @@ class ModelMerge(Classifier):
         states = self.ingredients
         if self.align or self.recipe == "align_then_average":
             states = self._aligned(states, states[0] if self.base_state is None else self.base_state)
+        if self.recipe == "map":
+            return self._map(states)
         if self.recipe == "greedy":
             self.trials = []
             trial = lambda i, score, kept: self.trials.append((i, score, kept))  # noqa: E731
@@ -222,13 +240,62 @@ class ModelMerge(Classifier):
                 best, self.chosen_scale = (candidate, score), s
         return best[0]
 
+    def _map(self, states: list[State]) -> State:
+        tasks = len(val_loaders(self.trainer))
+        if tasks != len(states):
+            raise ValueError(
+                f"recipe 'map' scores fine-tune k on validation dataloader k: `checkpoints` holds {len(states)} "
+                f"fine-tunes but the datamodule has {tasks} validation dataloader(s)"
+            )
+        acc = self.metric == "val/acc"
+
+        def evaluate(c: list[float]) -> list[float]:
+            merged = task_arithmetic(self.base_state, states, c)
+            return [self.evaluate_loss_and_accuracy(merged, k)[1 if acc else 0] for k in range(tasks)]
+
+        self.map_result = result = map_pareto_front(evaluate, tasks, maximize=acc, seed=self.seed)
+        mean = result.values.mean(1)
+        self.map_choice = int(mean.argmax() if acc else mean.argmin())  # argmax/argmin: the first of ties
+        chosen = result.coefficients[self.map_choice].tolist()
+        self.map_scores = evaluate(chosen)
+        self.scores, self.kept = [], list(range(len(states)))
+        return task_arithmetic(self.base_state, states, chosen)
+
+    def _log_map(self) -> None:
+        result, name = self.map_result, self.metric.split("/")[-1]
+        chosen = result.coefficients[self.map_choice].tolist()
+        if self.logger is not None:
+            for k, (c, score) in enumerate(zip(chosen, self.map_scores)):
+                self.logger.log_metrics({"merge/map_coefficient": c, f"merge/map_{name}": score}, step=k)
+        labels = [f"{self.metric} on dataloader {k}" for k in range(2)]
+        title = f"MAP front: {result.evaluations} merges evaluated, {len(result.coefficients)} front points"
+        if result.evaluated.shape[1] > 2:
+            title += " (first two tasks)"
+        log_figure(
+            self.trainer,
+            "merge/pareto",
+            lambda: pareto_chart(result.evaluated_values, result.values, self.map_scores, title, labels),
+        )
+
+    @override
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if len(val_loaders(self.trainer)) == 1:
+            return super().validation_step(batch, batch_idx)
+        x, y = batch
+        logits = self(x)  # several dataloaders: one weighted mean per dataloader (Lightning suffixes the names)
+        self.log("val/loss", self.loss(logits, y), sync_dist=True, batch_size=len(y))
+        self.log("val/acc", (logits.argmax(-1) == y).float().mean(), sync_dist=True, batch_size=len(y))
+
     @override
     def on_validation_start(self) -> None:
         if self._built:
             return
         write_charts(self.trainer)
         merged = self.merge()
-        self.merged_score = self.evaluate_state(merged)
+        if self.map_result is not None:  # the mean over the tasks' dataloaders
+            self.merged_score = sum(self.map_scores) / len(self.map_scores)
+        else:
+            self.merged_score = self.evaluate_state(merged)
         self._built = True
         name = self.metric.split("/")[-1]
         if self.logger is not None:
@@ -243,6 +310,8 @@ class ModelMerge(Classifier):
         if self.output_path:
             save_rank_zero({k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}, self.output_path)
         self._log_interpolation(merged)
+        if self.map_result is not None:
+            self._log_map()
         if self.trials:
             names = short_names(self.checkpoints)
             log_greedy_figure(self.trainer, "merge/greedy", names, self.scores, self.trials, self.metric)

@@ -91,6 +91,14 @@ def log_greedy_figure(
     log_figure(trainer, tag, lambda: greedy_chart(rows, title, f"held-out {metric}"))
 
 
+def val_loaders(trainer: Any) -> list[Any]:
+    """The Trainer's validation dataloaders as a list (a dict's in its order)."""
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
 # ----------------------------------------------------------------------------- module
 class ModelSoup(Classifier):
     """A classifier whose weights are a soup of fine-tuned checkpoints.
@@ -175,13 +183,13 @@ class ModelSoup(Classifier):
         return acc if self.metric == "val/acc" else loss
 
     @torch.no_grad()
-    def evaluate_loss_and_accuracy(self, state: State) -> tuple[float, float]:
-        """Load ``state`` into the backbone; mean cross-entropy and accuracy on the validation split."""
+    def evaluate_loss_and_accuracy(self, state: State, dataloader_idx: int = 0) -> tuple[float, float]:
+        """Load ``state`` into the backbone; mean cross-entropy and accuracy on validation dataloader
+        ``dataloader_idx``."""
         self.backbone.load_state_dict(state)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
-        loader = self.trainer.val_dataloaders
         with training_mode(self, False):
-            for batch in loader[0] if isinstance(loader, (list, tuple)) else loader:
+            for batch in val_loaders(self.trainer)[dataloader_idx]:
                 x, y = self.trainer.strategy.batch_to_device(batch)
                 logits = self(x)
                 totals[0] += F.cross_entropy(logits, y, reduction="sum").double()

@@ -195,3 +195,66 @@ def test_ddp_merges_equal_single_process(files, tmp_path):
             assert got["merged"] == single["merged"]
             for k, v in single["state"].items():
                 assert torch.equal(got["state"][k], v), (recipe, k)
+
+
+class DigitTasks(Digits):
+    """Two validation dataloaders, digits 0-4 and digits 5-9: task k is dataloader k."""
+
+    def val_dataloader(self):
+        from torch.utils.data import DataLoader, Subset
+
+        self.setup()
+        y = torch.stack([self.val_set[i][1] for i in range(len(self.val_set))])
+        return [
+            DataLoader(Subset(self.val_set, (m.nonzero().flatten().tolist())), batch_size=64) for m in (y < 5, y >= 5)
+        ]
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "csv", "none"])
+def test_map_loads_the_best_mean_front_point_and_logs_the_pareto_figure(logger, files, tmp_path):
+    from harness import fast_trainer
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from litplug.merging import pareto_mask
+
+    loggers = {
+        "tensorboard": TensorBoardLogger(tmp_path, name="m", version="0"),
+        "csv": CSVLogger(tmp_path, name="m", version="0"),
+        "none": False,
+    }
+    fts = files["finetunes"][:2]
+    merge = ModelMerge(mlp(0), fts, recipe="map", base=files["base"], output_path=None)
+    metrics = fast_trainer(tmp_path, logger=loggers[logger]).validate(merge, DigitTasks(batch_size=64), verbose=False)
+    result = merge.map_result
+    assert result.evaluations == 12 and result.evaluated_values.shape == (12, 2)
+    chosen = result.values[merge.map_choice]
+    # the chosen point is on the predicted front: no front point dominates it, and it has the best mean
+    assert not ((result.values >= chosen).all(1) & (result.values > chosen).any(1)).any()
+    assert pareto_mask(result.values).all() and len(result.values) > 1
+    assert result.values.mean(1).argmax() == merge.map_choice
+    coefficients = result.coefficients[merge.map_choice].tolist()
+    expected = task_arithmetic(states([files["base"]])[0], states(fts), coefficients)
+    for k, v in expected.items():
+        assert torch.equal(merge.backbone.state_dict()[k], v), k
+    for k in range(2):  # re-scored on each task's dataloader, as the validation epoch scores it
+        assert merge.map_scores[k] == pytest.approx(metrics[k][f"val/acc/dataloader_idx_{k}"], abs=1e-6)
+    assert merge.merged_score == pytest.approx(sum(merge.map_scores) / 2)
+    if logger == "tensorboard":
+        scalars = read_scalars(tmp_path / "m" / "0")
+        assert [v for _, v in scalars["merge/map_coefficient"]] == pytest.approx(coefficients)
+        assert [v for _, v in scalars["merge/map_acc"]] == pytest.approx(merge.map_scores)
+        events = EventAccumulator(str(tmp_path / "m" / "0"))
+        events.Reload()
+        assert events.Tags()["images"] == ["merge/interpolation", "merge/pareto"]
+        image = events.Images("merge/pareto")[0]
+        assert image.width > 100 and image.height > 100
+    if logger == "csv":
+        assert "merge/map_coefficient" in (tmp_path / "m" / "0" / "metrics.csv").read_text()
+
+
+def test_map_refuses_a_datamodule_without_one_validation_dataloader_per_fine_tune(files, tmp_path):
+    from harness import fast_trainer
+
+    merge = ModelMerge(mlp(0), files["finetunes"], recipe="map", base=files["base"], output_path=None)
+    with pytest.raises(ValueError, match=r"`checkpoints` holds 3 fine-tunes but the datamodule has 2 validation"):
+        fast_trainer(tmp_path).validate(merge, DigitTasks(batch_size=64), verbose=False)
