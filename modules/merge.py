@@ -79,9 +79,10 @@ class ModelMerge(Classifier):
     ``map`` logs ``merge/map_coefficient`` and ``merge/map_<metric>`` (step = task: the chosen
     coefficients, the chosen merge's measured metric per task) and the figure ``merge/pareto``
     (:func:`litplug.figures.pareto_chart`: the evaluated points' measured metrics, the predicted
-    front and the loaded merge's measured metrics; with more than two tasks, the first two); with several validation dataloaders the
-    validation epoch logs ``val/acc/dataloader_idx_<k>`` and ``val/loss/dataloader_idx_<k>``. Its
-    backbone weights are written to ``output_path`` (a plain state dict).
+    front and the loaded merge's measured metrics; with more than two tasks, the first two); with
+    several validation dataloaders the validation epoch logs ``val/acc/dataloader_idx_<k>`` and
+    ``val/loss/dataloader_idx_<k>``. Its backbone weights are written to ``output_path`` (a plain
+    state dict).
 
     Distributed: single process or DDP (every rank merges identically; held-out counts are summed
     with one all-reduce per evaluation). FSDP2 is not supported (raises at setup).
