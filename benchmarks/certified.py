@@ -113,6 +113,8 @@ def main() -> None:
         else:
             print(f"{name:42s} {value * 1e3:9.1f} {value / base:8.2f}")
     print(f"{'CROWN-IBP step / IBP step':42s} {'':9s} {times[3] / times[1]:8.2f}")
+    if callable(peer_crown):
+        print(f"{'CROWN-IBP step / auto_LiRPA CROWN-IBP step':42s} {'':9s} {times[3] / times[-1]:8.2f}")
 
     model.eval()
     xe = torch.rand(4 * args.batch, *args.shape)

@@ -6,7 +6,7 @@ largest sampled gradient norm. The tables of docs/certified.md and benchmarks/RE
 
 Each run is configs/digits/crown_ibp.yaml with ``model.init_args.bound`` set to ``ibp`` or
 ``crown-ibp``, ``model.init_args.eps`` and ``seed_everything`` (``--epochs`` shortens every run
-alike: the eps ramp keeps its length, the rest is cut), plus a
+alike, ``--ramp`` sets the eps ramp's length, 15 epochs in the config), plus a
 :class:`~litplug.callbacks.BoundTightness` recorder. After fit, on the test split: clean accuracy,
 verified accuracy by each verifier, and on ``--lipschitz`` test samples the ratio of the largest
 gradient l1 norm over 1,000 sampled points of the eps box to the bound of
