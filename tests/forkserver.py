@@ -95,6 +95,10 @@ def _run_child(request: dict) -> int:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    if "OMP_NUM_THREADS" in os.environ:  # read at start-up by a new process; the server started with its own
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     argv = request["argv"]
     try:
         if argv[0] == "litplug":

@@ -3,8 +3,9 @@ path).
 
 Multi-process runs: Lightning's ``ddp`` and ``ModelParallelStrategy`` launchers re-run
 ``sys.argv`` for every rank, which cannot work from inside pytest. ``run_distributed`` therefore
-starts ``tests/launch.py`` in a subprocess; that script imports a *worker function* from a test
-file and calls it on every rank. The worker builds its Trainer with ``make_strategy(name)``, runs,
+starts ``tests/launch.py`` as a child of ``forkserver`` (rank 0 with the imports done; Lightning
+starts rank 1 as a new process); that script imports a *worker function* from a test file and
+calls it on every rank. The worker builds its Trainer with ``make_strategy(name)``, runs,
 and returns anything picklable; ``run_distributed`` returns the list of results ordered by rank.
 
     def ddp_worker(strategy, tmp_dir, lr):          # in tests/callbacks/test_x.py
@@ -22,13 +23,12 @@ import inspect
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from forkserver import run_command
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 
@@ -55,7 +55,7 @@ def run_distributed(
     out = Path(tmp_path) / f"dist_{worker.__name__}_{strategy}"
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
-        sys.executable,
+        "python",
         str(TESTS_DIR / "launch.py"),
         str(file),
         worker.__name__,
@@ -65,16 +65,14 @@ def run_distributed(
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_command(cmd, cwd=out, env=env, timeout=timeout)  # rank 0 with the imports done
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"distributed worker failed (rc={proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-10000:]}"
-        )
+        raise RuntimeError(f"distributed worker failed (rc={proc.returncode}):\n{proc.output[-16000:]}")
     results = []
     for rank in range(2):
         path = out / f"rank{rank}.pt"
         if not path.exists():
-            raise RuntimeError(f"rank {rank} wrote no result:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+            raise RuntimeError(f"rank {rank} wrote no result:\n{proc.output[-9000:]}")
         results.append(torch.load(path, weights_only=False))
     return results
 
