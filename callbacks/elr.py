@@ -37,7 +37,7 @@ class ELR(LogitTerm):
     module is not edited, ``training_step`` must call ``self(inputs)``. Needs the datamodule wrapped
     in ``litplug.datamodules.Indexed``. Logs ``elr/term`` (the regulariser, before ``lam``).
     Memory: one float32 (float64 in a float64 run) per example per class (the targets ``t``, in
-    ``state_dict``). Under DDP one ``all_reduce`` of the targets touched per epoch.
+    ``state_dict``). Under DDP one ``all_gather`` of the batch's new targets per step.
 
     Args:
         beta: momentum of the targets' moving average, in [0, 1) (the paper's CIFAR-10 value: 0.7).

@@ -102,8 +102,11 @@ class LogitTerm(Callback):
     module's own backward, ``c`` the scale Lightning applies to the loss (``1/accumulate_grad_batches``
     in automatic optimisation, the GradScaler's scale in ``16-mixed``). The sum is the gradient of
     ``loss + T``; nothing is run twice, the module is not edited. Under DDP each rank updates the
-    rows of its own samples and after the last batch of every epoch one ``all_reduce`` of the rows
-    touched (averaged where a padded sample was seen twice) makes the state equal on every rank.
+    rows of its own samples, and at the end of every training batch one ``all_gather`` of the
+    batch's indices and new rows (one ``[batch, classes + 1]`` float64 tensor per rank, after one
+    of the batch sizes) writes every rank's rows into every rank's state: the state is equal on
+    every rank at every step, so a checkpoint saved from rank 0 at any step holds all of it. A row
+    two ranks update in the same step (a padded sample) takes the mean of their rows.
 
     Subclasses set ``logged`` and implement :meth:`batch_term` (called on the first capture of a
     batch: update the state rows, return ``dT/dz``) and :meth:`init_state`."""
@@ -115,11 +118,10 @@ class LogitTerm(Callback):
         self.state: Tensor | None = None
         self._dm: Any = None
         self._capture: LogitsCapture | None = None
-        self._touched: Tensor | None = None
+        self._index: Tensor | None = None
         self._grad: Tensor | None = None
         self._targets: Tensor | None = None
         self._value: Tensor | None = None
-        self._closed_epoch = -1
 
     def init_state(self, n: int, num_classes: int) -> Tensor:
         raise NotImplementedError
@@ -140,7 +142,6 @@ class LogitTerm(Callback):
             # float32 (float64 for a float64 module: its trajectory is then exact)
             dtype = torch.float64 if pl_module.dtype == torch.float64 else torch.float32
             self.state = self.init_state(n, num_classes).to(dtype)
-        self._touched = torch.zeros(n, dtype=torch.bool)
         self._capture = LogitsCapture(pl_module, num_classes, on_logits=lambda z: self._on_logits(trainer, z))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -151,7 +152,7 @@ class LogitTerm(Callback):
         if self._grad is None:  # the first pass of the batch updates the state
             index = self._dm.batch_index
             self._grad = self.batch_term(trainer, z.detach(), index, self._targets).to(z.dtype)
-            self._touched[index] = True
+            self._index = index
         automatic = trainer.lightning_module.automatic_optimization
         scale = loss_scale(trainer, z).to(z.dtype) / (trainer.accumulate_grad_batches if automatic else 1)
         grad = self._grad
@@ -168,23 +169,26 @@ class LogitTerm(Callback):
         self._capture.close()
         if self._value is not None:
             pl_module.log(self.logged, self._value.float(), on_step=True, on_epoch=False)
-        if batch_idx + 1 >= trainer.num_training_batches:
-            self._sync(trainer)
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._sync(trainer)
-
-    def _sync(self, trainer: Trainer) -> None:
-        if self._closed_epoch == trainer.current_epoch:
-            return
-        self._closed_epoch = trainer.current_epoch
         if trainer.world_size > 1:
-            touched = self._touched.to(self.state.dtype)
-            rows = trainer.strategy.reduce(self.state * touched[:, None], reduce_op="sum")
-            count = trainer.strategy.reduce(touched, reduce_op="sum")
-            seen = count > 0
-            self.state[seen] = rows[seen] / count[seen, None]
-        self._touched.zero_()
+            self._share_rows(trainer)
+
+    def _share_rows(self, trainer: Trainer) -> None:
+        """Write the rows every rank updated in this batch into this rank's state (same on all ranks)."""
+        device = trainer.strategy.root_device
+        index = self._index.to(self.state.device)
+        sizes = trainer.strategy.all_gather(torch.tensor([len(index)], device=device)).flatten()
+        # float64 holds the indices and float32 or float64 rows exactly; -1: padding to the largest batch
+        packed = torch.full((int(sizes.max()), self.state.shape[1] + 1), -1.0, dtype=torch.float64, device=device)
+        packed[: len(index), 0] = index.to(device, torch.float64)
+        packed[: len(index), 1:] = self.state[index].to(device, torch.float64)
+        gathered = trainer.strategy.all_gather(packed).reshape(-1, packed.shape[1]).cpu()
+        gathered = gathered[gathered[:, 0] >= 0]
+        rows, where = torch.unique(gathered[:, 0].long(), return_inverse=True)
+        total = torch.zeros(len(rows), gathered.shape[1] - 1, dtype=torch.float64).index_add_(0, where, gathered[:, 1:])
+        count = torch.zeros(len(rows), dtype=torch.float64).index_add_(
+            0, where, torch.ones(len(where), dtype=torch.float64)
+        )
+        self.state[rows.to(self.state.device)] = (total / count[:, None]).to(self.state)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._capture is not None:
