@@ -12,10 +12,11 @@ trains the remaining epochs on the kept fraction (hardest first). Random keeps a
 subset at the same epoch. Reported: test accuracy of the final weights, the time of the scoring
 pass, and the median epoch time after pruning relative to before (same run).
 
-Cost: the scoring passes against one plain training epoch of the same MLP (a torch loop: forward,
-backward, Adam step per batch of 64), interleaved repeats, medians; GraNd's closed form for linear
-layers and its general ``torch.func`` path side by side; then ``DataPruning("grand")``'s scoring
-pass against a Lightning training epoch inside 20-epoch runs (the column of the pruning table).
+Cost: the scoring passes against one plain training epoch of the same model (a torch loop:
+forward, backward, Adam step per batch of 64), interleaved repeats, medians, for the MLP and for
+``ConvNet`` (convolutions, BatchNorm, linear layers); GraNd's closed form and its general
+``torch.func`` path side by side; then ``DataPruning("grand")``'s scoring pass against a Lightning
+training epoch inside 20-epoch runs of the MLP (the column of the pruning table).
 
 Noise: the same MLP for 30 epochs on ``NoisyLabels(Digits(), rate)`` (symmetric); test accuracy
 and expected calibration error (15 bins, torchmetrics) of the final weights.
@@ -34,7 +35,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 
 from litplug.callbacks import DataPruning
 from litplug.datamodules import Digits, Indexed
-from litplug.modules import MLP, Classifier
+from litplug.modules import MLP, Classifier, ConvNet
 
 
 def _model(cls: type = Classifier, **kwargs: Any) -> Classifier:
@@ -183,16 +184,29 @@ def noise(seeds: list[int]) -> None:
 
 
 def cost(seeds: list[int], repeats: int = 11) -> None:
-    from litplug.functional import el2n_scores, grand_scores
-    from litplug.functional.pruning import _per_sample_norms
-
-    seed_everything(0)
-    model = _model()
     dm = Digits(batch_size=64)
     dm.setup()
     x = torch.stack([dm.train_set[i][0] for i in range(len(dm.train_set))])
     y = torch.stack([dm.train_set[i][1] for i in range(len(dm.train_set))])
     batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(y), 64)]
+    seed_everything(0)
+    _cost_table("MLP (hidden 256, 256)", _model(), batches, repeats)
+    seed_everything(0)
+    _cost_table(
+        "ConvNet (channels 32, 64, BatchNorm, hidden 128)", Classifier(ConvNet(), num_classes=10), batches, repeats
+    )
+    inside = [prune_run("grand", 0.5, 1, s) for s in seeds]
+    ratios = [r["score_time"] / r["epoch_time"] for r in inside]
+    print(f"\nDataPruning('grand') scoring / Lightning epoch (MLP), seeds {seeds}: {[round(r, 2) for r in ratios]}")
+    print(f"median {statistics.median(ratios):.2f}")
+
+
+def _cost_table(
+    title: str, model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], repeats: int
+) -> None:
+    from litplug.functional import el2n_scores, grand_scores
+    from litplug.functional.pruning import _closed_form_layers, _per_sample_norms
+
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -222,6 +236,7 @@ def cost(seeds: list[int], repeats: int = 11) -> None:
         "GraNd, general torch.func path": general,
     }
     model.eval()
+    path = "closed form" if _closed_form_layers(model) is not None else "general path"
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -229,14 +244,11 @@ def cost(seeds: list[int], repeats: int = 11) -> None:
             run()
             times[name].append(time.perf_counter() - t)
     base = statistics.median(times["training epoch"])
-    print(f"\nMedian of {repeats} interleaved repeats, 1,294 samples, batch 64, relative to a training epoch.\n")
+    print(f"\n{title}: median of {repeats} interleaved repeats, 1,294 samples, batch 64, relative to a training epoch;")
+    print(f"grand_scores takes its {path}.\n")
     print("| pass | seconds | / training epoch |\n|---|---|---|")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.4f} | {statistics.median(ts) / base:.2f} |")
-    inside = [prune_run("grand", 0.5, 1, s) for s in seeds]
-    ratios = [r["score_time"] / r["epoch_time"] for r in inside]
-    print(f"\nDataPruning('grand') scoring / Lightning epoch, seeds {seeds}: {[round(r, 2) for r in ratios]}")
-    print(f"median {statistics.median(ratios):.2f}")
 
 
 def main() -> None:

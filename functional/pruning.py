@@ -3,8 +3,8 @@ Diet") and forgetting events (Toneva et al. 2019, "An Empirical Study of Example
 
 * ``el2n_scores(model, loader)``: ``||softmax(f(x)) - onehot(y)||_2`` per sample (one forward);
 * ``grand_scores(model, loader)``: ``||grad_w loss(f(x), y)||_2`` per sample over every trainable
-  parameter, computed with ``torch.func`` (``vmap`` of ``grad`` over the batch, one
-  forward+backward per batch);
+  parameter, in closed form from one forward+backward per batch for linear, convolution and
+  BatchNorm layers, else with ``torch.func`` (``vmap`` of ``grad`` over the batch);
 * ``forgetting_events(previous, correct)``: which samples were classified correctly at their last
   presentation and are not now (one event each); ``forgetting_scores`` turns counts into scores.
 
@@ -84,23 +84,30 @@ def grand_scores(
     grad, in loader order (float64).
 
     One forward and one backward per batch, no graph kept after it. When the model is in eval mode
-    and every trainable parameter belongs to an ``nn.Linear`` called once per forward (MLPs), the
-    per-sample norms come from that backward's layer inputs ``a_i`` and output gradients ``g_i``
-    without forming any per-sample gradient: ``||g_i a_i^T||^2 = ||g_i||^2 ||a_i||^2`` (inputs
-    with extra dimensions: ``sum_ts (g_it . g_is)(a_it . a_is)``), bias ``||sum_t g_it||^2``. On
-    the first batch the parameters' batch gradient is checked against ``sum_i g_i a_i^T`` on a
-    fixed probe vector, so a parameter also used outside its layer falls back to the general
-    path. Any other model: ``torch.func`` (``vmap`` of ``grad`` over the batch, in chunks of at
-    most ``max_memory`` bytes of per-sample gradients, one norm per parameter tensor, never a
-    concatenated gradient). Buffers are read, not updated (normalisation layers in
-    train mode would use per-sample statistics: use eval mode)."""
+    and every trainable parameter belongs to a layer with a closed form called once per forward
+    (``nn.Linear``; ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1`` and zero padding; the affine
+    parameters of ``BatchNorm`` with running statistics), the per-sample norms come from that
+    backward's layer inputs and output gradients without a per-sample gradient of the whole
+    model. A linear or convolution weight's per-sample gradient is ``sum_t g_it a_it^T`` over the
+    output positions ``t`` (``a_it`` the input patch, ``torch.nn.functional.unfold`` for a
+    convolution): its squared norm is ``||g_i||^2 ||a_i||^2`` for one position, else either
+    ``sum_ts (g_it . g_is)(a_it . a_is)`` or the formed ``[out, in]`` gradient, whichever is
+    smaller; bias ``||sum_t g_it||^2``; BatchNorm weight ``sum_c (sum_t g_itc xhat_itc)^2`` and bias
+    ``sum_c (sum_t g_itc)^2``. On the first batch the parameters' batch gradient is checked
+    against these terms summed over the batch (on a fixed probe vector for weights), so a
+    parameter also used outside its layer falls back to the general path. Any other model
+    (grouped or non-zero-padded convolutions, Conv3d, other layers): ``torch.func`` (``vmap`` of
+    ``grad`` over the batch, one norm per parameter tensor, never a concatenated gradient). Both
+    paths work in chunks of samples holding at most ``max_memory`` bytes of per-sample tensors.
+    Buffers are read, not updated (normalisation layers in train mode would use per-sample
+    statistics: use eval mode)."""
     check_int("max_memory", max_memory, low=1)
     loss = loss or F.cross_entropy
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("grand_scores needs a model with parameters that require grad")
-    layers = _linear_layers(model)
-    ghost = _GhostNorms(model, layers, loss) if layers is not None else None
+    layers = _closed_form_layers(model)
+    ghost = _GhostNorms(model, layers, loss, max_memory) if layers is not None else None
     general = None
     scores = []
     try:
@@ -119,10 +126,25 @@ def grand_scores(
     return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
 
 
-def _linear_layers(model: nn.Module) -> list[nn.Linear] | None:
-    """The ``nn.Linear`` layers holding every trainable parameter, or None where the closed form does
-    not apply: a module in train mode, a trainable parameter elsewhere or shared, a subclass with its
-    own forward."""
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def _has_closed_form(module: nn.Module) -> bool:
+    cls = type(module)
+    if isinstance(module, nn.Linear):
+        return cls.forward is nn.Linear.forward
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        base = nn.Conv1d if isinstance(module, nn.Conv1d) else nn.Conv2d
+        return cls.forward is base.forward and module.groups == 1 and module.padding_mode == "zeros"
+    if isinstance(module, _BatchNorm):
+        return cls.forward is _BatchNorm.forward and module.running_mean is not None
+    return False
+
+
+def _closed_form_layers(model: nn.Module) -> list[nn.Module] | None:
+    """The layers holding every trainable parameter, or None where the closed form does not apply:
+    a module in train mode, a trainable parameter elsewhere or shared, a layer without a closed
+    form (see ``_has_closed_form``), a subclass with its own forward."""
     if any(m.training for m in model.modules()):
         return None
     layers = []
@@ -130,23 +152,55 @@ def _linear_layers(model: nn.Module) -> list[nn.Linear] | None:
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
-        if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+        if not _has_closed_form(module):
             return None
         layers.append(module)
     counted = [p for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad]
     return layers if len({id(p) for p in counted}) == len(counted) else None
 
 
-class _GhostNorms:
-    """Per-sample gradient norms of a model whose trainable parameters are all in ``nn.Linear``
-    layers, from one forward and one backward to the layers' outputs (no parameter gradient, no
-    per-sample gradient formed). The first batch also takes the parameters' batch gradient and
-    checks it against ``sum_i g_i a_i^T`` on a probe vector: a weight used outside its layer
-    returns None (the caller falls back)."""
+def _input_dims(module: nn.Module) -> tuple[int, ...]:
+    """The input dimensions (batch included) a layer's closed form handles."""
+    if isinstance(module, nn.Conv1d):
+        return (3,)
+    if isinstance(module, nn.Conv2d):
+        return (4,)
+    if isinstance(module, _BatchNorm):
+        return (2, 3, 4, 5)
+    return tuple(range(2, 64))
 
-    def __init__(self, model: nn.Module, layers: list[nn.Linear], loss: Loss) -> None:
-        self.model, self.layers, self.loss, self.checked = model, layers, loss, False
-        self.calls: dict[nn.Linear, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
+
+def _patches(module: nn.Module, x: Tensor) -> Tensor:
+    """The input rows ``a_t`` of a linear layer or the unfolded input patches of a convolution:
+    ``[batch, positions, in]``, ordered like ``weight.flatten(1)``."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    one_d = isinstance(module, nn.Conv1d)
+    if one_d:
+        x = x.unsqueeze(2)
+    kernel, dilation, stride = ((1, *v) if one_d else v for v in (module.kernel_size, module.dilation, module.stride))
+    if isinstance(module.padding, str):  # "valid", or "same": stride 1, the odd pixel on the right
+        pad = [0] * (2 * len(module.kernel_size))
+        if module.padding == "same":
+            for i, (d, k) in enumerate(zip(reversed(module.dilation), reversed(module.kernel_size))):
+                pad[2 * i], pad[2 * i + 1] = d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2
+    else:
+        pad = [q for p in reversed(module.padding) for q in (p, p)]
+    if any(pad):
+        x = F.pad(x, pad)
+    return F.unfold(x, kernel, dilation=dilation, stride=stride).transpose(1, 2)
+
+
+class _GhostNorms:
+    """Per-sample gradient norms of a model whose trainable parameters are all in layers with a
+    closed form, from one forward and one backward to the layers' outputs (no parameter gradient,
+    no per-sample gradient of the whole model). The first batch also takes the parameters' batch
+    gradient and checks it against the per-sample terms summed over the batch: a parameter used
+    outside its layer returns None (the caller falls back)."""
+
+    def __init__(self, model: nn.Module, layers: list[nn.Module], loss: Loss, max_memory: int) -> None:
+        self.model, self.layers, self.loss, self.max_memory, self.checked = model, layers, loss, max_memory, False
+        self.calls: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
         self.handles = [m.register_forward_hook(self._keep) for m in layers]
 
     def _keep(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
@@ -165,7 +219,10 @@ class _GhostNorms:
         calls = [self.calls[m] for m in self.layers]
         self.calls = {m: [] for m in self.layers}  # the graph goes with the last reference
         batch = y.shape[0]
-        if any(len(c) != 1 or c[0][0].dim() < 2 or c[0][0].shape[0] != batch for c in calls):
+        if any(
+            len(c) != 1 or c[0][0].dim() not in _input_dims(m) or c[0][0].shape[0] != batch
+            for m, c in zip(self.layers, calls)
+        ):
             return None  # a layer called twice (its contributions would add inside the norm) or unbatched
         outs = [c[0][1] for c in calls]
         params = [] if self.checked else [p for m in self.layers for p in (m.weight, m.bias) if p is not None]
@@ -176,30 +233,69 @@ class _GhostNorms:
         squares = torch.zeros(batch, dtype=torch.float64, device=logits.device)
         got, want = [], []
         for m, (a, _), g in zip(self.layers, [c[0] for c in calls], grads[: len(outs)]):
-            a, g = a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])  # [B, T, in], [B, T, out]
-            g_bias = g.sum(1)
-            if m.weight.requires_grad:
-                if params:
-                    probe = torch.linspace(-1, 1, a.shape[-1], dtype=a.dtype, device=a.device).cos()
-                    got.append(batch_grads[id(m.weight)] @ probe)
-                    want.append(torch.einsum("bto,bt->o", g, a @ probe))
-                if a.shape[1] == 1:
-                    squares += (g_bias.square().sum(1) * a[:, 0].square().sum(1)).double()
-                elif a.shape[1] ** 2 * (a.shape[-1] + g.shape[-1]) <= a.shape[-1] * g.shape[-1]:
-                    squares += ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2)).double()
-                else:
-                    squares += torch.einsum("bto,bti->boi", g, a).square().sum((1, 2)).double()
-            if m.bias is not None and m.bias.requires_grad:
-                if params:
-                    got.append(batch_grads[id(m.bias)])
-                    want.append(g_bias.sum(0))
-                squares += g_bias.square().sum(1).double()
+            weight = m.weight is not None and m.weight.requires_grad
+            bias = m.bias is not None and m.bias.requires_grad
+            check = [p for p, used in ((m.weight, weight), (m.bias, bias)) if used and params]
+            got += [batch_grads[id(p)].flatten(1) @ _probe(p) if p.dim() > 1 else batch_grads[id(p)] for p in check]
+            if isinstance(m, _BatchNorm):
+                terms = self._batch_norm(m, a, g, weight, bias)
+            else:
+                terms = self._outer(m, a, g, weight, bias, bool(params))
+            squares += terms[0]
+            want += terms[1]
         if params:
             got_all, want_all = torch.cat(got), torch.cat(want)
             if not torch.allclose(got_all, want_all, rtol=1e-4, atol=1e-6 * float(want_all.abs().max())):
                 return None  # a parameter is also used outside its layer's forward
             self.checked = True
         return squares.sqrt()
+
+    @staticmethod
+    def _batch_norm(m: nn.Module, x: Tensor, g: Tensor, weight: bool, bias: bool) -> tuple[Tensor, list[Tensor]]:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        x_hat = (x - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
+        g, x_hat = g.reshape(*g.shape[:2], -1), x_hat.reshape(*x_hat.shape[:2], -1)  # [B, C, positions]
+        per_sample = ([(g * x_hat).sum(2)] if weight else []) + ([g.sum(2)] if bias else [])
+        return sum(t.double().square().sum(1) for t in per_sample), [t.sum(0) for t in per_sample]
+
+    def _outer(
+        self, m: nn.Module, x: Tensor, g: Tensor, weight: bool, bias: bool, check: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``sum_t g_t a_t^T`` (weight) and ``sum_t g_t`` (bias) per sample, in chunks of samples."""
+        g = g.reshape(g.shape[0], -1, g.shape[-1]) if isinstance(m, nn.Linear) else g.flatten(2).transpose(1, 2)
+        positions, n_out = g.shape[1:]
+        n_in = m.weight[0].numel()
+        ghost = positions**2 * (n_in + n_out) <= n_in * n_out
+        per_sample = positions * n_in + (2 * positions**2 if ghost else n_in * n_out)
+        chunk = max(1, self.max_memory // (per_sample * g.element_size()))
+        squares, probed, biases = [], [], []
+        for s in range(0, g.shape[0], chunk):
+            gc = g[s : s + chunk]
+            g_bias = gc.sum(1)
+            biases.append(g_bias)
+            if not weight:
+                continue
+            a = _patches(m, x[s : s + chunk])
+            if check:
+                probed.append(torch.einsum("bto,bt->o", gc, a @ _probe(m.weight)))
+            if positions == 1:
+                squares.append(g_bias.square().sum(1) * a[:, 0].square().sum(1))
+            elif ghost:
+                squares.append(((gc @ gc.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2)))
+            else:
+                squares.append(torch.einsum("bto,bti->boi", gc, a).square().sum((1, 2)))
+        g_bias = torch.cat(biases)
+        total = torch.cat(squares).double() if weight else torch.zeros(g.shape[0], dtype=torch.float64)
+        if bias:
+            total = total + g_bias.square().sum(1).double()
+        want = ([sum(probed)] if weight and check else []) + ([g_bias.sum(0)] if bias and check else [])
+        return total.to(g.device), want
+
+
+def _probe(weight: Tensor) -> Tensor:
+    """A fixed vector over a weight's input dimension (``weight.flatten(1)``'s columns)."""
+    n = weight[0].numel()
+    return torch.linspace(-1, 1, n, dtype=weight.dtype, device=weight.device).cos()
 
 
 def _summed_loss(loss: Loss, logits: Tensor, y: Tensor) -> Tensor:

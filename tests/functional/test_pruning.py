@@ -126,6 +126,57 @@ def test_grand_closed_form_and_its_fallbacks_match_the_definition(name, monkeypa
     )
 
 
+class CNN(nn.Module):
+    """Convolutions (stride, padding, dilation, "same", no bias, Conv1d), BatchNorm in eval mode with
+    running statistics that are not the identity, a linear head; ``conv`` is the second 2-d
+    convolution (grouped or circular padding have no closed form: the general path)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = conv
+        self.c3 = nn.Conv2d(conv.out_channels, 3, 2, padding="same", bias=False)
+        self.c4 = nn.Conv1d(3, 4, 3, padding=2, dilation=2)
+        self.bn1 = nn.BatchNorm1d(4)
+        self.out = nn.Linear(4, 3)
+        with torch.no_grad():
+            for bn in (self.bn, self.bn1):
+                bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(), bn.bias.normal_()
+
+    def forward(self, x):
+        h = torch.tanh(self.c3(torch.tanh(self.c2(torch.tanh(self.bn(self.c1(x)))))))
+        h = torch.tanh(self.bn1(self.c4(h.flatten(2))))
+        return self.out(h.mean(2))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv2d(4, 4, 3, padding=(2, 1), dilation=(2, 1)),
+        lambda: nn.Conv2d(4, 4, (1, 2), stride=(1, 2), padding=(0, 1)),
+        lambda: nn.Conv2d(4, 16, 3, stride=3, padding=1),  # 2 positions, 36 x 16 weight: the position-pair form
+        lambda: nn.Conv2d(4, 4, 3, padding=1, groups=2),
+        lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
+    ],
+    ids=["dilated", "strided", "pairs", "grouped", "circular"],
+)
+@pytest.mark.parametrize("max_memory", [256 * 2**20, 1])
+def test_grand_closed_form_for_convolutions_and_batch_norm(conv, max_memory, monkeypatch, request):
+    general = []
+    make = pruning._per_sample_norms
+    monkeypatch.setattr(pruning, "_per_sample_norms", lambda *a: (general.append(1), make(*a))[1])
+    torch.manual_seed(0)
+    model = CNN(conv()).double().eval()
+    model.c1.bias.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(7, 2, 7, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (7,), generator=g)
+    got = grand_scores(model, [(x[:4], y[:4]), (x[4:], y[4:])], max_memory=max_memory)
+    torch.testing.assert_close(got, _per_sample_grand(model, x, y), rtol=1e-6, atol=1e-6)
+    fallback = request.node.callspec.id.split("-")[-1] in ("grouped", "circular")
+    assert bool(general) == fallback, "the closed form runs exactly where it applies"
+
+
 def test_grand_general_path_in_memory_sized_chunks():
     model = _model()
     loader, x, y = _loader()
