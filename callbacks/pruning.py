@@ -43,7 +43,8 @@ class DataPruning(Callback):
     - ``"el2n"``: ``||softmax(f(x)) - onehot(y)||_2``, one forward over the training set;
     - ``"grand"``: the norm of the per-sample loss gradient (cross-entropy of the logits) over
       every trainable parameter, one forward and one backward over the training set (closed form
-      for linear layers, ``torch.func`` per-sample gradients otherwise; ``grand_scores``);
+      for linear, convolution and BatchNorm layers, ``torch.func`` per-sample gradients
+      otherwise; ``grand_scores``);
     - ``"forgetting"``: the number of forgetting events (correct at a presentation, wrong at the
       next) counted from the logits of the module's own training forward in epochs
       ``0..score_epoch``; samples never classified correctly score ``inf``.

@@ -90,17 +90,17 @@ def grand_scores(
     backward's layer inputs and output gradients without a per-sample gradient of the whole
     model. A linear or convolution weight's per-sample gradient is ``sum_t g_it a_it^T`` over the
     output positions ``t`` (``a_it`` the input patch, ``torch.nn.functional.unfold`` for a
-    convolution): its squared norm is ``||g_i||^2 ||a_i||^2`` for one position, else either
-    ``sum_ts (g_it . g_is)(a_it . a_is)`` or the formed ``[out, in]`` gradient, whichever is
-    smaller; bias ``||sum_t g_it||^2``; BatchNorm weight ``sum_c (sum_t g_itc xhat_itc)^2`` and bias
-    ``sum_c (sum_t g_itc)^2``. On the first batch the parameters' batch gradient is checked
-    against these terms summed over the batch (on a fixed probe vector for weights), so a
-    parameter also used outside its layer falls back to the general path. Any other model
-    (grouped or non-zero-padded convolutions, Conv3d, other layers): ``torch.func`` (``vmap`` of
-    ``grad`` over the batch, one norm per parameter tensor, never a concatenated gradient). Both
-    paths work in chunks of samples holding at most ``max_memory`` bytes of per-sample tensors.
-    Buffers are read, not updated (normalisation layers in train mode would use per-sample
-    statistics: use eval mode)."""
+    convolution): its squared norm is ``||g_i||^2 ||a_i||^2`` for one position, else
+    ``sum_ts (g_it . g_is)(a_it . a_is)`` (``T^2 (in + out)`` flops) or the formed ``[out, in]``
+    gradient (``T in out`` flops), whichever takes fewer; bias ``||sum_t g_it||^2``; BatchNorm
+    weight ``sum_c (sum_t g_itc xhat_itc)^2`` and bias ``sum_c (sum_t g_itc)^2``. On the first
+    batch the parameters' batch gradient is checked against these terms summed over the batch
+    (on a fixed probe vector for weights), so a parameter also used outside its layer falls back
+    to the general path. Any other model (grouped or non-zero-padded convolutions, Conv3d, other
+    layers): ``torch.func`` (``vmap`` of ``grad`` over the batch, one norm per parameter tensor,
+    never a concatenated gradient). Both paths work in chunks of samples holding at most
+    ``max_memory`` bytes of per-sample tensors. Buffers are read, not updated (normalisation
+    layers in train mode would use per-sample statistics: use eval mode)."""
     check_int("max_memory", max_memory, low=1)
     loss = loss or F.cross_entropy
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -179,14 +179,13 @@ def _patches(module: nn.Module, x: Tensor) -> Tensor:
     if one_d:
         x = x.unsqueeze(2)
     kernel, dilation, stride = ((1, *v) if one_d else v for v in (module.kernel_size, module.dilation, module.stride))
-    if isinstance(module.padding, str):  # "valid", or "same": stride 1, the odd pixel on the right
-        pad = [0] * (2 * len(module.kernel_size))
-        if module.padding == "same":
-            for i, (d, k) in enumerate(zip(reversed(module.dilation), reversed(module.kernel_size))):
-                pad[2 * i], pad[2 * i + 1] = d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2
-    else:
-        pad = [q for p in reversed(module.padding) for q in (p, p)]
-    if any(pad):
+    if not isinstance(module.padding, str):
+        padding = (0, *module.padding) if one_d else module.padding
+        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    if module.padding == "same":  # stride 1; an odd total padding puts the extra zero on the right
+        pad = []
+        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
+            pad += [d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2]
         x = F.pad(x, pad)
     return F.unfold(x, kernel, dilation=dilation, stride=stride).transpose(1, 2)
 
@@ -265,7 +264,7 @@ class _GhostNorms:
         g = g.reshape(g.shape[0], -1, g.shape[-1]) if isinstance(m, nn.Linear) else g.flatten(2).transpose(1, 2)
         positions, n_out = g.shape[1:]
         n_in = m.weight[0].numel()
-        ghost = positions**2 * (n_in + n_out) <= n_in * n_out
+        ghost = positions * (n_in + n_out) <= n_in * n_out  # fewer flops, and then less memory too
         per_sample = positions * n_in + (2 * positions**2 if ghost else n_in * n_out)
         chunk = max(1, self.max_memory // (per_sample * g.element_size()))
         squares, probed, biases = [], [], []
@@ -283,7 +282,7 @@ class _GhostNorms:
             elif ghost:
                 squares.append(((gc @ gc.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2)))
             else:
-                squares.append(torch.einsum("bto,bti->boi", gc, a).square().sum((1, 2)))
+                squares.append(torch.linalg.vector_norm(torch.einsum("bto,bti->boi", gc, a).flatten(1), dim=1).square())
         g_bias = torch.cat(biases)
         total = torch.cat(squares).double() if weight else torch.zeros(g.shape[0], dtype=torch.float64)
         if bias:

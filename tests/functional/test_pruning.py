@@ -1,5 +1,5 @@
-"""EL2N, GraNd (its closed form for linear layers and its general torch.func path) and forgetting
-events against their definitions computed one sample at a time."""
+"""EL2N, GraNd (its closed form for linear, convolution and BatchNorm layers and its general
+torch.func path) and forgetting events against their definitions computed one sample at a time."""
 
 import pytest
 import torch
@@ -87,8 +87,8 @@ class Twice(nn.Module):
 
 
 class Tokens(nn.Module):
-    """Linear layers on [batch, tokens, features] inputs, mean-pooled: both closed forms (a wide
-    layer takes the token-pair form, a narrow one the per-sample outer product)."""
+    """Linear layers on [batch, tokens, features] inputs, mean-pooled: both closed forms (2 tokens
+    take the token-pair form, 12 the per-sample outer product)."""
 
     def __init__(self, tokens):
         super().__init__()
@@ -161,7 +161,8 @@ class CNN(nn.Module):
     ],
     ids=["dilated", "strided", "pairs", "grouped", "circular"],
 )
-@pytest.mark.parametrize("max_memory", [256 * 2**20, 1])
+@pytest.mark.parametrize("max_memory", [256 * 2**20, 1])  # 1: one sample per chunk
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_grand_closed_form_for_convolutions_and_batch_norm(conv, max_memory, monkeypatch, request):
     general = []
     make = pruning._per_sample_norms
