@@ -126,7 +126,7 @@ def grand_scores(
     return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
 
 
-_BatchNorm = nn.modules.batchnorm._BatchNorm
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _has_closed_form(module: nn.Module) -> bool:
@@ -136,8 +136,8 @@ def _has_closed_form(module: nn.Module) -> bool:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         base = nn.Conv1d if isinstance(module, nn.Conv1d) else nn.Conv2d
         return cls.forward is base.forward and module.groups == 1 and module.padding_mode == "zeros"
-    if isinstance(module, _BatchNorm):
-        return cls.forward is _BatchNorm.forward and module.running_mean is not None
+    if isinstance(module, _BATCH_NORMS):
+        return cls.forward is nn.BatchNorm1d.forward and module.running_mean is not None  # the shared forward
     return False
 
 
@@ -165,7 +165,7 @@ def _input_dims(module: nn.Module) -> tuple[int, ...]:
         return (3,)
     if isinstance(module, nn.Conv2d):
         return (4,)
-    if isinstance(module, _BatchNorm):
+    if isinstance(module, _BATCH_NORMS):
         return (2, 3, 4, 5)
     return tuple(range(2, 64))
 
@@ -236,7 +236,7 @@ class _GhostNorms:
             bias = m.bias is not None and m.bias.requires_grad
             check = [p for p, used in ((m.weight, weight), (m.bias, bias)) if used and params]
             got += [batch_grads[id(p)].flatten(1) @ _probe(p) if p.dim() > 1 else batch_grads[id(p)] for p in check]
-            if isinstance(m, _BatchNorm):
+            if isinstance(m, _BATCH_NORMS):
                 terms = self._batch_norm(m, a, g, weight, bias)
             else:
                 terms = self._outer(m, a, g, weight, bias, bool(params))
