@@ -1,7 +1,7 @@
 """No extra replaces the user's torch: ``pip install --dry-run`` of litplug's dependencies and every
 extra, in a fresh virtual environment holding only torch 2.13.0 (its installed metadata, which is
 what pip's resolver reads), installs no other torch. Skipped when the package registry cannot be
-reached."""
+reached. The resolution starts in a background thread when this file is collected."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import urllib.parse
 from pathlib import Path
 
@@ -45,29 +47,62 @@ def _requirements() -> dict[str, list[str]]:
     return {"core": project["dependencies"], **project["optional-dependencies"]}
 
 
-@pytest.mark.skipif(not _registry_reachable(), reason="the package registry is not reachable")
-def test_no_extra_replaces_torch(tmp_path):
+def _dry_run() -> dict:
+    """Resolve litplug with every extra in a fresh venv holding only torch's metadata; return
+    ``{"skip": reason}``, ``{"error": text}`` or ``{"install": [...], "groups": [...]}``."""
     torch_dist = importlib.metadata.distribution("torch")
     if not torch_dist.version.startswith(TORCH):
-        pytest.skip(f"needs torch {TORCH} installed (found {torch_dist.version})")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
-    python = venv / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    metadata = Path(torch_dist.locate_file(next(f for f in torch_dist.files if f.name == "METADATA"))).parent
-    shutil.copytree(metadata, Path(site) / metadata.name)  # torch as pip sees it: its installed metadata
-    groups = _requirements()
-    report = tmp_path / "report.json"
-    requirements = sorted({r for reqs in groups.values() for r in reqs})
-    proc = subprocess.run(
-        [str(python), "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report), *requirements],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    install = json.loads(report.read_text())["install"]
+        return {"skip": f"needs torch {TORCH} installed (found {torch_dist.version})"}
+    if not _registry_reachable():
+        return {"skip": "the package registry is not reachable"}
+    tmp = Path(tempfile.mkdtemp(prefix="litplug-extras-"))
+    try:
+        venv = tmp / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+        python = venv / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+        site = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        metadata = Path(torch_dist.locate_file(next(f for f in torch_dist.files if f.name == "METADATA"))).parent
+        shutil.copytree(metadata, Path(site) / metadata.name)  # torch as pip sees it: its installed metadata
+        groups = _requirements()
+        report = tmp / "report.json"
+        requirements = sorted({r for reqs in groups.values() for r in reqs})
+        proc = subprocess.run(
+            [str(python), "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report), *requirements],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            return {"error": proc.stderr[-2000:]}
+        return {"install": json.loads(report.read_text())["install"], "groups": list(groups)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# The resolution waits on the package registry far more than it computes, so it starts when pytest
+# collects this file and runs beside the other tests; the test below collects its answer.
+_answer: dict = {}
+
+
+def _resolve() -> None:
+    try:
+        _answer.update(_dry_run())
+    except Exception as err:  # reported by the test, not lost in the thread
+        _answer["error"] = f"{type(err).__name__}: {err}"
+
+
+_resolver = threading.Thread(target=_resolve, daemon=True)
+_resolver.start()
+
+
+def test_no_extra_replaces_torch():
+    _resolver.join()
+    if "skip" in _answer:
+        pytest.skip(_answer["skip"])
+    assert "error" not in _answer, _answer.get("error")
+    install = _answer["install"]
+    torch_version = importlib.metadata.version("torch")
     torches = [i["metadata"]["version"] for i in install if i["metadata"]["name"].lower() == "torch"]
     pulled_by = sorted(
         i["metadata"]["name"]
@@ -78,6 +113,6 @@ def test_no_extra_replaces_torch(tmp_path):
         and i["metadata"]["name"].lower() != "torch"
     )
     assert not torches, (
-        f"installing litplug with every extra ({', '.join(groups)}) would replace torch {torch_dist.version} "
+        f"installing litplug with every extra ({', '.join(_answer['groups'])}) would replace torch {torch_version} "
         f"by {torches}; packages that require torch: {pulled_by}"
     )
