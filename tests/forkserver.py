@@ -71,6 +71,9 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str] | None = None, t
         server.stdin.flush()
         deadline = time.monotonic() + timeout
         pid = int(_readline(server, deadline) or 0)
+        if not pid:  # the server itself did not answer: start a new one for the next command
+            server.kill()
+            return Result(124, f"[the fork server gave no child within {timeout} s]")
         done = _readline(server, deadline)
         if done is None:  # the command ran past its time: end it and its process group
             os.killpg(pid, signal.SIGKILL)
