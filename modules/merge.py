@@ -92,8 +92,8 @@ class ModelMerge(Classifier):
         checkpoints: ingredient files: Lightning ``.ckpt`` (``backbone.*`` keys) or plain backbone
             state dicts; for the task-vector recipes the fine-tunes of ``base``.
         recipe: ``uniform``, ``greedy``, ``task_arithmetic``, ``ties``, ``dare``, ``breadcrumbs``,
-            ``model_stock``, ``align_then_average`` or ``map`` (needs one validation dataloader per
-            fine-tune, in the order of ``checkpoints``).
+            ``model_stock``, ``align_then_average`` or ``map`` (two or more fine-tunes and one
+            validation dataloader per fine-tune, in the order of ``checkpoints``).
         base: the pre-trained weights the fine-tunes started from (``task_arithmetic``, ``ties``,
             ``dare``, ``breadcrumbs``, ``model_stock``, ``map`` only).
         scale: ``lambda`` of task arithmetic / TIES / DARE / breadcrumbs, or a list of candidates
@@ -148,6 +148,8 @@ class ModelMerge(Classifier):
             raise ValueError(f"`base` (the pre-trained weights) is required by recipe {recipe!r}")
         if not needs_base and base is not None:
             raise ValueError(f"`base` is only used by recipes {', '.join(WITH_BASE)}, got recipe {recipe!r}")
+        if recipe == "map" and len(checkpoints) < 2:
+            raise ValueError(f"recipe 'map' trades off tasks: `checkpoints` needs 2 or more, got {checkpoints}")
         if isinstance(scale, (list, tuple)):
             scales = check_list("scale", scale, check_number, nonempty=True)
         else:

@@ -629,6 +629,11 @@ COMBINATIONS = {
         ValueError,
         "`base` .* is required by recipe 'ties'",
     ),
+    "ModelMerge-map_needs_two_fine_tunes": (
+        lambda p: litplug.modules.ModelMerge(_backbone(), [p], recipe="map", base=p),
+        ValueError,
+        "checkpoints",
+    ),
     "ModelMerge-base_unused_by_the_recipe": (
         lambda p: litplug.modules.ModelMerge(_backbone(), [p], recipe="uniform", base=p),
         ValueError,
