@@ -17,6 +17,7 @@ With ``--images`` it also runs, on digits: two models from different seeds align
 (``align_then_average``: the interpolation figure), short certified training (configs/digits/ibp.yaml,
 8 epochs, a 5-epoch eps ramp), the SalUn unlearning recipe after a short original run, the four
 fine-tunes of configs/digits/soup_finetune.yaml and their greedy soup (configs/digits/soup.yaml),
+two fine-tunes on digits 0-4 and 5-9 and their MAP merge (configs/digits/merge/map.yaml),
 and the offline search on the sphere (configs/offline/sphere.yaml, 10 epochs); then copies the
 figures out of the event files (TensorBoard's own PNG bytes) into the folder.
 """
@@ -145,6 +146,19 @@ def merge_image(out: Path) -> None:
     _copy_images(runs / "merge" / "align_then_average", out, {"merge/interpolation": "merge_interpolation.png"})
 
 
+def map_image(out: Path) -> None:
+    """A base on all digits (5 epochs), a fine-tune on digits 0-4 and one on 5-9, their MAP merge."""
+    finetune = CONFIGS / "digits" / "soup_finetune.yaml"
+    main(["fit", "--config", str(finetune), "--trainer.max_epochs=5", "--trainer.logger.init_args.version=base",
+          "--test_after_fit=false", *QUIET])  # fmt: skip
+    for task in (0, 1):
+        main(["fit", "--config", str(finetune), "--data.class_path=DigitsTasks", f"--data.init_args.train_task={task}",
+              "--ckpt_path=runs/soup/base/checkpoints/last.ckpt", f"--trainer.logger.init_args.version=task_{task}",
+              "--test_after_fit=false", *QUIET])  # fmt: skip
+    main(["validate", "--config", str(CONFIGS / "digits" / "merge" / "map.yaml"), *QUIET])
+    _copy_images(RUNS / "merge" / "map", out, {"merge/pareto": "merge_pareto.png"})
+
+
 def certified_images(out: Path) -> None:
     runs = RUNS
     warmup = ("{trainer: {callbacks: [{class_path: IBPWarmup, init_args: {start_epoch: 1, ramp_epochs: 5, "
@@ -203,6 +217,7 @@ def offline_image(out: Path) -> None:
 IMAGES = {
     "sharpness": sharpness_image,
     "merge": merge_image,
+    "map": map_image,
     "certified": certified_images,
     "unlearning": unlearning_images,
     "soup": soup_image,

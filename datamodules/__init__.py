@@ -2,7 +2,7 @@
 disk, and wrappers for anyone's datamodule (forget/retain splits, per-example indices)."""
 
 from .base import TensorDataModule
-from .digits import Digits
+from .digits import Digits, DigitsTasks
 from .forgetting import ForgetRetain
 from .indexed import Indexed
 from .noisy import NoisyLabels
@@ -16,6 +16,7 @@ __all__ = [
     "CIFAR10",
     "MNIST",
     "Digits",
+    "DigitsTasks",
     "FictitiousQA",
     "ForgetRetain",
     "Indexed",

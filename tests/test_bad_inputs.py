@@ -312,6 +312,15 @@ SPEC: dict[str, dict[str, Arg]] = {
         "seed": SEED_ARG,
         "num_workers": NUM_WORKERS,
     },
+    "DigitsTasks": {
+        "tasks": Arg(ok={"item_zero": "class 0 is a digit"}),
+        "train_task": Arg(0, 1, ok={"zero": "task 0 is the first of `tasks`"}),  # two tasks by default
+        "batch_size": COUNT,
+        "val_fraction": FRACTION,
+        "test_fraction": FRACTION,
+        "seed": SEED_ARG,
+        "num_workers": NUM_WORKERS,
+    },
     "ForgetRetain": {
         "datamodule": ANY,
         "scenario": ANY,

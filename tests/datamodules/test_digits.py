@@ -5,7 +5,7 @@ import pytest
 import torch
 from harness import concatenated
 
-from litplug.datamodules import Digits
+from litplug.datamodules import Digits, DigitsTasks
 
 
 def test_digits_split_is_fixed_and_in_unit_range():
@@ -48,3 +48,28 @@ def test_training_order_depends_only_on_seed_and_epoch():
     fresh = Digits().train_dataloader().sampler
     fresh.set_epoch(3)
     assert list(fresh) == first
+
+
+def test_digits_tasks_split_by_class_over_the_images_of_digits():
+    tasks = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    whole, merged = Digits(batch_size=500), DigitsTasks(tasks, batch_size=500)
+    whole.setup()
+    vals = merged.val_dataloader()
+    assert len(vals) == 2
+    x_all, y_all = concatenated(whole.val_dataloader())
+    for task, loader in zip(tasks, vals):
+        x, y = concatenated(loader)
+        keep = torch.isin(y_all, torch.tensor(task))
+        assert torch.equal(x, x_all[keep]) and torch.equal(y, y_all[keep])
+    for t, task in enumerate(tasks):
+        fine_tune = DigitsTasks(tasks, train_task=t, batch_size=500)
+        for loader in (fine_tune.train_dataloader(), fine_tune.val_dataloader(), fine_tune.test_dataloader()):
+            _, y = concatenated(loader)
+            assert set(y.tolist()) == set(task)
+    one = DigitsTasks([[3], [7]], batch_size=500)
+    assert set(concatenated(one.train_dataloader())[1].tolist()) == {3, 7}
+
+
+def test_digits_tasks_refuse_overlapping_tasks():
+    with pytest.raises(ValueError, match="`tasks` must be disjoint"):
+        DigitsTasks([[0, 1], [1, 2]])
