@@ -10,7 +10,7 @@ from harness import read_scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from litplug.cli import LitplugCLI
-from litplug.datamodules import Digits
+from litplug.datamodules import Digits, DigitsTasks
 from litplug.functional import uniform_soup
 from litplug.merging import align, breadcrumbs, dare, model_stock, task_arithmetic, ties_merge
 from litplug.modules import MLP, ModelMerge
@@ -74,6 +74,8 @@ def test_recipe_from_yaml_equals_the_functional_core(config, files, tmp_path, mo
     base_file = files["base"]
     if recipe == "align_then_ties":  # independently trained models, merged relative to the first
         base_file, ingredients = ingredients[0], ingredients[1:]
+    if recipe == "map":  # one fine-tune per task of the config's DigitsTasks
+        ingredients = ingredients[:2]
     args = ["validate", "--config", str(config), f"--model.init_args.backbone.init_args.hidden={HIDDEN}",
             "--model.init_args.backbone.init_args.batch_norm=true", f"--model.init_args.checkpoints={ingredients}",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
@@ -102,6 +104,10 @@ def test_recipe_from_yaml_equals_the_functional_core(config, files, tmp_path, mo
         assert any(not torch.equal(expected[k], v) for k, v in uniform_soup(parts).items())  # alignment moved units
     elif recipe == "model_stock":
         expected = model_stock(states([base_file])[0], parts)
+    elif recipe == "map":
+        expected = task_arithmetic(
+            states([base_file])[0], parts, merge.map_result.coefficients[merge.map_choice].tolist()
+        )
     else:
         base = states([base_file])[0]
         if recipe == "align_then_ties":
@@ -126,11 +132,13 @@ def test_recipe_from_yaml_equals_the_functional_core(config, files, tmp_path, mo
         assert torch.equal(got[k], v), k
     scalars = read_scalars(tmp_path / "runs" / "merge" / recipe)
     assert scalars["merge/acc"][0][1] == pytest.approx(merge.merged_score)
-    assert scalars["val/acc"][0][1] == pytest.approx(merge.merged_score, abs=1e-6)  # validation ran on the merge
+    per_task = [f"val/acc/dataloader_idx_{t}" for t in range(2)] if recipe == "map" else ["val/acc"]
+    measured = sum(scalars[tag][0][1] for tag in per_task) / len(per_task)
+    assert measured == pytest.approx(merge.merged_score, abs=1e-6)  # validation ran on the merge
     events = EventAccumulator(str(tmp_path / "runs" / "merge" / recipe))
     events.Reload()
-    greedy = ["merge/greedy"] if recipe == "greedy" else []
-    assert events.Tags()["images"] == ["merge/interpolation", *greedy]
+    figure = {"greedy": ["merge/greedy"], "map": ["merge/pareto"]}.get(recipe, [])
+    assert events.Tags()["images"] == ["merge/interpolation", *figure]
     path = merge.interpolation_path(points=3)
     aligns = merge.align or recipe == "align_then_average"
     assert list(path) == (["naive", "aligned"] if aligns else ["naive"])
@@ -153,18 +161,17 @@ def test_a_base_of_another_shape_is_named(files):
 def _merge_and_validate(strategy, tmp_dir, ingredients, base, recipe, devices):
     from harness import fast_trainer
 
-    merge = ModelMerge(mlp(0), ingredients, recipe=recipe, base=base, scale=[0.5, 1.0, 1.5], output_path=None)
-    metrics = fast_trainer(tmp_dir, strategy=strategy, devices=devices).validate(
-        merge, Digits(batch_size=32), verbose=False
-    )[0]
+    if recipe == "map":
+        merge = ModelMerge(mlp(0), ingredients[:2], recipe="map", base=base, output_path=None)
+        data = DigitsTasks(batch_size=32)
+    else:
+        merge = ModelMerge(mlp(0), ingredients, recipe=recipe, base=base, scale=[0.5, 1.0, 1.5], output_path=None)
+        data = Digits(batch_size=32)
+    fast_trainer(tmp_dir, strategy=strategy, devices=devices).validate(merge, data, verbose=False)
     state = {k: v.clone() for k, v in merge.backbone.state_dict().items()}
-    return {
-        "state": state,
-        "scores": merge.scores,
-        "scale_scores": merge.scale_scores,
-        "merged": merge.merged_score,
-        "val": metrics["val/acc"],
-    }
+    if recipe == "map":
+        return {"state": state, "scores": merge.map_result.evaluated_values.tolist(), "merged": merge.merged_score}
+    return {"state": state, "scores": merge.scores, "scale_scores": merge.scale_scores, "merged": merge.merged_score}
 
 
 def ddp_worker(strategy, tmp_dir, finetunes, seeds, base):
@@ -173,6 +180,7 @@ def ddp_worker(strategy, tmp_dir, finetunes, seeds, base):
     return {
         "ties": _merge_and_validate(strategy, tmp_dir, finetunes, base, "ties", 2),
         "align_then_average": _merge_and_validate(make_strategy("ddp"), tmp_dir, seeds, None, "align_then_average", 2),
+        "map": _merge_and_validate(make_strategy("ddp"), tmp_dir, finetunes, base, "map", 2),
     }
 
 
@@ -185,29 +193,16 @@ def test_ddp_merges_equal_single_process(files, tmp_path):
     for recipe, base, ingredients in (
         ("ties", files["base"], files["finetunes"]),
         ("align_then_average", None, files["seeds"]),
+        ("map", files["base"], files["finetunes"]),
     ):
         single = _merge_and_validate("auto", tmp_path, ingredients, base, recipe, 1)
         for rank in (r0, r1):
             got = rank[recipe]
-            assert (
-                got["scores"] == single["scores"] and got["scale_scores"] == single["scale_scores"]
-            )  # counts summed over ranks
+            assert got["scores"] == single["scores"]  # counts summed over ranks
+            assert got.get("scale_scores") == single.get("scale_scores")
             assert got["merged"] == single["merged"]
             for k, v in single["state"].items():
                 assert torch.equal(got["state"][k], v), (recipe, k)
-
-
-class DigitTasks(Digits):
-    """Two validation dataloaders, digits 0-4 and digits 5-9: task k is dataloader k."""
-
-    def val_dataloader(self):
-        from torch.utils.data import DataLoader, Subset
-
-        self.setup()
-        y = torch.stack([self.val_set[i][1] for i in range(len(self.val_set))])
-        return [
-            DataLoader(Subset(self.val_set, (m.nonzero().flatten().tolist())), batch_size=64) for m in (y < 5, y >= 5)
-        ]
 
 
 @pytest.mark.parametrize("logger", ["tensorboard", "csv", "none"])
@@ -224,7 +219,7 @@ def test_map_loads_the_best_mean_front_point_and_logs_the_pareto_figure(logger, 
     }
     fts = files["finetunes"][:2]
     merge = ModelMerge(mlp(0), fts, recipe="map", base=files["base"], output_path=None)
-    metrics = fast_trainer(tmp_path, logger=loggers[logger]).validate(merge, DigitTasks(batch_size=64), verbose=False)
+    metrics = fast_trainer(tmp_path, logger=loggers[logger]).validate(merge, DigitsTasks(batch_size=64), verbose=False)
     result = merge.map_result
     assert result.evaluations == 12 and result.evaluated_values.shape == (12, 2)
     chosen = result.values[merge.map_choice]
@@ -257,4 +252,4 @@ def test_map_refuses_a_datamodule_without_one_validation_dataloader_per_fine_tun
 
     merge = ModelMerge(mlp(0), files["finetunes"], recipe="map", base=files["base"], output_path=None)
     with pytest.raises(ValueError, match=r"`checkpoints` holds 3 fine-tunes but the datamodule has 2 validation"):
-        fast_trainer(tmp_path).validate(merge, DigitTasks(batch_size=64), verbose=False)
+        fast_trainer(tmp_path).validate(merge, DigitsTasks(batch_size=64), verbose=False)
