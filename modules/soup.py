@@ -19,6 +19,8 @@ validation split under ``litplug validate``.
 
 from __future__ import annotations
 
+import itertools
+
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -183,13 +185,15 @@ class ModelSoup(Classifier):
         return acc if self.metric == "val/acc" else loss
 
     @torch.no_grad()
-    def evaluate_loss_and_accuracy(self, state: State, dataloader_idx: int = 0) -> tuple[float, float]:
+    def evaluate_loss_and_accuracy(self, state: State, dataloader_idx: int | None = None) -> tuple[float, float]:
         """Load ``state`` into the backbone; mean cross-entropy and accuracy on validation dataloader
-        ``dataloader_idx``."""
+        ``dataloader_idx``, or on every validation dataloader pooled (``None``)."""
         self.backbone.load_state_dict(state)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        loaders = val_loaders(self.trainer)
+        batches = loaders[dataloader_idx] if dataloader_idx is not None else itertools.chain(*loaders)
         with training_mode(self, False):
-            for batch in val_loaders(self.trainer)[dataloader_idx]:
+            for batch in batches:
                 x, y = self.trainer.strategy.batch_to_device(batch)
                 logits = self(x)
                 totals[0] += F.cross_entropy(logits, y, reduction="sum").double()

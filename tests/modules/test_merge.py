@@ -234,6 +234,11 @@ def test_map_loads_the_best_mean_front_point_and_logs_the_pareto_figure(logger, 
     for k in range(2):  # re-scored on each task's dataloader, as the validation epoch scores it
         assert merge.map_scores[k] == pytest.approx(metrics[k][f"val/acc/dataloader_idx_{k}"], abs=1e-6)
     assert merge.merged_score == pytest.approx(sum(merge.map_scores) / 2)
+    # the interpolation path pools every validation dataloader: at t = 0 the first fine-tune
+    sizes = [len(loader.dataset) for loader in merge.trainer.val_dataloaders]
+    per_task = [merge.evaluate_loss_and_accuracy(merge.ingredients[0], k)[1] for k in range(2)]
+    pooled = sum(a * n for a, n in zip(per_task, sizes)) / sum(sizes)
+    assert merge.interpolation_path(points=2)["naive"]["accuracy"][0] == pytest.approx(pooled, abs=1e-12)
     if logger == "tensorboard":
         scalars = read_scalars(tmp_path / "m" / "0")
         assert [v for _, v in scalars["merge/map_coefficient"]] == pytest.approx(coefficients)
