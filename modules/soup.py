@@ -20,7 +20,6 @@ validation split under ``litplug validate``.
 from __future__ import annotations
 
 import itertools
-
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
