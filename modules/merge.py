@@ -323,8 +323,8 @@ class ModelMerge(Classifier):
         """Validation loss and accuracy (every validation dataloader pooled) of ``(1 - t) w_0 + t w_1``
         between the first two ingredients at ``points`` evenly spaced ``t`` (``naive``), and to ``w_1``
         permuted onto ``w_0`` by weight matching (``aligned``, with ``align`` or ``align_then_average``):
-        the loss barrier of linear mode connectivity. Floating-point buffers (BatchNorm statistics) are interpolated too.
-        Cost: ``points`` evaluations of the validation split per path; all ranks take part."""
+        the loss barrier of linear mode connectivity. Floating-point buffers (BatchNorm statistics) are
+        interpolated too. Cost: ``points`` evaluations of the validation split per path; all ranks take part."""
         first, second = self.ingredients[0], self.ingredients[1]
         ends = {"naive": second}
         if self.align or self.recipe == "align_then_average":
