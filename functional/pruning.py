@@ -3,8 +3,9 @@ Diet") and forgetting events (Toneva et al. 2019, "An Empirical Study of Example
 
 * ``el2n_scores(model, loader)``: ``||softmax(f(x)) - onehot(y)||_2`` per sample (one forward);
 * ``grand_scores(model, loader)``: ``||grad_w loss(f(x), y)||_2`` per sample over every trainable
-  parameter, in closed form from one forward+backward per batch for linear, convolution and
-  BatchNorm layers, else with ``torch.func`` (``vmap`` of ``grad`` over the batch);
+  parameter, in closed form from one forward and a backward to the layers' outputs per batch for
+  linear, convolution, embedding and normalisation layers, else with ``torch.func`` (``vmap`` of
+  ``grad`` over the batch);
 * ``forgetting_events(previous, correct)``: which samples were classified correctly at their last
   presentation and are not now (one event each); ``forgetting_scores`` turns counts into scores.
 
@@ -24,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -84,23 +86,26 @@ def grand_scores(
     grad, in loader order (float64).
 
     One forward and one backward per batch, no graph kept after it. When the model is in eval mode
-    and every trainable parameter belongs to a layer with a closed form called once per forward
-    (``nn.Linear``; ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1`` and zero padding; the affine
-    parameters of ``BatchNorm`` with running statistics), the per-sample norms come from that
-    backward's layer inputs and output gradients without a per-sample gradient of the whole
-    model. A linear or convolution weight's per-sample gradient is ``sum_t g_it a_it^T`` over the
-    output positions ``t`` (``a_it`` the input patch, ``torch.nn.functional.unfold`` for a
-    convolution): its squared norm is ``||g_i||^2 ||a_i||^2`` for one position, else
+    and every trainable parameter belongs to a layer with a closed form (``nn.Linear``;
+    ``nn.Conv1d``/``2d``/``3d``, any groups and padding mode; ``nn.Embedding`` without
+    ``max_norm`` or ``scale_grad_by_freq``; the affine parameters of ``nn.LayerNorm``,
+    ``nn.GroupNorm`` and ``BatchNorm`` with running statistics), the backward goes to the layers'
+    outputs only (no parameter gradient) and the per-sample norms come from the layers' inputs and
+    output gradients. A linear or convolution weight's per-sample gradient is
+    ``sum_t g_it a_it^T`` over the output positions ``t`` (``a_it`` the input patch; per group):
+    its squared norm is ``||g_i||^2 ||a_i||^2`` for one position, else
     ``sum_ts (g_it . g_is)(a_it . a_is)`` (``T^2 (in + out)`` flops) or the formed ``[out, in]``
-    gradient (``T in out`` flops), whichever takes fewer; bias ``||sum_t g_it||^2``; BatchNorm
-    weight ``sum_c (sum_t g_itc xhat_itc)^2`` and bias ``sum_c (sum_t g_itc)^2``. On the first
-    batch the parameters' batch gradient is checked against these terms summed over the batch
-    (on a fixed probe vector for weights), so a parameter also used outside its layer falls back
-    to the general path. Any other model (grouped or non-zero-padded convolutions, Conv3d, other
-    layers): ``torch.func`` (``vmap`` of ``grad`` over the batch, one norm per parameter tensor,
-    never a concatenated gradient). Both paths work in chunks of samples holding at most
-    ``max_memory`` bytes of per-sample tensors. Buffers are read, not updated (normalisation
-    layers in train mode would use per-sample statistics: use eval mode)."""
+    gradient (``T in out`` flops), whichever takes fewer; bias ``||sum_t g_it||^2``; an
+    embedding's ``sum_r ||sum_{t: row r} g_it||^2`` over the rows looked up; a normalisation
+    layer's weight ``||sum_t g_it * xhat_it||^2`` and bias ``||sum_t g_it||^2``. A layer called
+    several times adds up its calls (positions of all calls together). On the first batch the
+    parameters' batch gradient is checked against these terms summed over the batch (on a fixed
+    probe vector for matrix weights), so a parameter also used outside its layer falls back to the
+    general path. Any other model (train mode, other layers, shared parameters): ``torch.func``
+    (``vmap`` of ``grad`` over the batch, one norm per parameter tensor, never a concatenated
+    gradient). Both paths work in chunks of samples holding at most ``max_memory`` bytes of
+    per-sample tensors. Buffers are read, not updated (BatchNorm in train mode would use
+    per-sample statistics: use eval mode)."""
     check_int("max_memory", max_memory, low=1)
     loss = loss or F.cross_entropy
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -127,15 +132,17 @@ def grand_scores(
 
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MATRICES = (nn.Linear, *_CONVS, nn.Embedding)  # layers whose weight the first-batch check probes
 
 
 def _has_closed_form(module: nn.Module) -> bool:
     cls = type(module)
-    if isinstance(module, nn.Linear):
-        return cls.forward is nn.Linear.forward
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        base = nn.Conv1d if isinstance(module, nn.Conv1d) else nn.Conv2d
-        return cls.forward is base.forward and module.groups == 1 and module.padding_mode == "zeros"
+    for base in (nn.Linear, *_CONVS, nn.LayerNorm, nn.GroupNorm):
+        if isinstance(module, base):
+            return cls.forward is base.forward
+    if isinstance(module, nn.Embedding):
+        return cls.forward is nn.Embedding.forward and module.max_norm is None and not module.scale_grad_by_freq
     if isinstance(module, _BATCH_NORMS):
         return cls.forward is nn.BatchNorm1d.forward and module.running_mean is not None  # the shared forward
     return False
@@ -159,142 +166,248 @@ def _closed_form_layers(model: nn.Module) -> list[nn.Module] | None:
     return layers if len({id(p) for p in counted}) == len(counted) else None
 
 
-def _input_dims(module: nn.Module) -> tuple[int, ...]:
-    """The input dimensions (batch included) a layer's closed form handles."""
-    if isinstance(module, nn.Conv1d):
-        return (3,)
-    if isinstance(module, nn.Conv2d):
-        return (4,)
+def _trainable(module: nn.Module) -> list[Tensor]:
+    """A closed-form layer's trainable parameters, weight first."""
+    return [p for p in (module.weight, getattr(module, "bias", None)) if p is not None and p.requires_grad]
+
+
+def _batched(module: nn.Module, x: Tensor, batch: int) -> bool:
+    """Whether a layer's input has the batch first and the rank its closed form handles."""
+    if x.dim() == 0 or x.shape[0] != batch:
+        return False
+    if isinstance(module, _CONVS):
+        return x.dim() == 2 + len(module.kernel_size)
+    if isinstance(module, nn.BatchNorm1d):
+        return x.dim() in (2, 3)
     if isinstance(module, _BATCH_NORMS):
-        return (2, 3, 4, 5)
-    return tuple(range(2, 64))
+        return x.dim() == (4 if isinstance(module, nn.BatchNorm2d) else 5)
+    if isinstance(module, nn.LayerNorm):
+        return x.dim() > len(module.normalized_shape)
+    return x.dim() >= (1 if isinstance(module, nn.Embedding) else 2)
+
+
+def _padding(module: nn.Module) -> list[int]:
+    """A convolution's padding as ``torch.nn.functional.pad``'s list (last dimension first)."""
+    if isinstance(module.padding, str):
+        totals = [d * (k - 1) if module.padding == "same" else 0 for d, k in zip(module.dilation, module.kernel_size)]
+    else:
+        totals = [2 * p for p in module.padding]
+    return [p for t in reversed(totals) for p in (t // 2, t - t // 2)]  # an odd total: the extra zero on the right
 
 
 def _patches(module: nn.Module, x: Tensor) -> Tensor:
-    """The input rows ``a_t`` of a linear layer or the unfolded input patches of a convolution:
-    ``[batch, positions, in]``, ordered like ``weight.flatten(1)``."""
+    """The input rows ``a_t`` of a linear layer or the input patches of a convolution, per group:
+    ``[batch, groups, positions, in]``, a patch ordered (kernel offset, channel). The input goes
+    channels-last before the patches are gathered (one copy of contiguous channel runs)."""
     if isinstance(module, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    one_d = isinstance(module, nn.Conv1d)
-    if one_d:
-        x = x.unsqueeze(2)
-    kernel, dilation, stride = ((1, *v) if one_d else v for v in (module.kernel_size, module.dilation, module.stride))
-    if not isinstance(module.padding, str):
-        padding = (0, *module.padding) if one_d else module.padding
-        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
-    if module.padding == "same":  # stride 1; an odd total padding puts the extra zero on the right
-        pad = []
-        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
-            pad += [d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2]
-        x = F.pad(x, pad)
-    return F.unfold(x, kernel, dilation=dilation, stride=stride).transpose(1, 2)
+        return x.reshape(x.shape[0], 1, -1, x.shape[-1])
+    n, (b, c), groups = x.dim() - 2, x.shape[:2], module.groups
+    pad = _padding(module)
+    if module.padding_mode == "zeros":
+        x = F.pad(x.movedim(1, -1), [0, 0, *pad]) if any(pad) else x.movedim(1, -1).contiguous()
+    else:
+        x = F.pad(x, pad, mode=module.padding_mode).movedim(1, -1).contiguous()
+    for d, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        x = x.unfold(1 + d, dil * (k - 1) + 1, s)
+        if dil > 1:
+            x = x[..., ::dil]
+    # [batch, *positions, channels, *kernel] -> [batch, groups, *positions, *kernel, channels of a group]
+    x = x.movedim(1 + n, -1).unflatten(-1, (groups, c // groups)).movedim(-2, 1)
+    return x.reshape(b, groups, -1, math.prod(module.kernel_size) * (c // groups))
+
+
+def _probed(module: nn.Module, p: Tensor, g: Tensor) -> Tensor:
+    """What the first-batch check compares of a parameter's gradient ``g``: a matrix weight times a
+    fixed vector over its input, any other parameter flat."""
+    if p is not module.weight or not isinstance(module, _MATRICES):
+        return g.flatten()
+    return g.flatten(1) @ _probe(module)
+
+
+def _probe(module: nn.Module, patches: bool = False) -> Tensor:
+    """A fixed vector over a matrix weight's input (``weight.flatten(1)``'s columns), for a
+    convolution ordered like ``_patches`` when ``patches``."""
+    w = module.weight
+    probe = torch.linspace(-1, 1, w[0].numel(), dtype=w.dtype, device=w.device).cos()
+    return probe.view(w.shape[1:]).movedim(0, -1).flatten() if patches and isinstance(module, _CONVS) else probe
 
 
 class _GhostNorms:
     """Per-sample gradient norms of a model whose trainable parameters are all in layers with a
     closed form, from one forward and one backward to the layers' outputs (no parameter gradient,
-    no per-sample gradient of the whole model). The first batch also takes the parameters' batch
-    gradient and checks it against the per-sample terms summed over the batch: a parameter used
-    outside its layer returns None (the caller falls back)."""
+    no per-sample gradient of the whole model). A layer called several times adds up its calls.
+    The first batch also takes the parameters' batch gradient and checks it against the per-sample
+    terms summed over the batch: a parameter used outside its layer returns None (the caller falls
+    back)."""
 
     def __init__(self, model: nn.Module, layers: list[nn.Module], loss: Loss, max_memory: int) -> None:
-        self.model, self.layers, self.loss, self.max_memory, self.checked = model, layers, loss, max_memory, False
-        self.calls: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
-        self.handles = [m.register_forward_hook(self._keep) for m in layers]
+        self.model, self.layers, self.loss, self.max_memory = model, layers, loss, max_memory
+        self.checked = self.clone = False
+        self.calls: list[list[tuple[Tensor, Tensor, int]]] = [[] for _ in layers]
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(layers)]
 
-    def _keep(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
-        self.calls[module].append((args[0].detach(), out))
+    def _hook(self, i: int) -> Callable[..., Tensor | None]:
+        def keep(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
+            self.calls[i].append((args[0].detach(), out, out._version))
+            return out.clone() if self.clone else None  # then an in-place op after the layer edits the clone
+
+        return keep
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor | None:
-        for calls in self.calls.values():
-            calls.clear()
         with torch.enable_grad():
             logits = _logits(self.model, x, y)
             total = _summed_loss(self.loss, logits, y)
-        calls = [self.calls[m] for m in self.layers]
-        self.calls = {m: [] for m in self.layers}  # the graph goes with the last reference
+        calls, self.calls = self.calls, [[] for _ in self.layers]  # the graph goes with the last reference
         batch = y.shape[0]
-        if any(
-            len(c) != 1 or c[0][0].dim() not in _input_dims(m) or c[0][0].shape[0] != batch
-            for m, c in zip(self.layers, calls)
-        ):
-            return None  # a layer called twice (its contributions would add inside the norm) or unbatched
-        outs = [c[0][1] for c in calls]
-        params = [] if self.checked else [p for m in self.layers for p in (m.weight, m.bias) if p is not None]
-        params = [p for p in params if p.requires_grad]
-        grads = torch.autograd.grad(total, outs + params, allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(outs + params, grads)]
-        batch_grads = dict(zip(map(id, params), grads[len(outs) :]))
+        if any(not _batched(m, a, batch) for m, c in zip(self.layers, calls) for a, _, _ in c):
+            return None
+        if not self.clone and any(out._version != v for c in calls for _, out, v in c):
+            self.clone = True  # a layer's output was edited in place: run again on clones of the outputs
+            return self(x, y)
+        outs = [out for c in calls for _, out, _ in c]
+        params = [] if self.checked else [(m, p) for m in self.layers for p in _trainable(m)]
+        grads = torch.autograd.grad(total, outs + [p for _, p in params], allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(outs, grads)] + list(grads[len(outs) :])
         squares = torch.zeros(batch, dtype=torch.float64, device=logits.device)
-        got, want = [], []
-        for m, (a, _), g in zip(self.layers, [c[0] for c in calls], grads[: len(outs)]):
+        want: list[Tensor] = []
+        at, check = 0, bool(params)
+        for m, c in zip(self.layers, calls):
+            inputs, out_grads = [a for a, _, _ in c], grads[at : at + len(c)]
+            at += len(c)
             weight = m.weight is not None and m.weight.requires_grad
-            bias = m.bias is not None and m.bias.requires_grad
-            check = [p for p, used in ((m.weight, weight), (m.bias, bias)) if used and params]
-            got += [batch_grads[id(p)].flatten(1) @ _probe(p) if p.dim() > 1 else batch_grads[id(p)] for p in check]
-            if isinstance(m, _BATCH_NORMS):
-                terms = self._batch_norm(m, a, g, weight, bias)
+            bias = getattr(m, "bias", None) is not None and m.bias.requires_grad
+            if not c:  # not called: no gradient
+                want += [_probed(m, p, torch.zeros_like(p)) for p in _trainable(m)] if check else []
+                continue
+            if isinstance(m, (nn.Linear, *_CONVS)):
+                square, terms = self._outer(m, inputs, out_grads, weight, bias, check)
+            elif isinstance(m, nn.Embedding):
+                square, terms = _embedding(m, inputs, out_grads, check)
             else:
-                terms = self._outer(m, a, g, weight, bias, bool(params))
-            squares += terms[0]
-            want += terms[1]
-        if params:
+                square, terms = _normalisation(m, inputs, out_grads, weight, bias, check)
+            squares += square
+            want += terms
+        if check:
+            got = [
+                _probed(m, p, torch.zeros_like(p) if g is None else g) for (m, p), g in zip(params, grads[len(outs) :])
+            ]
             got_all, want_all = torch.cat(got), torch.cat(want)
             if not torch.allclose(got_all, want_all, rtol=1e-4, atol=1e-6 * float(want_all.abs().max())):
                 return None  # a parameter is also used outside its layer's forward
             self.checked = True
         return squares.sqrt()
 
-    @staticmethod
-    def _batch_norm(m: nn.Module, x: Tensor, g: Tensor, weight: bool, bias: bool) -> tuple[Tensor, list[Tensor]]:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        x_hat = (x - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
-        g, x_hat = g.reshape(*g.shape[:2], -1), x_hat.reshape(*x_hat.shape[:2], -1)  # [B, C, positions]
-        per_sample = ([(g * x_hat).sum(2)] if weight else []) + ([g.sum(2)] if bias else [])
-        return sum(t.double().square().sum(1) for t in per_sample), [t.sum(0) for t in per_sample]
-
     def _outer(
-        self, m: nn.Module, x: Tensor, g: Tensor, weight: bool, bias: bool, check: bool
+        self, m: nn.Module, inputs: list[Tensor], out_grads: list[Tensor], weight: bool, bias: bool, check: bool
     ) -> tuple[Tensor, list[Tensor]]:
-        """``sum_t g_t a_t^T`` (weight) and ``sum_t g_t`` (bias) per sample, in chunks of samples."""
-        g = g.reshape(g.shape[0], -1, g.shape[-1]) if isinstance(m, nn.Linear) else g.flatten(2).transpose(1, 2)
-        positions, n_out = g.shape[1:]
+        """Linear layers and convolutions, per sample and group: the weight's gradient
+        ``sum_t g_t a_t^T`` and the bias's ``sum_t g_t``, in chunks of samples."""
+        if len(inputs) == 1 and inputs[0].dim() == 2:  # one row per sample: ||g||^2 (||a||^2 + 1)
+            a, g = inputs[0], out_grads[0]
+            g2 = torch.linalg.vecdot(g, g)
+            square = (g2 * torch.linalg.vecdot(a, a) + g2 if bias else g2 * torch.linalg.vecdot(a, a)) if weight else g2
+            terms = [g.mT @ (a @ _probe(m))] if weight and check else []
+            return square, terms + ([g.sum(0)] if bias and check else [])
+        groups = getattr(m, "groups", 1)
+        gs = [
+            g.reshape(g.shape[0], 1, -1, g.shape[-1])
+            if isinstance(m, nn.Linear)
+            else g.flatten(2).unflatten(1, (groups, -1)).transpose(2, 3)
+            for g in out_grads
+        ]
+        g = gs[0] if len(gs) == 1 else torch.cat(gs, 2)  # [batch, groups, positions, out]
+        batch, _, positions, n_out = g.shape
         n_in = m.weight[0].numel()
         ghost = positions * (n_in + n_out) <= n_in * n_out  # fewer flops, and then less memory too
-        per_sample = positions * n_in + (2 * positions**2 if ghost else n_in * n_out)
+        per_sample = groups * (positions * n_in + (2 * positions**2 if ghost else n_in * n_out))
         chunk = max(1, self.max_memory // (per_sample * g.element_size()))
-        squares, probed, biases = [], [], []
-        for s in range(0, g.shape[0], chunk):
+        probe = _probe(m, patches=True) if weight and check else None
+        squares, probed = [], []
+        for s in range(0, batch, chunk):
             gc = g[s : s + chunk]
-            g_bias = gc.sum(1)
-            biases.append(g_bias)
+            square = None
+            if weight:
+                parts = [_patches(m, a[s : s + chunk]) for a in inputs]
+                a = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+                if probe is not None:
+                    probed.append(((a @ probe).unsqueeze(-1) * gc).sum((0, 2)).flatten())
+                if positions == 1:
+                    g2 = torch.linalg.vecdot(gc, gc)
+                    square = (g2 * (torch.linalg.vecdot(a, a) + 1) if bias else g2 * torch.linalg.vecdot(a, a)).sum(
+                        (1, 2)
+                    )
+                    squares.append(square)
+                    continue
+                if ghost:
+                    square = torch.linalg.vecdot((gc @ gc.mT).flatten(1), (a @ a.mT).flatten(1))
+                else:
+                    w = gc.mT @ a
+                    square = torch.linalg.vecdot(w.flatten(1), w.flatten(1))
+            if bias:
+                b = gc.sum(2).flatten(1)
+                square = torch.linalg.vecdot(b, b) if square is None else square + torch.linalg.vecdot(b, b)
+            squares.append(square)
+        terms = [sum(probed)] if probe is not None else []
+        if bias and check:
+            terms.append(g.sum((0, 2)).flatten())
+        return (squares[0] if len(squares) == 1 else torch.cat(squares)), terms
+
+
+def _embedding(
+    m: nn.Embedding, inputs: list[Tensor], out_grads: list[Tensor], check: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """An embedding's per-sample gradient: the output gradients added up per row looked up (the
+    padding row has none), one row sum per (sample, row) pair."""
+    batch, dim, rows = inputs[0].shape[0], m.embedding_dim, m.num_embeddings
+    index = torch.cat([i.reshape(batch, -1) for i in inputs], 1)
+    g = torch.cat([g.reshape(batch, -1, dim) for g in out_grads], 1)
+    if m.padding_idx is not None:
+        g = g * (index != m.padding_idx).unsqueeze(-1)
+    keys = index + rows * torch.arange(batch, device=index.device).unsqueeze(1)
+    unique, inverse = torch.unique(keys.flatten(), return_inverse=True)
+    sums = g.new_zeros(len(unique), dim).index_add_(0, inverse, g.reshape(-1, dim))
+    square = g.new_zeros(batch).index_add_(0, unique // rows, torch.linalg.vecdot(sums, sums))
+    if not check:
+        return square, []
+    return square, [g.new_zeros(rows).index_add_(0, index.flatten(), g.reshape(-1, dim) @ _probe(m))]
+
+
+def _normalisation(
+    m: nn.Module, inputs: list[Tensor], out_grads: list[Tensor], weight: bool, bias: bool, check: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """BatchNorm with running statistics, LayerNorm, GroupNorm: per sample, the affine weight's
+    gradient ``sum_t g_t xhat_t`` and the bias's ``sum_t g_t`` over the positions sharing a
+    parameter (``xhat`` the normalised input)."""
+    w_sum = b_sum = None
+    for x, g in zip(inputs, out_grads):
+        batch = x.shape[0]
+        if isinstance(m, nn.LayerNorm):
+            features = math.prod(m.normalized_shape)
+            w_t = (
+                (g * F.layer_norm(x, m.normalized_shape, eps=m.eps)).reshape(batch, -1, features).sum(1)
+                if weight
+                else None
+            )
+            b_t = g.reshape(batch, -1, features).sum(1) if bias else None
+        else:
+            g = g.reshape(batch, x.shape[1], -1)  # [batch, channels, positions]
             if not weight:
-                continue
-            a = _patches(m, x[s : s + chunk])
-            if check:
-                probed.append(torch.einsum("bto,bt->o", gc, a @ _probe(m.weight)))
-            if positions == 1:
-                squares.append(g_bias.square().sum(1) * a[:, 0].square().sum(1))
-            elif ghost:
-                squares.append(((gc @ gc.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2)))
+                w_t = None
+            elif isinstance(m, nn.GroupNorm):
+                w_t = torch.linalg.vecdot(g, F.group_norm(x, m.num_groups, eps=m.eps).reshape(g.shape))
             else:
-                squares.append(torch.linalg.vector_norm(torch.einsum("bto,bti->boi", gc, a).flatten(1), dim=1).square())
-        g_bias = torch.cat(biases)
-        total = torch.cat(squares).double() if weight else torch.zeros(g.shape[0], dtype=torch.float64)
-        if bias:
-            total = total + g_bias.square().sum(1).double()
-        want = ([sum(probed)] if weight and check else []) + ([g_bias.sum(0)] if bias and check else [])
-        return total.to(g.device), want
-
-
-def _probe(weight: Tensor) -> Tensor:
-    """A fixed vector over a weight's input dimension (``weight.flatten(1)``'s columns)."""
-    n = weight[0].numel()
-    return torch.linspace(-1, 1, n, dtype=weight.dtype, device=weight.device).cos()
+                centred = x.reshape(g.shape) - m.running_mean.unsqueeze(-1)
+                w_t = torch.linalg.vecdot(g, centred) * torch.rsqrt(m.running_var + m.eps)
+            b_t = g.sum(2) if bias else None
+        w_sum = w_t if w_sum is None else w_sum + w_t
+        b_sum = b_t if b_sum is None else b_sum + b_t
+    parts = [t for t in (w_sum, b_sum) if t is not None]
+    square = sum(torch.linalg.vecdot(t, t) for t in parts)
+    return square, [t.sum(0) for t in parts] if check else []
 
 
 def _summed_loss(loss: Loss, logits: Tensor, y: Tensor) -> Tensor:

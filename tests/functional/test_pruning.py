@@ -1,5 +1,5 @@
-"""EL2N, GraNd (its closed form for linear, convolution and BatchNorm layers and its general
-torch.func path) and forgetting events against their definitions computed one sample at a time."""
+"""EL2N, GraNd (its closed form for linear, convolution, embedding and normalisation layers and its
+general torch.func path) and forgetting events against their definitions computed one sample at a time."""
 
 import pytest
 import torch
@@ -76,7 +76,8 @@ class Tied(nn.Module):
 
 
 class Twice(nn.Module):
-    """A layer called twice per forward: its per-sample gradient is a sum inside the norm."""
+    """A layer called twice per forward: its per-sample gradient is the sum of the calls' (the
+    closed form takes the positions of both calls together)."""
 
     def __init__(self):
         super().__init__()
@@ -121,15 +122,13 @@ def test_grand_closed_form_and_its_fallbacks_match_the_definition(name, monkeypa
     x, y = torch.randn(10, 5 * width, generator=g), torch.randint(0, 3, (10,), generator=g)
     got = grand_scores(model, [(x[:6], y[:6]), (x[6:], y[6:])])
     torch.testing.assert_close(got, _per_sample_grand(model, x, y), rtol=1e-6, atol=1e-6)
-    assert bool(general) == (name in ("tied", "twice", "train_mode")), (
-        "the closed form is used exactly where it applies"
-    )
+    assert bool(general) == (name in ("tied", "train_mode")), "the closed form is used exactly where it applies"
 
 
 class CNN(nn.Module):
     """Convolutions (stride, padding, dilation, "same", no bias, Conv1d), BatchNorm in eval mode with
     running statistics that are not the identity, a linear head; ``conv`` is the second 2-d
-    convolution (grouped or circular padding have no closed form: the general path)."""
+    convolution (grouped, circular padding)."""
 
     def __init__(self, conv):
         super().__init__()
@@ -163,7 +162,11 @@ class CNN(nn.Module):
 )
 @pytest.mark.parametrize("max_memory", [256 * 2**20, 1])  # 1: one sample per chunk
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_grand_closed_form_for_convolutions_and_batch_norm(conv, max_memory, monkeypatch, request):
+def test_grand_closed_form_for_convolutions_and_batch_norm(
+    conv,
+    max_memory,
+    monkeypatch,
+):
     general = []
     make = pruning._per_sample_norms
     monkeypatch.setattr(pruning, "_per_sample_norms", lambda *a: (general.append(1), make(*a))[1])
@@ -174,8 +177,56 @@ def test_grand_closed_form_for_convolutions_and_batch_norm(conv, max_memory, mon
     x, y = torch.randn(7, 2, 7, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (7,), generator=g)
     got = grand_scores(model, [(x[:4], y[:4]), (x[4:], y[4:])], max_memory=max_memory)
     torch.testing.assert_close(got, _per_sample_grand(model, x, y), rtol=1e-6, atol=1e-6)
-    fallback = request.node.callspec.id.split("-")[-1] in ("grouped", "circular")
-    assert bool(general) == fallback, "the closed form runs exactly where it applies"
+    assert not general, "the closed form covers every layer here"
+
+
+class Sequences(nn.Module):
+    """Embeddings (a padding row, tokens repeated within a sample), LayerNorm, a linear layer on
+    every token followed by an in-place ReLU (the closed form reads the layer's own output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 6, padding_idx=0)
+        self.norm = nn.LayerNorm(6)
+        self.fc, self.out = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, tokens):
+        return self.out(torch.relu_(self.fc(self.norm(self.embed(tokens)))).mean(1))
+
+
+class Volumes(nn.Module):
+    """Conv3d, GroupNorm, a grouped Conv3d with reflected "same" padding, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv3d(2, 4, 3, stride=(1, 2, 1), padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.c2 = nn.Conv3d(4, 6, (3, 1, 2), groups=2, padding="same", padding_mode="reflect", dilation=(1, 1, 2))
+        self.out = nn.Linear(6, 3)
+        with torch.no_grad():
+            self.gn.weight.normal_(), self.gn.bias.normal_()
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.c2(torch.tanh(self.gn(self.c1(x))))).mean((2, 3, 4)))
+
+
+@pytest.mark.parametrize("name", ["sequences", "volumes"])
+def test_grand_closed_form_for_embeddings_norms_and_conv3d(name, monkeypatch):
+    general = []
+    make = pruning._per_sample_norms
+    monkeypatch.setattr(pruning, "_per_sample_norms", lambda *a: (general.append(1), make(*a))[1])
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if name == "sequences":
+        model = Sequences().double().eval()
+        x = torch.randint(0, 7, (9, 8), generator=g)  # 8 tokens of 7: repeats in every sample, padding in some
+    else:
+        model = Volumes().double().eval()
+        x = torch.randn(9, 2, 4, 5, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=g)
+    got = grand_scores(model, [(x[:5], y[:5]), (x[5:], y[5:])])
+    torch.testing.assert_close(got, _per_sample_grand(model, x, y), rtol=1e-6, atol=1e-6)
+    assert not general, "the closed form covers every layer here"
 
 
 def test_grand_general_path_in_memory_sized_chunks():
