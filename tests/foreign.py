@@ -21,7 +21,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from lightning.pytorch.demos.transformer import LightningTransformer, Transformer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 VOCAB = 32
 
@@ -194,6 +194,23 @@ def features(n: int = 64, batch_size: int = 8, seed: int = 0) -> Split:
     return Split(
         torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g), forget=16, batch_size=batch_size
     )
+
+
+class Sharded(LightningDataModule):
+    """``features`` in index order, sharded by its own ``DistributedSampler`` under DDP or FSDP2
+    (Lightning's would reshuffle; run with ``use_distributed_sampler=False``): rank r's k-th batch
+    of 8 is half of one process's k-th batch of 16."""
+
+    def __init__(self, batch_size: int, world: int = 1, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.data, self.batch_size, self.world, self.dtype = features(n=64), batch_size, world, dtype
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = TensorDataset(self.data.x.to(self.dtype), self.data.y)
+        if self.world == 1:
+            return DataLoader(dataset, batch_size=self.batch_size)
+        sampler = DistributedSampler(dataset, self.world, self.trainer.global_rank, shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
 
 
 def boring_data(batch_size: int = 4) -> LightningDataModule:

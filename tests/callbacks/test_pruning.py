@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 import torch
-from foreign import features
+from foreign import Sharded, features
 from harness import (
     cut_and_resume,
     fast_trainer,
@@ -21,7 +21,7 @@ from harness import (
 from lightning.pytorch import Callback, LightningDataModule, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from litplug.callbacks import DataPruning
 from litplug.datamodules import Digits, Indexed
@@ -45,22 +45,6 @@ class Seen(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.seen.setdefault(trainer.current_epoch, []).extend(trainer.datamodule.batch_index.tolist())
-
-
-class Sharded(LightningDataModule):
-    """``features`` in index order, sharded by its own ``DistributedSampler`` under DDP (Lightning's
-    would reshuffle): rank r's k-th batch of 8 is half of one process's k-th batch of 16."""
-
-    def __init__(self, batch_size, world=1, dtype=torch.float32):
-        super().__init__()
-        self.data, self.batch_size, self.world, self.dtype = features(n=64), batch_size, world, dtype
-
-    def train_dataloader(self):
-        dataset = TensorDataset(self.data.x.to(self.dtype), self.data.y)
-        if self.world == 1:
-            return DataLoader(dataset, batch_size=self.batch_size)
-        sampler = DistributedSampler(dataset, self.world, self.trainer.global_rank, shuffle=False)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
 
 
 def _run(score, tmp_dir, batch_size, world=1, float64=False, **kwargs):
