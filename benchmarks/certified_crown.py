@@ -31,7 +31,9 @@ CONFIG = "configs/digits/crown_ibp.yaml"
 VERIFIERS = ("ibp", "crown-ibp", "crown")
 
 
-def run_one(bound: str, eps: float, seed: int, epochs: int | None, lipschitz: int, ramp: int | None = None) -> None:
+def run_one(
+    bound: str, eps: float, seed: int, epochs: int | None, lipschitz: int, ramp: int | None = None, tightness: int = 2
+) -> None:
     import torch
     from lightning.pytorch import Callback
 
@@ -46,7 +48,11 @@ def run_one(bound: str, eps: float, seed: int, epochs: int | None, lipschitz: in
         def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
             if trainer.sanity_checking:
                 return
+            if trainer.current_epoch % tightness:  # BoundTightness measured nothing: stale metrics
+                return
             found = {k.split("/")[-1]: float(v) for k, v in trainer.callback_metrics.items() if "width_ratio" in k}
+            if not found:
+                return
             curve.append({"epoch": trainer.current_epoch, "eps": float(pl_module.current_eps), **found})
 
     start = time.perf_counter()
@@ -69,7 +75,7 @@ def run_one(bound: str, eps: float, seed: int, epochs: int | None, lipschitz: in
     if ramp:
         (warmup,) = [c for c in cli.trainer.callbacks if isinstance(c, IBPWarmup)]
         warmup.ramp_epochs = ramp
-    cli.trainer.callbacks.extend([BoundTightness(every_n_epochs=2, num_samples=32), Recorder()])
+    cli.trainer.callbacks.extend([BoundTightness(every_n_epochs=tightness, num_samples=32), Recorder()])
     cli.trainer.fit(cli.model, cli.datamodule)
     seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -83,6 +89,7 @@ def run_one(bound: str, eps: float, seed: int, epochs: int | None, lipschitz: in
             for method in VERIFIERS:
                 counts[method] += int(model.certify(x, y, method)["verified"].sum())
             total += len(y)
+    verify_seconds = time.perf_counter() - start
     x = next(iter(cli.datamodule.test_dataloader()))[0][:lipschitz]
     lower, upper = model.box(x, eps)
     bound_l = local_lipschitz(model.backbone, lower, upper)
@@ -104,6 +111,7 @@ def run_one(bound: str, eps: float, seed: int, epochs: int | None, lipschitz: in
     result = {
         "seconds": seconds,
         "eval_seconds": time.perf_counter() - start,
+        "verify_seconds": verify_seconds,
         "epochs": cli.trainer.max_epochs,
         **{f"{k}_acc": v / total for k, v in counts.items()},
         "lipschitz_ratio_mean": float(ratio.mean()),
@@ -127,13 +135,15 @@ def main() -> None:
     parser.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2])
     parser.add_argument("--epochs", type=int, help="max_epochs of every run (default: the config's)")
     parser.add_argument("--ramp", type=int, help="epochs of the eps ramp (default: the config's, 15)")
+    parser.add_argument("--tightness-every", type=int, default=2, help="epochs between BoundTightness measurements")
     parser.add_argument("--lipschitz", type=int, default=8, help="test samples for the Lipschitz comparison")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, help="append each run's result here as a JSON line")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        run_one(args.one[0], float(args.one[1]), int(args.one[2]), args.epochs, args.lipschitz, args.ramp)
+        bound, eps, seed = args.one
+        run_one(bound, float(eps), int(seed), args.epochs, args.lipschitz, args.ramp, args.tightness_every)
         return
     # seed by seed: a partial run covers every cell
     todo = [(bound, eps, seed) for seed in range(args.seeds) for eps in args.eps for bound in ("ibp", "crown-ibp")]
@@ -151,6 +161,8 @@ def main() -> None:
                 str(run[2]),
                 "--lipschitz",
                 str(args.lipschitz),
+                "--tightness-every",
+                str(args.tightness_every),
             ]
             if args.epochs:
                 cmd += ["--epochs", str(args.epochs)]
