@@ -27,13 +27,40 @@ def test_bound_above_every_sampled_gradient_norm(name: str, eps: float) -> None:
     net = networks()[name]
     g = torch.Generator().manual_seed(2)
     x = torch.rand(1, 1, 8, 8, generator=g, dtype=torch.float64)
-    for method in ("crown", "crown-ibp"):
-        bound = local_lipschitz(net, x - eps, x + eps, method=method)
-        assert bound.shape == (1, 10 if name != "residual" else 5)
     bound = local_lipschitz(net, x - eps, x + eps)
+    assert bound.shape == (1, 10 if name != "residual" else 5)
+    intervals = local_lipschitz(net, x - eps, x + eps, method="crown-ibp")
     sampled = _gradient_norms(net, samples(x[0] - eps, x[0] + eps, 10_000, g)).amax(0)
-    assert (sampled <= bound[0] * (1 + 1e-12)).all()
-    assert (bound <= local_lipschitz(net, x - eps, x + eps, method="crown-ibp") + 1e-12).all()
+    for found in (bound, intervals):
+        assert (sampled <= found[0] * (1 + 1e-12)).all()
+    assert (bound <= intervals + 1e-12).all()
+
+
+def test_input_splits_are_sound_and_tighten_in_few_dimensions() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 4, generator=g, dtype=torch.float64)
+    bound = local_lipschitz(net, x - 0.2, x + 0.2)
+    split = local_lipschitz(net, x - 0.2, x + 0.2, splits=4)
+    assert (split <= bound).all() and (split / bound).mean() < 0.9
+    for i in range(2):
+        sampled = _gradient_norms(net, samples(x[i] - 0.2, x[i] + 0.2, 10_000, g)).amax(0)
+        assert (sampled <= split[i] * (1 + 1e-12)).all()
+    assert torch.equal(local_lipschitz(net, x - 0.2, x + 0.2, splits=16), split)  # at most one split per dimension
+
+
+def test_gradient_bounds_linked_to_the_pre_activations_tighten() -> None:
+    """``steps``: the McCormick bounds in ``z`` at the first ReLU layer: never looser, tighter somewhere."""
+    net = networks()["mlp"]
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    chord = local_lipschitz(net, x - 0.01, x + 0.01)
+    linked = local_lipschitz(net, x - 0.01, x + 0.01, steps=10)
+    assert (linked <= chord + 1e-12).all() and (linked < chord * (1 - 1e-4)).any()
+    for i in range(2):
+        sampled = _gradient_norms(net, samples(x[i] - 0.01, x[i] + 0.01, 10_000, g)).amax(0)
+        assert (sampled <= linked[i] * (1 + 1e-12)).all()
 
 
 def test_exact_where_every_relu_is_stable() -> None:
@@ -53,18 +80,29 @@ def test_errors() -> None:
         local_lipschitz(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), x, x)
     with pytest.raises(ValueError, match="`method` must be one of"):
         local_lipschitz(bn, x, x, method="ibp")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`steps` must be >= 0, got -1"):
+        local_lipschitz(bn, x, x, steps=-1)
+    with pytest.raises(TypeError, match="`splits` must be an int"):
+        local_lipschitz(bn, x, x, splits=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`splits` must be"):
+        local_lipschitz(bn, x, x, splits=17)
 
 
 @pytest.mark.parametrize(("name", "eps"), [("cnn_bn", 0.05), ("residual", 0.05)])
 def test_linear_relaxation_of_the_jacobian_graph_is_tighter_than_intervals(
     name: str, eps: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each stage tightens: the linear bound of the Jacobian graph over the interval one, and the
+    linear intermediate bounds of every ReLU's gradient (``method="crown"``) over intervals."""
     net = networks()[name]
-    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     bound = local_lipschitz(net, x - eps, x + eps)
+    monkeypatch.setattr(lipschitz, "_refine", lambda run, gradients, out, node, c, r: (c, r))
+    unrefined = local_lipschitz(net, x - eps, x + eps)
+    assert (bound <= unrefined).all() and (bound / unrefined).mean() < 0.8
     monkeypatch.setattr(lipschitz, "_linear_bound", lambda *a: torch.tensor(float("inf"), dtype=torch.float64))
     interval = local_lipschitz(net, x - eps, x + eps)
-    assert (bound <= interval).all() and (bound / interval).mean() < 0.9
+    assert (unrefined <= interval).all() and (unrefined / interval).mean() < 0.9
 
 
 def test_every_operator_of_the_table_is_sound() -> None:
