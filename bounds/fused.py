@@ -347,39 +347,76 @@ class ReLURelaxation(torch.autograd.Function):
 
     The same values as the plain formula ``pos * s_pos + neg * s_neg`` and ``sum(neg * b)``;
     autograd's graph of it makes about 20 passes over ``A``-sized tensors (clamps, products, sums
-    and their masks and zero-filled gradients), this one about 10.
+    and their masks and zero-filled gradients), this one about 10. The backward selects with
+    0/1 masks in ``A``'s dtype, not ``torch.where`` (several times slower on CPU), and sums over
+    the rows with ``sum(0)``, not an ``einsum`` (which becomes a batched product of 1-element
+    matrices).
     """
 
     @staticmethod
     def forward(
         ctx: Any, a: torch.Tensor, s_pos: torch.Tensor, s_neg: torch.Tensor, b: torch.Tensor, lower: bool
     ) -> Any:
+        last = a.dim() == 5 and _last(a[0])
+        if last:  # the layout of ``a`` (what a transposed convolution returns)
+            s_pos, s_neg, b = (t.contiguous(memory_format=torch.channels_last) for t in (s_pos, s_neg, b))
         neg = a.clamp(max=0)
         out = torch.mul(a, s_pos).addcmul_(neg, s_neg - s_pos)
         sel = neg if lower else a - neg
-        const = torch.einsum("sbn,bn->sb", sel.flatten(2), b.flatten(1))
+        const = torch.einsum("sbn,bn->sb", _flat(sel, 2, last), _flat(b, 1, last))
         ctx.save_for_backward(a, neg, s_pos, s_neg, b)
-        ctx.lower = lower
+        ctx.lower, ctx.last = lower, last
         ctx.set_materialize_grads(False)
         return out, const
 
     @staticmethod
     def backward(ctx: Any, g_out: Any, g_const: Any) -> Any:
         a, neg, s_pos, s_neg, b = ctx.saved_tensors
-        negative = neg < 0
+        lower, last = ctx.lower, ctx.last
         grad_a = g_s_pos = g_s_neg = g_b = None
-        sel = None
-        if g_const is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
-            sel = neg if ctx.lower else a - neg
+        gc = None if g_const is None else g_const.view(*g_const.shape, *[1] * (a.dim() - 2))
+        # Few fresh A-sized tensors: on CPU each costs about a pass of page faults on top of its pass.
+        scratch = torch.empty_like(a)
         if ctx.needs_input_grad[0]:
-            grad_a = torch.zeros_like(a) if g_out is None else g_out * torch.where(negative, s_neg, s_pos)
-            if g_const is not None:
-                picked = negative if ctx.lower else a > 0
-                grad_a.addcmul_(torch.where(picked, b, 0), g_const.view(*g_const.shape, *[1] * (a.dim() - 2)))
+            # [A < 0] (g (s_neg - s_pos) + b g_const) + g s_pos (lower); the upper bound takes b on [A > 0]
+            negative = torch.lt(a, 0, out=scratch)
+            grad_a = torch.zeros_like(a) if g_out is None else torch.mul(g_out, s_neg - s_pos)
+            if gc is not None and lower:
+                grad_a.addcmul_(b, gc)
+            grad_a.mul_(negative)
+            if g_out is not None:
+                grad_a.addcmul_(g_out, s_pos)
+            if gc is not None and not lower:
+                grad_a.addcmul_(torch.gt(a, 0, out=scratch).mul_(b), gc)
         if g_out is not None and ctx.needs_input_grad[1]:
-            g_s_pos = torch.einsum("sbn,sbn->bn", g_out.flatten(2), (a - neg).flatten(2)).view_as(s_pos)
+            g_s_pos = _row_sum(torch.sub(a, neg, out=scratch).mul_(g_out), last).view_as(s_pos)
         if g_out is not None and ctx.needs_input_grad[2]:
-            g_s_neg = torch.einsum("sbn,sbn->bn", g_out.flatten(2), neg.flatten(2)).view_as(s_neg)
-        if sel is not None and ctx.needs_input_grad[3]:
-            g_b = torch.einsum("sb,sbn->bn", g_const, sel.flatten(2)).view_as(b)
+            g_s_neg = _row_sum(torch.mul(g_out, neg, out=scratch), last).view_as(s_neg)
+        if gc is not None and ctx.needs_input_grad[3]:
+            sel = neg if lower else torch.sub(a, neg, out=scratch)
+            g_b = _unflat(torch.einsum("sb,sbn->bn", g_const, _flat(sel, 2, last)), b, last)
         return grad_a, g_s_pos, g_s_neg, g_b, None
+
+
+def _last(t: torch.Tensor) -> bool:
+    """Whether the 4-d tensor ``t`` is channels-last (and not also contiguous)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _row_sum(t: torch.Tensor, last: bool) -> torch.Tensor:
+    """Sum of ``[S, B, ...]`` over the rows, as ``[B, ...]`` in ``t``'s layout (a reduction over
+    the leading dimension of a channels-last tensor is several times slower than of its flat view)."""
+    return _unflat(_flat(t, 2, last).sum(0), t[0], last)
+
+
+def _unflat(flat: torch.Tensor, like: torch.Tensor, last: bool) -> torch.Tensor:
+    """``[B, N]`` back to the shape of ``like`` (``[B, C, ...]``), from channels-last order when ``last``."""
+    if last:
+        return flat.view(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
+    return flat.view_as(like)
+
+
+def _flat(t: torch.Tensor, start: int, last: bool) -> torch.Tensor:
+    """``t`` flattened from dim ``start``, channels last when ``last`` (``[..., C, H, W]`` in
+    channels-last layout: a view, where ``flatten`` would copy)."""
+    return (t.movedim(start, -1) if last else t).flatten(start)

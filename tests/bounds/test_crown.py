@@ -264,16 +264,35 @@ def test_errors_name_the_argument_or_the_node() -> None:
 # -- the fused pieces of the backward pass --------------------------------------------------------
 
 
-def test_relu_relaxation_equals_the_plain_formula_and_passes_gradcheck() -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_relu_relaxation_equals_the_plain_formula_and_passes_gradcheck(channels_last: bool) -> None:
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(3, 2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    s_pos, s_neg, b = (torch.rand(2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    a = torch.randn(3, 2, 4, 5, 6, generator=g, dtype=torch.float64)
+    if channels_last:  # the layout of coefficients after a transposed convolution
+        a = a.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (3, 2))
+    a.requires_grad_()
+    s_pos, s_neg, b = (torch.rand(2, 4, 5, 6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     for lower in (True, False):
         out, const = ReLURelaxation.apply(a, s_pos, s_neg, b, lower)
         pos, neg = a.clamp(min=0), a.clamp(max=0)
         torch.testing.assert_close(out, pos * s_pos + neg * s_neg, rtol=0, atol=1e-15)
-        torch.testing.assert_close(const, ((neg if lower else pos) * b).flatten(2).sum(2), rtol=0, atol=1e-15)
+        torch.testing.assert_close(const, ((neg if lower else pos) * b).flatten(2).sum(2), rtol=1e-13, atol=0)
         assert torch.autograd.gradcheck(lambda *t, side=lower: ReLURelaxation.apply(*t, side), (a, s_pos, s_neg, b))
+        # at A = 0 (a stably inactive neuron's coefficient) the gradient takes s_pos and, for a lower
+        # bound, no intercept: autograd's choice for the plain formula with masks (A < 0)
+        zero = a.detach().clone().index_fill_(4, torch.tensor([0]), 0.0).requires_grad_()
+        g_out, g_const = torch.randn(3, 2, 4, 5, 6, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g)
+        got = torch.autograd.grad(
+            ReLURelaxation.apply(zero, s_pos, s_neg, b, lower), (zero, s_pos, s_neg, b), (g_out, g_const.double())
+        )
+        ref = zero.detach().clone().requires_grad_()
+        negative = (ref < 0).double()
+        picked = negative if lower else (ref > 0).double()
+        plain = ref * (s_pos + negative * (s_neg - s_pos))
+        plain_const = (ref * picked * b).flatten(2).sum(2)
+        expected = torch.autograd.grad((plain, plain_const), (ref, s_pos, s_neg, b), (g_out, g_const.double()))
+        for x, y in zip(got, expected):
+            torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize(
@@ -284,11 +303,15 @@ def test_relu_relaxation_equals_the_plain_formula_and_passes_gradcheck() -> None
         nn.Conv2d(2, 4, 3, padding="same", groups=2),
         nn.Conv2d(2, 4, 3, padding="valid"),
         nn.Conv1d(2, 4, 4, stride=3, padding=2),
+        nn.Conv2d(2, 4, (3, 2), padding=(1, 0), dilation=(2, 1)),
+        nn.Conv2d(4, 6, 3, padding=1, groups=2),
+        nn.Conv2d(2, 4, 3, padding=(3, 1)),
+        nn.Conv1d(2, 4, 3, padding=1),
     ],
 )
 def test_conv_transpose_is_the_adjoint_of_the_convolution(conv: nn.Module) -> None:
     conv = conv.double()
-    x = torch.randn(2, 2, *([9, 10] if isinstance(conv, nn.Conv2d) else [11]), dtype=torch.float64)
+    x = torch.randn(2, conv.in_channels, *([9, 10] if isinstance(conv, nn.Conv2d) else [11]), dtype=torch.float64)
     out = conv(x)
     a = torch.randn(3, *out.shape, dtype=torch.float64)
     _, expected = torch.autograd.functional.vjp(lambda t: conv(t) - conv.bias.view(-1, *[1] * (x.dim() - 2)), x, a[1])
