@@ -1,22 +1,22 @@
-"""Speed of certified (IBP) training and evaluation, measured side by side in one run.
+"""Speed of certified (IBP, CROWN-IBP) training and evaluation, measured side by side in one run.
 
-    PYTHONPATH=. python benchmarks/certified.py            # CNN7 (the paper's cnn_7layer_bn2), batch 32, CPU
-    python -m litplug ... is not needed: the script builds the modules directly.
+    python benchmarks/certified.py --steps 3 --batch 8   # CNN7 (the paper's cnn_7layer_bn2), CPU
 
 Rows: plain training step (cross-entropy), litplug IBP training step (CertifiedClassifier at the
-target eps, without and with the warmup regularizers of the ramp), and auto_LiRPA's IBP step
-(the peer) when auto_LiRPA is installed, else the row says why not. Its newest PyPI release, 0.3,
-declares torch<1.13 and needs numpy<2, so it runs from a side venv (the script puts back the two
-torch internals it calls, see ``_torch_compat_for_auto_lirpa``), from the repository root:
+target eps, without and with the warmup regularizers of the ramp), litplug CROWN-IBP step (in the
+eps ramp, both bounds mixed), and auto_LiRPA's IBP and CROWN-IBP steps (the peer) when auto_LiRPA
+is importable, else the rows say why not. Its newest PyPI release, 0.3, declares torch<1.13 and
+needs numpy<2: install it without its dependencies into a folder of its own (this keeps the torch
+you have; the script puts back the two torch internals it calls, see
+``_torch_compat_for_auto_lirpa``) and put that folder first on the path, from the repository root:
 
-    python3 -m venv /tmp/lirpa-venv
-    /tmp/lirpa-venv/bin/pip install torch==2.13.0
-    /tmp/lirpa-venv/bin/pip install --no-deps auto_LiRPA==0.3   # its declared deps would pull an old torch
-    /tmp/lirpa-venv/bin/pip install -e . 'numpy<2' appdirs tqdm
-    /tmp/lirpa-venv/bin/python benchmarks/certified.py
+    pip install --no-deps --target /tmp/lirpa auto_LiRPA==0.3 'numpy<2' appdirs tqdm
+    PYTHONPATH=/tmp/lirpa python benchmarks/certified.py --steps 3 --batch 8
 
-Then evaluation throughput: plain forward vs CertifiedClassifier.certify (verified
-accuracy) in samples/s. Times are medians of ``--steps`` forward+backward passes on fixed weights, interleaved.
+Then evaluation throughput in samples/s: plain forward, CertifiedClassifier.certify (verified
+accuracy) with IBP and with CROWN-IBP, and ``crown_bounds(method="crown-ibp")`` of the margins
+(the verification bound alone). Times are medians of ``--steps`` forward+backward passes on fixed
+weights, the rows interleaved round by round.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from litplug.bounds import crown_bounds, margin_spec
 from litplug.modules import CNN7, CertifiedClassifier
 
 
@@ -119,15 +120,23 @@ def main() -> None:
     model.eval()
     xe = torch.rand(4 * args.batch, *args.shape)
     ye = torch.randint(0, 10, (4 * args.batch,))
+    lower, upper = model.box(xe, args.eps)
+    spec = margin_spec(ye, 10)
     with torch.no_grad():
-        t_plain, t_cert, t_crown_ibp = median_times(
-            [lambda: model.backbone(xe), lambda: model.certify(xe, ye), lambda: model.certify(xe, ye, "crown-ibp")],
+        t_plain, t_cert, t_crown_ibp, t_bounds = median_times(
+            [
+                lambda: model.backbone(xe),
+                lambda: model.certify(xe, ye),
+                lambda: model.certify(xe, ye, "crown-ibp"),
+                lambda: crown_bounds(model.backbone, lower, upper, "crown-ibp", spec),
+            ],
             args.steps,
         )
     print(f"\n{'evaluation (batch %d)' % len(xe):42s} {'samples/s':>9s} {'x plain':>8s}")
     print(f"{'plain forward':42s} {len(xe) / t_plain:9.0f} {1.0:8.2f}")
-    print(f"{'CertifiedClassifier.certify (verified)':42s} {len(xe) / t_cert:9.0f} {t_plain / t_cert:8.2f}")
-    print(f"{'certify(method=crown-ibp)':42s} {len(xe) / t_crown_ibp:9.0f} {t_plain / t_crown_ibp:8.2f}")
+    print(f"{'CertifiedClassifier.certify (verified, IBP)':42s} {len(xe) / t_cert:9.1f} {t_plain / t_cert:8.2f}")
+    print(f"{'certify(method=crown-ibp)':42s} {len(xe) / t_crown_ibp:9.1f} {t_plain / t_crown_ibp:8.2f}")
+    print(f"{'crown_bounds(method=crown-ibp), margins':42s} {len(xe) / t_bounds:9.1f} {t_plain / t_bounds:8.2f}")
 
 
 def _torch_compat_for_auto_lirpa() -> None:
