@@ -181,21 +181,24 @@ def test_grand_closed_form_for_convolutions_and_batch_norm(
 
 
 class Sequences(nn.Module):
-    """Embeddings (a padding row, tokens repeated within a sample), LayerNorm, a linear layer on
-    every token followed by an in-place ReLU (the closed form reads the layer's own output)."""
+    """Embeddings (a padding row, tokens repeated within a sample), LayerNorm (its weight frozen), a
+    linear layer on every token followed by an in-place ReLU (the closed form reads the layer's own
+    output)."""
 
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(7, 6, padding_idx=0)
         self.norm = nn.LayerNorm(6)
         self.fc, self.out = nn.Linear(6, 5), nn.Linear(5, 3)
+        self.norm.weight.requires_grad_(False)
 
     def forward(self, tokens):
         return self.out(torch.relu_(self.fc(self.norm(self.embed(tokens)))).mean(1))
 
 
 class Volumes(nn.Module):
-    """Conv3d, GroupNorm, a grouped Conv3d with reflected "same" padding, a linear head."""
+    """Conv3d (its weight frozen), GroupNorm, a grouped Conv3d with reflected "same" padding, a
+    linear head."""
 
     def __init__(self):
         super().__init__()
@@ -203,6 +206,7 @@ class Volumes(nn.Module):
         self.gn = nn.GroupNorm(2, 4)
         self.c2 = nn.Conv3d(4, 6, (3, 1, 2), groups=2, padding="same", padding_mode="reflect", dilation=(1, 1, 2))
         self.out = nn.Linear(6, 3)
+        self.c1.weight.requires_grad_(False)
         with torch.no_grad():
             self.gn.weight.normal_(), self.gn.bias.normal_()
 
