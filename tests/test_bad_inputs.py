@@ -313,7 +313,7 @@ SPEC: dict[str, dict[str, Arg]] = {
         "num_workers": NUM_WORKERS,
     },
     "DigitsTasks": {
-        "tasks": Arg(ok={"item_zero": "class 0 is a digit"}),
+        "tasks": ANY,
         "train_task": Arg(0, 1, ok={"zero": "task 0 is the first of `tasks`"}),  # two tasks by default
         "batch_size": COUNT,
         "val_fraction": FRACTION,
@@ -620,6 +620,16 @@ COMBINATIONS = {
         lambda p: litplug.datamodules.FictitiousQA(forget_percent=3),
         ValueError,
         "forget_percent",
+    ),
+    "DigitsTasks-tasks_overlap": (
+        lambda p: litplug.datamodules.DigitsTasks([[0, 1], [1, 2]]),
+        ValueError,
+        "`tasks` must be disjoint",
+    ),
+    "DigitsTasks-tasks_class_beyond_the_digits": (
+        lambda p: litplug.datamodules.DigitsTasks([[0, 1], [2, 10]]),
+        ValueError,
+        r"`tasks\[1\]\[1\]` must be",
     ),
     "ForgetRetain-forget_classes_beyond_the_data": (
         lambda p: litplug.datamodules.ForgetRetain(litplug.datamodules.Digits(), "class", forget_classes=[10]),

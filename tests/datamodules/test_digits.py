@@ -68,8 +68,3 @@ def test_digits_tasks_split_by_class_over_the_images_of_digits():
             assert set(y.tolist()) == set(task)
     one = DigitsTasks([[3], [7]], batch_size=500)
     assert set(concatenated(one.train_dataloader())[1].tolist()) == {3, 7}
-
-
-def test_digits_tasks_refuse_overlapping_tasks():
-    with pytest.raises(ValueError, match="`tasks` must be disjoint"):
-        DigitsTasks([[0, 1], [1, 2]])
