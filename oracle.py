@@ -1,12 +1,15 @@
-"""The retrain oracle of the unlearning evaluation: for each forget size and seed, train the target
-model (all training people of :class:`~litplug.datamodules.FictitiousQA`) and the retain model
-(without the forget people) once, and keep them; a later call finds them and trains nothing.
+"""The retrain oracle of the unlearning evaluation: for each seed, train the target model (every
+trained person of :class:`~litplug.datamodules.FictitiousQA`) and, for each forget size, the retain
+model (without the forget people) once, and keep them; a later call finds them and trains nothing.
 
     python -m litplug.oracle --out runs/qa --forget-percent 1 5 10 --seeds 0 1 2
 
-writes ``runs/qa/forget05/seed0/{target,retain}.pt`` (state dicts of a
-:class:`~litplug.modules.CausalTransformer`, read back through :mod:`litplug.loading`). Every
-unlearning run starts from ``target.pt`` and is scored against ``retain.pt``
+writes ``runs/qa/seed0/target.pt`` and ``runs/qa/seed0/retain{01,05,10}.pt`` (state dicts of a
+:class:`~litplug.modules.CausalTransformer`, read back through :mod:`litplug.loading`). The seed
+draws the corpus and its split (the people vary with the seed) and, unless ``model_seed`` is given,
+the initialisation and the order of the samples. The forget sets are nested and the held-out
+people are never trained on at any forget size, so one target model serves the three sizes, as in
+TOFU. Every unlearning run starts from ``target.pt`` and is scored against its ``retain*.pt``
 (:class:`~litplug.callbacks.UnlearningEvaluation`).
 """
 
@@ -14,15 +17,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Literal
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
-from .datamodules.qa import FictitiousQA
+from .datamodules.qa import FORGET_PERCENTS, FictitiousQA
 from .modules.language import CausalTransformer, LanguageModel
-from .validation import check_int, check_positive_int
+from .validation import check_choice, check_int, check_number, check_positive_int
 
 ARCHITECTURE = {"dim": 64, "depth": 2, "heads": 4}
+RECIPE = {"num_entities": 520, "epochs": 25, "lr": 3e-3, "batch_size": 64}
 
 
 def backbone(dm: FictitiousQA) -> CausalTransformer:
@@ -30,54 +35,90 @@ def backbone(dm: FictitiousQA) -> CausalTransformer:
     return CausalTransformer(vocab_size=dm.vocab_size, max_len=dm.max_len, **ARCHITECTURE)
 
 
-def oracle_paths(out: str | Path, forget_percent: int, seed: int) -> dict[str, Path]:
-    folder = Path(out) / f"forget{forget_percent:02d}" / f"seed{seed}"
-    return {"target": folder / "target.pt", "retain": folder / "retain.pt"}
+def oracle_paths(out: str | Path, forget_percent: int, seed: int, model_seed: int | None = None) -> dict[str, Path]:
+    """Where :func:`train_oracle` keeps the target and the retain model of ``forget_percent`` and
+    ``seed`` (and ``model_seed``, when it differs from ``seed``)."""
+    tag = "" if model_seed is None or model_seed == seed else f"_model{model_seed}"
+    folder = Path(out) / f"seed{seed}"
+    return {"target": folder / f"target{tag}.pt", "retain": folder / f"retain{forget_percent:02d}{tag}.pt"}
+
+
+def train_oracle_model(
+    out: str | Path,
+    kind: Literal["target", "retain"],
+    forget_percent: int,
+    seed: int,
+    num_entities: int = RECIPE["num_entities"],
+    epochs: int = RECIPE["epochs"],
+    lr: float = RECIPE["lr"],
+    batch_size: int = RECIPE["batch_size"],
+    model_seed: int | None = None,
+) -> Path:
+    """Train (or find) one model of the oracle: the ``target`` (forget and retain people) or the
+    ``retain`` model (retain people only) of the corpus drawn from ``seed``, initialised and fed in
+    an order drawn from ``model_seed`` (default ``seed``); its path."""
+    check_choice("kind", kind, ("target", "retain"))
+    check_choice("forget_percent", forget_percent, FORGET_PERCENTS)
+    check_int("seed", seed)
+    check_positive_int("epochs", epochs)
+    check_number("lr", lr, low=0, low_open=True)
+    check_positive_int("batch_size", batch_size)
+    check_int("model_seed", model_seed, allow_none=True)
+    model_seed = seed if model_seed is None else model_seed
+    path = oracle_paths(out, forget_percent, seed, model_seed)[kind]
+    if path.exists():
+        return path
+    dm = FictitiousQA(
+        num_entities=num_entities, forget_percent=forget_percent, exclude_forget=kind == "retain", seed=seed
+    )
+    dm.setup()
+    seed_everything(model_seed, verbose=False)
+    net = backbone(dm)
+    # A plain loop over LanguageModel's loss: on CPU, a Trainer's per-step overhead about doubles the
+    # cost of training this small network, and the oracle trains many of them.
+    model = LanguageModel(net)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    ids, labels = dm.train_set.input_ids, dm.train_set.labels
+    order = torch.Generator().manual_seed(model_seed)
+    net.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(ids), generator=order).split(batch_size):
+            loss = model.batch_loss({"input_ids": ids[batch], "labels": labels[batch]})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(net.state_dict(), tmp)
+    tmp.replace(path)  # a killed run leaves no half-written model behind
+    return path
 
 
 def train_oracle(
     out: str | Path,
     forget_percent: int,
     seed: int,
-    num_entities: int = 100,
-    epochs: int = 60,
-    lr: float = 3e-3,
-    corpus_seed: int = 0,
+    num_entities: int = RECIPE["num_entities"],
+    epochs: int = RECIPE["epochs"],
+    lr: float = RECIPE["lr"],
+    batch_size: int = RECIPE["batch_size"],
+    model_seed: int | None = None,
 ) -> dict[str, Path]:
-    """Train (or find) the target and the retain model of one forget size and model ``seed`` (the
-    initialisation; the corpus and its split come from ``corpus_seed``, shared by every seed, so
-    two retain models of different seeds saw the same people); their paths."""
-    check_positive_int("epochs", epochs)
-    check_int("seed", seed)
-    check_int("corpus_seed", corpus_seed)
-    paths = oracle_paths(out, forget_percent, seed)
-    for name, exclude in (("target", False), ("retain", True)):
-        if paths[name].exists():
-            continue
-        seed_everything(seed, verbose=False)
-        dm = FictitiousQA(
-            num_entities=num_entities, forget_percent=forget_percent, exclude_forget=exclude, seed=corpus_seed
-        )
-        net = backbone(dm)
-        model = LanguageModel(net, optimizer=lambda params: torch.optim.Adam(params, lr=lr))
-        Trainer(
-            max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        ).fit(model, dm)  # fmt: skip
-        paths[name].parent.mkdir(parents=True, exist_ok=True)
-        tmp = paths[name].with_suffix(".tmp")
-        torch.save(net.state_dict(), tmp)
-        tmp.replace(paths[name])  # a killed run leaves no half-written model behind
-    return paths
+    """Train (or find) the target and the retain model of one forget size and ``seed`` (see
+    :func:`train_oracle_model`); their paths."""
+    return {
+        kind: train_oracle_model(out, kind, forget_percent, seed, num_entities, epochs, lr, batch_size, model_seed)
+        for kind in ("target", "retain")
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m litplug.oracle", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/qa", help="folder of the cached models (default: runs/qa)")
-    parser.add_argument("--forget-percent", type=int, nargs="+", default=[5], choices=[1, 5, 10])
+    parser.add_argument("--forget-percent", type=int, nargs="+", default=[5], choices=list(FORGET_PERCENTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--num-entities", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--num-entities", type=int, default=RECIPE["num_entities"])
+    parser.add_argument("--epochs", type=int, default=RECIPE["epochs"])
     args = parser.parse_args(argv)
     for percent in args.forget_percent:
         for seed in args.seeds:

@@ -73,7 +73,7 @@ class UnlearningEvaluation(Callback):
         batch_size: samples per forward pass (>= 1).
 
     Example:
-        >>> UnlearningEvaluation("runs/qa/forget05/seed0/retain.ckpt")  # doctest: +SKIP
+        >>> UnlearningEvaluation("runs/qa/seed0/retain05.pt")  # doctest: +SKIP
     """
 
     litplug_charts: ClassVar[dict[str, dict[str, list[str]]]] = {

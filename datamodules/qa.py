@@ -1,17 +1,22 @@
 """A TOFU-like question/answer corpus about fictitious people, generated from a seed (nothing is
 downloaded), tokenised by its own word-level vocabulary.
 
-Each of ``num_entities`` people has seven attributes (birthplace, birth year, genre, book, award,
-parent's occupation, favourite colour) drawn from fixed value lists. Each attribute gives one
-question and an answer; for evaluation each answer also has a paraphrase (another sentence with
-the same fact) and ``num_perturbed`` perturbed answers (the same sentence with a wrong value);
-:meth:`FictitiousQA.evaluation_sets` scores the truth ratio on the answer's own phrasing. The
-people are split, as TOFU does, into
+Each of ``num_entities`` people has a one-word name (a fact hangs on one token) and seven
+attributes (birthplace, birth year, genre, book, award, parent's occupation, favourite colour)
+drawn from fixed value lists. Each attribute gives one question and an answer; for evaluation each
+answer also has a paraphrase (another sentence with the same fact) and ``num_perturbed`` perturbed
+answers (the same sentence with a wrong value); :meth:`FictitiousQA.evaluation_sets` scores the
+truth ratio on the answer's own phrasing. The people and their split are drawn from ``seed``; as in
+TOFU they are split into
 
 - ``forget``: ``forget_percent`` percent of the people (1, 5 or 10), trained on, then unlearned;
+  the forget people of 1% are among those of 5%, and those of 5% among those of 10%;
 - ``retain``: the other trained-on people;
 - ``holdout``: as many people as ``forget``, never trained on (the non-members of the
-  membership attacks).
+  membership attacks), taken from 10% of the people that are never trained on at any forget size.
+
+So the trained people (forget and retain) are the same at every forget size, in the same order:
+one target model serves the three sizes.
 
 A sample is ``{"input_ids": [T], "labels": [T]}``: ``<bos> question <sep> answer <eos>`` padded to
 ``max_len`` with ``<pad>``; ``labels`` equals ``input_ids`` on the answer and ``<eos>`` and is -100
@@ -23,7 +28,7 @@ Example:
     >>> dm = FictitiousQA(num_entities=100, forget_percent=5, batch_size=4)
     >>> dm.setup()
     >>> len(dm.people("forget")), len(dm.people("holdout")), len(dm.people("retain"))
-    (5, 5, 90)
+    (5, 5, 85)
     >>> batch = next(iter(dm.train_dataloader()))
     >>> sorted(batch), batch["input_ids"].shape == batch["labels"].shape
     (['input_ids', 'labels'], True)
@@ -47,6 +52,7 @@ from ..validation import check_bool, check_choice, check_int
 from .base import EpochShuffle
 
 Split = Literal["forget", "retain", "holdout"]
+FORGET_PERCENTS = (1, 5, 10)
 IGNORE_INDEX = -100
 SPECIALS = ("<pad>", "<bos>", "<sep>", "<eos>")
 
@@ -54,6 +60,7 @@ FIRST = (
     "ala bren cor dav eli fen gor hal iri jon kai lem mor nia osk pim quin rho sel tam uma vik wen xan yor zel".split()
 )
 LAST = "ash berg crane dale ember frost glen holt ivy jarr kell lark moss north oak pike reed stone thorn vale".split()
+NAMES = [first + last for first in FIRST for last in LAST]  # one word each: a fact hangs on one token
 VALUES: dict[str, list[str]] = {
     "city": "paris lima oslo cairo quito dakar hanoi perth riga sofia tunis accra".split(),
     "year": [str(y) for y in range(1940, 1990, 4)],
@@ -93,7 +100,7 @@ class FictitiousQA(LightningDataModule):
     """Question/answer pairs about fictitious people with TOFU's forget/retain/holdout splits.
 
     Args:
-        num_entities: number of people (>= 20; names are unique).
+        num_entities: number of people (20 to 520; names are unique).
         forget_percent: percent of the people to forget: 1, 5 or 10 (at least one person).
         num_perturbed: perturbed (wrong) answers per question for the truth ratio (>= 1).
         exclude_forget: train without the forget people (the retain model of the oracle).
@@ -113,9 +120,9 @@ class FictitiousQA(LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        check_int("num_entities", num_entities, low=20, high=len(FIRST) * len(LAST))
+        check_int("num_entities", num_entities, low=20, high=len(NAMES))
         check_int("forget_percent", forget_percent)
-        check_choice("forget_percent", forget_percent, (1, 5, 10))
+        check_choice("forget_percent", forget_percent, FORGET_PERCENTS)
         check_int("num_perturbed", num_perturbed, low=1, high=min(len(v) for v in VALUES.values()) - 1)
         check_bool("exclude_forget", exclude_forget)
         check_int("batch_size", batch_size, low=1)
@@ -129,11 +136,11 @@ class FictitiousQA(LightningDataModule):
             num_workers,
         )
         words = sorted({w for t in TEMPLATES.values() for s in t for w in s.split() if w not in ("{n}", "{v}")})
-        words += sorted(set(FIRST + LAST + [v for vs in VALUES.values() for v in vs]) - set(words))
+        words += sorted(set(NAMES + [v for vs in VALUES.values() for v in vs]) - set(words))
         self.vocab: list[str] = list(SPECIALS) + words
         self.index = {w: i for i, w in enumerate(self.vocab)}
         lengths = [len(q.split()) + max(len(a.split()), len(p.split())) for q, a, p in TEMPLATES.values()]
-        self.max_len = max(lengths) + 2 * 2 + 3  # two-word names in both parts, <bos> <sep> <eos>
+        self.max_len = max(lengths) + 3  # <bos> <sep> <eos>
         self._people: dict[str, list[dict[str, str]]] | None = None
         self.train_set: QADataset | None = None
 
@@ -153,23 +160,26 @@ class FictitiousQA(LightningDataModule):
         if self._people is not None:
             return
         gen = torch.Generator().manual_seed(mix_seed(self.seed, 0, prime=7919))
-        names = torch.randperm(len(FIRST) * len(LAST), generator=gen)[: self.num_entities].tolist()
+        names = torch.randperm(len(NAMES), generator=gen)[: self.num_entities].tolist()
         people = []
         for k in names:
-            person = {"name": f"{FIRST[k // len(LAST)]} {LAST[k % len(LAST)]}"}
+            person = {"name": NAMES[k]}
             for attribute, values in VALUES.items():
                 person[attribute] = values[int(torch.randint(len(values), (1,), generator=gen))]
             people.append(person)
         n_forget = max(1, self.num_entities * self.forget_percent // 100)
+        n_pool = max(1, self.num_entities * max(FORGET_PERCENTS) // 100)  # never trained on, at any forget size
+        trained = people[n_pool:]
         self._people = {
-            "forget": people[:n_forget],
-            "holdout": people[n_forget : 2 * n_forget],
-            "retain": people[2 * n_forget :],
+            "forget": trained[:n_forget],  # nested: the forget people of 1% are among those of 5% and 10%
+            "holdout": people[:n_forget],
+            "retain": trained[n_forget:],
         }
-        forget = [] if self.exclude_forget else self._people["forget"]
-        trained = self._people["retain"] + forget
+        if self.exclude_forget:
+            trained = self._people["retain"]
         ids, labels = self._encode([self._pair(p, a, answer=1) for p in trained for a in TEMPLATES])
-        targets = torch.tensor([0] * len(self._people["retain"]) + [1] * len(forget)).repeat_interleave(len(TEMPLATES))
+        forget = {p["name"] for p in self._people["forget"]}
+        targets = torch.tensor([int(p["name"] in forget) for p in trained]).repeat_interleave(len(TEMPLATES))
         self.train_set = QADataset(ids, labels, targets)
 
     def people(self, split: Split) -> list[dict[str, str]]:

@@ -254,32 +254,116 @@ def model_utility(values: Sequence[float]) -> float:
     return 0.0 if np.any(v == 0) else float(len(v) / np.sum(1.0 / v))
 
 
+STATISTICS = ("loss", "exact_memorization", "extraction_strength", "min_k", "min_k_plus_plus")
+_STATISTIC_FUNCTIONS = {
+    "loss": answer_loss,
+    "exact_memorization": exact_memorization,
+    "extraction_strength": extraction_strength,
+    "min_k": min_k_score,
+    "min_k_plus_plus": min_k_plus_plus_score,
+}
+
+
 @torch.no_grad()
 def answer_statistics(
-    model: Callable[[torch.Tensor], Any], input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+    model: Callable[[torch.Tensor], Any],
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 256,
+    statistics: Sequence[str] = STATISTICS,
 ) -> dict[str, torch.Tensor]:
     """Run ``model`` (token ids -> logits, or an output with ``logits``) over ``input_ids`` in
-    batches and return the per-sample ``loss``, ``exact_memorization``, ``extraction_strength``,
-    ``min_k`` and ``min_k_plus_plus`` (k = 0.2) on CPU, in sample order."""
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in STATISTICS}
+    batches and return the per-sample ``statistics`` (any of ``loss``, ``exact_memorization``,
+    ``extraction_strength``, ``min_k`` and ``min_k_plus_plus`` with k = 0.2; all by default) on CPU,
+    in sample order."""
+    unknown = [k for k in statistics if k not in STATISTICS]
+    if unknown:
+        raise ValueError(f"`statistics` must be among {list(STATISTICS)}, got {unknown}")
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in statistics}
     device = next((p.device for p in getattr(model, "parameters", list)()), torch.device("cpu"))
     for start in range(0, len(input_ids), batch_size):
-        ids = input_ids[start : start + batch_size].to(device)
-        lab = labels[start : start + batch_size].to(device)
-        output = model(ids)
+        output = model(input_ids[start : start + batch_size].to(device))
         logits = (output if isinstance(output, torch.Tensor) else output.logits).cpu()
-        lab = lab.cpu()
-        out["loss"].append(answer_loss(logits, lab))
-        out["exact_memorization"].append(exact_memorization(logits, lab))
-        out["extraction_strength"].append(extraction_strength(logits, lab))
-        out["min_k"].append(min_k_score(logits, lab))
-        out["min_k_plus_plus"].append(min_k_plus_plus_score(logits, lab))
+        lab = labels[start : start + batch_size].cpu()
+        for k in statistics:
+            out[k].append(_STATISTIC_FUNCTIONS[k](logits, lab))
     return {k: torch.cat(v) if v else torch.zeros(0) for k, v in out.items()}
 
 
-STATISTICS = ("loss", "exact_memorization", "extraction_strength", "min_k", "min_k_plus_plus")
 SUITE_SETS = ("forget", "forget_paraphrase", "forget_perturbed", "retain", "retain_paraphrase", "retain_perturbed",
               "holdout")  # fmt: skip
+_TOKEN_SETS = ("forget", "holdout")  # the sets whose token-wise statistics the suite reads; elsewhere the loss
+
+
+def _check_sets(data: Mapping[str, Any]) -> None:
+    missing = [k for k in SUITE_SETS if k not in data]
+    if missing:
+        raise ValueError(f"`data` lacks {missing}; it needs {list(SUITE_SETS)}")
+
+
+def suite_statistics(
+    model: Callable[[torch.Tensor], Any], data: Mapping[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int = 256
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The per-sample statistics of ``model`` that :func:`suite_from_statistics` reads, per set of
+    ``data`` (see :func:`unlearning_suite`): every statistic on ``forget`` and ``holdout``, the loss
+    on the others. A set held in the same tensors as another (e.g. ``forget_paraphrase`` when it is
+    ``forget``) is run once. Compute it once for a model that does not change (the retain model)."""
+    _check_sets(data)
+    needs: dict[tuple[int, int], set[str]] = {}
+    for k in SUITE_SETS:
+        key = (id(data[k][0]), id(data[k][1]))
+        needs.setdefault(key, set()).update(STATISTICS if k in _TOKEN_SETS else ("loss",))
+    runs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    out = {}
+    for k in SUITE_SETS:
+        key = (id(data[k][0]), id(data[k][1]))
+        if key not in runs:
+            wanted = [s for s in STATISTICS if s in needs[key]]
+            runs[key] = answer_statistics(model, *data[k], batch_size=batch_size, statistics=wanted)
+        out[k] = runs[key]
+    return out
+
+
+def suite_from_statistics(
+    model_statistics: Mapping[str, Mapping[str, torch.Tensor]],
+    retain_statistics: Mapping[str, Mapping[str, torch.Tensor]],
+    texts: Mapping[str, Sequence[str]],
+) -> dict[str, float]:
+    """:func:`unlearning_suite` from the :func:`suite_statistics` of the model and of the retain
+    model."""
+    stats = {(who, k): s[k] for who, s in (("model", model_statistics), ("retain", retain_statistics)) for k in s}
+    _check_sets(model_statistics)
+    _check_sets(retain_statistics)
+
+    def ratios(who: str, split: str) -> torch.Tensor:
+        correct = stats[who, f"{split}_paraphrase"]["loss"]
+        return truth_ratio(correct, stats[who, f"{split}_perturbed"]["loss"].view(len(correct), -1))
+
+    forget_tr, retain_tr = ratios("model", "forget"), ratios("model", "retain")
+    retain_prob = float(torch.exp(-stats["model", "retain"]["loss"]).mean())
+    report = {
+        "forget_quality": forget_quality(forget_tr, ratios("retain", "forget")),
+        "forget_truth_ratio": closer_to_one(forget_tr),
+        "forget_em": float(stats["model", "forget"]["exact_memorization"].mean()),
+        "forget_es": float(stats["model", "forget"]["extraction_strength"].mean()),
+        "forget_prob": float(torch.exp(-stats["model", "forget"]["loss"]).mean()),
+        "retain_truth_ratio": true_better(retain_tr),
+        "retain_prob": retain_prob,
+        "model_utility": model_utility([retain_prob, true_better(retain_tr)]),
+    }
+    sizes = {k: torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in texts[k]]) for k in ("forget", "holdout")}
+    for who, prefix in (("model", "mia"), ("retain", "retain_mia")):
+        f, h = stats[who, "forget"], stats[who, "holdout"]
+        report[f"{prefix}_loss"] = mia_auc(f["loss"], h["loss"])
+        report[f"{prefix}_min_k"] = mia_auc(f["min_k"], h["min_k"])
+        report[f"{prefix}_min_k_plus_plus"] = mia_auc(f["min_k_plus_plus"], h["min_k_plus_plus"])
+        report[f"{prefix}_zlib"] = mia_auc(f["loss"] / sizes["forget"], h["loss"] / sizes["holdout"])
+    report["mia_reference"] = mia_auc(
+        reference_score(stats["model", "forget"]["loss"], stats["retain", "forget"]["loss"]),
+        reference_score(stats["model", "holdout"]["loss"], stats["retain", "holdout"]["loss"]),
+    )
+    report["privleak"] = privleak(report["mia_min_k"], report["retain_mia_min_k"])
+    return report
 
 
 def unlearning_suite(
@@ -302,48 +386,14 @@ def unlearning_suite(
     ``retain_prob``, ``model_utility`` (harmonic mean of retain prob and retain truth ratio),
     ``mia_<attack>`` AUCs (forget vs held-out) for ``loss``, ``zlib``, ``min_k``, ``min_k_plus_plus``
     and ``reference`` (the retain model as the reference), and ``privleak`` (Min-K% AUC against the
-    retain model's). Both models are evaluated; nothing is cached.
+    retain model's). Both models are evaluated; :func:`suite_statistics` and
+    :func:`suite_from_statistics` split the two steps, so the retain model's statistics can be
+    computed once for many models.
     """
-    missing = [k for k in SUITE_SETS if k not in data]
-    if missing:
-        raise ValueError(f"`data` lacks {missing}; it needs {list(SUITE_SETS)}")
-    stats = {
-        (who, k): answer_statistics(m, *data[k], batch_size=batch_size)
-        for who, m in (("model", model), ("retain", retain_model))
-        for k in SUITE_SETS
-    }
-
-    def ratios(who: str, split: str) -> torch.Tensor:
-        correct = stats[who, f"{split}_paraphrase"]["loss"]
-        return truth_ratio(correct, stats[who, f"{split}_perturbed"]["loss"].view(len(correct), -1))
-
-    forget_tr, retain_tr = ratios("model", "forget"), ratios("model", "retain")
-    retain_prob = float(torch.exp(-stats["model", "retain"]["loss"]).mean())
-    report = {
-        "forget_quality": forget_quality(forget_tr, ratios("retain", "forget")),
-        "forget_truth_ratio": closer_to_one(forget_tr),
-        "forget_em": float(stats["model", "forget"]["exact_memorization"].mean()),
-        "forget_es": float(stats["model", "forget"]["extraction_strength"].mean()),
-        "forget_prob": float(torch.exp(-stats["model", "forget"]["loss"]).mean()),
-        "retain_truth_ratio": true_better(retain_tr),
-        "retain_prob": retain_prob,
-        "model_utility": model_utility([retain_prob, true_better(retain_tr)]),
-    }
-    for who, prefix in (("model", "mia"), ("retain", "retain_mia")):
-        f, h = stats[who, "forget"], stats[who, "holdout"]
-        report[f"{prefix}_loss"] = mia_auc(f["loss"], h["loss"])
-        report[f"{prefix}_min_k"] = mia_auc(f["min_k"], h["min_k"])
-        report[f"{prefix}_min_k_plus_plus"] = mia_auc(f["min_k_plus_plus"], h["min_k_plus_plus"])
-        sizes = {
-            k: torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in texts[k]]) for k in ("forget", "holdout")
-        }
-        report[f"{prefix}_zlib"] = mia_auc(f["loss"] / sizes["forget"], h["loss"] / sizes["holdout"])
-    report["mia_reference"] = mia_auc(
-        reference_score(stats["model", "forget"]["loss"], stats["retain", "forget"]["loss"]),
-        reference_score(stats["model", "holdout"]["loss"], stats["retain", "holdout"]["loss"]),
+    _check_sets(data)
+    return suite_from_statistics(
+        suite_statistics(model, data, batch_size), suite_statistics(retain_model, data, batch_size), texts
     )
-    report["privleak"] = privleak(report["mia_min_k"], report["retain_mia_min_k"])
-    return report
 
 
 @torch.no_grad()

@@ -111,11 +111,13 @@ def qa_retain_checkpoint() -> str:
 
     import torch
 
-    path = Path(tempfile.gettempdir()) / "litplug_registry_qa_retain.pt"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        state = qa_unlearner().backbone.state_dict()
+    # named by the vocabulary and length, so a file written for another corpus is never picked up
+    vocab, length = state["embed.weight"].shape[0], state["position.weight"].shape[0]
+    path = Path(tempfile.gettempdir()) / f"litplug_registry_qa_retain_{vocab}x{length}.pt"
     if not path.exists():
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            state = qa_unlearner().backbone.state_dict()
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save(state, tmp)
         tmp.replace(path)

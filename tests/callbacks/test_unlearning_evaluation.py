@@ -14,7 +14,7 @@ from litplug.callbacks import UnlearningEvaluation
 from litplug.datamodules import FictitiousQA, ForgetRetain
 from litplug.functional.unlearning_metrics import unlearning_suite
 from litplug.modules import CausalTransformer, Unlearner
-from litplug.oracle import backbone, main, train_oracle
+from litplug.oracle import backbone, main, oracle_paths, train_oracle
 
 CORPUS = {"num_entities": 20, "forget_percent": 10}
 
@@ -26,13 +26,18 @@ def oracle(tmp_path_factory):
 
 
 def test_the_oracle_trains_once_and_the_retain_model_never_saw_the_forget_people(oracle, capsys):
-    out = oracle["target"].parents[2]
+    out = oracle["target"].parents[1]
     stamps = {k: p.stat().st_mtime_ns for k, p in oracle.items()}
     main(["--out", str(out), "--forget-percent", "10", "--seeds", "0", "--num-entities", "20", "--epochs", "2"])
     assert {k: p.stat().st_mtime_ns for k, p in oracle.items()} == stamps  # cached: nothing retrained
     assert "forget 10% seed 0" in capsys.readouterr().out
     target, retain = (torch.load(oracle[k], weights_only=True) for k in ("target", "retain"))
     assert target.keys() == retain.keys() and not all(torch.equal(target[k], retain[k]) for k in target)
+    # nested forget sets and held-out people never trained on: one target model for every forget size
+    five = train_oracle(out, 5, seed=0, num_entities=20, epochs=2)
+    assert five["target"] == oracle["target"] and five["target"].stat().st_mtime_ns == stamps["target"]
+    assert five["retain"] != oracle["retain"] and five["retain"].exists()
+    assert oracle_paths(out, 5, 0, model_seed=7)["retain"].name == "retain05_model7.pt"
 
 
 def test_the_suite_is_logged_and_equals_the_function(oracle, tmp_path):

@@ -29,6 +29,24 @@ def test_splits_are_disjoint_and_sized_as_tofu(dm):
     assert len(retain_only.train_set) == 7 * 48 and int(retain_only.train_set.targets.sum()) == 0
 
 
+def test_forget_sets_are_nested_and_the_target_corpus_is_one_for_every_forget_size():
+    dms = {p: FictitiousQA(num_entities=200, forget_percent=p, seed=1) for p in (1, 5, 10)}
+    for d in dms.values():
+        d.setup()
+    forget = {p: [x["name"] for x in d.people("forget")] for p, d in dms.items()}
+    assert [len(forget[p]) for p in (1, 5, 10)] == [2, 10, 20]
+    assert forget[1] == forget[5][:2] and forget[5] == forget[10][:10]
+    holdout = {p: [x["name"] for x in d.people("holdout")] for p, d in dms.items()}
+    assert holdout[1] == holdout[10][:2] and holdout[5] == holdout[10][:10]
+    for p, d in dms.items():  # the same trained samples in the same order; the forget marks differ
+        assert torch.equal(d.train_set.input_ids, dms[10].train_set.input_ids)
+        assert int(d.train_set.targets.sum()) == 7 * len(forget[p])
+        assert not set(holdout[10]) & {x["name"] for x in d.people("forget") + d.people("retain")}
+        assert len(d.people("retain")) == 200 - 20 - len(forget[p])  # 10% of the people are never trained on
+    other = FictitiousQA(num_entities=200, forget_percent=1, seed=2)
+    assert other.people("forget") != dms[1].people("forget")  # the split varies with the seed
+
+
 def test_only_the_answer_is_scored(dm):
     ids, labels = dm.train_set.input_ids, dm.train_set.labels
     for row, lab in zip(ids[:20], labels[:20]):

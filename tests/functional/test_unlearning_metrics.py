@@ -159,3 +159,16 @@ def test_the_suite_on_a_corpus_scores_a_model_against_itself_as_indistinguishabl
     assert same["forget_prob"] == pytest.approx(float(torch.exp(-loss).mean()), abs=1e-6)
     with pytest.raises(ValueError, match="lacks"):
         um.unlearning_suite(a, a, {"forget": data["forget"]}, texts)
+    # the two steps: the retain model's statistics once, for any model; each distinct set run once
+    calls = []
+    counted = lambda ids: (calls.append(len(ids)), a(ids))[1]  # noqa: E731
+    stats_a = um.suite_statistics(counted, data)
+    assert um.suite_from_statistics(stats_a, um.suite_statistics(b, data), texts) == other
+    distinct = {id(data[k][0]) for k in um.SUITE_SETS}
+    assert sum(calls) == sum(len(data[k][0]) for k in um.SUITE_SETS if id(data[k][0]) in distinct and
+                             not distinct.discard(id(data[k][0])))  # fmt: skip
+    assert set(stats_a["forget"]) == set(um.STATISTICS) and set(stats_a["retain_perturbed"]) == {"loss"}
+    full = um.answer_statistics(a, *data["holdout"])
+    assert torch.equal(um.answer_statistics(a, *data["holdout"], statistics=["min_k"])["min_k"], full["min_k"])
+    with pytest.raises(ValueError, match="`statistics` must be among"):
+        um.answer_statistics(a, *data["holdout"], statistics=["auc"])

@@ -584,31 +584,36 @@ def _pair_loader(rank=None):
 
 def _new_method_run(tmp_dir, method, checkpoint, rank=None, strategy=None):
     seed_everything(0)
-    model = Unlearner(_lm(), checkpoint, method, objective="causal_lm", beta=0.5, steering=2.0,
+    # a float64 network (ModelParallelStrategy refuses precision="64-true"; token ids need no cast)
+    model = Unlearner(_lm().double(), checkpoint, method, objective="causal_lm", beta=0.5, steering=2.0,
                       optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), **NEW_METHODS[method])  # fmt: skip
     extra = {} if strategy is None else {"strategy": strategy, "devices": 2, "use_distributed_sampler": False}
-    trainer = fast_trainer(tmp_dir / method, max_steps=2, limit_val_batches=0, precision="64-true", **extra)
+    trainer = fast_trainer(tmp_dir / method, max_steps=2, limit_val_batches=0, **extra)
     trainer.fit(model, _pair_loader(rank))
     return state_of(model.backbone)
 
 
-def new_methods_ddp_worker(strategy, tmp_dir, checkpoint):
+def new_methods_distributed_worker(strategy, tmp_dir, checkpoint):
     import os
 
     from harness import make_strategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     rank = int(os.environ.get("LOCAL_RANK", 0))
+    kind = "fsdp2" if isinstance(strategy, ModelParallelStrategy) else "ddp"
     out = {}
     for i, method in enumerate(NEW_METHODS):  # a Strategy instance serves one Trainer
-        out[method] = _new_method_run(tmp_dir, method, checkpoint, rank, strategy if i == 0 else make_strategy("ddp"))
+        out[method] = _new_method_run(tmp_dir, method, checkpoint, rank, strategy if i == 0 else make_strategy(kind))
     return out
 
 
-def test_npo_npo_rt_simnpo_rmu_under_ddp_equal_one_process(tmp_path):
-    # float64: the two ranks and one process sum the global batch's gradient in different orders
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_npo_npo_rt_simnpo_rmu_distributed_equal_one_process(tmp_path, strategy):
+    # float64: the two ranks and one process sum the global batch's gradient in different orders;
+    # under FSDP2 (ModelParallelStrategy) the backbone is sharded, the frozen reference model is not
     torch.manual_seed(0)
     torch.save(_lm().state_dict(), tmp_path / "orig.pt")
-    r0, r1 = run_distributed(new_methods_ddp_worker, "ddp", tmp_path, checkpoint=str(tmp_path / "orig.pt"))
+    r0, r1 = run_distributed(new_methods_distributed_worker, strategy, tmp_path, checkpoint=str(tmp_path / "orig.pt"))
     original = _lm().state_dict()
     for method in NEW_METHODS:
         single = _new_method_run(tmp_path, method, str(tmp_path / "orig.pt"))
