@@ -37,7 +37,7 @@ from .engine import BoundedNetwork, _get_attr, _has_interval, bounded
 from .fused import ReLURelaxation
 from .interval import Interval, Pass, UnsupportedOperationError, name_of, where
 from .ops import CENTRE_METHODS
-from .relaxation import Step, batch_norm_affine, conv_transpose
+from .relaxation import Step, batch_norm_affine, conv_transpose_offset
 
 Method = Literal["crown", "crown-ibp"]
 METHODS = ("crown", "crown-ibp")
@@ -395,9 +395,10 @@ class _Run:
                 const[side] = const[side] + a @ shift
                 moved.append((a * factor) @ m.weight)
             else:  # a conv's weight is the smaller: scale it
-                const[side] = const[side] + a.flatten(3).sum(3) @ shift
                 weight = m.weight * factor.view(-1, *[1] * (m.weight.dim() - 1))
-                moved.append(conv_transpose(m, weight, a, self.env[source].radius.shape))
+                out, offset = conv_transpose_offset(m, weight, a, self.env[source].radius.shape, shift)
+                const[side] = const[side] + offset
+                moved.append(out)
         return source, moved
 
     def _step(self, node: fx.Node) -> tuple[Step, list[fx.Node]]:

@@ -104,6 +104,26 @@ def conv_transpose(m: nn.Conv1d | nn.Conv2d, weight: torch.Tensor, a: torch.Tens
     about 1.6x faster on CPU than that of ``torch.nn.grad.conv2d_input``). 2-d coefficients go
     channels-last (and come out so): on CPU the transposed convolution and its backward run about
     1.2x faster at stride 1 and 2x at stride 2 in that layout."""
+    flat, args = _transpose_args(m, a, shape)
+    transposed = F.conv_transpose1d if isinstance(m, nn.Conv1d) else F.conv_transpose2d
+    return transposed(flat, weight, None, *args).unflatten(0, a.shape[:2])
+
+
+def conv_transpose_offset(
+    m: nn.Conv1d | nn.Conv2d, weight: torch.Tensor, a: torch.Tensor, shape: torch.Size, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`conv_transpose` and the constant ``<A, shift>`` (``shift`` per output channel, ``[S,
+    B]``) of one affine layer, as one autograd function: its backward adds ``g_const shift`` to the
+    transposed convolution's input gradient in place, where autograd would add two ``A``-sized
+    gradients into a third."""
+    flat, args = _transpose_args(m, a, shape)
+    out, const = _ConvTransposeOffset.apply(flat, weight, shift, args)
+    return out.unflatten(0, a.shape[:2]), const.view(a.shape[:2])
+
+
+def _transpose_args(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, tuple]:
+    """``A`` as one batch (channels-last when 2-d) and the transposed convolution's ``(stride,
+    padding, output_padding, groups, dilation)`` back to an input of ``shape``."""
     flat = a.flatten(0, 1)
     if flat.dim() == 4:
         flat = flat.contiguous(memory_format=torch.channels_last)
@@ -117,9 +137,52 @@ def conv_transpose(m: nn.Conv1d | nn.Conv2d, weight: torch.Tensor, a: torch.Tens
         size - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
         for size, o, s, p, d, k in zip(shape[2:], flat.shape[2:], m.stride, padding, m.dilation, m.kernel_size)
     )
-    transposed = F.conv_transpose1d if isinstance(m, nn.Conv1d) else F.conv_transpose2d
-    out = transposed(flat, weight, None, m.stride, padding, output_padding, m.groups, m.dilation)
-    return out.unflatten(0, a.shape[:2])
+    return flat, (tuple(m.stride), tuple(padding), output_padding, m.groups, tuple(m.dilation))
+
+
+class _ConvTransposeOffset(torch.autograd.Function):
+    """``(A, W, shift) -> (conv_transpose(A, W), sum over positions of A . shift)`` for ``A`` of shape
+    ``[N, C, *spatial]``; the backward calls ``convolution_backward`` as autograd does."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, args: tuple) -> Any:
+        stride, padding, output_padding, groups, dilation = args
+        transposed = F.conv_transpose1d if flat.dim() == 3 else F.conv_transpose2d
+        out = transposed(flat, weight, None, stride, padding, output_padding, groups, dilation)
+        sums = flat.sum(tuple(range(2, flat.dim())))
+        ctx.save_for_backward(flat, weight, shift, sums)
+        ctx.args = args
+        ctx.set_materialize_grads(False)
+        return out, sums @ shift
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Any, g_const: Any) -> Any:
+        flat, weight, shift, sums = ctx.saved_tensors
+        stride, padding, output_padding, groups, dilation = ctx.args
+        grad_flat = grad_weight = grad_shift = None
+        need_flat, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if g_out is not None and (need_flat or need_weight):
+            grad_flat, grad_weight, _ = torch.ops.aten.convolution_backward(
+                g_out.contiguous(memory_format=_layout(flat)), flat, weight, None, list(stride), list(padding),
+                list(dilation), True, list(output_padding), groups, [need_flat, need_weight, False],
+            )  # fmt: skip
+        if g_const is not None:
+            spread = [1] * (flat.dim() - 2)
+            if need_flat:
+                if grad_flat is None:
+                    grad_flat = torch.zeros_like(flat)
+                grad_flat.addcmul_(shift.view(1, -1, *spread), g_const.view(-1, 1, *spread))
+            if ctx.needs_input_grad[2]:
+                grad_shift = g_const @ sums
+        return grad_flat, grad_weight, grad_shift, None
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    return (
+        torch.channels_last
+        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
 
 
 def _conv_offset(step: Step, a: torch.Tensor) -> torch.Tensor:

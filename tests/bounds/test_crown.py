@@ -25,7 +25,7 @@ from litplug.bounds import (
 )
 from litplug.bounds import bounded as litplug_bounded
 from litplug.bounds.fused import ReLURelaxation
-from litplug.bounds.relaxation import conv_transpose
+from litplug.bounds.relaxation import conv_transpose, conv_transpose_offset
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn_bn", "residual"])
@@ -318,6 +318,25 @@ def test_conv_transpose_is_the_adjoint_of_the_convolution(conv: nn.Module) -> No
     got = conv_transpose(conv, conv.weight, a, x.shape)
     assert got.shape == (3, *x.shape)
     torch.testing.assert_close(got[1], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "conv", [nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Conv1d(2, 4, 3)]
+)
+def test_conv_transpose_offset_equals_its_two_parts_and_passes_gradcheck(conv: nn.Module) -> None:
+    """The fused crossing of a conv (batch norm folded in) and its constant ``<A, shift>``."""
+    conv = conv.double()
+    x = torch.randn(2, conv.in_channels, *([5, 4] if isinstance(conv, nn.Conv2d) else [7]), dtype=torch.float64)
+    a = torch.randn(2, *conv(x).shape, dtype=torch.float64, requires_grad=True)
+    weight = conv.weight.detach().clone().requires_grad_()
+    shift = torch.randn(conv.out_channels, dtype=torch.float64, requires_grad=True)
+    moved, const = conv_transpose_offset(conv, weight, a, x.shape, shift)
+    torch.testing.assert_close(moved, conv_transpose(conv, weight, a, x.shape), rtol=0, atol=1e-12)
+    expected = (a * shift.view(-1, *[1] * (a.dim() - 3))).flatten(2).sum(2)
+    torch.testing.assert_close(const, expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda *t: conv_transpose_offset(conv, t[1], t[0], x.shape, t[2]), (a, weight, shift)
+    )
 
 
 def test_crown_ibp_gradients_through_train_mode_batch_norm_pass_gradcheck() -> None:
