@@ -82,8 +82,8 @@ def local_lipschitz(
         model: a network of the operators that have a linear relaxation (batch norm with fixed
             statistics: eval mode).
         lower, upper: the input box, batched like the network's input.
-        method: how the ReLU pre-activation bounds are computed, ``"crown"`` or ``"crown-ibp"``
-            (intervals).
+        method: ``"crown"``: CROWN bounds of the ReLU pre-activations and linear bounds of every
+            ReLU's gradient; ``"crown-ibp"``: intervals for both (faster, looser).
         steps: Adam steps choosing, per neuron, the mix of the three linear bounds of ``D g``
             (the chord in ``g`` and the two linked to the pre-activation) at ReLUs one affine
             layer from the input; 0: the chord only.
