@@ -67,6 +67,16 @@ def check_method(method: str) -> None:
         raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
 
 
+def check_box(lower: torch.Tensor, upper: torch.Tensor) -> None:
+    """An input box ``[lower, upper]``: the same shape, not empty."""
+    if lower.shape != upper.shape:
+        raise ValueError(
+            f"`lower` and `upper` must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}"
+        )
+    if bool((lower > upper).any()):
+        raise ValueError("`lower` must be <= `upper` everywhere (an empty box)")
+
+
 def check_spec(spec: torch.Tensor, batch: int, outputs: int) -> None:
     if spec.dim() != 3 or spec.shape[0] != batch or spec.shape[2] != outputs:
         raise ValueError(
@@ -137,12 +147,7 @@ def linear_bounds(
     ``method="crown"``) and IBP: all are sound, so each of these is too, and the ordering
     IBP <= CROWN-IBP <= CROWN holds by construction."""
     check_method(method)
-    if lower.shape != upper.shape:
-        raise ValueError(
-            f"`lower` and `upper` must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}"
-        )
-    if bool((lower > upper).any()):
-        raise ValueError("`lower` must be <= `upper` everywhere (an empty box)")
+    check_box(lower, upper)
     run = _Run(engine, method, record_relu, tighten)
     env = run.forward(lower, upper, clean)
     out_node = engine.output.args[0]

@@ -61,7 +61,7 @@ from torch import fx, nn
 
 from ..plumbing.third_party_private import BatchNorm, tree_leaves
 from ..validation import check_int
-from .crown import Method, _accumulate, _Run, check_method
+from .crown import Method, _accumulate, _Run, check_box, check_method
 from .engine import bounded
 from .interval import Interval, UnsupportedOperationError, where
 
@@ -94,10 +94,7 @@ def local_lipschitz(
     check_method(method)
     check_int("steps", steps, low=0)
     check_int("splits", splits, low=0, high=16)
-    if lower.shape != upper.shape:
-        raise ValueError(
-            f"`lower` and `upper` must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}"
-        )
+    check_box(lower, upper)
     engine = bounded(model)
     for node in engine.nodes:
         if node.op == "call_module" and isinstance(model.get_submodule(node.target), BatchNorm):

@@ -88,6 +88,10 @@ def test_errors() -> None:
         local_lipschitz(bn, x, x, splits=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`splits` must be"):
         local_lipschitz(bn, x, x, splits=17)
+    with pytest.raises(ValueError, match="`lower` must be <= `upper`"):
+        local_lipschitz(bn, x + 1, x)
+    with pytest.raises(ValueError, match="same shape"):
+        local_lipschitz(bn, x, x[:1])
 
 
 @pytest.mark.parametrize(("name", "eps"), [("cnn_bn", 0.05), ("residual", 0.05)])
