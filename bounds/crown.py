@@ -35,7 +35,7 @@ from torch import fx, nn
 from ..plumbing.third_party_private import tree_flatten, tree_leaves, tree_unflatten
 from .engine import BoundedNetwork, _get_attr, _has_interval, bounded
 from .fused import ReLURelaxation
-from .interval import Interval, Pass, UnsupportedOperationError, name_of, where
+from .interval import Interval, Pass, UnsupportedOperationError, check_box, name_of, where
 from .ops import CENTRE_METHODS
 from .relaxation import Step, batch_norm_affine, conv_transpose_offset
 
@@ -65,16 +65,6 @@ class LinearResult(NamedTuple):
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
-
-
-def check_box(lower: torch.Tensor, upper: torch.Tensor) -> None:
-    """An input box ``[lower, upper]``: the same shape, not empty."""
-    if lower.shape != upper.shape:
-        raise ValueError(
-            f"`lower` and `upper` must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}"
-        )
-    if bool((lower > upper).any()):
-        raise ValueError("`lower` must be <= `upper` everywhere (an empty box)")
 
 
 def check_spec(spec: torch.Tensor, batch: int, outputs: int) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..plumbing.third_party_private import BatchNorm
-from .interval import BoundResult, Interval, Pass, UnsupportedOperationError
+from .interval import BoundResult, Interval, Pass, UnsupportedOperationError, check_box
 from .ops import CENTRE_METHODS, Op, lookup
 
 
@@ -265,5 +265,6 @@ def interval_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor) 
         >>> torch.equal(lo, up)
         True
     """
+    check_box(lower, upper)
     result = bounded(model)(lower, upper)
     return result.lower, result.upper

@@ -61,9 +61,9 @@ from torch import fx, nn
 
 from ..plumbing.third_party_private import BatchNorm, tree_leaves
 from ..validation import check_int
-from .crown import Method, _accumulate, _Run, check_box, check_method
+from .crown import Method, _accumulate, _Run, check_method
 from .engine import bounded
-from .interval import Interval, UnsupportedOperationError, where
+from .interval import Interval, UnsupportedOperationError, check_box, where
 
 
 @torch.no_grad()

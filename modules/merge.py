@@ -22,7 +22,10 @@ Method card
       ``base + sum_t c_t (theta_t - base)``; fine-tune ``t`` is scored on validation dataloader
       ``t``, one quadratic per task metric is fitted to the evaluated ``c`` in ``[0, 1]^T``
       (:func:`litplug.merging.map_pareto_front`, ``seed`` draws the points), and the predicted
-      front's point with the best mean predicted metric is loaded (ties: the first), then scored again.
+      front's point with the best mean predicted metric is scored again and loaded (ties: the
+      first), unless one of the evaluated points measured better on average: the surrogates are
+      not bounded to the metric's range and can be far off, so that point is loaded instead
+      (``map_from_front`` says which, ``map_coefficients`` holds the loaded coefficients).
     * With several ``scale`` values (task arithmetic, TIES) the one with the best validation
       metric is kept, as both papers choose ``lambda`` on held-out data.
     * Cost: one evaluation per ingredient and per candidate (greedy soup, scales); alignment
@@ -186,7 +189,9 @@ class ModelMerge(Classifier):
         self.chosen_scale: float | None = None
         self.merged_score: float | None = None
         self.map_result: MAPResult | None = None
-        self.map_choice: int | None = None  # row of map_result.coefficients loaded
+        self.map_choice: int | None = None  # row of map_result.coefficients: the front's best predicted mean
+        self.map_coefficients: list[float] = []  # the loaded coefficients
+        self.map_from_front = True  # False: an evaluated point measured better than the front's choice
         self.map_scores: list[float] = []  # the loaded merge's measured metric per task
         self._built = False
 
@@ -261,12 +266,23 @@ class ModelMerge(Classifier):
         self.map_choice = int(mean.argmax() if acc else mean.argmin())  # argmax/argmin: the first of ties
         chosen = result.coefficients[self.map_choice].tolist()
         self.map_scores = evaluate(chosen)
+        # The surrogates can be far off (a quadratic is not bounded to an accuracy's range): when an
+        # evaluated merge measured better on average than the predicted front's choice, load that one.
+        measured = result.evaluated_values.mean(1)
+        best = int(measured.argmax() if acc else measured.argmin())
+        gain = float(measured[best]) - sum(self.map_scores) / tasks
+        self.map_from_front = not (gain > 0 if acc else gain < 0)
+        if not self.map_from_front:
+            chosen, self.map_scores = result.evaluated[best].tolist(), result.evaluated_values[best].tolist()
+        self.map_coefficients = chosen
         self.scores, self.kept = [], list(range(len(states)))
-        return task_arithmetic(self.base_state, states, chosen)
+        merged = task_arithmetic(self.base_state, states, chosen)
+        self.backbone.load_state_dict(merged)
+        return merged
 
     def _log_map(self) -> None:
         result, name = self.map_result, self.metric.split("/")[-1]
-        chosen = result.coefficients[self.map_choice].tolist()
+        chosen = self.map_coefficients
         if self.logger is not None:
             for k, (c, score) in enumerate(zip(chosen, self.map_scores)):
                 self.logger.log_metrics({"merge/map_coefficient": c, f"merge/map_{name}": score}, step=k)

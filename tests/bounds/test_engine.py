@@ -264,3 +264,14 @@ def test_bounds_in_inference_mode_then_training():
     out.upper.sum().backward()
     torch.testing.assert_close(out.upper.detach(), before)
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_a_box_that_is_empty_misshaped_or_nan_is_refused() -> None:
+    net = nn.Sequential(nn.Linear(4, 3))
+    x = torch.rand(2, 4)
+    with pytest.raises(ValueError, match="`lower` must be <= `upper`"):
+        interval_bounds(net, x + 0.1, x - 0.1)
+    with pytest.raises(ValueError, match="same shape"):
+        interval_bounds(net, x, x[:1])
+    with pytest.raises(ValueError, match="must not contain NaN"):
+        interval_bounds(net, x * float("nan"), x)

@@ -105,9 +105,7 @@ def test_recipe_from_yaml_equals_the_functional_core(config, files, tmp_path, mo
     elif recipe == "model_stock":
         expected = model_stock(states([base_file])[0], parts)
     elif recipe == "map":
-        expected = task_arithmetic(
-            states([base_file])[0], parts, merge.map_result.coefficients[merge.map_choice].tolist()
-        )
+        expected = task_arithmetic(states([base_file])[0], parts, merge.map_coefficients)
     else:
         base = states([base_file])[0]
         if recipe == "align_then_ties":
@@ -227,7 +225,15 @@ def test_map_loads_the_best_mean_front_point_and_logs_the_pareto_figure(logger, 
     assert not ((result.values >= chosen).all(1) & (result.values > chosen).any(1)).any()
     assert pareto_mask(result.values).all() and len(result.values) > 1
     assert result.values.mean(1).argmax() == merge.map_choice
-    coefficients = result.coefficients[merge.map_choice].tolist()
+    # the loaded point: the front's choice unless an evaluated merge measured better on average
+    coefficients = merge.map_coefficients
+    best = int(result.evaluated_values.mean(1).argmax())
+    assert sum(merge.map_scores) / 2 >= float(result.evaluated_values[best].mean())
+    if merge.map_from_front:
+        assert coefficients == result.coefficients[merge.map_choice].tolist()
+    else:
+        assert coefficients == result.evaluated[best].tolist()
+        assert merge.map_scores == result.evaluated_values[best].tolist()
     expected = task_arithmetic(states([files["base"]])[0], states(fts), coefficients)
     for k, v in expected.items():
         assert torch.equal(merge.backbone.state_dict()[k], v), k
@@ -250,6 +256,35 @@ def test_map_loads_the_best_mean_front_point_and_logs_the_pareto_figure(logger, 
         assert image.width > 100 and image.height > 100
     if logger == "csv":
         assert "merge/map_coefficient" in (tmp_path / "m" / "0" / "metrics.csv").read_text()
+
+
+def test_map_loads_the_best_evaluated_merge_when_the_predicted_front_measures_worse(files, tmp_path, monkeypatch):
+    import dataclasses
+
+    from harness import fast_trainer
+
+    import litplug.modules.merge as merge_module
+
+    real = merge_module.map_pareto_front
+
+    def far_off(evaluate, num_tasks, **kwargs):  # surrogates that predict a far extrapolation as best
+        result = real(evaluate, num_tasks, **kwargs)
+        return dataclasses.replace(
+            result, coefficients=torch.full((1, num_tasks), 25.0), values=torch.ones(1, num_tasks)
+        )
+
+    monkeypatch.setattr(merge_module, "map_pareto_front", far_off)
+    fts = files["finetunes"][:2]
+    merge = ModelMerge(mlp(0), fts, recipe="map", base=files["base"], output_path=None)
+    fast_trainer(tmp_path).validate(merge, DigitsTasks(batch_size=64), verbose=False)
+    result = merge.map_result
+    best = int(result.evaluated_values.mean(1).argmax())
+    assert not merge.map_from_front
+    assert merge.map_coefficients == result.evaluated[best].tolist()
+    assert merge.merged_score == pytest.approx(float(result.evaluated_values[best].mean()))
+    expected = task_arithmetic(states([files["base"]])[0], states(fts), merge.map_coefficients)
+    for k, v in expected.items():
+        assert torch.equal(merge.backbone.state_dict()[k], v), k
 
 
 def test_map_refuses_a_datamodule_without_one_validation_dataloader_per_fine_tune(files, tmp_path):
