@@ -6,11 +6,12 @@ import copy
 import os
 from typing import Any, ClassVar
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from ..functional.unlearning_metrics import classifier_suite, unlearning_suite
+from ..functional.unlearning_metrics import classifier_suite, suite_from_statistics, suite_statistics
 from ..loading import load_weights
 from ..validation import check_bool, check_path, check_positive_int
 
@@ -39,6 +40,14 @@ def _evaluation_sets(datamodule: Any) -> Any:
     )
 
 
+def _same_sets(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(
+        len(a[k]) == len(b[k])
+        and all(x.shape == y.shape and torch.equal(x, y.to(x.device)) for x, y in zip(a[k], b[k]))
+        for k in a
+    )
+
+
 class UnlearningEvaluation(Callback):
     """Score an unlearned model against a retain model with the unlearning metrics.
 
@@ -61,8 +70,9 @@ class UnlearningEvaluation(Callback):
     ``retain_checkpoint``, read through :mod:`litplug.loading` (a Lightning checkpoint of any module
     holding it, a state dict, safetensors or a ``save_pretrained`` folder); a checkpoint of another
     architecture or vocabulary, or a missing file, is refused at setup, before training. The retain
-    model stays off
-    the optimizer and out of the checkpoint.
+    model stays off the optimizer and out of the checkpoint; its per-sample statistics on the
+    language-model sets are computed at the first evaluation and reused while the sets, the device
+    and the precision stay the same.
 
     Distributed: every rank evaluates the same full sets (no collective; the values agree).
 
@@ -98,6 +108,7 @@ class UnlearningEvaluation(Callback):
         self.on_validation, self.batch_size = on_validation, batch_size
         self.results: dict[str, float] = {}
         self._retain: list[nn.Module] = []  # a list keeps it out of any module's parameters
+        self._retain_statistics: tuple[Any, dict[str, Any], dict[str, Any]] | None = None  # (key, sets, statistics)
 
     @staticmethod
     def _network(pl_module: LightningModule) -> nn.Module:
@@ -133,7 +144,9 @@ class UnlearningEvaluation(Callback):
         network.eval()
         try:
             if sets is not None:
-                self.results = unlearning_suite(network, retain, *sets(), batch_size=self.batch_size)
+                data, texts = sets()
+                statistics = suite_statistics(network, data, batch_size=self.batch_size)
+                self.results = suite_from_statistics(statistics, self._statistics_of(retain, data), texts)
             else:
                 dm = trainer.datamodule
                 loaders = dm.test_dataloader() if trainer.testing else dm.val_dataloader()
@@ -145,6 +158,17 @@ class UnlearningEvaluation(Callback):
             network.train(was_training)
         for name, value in self.results.items():
             pl_module.log(f"unlearn/suite/{name}", value)
+
+    def _statistics_of(self, retain: nn.Module, data: dict[str, Any]) -> dict[str, Any]:
+        """The retain model's per-sample statistics on ``data``: computed once, and again only when
+        the evaluation sets, the device or the precision change (the retain model never does)."""
+        key = (str(next(retain.parameters()).device), next(retain.parameters()).dtype)
+        cached = self._retain_statistics
+        if cached is not None and cached[0] == key and _same_sets(cached[1], data):
+            return cached[2]
+        statistics = suite_statistics(retain, data, batch_size=self.batch_size)
+        self._retain_statistics = (key, {k: tuple(t.clone() for t in v) for k, v in data.items()}, statistics)
+        return statistics
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -40,12 +40,17 @@ def test_the_oracle_trains_once_and_the_retain_model_never_saw_the_forget_people
     assert oracle_paths(out, 5, 0, model_seed=7)["retain"].name == "retain05_model7.pt"
 
 
-def test_the_suite_is_logged_and_equals_the_function(oracle, tmp_path):
+def test_the_suite_is_logged_and_equals_the_function(oracle, tmp_path, monkeypatch):
+    import litplug.callbacks.unlearning_evaluation as module
+
+    scored = []
+    real = module.suite_statistics
+    monkeypatch.setattr(module, "suite_statistics", lambda m, *a, **k: scored.append(m) or real(m, *a, **k))
     dm = FictitiousQA(**CORPUS)
     model = Unlearner(backbone(dm), str(oracle["target"]), "gradient_difference", objective="causal_lm")
     evaluation = UnlearningEvaluation(str(oracle["retain"]))
     trainer = Trainer(
-        max_epochs=1, limit_train_batches=2, callbacks=[evaluation], logger=CSVLogger(tmp_path),
+        max_epochs=2, limit_train_batches=2, callbacks=[evaluation], logger=CSVLogger(tmp_path),
         enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
     )  # fmt: skip
     trainer.fit(model, ForgetRetain(dm, scenario="class", forget_classes=[1]))
@@ -56,6 +61,8 @@ def test_the_suite_is_logged_and_equals_the_function(oracle, tmp_path):
     assert logged.keys() == expected.keys() and evaluation.results == expected
     assert all(logged[k] == pytest.approx(v, rel=1e-5, abs=1e-6) or math.isnan(v) for k, v in expected.items())
     assert not any("retain" in n for n, _ in model.named_parameters())
+    # two validation epochs: the model scored twice, the retain model once
+    assert len(scored) == 3 and sum(m is evaluation._retain[0] for m in scored) == 1
 
 
 def test_a_retain_model_of_another_vocabulary_is_refused_before_training(tmp_path):
