@@ -10,6 +10,8 @@ them. Every place litplug reads such a file goes through this module.
   it; ``trust_checkpoint=True`` is the only way past that, and it runs code from the file.
 * Pickled data (CIFAR-10's batches) goes through :func:`load_data_pickle`, an unpickler that
   rebuilds dicts, lists, bytes, str, numbers and numpy arrays and refuses anything else.
+* Settings and records (the oracle's settings beside each model) are JSON objects read by
+  :func:`load_json` (plain data; no code).
 
 :func:`load_weights` puts a file's weights into a module: the keys' prefix is found
 automatically (a Lightning checkpoint of any module holding it: ``backbone.``, ``model.``, ...),
@@ -44,7 +46,7 @@ import torch
 from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 
-__all__ = ["SAFE_GLOBALS", "load_data_pickle", "load_file", "load_state_dict", "load_weights"]
+__all__ = ["SAFE_GLOBALS", "load_data_pickle", "load_file", "load_json", "load_state_dict", "load_weights"]
 
 # Classes a Lightning checkpoint's ``hyper_parameters`` may hold beyond what ``torch.load``'s
 # weights_only mode allows by default: paths and Lightning's AttributeDict. Rebuilding them runs no
@@ -274,3 +276,16 @@ def load_data_pickle(path: str | os.PathLike) -> Any:
         raise
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file is the same user error
         raise ValueError(f"{str(path)!r} could not be read as pickled data: {err}") from err
+
+
+# ----------------------------------------------------------------------------- JSON records
+def load_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``path`` (a settings file, a record); a file that is not UTF-8 JSON holding
+    an object raises ``ValueError`` naming it."""
+    try:
+        data = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(path)!r} could not be read as JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data

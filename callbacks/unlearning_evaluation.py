@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from ..functional.unlearning_metrics import classifier_suite, suite_from_statistics, suite_statistics
-from ..loading import load_weights
+from ..loading import load_json, load_weights
 from ..validation import check_bool, check_path, check_positive_int
 
 __all__ = ["UnlearningEvaluation"]
@@ -38,6 +39,38 @@ def _evaluation_sets(datamodule: Any) -> Any:
         f"UnlearningEvaluation needs a datamodule with `evaluation_sets()` (e.g. FictitiousQA, or ForgetRetain "
         f"around it) or a classifier's ForgetRetain, got {type(datamodule).__name__}"
     )
+
+
+CORPUS_SETTINGS = ("num_entities", "seed", "forget_percent")
+
+
+def _check_corpus(checkpoint: str, datamodule: Any) -> None:
+    """Refuse a retain model whose oracle settings file (``retain05.json`` beside ``retain05.pt``,
+    written by :mod:`litplug.oracle`) names another corpus than the datamodule's."""
+    record = Path(checkpoint).with_suffix(".json")
+    if not Path(checkpoint).is_file() or not record.is_file():
+        return
+    settings = load_json(record)
+    if settings.get("kind") not in ("target", "retain"):
+        return  # not an oracle record
+    corpus = next(
+        (
+            c
+            for c in (datamodule, getattr(datamodule, "datamodule", None))
+            if callable(getattr(c, "evaluation_sets", None))
+        ),
+        None,
+    )
+    differing = [
+        f"{k}: {settings[k]!r} there, {getattr(corpus, k)!r} here"
+        for k in CORPUS_SETTINGS
+        if k in settings and hasattr(corpus, k) and getattr(corpus, k) != settings[k]
+    ]
+    if differing:
+        raise ValueError(
+            f"`retain_checkpoint` {checkpoint!r} was trained on another corpus than the datamodule's "
+            f"({'; '.join(differing)}, from {record.name}): scoring against it would compare other people"
+        )
 
 
 def _same_sets(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -69,7 +102,9 @@ class UnlearningEvaluation(Callback):
     of ``pl_module.backbone`` (or of ``pl_module`` without one) with the weights of
     ``retain_checkpoint``, read through :mod:`litplug.loading` (a Lightning checkpoint of any module
     holding it, a state dict, safetensors or a ``save_pretrained`` folder); a checkpoint of another
-    architecture or vocabulary, or a missing file, is refused at setup, before training. The retain
+    architecture or vocabulary, a missing file, or a model of :mod:`litplug.oracle` whose settings file
+    names another corpus (``num_entities``, ``seed``, ``forget_percent``) than the datamodule's, is
+    refused at setup, before training. The retain
     model stays off the optimizer and out of the checkpoint; its per-sample statistics on the
     language-model sets are computed at the first evaluation and reused while the sets, the device
     and the precision stay the same.
@@ -117,6 +152,7 @@ class UnlearningEvaluation(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _evaluation_sets(trainer.datamodule)
+        _check_corpus(self.retain_checkpoint, trainer.datamodule)
         if self._retain:
             return
         if not os.path.exists(self.retain_checkpoint):

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from litplug.datamodules import CIFAR10
-from litplug.loading import load_data_pickle, load_file, load_state_dict, load_weights
+from litplug.loading import load_data_pickle, load_file, load_json, load_state_dict, load_weights
 from litplug.modules import MLP, ModelSoup, Unlearner
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1]
@@ -137,3 +137,16 @@ def test_no_unrestricted_unpickling_in_the_package():
     lines = (PACKAGE / "loading.py").read_text().splitlines()
     full = [i for i, line in enumerate(lines) if re.search(r"weights_only\s*=\s*False", line)]
     assert len(full) == 1 and lines[full[0] - 1].strip() == "if trust_checkpoint:"
+
+
+def test_json_records_are_objects_read_as_data(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text('{"epochs": 2, "lr": 0.003}')
+    assert load_json(path) == {"epochs": 2, "lr": 0.003}
+    for text, match in (("[1, 2]", "must hold a JSON object, got list"), ("{oops", "could not be read as JSON")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_json(path)
+    path.write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match="settings.json' could not be read as JSON"):
+        load_json(path)

@@ -14,7 +14,7 @@ from litplug.callbacks import UnlearningEvaluation
 from litplug.datamodules import FictitiousQA, ForgetRetain
 from litplug.functional.unlearning_metrics import unlearning_suite
 from litplug.modules import CausalTransformer, Unlearner
-from litplug.oracle import backbone, main, oracle_paths, train_oracle
+from litplug.oracle import backbone, main, oracle_paths, read_settings, train_oracle, train_oracle_model
 
 CORPUS = {"num_entities": 20, "forget_percent": 10}
 
@@ -38,6 +38,48 @@ def test_the_oracle_trains_once_and_the_retain_model_never_saw_the_forget_people
     assert five["target"] == oracle["target"] and five["target"].stat().st_mtime_ns == stamps["target"]
     assert five["retain"] != oracle["retain"] and five["retain"].exists()
     assert oracle_paths(out, 5, 0, model_seed=7)["retain"].name == "retain05_model7.pt"
+
+
+def test_the_oracle_records_its_settings_and_refuses_a_model_trained_with_others(oracle, tmp_path):
+    out = oracle["target"].parents[1]
+    recorded = read_settings(oracle["retain"])
+    assert recorded == {
+        "kind": "retain", "num_entities": 20, "seed": 0, "forget_percent": 10, "epochs": 2, "lr": 3e-3,
+        "batch_size": 64, "model_seed": 0, "architecture": {"dim": 64, "depth": 2, "heads": 4},
+    }  # fmt: skip
+    assert "forget_percent" not in read_settings(oracle["target"])  # one target model for every forget size
+    stamps = {k: p.stat().st_mtime_ns for k, p in oracle.items()}
+    for other, named in (({"epochs": 3}, "epochs: 2 there, 3 here"), ({"lr": 1e-3}, "lr: 0.003 there, 0.001 here"),
+                         ({"num_entities": 30}, "num_entities: 20 there, 30 here"),
+                         ({"batch_size": 8}, "batch_size: 64 there, 8 here")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"trained with other settings \\({named}\\).*another `out`"):
+            train_oracle(out, 10, seed=0, **{"num_entities": 20, "epochs": 2, **other})
+    with pytest.raises(ValueError, match="epochs: 2 there, 3 here"):
+        main(["--out", str(out), "--forget-percent", "10", "--seeds", "0", "--num-entities", "20", "--epochs", "3"])
+    assert {k: p.stat().st_mtime_ns for k, p in oracle.items()} == stamps  # nothing replaced
+
+    copy = oracle_paths(tmp_path, 10, 0)["target"]  # a model without its settings file
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(oracle["target"].read_bytes())
+    with pytest.raises(ValueError, match="has no settings file 'target.json'"):
+        train_oracle_model(tmp_path, "target", 10, 0, num_entities=20, epochs=2)
+    copy.with_suffix(".json").write_text("{not json")
+    with pytest.raises(ValueError, match="target.json' could not be read as JSON"):
+        train_oracle_model(tmp_path, "target", 10, 0, num_entities=20, epochs=2)
+    copy.with_suffix(".json").write_text(oracle["target"].with_suffix(".json").read_text())
+    assert train_oracle_model(tmp_path, "target", 10, 0, num_entities=20, epochs=2) == copy
+
+
+@pytest.mark.parametrize("corpus, named", [({"seed": 1}, "seed: 0 there, 1 here"),
+                                           ({"num_entities": 40}, "num_entities: 20 there, 40 here"),
+                                           ({"forget_percent": 5}, "forget_percent: 10 there, 5 here")])  # fmt: skip
+def test_a_retain_model_of_another_corpus_is_refused_before_training(oracle, corpus, named):
+    dm = FictitiousQA(**{**CORPUS, **corpus})
+    model = Unlearner(backbone(dm), None, "retrain", objective="causal_lm")
+    trainer = Trainer(max_epochs=1, callbacks=[UnlearningEvaluation(str(oracle["retain"]))], logger=False)
+    with pytest.raises(ValueError, match=f"another corpus than the datamodule's \\({named}, from retain10.json"):
+        trainer.fit(model, ForgetRetain(dm, scenario="class", forget_classes=[1]))
+    assert trainer.global_step == 0
 
 
 def test_the_suite_is_logged_and_equals_the_function(oracle, tmp_path, monkeypatch):
