@@ -33,9 +33,9 @@ import torch
 from torch import fx, nn
 
 from ..plumbing.third_party_private import tree_flatten, tree_leaves, tree_unflatten
-from .engine import BoundedNetwork, _get_attr, _has_interval, bounded
+from .engine import BoundedNetwork, _get_attr, _has_interval, bounded, check_box
 from .fused import ReLURelaxation
-from .interval import Interval, Pass, UnsupportedOperationError, check_box, name_of, where
+from .interval import Interval, Pass, UnsupportedOperationError, name_of, where
 from .ops import CENTRE_METHODS
 from .relaxation import Step, batch_norm_affine, conv_transpose_offset
 
@@ -88,7 +88,7 @@ def crown_bounds(
     Args:
         model: the network (as for :func:`~.engine.interval_bounds`; batch norm uses its running
             statistics in eval mode).
-        lower, upper: the input box, batched like the network's input.
+        lower, upper: the input box, batched like the network's input, of the network's dtype.
         method: ``"crown"`` (intermediate bounds by CROWN) or ``"crown-ibp"`` (by IBP). The
             bounds are tightened as :func:`linear_bounds` with ``tighten=True`` describes (never
             looser than IBP's, and ``"crown"`` never looser than ``"crown-ibp"``).
@@ -99,7 +99,9 @@ def crown_bounds(
     Raises:
         UnsupportedOperationError: an operation without a linear relaxation (e.g. max-pooling),
             named with its module path or graph node.
-        ValueError: a bad ``method``, box or ``spec`` shape.
+        ValueError: a bad ``method`` or ``spec`` shape; a box that is empty, holds NaN, is not
+            batched like the network's input, or whose dtype or device differs from the network's
+            parameters (it is not cast: convert the box or the network).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
@@ -137,7 +139,7 @@ def linear_bounds(
     ``method="crown"``) and IBP: all are sound, so each of these is too, and the ordering
     IBP <= CROWN-IBP <= CROWN holds by construction."""
     check_method(method)
-    check_box(lower, upper)
+    check_box(engine, lower, upper)
     run = _Run(engine, method, record_relu, tighten)
     env = run.forward(lower, upper, clean)
     out_node = engine.output.args[0]

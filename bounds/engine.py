@@ -5,6 +5,7 @@ interpreted node by node on boxes. It keeps no state between calls: what one com
 
 from __future__ import annotations
 
+import operator
 import weakref
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..plumbing.third_party_private import BatchNorm
-from .interval import BoundResult, Interval, Pass, UnsupportedOperationError, check_box
+from .interval import BoundResult, Interval, Pass, UnsupportedOperationError, where
 from .ops import CENTRE_METHODS, Op, lookup
 
 
@@ -64,6 +65,7 @@ class BoundedNetwork:
             last.op == "call_function" and last.target is F.linear
         )
         self.elide = last if is_linear else None
+        self.layout = _input_layout(inputs[0], model)
 
     @property
     def model(self) -> nn.Module:
@@ -72,6 +74,45 @@ class BoundedNetwork:
         if model is None:
             raise ReferenceError("the network of this BoundedNetwork was garbage-collected; build a new one")
         return model
+
+    def check_layout(
+        self, lower: torch.Tensor, upper: torch.Tensor, names: tuple[str, str] = ("lower", "upper")
+    ) -> None:
+        """Refuse a box whose type, shape, dtype or device cannot go through the network (metadata
+        only: no value is read), naming the arguments ``names``. The box must be batched like the
+        network's input (at least ``[batch, features]``; the rank and channels of the first
+        Linear/Conv/batch norm the input reaches through elementwise operations), and have the
+        floating dtype and the device of the network's parameters. It is not cast: a float64 box
+        on a float32 network would be bounded in float32, and the network's forward refuses the
+        same mix."""
+        for name, t in zip(names, (lower, upper)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        what = " and ".join(f"`{n}`" for n in dict.fromkeys(names))
+        if lower.shape != upper.shape:
+            raise ValueError(f"{what} must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}")
+        if lower.dtype != upper.dtype:
+            raise ValueError(f"{what} must have the same dtype, got {lower.dtype} and {upper.dtype}")
+        rank, dim, size, node = self.layout
+        if (lower.dim() < 2 if rank is None else lower.dim() != rank) or (dim is not None and lower.shape[dim] != size):
+            if node is None:
+                want = "[batch, ...]"
+            elif rank is None:
+                want = f"[batch, ..., {size}] for the input of {where(node)}"
+            else:
+                want = f"[batch, {', '.join([str(size)] + ['*'] * (rank - 2))}] for the input of {where(node)}"
+            raise ValueError(f"{what} must be batched like the network's input, {want}, got shape {tuple(lower.shape)}")
+        param = next((t for t in self.model.parameters() if t.is_floating_point()), None)
+        if param is None:
+            param = next((t for t in self.model.buffers() if t.is_floating_point()), None)
+        dtype = param.dtype if param is not None else torch.get_default_dtype()
+        if lower.dtype != dtype:
+            raise ValueError(
+                f"{what} must have the network's dtype {dtype}, got {lower.dtype} (not cast: convert with "
+                f"`.to({dtype})`, or convert the network)"
+            )
+        if param is not None and lower.device != param.device:
+            raise ValueError(f"{what} must be on the network's device {param.device}, got {lower.device}")
 
     def uses_batch_statistics(self) -> bool:
         """Whether a batch norm of the network normalises with batch statistics as it is now (train
@@ -132,10 +173,7 @@ class BoundedNetwork:
             fused: run the operators' fused autograd variants where they apply (the default);
                 False runs every rule through plain autograd (same values and gradients, slower).
         """
-        if lower.shape != upper.shape:
-            raise ValueError(
-                f"`lower` and `upper` must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}"
-            )
+        self.check_layout(lower, upper)
         relu: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if record_relu else None
         return self._propagate(Pass(self.model, fused, False, relu), lower, upper, clean, spec)
 
@@ -256,8 +294,57 @@ def bounded(model: nn.Module) -> BoundedNetwork:
     return engine
 
 
+def check_box(
+    engine: BoundedNetwork, lower: torch.Tensor, upper: torch.Tensor, names: tuple[str, str] = ("lower", "upper")
+) -> None:
+    """An input box ``[lower, upper]`` for ``engine``'s network: :meth:`BoundedNetwork.check_layout`
+    (batched, the network's dtype and device), no NaN, not empty."""
+    engine.check_layout(lower, upper, names)
+    what = " and ".join(f"`{n}`" for n in dict.fromkeys(names))
+    if bool(lower.isnan().any() or upper.isnan().any()):
+        raise ValueError(f"{what} must not contain NaN")
+    if bool((lower > upper).any()):
+        if names == ("lower", "upper"):
+            raise ValueError("`lower` must be <= `upper` everywhere (an empty box)")
+        raise ValueError(f"the box around {what} is empty somewhere (its lower end above its upper end)")
+
+
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity)
+_ELEMENTWISE_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, torch.relu, F.relu)
+
+
+def _input_layout(placeholder: fx.Node, model: nn.Module) -> tuple[int | None, int | None, int | None, fx.Node | None]:
+    """``(rank, dim, size, node)``: the input rank (None: at least 2) and the size of dimension
+    ``dim`` that the first Linear/Conv/batch norm reached from the input through elementwise
+    operations needs (``node``); ``(None, None, None, None)`` where none is reached that way."""
+    frontier, seen = [placeholder], {placeholder}
+    while frontier:
+        node = frontier.pop(0)
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_module" and user.args[:1] == (node,):
+                m = model.get_submodule(user.target)
+                if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                    return m.weight.dim(), 1, m.in_channels, user
+                if isinstance(m, nn.Linear):
+                    return None, -1, m.in_features, user
+                if isinstance(m, nn.BatchNorm2d):
+                    return 4, 1, m.num_features, user
+                if isinstance(m, _ELEMENTWISE_MODULES):
+                    frontier.append(user)
+            elif user.op == "call_function" and user.target in _ELEMENTWISE_FUNCTIONS:
+                frontier.append(user)
+    return None, None, None, None
+
+
 def interval_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Interval bounds of ``model``'s output over the input box ``[lower, upper]``.
+
+    Raises:
+        ValueError: a box that is empty, holds NaN, is not batched like the network's input, or
+            whose dtype or device differs from the network's parameters (it is not cast).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2))
@@ -265,6 +352,7 @@ def interval_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor) 
         >>> torch.equal(lo, up)
         True
     """
-    check_box(lower, upper)
-    result = bounded(model)(lower, upper)
+    engine = bounded(model)
+    check_box(engine, lower, upper)
+    result = engine(lower, upper)
     return result.lower, result.upper

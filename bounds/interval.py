@@ -11,18 +11,6 @@ import torch
 from torch import fx, nn
 
 
-def check_box(lower: torch.Tensor, upper: torch.Tensor) -> None:
-    """An input box ``[lower, upper]``: the same shape, no NaN, not empty."""
-    if lower.shape != upper.shape:
-        raise ValueError(
-            f"`lower` and `upper` must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}"
-        )
-    if bool(lower.isnan().any() or upper.isnan().any()):
-        raise ValueError("`lower` and `upper` must not contain NaN")
-    if bool((lower > upper).any()):
-        raise ValueError("`lower` must be <= `upper` everywhere (an empty box)")
-
-
 class UnsupportedOperationError(ValueError):
     """A network contains an operation the interval engine cannot bound."""
 

@@ -62,8 +62,8 @@ from torch import fx, nn
 from ..plumbing.third_party_private import BatchNorm, tree_leaves
 from ..validation import check_int
 from .crown import Method, _accumulate, _Run, check_method
-from .engine import bounded
-from .interval import Interval, UnsupportedOperationError, check_box, where
+from .engine import bounded, check_box
+from .interval import Interval, UnsupportedOperationError, where
 
 
 @torch.no_grad()
@@ -90,12 +90,17 @@ def local_lipschitz(
         splits: unstable ReLU neurons split by the sign of their pre-activation (branch and
             bound, one level): the bound is the largest over the ``2 ** splits`` sign patterns,
             or the unsplit one where smaller.
+
+    Raises:
+        ValueError: a box that is empty, holds NaN, is not batched like the network's input, or
+            whose dtype or device differs from the network's parameters (it is not cast); a bad
+            ``method``, ``steps`` or ``splits``; batch norm in train mode.
     """
     check_method(method)
     check_int("steps", steps, low=0)
     check_int("splits", splits, low=0, high=16)
-    check_box(lower, upper)
     engine = bounded(model)
+    check_box(engine, lower, upper)
     for node in engine.nodes:
         if node.op == "call_module" and isinstance(model.get_submodule(node.target), BatchNorm):
             bn = model.get_submodule(node.target)

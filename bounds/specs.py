@@ -9,8 +9,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..validation import check_int
 from .crown import check_method, linear_bounds
-from .engine import bounded
+from .engine import bounded, check_box
 
 
 def _channel_view(values: Sequence[float] | float, x: torch.Tensor) -> torch.Tensor:
@@ -60,8 +61,15 @@ def margin_bounds(
 ) -> torch.Tensor:
     """Lower bounds ``[B, K]`` of ``z_y - z_j`` over the pixel-space ``eps`` ball around ``x``
     (entry ``y`` is 0), with the last linear layer elided. A sample is verified when every other
-    entry is > 0. ``num_classes`` defaults to the width of ``model``'s output. ``method``:
-    ``"ibp"`` (interval bounds), ``"crown"`` or ``"crown-ibp"`` (:func:`~.crown.crown_bounds`).
+    entry is > 0. ``y``: integer labels ``[B]`` in ``[0, K)``; ``num_classes`` (``K``) defaults to
+    the width of ``model``'s output and must equal it. ``method``: ``"ibp"`` (interval bounds),
+    ``"crown"`` or ``"crown-ibp"`` (:func:`~.crown.crown_bounds`).
+
+    Raises:
+        TypeError: ``x`` or ``y`` not a tensor, ``y`` not of an integer dtype.
+        ValueError: ``x`` not batched like the network's input, or not of the dtype and device of
+            its parameters (it is not cast); ``y`` not of shape ``[B]`` or out of range; a bad
+            ``num_classes``, ``eps`` or ``method``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3))
@@ -71,9 +79,23 @@ def margin_bounds(
     if method != "ibp":
         check_method(method)
     engine = bounded(model)
+    engine.check_layout(x, x, ("x", "x"))
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        got = f"a {y.dtype} tensor" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise TypeError(f"`y` must be an integer tensor of class indices, got {got}")
+    if y.shape != x.shape[:1]:
+        raise ValueError(f"`y` must have shape [batch] = [{x.shape[0]}], got {tuple(y.shape)}")
+    outputs = engine.num_outputs(x)
     if num_classes is None:
-        num_classes = engine.num_outputs(x)
+        num_classes = outputs
+    elif check_int("num_classes", num_classes, low=2) != outputs:
+        raise ValueError(f"`num_classes` must equal the network's {outputs} outputs, got {num_classes}")
+    if y.numel() and not bool(((y >= 0) & (y < num_classes)).all()):
+        raise ValueError(
+            f"`y` must hold class indices in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
+        )
     lower, upper = input_box(x, eps, mean, std, pixel_range)
+    check_box(engine, lower, upper, ("x", "x"))
     spec = margin_spec(y, num_classes).to(x.dtype)
     if method == "ibp":
         return engine(lower, upper, clean=x, spec=spec).lower

@@ -14,7 +14,9 @@ from torch import nn
 from litplug.bounds import (
     BoundedNetwork,
     UnsupportedOperationError,
+    crown_bounds,
     interval_bounds,
+    local_lipschitz,
     margin_bounds,
     margin_spec,
 )
@@ -275,3 +277,41 @@ def test_a_box_that_is_empty_misshaped_or_nan_is_refused() -> None:
         interval_bounds(net, x, x[:1])
     with pytest.raises(ValueError, match="must not contain NaN"):
         interval_bounds(net, x * float("nan"), x)
+
+
+BOX_FUNCTIONS = {
+    "interval_bounds": interval_bounds,
+    "crown_bounds": crown_bounds,
+    "local_lipschitz": local_lipschitz,
+    "margin_bounds": lambda net, lower, upper: margin_bounds(
+        net, lower, torch.zeros(len(lower), dtype=torch.long), 0.1
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BOX_FUNCTIONS))
+def test_a_box_unbatched_or_of_another_dtype_or_device_is_refused_by_name_before_computing(name):
+    bound = BOX_FUNCTIONS[name]
+    what = "`x`" if name == "margin_bounds" else "`lower` and `upper`"
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 3))
+    x, image = torch.rand(2, 4), torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=rf"{what} must be batched like the network's input, \[batch, \.\.\., 4\] "):
+        bound(mlp, x[0], x[0])
+    with pytest.raises(ValueError, match=r"\[batch, 1, \*, \*\] for the input of module '0', got shape \(1, 8, 8\)"):
+        bound(cnn, image[0], image[0])
+    with pytest.raises(ValueError, match=r"\[batch, \.\.\., 4\] for the input of module '0', got shape \(2, 5\)"):
+        bound(mlp, torch.rand(2, 5), torch.rand(2, 5))
+    with pytest.raises(ValueError, match=rf"{what} must have the network's dtype torch.float32, got torch.float64"):
+        bound(mlp, x.double(), x.double())
+    with pytest.raises(ValueError, match=rf"{what} must have the network's dtype torch.float64, got torch.float32"):
+        bound(copy.deepcopy(cnn).double(), image, image)
+    with pytest.raises(ValueError, match=rf"{what} must be on the network's device meta, got cpu"):
+        bound(copy.deepcopy(mlp).to("meta"), x, x)
+    if name != "margin_bounds":
+        with pytest.raises(ValueError, match="`lower` and `upper` must have the same dtype, got torch.float64 and"):
+            bound(mlp, x.double(), x)
+        with pytest.raises(TypeError, match="`upper` must be a torch.Tensor, got ndarray"):
+            bound(mlp, x, x.numpy())
+    lower, upper = bound(mlp.double(), x.double(), x.double() + 0.1)[:2]  # the same dtype is bounded
+    assert lower.dtype == torch.float64

@@ -46,3 +46,27 @@ def test_input_box_maps_pixel_eps_through_mean_std_and_clamps():
 def test_margin_spec_rows():
     spec = margin_spec(torch.tensor([1]), 3)
     assert spec.tolist() == [[[-1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, -1.0]]]
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp"])
+def test_margin_bounds_refuses_labels_that_do_not_fit_the_batch_or_the_outputs(method):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x = torch.rand(2, 4)
+    for y, error, message in [
+        (torch.tensor([0, 3]), ValueError, r"`y` must hold class indices in \[0, 3\), got values in \[0, 3\]"),
+        (torch.tensor([0, -1]), ValueError, r"`y` must hold class indices in \[0, 3\), got values in \[-1, 0\]"),
+        (torch.tensor([0, 1, 2]), ValueError, r"`y` must have shape \[batch\] = \[2\], got \(3,\)"),
+        (torch.tensor([0]), ValueError, r"`y` must have shape \[batch\] = \[2\], got \(1,\)"),
+        (torch.tensor([[0], [1]]), ValueError, r"`y` must have shape \[batch\] = \[2\], got \(2, 1\)"),
+        (torch.tensor([0.0, 1.0]), TypeError, "`y` must be an integer tensor of class indices, got a torch.float32"),
+        ([0, 1], TypeError, "`y` must be an integer tensor of class indices, got list"),
+    ]:
+        with pytest.raises(error, match=message):
+            margin_bounds(net, x, y, 0.1, method=method)
+    with pytest.raises(ValueError, match="`num_classes` must equal the network's 3 outputs, got 2"):
+        margin_bounds(net, x, torch.tensor([0, 1]), 0.1, num_classes=2, method=method)
+    with pytest.raises(ValueError, match="`x` must not contain NaN"):
+        margin_bounds(net, x * float("nan"), torch.tensor([0, 1]), 0.1, method=method)
+    with pytest.raises(ValueError, match="the box around `x` is empty"):
+        margin_bounds(net, x + 2, torch.tensor([0, 1]), 0.1, pixel_range=(0.0, 1.0), method=method)
+    assert margin_bounds(net, x, torch.tensor([0, 2]), 0.1, num_classes=3, method=method).shape == (2, 3)
