@@ -93,8 +93,10 @@ def mia_efficacy(member: torch.Tensor, non_member: torch.Tensor, target: torch.T
 
 def loss_mia_auc(member_loss: torch.Tensor, non_member_loss: torch.Tensor) -> float:
     """Membership inference by loss, as an AUC in percent: the probability that a ``member``
-    sample has a lower loss than a ``non_member`` one (ties count half). 50 is chance."""
-    if len(member_loss) == 0 or len(non_member_loss) == 0:
+    sample has a lower loss than a ``non_member`` one (ties count half). 50 is chance. NaN when either
+    side is empty or holds a NaN loss (a diverged model has no membership AUC; a NaN compared with
+    nothing would move the area silently)."""
+    if len(member_loss) == 0 or len(non_member_loss) == 0 or member_loss.isnan().any() or non_member_loss.isnan().any():
         return float("nan")
     m = member_loss.double().view(-1, 1).cpu()
     n = non_member_loss.double().view(1, -1).cpu()

@@ -22,6 +22,14 @@ Per-sample quantities (one value per row):
 As in open-unlearning, the token-wise scores (exact memorisation, extraction strength, Min-K%,
 Min-K%++) leave out the last scored token (the end-of-sequence position); the losses include it.
 
+Rows with nothing to score are refused with a ``ValueError`` naming ``labels`` and the rows, where
+open-unlearning gives a value: a row scoring no token after the first position has no loss
+(open-unlearning's ``avg_loss`` is 0/0 = NaN, which makes its mean probability NaN), and a row
+scoring fewer than two has no token-wise position (open-unlearning marks its exact memorisation
+``None`` and leaves it out of the mean, and scores extraction strength, Min-K% and Min-K%++ 0, i.e.
+"not extracted" and "looks most like training data"). A value there would either change the mean
+silently or bias it; the fix is in the data (score each answer's end-of-sequence token).
+
 Aggregates: :func:`truth_ratio` (wrong over correct answer probability from length-normalised
 losses, TOFU) with :func:`closer_to_one` and :func:`true_better`; :func:`forget_quality` (the KS-test
 p-value between the truth ratios of the unlearned and the retain model on the forget split);
@@ -42,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -63,9 +72,33 @@ def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return logits[:, :-1].float(), labels[:, 1:]
 
 
+def _check_scored(labels: torch.Tensor, minimum: int, offset: int = 0) -> None:
+    """Refuse rows of ``labels`` scoring fewer than ``minimum`` tokens after the first position (the
+    first has no prediction); ``offset`` is added to the row numbers in the message."""
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    bad = (counts < minimum).nonzero().flatten()
+    if not len(bad):
+        return
+    rows = (bad[:8] + offset).tolist()
+    rows_said = f"{rows}{f' and {len(bad) - 8} more' if len(bad) > 8 else ''}"
+    if minimum == 1:
+        raise ValueError(
+            f"`labels` rows {rows_said} score no token after the first position (every label is -100), so they "
+            "have no answer loss (it would be 0/0); score at least each answer's end-of-sequence token"
+        )
+    raise ValueError(
+        f"`labels` rows {rows_said} score fewer than {minimum} tokens after the first position: the token-wise "
+        "scores (exact memorisation, extraction strength, Min-K%, Min-K%++) leave the last scored token (the end "
+        "of sequence) out, so these rows have none to score; end each answer's labels with its end-of-sequence token"
+    )
+
+
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean NLL of the scored tokens ``[B]`` (NaN for a row with no scored token)."""
+    """Per-sample mean NLL of the scored tokens ``[B]``: the summed NLL of the predicted positions
+    over the number of scored labels (open-unlearning's ``avg_loss``). A row scoring no token after
+    the first position raises ``ValueError`` (open-unlearning: NaN)."""
     shifted_logits, shifted = _shifted(logits, labels)
+    _check_scored(labels, 1)
     nll = F.cross_entropy(shifted_logits.transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="none")
     count = (labels != IGNORE_INDEX).sum(-1)
     return nll.sum(-1) / count
@@ -82,31 +115,30 @@ def _token_positions(labels: torch.Tensor) -> list[torch.Tensor]:
 
 def _token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     shifted_logits, shifted = _shifted(logits, labels)
+    _check_scored(labels, 2)
     return shifted_logits.log_softmax(-1), _token_positions(labels)
 
 
 def exact_memorization(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample fraction of scored tokens predicted by argmax ``[B]`` (NaN without one)."""
+    """Per-sample fraction of scored tokens predicted by argmax ``[B]``, the last scored token left
+    out. A row scoring fewer than two tokens after the first position raises ``ValueError``
+    (open-unlearning: ``None``, left out of the mean)."""
     log_probs, positions = _token_log_probs(logits, labels)
     shifted = labels[:, 1:]
-    out = [
-        (log_probs[i, pos].argmax(-1) == shifted[i, pos]).double().mean() if len(pos) else torch.tensor(float("nan"))
-        for i, pos in enumerate(positions)
-    ]
+    out = [(log_probs[i, pos].argmax(-1) == shifted[i, pos]).double().mean() for i, pos in enumerate(positions)]
     return torch.stack(out).to(torch.float32) if out else torch.zeros(0)
 
 
 def extraction_strength(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample ``1 - k / n``: ``k`` the first position from which every remaining scored token
-    is the argmax prediction (``n`` if none is), ``n`` the number of scored tokens; 0 without one."""
+    is the argmax prediction (``n`` if none is), ``n`` the number of scored tokens (the last left
+    out). A row scoring fewer than two tokens after the first position raises ``ValueError``
+    (open-unlearning: 0)."""
     log_probs, positions = _token_log_probs(logits, labels)
     shifted = labels[:, 1:]
     out = []
     for i, pos in enumerate(positions):
         n = len(pos)
-        if n == 0:
-            out.append(0.0)
-            continue
         hit = (log_probs[i, pos].argmax(-1) == shifted[i, pos]).tolist()
         k = n - 1  # the last suffix is checked last; without a match k stays n - 1, as open-unlearning's loop
         for start in range(n):
@@ -142,14 +174,13 @@ def _check_k(k: float) -> None:
 
 def min_k_score(logits: torch.Tensor, labels: torch.Tensor, k: float = 0.2) -> torch.Tensor:
     """Min-K% (Shi et al. 2024): minus the mean of the lowest ``k`` fraction (at least one) of the
-    scored tokens' log-probabilities; 0 for a row without one."""
+    scored tokens' log-probabilities (the last left out). A row scoring fewer than two tokens after
+    the first position raises ``ValueError`` (open-unlearning: 0)."""
     _check_k(k)
     log_probs, positions = _token_log_probs(logits, labels)
     shifted = labels[:, 1:]
     out = [
         _bottom_k_mean(log_probs[i, pos].gather(-1, shifted[i, pos, None]).squeeze(-1), k)
-        if len(pos)
-        else torch.tensor(0.0, dtype=torch.float64)
         for i, pos in enumerate(positions)
     ]
     return torch.stack(out).float()
@@ -158,15 +189,13 @@ def min_k_score(logits: torch.Tensor, labels: torch.Tensor, k: float = 0.2) -> t
 def min_k_plus_plus_score(logits: torch.Tensor, labels: torch.Tensor, k: float = 0.2) -> torch.Tensor:
     """Min-K%++ (Zhang et al. 2024): Min-K% on ``(log p(x_t) - mu_t) / sigma_t``, with ``mu_t`` and
     ``sigma_t^2`` the mean and variance of the log-probability under the model's own next-token
-    distribution (variance floored at 1e-6)."""
+    distribution (variance floored at 1e-6), the last scored token left out. A row scoring fewer
+    than two tokens after the first position raises ``ValueError`` (open-unlearning: 0)."""
     _check_k(k)
     log_probs, positions = _token_log_probs(logits, labels)
     shifted = labels[:, 1:]
     out = []
     for i, pos in enumerate(positions):
-        if not len(pos):
-            out.append(torch.tensor(0.0, dtype=torch.float64))
-            continue
         lp = log_probs[i, pos]
         p = lp.exp()
         mu = (p * lp).sum(-1)
@@ -188,11 +217,17 @@ def reference_score(target_loss: torch.Tensor, reference_loss: torch.Tensor) -> 
 def mia_auc(forget_scores: torch.Tensor, holdout_scores: torch.Tensor) -> float:
     """The area under the ROC curve separating forget (label 0) from held-out (label 1) samples by
     a membership score (higher = less like training data): 1 when every forget sample looks more
-    like training data than every held-out one, 0.5 at chance (ties count half)."""
+    like training data than every held-out one, 0.5 at chance (ties count half). A NaN score raises
+    ``ValueError`` naming its argument (compared with nothing, it would count as neither below nor
+    tied and move the area silently); +-inf are ordered as numbers."""
     f = torch.as_tensor(forget_scores).double().flatten()
     h = torch.as_tensor(holdout_scores).double().flatten()
     if len(f) == 0 or len(h) == 0:
         raise ValueError(f"`mia_auc` needs forget and held-out scores, got {len(f)} and {len(h)}")
+    for name, scores in (("forget_scores", f), ("holdout_scores", h)):
+        nan = int(scores.isnan().sum())
+        if nan:
+            raise ValueError(f"`{name}` holds {nan} NaN of {len(scores)} scores; an AUC needs ordered scores")
     below = (f[:, None] < h[None, :]).double().mean()
     ties = (f[:, None] == h[None, :]).double().mean()
     return float(below + 0.5 * ties)
@@ -201,7 +236,16 @@ def mia_auc(forget_scores: torch.Tensor, holdout_scores: torch.Tensor) -> float:
 def privleak(auc: float, retain_auc: float) -> float:
     """MUSE's privleak in percent: ``((1 - auc) - (1 - retain_auc)) / (1 - retain_auc) * 100``
     (open-unlearning's convention): 0 for the retain model, negative when the forget set is easier to
-    recognise as trained on than for the retain model (under-unlearning), positive beyond it."""
+    recognise as trained on than for the retain model (under-unlearning), positive beyond it.
+
+    The denominator is ``(1 - retain_auc) + 1e-10``, open-unlearning's epsilon, kept on purpose so the
+    values compare with theirs: a retain model whose AUC is 1 gives ``privleak(0.5, 1.0) == 5e11``
+    (no division by zero, and no cap), a huge value that says the reference has no room to leak.
+
+    Example:
+        >>> round(privleak(0.5, 1.0))
+        500000000000
+    """
     score, ref = 1.0 - auc, 1.0 - retain_auc
     return (score - ref) / (ref + EPS) * 100.0
 
@@ -279,6 +323,8 @@ def answer_statistics(
     unknown = [k for k in statistics if k not in STATISTICS]
     if unknown:
         raise ValueError(f"`statistics` must be among {list(STATISTICS)}, got {unknown}")
+    if labels.dim() == 2:
+        _check_scored(labels, 2 if any(k != "loss" for k in statistics) else 1)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in statistics}
     device = next((p.device for p in getattr(model, "parameters", list)()), torch.device("cpu"))
     for start in range(0, len(input_ids), batch_size):
@@ -324,13 +370,27 @@ def suite_statistics(
     return out
 
 
+def _auc(forget_scores: torch.Tensor, holdout_scores: torch.Tensor) -> float:
+    """:func:`mia_auc`, NaN when a score is NaN (a model whose outputs are NaN has no AUC)."""
+    if torch.as_tensor(forget_scores).isnan().any() or torch.as_tensor(holdout_scores).isnan().any():
+        return float("nan")
+    return mia_auc(forget_scores, holdout_scores)
+
+
+def _utility(values: Sequence[float]) -> float:
+    """:func:`model_utility`, NaN when a value is NaN."""
+    return float("nan") if any(math.isnan(v) for v in values) else model_utility(values)
+
+
 def suite_from_statistics(
     model_statistics: Mapping[str, Mapping[str, torch.Tensor]],
     retain_statistics: Mapping[str, Mapping[str, torch.Tensor]],
     texts: Mapping[str, Sequence[str]],
 ) -> dict[str, float]:
     """:func:`unlearning_suite` from the :func:`suite_statistics` of the model and of the retain
-    model."""
+    model. A model with NaN statistics (one that diverged) gets NaN where they enter (membership
+    AUCs, privleak, model utility, ...) rather than a refusal, so a run that diverges logs NaN and
+    goes on."""
     stats = {(who, k): s[k] for who, s in (("model", model_statistics), ("retain", retain_statistics)) for k in s}
     _check_sets(model_statistics)
     _check_sets(retain_statistics)
@@ -349,16 +409,16 @@ def suite_from_statistics(
         "forget_prob": float(torch.exp(-stats["model", "forget"]["loss"]).mean()),
         "retain_truth_ratio": true_better(retain_tr),
         "retain_prob": retain_prob,
-        "model_utility": model_utility([retain_prob, true_better(retain_tr)]),
+        "model_utility": _utility([retain_prob, true_better(retain_tr)]),
     }
     sizes = {k: torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in texts[k]]) for k in ("forget", "holdout")}
     for who, prefix in (("model", "mia"), ("retain", "retain_mia")):
         f, h = stats[who, "forget"], stats[who, "holdout"]
-        report[f"{prefix}_loss"] = mia_auc(f["loss"], h["loss"])
-        report[f"{prefix}_min_k"] = mia_auc(f["min_k"], h["min_k"])
-        report[f"{prefix}_min_k_plus_plus"] = mia_auc(f["min_k_plus_plus"], h["min_k_plus_plus"])
-        report[f"{prefix}_zlib"] = mia_auc(f["loss"] / sizes["forget"], h["loss"] / sizes["holdout"])
-    report["mia_reference"] = mia_auc(
+        report[f"{prefix}_loss"] = _auc(f["loss"], h["loss"])
+        report[f"{prefix}_min_k"] = _auc(f["min_k"], h["min_k"])
+        report[f"{prefix}_min_k_plus_plus"] = _auc(f["min_k_plus_plus"], h["min_k_plus_plus"])
+        report[f"{prefix}_zlib"] = _auc(f["loss"] / sizes["forget"], h["loss"] / sizes["holdout"])
+    report["mia_reference"] = _auc(
         reference_score(stats["model", "forget"]["loss"], stats["retain", "forget"]["loss"]),
         reference_score(stats["model", "holdout"]["loss"], stats["retain", "holdout"]["loss"]),
     )
@@ -439,7 +499,7 @@ def classifier_suite(
     for name in ("forget", "retain", "holdout"):
         out[f"{name}_acc"] = float(stats["model", name][1].mean()) if len(stats["model", name][1]) else float("nan")
     out["forget_quality"] = forget_quality(stats["model", "forget"][0], stats["retain", "forget"][0])
-    out["mia_loss"] = mia_auc(stats["model", "forget"][0], stats["model", "holdout"][0])
-    out["retain_mia_loss"] = mia_auc(stats["retain", "forget"][0], stats["retain", "holdout"][0])
+    out["mia_loss"] = _auc(stats["model", "forget"][0], stats["model", "holdout"][0])
+    out["retain_mia_loss"] = _auc(stats["retain", "forget"][0], stats["retain", "holdout"][0])
     out["privleak"] = privleak(out["mia_loss"], out["retain_mia_loss"])
     return out

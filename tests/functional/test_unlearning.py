@@ -50,6 +50,8 @@ def test_loss_mia_auc():
     assert loss_mia_auc(torch.tensor([5.0, 6.0]), torch.tensor([1.0, 2.0])) == 0.0
     assert loss_mia_auc(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 3.0])) == pytest.approx(100 * (2 + 0.5) / 4)
     assert math.isnan(loss_mia_auc(torch.zeros(0), torch.ones(3)))
+    assert math.isnan(loss_mia_auc(torch.tensor([0.1, math.nan]), torch.ones(3)))  # a NaN loss has no order
+    assert math.isnan(loss_mia_auc(torch.ones(3), torch.tensor([math.nan])))
 
 
 def test_simnpo_and_rmu_losses_equal_their_formulas_in_float64():

@@ -127,6 +127,63 @@ def test_mia_auc_matches_sklearn_and_privleak_follows_muse():
         um.mia_auc(torch.zeros(0), holdout)
 
 
+TOKEN_WISE = (um.exact_memorization, um.extraction_strength, um.min_k_score, um.min_k_plus_plus_score)
+
+
+def test_rows_with_nothing_to_score_are_refused_by_every_per_sample_metric(batch):
+    """open-unlearning gives NaN (loss), None (EM, left out of the mean) or 0 (ES, Min-K%, Min-K%++)
+    there; litplug names the rows instead."""
+    logits, labels = batch
+    blank = labels.clone()
+    blank[1] = -100  # no scored token: 0/0
+    blank[2, 1:] = -100
+    blank[2, 0] = 5  # position 0 has no prediction: nothing scored either
+    for metric in (um.answer_loss, um.loss_score, *TOKEN_WISE):
+        with pytest.raises(ValueError, match=r"`labels` rows \[1, 2\] score"):
+            metric(logits, blank)
+    with pytest.raises(ValueError, match=r"`labels` rows \[1, 2\] score no token after the first position"):
+        um.zlib_score(logits, blank, ["a", "b", "c"])
+    one = labels.clone()
+    one[1, :] = -100
+    one[1, 4] = 3  # a one-token answer: the loss has it, the token-wise scores leave it out
+    assert torch.isfinite(um.answer_loss(logits, one)).all()
+    for metric in TOKEN_WISE:
+        with pytest.raises(ValueError, match=r"`labels` rows \[1\] score fewer than 2 tokens.*end-of-sequence"):
+            metric(logits, one)
+    model = lambda ids: logits[: len(ids)]  # noqa: E731
+    assert set(um.answer_statistics(model, torch.zeros(3, 8, dtype=torch.long), one, statistics=["loss"])) == {"loss"}
+    with pytest.raises(ValueError, match=r"rows \[1\] score fewer than 2"):  # refused before any forward pass
+        um.answer_statistics(lambda ids: pytest.fail("ran"), torch.zeros(3, 8, dtype=torch.long), one)
+
+
+def test_mia_auc_refuses_nan_and_orders_inf_and_the_suite_reports_nan_for_a_diverged_model():
+    nan, inf = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="`forget_scores` holds 1 NaN of 3 scores"):
+        um.mia_auc(torch.tensor([0.1, nan, 0.3]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="`holdout_scores` holds 2 NaN of 2 scores"):
+        um.mia_auc(torch.tensor([0.1]), torch.tensor([nan, nan]))
+    assert um.mia_auc(torch.tensor([-inf, 0.0]), torch.tensor([inf, inf])) == 1.0
+    assert um.mia_auc(torch.tensor([inf]), torch.tensor([inf, 0.0])) == pytest.approx(0.25)  # inf ties inf
+
+    def stats(scale):
+        t = torch.tensor([0.5, 1.0, 1.5]) * scale
+        sets = {k: {"loss": t} for k in um.SUITE_SETS}
+        for k in ("forget", "holdout"):
+            sets[k] = {s: t + 2 * (k == "holdout") for s in um.STATISTICS}
+        sets["forget_perturbed"] = sets["retain_perturbed"] = {"loss": t.repeat_interleave(2)}
+        return sets
+
+    texts = {"forget": ["a", "b", "c"], "holdout": ["d", "e", "f"]}
+    diverged = um.suite_from_statistics(stats(float("nan")), stats(1.0), texts)
+    assert all(math.isnan(v) for k, v in diverged.items() if not k.startswith("retain_mia"))
+    assert diverged["retain_mia_loss"] == 1.0  # the retain model's side is still scored
+
+
+def test_privleak_keeps_open_unlearnings_epsilon():
+    assert um.privleak(0.5, 1.0) == pytest.approx(0.5 / 1e-10 * 100)  # 5e11, as open-unlearning
+    assert "1e-10" in um.privleak.__doc__ and "5e11" in um.privleak.__doc__
+
+
 def test_model_utility_is_the_harmonic_mean():
     assert um.model_utility([0.5, 0.25]) == pytest.approx(2 / (2 + 4))
     assert um.model_utility([0.5, 0.0]) == 0.0
