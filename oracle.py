@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-entities", type=int, default=RECIPE["num_entities"])
     parser.add_argument("--epochs", type=int, default=RECIPE["epochs"])
     args = parser.parse_args(argv)
+    for percent in args.forget_percent:  # an impossible forget size is refused before anything trains
+        FictitiousQA(num_entities=args.num_entities, forget_percent=percent)
     for percent in args.forget_percent:
         for seed in args.seeds:
             paths = train_oracle(args.out, percent, seed, args.num_entities, args.epochs)

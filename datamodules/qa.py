@@ -9,8 +9,11 @@ answers (the same sentence with a wrong value); :meth:`FictitiousQA.evaluation_s
 truth ratio on the answer's own phrasing. The people and their split are drawn from ``seed``; as in
 TOFU they are split into
 
-- ``forget``: ``forget_percent`` percent of the people (1, 5 or 10), trained on, then unlearned;
-  the forget people of 1% are among those of 5%, and those of 5% among those of 10%;
+- ``forget``: ``forget_percent`` percent of the people (1, 5 or 10), rounded down to whole people
+  (``num_entities * forget_percent // 100``), trained on, then unlearned; the forget people of 1%
+  are among those of 5%, and those of 5% among those of 10%. A forget set that would round down to
+  nobody (1% of fewer than 100 people) raises ``ValueError``: one person there would be another
+  forget size (1% and 5% of 20 people would be the same person), reported under the wrong name;
 - ``retain``: the other trained-on people;
 - ``holdout``: as many people as ``forget``, never trained on (the non-members of the
   membership attacks), taken from 10% of the people that are never trained on at any forget size.
@@ -101,7 +104,8 @@ class FictitiousQA(LightningDataModule):
 
     Args:
         num_entities: number of people (20 to 520; names are unique).
-        forget_percent: percent of the people to forget: 1, 5 or 10 (at least one person).
+        forget_percent: percent of the people to forget: 1, 5 or 10, rounded down to whole people;
+            1% needs at least 100 people (the forget set may not be empty).
         num_perturbed: perturbed (wrong) answers per question for the truth ratio (>= 1).
         exclude_forget: train without the forget people (the retain model of the oracle).
         batch_size: samples per batch.
@@ -123,6 +127,12 @@ class FictitiousQA(LightningDataModule):
         check_int("num_entities", num_entities, low=20, high=len(NAMES))
         check_int("forget_percent", forget_percent)
         check_choice("forget_percent", forget_percent, FORGET_PERCENTS)
+        if num_entities * forget_percent // 100 == 0:
+            raise ValueError(
+                f"`forget_percent`={forget_percent} of `num_entities`={num_entities} people is "
+                f"{num_entities * forget_percent / 100:g} of a person: the forget set would be empty; use "
+                f"num_entities >= {-(-100 // forget_percent)} for forget_percent={forget_percent}"
+            )
         check_int("num_perturbed", num_perturbed, low=1, high=min(len(v) for v in VALUES.values()) - 1)
         check_bool("exclude_forget", exclude_forget)
         check_int("batch_size", batch_size, low=1)
@@ -167,8 +177,8 @@ class FictitiousQA(LightningDataModule):
             for attribute, values in VALUES.items():
                 person[attribute] = values[int(torch.randint(len(values), (1,), generator=gen))]
             people.append(person)
-        n_forget = max(1, self.num_entities * self.forget_percent // 100)
-        n_pool = max(1, self.num_entities * max(FORGET_PERCENTS) // 100)  # never trained on, at any forget size
+        n_forget = self.num_entities * self.forget_percent // 100  # >= 1, checked in __init__
+        n_pool = self.num_entities * max(FORGET_PERCENTS) // 100  # never trained on, at any forget size
         trained = people[n_pool:]
         self._people = {
             "forget": trained[:n_forget],  # nested: the forget people of 1% are among those of 5% and 10%

@@ -621,6 +621,11 @@ COMBINATIONS = {
         ValueError,
         "forget_percent",
     ),
+    "FictitiousQA-forget_percent_of_too_few_people": (
+        lambda p: litplug.datamodules.FictitiousQA(num_entities=20, forget_percent=1),
+        ValueError,
+        "`forget_percent`=1 of `num_entities`=20 people",
+    ),
     "DigitsTasks-tasks_overlap": (
         lambda p: litplug.datamodules.DigitsTasks([[0, 1], [1, 2]]),
         ValueError,

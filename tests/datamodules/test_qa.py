@@ -47,6 +47,32 @@ def test_forget_sets_are_nested_and_the_target_corpus_is_one_for_every_forget_si
     assert other.people("forget") != dms[1].people("forget")  # the split varies with the seed
 
 
+@pytest.mark.parametrize(
+    "num_entities, percent, count", [(20, 5, 1), (20, 10, 2), (39, 5, 1), (100, 1, 1), (150, 1, 1), (199, 1, 1),
+                                     (520, 1, 5), (520, 5, 26), (520, 10, 52)],
+)  # fmt: skip
+def test_the_forget_set_is_the_percent_rounded_down_to_whole_people(num_entities, percent, count):
+    dm = FictitiousQA(num_entities=num_entities, forget_percent=percent)
+    assert len(dm.people("forget")) == len(dm.people("holdout")) == count
+    assert count <= num_entities * percent / 100 < count + 1
+
+
+@pytest.mark.parametrize("num_entities", [20, 50, 99])
+def test_a_forget_set_that_rounds_down_to_nobody_is_refused(num_entities):
+    with pytest.raises(ValueError, match=f"`forget_percent`=1 of `num_entities`={num_entities} people is "
+                                         f"{num_entities / 100:g} of a person: the forget set would be empty; "
+                                         "use num_entities >= 100"):  # fmt: skip
+        FictitiousQA(num_entities=num_entities, forget_percent=1)
+
+
+def test_the_oracle_refuses_an_empty_forget_set_before_training_anything(tmp_path):
+    from litplug.oracle import main
+
+    with pytest.raises(ValueError, match="`forget_percent`=1 of `num_entities`=50"):
+        main(["--out", str(tmp_path), "--forget-percent", "10", "1", "--num-entities", "50", "--epochs", "1"])
+    assert not any(tmp_path.iterdir())
+
+
 def test_only_the_answer_is_scored(dm):
     ids, labels = dm.train_set.input_ids, dm.train_set.labels
     for row, lab in zip(ids[:20], labels[:20]):
