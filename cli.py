@@ -54,6 +54,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import DoublePrecision
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 # Imported for their side effect: jsonargparse resolves `class_path: EMA` among loaded subclasses.
 from . import callbacks, datamodules, modules  # noqa: F401
@@ -163,7 +164,8 @@ class LitplugCLI(LightningCLI):
     def after_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config)
         if config.get("test_after_fit", True) and self.datamodule is not None:
-            if type(self.datamodule).test_dataloader is not LightningDataModule.test_dataloader:
+            # an instance attribute counts: wrappers (Indexed, NoisyLabels) set the wrapped datamodule's loader
+            if is_overridden("test_dataloader", self.datamodule, LightningDataModule):
                 self.trainer.test(self.model, datamodule=self.datamodule)
         self._write_best()
 

@@ -148,3 +148,12 @@ def test_strategy_fragments_build_their_strategy(tmp_path, monkeypatch):
             assert trainer.num_devices == 1
         else:
             assert isinstance(trainer.strategy, kind) and trainer.num_devices == 2
+
+
+def test_wrapped_datamodule_is_tested_after_fit(tmp_path, monkeypatch):
+    """Indexed and NoisyLabels hand on the wrapped datamodule's test loader as an instance attribute."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(CONFIGS / "digits" / "noisy" / "elr.yaml"), *FAST[:-1]]
+    cli = LitplugCLI(args=args)
+    assert type(cli.datamodule).__name__ == "Indexed"
+    assert "test/acc" in cli.trainer.callback_metrics
