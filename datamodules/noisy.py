@@ -55,7 +55,8 @@ class NoisyLabels(WrappedDataModule):
 
     The noise is drawn from ``seed`` once; ``clean_labels``, ``noisy_labels`` and ``is_noisy``
     (training-set order) are kept for evaluation (e.g. how many noisy labels a model memorised).
-    Training samples must be ``(inputs, label)`` pairs of a map-style dataset; the labels are read
+    Training samples must be ``(inputs, label)`` pairs of a map-style dataset (other samples, e.g.
+    dicts, raise a ``TypeError`` when the training loader is built); the labels are read
     from the dataset's ``targets``/``labels``/``y`` attribute or from the samples. The training
     loader keeps the wrapped one's sampler, batch size, collate function and workers, and is a
     ``StatefulDataLoader`` (its position is saved in checkpoints, so a run resumes mid-epoch
@@ -67,7 +68,8 @@ class NoisyLabels(WrappedDataModule):
             (None: 0.2); must be None for ``"transition"``.
         kind: ``"symmetric"``, ``"pair"`` or ``"transition"``.
         num_classes: number of classes (None: the datamodule's ``num_classes``, else the largest
-            label + 1, else the size of ``transition``).
+            label + 1, else the size of ``transition``); a training label outside
+            ``[0, num_classes)`` raises a ``ValueError`` when the training loader is built.
         seed: seed of the noise.
         transition: for ``kind="transition"`` only: a ``C x C`` matrix of probabilities, each row
             summing to 1, ``transition[i][j]`` the probability that a clean ``i`` is labelled ``j``.
@@ -123,12 +125,18 @@ class NoisyLabels(WrappedDataModule):
     def _corrupt(self, clean: Tensor) -> Tensor:
         num_classes = self.num_classes or int(clean.max()) + 1
         gen = torch.Generator().manual_seed(self.seed)
+        low, high = int(clean.min()), int(clean.max())
+        if low < 0 or high >= num_classes:
+            given = (
+                f"`transition` is a {num_classes} x {num_classes} matrix"
+                if self.kind == "transition"
+                else f"`num_classes` is {num_classes}"
+            )
+            raise ValueError(
+                f"NoisyLabels: {given} but {type(self.datamodule).__name__}'s training labels span [{low}, {high}]; "
+                f"labels must lie in [0, num_classes)"
+            )
         if self.kind == "transition":
-            if int(clean.max()) >= num_classes or int(clean.min()) < 0:
-                raise ValueError(
-                    f"`transition` is a {num_classes} x {num_classes} matrix but {type(self.datamodule).__name__}'s "
-                    f"training labels span [{int(clean.min())}, {int(clean.max())}]"
-                )
             rows = torch.tensor(self.transition, dtype=torch.float64)[clean]
             return torch.multinomial(rows, 1, generator=gen).squeeze(1).to(clean.dtype)
         if self.kind == "symmetric":
@@ -145,6 +153,13 @@ class NoisyLabels(WrappedDataModule):
             raise TypeError(
                 f"NoisyLabels needs the training loader of {type(self.datamodule).__name__} to be a DataLoader over a "
                 "map-style dataset"
+            )
+        first = dataset[0] if len(dataset) else None
+        if first is not None and not (isinstance(first, (tuple, list)) and len(first) == 2):
+            raise TypeError(
+                f"NoisyLabels needs (input, label) samples in the training set of {type(self.datamodule).__name__}, "
+                f"got a {type(first).__name__}: return `(input, label)` from the dataset's __getitem__ (a batch "
+                "converted later, in a collate_fn or a batch hook, is not enough: the labels are replaced per sample)"
             )
         if self.clean_labels is None or len(self.clean_labels) != len(dataset):
             self.clean_labels = training_labels(dataset, "NoisyLabels")

@@ -703,6 +703,11 @@ COMBINATIONS = {
         TypeError,
         r"`transition\[0\]\[0\]`",
     ),
+    "NoisyLabels-labels_outside_num_classes": (
+        lambda p: _noisy(rate=0.2, num_classes=2).train_dataloader(),
+        ValueError,
+        r"`num_classes` is 2 but SyntheticClassification's training labels span \[0, 2\]",
+    ),
     "NoisyLabels-transition_size_against_num_classes": (
         lambda p: _noisy(kind="transition", transition=TRANSITION, num_classes=4),
         ValueError,

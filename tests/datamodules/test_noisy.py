@@ -77,6 +77,30 @@ def test_labels_outside_the_matrix_are_refused():
         dm.train_dataloader()
 
 
+def test_labels_outside_num_classes_are_refused():
+    dm = NoisyLabels(_Labels(n=30), rate=0.2, num_classes=2)
+    with pytest.raises(ValueError, match=r"`num_classes` is 2 but _Labels's training labels span \[0, 2\]"):
+        dm.train_dataloader()
+
+
+class _DictSamples(TensorDataset):
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return {"x": x, "y": y}
+
+
+class _DictData(LightningDataModule):
+    def train_dataloader(self):
+        data = _DictSamples(torch.randn(6, 2), torch.arange(6) % 2)
+        data.targets = data.tensors[1]
+        return DataLoader(data, batch_size=2)
+
+
+def test_dict_samples_are_refused_naming_the_sample_form():
+    with pytest.raises(TypeError, match=r"needs \(input, label\) samples .* of _DictData, got a dict"):
+        NoisyLabels(_DictData(), rate=0.5, num_classes=2).train_dataloader()
+
+
 def test_a_run_resumes_mid_epoch_exactly(tmp_path):
     """The loader is a StatefulDataLoader over the wrapped EpochShuffle: a run cut after a mid-epoch
     checkpoint ends with the uninterrupted run's weights, bit for bit, and Lightning does not warn."""
