@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -56,6 +57,17 @@ def _logits(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return out
 
 
+def _check_classes(y: Tensor, classes: int | None) -> None:
+    """Class targets: integers in ``[0, classes)`` (``classes`` None: only not negative)."""
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(
+            f"data scores need integer class targets, got {y.dtype} targets (grand_scores takes others with a loss)"
+        )
+    if y.numel() and (int(y.min()) < 0 or (classes is not None and int(y.max()) >= classes)):
+        bound = f"in [0, {classes})" if classes is not None else "not negative"
+        raise ValueError(f"data scores need class targets {bound}, got targets from {int(y.min())} to {int(y.max())}")
+
+
 def _check_logits(out: Any, y: Tensor) -> None:
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != y.shape[0] or y.dim() != 1:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -72,6 +84,7 @@ def el2n_scores(model: nn.Module, loader: Iterable[Any]) -> Tensor:
     scores = []
     for x, y in _batches(loader):
         logits = _logits(model, x, y)
+        _check_classes(y, logits.shape[1])
         p = logits.double().softmax(-1)
         p[torch.arange(len(y), device=p.device), y] -= 1.0
         scores.append(p.norm(dim=-1))
@@ -98,7 +111,9 @@ def grand_scores(
     gradient (``T in out`` flops), whichever takes fewer; bias ``||sum_t g_it||^2``; an
     embedding's ``sum_r ||sum_{t: row r} g_it||^2`` over the rows looked up; a normalisation
     layer's weight ``||sum_t g_it * xhat_it||^2`` and bias ``||sum_t g_it||^2``. A layer called
-    several times adds up its calls (positions of all calls together). On the first batch the
+    several times adds up its calls (positions of all calls together). On CPU, after the first
+    batch, a strided convolution's input gradient is the adjoint of its patch gather (one matrix
+    product and one ``index_add_``, about half of oneDNN's time there). On the first batch the
     parameters' batch gradient is checked against these terms summed over the batch (on a fixed
     probe vector for matrix weights), so a parameter also used outside its layer falls back to the
     general path. Any other model (train mode, other layers, shared parameters): ``torch.func``
@@ -107,16 +122,25 @@ def grand_scores(
     per-sample tensors. Buffers are read, not updated (BatchNorm in train mode would use
     per-sample statistics: use eval mode)."""
     check_int("max_memory", max_memory, low=1)
+    classes = loss is None  # the default cross-entropy takes class targets
     loss = loss or F.cross_entropy
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"grand_scores: the BatchNorm layer {name or type(module).__name__!r} is in train mode, where a "
+                "sample's gradient depends on the batch statistics; call model.eval() first"
+            )
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("grand_scores needs a model with parameters that require grad")
     layers = _closed_form_layers(model)
-    ghost = _GhostNorms(model, layers, loss, max_memory) if layers is not None else None
+    ghost = _GhostNorms(model, layers, loss, max_memory, classes) if layers is not None else None
     general = None
     scores = []
     try:
         for x, y in _batches(loader):
+            if classes and y.dim() == 1:  # other shapes: the logits check names them
+                _check_classes(y, None)
             got = ghost(x, y) if ghost is not None else None
             if got is None:
                 if ghost is not None:  # the general path for the rest of the loader
@@ -186,34 +210,77 @@ def _batched(module: nn.Module, x: Tensor, batch: int) -> bool:
     return x.dim() >= (1 if isinstance(module, nn.Embedding) else 2)
 
 
-def _padding(module: nn.Module) -> list[int]:
-    """A convolution's padding as ``torch.nn.functional.pad``'s list (last dimension first)."""
-    if isinstance(module.padding, str):
-        totals = [d * (k - 1) if module.padding == "same" else 0 for d, k in zip(module.dilation, module.kernel_size)]
-    else:
-        totals = [2 * p for p in module.padding]
-    return [p for t in reversed(totals) for p in (t // 2, t - t // 2)]  # an odd total: the extra zero on the right
+def _patch_index(
+    spatial: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    padding: str | tuple[int, ...],
+    mode: str,
+    device: torch.device,
+) -> Tensor:
+    """For every output position of a convolution and every kernel offset (both row-major), the flat
+    input position it reads, padding mapped back into the input (``reflect``, ``replicate``,
+    ``circular``) or to the extra zero position ``prod(spatial)`` (``zeros``)."""
+    index = torch.zeros((), dtype=torch.long)
+    outside = torch.zeros((), dtype=torch.bool)
+    n = len(spatial)
+    for d, (size, k, s, dil) in enumerate(zip(spatial, kernel, stride, dilation)):
+        if isinstance(padding, str):
+            total = dil * (k - 1) if padding == "same" else 0
+            left = total // 2  # an odd total: the extra zero on the right
+        else:
+            total, left = 2 * padding[d], padding[d]
+        positions = (size + total - dil * (k - 1) - 1) // s + 1
+        c = (torch.arange(positions) * s - left).unsqueeze(1) + torch.arange(k) * dil  # [positions, k]
+        if mode == "zeros":
+            outside = outside | ((c < 0) | (c >= size)).view(_axes(n, d, positions, k))
+        elif mode == "reflect":
+            c = c.abs()
+            c = torch.where(c >= size, 2 * (size - 1) - c, c)
+        elif mode == "replicate":
+            c = c.clamp(0, size - 1)
+        else:  # circular
+            c = c % size
+        index = index * size + c.clamp(0, size - 1).view(_axes(n, d, positions, k))
+    return index.masked_fill(outside, math.prod(spatial)).flatten().to(device)
+
+
+def _axes(n: int, d: int, positions: int, k: int) -> list[int]:
+    """The view putting dimension ``d``'s positions and kernel offsets on axes ``d`` and ``n + d``."""
+    shape = [1] * (2 * n)
+    shape[d], shape[n + d] = positions, k
+    return shape
 
 
 def _patches(module: nn.Module, x: Tensor) -> Tensor:
     """The input rows ``a_t`` of a linear layer or the input patches of a convolution, per group:
     ``[batch, groups, positions, in]``, a patch ordered (kernel offset, channel). The input goes
-    channels-last before the patches are gathered (one copy of contiguous channel runs)."""
+    channels-last beside one zero position, and one gather of contiguous channel runs reads the
+    patches (padding is a map to the zero position or back into the input)."""
     if isinstance(module, nn.Linear):
         return x.reshape(x.shape[0], 1, -1, x.shape[-1])
-    n, (b, c), groups = x.dim() - 2, x.shape[:2], module.groups
-    pad = _padding(module)
-    if module.padding_mode == "zeros":
-        x = F.pad(x.movedim(1, -1), [0, 0, *pad]) if any(pad) else x.movedim(1, -1).contiguous()
-    else:
-        x = F.pad(x, pad, mode=module.padding_mode).movedim(1, -1).contiguous()
-    for d, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
-        x = x.unfold(1 + d, dil * (k - 1) + 1, s)
-        if dil > 1:
-            x = x[..., ::dil]
-    # [batch, *positions, channels, *kernel] -> [batch, groups, *positions, *kernel, channels of a group]
-    x = x.movedim(1 + n, -1).unflatten(-1, (groups, c // groups)).movedim(-2, 1)
-    return x.reshape(b, groups, -1, math.prod(module.kernel_size) * (c // groups))
+    (b, c), spatial, groups = x.shape[:2], tuple(x.shape[2:]), module.groups
+    index = _cached_patch_index(
+        spatial,
+        module.kernel_size,
+        module.stride,
+        module.dilation,
+        module.padding if isinstance(module.padding, str) else tuple(module.padding),
+        module.padding_mode,
+        x.device,
+    )
+    flat = x.new_empty(b, math.prod(spatial) + 1, c)
+    flat[:, :-1] = x.flatten(2).mT
+    flat[:, -1] = 0
+    kernel = math.prod(module.kernel_size)
+    a = flat.index_select(1, index).view(b, -1, kernel, groups, c // groups)  # [batch, positions, kernel, ...]
+    if groups == 1:
+        return a.view(b, 1, -1, kernel * c)
+    return a.movedim(3, 1).reshape(b, groups, -1, kernel * (c // groups))
+
+
+_cached_patch_index = functools.lru_cache(maxsize=64)(_patch_index)
 
 
 def _probed(module: nn.Module, p: Tensor, g: Tensor) -> Tensor:
@@ -232,6 +299,48 @@ def _probe(module: nn.Module, patches: bool = False) -> Tensor:
     return probe.view(w.shape[1:]).movedim(0, -1).flatten() if patches and isinstance(module, _CONVS) else probe
 
 
+def _gathered_input_gradient(module: nn.Module, x: Tensor) -> bool:
+    """Whether a layer's input gradient comes from ``_InputGradient``: a strided convolution on CPU
+    whose input needs a gradient (there oneDNN's input gradient of a strided convolution takes 2-3x
+    its forward, and the adjoint of the patch gather, one matrix product and one ``index_add_``,
+    about its forward)."""
+    return isinstance(module, _CONVS) and x.requires_grad and x.device.type == "cpu" and max(module.stride) > 1
+
+
+class _InputGradient(torch.autograd.Function):
+    """A convolution's output whose backward gives the input's gradient only, as the adjoint of
+    ``_patches``: the patch gradients ``g_t W`` added into the input positions they were read from.
+    No weight or bias gradient (the per-sample norms come from the layers' output gradients)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, out: Tensor, module: nn.Module) -> Tensor:
+        ctx.module, ctx.shape = module, x.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
+        m, shape = ctx.module, ctx.shape
+        (b, c), spatial, groups = shape[:2], tuple(shape[2:]), m.groups
+        kernel = math.prod(m.kernel_size)
+        # weight [out, in/groups, *kernel] -> [groups, out/groups, kernel x in/groups], ordered like a patch
+        w = m.weight.detach().unflatten(0, (groups, -1)).movedim(2, -1).reshape(groups, -1, kernel * (c // groups))
+        # [groups, batch x positions, out]: one matrix product per group
+        g = g.flatten(2).unflatten(1, (groups, -1)).permute(1, 0, 3, 2).flatten(1, 2)
+        patch_grads = (g @ w).unflatten(1, (b, -1)).unflatten(-1, (kernel, c // groups))
+        patch_grads = patch_grads.permute(1, 2, 3, 0, 4).reshape(b, -1, c)  # [batch, positions x kernel, in]
+        index = _cached_patch_index(
+            spatial,
+            m.kernel_size,
+            m.stride,
+            m.dilation,
+            m.padding if isinstance(m.padding, str) else tuple(m.padding),
+            m.padding_mode,
+            g.device,
+        )
+        dx = g.new_zeros(b, math.prod(spatial) + 1, c).index_add_(1, index, patch_grads)
+        return dx[:, :-1].mT.reshape(shape).contiguous(), None, None
+
+
 class _GhostNorms:
     """Per-sample gradient norms of a model whose trainable parameters are all in layers with a
     closed form, from one forward and one backward to the layers' outputs (no parameter gradient,
@@ -240,16 +349,19 @@ class _GhostNorms:
     terms summed over the batch: a parameter used outside its layer returns None (the caller falls
     back)."""
 
-    def __init__(self, model: nn.Module, layers: list[nn.Module], loss: Loss, max_memory: int) -> None:
-        self.model, self.layers, self.loss, self.max_memory = model, layers, loss, max_memory
+    def __init__(self, model: nn.Module, layers: list[nn.Module], loss: Loss, max_memory: int, classes: bool) -> None:
+        self.model, self.layers, self.loss, self.max_memory, self.classes = model, layers, loss, max_memory, classes
         self.checked = self.clone = False
         self.calls: list[list[tuple[Tensor, Tensor, int]]] = [[] for _ in layers]
         self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(layers)]
 
     def _hook(self, i: int) -> Callable[..., Tensor | None]:
         def keep(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
-            self.calls[i].append((args[0].detach(), out, out._version))
-            return out.clone() if self.clone else None  # then an in-place op after the layer edits the clone
+            x = args[0]
+            if self.checked and _gathered_input_gradient(module, x):
+                out = _InputGradient.apply(x, out.detach(), module)
+            self.calls[i].append((x.detach(), out, out._version))
+            return out.clone() if self.clone else out  # a clone: an in-place op after the layer edits the clone
 
         return keep
 
@@ -260,6 +372,8 @@ class _GhostNorms:
     def __call__(self, x: Tensor, y: Tensor) -> Tensor | None:
         with torch.enable_grad():
             logits = _logits(self.model, x, y)
+            if self.classes:
+                _check_classes(y, logits.shape[1])
             total = _summed_loss(self.loss, logits, y)
         calls, self.calls = self.calls, [[] for _ in self.layers]  # the graph goes with the last reference
         batch = y.shape[0]
@@ -272,7 +386,7 @@ class _GhostNorms:
         params = [] if self.checked else [(m, p) for m in self.layers for p in _trainable(m)]
         grads = torch.autograd.grad(total, outs + [p for _, p in params], allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(outs, grads)] + list(grads[len(outs) :])
-        squares = torch.zeros(batch, dtype=torch.float64, device=logits.device)
+        squares: list[Tensor] = []
         want: list[Tensor] = []
         at, check = 0, bool(params)
         for m, c in zip(self.layers, calls):
@@ -289,7 +403,7 @@ class _GhostNorms:
                 square, terms = _embedding(m, inputs, out_grads, check)
             else:
                 square, terms = _normalisation(m, inputs, out_grads, weight, bias, check)
-            squares += square
+            squares.append(square)
             want += terms
         if check:
             got = [
@@ -299,7 +413,11 @@ class _GhostNorms:
             if not torch.allclose(got_all, want_all, rtol=1e-4, atol=1e-6 * float(want_all.abs().max())):
                 return None  # a parameter is also used outside its layer's forward
             self.checked = True
-        return squares.sqrt()
+        if not squares:
+            return torch.zeros(batch, dtype=torch.float64, device=logits.device)
+        if len({t.dtype for t in squares}) > 1:
+            return sum(t.double() for t in squares).sqrt()
+        return torch.stack(squares).double().sum(0).sqrt()
 
     def _outer(
         self, m: nn.Module, inputs: list[Tensor], out_grads: list[Tensor], weight: bool, bias: bool, check: bool
@@ -444,7 +562,7 @@ def _per_sample_norms(
         out = []
         for start in range(0, y.shape[0], chunk):  # per-sample gradients of `chunk` samples at a time
             grads = per_sample(params, x[start : start + chunk], y[start : start + chunk]).values()
-            out.append(sum(torch.linalg.vector_norm(g.flatten(1), dim=1).double().square() for g in grads))
+            out.append(sum(torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1).double().square() for g in grads))
         return torch.cat(out).sqrt()
 
     return norms

@@ -233,6 +233,68 @@ def test_grand_closed_form_for_embeddings_norms_and_conv3d(name, monkeypatch):
     assert not general, "the closed form covers every layer here"
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1),
+        lambda: nn.Conv2d(4, 6, 3, stride=(2, 3), dilation=(2, 1), padding=(1, 2), groups=2, padding_mode="reflect"),
+        lambda: nn.Conv2d(4, 6, (3, 2), stride=2, padding=1, padding_mode="replicate"),
+        lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, padding_mode="circular", bias=False),
+        lambda: nn.Conv2d(4, 6, 1, stride=2),
+        lambda: nn.Conv3d(4, 6, 3, stride=(2, 1, 2), padding=1, groups=2),
+    ],
+    ids=["conv1d", "grouped-dilated-reflect", "replicate", "circular", "1x1", "conv3d"],
+)
+def test_strided_convolution_input_gradient_is_the_adjoint_of_the_patch_gather(conv):
+    torch.manual_seed(0)
+    conv = conv().double()
+    x = torch.randn(3, 4, *([7] * (conv.weight.dim() - 2)), dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    g = torch.randn_like(out)
+    (want,) = torch.autograd.grad(out, x, g)
+    (got,) = torch.autograd.grad(pruning._InputGradient.apply(x, out.detach(), conv), x, g)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert conv.weight.grad is None
+
+
+def test_grand_on_a_convnet_takes_the_gathered_input_gradient_after_the_first_batch(monkeypatch):
+    from litplug.modules import ConvNet
+
+    used = []
+    gathered = pruning._gathered_input_gradient
+    monkeypatch.setattr(pruning, "_gathered_input_gradient", lambda m, x: used.append(gathered(m, x)) or used[-1])
+    torch.manual_seed(0)
+    model = ConvNet(input_shape=(1, 8, 8), channels=(4, 6), hidden=5, num_outputs=3).double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0), m.weight.data.normal_()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(9, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
+    got = grand_scores(model, [(x[:3], y[:3]), (x[3:6], y[3:6]), (x[6:], y[6:])])
+    torch.testing.assert_close(got, _per_sample_grand(model, x, y), rtol=1e-6, atol=1e-6)
+    assert any(used), "the strided convolution's input gradient is the gather's adjoint after the check"
+
+
+class Scaled(nn.Module):
+    """A linear layer times a learnable scalar (a parameter of shape [])."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.scale = nn.Linear(5, 3), nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_grand_general_path_takes_scalar_parameters():
+    torch.manual_seed(0)
+    model = Scaled().double().eval()
+    loader, x, y = _loader()
+    loader = [(a.double(), b) for a, b in loader]
+    want = _per_sample_grand(model, x.double(), y)
+    torch.testing.assert_close(grand_scores(model, loader), want, rtol=1e-6, atol=1e-6)
+
+
 def test_grand_general_path_in_memory_sized_chunks():
     model = _model()
     loader, x, y = _loader()
@@ -248,6 +310,18 @@ def test_scores_refuse_batches_that_are_not_inputs_and_classes():
         el2n_scores(model, [torch.randn(2, 5)])
     with pytest.raises(ValueError, match="logits"):
         grand_scores(model, [(torch.randn(2, 5), torch.zeros(2, 3))])
+    for scores in (el2n_scores, grand_scores):
+        with pytest.raises(ValueError, match="integer class targets, got torch.float32"):
+            scores(model, [(torch.randn(2, 5), torch.zeros(2))])
+        with pytest.raises(ValueError, match=r"class targets in \[0, 3\), got targets from 0 to 3"):
+            scores(model, [(torch.randn(2, 5), torch.tensor([0, 3]))])
+    with pytest.raises(ValueError, match=r"class targets in \[0, 3\), got targets from -1 to 1"):
+        el2n_scores(model, [(torch.randn(2, 5), torch.tensor([-1, 1]))])  # not an index from the end
+    with pytest.raises(ValueError, match="class targets not negative, got targets from -1 to 1"):
+        grand_scores(model, [(torch.randn(2, 5), torch.tensor([-1, 1]))])  # not ignored as cross-entropy would
+    grand_scores(model, [(torch.randn(2, 5), torch.zeros(2))], loss=lambda z, t: (z[:, 0] - t).square().sum())
+    with pytest.raises(ValueError, match="BatchNorm layer '1' is in train mode.*model.eval"):
+        grand_scores(model.train(), [(torch.randn(2, 5), torch.tensor([0, 1]))])
 
 
 def test_forgetting_events_follow_toneva():
