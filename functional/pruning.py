@@ -119,8 +119,8 @@ def grand_scores(
     general path. Any other model (train mode, other layers, shared parameters): ``torch.func``
     (``vmap`` of ``grad`` over the batch, one norm per parameter tensor, never a concatenated
     gradient). Both paths work in chunks of samples holding at most ``max_memory`` bytes of
-    per-sample tensors. Buffers are read, not updated (BatchNorm in train mode would use
-    per-sample statistics: use eval mode)."""
+    per-sample tensors. Buffers are read, not updated; BatchNorm in train mode (batch statistics)
+    is refused: call ``model.eval()`` first."""
     check_int("max_memory", max_memory, low=1)
     classes = loss is None  # the default cross-entropy takes class targets
     loss = loss or F.cross_entropy
