@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
+from weakref import WeakSet
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -30,12 +31,14 @@ from torch.utils.data import (
     Sampler,
     SequentialSampler,
     Subset,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
 )
 from torch.utils.data.dataloader import default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import BatchSampler as StatefulBatchSampler
 
-from ..plumbing import mix_seed
+from ..plumbing import mix_seed, warn
 from ..validation import check_int
 from .base import EpochShuffle, WrappedDataModule
 from .forgetting import LABEL_ATTRIBUTES, dataset_labels
@@ -146,6 +149,51 @@ class KeptSampler(Sampler[int]):
         return (int(i) for i in self.base if self.mask[int(i)])
 
 
+_WARNED: WeakSet[Any] = WeakSet()  # samplers already warned about: a wrapper of a wrapper warns once
+
+
+def resumes_exactly(sampler: Any) -> bool | None:
+    """Whether a ``StatefulDataLoader`` over ``sampler`` finishes a cut epoch in that epoch's own
+    order after a resume: True for a sampler with ``state_dict``/``load_state_dict``, torch's
+    ``DistributedSampler`` (``EpochShuffle`` and ``KeptShuffle`` included: the order comes from
+    ``(seed, epoch)``), ``SequentialSampler`` and a ``KeptSampler`` over a ``RandomSampler`` or an
+    exact sampler; False for torch's random samplers (``RandomSampler``, i.e.
+    ``DataLoader(shuffle=True)``, ``SubsetRandomSampler``, ``WeightedRandomSampler``), which draw
+    a new order at every ``iter`` from their generator or the global RNG, neither restored, so the
+    loader skips the samples already served in another draw; None (unknown) for other samplers."""
+    if callable(getattr(sampler, "state_dict", None)) and callable(getattr(sampler, "load_state_dict", None)):
+        return True
+    if isinstance(sampler, (DistributedSampler, SequentialSampler)):
+        return True
+    if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
+        return False
+    if isinstance(sampler, KeptSampler):
+        return True if isinstance(sampler.base, RandomSampler) else resumes_exactly(sampler.base)
+    return None
+
+
+def warn_unless_resumable(loader: DataLoader, who: str, datamodule: LightningDataModule) -> bool:
+    """Warn (once per sampler) when the order of ``loader`` is not restored at a mid-epoch resume:
+    ``who`` hands Lightning a ``StatefulDataLoader``, so Lightning's own warning about a loader
+    that cannot resume is not given. Returns whether this sampler was warned about."""
+    sampler = loader.sampler if loader.batch_sampler is None else getattr(loader.batch_sampler, "sampler", None)
+    exact = resumes_exactly(sampler)
+    if sampler is None or exact:
+        return False
+    if sampler in _WARNED:
+        return True
+    _WARNED.add(sampler)
+    does = "does not restore" if exact is False else "is not known to restore"
+    warn(
+        f"{who}: the training sampler of {type(datamodule).__name__} ({type(sampler).__name__}) {does} its order at "
+        "a mid-epoch resume: a run resumed from a checkpoint saved inside an epoch finishes that epoch in another "
+        "order (samples repeat or are skipped; with DataPruning the kept set can differ). For an exact resume use "
+        "EpochShuffle(len(dataset), seed) from litplug.datamodules.base as the training sampler (docs/long_runs.md), "
+        "or resume from epoch-end checkpoints only"
+    )
+    return True
+
+
 def training_labels(dataset: Dataset, who: str) -> Tensor:
     """The label of every sample of ``dataset``: its ``targets``/``labels``/``y`` attribute (through
     ``Subset``s), else the second element of each ``(inputs, target)`` sample."""
@@ -172,13 +220,15 @@ class Indexed(WrappedDataModule):
     as :attr:`batch_index` for callbacks (``on_train_batch_start`` onwards). The batch-transfer
     hooks of the wrapped datamodule (or, where it defines none, the module's) still run.
 
-    The index travels inside the batch, so it is right under any sampler, ``DistributedSampler``
-    sharding, worker count and after a resume. :meth:`keep` restricts training to a subset of
+    The index travels inside the batch, so each sample carries its own index under any sampler,
+    ``DistributedSampler`` sharding and worker count. :meth:`keep` restricts training to a subset of
     indices from the next training loader on (through :class:`KeptShuffle` for litplug's
     ``EpochShuffle``, :class:`KeptSampler` for other samplers); ``DataPruning`` uses it. The
     training loader is a ``StatefulDataLoader``: Lightning saves its position in checkpoints, and
     with a resumable sampler (litplug's datamodules') a run resumed from a mid-epoch checkpoint
-    continues the epoch exactly. Validation, test and predict loaders are the wrapped datamodule's.
+    continues the epoch exactly; over a sampler that draws a new order at every epoch start
+    (``DataLoader(shuffle=True)``) it does not, and a warning (once) names the sampler.
+    Validation, test and predict loaders are the wrapped datamodule's.
 
     The training set must be map-style (``__getitem__`` and ``__len__``): an ``IterableDataset``
     has no stable index and raises a ``TypeError`` when the training loader is built.
@@ -201,6 +251,7 @@ class Indexed(WrappedDataModule):
         self.kept: Tensor | None = None
         self.train_dataset: Dataset | None = None
         self._collate: Callable[[list[Any]], Any] | None = None
+        self._resume_warned = False
         for name in ("val_dataloader", "test_dataloader", "predict_dataloader"):
             if is_overridden(name, datamodule, LightningDataModule):
                 setattr(self, name, getattr(datamodule, name))
@@ -235,6 +286,12 @@ class Indexed(WrappedDataModule):
         return DataLoader(Subset(self.train_dataset, list(indices)), batch_size=batch_size, collate_fn=self._collate)
 
     def train_dataloader(self) -> DataLoader:
+        loader = self._train_dataloader()
+        if not self._resume_warned:
+            self._resume_warned = warn_unless_resumable(loader, "Indexed", self.datamodule)
+        return loader
+
+    def _train_dataloader(self) -> DataLoader:
         loader = self.datamodule.train_dataloader()
         dataset = getattr(loader, "dataset", None)
         if not isinstance(loader, DataLoader) or isinstance(dataset, IterableDataset):

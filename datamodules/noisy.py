@@ -22,7 +22,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..validation import check_choice, check_int, check_list, check_number
 from .base import WrappedDataModule, flip_labels
-from .indexed import training_labels
+from .indexed import training_labels, warn_unless_resumable
 
 Kind = Literal["symmetric", "pair", "transition"]
 
@@ -110,6 +110,7 @@ class NoisyLabels(WrappedDataModule):
         self.datamodule = datamodule
         self.clean_labels: Tensor | None = None
         self.noisy_labels: Tensor | None = None
+        self._resume_warned = False
         for name in ("val_dataloader", "test_dataloader", "predict_dataloader"):
             if is_overridden(name, datamodule, LightningDataModule):
                 setattr(self, name, getattr(datamodule, name))
@@ -164,6 +165,8 @@ class NoisyLabels(WrappedDataModule):
         if self.clean_labels is None or len(self.clean_labels) != len(dataset):
             self.clean_labels = training_labels(dataset, "NoisyLabels")
             self.noisy_labels = self._corrupt(self.clean_labels)
+        if not self._resume_warned:
+            self._resume_warned = warn_unless_resumable(loader, "NoisyLabels", self.datamodule)
         relabelled = _Relabelled(dataset, self.noisy_labels)
         if loader.batch_size is None and loader.batch_sampler is not None:
             batching: dict[str, Any] = {"batch_sampler": loader.batch_sampler}

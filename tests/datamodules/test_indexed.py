@@ -2,13 +2,15 @@
 datamodule's batches unchanged (its own batch hooks still run), KeptSampler restricts any sampler,
 iterable datasets are refused."""
 
+import warnings
+
 import pytest
 import torch
 from harness import fast_trainer
 from lightning.pytorch import Callback, LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, TensorDataset
 
-from litplug.datamodules import Digits, Indexed
+from litplug.datamodules import Digits, Indexed, NoisyLabels
 from litplug.datamodules.base import EpochShuffle
 from litplug.datamodules.indexed import KeptSampler, KeptShuffle
 from litplug.modules import MLP, Classifier
@@ -101,3 +103,36 @@ def test_the_wrapped_loader_keeps_its_settings():
 def test_an_unknown_datamodule_type_is_refused():
     with pytest.raises(TypeError, match="`datamodule` must be a LightningDataModule"):
         Indexed(TensorDataset(torch.zeros(2)))
+
+
+def _resume_warnings(caught):
+    return [str(w.message) for w in caught if "mid-epoch resume" in str(w.message)]
+
+
+def test_a_sampler_that_cannot_resume_mid_epoch_is_warned_about_once():
+    dm = Indexed(Custom())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = dm.train_dataloader()
+        dm.train_dataloader()
+    (message,) = _resume_warnings(caught)
+    assert "Indexed: the training sampler of Custom (RandomSampler) does not restore its order" in message
+    assert "EpochShuffle" in message and "docs/long_runs.md" in message
+    # what it warns about: the loader's state skips the samples served, but in a fresh draw of the order
+    torch.manual_seed(0)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    rest = next(it).index
+    torch.manual_seed(1)
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    assert not torch.equal(next(iter(resumed)).index, rest)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Indexed(NoisyLabels(Custom(), num_classes=3)).train_dataloader()  # one sampler, one warning
+        Indexed(Digits(batch_size=4)).train_dataloader()  # EpochShuffle: exact
+        kept = Indexed(Custom())
+        kept.keep(torch.arange(6))
+        kept.train_dataloader()  # KeptSampler: the kept shuffle is drawn from (seed, epoch)
+    assert [m.split(":")[0] for m in _resume_warnings(caught)] == ["NoisyLabels"]
