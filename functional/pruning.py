@@ -41,6 +41,12 @@ __all__ = ["el2n_scores", "forgetting_events", "forgetting_scores", "grand_score
 Loss = Callable[[Tensor, Tensor], Tensor]
 
 
+def _no_autocast(model: nn.Module) -> torch.autocast:
+    """Autocast off on the model's device: scores in the model's own dtype."""
+    parameter = next(model.parameters(), None)
+    return torch.autocast(parameter.device.type if parameter is not None else "cpu", enabled=False)
+
+
 def _batches(loader: Iterable[Any]) -> Iterable[tuple[Tensor, Tensor]]:
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -82,12 +88,13 @@ def el2n_scores(model: nn.Module, loader: Iterable[Any]) -> Tensor:
     """EL2N: the L2 norm of the error ``softmax(f(x)) - onehot(y)`` of every sample, in loader
     order (float64 on the model's output device)."""
     scores = []
-    for x, y in _batches(loader):
-        logits = _logits(model, x, y)
-        _check_classes(y, logits.shape[1])
-        p = logits.double().softmax(-1)
-        p[torch.arange(len(y), device=p.device), y] -= 1.0
-        scores.append(p.norm(dim=-1))
+    with _no_autocast(model):
+        for x, y in _batches(loader):
+            logits = _logits(model, x, y)
+            _check_classes(y, logits.shape[1])
+            p = logits.double().softmax(-1)
+            p[torch.arange(len(y), device=p.device), y] -= 1.0
+            scores.append(p.norm(dim=-1))
     return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
 
 
@@ -120,7 +127,8 @@ def grand_scores(
     (``vmap`` of ``grad`` over the batch, one norm per parameter tensor, never a concatenated
     gradient). Both paths work in chunks of samples holding at most ``max_memory`` bytes of
     per-sample tensors. Buffers are read, not updated; BatchNorm in train mode (batch statistics)
-    is refused: call ``model.eval()`` first."""
+    is refused: call ``model.eval()`` first. Autocast is off inside (scores in the model's dtype);
+    the norms of a half or bfloat16 model are summed in float32."""
     check_int("max_memory", max_memory, low=1)
     classes = loss is None  # the default cross-entropy takes class targets
     loss = loss or F.cross_entropy
@@ -137,21 +145,22 @@ def grand_scores(
     ghost = _GhostNorms(model, layers, loss, max_memory, classes) if layers is not None else None
     general = None
     scores = []
-    try:
-        for x, y in _batches(loader):
-            if classes and y.dim() == 1:  # other shapes: the logits check names them
-                _check_classes(y, None)
-            got = ghost(x, y) if ghost is not None else None
-            if got is None:
-                if ghost is not None:  # the general path for the rest of the loader
-                    ghost.remove()
-                    ghost = None
-                general = general or _per_sample_norms(model, trainable, loss, max_memory)
-                got = general(x, y)
-            scores.append(got)
-    finally:
-        if ghost is not None:
-            ghost.remove()
+    with _no_autocast(model):
+        try:
+            for x, y in _batches(loader):
+                if classes and y.dim() == 1:  # other shapes: the logits check names them
+                    _check_classes(y, None)
+                got = ghost(x, y) if ghost is not None else None
+                if got is None:
+                    if ghost is not None:  # the general path for the rest of the loader
+                        ghost.remove()
+                        ghost = None
+                    general = general or _per_sample_norms(model, trainable, loss, max_memory)
+                    got = general(x, y)
+                scores.append(got)
+        finally:
+            if ghost is not None:
+                ghost.remove()
     return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
 
 
@@ -283,6 +292,11 @@ def _patches(module: nn.Module, x: Tensor) -> Tensor:
 _cached_patch_index = functools.lru_cache(maxsize=64)(_patch_index)
 
 
+def _wide(t: Tensor) -> Tensor:
+    """Half and bfloat16 tensors in float32 (the per-sample norms' sums), others as they are."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
 def _probed(module: nn.Module, p: Tensor, g: Tensor) -> Tensor:
     """What the first-batch check compares of a parameter's gradient ``g``: a matrix weight times a
     fixed vector over its input, any other parameter flat."""
@@ -295,7 +309,8 @@ def _probe(module: nn.Module, patches: bool = False) -> Tensor:
     """A fixed vector over a matrix weight's input (``weight.flatten(1)``'s columns), for a
     convolution ordered like ``_patches`` when ``patches``."""
     w = module.weight
-    probe = torch.linspace(-1, 1, w[0].numel(), dtype=w.dtype, device=w.device).cos()
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    probe = torch.linspace(-1, 1, w[0].numel(), dtype=dtype, device=w.device).cos()
     return probe.view(w.shape[1:]).movedim(0, -1).flatten() if patches and isinstance(module, _CONVS) else probe
 
 
@@ -390,7 +405,7 @@ class _GhostNorms:
         want: list[Tensor] = []
         at, check = 0, bool(params)
         for m, c in zip(self.layers, calls):
-            inputs, out_grads = [a for a, _, _ in c], grads[at : at + len(c)]
+            inputs, out_grads = [_wide(a) for a, _, _ in c], [_wide(g) for g in grads[at : at + len(c)]]
             at += len(c)
             weight = m.weight is not None and m.weight.requires_grad
             bias = getattr(m, "bias", None) is not None and m.bias.requires_grad
@@ -407,10 +422,12 @@ class _GhostNorms:
             want += terms
         if check:
             got = [
-                _probed(m, p, torch.zeros_like(p) if g is None else g) for (m, p), g in zip(params, grads[len(outs) :])
+                _probed(m, p, _wide(torch.zeros_like(p) if g is None else g))
+                for (m, p), g in zip(params, grads[len(outs) :])
             ]
             got_all, want_all = torch.cat(got), torch.cat(want)
-            if not torch.allclose(got_all, want_all, rtol=1e-4, atol=1e-6 * float(want_all.abs().max())):
+            rtol = max(1e-4, 8 * max(torch.finfo(p.dtype).eps for _, p in params))  # bfloat16: 0.06
+            if not torch.allclose(got_all, want_all, rtol=rtol, atol=1e-2 * rtol * float(want_all.abs().max())):
                 return None  # a parameter is also used outside its layer's forward
             self.checked = True
         if not squares:

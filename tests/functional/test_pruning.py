@@ -275,6 +275,28 @@ def test_grand_on_a_convnet_takes_the_gathered_input_gradient_after_the_first_ba
     assert any(used), "the strided convolution's input gradient is the gather's adjoint after the check"
 
 
+def test_grand_in_bfloat16_and_under_autocast(monkeypatch):
+    """A bfloat16 model takes the closed form (norms summed in float32) within its precision of the
+    float64 scores; autocast is off inside the scores, so they equal the float32 model's."""
+    from litplug.modules import ConvNet
+
+    general = []
+    make = pruning._per_sample_norms
+    monkeypatch.setattr(pruning, "_per_sample_norms", lambda *a: (general.append(1), make(*a))[1])
+    torch.manual_seed(0)
+    model = ConvNet(input_shape=(1, 8, 8), channels=(4, 6), hidden=5, num_outputs=3).eval()
+    x, y = torch.randn(12, 1, 8, 8), torch.randint(0, 3, (12,))
+    loader = [(x[:6], y[:6]), (x[6:], y[6:])]
+    want = grand_scores(model.double(), [(a.double(), b) for a, b in loader])
+    single, errors = grand_scores(model.float(), loader), el2n_scores(model, loader)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(grand_scores(model, loader), single)
+        assert torch.equal(el2n_scores(model, loader), errors)
+    half = grand_scores(model.bfloat16(), [(a.bfloat16(), b) for a, b in loader])
+    torch.testing.assert_close(half, want, rtol=2e-2, atol=0)
+    assert not general, "the closed form covers the bfloat16 model"
+
+
 class Scaled(nn.Module):
     """A linear layer times a learnable scalar (a parameter of shape [])."""
 
