@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from ..functional import el2n_scores, forgetting_events, forgetting_scores, grand_scores
-from ..plumbing import is_sharded, mix_seed, refuse_flat_strategies, training_mode
+from ..plumbing import is_sharded, mix_seed, refuse_flat_strategies, training_mode, warn
 from ..plumbing.loss import module_loss, require_loss
 from ..plumbing.third_party_private import module_copy
 from ..validation import check_choice, check_int, check_number
@@ -76,7 +76,8 @@ class DataPruning(Callback):
         score: ``"el2n"``, ``"grand"`` or ``"forgetting"``.
         keep: fraction of the training set kept, in (0, 1].
         score_epoch: the epoch (0-based) at whose end the samples are scored; pruned training
-            starts at the next epoch.
+            starts at the next epoch (a warning at fit start when ``max_epochs`` leaves no epoch
+            after it).
         offset: fraction of the hardest samples skipped before the kept band, in [0, 1 - keep].
         batch_size: batch size of the scoring passes (None: the training loader's).
         seeds: number of initialisations whose scores are averaged (the paper averages over a
@@ -131,6 +132,14 @@ class DataPruning(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._dm.keep(self.kept)  # a resumed run's first training loader is already pruned
+        last = trainer.max_epochs - 1 if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        if self.kept is None and last is not None and self.score_epoch >= last:
+            when = "never scores" if self.score_epoch > last else "scores after the last epoch"
+            warn(
+                f"DataPruning(score_epoch={self.score_epoch}) with max_epochs={trainer.max_epochs} {when}: no epoch "
+                "trains on the kept set (scoring ends epoch score_epoch, 0-based; pruned training starts at the next). "
+                f"Set score_epoch below max_epochs - 1 = {last}"
+            )
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -167,6 +167,26 @@ def test_bad_setups_fail_before_training(tmp_path):
     assert wrong.global_step == 0
 
 
+@pytest.mark.parametrize(("max_epochs", "when"), [(1, "never scores"), (2, "scores after the last epoch"), (3, None)])
+def test_a_score_epoch_that_leaves_no_pruned_epoch_is_warned_about(max_epochs, when, tmp_path):
+    pruning = DataPruning("el2n", keep=0.5, score_epoch=1)
+    trainer = fast_trainer(
+        tmp_path, max_epochs=max_epochs, limit_train_batches=1, limit_val_batches=0, callbacks=[pruning]
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_module(), Indexed(features()))
+    said = [str(w.message) for w in caught if "no epoch trains on the kept set" in str(w.message)]
+    assert len(said) == (when is not None)
+    assert all(m.startswith(f"DataPruning(score_epoch=1) with max_epochs={max_epochs} {when}: ") for m in said)
+    assert (pruning.kept is not None) == (max_epochs > 1)
+
+
+def test_two_pruning_callbacks_are_refused_when_the_trainer_is_built(tmp_path):
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `DataPruning`"):
+        fast_trainer(tmp_path, callbacks=[DataPruning(), DataPruning("grand")])
+
+
 @pytest.mark.parametrize(("score", "step"), [("forgetting", 9), ("grand", 9), ("el2n", 14)])
 def test_a_run_resumes_mid_epoch_exactly(score, step, tmp_path):
     """Cut in the middle of a counted epoch (forgetting: the presentations before the checkpoint are
