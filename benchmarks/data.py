@@ -16,7 +16,8 @@ Cost: the scoring passes against one plain training epoch of the same model (a t
 forward, backward, Adam step per batch of 64) and against a bare forward+backward pass over the same
 batches, in CPU time of the process (one thread: other jobs on a shared machine count less than in
 wall time), interleaved repeats, medians, for the MLP and for
-``ConvNet`` (convolutions, BatchNorm, linear layers); GraNd's closed form and its general
+``ConvNet`` (convolutions, BatchNorm, linear layers), and for the ConvNet on CIFAR-shaped random
+inputs (3x32x32, 640 samples; no general path there); GraNd's closed form and its general
 ``torch.func`` path side by side; then ``DataPruning("grand")``'s scoring pass against a Lightning
 training epoch inside 20-epoch runs of the MLP (the column of the pruning table).
 
@@ -197,6 +198,16 @@ def cost(seeds: list[int], repeats: int = 11) -> None:
     _cost_table(
         "ConvNet (channels 32, 64, BatchNorm, hidden 128)", Classifier(ConvNet(), num_classes=10), batches, repeats
     )
+    seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(640, 3, 32, 32, generator=g), torch.randint(0, 10, (640,), generator=g)
+    _cost_table(
+        "The same ConvNet on CIFAR-shaped inputs (3x32x32, random)",
+        Classifier(ConvNet(input_shape=[3, 32, 32]), num_classes=10),
+        [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(y), 64)],
+        max(3, repeats // 2),
+        general=False,
+    )
     inside = [prune_run("grand", 0.5, 1, s) for s in seeds]
     ratios = [r["score_time"] / r["epoch_time"] for r in inside]
     print(f"\nDataPruning('grand') scoring / Lightning epoch (MLP), seeds {seeds}: {[round(r, 2) for r in ratios]}")
@@ -204,7 +215,11 @@ def cost(seeds: list[int], repeats: int = 11) -> None:
 
 
 def _cost_table(
-    title: str, model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], repeats: int
+    title: str,
+    model: torch.nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    repeats: int,
+    general: bool = True,
 ) -> None:
     from litplug.functional import el2n_scores, grand_scores
     from litplug.functional.pruning import _closed_form_layers, _per_sample_norms
@@ -226,7 +241,7 @@ def _cost_table(
             torch.nn.functional.cross_entropy(model(xb), yb).backward()
         model.zero_grad(set_to_none=True)
 
-    def general() -> None:
+    def per_sample() -> None:
         norms = _per_sample_norms(model, trainable, torch.nn.functional.cross_entropy, 256 * 2**20)
         torch.cat([norms(xb, yb) for xb, yb in batches])
 
@@ -235,7 +250,7 @@ def _cost_table(
         "forward+backward": forward_backward,
         "EL2N": lambda: el2n_scores(model, batches),
         "GraNd": lambda: grand_scores(model, batches),
-        "GraNd, general torch.func path": general,
+        **({"GraNd, general torch.func path": per_sample} if general else {}),
     }
     model.eval()
     path = "closed form" if _closed_form_layers(model) is not None else "general path"
@@ -246,7 +261,8 @@ def _cost_table(
             run()
             times[name].append(time.process_time() - t)
     base, bare = statistics.median(times["training epoch"]), statistics.median(times["forward+backward"])
-    print(f"\n{title}: median CPU time of {repeats} interleaved repeats, 1,294 samples, batch 64;")
+    samples = sum(len(yb) for _, yb in batches)
+    print(f"\n{title}: median CPU time of {repeats} interleaved repeats, {samples:,} samples, batch 64;")
     print(f"grand_scores takes its {path}.\n")
     print("| pass | seconds | / training epoch | / forward+backward |\n|---|---|---|---|")
     for name, ts in times.items():
