@@ -133,7 +133,7 @@ def grand_scores(
     classes = loss is None  # the default cross-entropy takes class targets
     loss = loss or F.cross_entropy
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        if isinstance(module, (*_BATCH_NORMS, nn.SyncBatchNorm)) and module.training:
             raise ValueError(
                 f"grand_scores: the BatchNorm layer {name or type(module).__name__!r} is in train mode, where a "
                 "sample's gradient depends on the batch statistics; call model.eval() first"

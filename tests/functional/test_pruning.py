@@ -266,7 +266,7 @@ def test_grand_on_a_convnet_takes_the_gathered_input_gradient_after_the_first_ba
     torch.manual_seed(0)
     model = ConvNet(input_shape=(1, 8, 8), channels=(4, 6), hidden=5, num_outputs=3).double().eval()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0), m.weight.data.normal_()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(9, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
