@@ -230,7 +230,7 @@ class _Run:
         env = self.env
         for node in self.engine.nodes:
             if node.op == "placeholder":
-                env[node] = Interval.of((upper + lower) / 2, (upper - lower) / 2, clean)
+                env[node] = Interval.input(lower, upper, clean)
             elif node.op == "output":
                 break
             else:

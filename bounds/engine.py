@@ -191,7 +191,7 @@ class BoundedNetwork:
         result: Interval | None = None
         for node in self.nodes:
             if node.op == "placeholder":
-                env[node] = Interval.of((upper + lower) / 2, (upper - lower) / 2, clean)
+                env[node] = Interval.input(lower, upper, clean)
             elif node.op == "output":
                 result = env[node.args[0]]
             elif node is self.elide and spec is not None:

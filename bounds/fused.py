@@ -147,10 +147,10 @@ class IntervalReLU(torch.autograd.Function):
     def backward(ctx: Any, g_out: Any, g_radius: Any, g_lower: Any, g_upper: Any) -> Any:
         stack, lower, upper = ctx.saved_tensors
         n = lower.shape[0]
-        g_out = torch.zeros_like(stack) if g_out is None else g_out
+        # in the box's layout: a channels-last box can get a row-major gradient (through a Flatten)
+        g_out = torch.zeros_like(stack) if g_out is None else g_out.contiguous(memory_format=_fmt(stack))
         g_centre = g_out[:n]
-        if g_radius is None:
-            g_radius = torch.zeros_like(lower)
+        g_radius = torch.zeros_like(lower) if g_radius is None else g_radius.contiguous(memory_format=_fmt(lower))
         # dL/du = [u > 0] (g_c' + g_r') / 2 + g_u, dL/dl = [l > 0] (g_c' - g_r') / 2 + g_l
         g_u = torch.ops.aten.threshold_backward(g_centre + g_radius, upper, 0).mul_(0.5)
         g_l = torch.ops.aten.threshold_backward(g_centre - g_radius, lower, 0).mul_(0.5)
@@ -233,8 +233,8 @@ class IntervalBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g_out: Any, g_radius: Any, _g_mean: Any, _g_var: Any) -> Any:
         stack, radius, weight, mean, var, invstd, scale = ctx.saved_tensors
-        g_out = torch.zeros_like(stack) if g_out is None else g_out.contiguous()
-        g_radius = torch.zeros_like(radius) if g_radius is None else g_radius.contiguous()
+        g_out = torch.zeros_like(stack) if g_out is None else g_out.contiguous(memory_format=_fmt(stack))
+        g_radius = torch.zeros_like(radius) if g_radius is None else g_radius.contiguous(memory_format=_fmt(radius))
         bn_backward = torch.ops.aten.native_batch_norm_backward
         # grad of the stack at fixed statistics, sum(g (x - mean) invstd), sum(g) per channel
         g_stack, sum_g_xhat, sum_g = bn_backward(
@@ -302,8 +302,8 @@ class ReLUStatistics(torch.autograd.Function):
         sum_upper, sum_lower = upper.sum(), lower.sum()
         mean = (sum_upper + sum_lower) / (2 * n)
         deviation, active, inactive = deviation_and_groups(lower, upper, mean)
-        flat, square = deviation.reshape(-1), deviation.square().reshape(-1)
-        masks = active.reshape(-1), inactive.reshape(-1)
+        flat, square = _memory_order(deviation), _memory_order(deviation.square())
+        masks = _memory_order(active), _memory_order(inactive)
         sums = torch.stack([torch.dot(flat, mask) for mask in masks])
         spreads = [torch.dot(square, mask) for mask in masks]
         counts = torch.stack([active.sum(), inactive.sum()])  # float sums: count_nonzero of floats is slow
@@ -420,3 +420,14 @@ def _flat(t: torch.Tensor, start: int, last: bool) -> torch.Tensor:
     """``t`` flattened from dim ``start``, channels last when ``last`` (``[..., C, H, W]`` in
     channels-last layout: a view, where ``flatten`` would copy)."""
     return (t.movedim(start, -1) if last else t).flatten(start)
+
+
+def _fmt(t: torch.Tensor) -> torch.memory_format:
+    """``t``'s layout (for gradients that may arrive in another)."""
+    return torch.channels_last if _last(t) else torch.contiguous_format
+
+
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as 1-d in the order of its memory: a view also of a channels-last tensor (for sums over
+    all elements, where ``reshape(-1)`` would copy it)."""
+    return (t.movedim(1, -1) if _last(t) else t).reshape(-1)

@@ -31,6 +31,19 @@ class Interval:
     def of(cls, centre: torch.Tensor, radius: torch.Tensor, clean: torch.Tensor | None = None) -> Interval:
         return cls(centre if clean is None else torch.cat([centre, clean]), radius, clean is not None)
 
+    @classmethod
+    def input(cls, lower: torch.Tensor, upper: torch.Tensor, clean: torch.Tensor | None = None) -> Interval:
+        """The box ``[lower, upper]`` (and the clean batch) as the engine's input. An image batch
+        (4-d) is laid out channels-last: convolutions (oneDNN on CPU) and the elementwise rules
+        after them then run in that layout, in the forward and backward passes alike
+        (``benchmarks/certified.py``: the IBP training step of CNN7)."""
+        centre, radius = (upper + lower) / 2, (upper - lower) / 2
+        if radius.dim() == 4:
+            last = torch.channels_last
+            centre, radius = centre.contiguous(memory_format=last), radius.contiguous(memory_format=last)
+            clean = clean.contiguous(memory_format=last) if clean is not None else None
+        return cls.of(centre, radius, clean)
+
     @property
     def centre(self) -> torch.Tensor:
         return self.stack[: self.radius.shape[0]] if self.tracked else self.stack

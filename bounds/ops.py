@@ -353,7 +353,10 @@ def monotone_method(p: Pass, name: str, args: tuple, kwargs: dict) -> Interval:
 
 
 def shape_method(p: Pass, name: str, args: tuple, kwargs: dict) -> Interval:
-    return same(args[0], lambda t: getattr(t, name)(*args[1:], **kwargs))
+    # ``view`` as ``reshape``: the same values, and boxes may be laid out channels-last
+    # (:meth:`~.interval.Interval.input`), where the network's own tensors allow a view
+    method = "reshape" if name == "view" else name
+    return same(args[0], lambda t: getattr(t, method)(*args[1:], **kwargs))
 
 
 def _centre_method(p: Pass, name: str, args: tuple, kwargs: dict) -> Any:

@@ -220,3 +220,40 @@ def test_cached_abs_weight_is_freed_with_the_model():
     gc.collect()
     assert ref() is None
     assert not any(k in fused._SCRATCH for k in keys)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_an_image_box_runs_channels_last_with_the_bounds_and_gradients_of_row_major(train, monkeypatch):
+    # Interval.input lays a 4-d box out channels-last; the fused functions take gradients in either
+    # layout (a Flatten hands the last ReLU a row-major one). Everything equals the row-major run.
+    from litplug.bounds import Interval
+    from litplug.modules import CNN7
+
+    torch.manual_seed(0)
+    net = CNN7(input_shape=[3, 8, 8], num_outputs=10, width=4, linear_size=16).double().train(train)
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64)
+    spec = margin_spec(torch.arange(6) % 10, 10).double()
+
+    def run():
+        net.zero_grad()
+        out = BoundedNetwork(net)(x - 0.05, x + 0.05, clean=x, spec=spec, record_relu=True)
+        tight, relu = warmup_regularizers(out.relu, torch.full_like(x, 0.05), 0.5)
+        (out.lower.sum() + out.clean.square().sum() + tight + relu).backward()
+        grads = [p.grad.clone() for p in net.parameters()]
+        return [out.lower, out.clean, *[t for pair in out.relu for t in pair], tight, relu, *grads], out.relu[0][0]
+
+    channels_last, first = run()
+    assert first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
+    row_major = classmethod(
+        lambda cls, lower, upper, clean=None: cls.of((upper + lower) / 2, (upper - lower) / 2, clean)
+    )
+    monkeypatch.setattr(Interval, "input", row_major)
+    reference, first = run()
+    assert first.is_contiguous()
+    # to float64 rounding of each value; gradients relative to the largest (a conv bias before
+    # train-mode batch norm has a zero gradient up to rounding)
+    values, grads = len(channels_last) - len(list(net.parameters())), list(net.parameters())
+    largest = max(float(g.grad.abs().max()) for g in grads)
+    for i, (a, b) in enumerate(zip(channels_last, reference)):
+        scale = float(b.abs().max()) if i < values else largest
+        assert float((a - b).abs().max()) <= 1e-13 * max(scale, 1.0), i
