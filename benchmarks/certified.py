@@ -16,36 +16,58 @@ you have; the script puts back the two torch internals it calls, see
 Then evaluation throughput in samples/s: plain forward, CertifiedClassifier.certify (verified
 accuracy) with IBP and with CROWN-IBP, and ``crown_bounds(method="crown-ibp")`` of the margins
 (the verification bound alone). Times are medians of ``--steps`` forward+backward passes on fixed
-weights, the rows interleaved round by round.
+weights, the rows interleaved round by round. The engine lays image boxes out channels-last; one
+row of each table reruns the IBP step and ``certify`` with row-major boxes and prints the ratio
+(wall clock, and CPU time of the process).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from litplug.bounds import crown_bounds, margin_spec
+from litplug.bounds import Interval, crown_bounds, margin_spec
 from litplug.modules import CNN7, CertifiedClassifier
 
 
-def median_times(fns: list[Callable[[], object]], steps: int, warmup: int = 2) -> list[float]:
+def median_times(fns: list[Callable[[], object]], steps: int, warmup: int = 2, cpu: list | None = None) -> list[float]:
     """Median seconds per call of each function, calls interleaved round by round so that load
-    changes on a shared machine hit every row alike."""
+    changes on a shared machine hit every row alike; ``cpu`` receives the medians of the process's
+    CPU time per call (less sensitive to other processes on the machine)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
+    cpu_times: list[list[float]] = [[] for _ in fns]
     for _ in range(steps):
-        for fn, out in zip(fns, times):
-            start = time.perf_counter()
+        for fn, out, out_cpu in zip(fns, times, cpu_times):
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             out.append(time.perf_counter() - start)
+            out_cpu.append(time.process_time() - start_cpu)
+    if cpu is not None:
+        cpu[:] = [statistics.median(t) for t in cpu_times]
     return [statistics.median(t) for t in times]
+
+
+@contextlib.contextmanager
+def row_major_boxes() -> Iterator[None]:
+    """Input boxes in row-major layout instead of channels-last (:meth:`litplug.bounds.Interval.input`):
+    the comparison rows of the engine's layout."""
+    saved = Interval.__dict__["input"]
+    Interval.input = classmethod(
+        lambda cls, lower, upper, clean=None: cls.of((upper + lower) / 2, (upper - lower) / 2, clean)
+    )
+    try:
+        yield
+    finally:
+        Interval.input = saved
 
 
 def main() -> None:
@@ -81,6 +103,13 @@ def main() -> None:
 
         return step
 
+    def row_major(fn: Callable[[], None]) -> Callable[[], None]:
+        def step() -> None:
+            with row_major_boxes():
+                fn()
+
+        return step
+
     def crown_ibp() -> None:
         # in the eps ramp (0 < beta < 1): IBP and CROWN-IBP margins, mixed; the cost is the same for any beta > 0
         model.bound, model.current_eps, model.regularizer_weight = "crown-ibp", args.eps / 2, 0.0
@@ -90,9 +119,11 @@ def main() -> None:
 
     peer = auto_lirpa_step(model.backbone, x, y, args.eps)
     peer_crown = auto_lirpa_step(model.backbone, x, y, args.eps, crown_ibp=True)
-    fns = [natural, ibp(0.0), ibp(0.25), crown_ibp] + [f for f in (peer, peer_crown) if callable(f)]
-    times = median_times(fns, args.steps)
-    peer_times = iter(times[4:])
+    fns = [natural, ibp(0.0), ibp(0.25), crown_ibp, row_major(ibp(0.0))]
+    fns += [f for f in (peer, peer_crown) if callable(f)]
+    cpu: list[float] = []
+    times = median_times(fns, args.steps, cpu=cpu)
+    peer_times = iter(times[5:])
     rows: list[tuple[str, float | str]] = [
         ("plain training step (cross-entropy)", times[0]),
         ("litplug IBP step (after warmup)", times[1]),
@@ -114,6 +145,10 @@ def main() -> None:
         else:
             print(f"{name:42s} {value * 1e3:9.1f} {value / base:8.2f}")
     print(f"{'CROWN-IBP step / IBP step':42s} {'':9s} {times[3] / times[1]:8.2f}")
+    print(
+        f"{'IBP step, channels-last / row-major boxes':42s} {'':9s} {times[1] / times[4]:8.2f}  "
+        f"(CPU time {cpu[1] / cpu[4]:.2f})"
+    )
     if callable(peer_crown):
         print(f"{'CROWN-IBP step / auto_LiRPA CROWN-IBP step':42s} {'':9s} {times[3] / times[-1]:8.2f}")
 
@@ -123,20 +158,26 @@ def main() -> None:
     lower, upper = model.box(xe, args.eps)
     spec = margin_spec(ye, 10)
     with torch.no_grad():
-        t_plain, t_cert, t_crown_ibp, t_bounds = median_times(
+        t_plain, t_cert, t_crown_ibp, t_bounds, t_cert_row = median_times(
             [
                 lambda: model.backbone(xe),
                 lambda: model.certify(xe, ye),
                 lambda: model.certify(xe, ye, "crown-ibp"),
                 lambda: crown_bounds(model.backbone, lower, upper, "crown-ibp", spec),
+                row_major(lambda: model.certify(xe, ye)),
             ],
             args.steps,
+            cpu=cpu,
         )
     print(f"\n{'evaluation (batch %d)' % len(xe):42s} {'samples/s':>9s} {'x plain':>8s}")
     print(f"{'plain forward':42s} {len(xe) / t_plain:9.0f} {1.0:8.2f}")
     print(f"{'CertifiedClassifier.certify (verified, IBP)':42s} {len(xe) / t_cert:9.1f} {t_plain / t_cert:8.2f}")
     print(f"{'certify(method=crown-ibp)':42s} {len(xe) / t_crown_ibp:9.1f} {t_plain / t_crown_ibp:8.2f}")
     print(f"{'crown_bounds(method=crown-ibp), margins':42s} {len(xe) / t_bounds:9.1f} {t_plain / t_bounds:8.2f}")
+    print(
+        f"{'certify, channels-last / row-major boxes':42s} {'':9s} {t_cert / t_cert_row:8.2f}  "
+        f"(CPU time {cpu[1] / cpu[4]:.2f}; time per call)"
+    )
 
 
 def _torch_compat_for_auto_lirpa() -> None:
