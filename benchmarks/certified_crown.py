@@ -11,7 +11,9 @@ alike, ``--ramp`` sets the eps ramp's length, 15 epochs in the config), plus a
 verified accuracy by each verifier, and on ``--lipschitz`` test samples the ratio of the largest
 gradient l1 norm over 1,000 sampled points of the eps box to the bound of
 :func:`litplug.bounds.local_lipschitz` (<= 1: sound; closer to 1: tighter). Runs go to separate
-processes with 1 torch thread each.
+processes with 1 torch thread each, ``--jobs`` at a time: a run starts as soon as any running
+one ends; each run's result goes to stderr (and ``--out``) when it ends, the tables keep the order
+seed, eps, training.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +125,50 @@ def run_one(
     print(json.dumps(result))
 
 
+def command(run: tuple[str, float, int], args: argparse.Namespace) -> list[str]:
+    bound, eps, seed = run
+    cmd = [sys.executable, __file__, "--one", bound, str(eps), str(seed)]
+    cmd += ["--lipschitz", str(args.lipschitz), "--tightness-every", str(args.tightness_every)]
+    if args.epochs:
+        cmd += ["--epochs", str(args.epochs)]
+    if args.ramp:
+        cmd += ["--ramp", str(args.ramp)]
+    return cmd
+
+
+def run_all(todo: list[tuple[str, float, int]], args: argparse.Namespace) -> list[dict]:
+    """The result of each run of ``todo``, each in a process of its own, ``args.jobs`` at a time: a
+    run starts as soon as any running one ends. Each result is printed (stderr, and appended to
+    ``args.out``) when its run ends; the first failure stops the other runs and raises."""
+    results: list[dict | None] = [None] * len(todo)
+    live: set[subprocess.Popen] = set()
+
+    def one(cmd: list[str]) -> tuple[int, str]:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        live.add(proc)
+        stdout, _ = proc.communicate()
+        live.discard(proc)
+        return proc.returncode, stdout
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(one, command(run, args)): i for i, run in enumerate(todo)}
+        for future in as_completed(futures):
+            i = futures[future]
+            (bound, eps, seed), (code, stdout) = todo[i], future.result()
+            if code != 0:
+                pool.shutdown(wait=False, cancel_futures=True)
+                for proc in list(live):
+                    proc.terminate()
+                raise RuntimeError(f"run bound={bound} eps={eps} seed={seed} failed with exit code {code}")
+            result = results[i] = json.loads(stdout.strip().splitlines()[-1])
+            record = {"bound": bound, "eps": eps, "seed": seed, **result}
+            print(json.dumps(record), file=sys.stderr)
+            if args.out:
+                with args.out.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+    return [r for r in results if r is not None]
+
+
 def cell(values: list[float], scale: float = 100.0, digits: int = 1, unit: str = "%") -> str:
     mean = scale * statistics.fmean(values)
     if len(values) < 2:
@@ -147,39 +194,10 @@ def main() -> None:
         return
     # seed by seed: a partial run covers every cell
     todo = [(bound, eps, seed) for seed in range(args.seeds) for eps in args.eps for bound in ("ibp", "crown-ibp")]
+    done = run_all(todo, args)
     results: dict[tuple[str, float], list[dict]] = {}
-    running: list[tuple[tuple[str, float, int], subprocess.Popen]] = []
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            run = todo.pop(0)
-            cmd = [
-                sys.executable,
-                __file__,
-                "--one",
-                run[0],
-                str(run[1]),
-                str(run[2]),
-                "--lipschitz",
-                str(args.lipschitz),
-                "--tightness-every",
-                str(args.tightness_every),
-            ]
-            if args.epochs:
-                cmd += ["--epochs", str(args.epochs)]
-            if args.ramp:
-                cmd += ["--ramp", str(args.ramp)]
-            running.append((run, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)))
-        (bound, eps, seed), proc = running.pop(0)
-        stdout, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"run bound={bound} eps={eps} seed={seed} failed with exit code {proc.returncode}")
-        result = json.loads(stdout.strip().splitlines()[-1])
+    for (bound, eps, _), result in zip(todo, done):  # the tables in the order of todo, whatever ended first
         results.setdefault((bound, eps), []).append(result)
-        record = {"bound": bound, "eps": eps, "seed": seed, **result}
-        print(json.dumps(record), file=sys.stderr)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
     print(f"{args.seeds} seed(s) per cell: mean ± sample std\n")
     print("| eps | training | clean | verified (IBP) | verified (CROWN-IBP) | verified (CROWN) | fit time (s) |")
     print("|---|---|---|---|---|---|---|")
