@@ -6,7 +6,11 @@
   litplug family in use, collected from the ``litplug_charts`` attribute of the module and of
   every callback (``{"section": {"chart title": ["tag regex", ...]}}``).
 * :func:`log_figure`: render a figure (:mod:`litplug.figures`) on rank zero and log it as an image.
-* :func:`write_hparams`: the hparams plugin's session summary (hyper-parameters and status).
+* :func:`write_hparams`: the hparams plugin's session summary (hyper-parameters and status), the
+  run's only one (Lightning's ``TensorBoardLogger`` then writes its ``hparams.yaml`` but no session).
+* :func:`flatten_config` / :func:`saved_hparams`: a config's values that differ from the
+  defaults, and the hyper-parameters a module saves (``save_hyperparameters()``), as the session's
+  ``{"dotted.key": scalar}``; ``litplug compare`` reads them back.
 
 A run resumed into the folder it was logging to (the same ``TensorBoardLogger`` version) keeps
 the layout and hparams it wrote there: they are not written a second time.
@@ -21,18 +25,23 @@ Example:
 from __future__ import annotations
 
 import glob
+import importlib
+import inspect
 import math
 import os
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
     "CHARTS_ATTRIBUTE",
+    "flatten_config",
     "has_tag",
     "has_tensorboard",
     "log_figure",
+    "saved_hparams",
+    "signature_defaults",
     "summary_writer",
     "write_best",
     "write_charts",
@@ -42,6 +51,8 @@ __all__ = [
 CHARTS_ATTRIBUTE = "litplug_charts"
 LAYOUT_TAG = "custom_scalars__config__"
 SESSION_START_TAG = "_hparams_/session_start_info"
+Scalar = bool | int | float | str
+_MISSING = object()
 
 _told: weakref.WeakSet[Any] = weakref.WeakSet()  # trainers told that figures are skipped
 _charted: set[str] = set()  # log folders whose layout this process wrote
@@ -168,9 +179,154 @@ def write_best(trainer: Any) -> dict[str, float]:
     return best
 
 
-def write_hparams(trainer: Any, hparams: Mapping[str, bool | int | float | str]) -> bool:
+def flatten_config(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Scalar]:
+    """The config values that differ from their defaults, as ``{"dotted.key": scalar}``.
+
+    ``defaults`` holds the defaults of plain keys (``trainer``, ``seed_everything``, ...); the
+    arguments of a ``class_path``/``init_args`` node are compared with the class signature's
+    defaults (overlaid with the default node's ``init_args`` when it names the same class). A node
+    gives its short class name under its own key (``model: Classifier``) and its arguments under
+    it (``model.optimizer.lr``); a list of nodes (``trainer.callbacks``) gives the names joined by
+    ``+`` and each node's arguments under ``<key>.<ClassName>``. Lists and ``None`` become strings.
+    The ``config`` key (the files read) is left out.
+
+    Example:
+        >>> from litplug.board import flatten_config
+        >>> flatten_config({"model": {"class_path": "torch.nn.Linear", "init_args": {"in_features": 4,
+        ...     "out_features": 2, "bias": True}}, "seed_everything": 0}, {"seed_everything": True})
+        {'model': 'Linear', 'model.in_features': 4, 'model.out_features': 2, 'seed_everything': 0}
+    """
+    out: dict[str, Scalar] = {}
+    _flatten(out, "", {k: v for k, v in config.items() if k != "config"}, defaults)
+    return out
+
+
+def saved_hparams(obj: Any, prefix: str) -> dict[str, Scalar]:
+    """The hyper-parameters that ``obj`` (a LightningModule or LightningDataModule) saves for its
+    loggers (``save_hyperparameters()``; none with ``logger=False``) and that differ from its
+    constructor's defaults, as ``{"prefix.key": scalar}``, flattened as :func:`flatten_config`
+    flattens a config node. LightningCLI's own entries (``_class_path``, ``_instantiator``) are
+    left out.
+
+    Example:
+        >>> from lightning.pytorch import LightningModule
+        >>> class Net(LightningModule):
+        ...     def __init__(self, width: int = 4, opt: dict | None = None, note: str = "x"):
+        ...         super().__init__()
+        ...         self.save_hyperparameters()
+        >>> saved_hparams(Net(width=8, opt={"lr": 0.1}), "model")
+        {'model.width': 8, 'model.opt.lr': 0.1}
+    """
+    from .plumbing.third_party_private import logs_hparams
+
+    if not logs_hparams(obj):
+        return {}
+    defaults = signature_defaults(type(obj))
+    out: dict[str, Scalar] = {}
+    for key, value in obj.hparams_initial.items():
+        if key not in ("_class_path", "_instantiator"):
+            _flatten(out, f"{prefix}.{key}", value, defaults.get(key, _MISSING))
+    return out
+
+
+def _flatten(out: dict[str, Scalar], prefix: str, value: Any, default: Any) -> None:
+    if _is_node(value):
+        _flatten_node(out, prefix, value, default)
+    elif isinstance(value, Sequence) and not isinstance(value, str) and value and all(_is_node(v) for v in value):
+        names = [_short(v["class_path"]) for v in value]
+        default_names = [_short(v["class_path"]) for v in default] if isinstance(default, Sequence) else []
+        if names != default_names:
+            out[prefix] = "+".join(names)
+        seen: dict[str, int] = {}
+        for node, name in zip(value, names):
+            seen[name] = seen.get(name, 0) + 1
+            key = f"{prefix}.{name}" + (f"#{seen[name]}" if seen[name] > 1 else "")
+            _flatten_node(out, key, node, None, emit_class=False)
+    elif isinstance(value, Mapping):
+        default = default if isinstance(default, Mapping) else {}
+        for k, v in value.items():
+            _flatten(out, f"{prefix}.{k}" if prefix else str(k), v, default.get(k, _MISSING))
+    elif _differs(value, default):
+        out[prefix] = _scalar(value)
+
+
+def _flatten_node(out: dict[str, Scalar], prefix: str, node: Mapping[str, Any], default: Any, emit_class=True) -> None:
+    same_class = _is_node(default) and default["class_path"] == node["class_path"]
+    if emit_class and not same_class:
+        out[prefix] = _short(node["class_path"])
+    defaults = _class_defaults(node["class_path"])
+    if same_class:
+        defaults.update(default.get("init_args") or {})
+    for k, v in (node.get("init_args") or {}).items():
+        _flatten(out, f"{prefix}.{k}", v, defaults.get(k, _MISSING))
+
+
+def _is_node(value: Any) -> bool:
+    return isinstance(value, Mapping) and isinstance(value.get("class_path"), str)
+
+
+def _short(class_path: str) -> str:
+    return class_path.rsplit(".", 1)[-1]
+
+
+def _class_defaults(class_path: str) -> dict[str, Any]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return signature_defaults(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError):
+        return {}
+
+
+def signature_defaults(cls: Any) -> dict[str, Any]:
+    """``{argument: default}`` of ``cls``'s constructor (arguments without a default left out)."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _normal(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
+
+
+def _differs(value: Any, default: Any) -> bool:
+    try:
+        return bool(_normal(value) != _normal(default))
+    except (RuntimeError, TypeError, ValueError):  # a tensor or array of several elements
+        return True
+
+
+def _scalar(value: Any) -> Scalar:
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d tensor or numpy scalar
+        value = value.item()
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return str(_normal(value))
+    return str(value)
+
+
+def write_hparams(
+    trainer: Any,
+    hparams: Mapping[str, Scalar],
+    model: Any = None,
+    datamodule: Any = None,
+) -> bool:
     """Write the hparams plugin's session start (``hparams``) into the run's own folder, once per
     folder, on rank zero; call it before ``fit`` so that a running or failed run is listed too.
+
+    The hyper-parameters that ``model`` and ``datamodule`` save for the loggers
+    (``save_hyperparameters()``) join the session under ``model.`` and ``data.``
+    (:func:`saved_hparams`; their values win over a key of ``hparams`` with the
+    same name). The session is the run's only one: the Trainer's ``TensorBoardLogger`` writes its
+    ``hparams.yaml`` as always, but no session of its own (a second session in the folder, with an
+    experiment summary that TensorBoard would take as the HPARAMS table's columns for every run
+    under the log directory).
 
     No experiment summary is written: TensorBoard builds the HPARAMS table's columns from every
     run's session in the folder (hyper-parameters) and from their scalars (the metric values: the
@@ -180,9 +336,19 @@ def write_hparams(trainer: Any, hparams: Mapping[str, bool | int | float | str])
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.plugins.hparams import metadata, plugin_data_pb2
 
+    from .plumbing.third_party_private import no_hparams_session
+
+    logger = _tensorboard_logger(trainer)
+    if logger is not None:
+        no_hparams_session(logger)
     writer = summary_writer(trainer)
     if writer is None or _written_before(writer, SESSION_START_TAG):
         return False
+    hparams = {
+        **hparams,
+        **(saved_hparams(model, "model") if model is not None else {}),
+        **(saved_hparams(datamodule, "data") if datamodule is not None else {}),
+    }
     start = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
     for key, value in hparams.items():
         if isinstance(value, bool):

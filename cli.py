@@ -9,7 +9,9 @@
 ``class_path``); the default logger is TensorBoard under ``runs/``; the saved ``config.yaml`` is
 overwritten when a run reuses a log folder. Every run (``fit``, ``validate``, ``test``,
 ``predict``) writes the TensorBoard hparams of the run (the config values that differ from the
-defaults) when it starts; ``litplug compare`` reads them back (:mod:`litplug.compare`). The
+defaults, and the hyper-parameters the model and datamodule save with ``save_hyperparameters()``)
+when it starts, the run's only hparams session; ``litplug compare`` reads them back
+(:mod:`litplug.compare`). The
 working directory is on the import path, as with ``python -m``, so ``--model mymodels.Net``
 imports ``mymodels.py`` from it.
 
@@ -171,11 +173,11 @@ class LitplugCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Write the run's hparams: the config values that differ from the defaults (see
-        :mod:`litplug.board` and :func:`litplug.compare.flatten_config`), and ``subcommand`` for
-        a run other than ``fit``; under ``64-true``, convert the model before ``--ckpt_path`` is
+        :mod:`litplug.board` and :func:`litplug.board.flatten_config`), the hyper-parameters
+        the model and datamodule save for the loggers, and ``subcommand`` for a run other than
+        ``fit``; under ``64-true``, convert the model before ``--ckpt_path`` is
         restored into it."""
-        from .board import write_hparams
-        from .compare import flatten_config
+        from .board import flatten_config, write_hparams
         from .plumbing.third_party_private import subcommand_defaults
 
         self._convert_before_restore()
@@ -184,7 +186,7 @@ class LitplugCLI(LightningCLI):
         hparams = flatten_config(config.as_dict(), subcommand_defaults(self, self.subcommand))
         if self.subcommand not in (None, "fit"):
             hparams = {"subcommand": self.subcommand, **hparams}
-        write_hparams(self.trainer, hparams)
+        write_hparams(self.trainer, hparams, self.model, self.datamodule)
 
     before_validate = before_test = before_predict = before_fit
 

@@ -7,14 +7,18 @@
 A run is a folder holding TensorBoard event files (``runs/litplug/version_0``, ...), read with
 TensorBoard's own ``EventAccumulator``. One row per run: its name (the folder under RUNS), the
 hyper-parameters that differ between the runs (every ``litplug fit`` writes the config values
-that differ from the defaults as the hparams plugin's session, see :func:`flatten_config`), and
-the last value of every metric matching ``--metrics``. A key a run does not set is shown empty.
+that differ from the defaults and the hyper-parameters the model and datamodule save as the
+hparams plugin's session, see :func:`litplug.board.flatten_config` and
+:func:`litplug.board.saved_hparams`), and the last value of every metric matching ``--metrics``.
+A key a run does not set is shown empty.
 
 Example:
-    >>> from litplug.compare import flatten_config
-    >>> flatten_config({"model": {"class_path": "torch.nn.Linear", "init_args": {"in_features": 4,
-    ...     "out_features": 2, "bias": True}}, "seed_everything": 0}, {"seed_everything": True})
-    {'model': 'Linear', 'model.in_features': 4, 'model.out_features': 2, 'seed_everything': 0}
+    >>> from litplug.compare import format_table
+    >>> print(format_table(["run", "model.lr"], [["version_0", 0.01], ["version_1", ""]]))
+    run        model.lr
+    ---------  --------
+    version_0  0.01
+    version_1
 """
 
 from __future__ import annotations
@@ -22,111 +26,18 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
-import importlib
-import inspect
 import io
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-__all__ = ["Run", "compare", "flatten_config", "format_table", "main", "read_run", "signature_defaults", "to_markdown"]
+from .board import Scalar
 
-Scalar = bool | int | float | str
+__all__ = ["Run", "compare", "format_table", "main", "read_run", "to_markdown"]
+
 DEFAULT_METRICS = ("test/*", "val/*", "best/*", "*/test/*", "*/val/*")
-_MISSING = object()
-
-
-# ----------------------------------------------------------------------------- config -> hparams
-def flatten_config(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Scalar]:
-    """The config values that differ from their defaults, as ``{"dotted.key": scalar}``.
-
-    ``defaults`` holds the defaults of plain keys (``trainer``, ``seed_everything``, ...); the
-    arguments of a ``class_path``/``init_args`` node are compared with the class signature's
-    defaults (overlaid with the default node's ``init_args`` when it names the same class). A node
-    gives its short class name under its own key (``model: Classifier``) and its arguments under
-    it (``model.optimizer.lr``); a list of nodes (``trainer.callbacks``) gives the names joined by
-    ``+`` and each node's arguments under ``<key>.<ClassName>``. Lists and ``None`` become strings.
-    The ``config`` key (the files read) is left out.
-    """
-    out: dict[str, Scalar] = {}
-    _flatten(out, "", {k: v for k, v in config.items() if k != "config"}, defaults)
-    return out
-
-
-def _flatten(out: dict[str, Scalar], prefix: str, value: Any, default: Any) -> None:
-    if _is_node(value):
-        _flatten_node(out, prefix, value, default)
-    elif isinstance(value, Sequence) and not isinstance(value, str) and value and all(_is_node(v) for v in value):
-        names = [_short(v["class_path"]) for v in value]
-        default_names = [_short(v["class_path"]) for v in default] if isinstance(default, Sequence) else []
-        if names != default_names:
-            out[prefix] = "+".join(names)
-        seen: dict[str, int] = {}
-        for node, name in zip(value, names):
-            seen[name] = seen.get(name, 0) + 1
-            key = f"{prefix}.{name}" + (f"#{seen[name]}" if seen[name] > 1 else "")
-            _flatten_node(out, key, node, None, emit_class=False)
-    elif isinstance(value, Mapping):
-        default = default if isinstance(default, Mapping) else {}
-        for k, v in value.items():
-            _flatten(out, f"{prefix}.{k}" if prefix else str(k), v, default.get(k, _MISSING))
-    elif _normal(value) != _normal(default):
-        out[prefix] = _scalar(value)
-
-
-def _flatten_node(out: dict[str, Scalar], prefix: str, node: Mapping[str, Any], default: Any, emit_class=True) -> None:
-    same_class = _is_node(default) and default["class_path"] == node["class_path"]
-    if emit_class and not same_class:
-        out[prefix] = _short(node["class_path"])
-    defaults = _class_defaults(node["class_path"])
-    if same_class:
-        defaults.update(default.get("init_args") or {})
-    for k, v in (node.get("init_args") or {}).items():
-        _flatten(out, f"{prefix}.{k}", v, defaults.get(k, _MISSING))
-
-
-def _is_node(value: Any) -> bool:
-    return isinstance(value, Mapping) and isinstance(value.get("class_path"), str)
-
-
-def _short(class_path: str) -> str:
-    return class_path.rsplit(".", 1)[-1]
-
-
-def _class_defaults(class_path: str) -> dict[str, Any]:
-    module, _, name = class_path.rpartition(".")
-    try:
-        return signature_defaults(getattr(importlib.import_module(module), name))
-    except (ImportError, AttributeError):
-        return {}
-
-
-def signature_defaults(cls: Any) -> dict[str, Any]:
-    """``{argument: default}`` of ``cls``'s constructor (arguments without a default left out)."""
-    try:
-        params = inspect.signature(cls).parameters.values()
-    except (TypeError, ValueError):
-        return {}
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-
-
-def _normal(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_normal(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _normal(v) for k, v in value.items()}
-    return value
-
-
-def _scalar(value: Any) -> Scalar:
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return str(_normal(value))
-    return str(value)
 
 
 # ----------------------------------------------------------------------------- event files

@@ -29,10 +29,12 @@ __all__ = [
     "tree_leaves",
     "tree_unflatten",
     "is_muted",
+    "logs_hparams",
     "logs_now",
     "module_copy",
     "muted",
     "no_grad_sync",
+    "no_hparams_session",
     "subcommand_defaults",
     "version",
     "wrap_optimizer_step",
@@ -155,6 +157,29 @@ def subcommand_defaults(cli: Any, subcommand: str | None) -> dict[str, Any]:
     a public accessor of the subcommand parsers (LightningCLI keeps them in ``_subcommand_parsers``)."""
     parsers = getattr(cli, "_subcommand_parsers", None) if subcommand else None
     return (parsers[subcommand] if parsers else cli.parser).get_defaults().as_dict()
+
+
+def logs_hparams(obj: Any) -> bool:
+    """Whether Lightning sends the saved hyper-parameters of ``obj`` (a LightningModule or
+    LightningDataModule) to the loggers: ``save_hyperparameters(logger=False)`` keeps them out.
+
+    Why: the run's hparams session holds what Lightning would log. Missing upstream: a public
+    accessor of the flag (``HyperparametersMixin._log_hyperparams``)."""
+    return bool(getattr(obj, "_log_hyperparams", False))
+
+
+def no_hparams_session(logger: Any) -> None:
+    """Make a ``TensorBoardLogger``'s ``log_hyperparams`` (called by the Trainer at every run's
+    start) write no hparams summaries to the event file, keeping what it does besides: the
+    ``hparams.yaml`` of the log folder. ``log_hyperparams`` writes the experiment summary, the
+    session start and end exactly when it has metrics, and without metrics given it has only the
+    ``hp_metric`` placeholder of ``default_hp_metric=True``.
+
+    Why: litplug writes the run's one session; Lightning's second session in the folder brings an
+    experiment summary, which TensorBoard's HPARAMS table takes as its columns for every run under
+    the log directory. Missing upstream: a public switch of a built logger (the constructor's
+    ``default_hp_metric``, kept as ``_default_hp_metric``)."""
+    logger._default_hp_metric = False
 
 
 def module_copy(module: torch.nn.Module, tensors: dict[int, Tensor] | None = None) -> torch.nn.Module:

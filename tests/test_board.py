@@ -3,23 +3,30 @@ TensorBoard's own readers; ``litplug compare`` over a folder of real runs."""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard import context as tb_context
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins import base_plugin
 from tensorboard.plugins.custom_scalar import layout_pb2
-from tensorboard.plugins.hparams import metadata
+from tensorboard.plugins.hparams import api_pb2, backend_context, get_experiment, list_session_groups, metadata
 
 from litplug import board
+from litplug.board import flatten_config
 from litplug.callbacks import SharpnessMonitor
 from litplug.cli import main
-from litplug.compare import compare, flatten_config, format_table, read_run
+from litplug.compare import compare, format_table, read_run
 from litplug.datamodules import Digits
 from litplug.figures import bar_chart, greedy_chart, histograms, line_chart, to_image
 from litplug.modules import MLP, Classifier
@@ -421,3 +428,137 @@ def test_checkpoint_soup_writes_its_trials_figure_and_nothing_breaks_with_csv(tm
         "checkpoint soup: validation loss of the snapshots and the soups",
         "WiSE-FT: validation loss against 1000 alpha",
     ]
+
+
+# ----------------------------------------------------------------------------- a module's own hparams
+USER_MODULES = """
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Net(LightningModule):
+    def __init__(self, hidden: int = 4, lr: float = 0.1, sizes: list = [1, 2], tag: str = "x"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.save_hyperparameters({**self.hparams, "width": 2 * hidden})  # one not in the signature
+        self.layer = torch.nn.Linear(8, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", torch.nn.functional.cross_entropy(self.layer(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class Data(LightningDataModule):
+    def __init__(self, size: int = 16, batch_size: int = 8, logged: bool = True):
+        super().__init__()
+        self.save_hyperparameters(logger=logged)
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randn(size, 8, generator=g), torch.randint(0, 3, (size,), generator=g))
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.hparams.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(self.data, batch_size=self.hparams.batch_size)
+"""
+SHORT = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=1, enable_progress_bar=False)
+
+
+def user_modules(folder: Path, monkeypatch) -> object:
+    (folder / "hparams_user.py").write_text(USER_MODULES)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "hparams_user", raising=False)
+    return importlib.import_module("hparams_user")
+
+
+def hparams_table(logdir: Path) -> tuple[list[str], list[str], dict[str, dict]]:
+    """What TensorBoard's HPARAMS dashboard shows for ``logdir``, by the hparams plugin's own
+    request handlers: ``(hparam columns, metric columns, {session: {column: value}})``."""
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(logdir))
+    backend = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), data_provider=provider))
+    request = tb_context.RequestContext()
+    experiment = get_experiment.Handler(request, backend, "", api_pb2.GetExperimentRequest()).run()
+    columns = [h.name for h in experiment.hparam_infos]
+    query = api_pb2.ListSessionGroupsRequest(slice_size=100, allowed_statuses=list(api_pb2.Status.values()))
+    for name in columns:
+        query.col_params.add(hparam=name)
+    for metric in experiment.metric_infos:
+        query.col_params.add(metric=metric.name)
+    groups = list_session_groups.Handler(request, backend, "", query).run().session_groups
+    rows = {
+        g.name: {
+            **{k: getattr(v, v.WhichOneof("kind")) for k, v in g.hparams.items()},
+            **{m.name.tag: m.value for m in g.metric_values},
+        }
+        for g in groups
+    }
+    return columns, [m.name.tag for m in experiment.metric_infos], rows
+
+
+def test_cli_run_of_a_module_saving_hparams_has_one_session(tmp_path, monkeypatch):
+    """The module and datamodule call save_hyperparameters(): TensorBoard's HPARAMS table shows
+    litplug's config keys and their saved hyper-parameters in one row per run, the metrics as
+    columns; hparams.yaml and the checkpoint keep Lightning's full hparams."""
+    user = user_modules(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    short = [f"--trainer.{k}={v}" for k, v in SHORT.items()]
+    for hidden in (7, 4):
+        main(["fit", "--model=hparams_user.Net", f"--model.hidden={hidden}", "--data=hparams_user.Data", *short])
+    runs = tmp_path / "runs" / "litplug"
+    for folder in runs.iterdir():
+        assert count_tag(folder, metadata.SESSION_START_INFO_TAG) == 1
+        assert count_tag(folder, metadata.EXPERIMENT_TAG) == 0
+        assert "hp_metric" not in accumulator(folder).Tags()["scalars"]
+
+    columns, metrics, rows = hparams_table(runs)
+    assert {"model", "model.hidden", "model.width", "data", "trainer.max_epochs"} <= set(columns)
+    assert "val/loss" in metrics and "hp_metric" not in metrics
+    first, second = rows["version_0"], rows["version_1"]
+    assert (first["model.hidden"], first["model.width"], first["model"]) == (7, 14, "Net")
+    assert "model.hidden" not in second and second["model.width"] == 8  # hidden=4 is the default, width is not
+    assert first["val/loss"] == pytest.approx(accumulator(runs / "version_0").Scalars("val/loss")[-1].value)
+
+    keys, table = compare(runs)
+    assert keys == ["run", "model.hidden", "model.width", "val/loss"]
+    assert [row[:3] for row in table] == [["version_0", 7, 14], ["version_1", "", 8]]
+
+    saved = yaml.safe_load((runs / "version_0" / "hparams.yaml").read_text())
+    assert {k: saved[k] for k in ("hidden", "width", "lr", "sizes", "size", "batch_size")} == {
+        "hidden": 7,
+        "width": 14,
+        "lr": 0.1,
+        "sizes": [1, 2],
+        "size": 16,
+        "batch_size": 8,
+    }
+    ckpt = next((runs / "version_0" / "checkpoints").glob("*.ckpt"))
+    assert user.Net.load_from_checkpoint(ckpt).hparams.width == 14
+
+
+def test_python_api_session_holds_the_saved_hparams_once(tmp_path, monkeypatch):
+    """write_hparams with the model and datamodule: one session per folder, resumed runs included;
+    a datamodule's save_hyperparameters(logger=False) stays out of it."""
+    user = user_modules(tmp_path, monkeypatch)
+    for _ in range(2):  # the second run logs into the same folder (a new event file)
+        trainer = Trainer(logger=TensorBoardLogger(tmp_path, name="", version=0), enable_checkpointing=False, **SHORT)
+        model, data = user.Net(hidden=5, tag="y"), user.Data(size=8, logged=False)
+        board.write_hparams(trainer, {"lr": 1e-3, "model.hidden": 0}, model, data)
+        trainer.fit(model, data)
+    folder = Path(trainer.logger.log_dir)
+    assert len(list(folder.glob("*tfevents*"))) == 2 and len(accumulator(folder).Scalars("val/loss")) == 2
+    assert count_tag(folder, metadata.SESSION_START_INFO_TAG) == 1
+    assert count_tag(folder, metadata.EXPERIMENT_TAG) == 0
+    hparams = session_hparams(accumulator(folder))
+    assert hparams == {"lr": 1e-3, "model.hidden": 5, "model.width": 10, "model.tag": "y"}
+    assert yaml.safe_load((folder / "hparams.yaml").read_text())["width"] == 10
