@@ -69,9 +69,11 @@ def _check_classes(y: Tensor, classes: int | None) -> None:
         raise ValueError(
             f"data scores need integer class targets, got {y.dtype} targets (grand_scores takes others with a loss)"
         )
-    if y.numel() and (int(y.min()) < 0 or (classes is not None and int(y.max()) >= classes)):
-        bound = f"in [0, {classes})" if classes is not None else "not negative"
-        raise ValueError(f"data scores need class targets {bound}, got targets from {int(y.min())} to {int(y.max())}")
+    if y.numel():
+        low, high = (int(t) for t in torch.aminmax(y))
+        if low < 0 or (classes is not None and high >= classes):
+            bound = f"in [0, {classes})" if classes is not None else "not negative"
+            raise ValueError(f"data scores need class targets {bound}, got targets from {low} to {high}")
 
 
 def _check_logits(out: Any, y: Tensor) -> None:
@@ -148,13 +150,13 @@ def grand_scores(
     with _no_autocast(model):
         try:
             for x, y in _batches(loader):
-                if classes and y.dim() == 1:  # other shapes: the logits check names them
-                    _check_classes(y, None)
-                got = ghost(x, y) if ghost is not None else None
+                got = ghost(x, y) if ghost is not None else None  # it checks the targets against the logits
                 if got is None:
                     if ghost is not None:  # the general path for the rest of the loader
                         ghost.remove()
                         ghost = None
+                    if classes and y.dim() == 1:  # other shapes: the logits check names them
+                        _check_classes(y, None)
                     general = general or _per_sample_norms(model, trainable, loss, max_memory)
                     got = general(x, y)
                 scores.append(got)

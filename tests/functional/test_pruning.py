@@ -339,8 +339,10 @@ def test_scores_refuse_batches_that_are_not_inputs_and_classes():
             scores(model, [(torch.randn(2, 5), torch.tensor([0, 3]))])
     with pytest.raises(ValueError, match=r"class targets in \[0, 3\), got targets from -1 to 1"):
         el2n_scores(model, [(torch.randn(2, 5), torch.tensor([-1, 1]))])  # not an index from the end
-    with pytest.raises(ValueError, match="class targets not negative, got targets from -1 to 1"):
+    with pytest.raises(ValueError, match=r"class targets in \[0, 3\), got targets from -1 to 1"):
         grand_scores(model, [(torch.randn(2, 5), torch.tensor([-1, 1]))])  # not ignored as cross-entropy would
+    with pytest.raises(ValueError, match="class targets not negative, got targets from -1 to 1"):  # the general path
+        grand_scores(nn.Sequential(nn.Linear(5, 3), nn.Dropout(0.0)), [(torch.randn(2, 5), torch.tensor([-1, 1]))])
     grand_scores(model, [(torch.randn(2, 5), torch.zeros(2))], loss=lambda z, t: (z[:, 0] - t).square().sum())
     with pytest.raises(ValueError, match="BatchNorm layer '1' is in train mode.*model.eval"):
         grand_scores(model.train(), [(torch.randn(2, 5), torch.tensor([0, 1]))])
