@@ -272,15 +272,7 @@ def _patches(module: nn.Module, x: Tensor) -> Tensor:
     if isinstance(module, nn.Linear):
         return x.reshape(x.shape[0], 1, -1, x.shape[-1])
     (b, c), spatial, groups = x.shape[:2], tuple(x.shape[2:]), module.groups
-    index = _cached_patch_index(
-        spatial,
-        module.kernel_size,
-        module.stride,
-        module.dilation,
-        module.padding if isinstance(module.padding, str) else tuple(module.padding),
-        module.padding_mode,
-        x.device,
-    )
+    index = _patch_index_of(module, spatial, x.device)
     flat = x.new_empty(b, math.prod(spatial) + 1, c)
     flat[:, :-1] = x.flatten(2).mT
     flat[:, -1] = 0
@@ -292,6 +284,14 @@ def _patches(module: nn.Module, x: Tensor) -> Tensor:
 
 
 _cached_patch_index = functools.lru_cache(maxsize=64)(_patch_index)
+
+
+def _patch_index_of(conv: nn.Module, spatial: tuple[int, ...], device: torch.device) -> Tensor:
+    """``_patch_index`` of a convolution on inputs of size ``spatial``, built once per layout."""
+    padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+    return _cached_patch_index(
+        spatial, conv.kernel_size, conv.stride, conv.dilation, padding, conv.padding_mode, device
+    )
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -345,15 +345,7 @@ class _InputGradient(torch.autograd.Function):
         g = g.flatten(2).unflatten(1, (groups, -1)).permute(1, 0, 3, 2).flatten(1, 2)
         patch_grads = (g @ w).unflatten(1, (b, -1)).unflatten(-1, (kernel, c // groups))
         patch_grads = patch_grads.permute(1, 2, 3, 0, 4).reshape(b, -1, c)  # [batch, positions x kernel, in]
-        index = _cached_patch_index(
-            spatial,
-            m.kernel_size,
-            m.stride,
-            m.dilation,
-            m.padding if isinstance(m.padding, str) else tuple(m.padding),
-            m.padding_mode,
-            g.device,
-        )
+        index = _patch_index_of(m, spatial, g.device)
         dx = g.new_zeros(b, math.prod(spatial) + 1, c).index_add_(1, index, patch_grads)
         return dx[:, :-1].mT.reshape(shape).contiguous(), None, None
 
