@@ -193,12 +193,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--num-entities", type=int, default=RECIPE["num_entities"])
     parser.add_argument("--epochs", type=int, default=RECIPE["epochs"])
+    parser.add_argument("--lr", type=float, default=RECIPE["lr"])
+    parser.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
+    parser.add_argument("--model-seed", type=int, default=None, help="a second retain model (see train_oracle_model)")
     args = parser.parse_args(argv)
     for percent in args.forget_percent:  # an impossible forget size is refused before anything trains
         FictitiousQA(num_entities=args.num_entities, forget_percent=percent)
     for percent in args.forget_percent:
         for seed in args.seeds:
-            paths = train_oracle(args.out, percent, seed, args.num_entities, args.epochs)
+            paths = train_oracle(
+                args.out, percent, seed, args.num_entities, args.epochs, args.lr, args.batch_size, args.model_seed
+            )
             print(f"forget {percent}% seed {seed}: {paths['target']} {paths['retain']}")
 
 

@@ -38,6 +38,8 @@ def test_the_oracle_trains_once_and_the_retain_model_never_saw_the_forget_people
     assert five["target"] == oracle["target"] and five["target"].stat().st_mtime_ns == stamps["target"]
     assert five["retain"] != oracle["retain"] and five["retain"].exists()
     assert oracle_paths(out, 5, 0, model_seed=7)["retain"].name == "retain05_model7.pt"
+    with pytest.raises(ValueError, match="lr: 0.003 there, 0.01 here"):  # every recorded setting has a flag
+        main(["--out", str(out), "--forget-percent", "10", "--num-entities", "20", "--epochs", "2", "--lr", "0.01"])
 
 
 def test_the_oracle_records_its_settings_and_refuses_a_model_trained_with_others(oracle, tmp_path):
