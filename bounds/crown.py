@@ -99,7 +99,7 @@ def crown_bounds(
     Raises:
         UnsupportedOperationError: an operation without a linear relaxation (e.g. max-pooling),
             named with its module path or graph node.
-        ValueError: a bad ``method`` or ``spec`` shape; a box that is empty, holds NaN, is not
+        ValueError: a bad ``method`` or ``spec`` shape; a box that is empty, holds NaN or infinity or no sample, is not
             batched like the network's input, or whose dtype or device differs from the network's
             parameters (it is not cast: convert the box or the network).
 

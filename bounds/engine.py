@@ -298,11 +298,13 @@ def check_box(
     engine: BoundedNetwork, lower: torch.Tensor, upper: torch.Tensor, names: tuple[str, str] = ("lower", "upper")
 ) -> None:
     """An input box ``[lower, upper]`` for ``engine``'s network: :meth:`BoundedNetwork.check_layout`
-    (batched, the network's dtype and device), no NaN, not empty."""
+    (batched, the network's dtype and device), at least one sample, finite, not empty."""
     engine.check_layout(lower, upper, names)
     what = " and ".join(f"`{n}`" for n in dict.fromkeys(names))
-    if bool(lower.isnan().any() or upper.isnan().any()):
-        raise ValueError(f"{what} must not contain NaN")
+    if lower.shape[0] == 0:
+        raise ValueError(f"{what} must hold at least one sample, got a batch of 0")
+    if not bool(lower.isfinite().all() and upper.isfinite().all()):
+        raise ValueError(f"{what} must be finite (no NaN or infinity)")
     if bool((lower > upper).any()):
         if names == ("lower", "upper"):
             raise ValueError("`lower` must be <= `upper` everywhere (an empty box)")
@@ -343,7 +345,7 @@ def interval_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor) 
     """Interval bounds of ``model``'s output over the input box ``[lower, upper]``.
 
     Raises:
-        ValueError: a box that is empty, holds NaN, is not batched like the network's input, or
+        ValueError: a box that is empty, holds NaN or infinity or no sample, is not batched like the network's input, or
             whose dtype or device differs from the network's parameters (it is not cast).
 
     Example:

@@ -92,7 +92,7 @@ def local_lipschitz(
             or the unsplit one where smaller.
 
     Raises:
-        ValueError: a box that is empty, holds NaN, is not batched like the network's input, or
+        ValueError: a box that is empty, holds NaN or infinity or no sample, is not batched like the network's input, or
             whose dtype or device differs from the network's parameters (it is not cast); a bad
             ``method``, ``steps`` or ``splits``; batch norm in train mode.
     """

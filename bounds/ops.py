@@ -311,6 +311,13 @@ def _add_or_sub(p: Pass, fn: Callable, args: tuple, kwargs: dict) -> Interval:
     return shift(b, a) if add else shift(scale(b, -1.0), a)
 
 
+def _check_add_or_sub(fn: Callable, node: fx.Node, perturbed: set[fx.Node]) -> None:
+    if node.kwargs.get("alpha", 1) != 1:
+        raise UnsupportedOperationError(
+            f"unsupported argument alpha of {name_of(fn)} at {_shown(fn, node)}: write `a + alpha * b`"
+        )
+
+
 def _mul(p: Pass, fn: Callable, args: tuple, kwargs: dict) -> Interval:
     a, b = args[0], args[1]
     return scale(a, b) if isinstance(a, Interval) else scale(b, a)
@@ -383,7 +390,7 @@ _AVG_POOL = Op(positive_linear_module, linear=AVG_POOL)
 _MONOTONE_FUNCTION = Op(monotone_function)
 _SHAPE_FUNCTION = Op(shape_function, linear=RESHAPE)
 _AVG_POOL_FUNCTION = Op(shape_function, linear=AVG_POOL)
-_ADD_OR_SUB = Op(_add_or_sub, linear=ADD)
+_ADD_OR_SUB = Op(_add_or_sub, check=_check_add_or_sub, linear=ADD)
 _MUL = Op(_mul, check=_check_mul, linear=MUL)
 _CAT = Op(_cat, check=_check_cat, linear=CAT)
 _LINEAR_FUNCTION = Op(_linear_function, check=_check_linear_function)

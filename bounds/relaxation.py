@@ -289,8 +289,10 @@ def _add_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.Te
 def _add_offset(step: Step, a: torch.Tensor) -> torch.Tensor:
     if step.target is operator.neg or all(isinstance(v, Interval) for v in step.args[:2]):
         return a.new_zeros(a.shape[:2])
-    const = step.args[1] if isinstance(step.args[0], Interval) else step.args[0]
-    return _sum(a * const)
+    if isinstance(step.args[0], Interval):  # z + c, z - c
+        const = step.args[1]
+        return _sum(a * const) if step.target not in (operator.sub, torch.sub) else -_sum(a * const)
+    return _sum(a * step.args[0])  # c + z, c - z (the sign of z is in the transpose)
 
 
 def _getitem_transpose(step: Step, a: torch.Tensor, absolute: bool) -> list[torch.Tensor]:

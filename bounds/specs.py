@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..validation import check_int
+from ..validation import check_int, check_number
 from .crown import check_method, linear_bounds
 from .engine import bounded, check_box
 
@@ -33,8 +33,14 @@ def input_box(
     ``x`` is normalised (``(pixel - mean) / std``); the ball around its pixels is clamped to
     ``pixel_range`` and mapped back through ``mean``/``std`` (per channel, or one value).
     """
-    if eps < 0:
-        raise ValueError(f"`eps` must be >= 0, got {eps}")
+    check_number("eps", eps, low=0)
+    for v in [mean] if isinstance(mean, (int, float)) else mean:
+        check_number("mean", v)
+    for v in [std] if isinstance(std, (int, float)) else std:
+        check_number("std", v, low=0, low_open=True)
+    low_end, high_end = (check_number("pixel_range", v, allow_inf=True) for v in pixel_range)
+    if low_end > high_end:
+        raise ValueError(f"`pixel_range` must be (low, high) with low <= high, got {tuple(pixel_range)}")
     mean_t, std_t = _channel_view(mean, x), _channel_view(std, x)
     pixels = x * std_t + mean_t
     low = (pixels - eps).clamp(min=pixel_range[0])

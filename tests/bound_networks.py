@@ -30,8 +30,9 @@ class Residual(nn.Module):
 
 
 class Mixed(nn.Module):
-    """The remaining operators of the table: cat, slicing, subtraction, constant scale and shift,
-    negation, view, F.linear, Conv1d, BatchNorm1d, Tensor.relu and torch.relu."""
+    """The remaining operators of the table: cat, slicing, subtraction (of two activations, of a
+    constant from one and of one from a constant; operator and torch.sub), constant scale and
+    shift, negation, view, F.linear, Conv1d, BatchNorm1d, Tensor.relu and torch.relu."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -42,9 +43,9 @@ class Mixed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.bn(self.conv(x.view(x.size(0), 1, -1))).relu()  # [B, 3, 4]
-        h = torch.cat([h, -h[:, :1] * 0.5 + 1.0], 1).flatten(1)  # [B, 16]
-        g = torch.relu(F.linear(h[:, :12] - h[:, 4:], self.w))
-        return self.head(torch.cat([g, g * torch.linspace(-1, 1, 6)], 1))
+        h = torch.cat([h, -h[:, :1] * 0.5 + 1.0, 0.3 - h[:, 1:2]], 1).flatten(1)  # [B, 20]
+        g = torch.relu(F.linear(h[:, :12] - h[:, 4:16] - 0.25, self.w))
+        return self.head(torch.cat([g, torch.sub(g * torch.linspace(-1, 1, 6), 0.1)], 1))
 
 
 def networks() -> dict[str, nn.Module]:

@@ -275,8 +275,23 @@ def test_a_box_that_is_empty_misshaped_or_nan_is_refused() -> None:
         interval_bounds(net, x + 0.1, x - 0.1)
     with pytest.raises(ValueError, match="same shape"):
         interval_bounds(net, x, x[:1])
-    with pytest.raises(ValueError, match="must not contain NaN"):
+    with pytest.raises(ValueError, match="must be finite"):
         interval_bounds(net, x * float("nan"), x)
+    for bounds in (interval_bounds, crown_bounds, local_lipschitz):
+        with pytest.raises(ValueError, match=r"must be finite \(no NaN or infinity\)"):
+            bounds(net, torch.cat([x[:1], torch.full((1, 4), -float("inf"))]), x + 1)
+        with pytest.raises(ValueError, match="must hold at least one sample, got a batch of 0"):
+            bounds(net, x[:0], x[:0])
+
+
+def test_torch_add_with_alpha_is_refused_not_bounded_without_it() -> None:
+    class Scaled(nn.Module):
+        def forward(self, x):
+            return torch.add(x, x, alpha=2.0)
+
+    for bounds in (interval_bounds, crown_bounds):
+        with pytest.raises(UnsupportedOperationError, match=r"unsupported argument alpha.*a \+ alpha \* b"):
+            bounds(Scaled(), torch.zeros(1, 2), torch.ones(1, 2))
 
 
 BOX_FUNCTIONS = {

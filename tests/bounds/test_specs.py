@@ -65,8 +65,16 @@ def test_margin_bounds_refuses_labels_that_do_not_fit_the_batch_or_the_outputs(m
             margin_bounds(net, x, y, 0.1, method=method)
     with pytest.raises(ValueError, match="`num_classes` must equal the network's 3 outputs, got 2"):
         margin_bounds(net, x, torch.tensor([0, 1]), 0.1, num_classes=2, method=method)
-    with pytest.raises(ValueError, match="`x` must not contain NaN"):
+    with pytest.raises(ValueError, match=r"`x` must be finite \(no NaN or infinity\)"):
         margin_bounds(net, x * float("nan"), torch.tensor([0, 1]), 0.1, method=method)
     with pytest.raises(ValueError, match="the box around `x` is empty"):
         margin_bounds(net, x + 2, torch.tensor([0, 1]), 0.1, pixel_range=(0.0, 1.0), method=method)
+    for kwargs, message in [
+        ({"eps": float("nan")}, "`eps` must be a finite number >= 0, got nan"),
+        ({"std": (0.0,)}, "`std` must be > 0, got 0.0"),
+        ({"mean": (float("inf"),)}, "`mean` must be a finite number, got inf"),
+        ({"pixel_range": (1.0, 0.0)}, r"`pixel_range` must be \(low, high\) with low <= high"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            margin_bounds(net, x, torch.tensor([0, 1]), **{"eps": 0.1, **kwargs}, method=method)
     assert margin_bounds(net, x, torch.tensor([0, 2]), 0.1, num_classes=3, method=method).shape == (2, 3)
