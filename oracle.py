@@ -187,15 +187,21 @@ def train_oracle(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m litplug.oracle", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/qa", help="folder of the cached models (default: runs/qa)")
-    parser.add_argument("--forget-percent", type=int, nargs="+", default=[5], choices=list(FORGET_PERCENTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--num-entities", type=int, default=RECIPE["num_entities"])
-    parser.add_argument("--epochs", type=int, default=RECIPE["epochs"])
-    parser.add_argument("--lr", type=float, default=RECIPE["lr"])
-    parser.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
-    parser.add_argument("--model-seed", type=int, default=None, help="a second retain model (see train_oracle_model)")
+    parser = argparse.ArgumentParser(
+        prog="python -m litplug.oracle",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", default="runs/qa", help="folder of the cached models")
+    parser.add_argument(
+        "--forget-percent", type=int, nargs="+", default=[5], choices=list(FORGET_PERCENTS), help="forget sizes"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="corpus seeds (people and split)")
+    parser.add_argument("--num-entities", type=int, default=RECIPE["num_entities"], help="people in the corpus")
+    parser.add_argument("--epochs", type=int, default=RECIPE["epochs"], help="training epochs")
+    parser.add_argument("--lr", type=float, default=RECIPE["lr"], help="learning rate")
+    parser.add_argument("--batch-size", type=int, default=RECIPE["batch_size"], help="batch size")
+    parser.add_argument("--model-seed", type=int, help="another initialisation and order (a second target, retain)")
     args = parser.parse_args(argv)
     for percent in args.forget_percent:  # an impossible forget size is refused before anything trains
         FictitiousQA(num_entities=args.num_entities, forget_percent=percent)

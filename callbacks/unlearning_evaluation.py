@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -46,13 +47,9 @@ CORPUS_SETTINGS = ("num_entities", "seed", "forget_percent")
 
 def _check_corpus(checkpoint: str, datamodule: Any) -> None:
     """Refuse a retain model whose oracle settings file (``retain05.json`` beside ``retain05.pt``,
-    written by :mod:`litplug.oracle`) names another corpus than the datamodule's."""
+    written by :mod:`litplug.oracle`) names another corpus than the datamodule's; warn when a
+    question-answering corpus's retain model has no such file (its corpus cannot be checked)."""
     record = Path(checkpoint).with_suffix(".json")
-    if not Path(checkpoint).is_file() or not record.is_file():
-        return
-    settings = load_json(record)
-    if settings.get("kind") not in ("target", "retain"):
-        return  # not an oracle record
     corpus = next(
         (
             c
@@ -61,6 +58,19 @@ def _check_corpus(checkpoint: str, datamodule: Any) -> None:
         ),
         None,
     )
+    if not Path(checkpoint).is_file():
+        return
+    if not record.is_file():
+        if corpus is not None:
+            rank_zero_warn(
+                f"`retain_checkpoint` {checkpoint!r} has no settings file {record.name!r} beside it, so the corpus it "
+                "was trained on (num_entities, seed, forget_percent) is not checked against the datamodule's; "
+                "`python -m litplug.oracle` writes one"
+            )
+        return
+    settings = load_json(record)
+    if settings.get("kind") not in ("target", "retain"):
+        return  # not an oracle record
     differing = [
         f"{k}: {settings[k]!r} there, {getattr(corpus, k)!r} here"
         for k in CORPUS_SETTINGS

@@ -116,7 +116,10 @@ def test_a_retain_model_of_another_vocabulary_is_refused_before_training(tmp_pat
     torch.save(other.state_dict(), path)
     model = Unlearner(backbone(dm), None, "retrain", objective="causal_lm")
     trainer = Trainer(max_epochs=1, callbacks=[UnlearningEvaluation(str(path))], logger=False, accelerator="cpu")
-    with pytest.raises(ValueError, match="does not fit the model being unlearned"):
+    with (
+        pytest.warns(UserWarning, match="has no settings file 'other.json' beside it, so the corpus"),
+        pytest.raises(ValueError, match="does not fit the model being unlearned"),
+    ):
         trainer.fit(model, ForgetRetain(dm, scenario="class", forget_classes=[1]))
     assert trainer.global_step == 0
 
