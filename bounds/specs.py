@@ -9,15 +9,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..validation import check_int, check_number
-from .crown import check_method, linear_bounds
+from ..validation import check_choice, check_int, check_number
+from .crown import METHODS, linear_bounds
 from .engine import bounded, check_box
 
 
-def _channel_view(values: Sequence[float] | float, x: torch.Tensor) -> torch.Tensor:
+def _channel_view(name: str, values: Sequence[float] | float, x: torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=x.dtype, device=x.device).flatten()
     if t.numel() == 1:
         return t.reshape([1] * x.dim())
+    if x.dim() < 2 or t.numel() != x.shape[1]:
+        channels = x.shape[1] if x.dim() >= 2 else 1
+        raise ValueError(f"`{name}` must hold one value or one per channel ({channels}), got {t.numel()}")
     return t.view([1, -1] + [1] * (x.dim() - 2))
 
 
@@ -41,7 +44,7 @@ def input_box(
     low_end, high_end = (check_number("pixel_range", v, allow_inf=True) for v in pixel_range)
     if low_end > high_end:
         raise ValueError(f"`pixel_range` must be (low, high) with low <= high, got {tuple(pixel_range)}")
-    mean_t, std_t = _channel_view(mean, x), _channel_view(std, x)
+    mean_t, std_t = _channel_view("mean", mean, x), _channel_view("std", std, x)
     pixels = x * std_t + mean_t
     low = (pixels - eps).clamp(min=pixel_range[0])
     high = (pixels + eps).clamp(max=pixel_range[1])
@@ -82,8 +85,7 @@ def margin_bounds(
         >>> margin_bounds(net, torch.rand(2, 4), torch.tensor([0, 2]), eps=0.0).shape
         torch.Size([2, 3])
     """
-    if method != "ibp":
-        check_method(method)
+    check_choice("method", method, ("ibp", *METHODS))
     engine = bounded(model)
     engine.check_layout(x, x, ("x", "x"))
     if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:

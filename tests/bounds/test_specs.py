@@ -41,6 +41,8 @@ def test_input_box_maps_pixel_eps_through_mean_std_and_clamps():
     torch.testing.assert_close(upper, expected_high.expand_as(x))
     with pytest.raises(ValueError, match="eps"):
         input_box(x, -0.1)
+    with pytest.raises(ValueError, match=r"`std` must hold one value or one per channel \(3\), got 2"):
+        input_box(x, 0.1, mean, std[:2])
 
 
 def test_margin_spec_rows():
@@ -74,7 +76,8 @@ def test_margin_bounds_refuses_labels_that_do_not_fit_the_batch_or_the_outputs(m
         ({"std": (0.0,)}, "`std` must be > 0, got 0.0"),
         ({"mean": (float("inf"),)}, "`mean` must be a finite number, got inf"),
         ({"pixel_range": (1.0, 0.0)}, r"`pixel_range` must be \(low, high\) with low <= high"),
+        ({"method": "CROWN"}, "`method` must be one of 'ibp', 'crown', 'crown-ibp', got 'CROWN'"),
     ]:
         with pytest.raises(ValueError, match=message):
-            margin_bounds(net, x, torch.tensor([0, 1]), **{"eps": 0.1, **kwargs}, method=method)
+            margin_bounds(net, x, torch.tensor([0, 1]), **{"eps": 0.1, "method": method, **kwargs})
     assert margin_bounds(net, x, torch.tensor([0, 2]), 0.1, num_classes=3, method=method).shape == (2, 3)
