@@ -36,7 +36,7 @@ from ..plumbing.third_party_private import tree_flatten, tree_leaves, tree_unfla
 from .engine import BoundedNetwork, _get_attr, _has_interval, bounded, check_box
 from .fused import ReLURelaxation
 from .interval import Interval, Pass, UnsupportedOperationError, name_of, where
-from .ops import CENTRE_METHODS
+from .ops import reads_centre
 from .relaxation import Step, batch_norm_affine, conv_transpose_offset
 
 Method = Literal["crown", "crown-ibp"]
@@ -251,7 +251,7 @@ class _Run:
                 return getattr(args[0], target)(*args[1:], **kwargs)
             return target(*args, **kwargs)
         op = self._op(node)
-        if op.linear is None and not (node.op == "call_method" and node.target in CENTRE_METHODS):
+        if op.linear is None and not reads_centre(node):
             shown = type(target).__name__ if node.op == "call_module" else name_of(target)
             raise UnsupportedOperationError(
                 f"operation {shown} at {where(node)} has no linear relaxation (CROWN); interval_bounds supports it"

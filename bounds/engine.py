@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from ..plumbing.third_party_private import BatchNorm
 from .interval import BoundResult, Interval, Pass, UnsupportedOperationError, where
-from .ops import CENTRE_METHODS, Op, lookup
+from .ops import Op, lookup, reads_centre
 
 
 class BoundedNetwork:
@@ -141,7 +141,7 @@ class BoundedNetwork:
             if node.op == "placeholder":
                 perturbed.add(node)
                 continue
-            if node.op in ("get_attr", "output") or (node.op == "call_method" and node.target in CENTRE_METHODS):
+            if node.op in ("get_attr", "output") or reads_centre(node):
                 continue  # constants, or plain values read off the centre (sizes)
             if not any(n in perturbed for n in node.all_input_nodes):
                 continue  # evaluated as in the network

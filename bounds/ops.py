@@ -370,6 +370,17 @@ def _centre_method(p: Pass, name: str, args: tuple, kwargs: dict) -> Any:
     return getattr(args[0].centre, name)(*args[1:], **kwargs)  # a plain value read off the centre
 
 
+def _centre_attribute(p: Pass, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    return getattr(args[0].centre, args[1])  # x.shape, x.dtype, ...: a plain value read off the centre
+
+
+def _check_attribute(fn: Callable, node: fx.Node, perturbed: set[fx.Node]) -> None:
+    if node.args[1] not in ("shape", "ndim", "dtype", "device"):
+        raise UnsupportedOperationError(
+            f"unsupported attribute {node.args[1]!r} of a perturbed tensor at {_shown(fn, node)}"
+        )
+
+
 def _relu_module_fused(p: Pass, m: nn.Module, args: tuple, kwargs: dict) -> Interval | None:
     return _relu_fused(p, args[0])
 
@@ -448,11 +459,21 @@ OPERATORS: dict[Any, Op] = {
     **{f"Tensor.{name}": _SHAPE_METHOD for name in ("view", "reshape", "flatten", "contiguous", "squeeze")},
     "Tensor.unsqueeze": _SHAPE_METHOD,
     "Tensor.size": Op(_centre_method),
+    getattr: Op(_centre_attribute, check=_check_attribute),
     "Tensor.dim": Op(_centre_method),
 }
 """The operator table (see the module docstring for keys and signatures)."""
 
 CENTRE_METHODS = frozenset({"size", "dim"})
+CENTRE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
+
+
+def reads_centre(node: fx.Node) -> bool:
+    """A node reading a plain value off a tensor (``x.size(0)``, ``x.shape``): not perturbed, and
+    evaluated on the box centre."""
+    if node.op == "call_method":
+        return node.target in CENTRE_METHODS
+    return node.op == "call_function" and node.target is getattr and node.args[1] in CENTRE_ATTRIBUTES
 """Methods whose result is a plain value read off the centre, not a perturbed tensor."""
 
 

@@ -330,3 +330,32 @@ def test_a_box_unbatched_or_of_another_dtype_or_device_is_refused_by_name_before
             bound(mlp, x, x.numpy())
     lower, upper = bound(mlp.double(), x.double(), x.double() + 0.1)[:2]  # the same dtype is bounded
     assert lower.dtype == torch.float64
+
+
+def test_sizes_read_from_shape_are_plain_values() -> None:
+    """``h.view(h.shape[0], -1)`` bounds as ``h.view(h.size(0), -1)``; another attribute of a
+    perturbed tensor is refused."""
+
+    class Net(nn.Module):
+        def __init__(self, by_shape: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.fc, self.by_shape = nn.Conv2d(1, 2, 3), nn.Linear(72, 3), by_shape
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            return self.fc(h.view(h.shape[0] if self.by_shape else h.size(0), -1))
+
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    nets = [Net(by_shape).double().eval() for by_shape in (True, False)]
+    for bounds in (interval_bounds, crown_bounds, local_lipschitz):
+        got, want = (bounds(net, x - 0.05, x + 0.05) for net in nets)
+        for a, b in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    class Transposed(nn.Module):
+        def forward(self, x):
+            return x.T
+
+    with pytest.raises(UnsupportedOperationError, match="unsupported attribute 'T' of a perturbed tensor"):
+        interval_bounds(Transposed(), torch.zeros(2, 3), torch.ones(2, 3))
