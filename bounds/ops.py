@@ -375,7 +375,7 @@ def _centre_attribute(p: Pass, fn: Callable, args: tuple, kwargs: dict) -> Any:
 
 
 def _check_attribute(fn: Callable, node: fx.Node, perturbed: set[fx.Node]) -> None:
-    if node.args[1] not in ("shape", "ndim", "dtype", "device"):
+    if node.args[1] not in CENTRE_ATTRIBUTES:
         raise UnsupportedOperationError(
             f"unsupported attribute {node.args[1]!r} of a perturbed tensor at {_shown(fn, node)}"
         )
@@ -465,7 +465,9 @@ OPERATORS: dict[Any, Op] = {
 """The operator table (see the module docstring for keys and signatures)."""
 
 CENTRE_METHODS = frozenset({"size", "dim"})
+"""Methods whose result is a plain value read off the centre, not a perturbed tensor."""
 CENTRE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
+"""Attributes read the same way (``getattr`` nodes)."""
 
 
 def reads_centre(node: fx.Node) -> bool:
@@ -474,7 +476,6 @@ def reads_centre(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in CENTRE_METHODS
     return node.op == "call_function" and node.target is getattr and node.args[1] in CENTRE_ATTRIBUTES
-"""Methods whose result is a plain value read off the centre, not a perturbed tensor."""
 
 
 def lookup(node: fx.Node, model: nn.Module) -> tuple[Any, Op]:
